@@ -1,0 +1,21 @@
+import type { DriverCapabilities } from "@offshoot/shared";
+import { bigint, integer, jsonb, pgTable, text } from "drizzle-orm/pg-core";
+import { createdAt, id, ts } from "./columns.ts";
+
+// Hosts are shared by all tenants; the agent authenticates with a token stored hashed.
+export const hosts = pgTable("hosts", {
+  id: id(),
+  name: text("name").notNull().unique(),
+  tokenHash: text("token_hash").notNull().unique(),
+  status: text("status", { enum: ["online", "offline"] })
+    .notNull()
+    .default("offline"),
+  driver: text("driver"),
+  agentVersion: text("agent_version"),
+  capabilities: jsonb("capabilities").$type<DriverCapabilities>(),
+  vcpus: integer("vcpus").notNull().default(0),
+  memoryBytes: bigint("memory_bytes", { mode: "number" }).notNull().default(0),
+  lastSeenAt: ts("last_seen_at"),
+  connectedAt: ts("connected_at"),
+  createdAt: createdAt(),
+});

@@ -1,0 +1,30 @@
+import { z } from "zod";
+
+const Env = z.object({
+  /** HTTP port for the REST API, the console and the agents' WebSocket. */
+  PORT: z.coerce.number().int().min(0).max(65535).default(8080),
+  /** Address to bind. */
+  HOST: z.string().default("0.0.0.0"),
+  /** A Postgres server (postgres://…). Unset: embedded PGlite under DATA_DIR. */
+  DATABASE_URL: z.string().url().optional(),
+  /** Where PGlite keeps its files when DATABASE_URL is unset. */
+  DATA_DIR: z.string().default(".data"),
+  /** Ensure this API key exists for the default tenant (the seed's curl examples use it). */
+  HYPEMAN_API_KEY: z.string().min(16, "HYPEMAN_API_KEY must be at least 16 characters").optional(),
+  /** How often agents heartbeat. */
+  HEARTBEAT_MS: z.coerce.number().int().min(50).default(5000),
+  /** A host silent this long has its instances shown as Unknown. */
+  HOST_GRACE_MS: z.coerce.number().int().min(100).default(15_000),
+  /** Longest an API request waits for a host command before answering 504. */
+  COMMAND_TIMEOUT_MS: z.coerce.number().int().min(100).default(120_000),
+});
+export type Env = z.infer<typeof Env>;
+
+export function loadEnv(source: NodeJS.ProcessEnv = process.env): Env {
+  const parsed = Env.safeParse(source);
+  if (!parsed.success) {
+    const issue = parsed.error.issues[0];
+    throw new Error(`invalid environment: ${issue?.path.join(".")}: ${issue?.message}`);
+  }
+  return parsed.data;
+}

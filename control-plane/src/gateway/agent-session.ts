@@ -1,0 +1,118 @@
+import {
+  AgentMessage,
+  CLOSE,
+  type Command,
+  encode,
+  type Hello,
+  PROTOCOL_VERSION,
+} from "@offshoot/shared";
+import { topics, type Services } from "../services/context.ts";
+import { hostConnected } from "../services/hosts.ts";
+import { applyObserved } from "../services/operations.ts";
+
+/** The minimum a transport gives a session: send a text frame, close the socket. */
+export interface AgentSocket {
+  send(text: string): void;
+  close(code: number, reason: string): void;
+}
+
+const HELLO_TIMEOUT_MS = 10_000;
+
+/**
+ * One agent connection, independent of the transport that carries it. Messages are handled
+ * strictly in arrival order (hello's reconciliation before any result that follows it).
+ */
+export class AgentSession {
+  readonly connectedAt = new Date();
+  private chain: Promise<void> = Promise.resolve();
+  private hello: Hello | undefined;
+  private helloTimer: NodeJS.Timeout;
+
+  constructor(
+    private s: () => Services,
+    readonly host: { id: string; name: string },
+    private socket: AgentSocket,
+    private hooks: {
+      onHello(session: AgentSession): void;
+      onHeartbeat(hostId: string): void;
+    },
+  ) {
+    this.helloTimer = setTimeout(
+      () => this.socket.close(CLOSE.badProtocol, "no hello"),
+      HELLO_TIMEOUT_MS,
+    );
+  }
+
+  get ready(): boolean {
+    return this.hello !== undefined;
+  }
+
+  send(command: Command): void {
+    this.socket.send(encode(command));
+  }
+
+  close(code: number, reason: string): void {
+    clearTimeout(this.helloTimer);
+    this.socket.close(code, reason);
+  }
+
+  receive(text: string): void {
+    this.chain = this.chain
+      .then(() => this.handle(text))
+      .catch((e: unknown) => {
+        this.s().log("error", "agent message failed", { host_id: this.host.id, error: String(e) });
+      });
+  }
+
+  ended(): void {
+    clearTimeout(this.helloTimer);
+  }
+
+  private async handle(text: string): Promise<void> {
+    let raw: unknown;
+    try {
+      raw = JSON.parse(text);
+    } catch {
+      this.close(CLOSE.badProtocol, "not JSON");
+      return;
+    }
+    const parsed = AgentMessage.safeParse(raw);
+    if (!parsed.success) {
+      const v = (raw as { v?: unknown } | null)?.v;
+      this.s().log("warn", "bad agent message", { host_id: this.host.id, v, issue: parsed.error.issues[0]?.message });
+      if (v !== PROTOCOL_VERSION) this.close(CLOSE.badProtocol, `protocol version ${String(v)} not supported`);
+      return;
+    }
+    const msg = parsed.data;
+    const s = this.s();
+    if (msg.type === "hello") {
+      clearTimeout(this.helloTimer);
+      this.hello = msg;
+      this.socket.send(
+        encode({ v: PROTOCOL_VERSION, type: "welcome", host_id: this.host.id, heartbeat_ms: s.env.HEARTBEAT_MS }),
+      );
+      await hostConnected(s, this.host.id, msg, this.connectedAt);
+      this.hooks.onHello(this);
+      return;
+    }
+    if (!this.hello) {
+      this.close(CLOSE.badProtocol, "hello first");
+      return;
+    }
+    switch (msg.type) {
+      case "heartbeat":
+        this.hooks.onHeartbeat(this.host.id);
+        return;
+      case "result":
+        await s.ops.complete(this.host.id, msg);
+        return;
+      case "event": {
+        const changed = await s.db.transaction((tx) =>
+          applyObserved(tx, this.host.id, [msg.instance], "host.event"),
+        );
+        for (const id of changed) s.signals.notify(topics.instance(id));
+        return;
+      }
+    }
+  }
+}

@@ -1,0 +1,83 @@
+import type { Command } from "@offshoot/shared";
+import { CLOSE } from "@offshoot/shared";
+import type { Services } from "../services/context.ts";
+import { hostDisconnected, recordHeartbeats } from "../services/hosts.ts";
+import { AgentSession, type AgentSocket } from "./agent-session.ts";
+import type { HostGateway } from "./host-gateway.ts";
+
+/**
+ * The Node gateway: agent sessions held in this process. Commands for a host whose agent is
+ * connected elsewhere (or nowhere) stay pending in Postgres and go out on its next hello.
+ */
+export class NodeGateway implements HostGateway {
+  private sessions = new Map<string, AgentSession>();
+  private beats = new Set<string>();
+  private flushTimer: NodeJS.Timeout | undefined;
+  private services: Services | undefined;
+
+  bind(services: Services): void {
+    this.services = services;
+    this.flushTimer = setInterval(() => void this.flushHeartbeats(), 1000);
+    this.flushTimer.unref();
+  }
+
+  private get s(): Services {
+    if (!this.services) throw new Error("gateway used before bind()");
+    return this.services;
+  }
+
+  send(hostId: string, command: Command): boolean {
+    const session = this.sessions.get(hostId);
+    if (!session?.ready) return false;
+    session.send(command);
+    return true;
+  }
+
+  isConnected(hostId: string): boolean {
+    return this.sessions.get(hostId)?.ready ?? false;
+  }
+
+  get connectedCount(): number {
+    return this.sessions.size;
+  }
+
+  /** A transport accepted an authenticated agent socket. */
+  open(host: { id: string; name: string }, socket: AgentSocket): AgentSession {
+    const session = new AgentSession(() => this.s, host, socket, {
+      onHello: (sess) => {
+        const previous = this.sessions.get(host.id);
+        this.sessions.set(host.id, sess);
+        if (previous && previous !== sess) previous.close(CLOSE.replaced, "replaced by a newer connection");
+      },
+      onHeartbeat: (hostId) => this.beats.add(hostId),
+    });
+    return session;
+  }
+
+  /** The transport saw the socket close. */
+  closed(session: AgentSession): void {
+    session.ended();
+    if (this.sessions.get(session.host.id) !== session) return;
+    this.sessions.delete(session.host.id);
+    hostDisconnected(this.s, session.host.id, session.connectedAt).catch((e: unknown) =>
+      this.s.log("error", "recording disconnect failed", { host_id: session.host.id, error: String(e) }),
+    );
+    this.s.log("info", "host disconnected", { host_id: session.host.id });
+  }
+
+  private async flushHeartbeats(): Promise<void> {
+    if (this.beats.size === 0) return;
+    const ids = [...this.beats];
+    this.beats.clear();
+    await recordHeartbeats(this.s, ids).catch((e: unknown) =>
+      this.s.log("error", "heartbeat flush failed", { error: String(e) }),
+    );
+  }
+
+  async close(): Promise<void> {
+    clearInterval(this.flushTimer);
+    for (const session of this.sessions.values()) session.close(CLOSE.shuttingDown, "control plane shutting down");
+    this.sessions.clear();
+    await this.flushHeartbeats();
+  }
+}

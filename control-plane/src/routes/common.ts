@@ -1,0 +1,47 @@
+import { OpenAPIHono, z } from "@hono/zod-openapi";
+import { ErrorBody } from "@offshoot/shared";
+import type { Services } from "../services/context.ts";
+
+export interface AppEnv {
+  Variables: { services: Services; tenantId: string; agentHost: { id: string; name: string } };
+}
+
+/** Zod issues as one readable sentence: `name: must be lowercase…; vcpus: expected number`. */
+export function describeIssues(error: z.ZodError): string {
+  return error.issues
+    .slice(0, 5)
+    .map((i) => (i.path.length ? `${i.path.join(".")}: ${i.message}` : i.message))
+    .join("; ");
+}
+
+export function newRouter() {
+  return new OpenAPIHono<AppEnv>({
+    defaultHook: (result, c) => {
+      if (!result.success) {
+        return c.json({ code: "invalid_request", message: describeIssues(result.error) }, 400, {
+          "x-should-retry": "false",
+        });
+      }
+      return undefined;
+    },
+  });
+}
+export type Router = ReturnType<typeof newRouter>;
+
+const errorContent = { "application/json": { schema: ErrorBody } };
+export const errors = {
+  400: { description: "Invalid request", content: errorContent },
+  401: { description: "Missing or invalid API key", content: errorContent },
+  404: { description: "Not found", content: errorContent },
+  409: { description: "Conflict: invalid state, name taken, ambiguous id or no capacity", content: errorContent },
+  500: { description: "Internal error", content: errorContent },
+  501: { description: "Not supported", content: errorContent },
+  503: { description: "The instance's host is not connected", content: errorContent },
+  504: { description: "The host did not answer in time; the operation continues", content: errorContent },
+} as const;
+
+export const IdParam = z.object({
+  id: z.string().openapi({ param: { name: "id", in: "path" }, description: "Instance id, name or unique id prefix" }),
+});
+
+export const security = [{ bearerAuth: [] }];

@@ -1,0 +1,197 @@
+import { createRoute, z } from "@hono/zod-openapi";
+import {
+  CreateInstanceRequest,
+  ForkInstanceRequest,
+  Instance,
+  InstanceState,
+  InvalidRequestError,
+  StandbyInstanceRequest,
+  StartInstanceRequest,
+  Tags,
+  WaitForStateResponse,
+} from "@offshoot/shared";
+import { createInstance } from "../../services/instances/create.ts";
+import { deleteInstance } from "../../services/instances/delete.ts";
+import { forkInstance } from "../../services/instances/fork.ts";
+import { getInstance } from "../../services/instances/get.ts";
+import { listInstances } from "../../services/instances/list.ts";
+import { restoreInstance } from "../../services/instances/restore.ts";
+import { standbyInstance } from "../../services/instances/standby.ts";
+import { startInstance } from "../../services/instances/start.ts";
+import { stopInstance } from "../../services/instances/stop.ts";
+import { parseWaitTimeout, waitForState } from "../../services/instances/wait.ts";
+import { describeIssues, errors, IdParam, type Router, security } from "../common.ts";
+
+// Thin transport: validate, call one service verb, return. Errors are mapped in app.ts.
+
+const json = <T extends z.ZodType>(schema: T) => ({ "application/json": { schema } });
+const instanceOk = (description: string) => ({ description, content: json(Instance) });
+
+export function registerInstanceRoutes(app: Router) {
+  app.openapi(
+    createRoute({
+      method: "post",
+      path: "/instances",
+      summary: "Create and start an instance",
+      security,
+      request: { body: { content: json(CreateInstanceRequest), required: true } },
+      responses: { 201: instanceOk("Instance created"), 400: errors[400], 401: errors[401], 409: errors[409], 501: errors[501] },
+    }),
+    async (c) => c.json(await createInstance(c.var.services, c.var.tenantId, c.req.valid("json")), 201),
+  );
+
+  app.openapi(
+    createRoute({
+      method: "get",
+      path: "/instances",
+      summary: "List instances",
+      description: "Filter by `state` and by tags with `tags[key]=value` (all must match).",
+      security,
+      request: { query: z.object({ state: InstanceState.optional() }) },
+      responses: {
+        200: { description: "Instances", content: json(z.array(Instance)) },
+        400: errors[400],
+        401: errors[401],
+      },
+    }),
+    async (c) => {
+      const tags: Record<string, string> = {};
+      for (const [key, values] of Object.entries(c.req.queries())) {
+        const m = /^tags\[(.*)\]$/.exec(key);
+        if (m?.[1] !== undefined) tags[m[1]] = values.at(-1) ?? "";
+      }
+      const parsedTags = Tags.safeParse(tags);
+      if (!parsedTags.success) throw new InvalidRequestError(`tags: ${describeIssues(parsedTags.error)}`);
+      const { state } = c.req.valid("query");
+      return c.json(await listInstances(c.var.services, c.var.tenantId, { state, tags: parsedTags.data }), 200);
+    },
+  );
+
+  app.openapi(
+    createRoute({
+      method: "get",
+      path: "/instances/{id}",
+      summary: "Get an instance",
+      security,
+      request: { params: IdParam },
+      responses: { 200: instanceOk("Instance"), 401: errors[401], 404: errors[404], 409: errors[409] },
+    }),
+    async (c) => c.json(await getInstance(c.var.services, c.var.tenantId, c.req.valid("param").id), 200),
+  );
+
+  app.openapi(
+    createRoute({
+      method: "delete",
+      path: "/instances/{id}",
+      summary: "Stop and delete an instance",
+      security,
+      request: { params: IdParam },
+      responses: { 204: { description: "Deleted" }, 401: errors[401], 404: errors[404], 409: errors[409] },
+    }),
+    async (c) => {
+      await deleteInstance(c.var.services, c.var.tenantId, c.req.valid("param").id);
+      return c.body(null, 204);
+    },
+  );
+
+  app.openapi(
+    createRoute({
+      method: "post",
+      path: "/instances/{id}/start",
+      summary: "Start a stopped instance",
+      security,
+      request: { params: IdParam, body: { content: json(StartInstanceRequest), required: false } },
+      responses: { 200: instanceOk("Started"), 401: errors[401], 404: errors[404], 409: errors[409], 503: errors[503] },
+    }),
+    async (c) => {
+      const body = (c.req.valid("json") as StartInstanceRequest | undefined) ?? {};
+      return c.json(await startInstance(c.var.services, c.var.tenantId, c.req.valid("param").id, body), 200);
+    },
+  );
+
+  app.openapi(
+    createRoute({
+      method: "post",
+      path: "/instances/{id}/stop",
+      summary: "Stop an instance (graceful shutdown)",
+      security,
+      request: { params: IdParam },
+      responses: { 200: instanceOk("Stopped"), 401: errors[401], 404: errors[404], 409: errors[409], 503: errors[503] },
+    }),
+    async (c) => c.json(await stopInstance(c.var.services, c.var.tenantId, c.req.valid("param").id), 200),
+  );
+
+  app.openapi(
+    createRoute({
+      method: "post",
+      path: "/instances/{id}/standby",
+      summary: "Put an instance in standby (pause, snapshot, release the VMM)",
+      security,
+      request: { params: IdParam, body: { content: json(StandbyInstanceRequest), required: false } },
+      responses: { 200: instanceOk("In standby"), 400: errors[400], 401: errors[401], 404: errors[404], 409: errors[409], 501: errors[501], 503: errors[503] },
+    }),
+    async (c) => c.json(await standbyInstance(c.var.services, c.var.tenantId, c.req.valid("param").id), 200),
+  );
+
+  app.openapi(
+    createRoute({
+      method: "post",
+      path: "/instances/{id}/restore",
+      summary: "Restore an instance from standby",
+      security,
+      request: { params: IdParam },
+      responses: { 200: instanceOk("Restored"), 401: errors[401], 404: errors[404], 409: errors[409], 503: errors[503] },
+    }),
+    async (c) => c.json(await restoreInstance(c.var.services, c.var.tenantId, c.req.valid("param").id), 200),
+  );
+
+  app.openapi(
+    createRoute({
+      method: "post",
+      path: "/instances/{id}/fork",
+      summary: "Fork an instance from Stopped, Standby, or Running (with from_running=true)",
+      security,
+      request: { params: IdParam, body: { content: json(ForkInstanceRequest), required: true } },
+      responses: {
+        201: instanceOk("Forked instance created"),
+        400: errors[400],
+        401: errors[401],
+        404: errors[404],
+        409: errors[409],
+        501: errors[501],
+        503: errors[503],
+        504: errors[504],
+      },
+    }),
+    async (c) =>
+      c.json(await forkInstance(c.var.services, c.var.tenantId, c.req.valid("param").id, c.req.valid("json")), 201),
+  );
+
+  app.openapi(
+    createRoute({
+      method: "get",
+      path: "/instances/{id}/wait",
+      summary: "Wait for an instance to reach a state",
+      description: 'Returns when the state is reached, on timeout (Go duration, default "60s", capped at 5m), or when the instance becomes Unknown.',
+      security,
+      request: {
+        params: IdParam,
+        query: z.object({ state: InstanceState, timeout: z.string().max(32).optional() }),
+      },
+      responses: {
+        200: { description: "Wait finished", content: json(WaitForStateResponse) },
+        400: errors[400],
+        401: errors[401],
+        404: errors[404],
+      },
+    }),
+    async (c) => {
+      const q = c.req.valid("query");
+      const timeoutMs = parseWaitTimeout(q.timeout);
+      return c.json(
+        await waitForState(c.var.services, c.var.tenantId, c.req.valid("param").id, q.state, timeoutMs),
+        200,
+      );
+    },
+  );
+}

@@ -1,0 +1,130 @@
+import type { Server } from "node:http";
+import type { AddressInfo } from "node:net";
+import { serve, upgradeWebSocket } from "@hono/node-server";
+import { WebSocketServer } from "ws";
+import { createApp } from "./app.ts";
+import { type Database, openDatabase } from "./db/client.ts";
+import type { Env } from "./env.ts";
+import { NodeGateway } from "./gateway/node.ts";
+import type { Log } from "./log.ts";
+import type { Router } from "./routes/common.ts";
+import type { Services } from "./services/context.ts";
+import {
+  createApiKey,
+  Credentials,
+  DEFAULT_TENANT,
+  ensureTenant,
+  tenantHasKeys,
+} from "./services/credentials.ts";
+import { sweepSilentHosts } from "./services/hosts.ts";
+import { resumeForks } from "./services/instances/fork.ts";
+import { Operations } from "./services/operations.ts";
+import { Signals } from "./services/signals.ts";
+
+export const AGENT_PATH = "/agent/v1/connect";
+
+export interface RunningServer {
+  url: string;
+  port: number;
+  services: Services;
+  gateway: NodeGateway;
+  close(): Promise<void>;
+}
+
+/** Wires the Node deployment: database, services, HTTP + WebSocket server, background loops. */
+export async function startServer(env: Env, log: Log, opts: { database?: Database } = {}): Promise<RunningServer> {
+  const database =
+    opts.database ?? (await openDatabase({ url: env.DATABASE_URL, pgliteDir: `${env.DATA_DIR}/pglite` }));
+  const { db } = database;
+  const gateway = new NodeGateway();
+  const signals = new Signals();
+  const ops = new Operations(db, gateway, signals, log);
+  const services: Services = { db, env, gateway, signals, ops, log };
+  gateway.bind(services);
+  const credentials = new Credentials(db);
+
+  await ensureDefaultKey(services, env, log);
+
+  const mountAgentEndpoint = (app: Router) => {
+    app.get(
+      AGENT_PATH,
+      async (c, next) => {
+        const m = /^Bearer\s+(\S+)$/i.exec(c.req.header("authorization") ?? "");
+        const host = m?.[1] ? await credentials.hostForToken(m[1]) : undefined;
+        if (!host) return c.json({ code: "unauthorized", message: "invalid host token" }, 401);
+        c.set("agentHost", host);
+        await next();
+        return undefined;
+      },
+      upgradeWebSocket((c) => {
+        const host = c.get("agentHost");
+        let session: ReturnType<NodeGateway["open"]> | undefined;
+        return {
+          onOpen: (_evt, ws) => {
+            session = gateway.open(host, {
+              send: (text) => ws.send(text),
+              close: (code, reason) => ws.close(code, reason),
+            });
+          },
+          onMessage: (evt) => session?.receive(typeof evt.data === "string" ? evt.data : String(evt.data)),
+          onClose: () => {
+            if (session) gateway.closed(session);
+          },
+        };
+      }),
+    );
+  };
+
+  const app = createApp({ services, credentials, mountAgentEndpoint });
+  const wss = new WebSocketServer({ noServer: true, maxPayload: 16 * 1024 * 1024 });
+  const server = await new Promise<Server>((resolve) => {
+    const srv = serve({ fetch: app.fetch, port: env.PORT, hostname: env.HOST, websocket: { server: wss } }, () =>
+      resolve(srv as Server),
+    );
+  });
+  const port = (server.address() as AddressInfo).port;
+
+  // Background loops: hosts gone silent → Unknown; fork flows left by a previous process.
+  const sweeper = setInterval(
+    () => void sweepSilentHosts(services).catch((e: unknown) => log("error", "sweep failed", { error: String(e) })),
+    Math.max(100, Math.min(env.HOST_GRACE_MS / 2, 5000)),
+  );
+  const resumer = setInterval(
+    () => void resumeForks(services).catch((e: unknown) => log("error", "resume failed", { error: String(e) })),
+    10_000,
+  );
+  await resumeForks(services);
+
+  const url = `http://127.0.0.1:${port}`;
+  log("info", "listening", { url, port, database: database.kind });
+  return {
+    url,
+    port,
+    services,
+    gateway,
+    close: async () => {
+      clearInterval(sweeper);
+      clearInterval(resumer);
+      await gateway.close();
+      for (const client of wss.clients) client.terminate();
+      await new Promise<void>((r) => {
+        server.close(() => r());
+        server.closeAllConnections?.();
+      });
+      if (!opts.database) await database.close();
+    },
+  };
+}
+
+/** The seed's examples use HYPEMAN_API_KEY; make sure it works, or mint a first key. */
+async function ensureDefaultKey(s: Services, env: Env, log: Log): Promise<void> {
+  const tenantId = await ensureTenant(s.db, DEFAULT_TENANT);
+  if (env.HYPEMAN_API_KEY) {
+    await createApiKey(s.db, tenantId, { secret: env.HYPEMAN_API_KEY, name: "HYPEMAN_API_KEY" });
+    return;
+  }
+  if (!(await tenantHasKeys(s.db, tenantId))) {
+    const { key } = await createApiKey(s.db, tenantId, { name: "first key" });
+    log("info", "created an API key for the default tenant; it is shown only this once", { api_key: key });
+  }
+}

@@ -1,0 +1,125 @@
+import {
+  type CreateInstanceRequest,
+  type Instance,
+  InvalidRequestError,
+  ApiError,
+  NotSupportedError,
+  parseRate,
+  parseSize,
+} from "@offshoot/shared";
+import { createId } from "@paralleldrive/cuid2";
+import { instances } from "../../db/schema/index.ts";
+import type { Services } from "../context.ts";
+import { placeInstance } from "../placement.ts";
+import { nameConflict } from "./errors.ts";
+import { present } from "./present.ts";
+import { getById } from "./resolve.ts";
+import { allocateIp, newMac, specOf } from "./spec.ts";
+
+const MIN_MEMORY = 64 * 1024 * 1024;
+const MIN_OVERLAY = 1024 * 1024;
+
+// Fields of Hypeman's request that this control plane does not implement yet. A request that
+// sets one gets a 501 naming it rather than an instance silently missing the feature.
+const UNSUPPORTED = [
+  "devices",
+  "gpu",
+  "credentials",
+  "snapshot_policy",
+  "auto_standby",
+  "health_check",
+  "restart_policy",
+] as const;
+
+export function checkCreate(req: CreateInstanceRequest) {
+  for (const field of UNSUPPORTED) {
+    const v = req[field];
+    if (v !== undefined && v !== null && !(Array.isArray(v) && v.length === 0)) {
+      throw new NotSupportedError(`${field} is not supported by this control plane yet`);
+    }
+  }
+  if (req.network?.egress !== undefined && req.network.egress !== null) {
+    throw new NotSupportedError("network.egress is not supported by this control plane yet");
+  }
+  if (req.platform !== undefined && req.platform !== "linux/amd64") {
+    throw new ApiError("invalid_platform", `platform ${req.platform} is not available; hosts run linux/amd64`);
+  }
+  const memoryBytes = parseSize(req.size ?? "1GB");
+  const overlayBytes = parseSize(req.overlay_size ?? "10GB");
+  if (memoryBytes < MIN_MEMORY) throw new InvalidRequestError("size must be at least 64MB");
+  if (overlayBytes < MIN_OVERLAY) throw new InvalidRequestError("overlay_size must be at least 1MB");
+  return {
+    memoryBytes,
+    overlayBytes,
+    hotplugBytes: req.hotplug_size ? parseSize(req.hotplug_size) : 0,
+    diskIoBps: req.disk_io_bps ? parseRate(req.disk_io_bps) : null,
+    download: req.network?.bandwidth_download ? parseRate(req.network.bandwidth_download) : null,
+    upload: req.network?.bandwidth_upload ? parseRate(req.network.bandwidth_upload) : null,
+  };
+}
+
+/** POST /instances: place, record, boot on the host; 201 once the host has created it. */
+export async function createInstance(
+  s: Services,
+  tenantId: string,
+  req: CreateInstanceRequest,
+): Promise<Instance> {
+  const sizes = checkCreate(req);
+  const vcpus = req.vcpus ?? 2;
+  const networkEnabled = req.network?.enabled ?? true;
+  const volumes = req.volumes ?? [];
+  const op = await s.db
+    .transaction(async (tx) => {
+      const { host, hypervisor } = await placeInstance(
+        tx,
+        s.env.HOST_GRACE_MS,
+        { vcpus, memoryBytes: sizes.memoryBytes + sizes.hotplugBytes },
+        req.hypervisor,
+        (h) => {
+          const caps = h.capabilities;
+          if (sizes.hotplugBytes > 0 && !caps?.hotplug_memory) return `host ${h.name} cannot hotplug memory`;
+          if (sizes.diskIoBps !== null && !caps?.disk_io_limit) return `host ${h.name} cannot limit disk I/O`;
+          if (volumes.length > 0 && !caps?.volumes) return `host ${h.name} cannot attach volumes`;
+          return undefined;
+        },
+      );
+      const [row] = await tx
+        .insert(instances)
+        .values({
+          id: createId(),
+          tenantId,
+          hostId: host.id,
+          name: req.name,
+          image: req.image,
+          hypervisor,
+          state: "Created",
+          vcpus,
+          memoryBytes: sizes.memoryBytes,
+          hotplugBytes: sizes.hotplugBytes,
+          overlayBytes: sizes.overlayBytes,
+          diskIoBps: sizes.diskIoBps,
+          env: req.env ?? {},
+          tags: req.tags ?? {},
+          entrypoint: req.entrypoint ?? null,
+          cmd: req.cmd ?? null,
+          networkEnabled,
+          ip: networkEnabled ? await allocateIp(tx, host.id) : null,
+          mac: networkEnabled ? newMac() : null,
+          bandwidthDownloadBps: sizes.download,
+          bandwidthUploadBps: sizes.upload,
+          volumes,
+        })
+        .returning();
+      if (!row) throw new Error("instance insert returned nothing");
+      return s.ops.insert(tx, {
+        tenantId,
+        hostId: host.id,
+        instanceId: row.id,
+        lock: "exclusive",
+        payload: { kind: "create", instance: specOf(row) },
+      });
+    })
+    .catch((e: unknown) => nameConflict(e, req.name));
+  await s.ops.run(op, s.env.COMMAND_TIMEOUT_MS);
+  return present(await getById(s.db, tenantId, op.instanceId ?? ""));
+}

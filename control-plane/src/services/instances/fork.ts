@@ -1,0 +1,276 @@
+import {
+  type ForkInstanceRequest,
+  type ForkTargetState,
+  FORKABLE,
+  HostCommandError,
+  type Instance,
+  InvalidStateError,
+  NotSupportedError,
+  type Operation,
+  TimeoutError,
+} from "@offshoot/shared";
+import { createId } from "@paralleldrive/cuid2";
+import { and, asc, eq } from "drizzle-orm";
+import { pgErrorCode } from "../../db/client.ts";
+import {
+  type ForkFlowPayload,
+  instances,
+  type OperationRow,
+  operations,
+} from "../../db/schema/index.ts";
+import type { Services } from "../context.ts";
+import { commandError } from "../operations.ts";
+import { admit } from "../placement.ts";
+import { nameConflict } from "./errors.ts";
+import { assertIdle } from "./lifecycle.ts";
+import { present } from "./present.ts";
+import { getById, lockInstance } from "./resolve.ts";
+import { allocateIp, newMac, specOf } from "./spec.ts";
+
+/**
+ * POST /instances/{id}/fork. The rules, in the order they are checked:
+ * - a writable volume cannot be shared by two instances: 501;
+ * - the source must be Stopped or Standby, or Running with `from_running` (else 409);
+ * - `target_state` defaults to the source's state at fork time;
+ * - the fork gets a new id, its name, a new MAC and IP, `created_at` now, and inherits image,
+ *   env, vcpus, sizes, disk and network limits, tags and read-only volumes;
+ * - it is placed on the source's host, where the copy-on-write data is.
+ * The work itself is a durable flow (see driveFork) so a control-plane restart resumes it.
+ */
+export async function forkInstance(
+  s: Services,
+  tenantId: string,
+  ref: string,
+  req: ForkInstanceRequest,
+): Promise<Instance> {
+  const flow = await s.db
+    .transaction(async (tx) => {
+      const src = await lockInstance(tx, tenantId, ref);
+      const writable = src.volumes.find((v) => !v.readonly);
+      if (writable) {
+        throw new NotSupportedError(
+          `cannot fork ${src.name}: volume ${writable.volume_id} is attached writable at ${writable.mount_path}, and a writable volume cannot be shared by two instances; detach it or attach it read-only`,
+        );
+      }
+      if (!FORKABLE.includes(src.state)) {
+        throw new InvalidStateError(
+          `cannot fork ${src.name}: it is ${src.state}; fork needs Stopped, Standby, or Running with from_running=true`,
+        );
+      }
+      if (src.state === "Running" && !req.from_running) {
+        throw new InvalidStateError(
+          `cannot fork ${src.name}: it is Running; pass from_running=true to put it into standby, fork it and restore it`,
+        );
+      }
+      const fromRunning = src.state === "Running";
+      const targetState = req.target_state ?? (src.state as ForkTargetState);
+      await assertIdle(tx, src, fromRunning ? "exclusive" : "shared");
+      const need = { vcpus: src.vcpus, memoryBytes: src.memoryBytes + src.hotplugBytes };
+      const host = await admit(
+        tx,
+        s.env.HOST_GRACE_MS,
+        src.hostId,
+        targetState === "Running" ? need : undefined,
+      );
+      const caps = host.capabilities;
+      const via = src.state === "Stopped" ? "fork_from_stopped" : "fork_from_standby";
+      if (!caps?.[via] || (fromRunning && !caps.standby)) {
+        throw new NotSupportedError(
+          `host ${host.name} (${host.driver}) cannot fork a ${src.state} instance`,
+        );
+      }
+      const [target] = await tx
+        .insert(instances)
+        .values({
+          ...src,
+          id: createId(),
+          name: req.name,
+          state: "Created",
+          stateError: null,
+          ip: src.networkEnabled ? await allocateIp(tx, host.id) : null,
+          mac: src.networkEnabled ? newMac() : null,
+          hasSnapshot: false,
+          exitCode: null,
+          exitMessage: null,
+          forkedFrom: src.id,
+          createdAt: new Date(),
+          startedAt: null,
+          stoppedAt: null,
+          updatedAt: new Date(),
+          version: 1,
+        })
+        .returning();
+      if (!target) throw new Error("fork insert returned nothing");
+      const payload: ForkFlowPayload = {
+        kind: "fork_flow",
+        source_id: src.id,
+        target_id: target.id,
+        from_running: fromRunning,
+        target_state: targetState,
+      };
+      return s.ops.insert(tx, {
+        tenantId,
+        hostId: src.hostId,
+        instanceId: target.id,
+        sourceInstanceId: src.id,
+        lock: fromRunning ? "exclusive" : "shared",
+        payload,
+      });
+    })
+    .catch((e: unknown) => nameConflict(e, req.name));
+
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(
+      () =>
+        reject(
+          new TimeoutError(
+            `fork still in progress after ${Math.round(s.env.COMMAND_TIMEOUT_MS / 1000)}s (operation ${flow.id}); it will finish or roll back when the host answers`,
+          ),
+        ),
+      s.env.COMMAND_TIMEOUT_MS,
+    );
+  });
+  try {
+    const outcome = await Promise.race([driveFork(s, flow.id), timeout]);
+    if (outcome.error) throw outcome.error;
+  } finally {
+    clearTimeout(timer);
+  }
+  return present(await getById(s.db, tenantId, flow.instanceId ?? ""));
+}
+
+interface ForkOutcome {
+  error?: HostCommandError;
+}
+
+const driving = new Map<string, Promise<ForkOutcome>>();
+
+/**
+ * Drives a fork flow to its end. Re-entrant: every step is an operations row (one per kind,
+ * enforced by a unique index), so after a restart the flow continues from what is recorded.
+ * Steps: [standby source] → fork → [restore source]. The source is restored even when the
+ * fork failed; if the restore fails, the fork is deleted again, so the call either succeeds
+ * as a whole or leaves no fork behind, and every error is reported.
+ */
+export function driveFork(s: Services, flowId: string): Promise<ForkOutcome> {
+  let p = driving.get(flowId);
+  if (!p) {
+    p = runFlow(s, flowId).finally(() => driving.delete(flowId));
+    driving.set(flowId, p);
+  }
+  return p;
+}
+
+/** Flows left pending by a previous process (or a failed request): drive them to the end. */
+export async function resumeForks(s: Services): Promise<number> {
+  const pending = await s.db
+    .select({ id: operations.id })
+    .from(operations)
+    .where(and(eq(operations.kind, "fork_flow"), eq(operations.status, "pending")));
+  for (const { id } of pending) {
+    if (!driving.has(id)) {
+      driveFork(s, id).catch((e: unknown) =>
+        s.log("error", "fork flow failed to resume", { flow: id, error: String(e) }),
+      );
+    }
+  }
+  return pending.length;
+}
+
+// A step waits as long as it takes: a host that is away answers when it returns.
+const STEP_WAIT_MS = 24 * 3600_000;
+
+async function runFlow(s: Services, flowId: string): Promise<ForkOutcome> {
+  const flow = await s.ops.get(flowId);
+  if (!flow) throw new Error(`fork flow ${flowId} not found`);
+  const p = flow.payload as ForkFlowPayload;
+  if (flow.status !== "pending") {
+    return flow.status === "failed" ? { error: commandError(flow) } : {};
+  }
+
+  const step = async (
+    kind: Operation["kind"],
+    make: () => Promise<Operation>,
+  ): Promise<OperationRow> => {
+    let [child] = await s.db
+      .select()
+      .from(operations)
+      .where(and(eq(operations.parentId, flowId), eq(operations.kind, kind)))
+      .orderBy(asc(operations.createdAt));
+    if (!child) {
+      const op = await make();
+      child = await s.ops
+        .insert(s.db, {
+          tenantId: flow.tenantId,
+          hostId: flow.hostId,
+          instanceId: "instance_id" in op ? op.instance_id : flow.instanceId,
+          parentId: flowId,
+          lock: "none",
+          payload: op,
+        })
+        .catch(async (e: unknown) => {
+          if (pgErrorCode(e).code !== "23505") throw e;
+          const [raced] = await s.db
+            .select()
+            .from(operations)
+            .where(and(eq(operations.parentId, flowId), eq(operations.kind, kind)));
+          if (!raced) throw e;
+          return raced;
+        });
+    }
+    if (child.status !== "pending") return child;
+    s.ops.send(child);
+    for (;;) {
+      const done = await s.ops.waitFor(child.id, STEP_WAIT_MS);
+      if (done) return done;
+    }
+  };
+
+  let failure: HostCommandError | undefined;
+  let standbyDone = false;
+  if (p.from_running) {
+    const sb = await step("standby", async () => ({ kind: "standby", instance_id: p.source_id }));
+    if (sb.status === "failed") failure = prefixed(commandError(sb), "putting the source into standby failed: ");
+    else standbyDone = true;
+  }
+  let forked = false;
+  if (!failure) {
+    const fk = await step("fork", async () => {
+      // The flow holds the target exclusively, so its row is there until the flow ends.
+      const [target] = await s.db.select().from(instances).where(eq(instances.id, p.target_id));
+      if (!target) throw new Error(`fork target ${p.target_id} vanished during its flow`);
+      return { kind: "fork", source_id: p.source_id, target: specOf(target), target_state: p.target_state };
+    });
+    if (fk.status === "failed") failure = commandError(fk);
+    else forked = true;
+  }
+  if (standbyDone) {
+    const rs = await step("restore", async () => ({ kind: "restore", instance_id: p.source_id }));
+    if (rs.status === "failed") {
+      const restoreErr = commandError(rs);
+      if (failure) {
+        failure = prefixed(failure, "", `; restoring the source failed too: ${restoreErr.message}`);
+      } else {
+        failure = prefixed(restoreErr, "restoring the source failed, so the fork was rolled back: ");
+      }
+      if (forked) await step("delete", async () => ({ kind: "delete", instance_id: p.target_id }));
+    }
+  }
+  await s.db.transaction(async (tx) => {
+    await tx
+      .update(operations)
+      .set({
+        status: failure ? "failed" : "succeeded",
+        error: failure ? { code: failure.code, message: failure.message } : null,
+        completedAt: new Date(),
+      })
+      .where(and(eq(operations.id, flowId), eq(operations.status, "pending")));
+    if (failure) await tx.delete(instances).where(eq(instances.id, p.target_id));
+  });
+  return failure ? { error: failure } : {};
+}
+
+function prefixed(err: HostCommandError, before: string, after = ""): HostCommandError {
+  return new HostCommandError(err.code, `${before}${err.message}${after}`);
+}

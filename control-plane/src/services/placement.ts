@@ -1,0 +1,132 @@
+import {
+  type Hypervisor,
+  HostUnavailableError,
+  InsufficientResourcesError,
+  NotSupportedError,
+  RESIDENT,
+  formatSize,
+} from "@offshoot/shared";
+import { and, eq, gt, inArray, ne, or, sql } from "drizzle-orm";
+import type { Tx } from "../db/client.ts";
+import { hosts, instances, operations } from "../db/schema/index.ts";
+
+export type HostRow = typeof hosts.$inferSelect;
+
+export interface Need {
+  vcpus: number;
+  memoryBytes: number;
+}
+
+const online = (graceMs: number) =>
+  and(
+    eq(hosts.status, "online"),
+    gt(hosts.lastSeenAt, sql`now() - make_interval(secs => ${graceMs / 1000})`),
+  );
+
+/** vCPUs and memory held on a host: resident instances plus ones being started or restored. */
+async function usage(tx: Tx, hostId: string, exclude?: string): Promise<Need> {
+  const starting = tx
+    .select({ id: operations.instanceId })
+    .from(operations)
+    .where(
+      and(
+        eq(operations.hostId, hostId),
+        eq(operations.status, "pending"),
+        inArray(operations.kind, ["start", "restore"]),
+      ),
+    );
+  const [row] = await tx
+    .select({
+      vcpus: sql<string>`coalesce(sum(${instances.vcpus}), 0)`,
+      memoryBytes: sql<string>`coalesce(sum(${instances.memoryBytes} + ${instances.hotplugBytes}), 0)`,
+    })
+    .from(instances)
+    .where(
+      and(
+        eq(instances.hostId, hostId),
+        exclude ? ne(instances.id, exclude) : undefined,
+        or(inArray(instances.state, [...RESIDENT]), inArray(instances.id, starting)),
+      ),
+    );
+  return { vcpus: Number(row?.vcpus ?? 0), memoryBytes: Number(row?.memoryBytes ?? 0) };
+}
+
+function fits(host: HostRow, used: Need, need: Need): boolean {
+  return (
+    used.vcpus + need.vcpus <= host.vcpus && used.memoryBytes + need.memoryBytes <= host.memoryBytes
+  );
+}
+
+const shortfall = (host: HostRow, used: Need, need: Need) =>
+  `host ${host.name} has ${host.vcpus - used.vcpus} vCPUs and ${formatSize(Math.max(0, host.memoryBytes - used.memoryBytes))} free; ${need.vcpus} vCPUs and ${formatSize(need.memoryBytes)} needed`;
+
+/**
+ * Picks a connected host with room for `need` and locks its row for the rest of the
+ * transaction, so two placements cannot both take the last slot. Prefers the host with the
+ * most free memory (spreads load).
+ */
+export async function placeInstance(
+  tx: Tx,
+  graceMs: number,
+  need: Need,
+  hypervisor: Hypervisor | undefined,
+  requires: (host: HostRow) => string | undefined,
+): Promise<{ host: HostRow; hypervisor: Hypervisor }> {
+  const candidates = await tx.select().from(hosts).where(online(graceMs));
+  if (candidates.length === 0) {
+    throw new InsufficientResourcesError("no host is connected to run instances");
+  }
+  const capable = candidates.filter(
+    (h) => (!hypervisor || h.capabilities?.hypervisors.includes(hypervisor)) && !requires(h),
+  );
+  if (capable.length === 0) {
+    const reason = candidates.map(requires).find(Boolean);
+    throw new NotSupportedError(
+      reason ?? `no connected host supports hypervisor ${hypervisor ?? "(default)"}`,
+    );
+  }
+  const ranked = await Promise.all(
+    capable.map(async (h) => ({ h, used: await usage(tx, h.id) })),
+  );
+  ranked.sort(
+    (a, b) => b.h.memoryBytes - b.used.memoryBytes - (a.h.memoryBytes - a.used.memoryBytes),
+  );
+  for (const { h } of ranked) {
+    const [locked] = await tx.select().from(hosts).where(eq(hosts.id, h.id)).for("update");
+    if (!locked) continue;
+    const used = await usage(tx, h.id);
+    if (fits(locked, used, need)) {
+      const hv = hypervisor ?? locked.capabilities?.hypervisors[0];
+      if (!hv) continue;
+      return { host: locked, hypervisor: hv };
+    }
+  }
+  const first = ranked[0];
+  throw new InsufficientResourcesError(
+    first ? `no host has room: ${shortfall(first.h, first.used, need)}` : "no host has room",
+  );
+}
+
+/** Locks an instance's host and checks it is connected and has room for the instance. */
+export async function admit(
+  tx: Tx,
+  graceMs: number,
+  hostId: string,
+  need: Need | undefined,
+  excludeInstanceId?: string,
+): Promise<HostRow> {
+  const [host] = await tx
+    .select()
+    .from(hosts)
+    .where(and(eq(hosts.id, hostId), online(graceMs)))
+    .for("update");
+  if (!host) {
+    const [h] = await tx.select({ name: hosts.name }).from(hosts).where(eq(hosts.id, hostId));
+    throw new HostUnavailableError(`host ${h?.name ?? hostId} is not connected`);
+  }
+  if (need) {
+    const used = await usage(tx, hostId, excludeInstanceId);
+    if (!fits(host, used, need)) throw new InsufficientResourcesError(shortfall(host, used, need));
+  }
+  return host;
+}

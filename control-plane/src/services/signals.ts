@@ -1,0 +1,64 @@
+/**
+ * In-process wake-ups: "operation X finished", "instance Y changed". A waiter re-checks the
+ * database when woken, and also on a slow timer, so a missed signal delays it but never
+ * loses the answer.
+ */
+export class Signals {
+  private waiters = new Map<string, Set<() => void>>();
+
+  notify(topic: string): void {
+    const set = this.waiters.get(topic);
+    if (!set) return;
+    this.waiters.delete(topic);
+    for (const wake of set) wake();
+  }
+
+  /** Calls `check` until it returns a value or `timeoutMs` passes (then returns undefined). */
+  async until<T>(
+    topic: string,
+    timeoutMs: number,
+    check: () => Promise<T | undefined>,
+    pollMs = 1000,
+  ): Promise<T | undefined> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      let wake: () => void = () => {};
+      const woken = new Promise<void>((resolve) => {
+        wake = resolve;
+      });
+      this.add(topic, wake);
+      try {
+        const value = await check();
+        if (value !== undefined) return value;
+        const left = deadline - Date.now();
+        if (left <= 0) return undefined;
+        let timer: NodeJS.Timeout | undefined;
+        await Promise.race([
+          woken,
+          new Promise<void>((r) => {
+            timer = setTimeout(r, Math.min(left, pollMs));
+          }),
+        ]);
+        clearTimeout(timer);
+      } finally {
+        this.remove(topic, wake);
+      }
+    }
+  }
+
+  private add(topic: string, wake: () => void) {
+    let set = this.waiters.get(topic);
+    if (!set) {
+      set = new Set();
+      this.waiters.set(topic, set);
+    }
+    set.add(wake);
+  }
+
+  private remove(topic: string, wake: () => void) {
+    const set = this.waiters.get(topic);
+    if (!set) return;
+    set.delete(wake);
+    if (set.size === 0) this.waiters.delete(topic);
+  }
+}

@@ -1,0 +1,141 @@
+// The agent's environment, checked once at start-up: the first wrong value stops the agent with
+// a message naming the variable, rather than failing later in the middle of a command.
+import os from "node:os";
+import path from "node:path";
+import { ERROR_STATUS, type ErrorCode, type OperationKind, parseSize } from "@offshoot/shared";
+import { z } from "zod";
+
+const OpKind = z.enum(["create", "start", "stop", "standby", "restore", "delete", "fork"]);
+const ErrorCodeName = z.enum(Object.keys(ERROR_STATUS) as [ErrorCode, ...ErrorCode[]]);
+const LatencyPerKind = z.partialRecord(OpKind, z.number().nonnegative());
+const FailPerKind = z.partialRecord(OpKind, ErrorCodeName);
+
+const POSITIVE_INT = "must be a positive integer";
+
+export type SimLatency = number | Partial<Record<OperationKind, number>>;
+
+/** Parses JSON from a variable and validates it, reporting the first problem with an example. */
+function parseJson<T extends z.ZodType>(
+  s: string,
+  ctx: z.core.$RefinementCtx,
+  schema: T,
+  example: string,
+): z.output<T> {
+  let value: unknown;
+  try {
+    value = JSON.parse(s);
+  } catch {
+    ctx.addIssue({ code: "custom", message: `expected JSON like ${example}` });
+    return z.NEVER;
+  }
+  const parsed = schema.safeParse(value);
+  if (parsed.success) return parsed.data;
+  const issue = parsed.error.issues[0];
+  const where = issue?.path.length ? `${issue.path.join(".")}: ` : "";
+  ctx.addIssue({ code: "custom", message: `${where}${issue?.message ?? "invalid"} (e.g. ${example})` });
+  return z.NEVER;
+}
+
+const Env = z.object({
+  // Base URL of the control plane; the agent dials `${url}/agent/v1/connect` (http→ws, https→wss).
+  CONTROL_PLANE_URL: z
+    .string({ error: "is required, e.g. http://127.0.0.1:8080" })
+    .regex(/^(https?|wss?):\/\/[^\s/]+/, "must be an http(s):// or ws(s):// URL"),
+  // The secret this host authenticates with (sent as `Authorization: Bearer …`).
+  HOST_TOKEN: z.string({ error: "is required" }).min(1, "is required"),
+  // Journal and driver state; must survive agent restarts and belong to one agent only.
+  AGENT_DATA_DIR: z.string().min(1).default(".data/agent"),
+  // The name this host reports in hello; operators see it in the control plane.
+  AGENT_HOST_NAME: z.string().min(1).default(os.hostname()),
+  // Hypervisor driver. Required, so that the simulator never runs by accident.
+  AGENT_DRIVER: z.string({ error: 'is required: "sim" (simulated, for tests and benchmarks)' }).pipe(
+    z.enum(["sim"], {
+      error: (i) => `"${String(i.input)}" is not available; use "sim" ("qemu" is not implemented yet)`,
+    }),
+  ),
+  // vCPUs this host offers to instances.
+  AGENT_VCPUS: z.coerce
+    .number({ error: POSITIVE_INT })
+    .int(POSITIVE_INT)
+    .positive(POSITIVE_INT)
+    .default(os.cpus().length),
+  // Memory this host offers to instances, e.g. "16GB".
+  AGENT_MEMORY: z
+    .string()
+    .optional()
+    .transform((s, ctx) => {
+      if (s === undefined) return os.totalmem();
+      try {
+        const bytes = parseSize(s);
+        if (bytes > 0) return bytes;
+        ctx.addIssue({ code: "custom", message: "must be greater than 0" });
+      } catch (e) {
+        ctx.addIssue({ code: "custom", message: e instanceof Error ? e.message : String(e) });
+      }
+      return z.NEVER;
+    }),
+  // Sim only: delay per operation in ms, one number for every kind or JSON per kind.
+  SIM_LATENCY_MS: z
+    .string()
+    .default("0")
+    .transform((s, ctx): SimLatency => {
+      if (/^\s*\d+(\.\d+)?\s*$/.test(s)) return Number(s);
+      return parseJson(s, ctx, LatencyPerKind, '{"fork":2000,"create":50}');
+    }),
+  // Sim only: fault injection; {"fork":"insufficient_resources"} makes every fork fail with that
+  // code after doing and undoing its steps.
+  SIM_FAIL: z
+    .string()
+    .default("{}")
+    .transform((s, ctx) => parseJson(s, ctx, FailPerKind, '{"restore":"internal_error"}')),
+  // Sim only: append {command_id, kind, instance_id} to <data>/sim-exec.log per executed op.
+  SIM_EXEC_LOG: z
+    .enum(["1", "0", "true", "false"], { error: 'must be "1", "0", "true" or "false"' })
+    .default("1")
+    .transform((v) => v === "1" || v === "true"),
+});
+
+export interface SimConfig {
+  latencyMs: SimLatency;
+  fail: Partial<Record<OperationKind, ErrorCode>>;
+  execLog: boolean;
+}
+
+export interface AgentConfig {
+  /** The WebSocket URL the agent dials. */
+  connectUrl: string;
+  hostToken: string;
+  /** Absolute. */
+  dataDir: string;
+  hostName: string;
+  driver: "sim";
+  capacity: { vcpus: number; memory_bytes: number };
+  sim: SimConfig;
+}
+
+export class ConfigError extends Error {}
+
+/** http://cp:8080/ → ws://cp:8080/agent/v1/connect */
+export function connectUrl(base: string): string {
+  const url = new URL(base.replace(/^http/, "ws"));
+  url.pathname = `${url.pathname.replace(/\/+$/, "")}/agent/v1/connect`;
+  return url.toString();
+}
+
+export function loadConfig(env: NodeJS.ProcessEnv = process.env): AgentConfig {
+  const parsed = Env.safeParse(env);
+  if (!parsed.success) {
+    const issue = parsed.error.issues[0];
+    throw new ConfigError(`${String(issue?.path[0] ?? "environment")}: ${issue?.message ?? "invalid"}`);
+  }
+  const e = parsed.data;
+  return {
+    connectUrl: connectUrl(e.CONTROL_PLANE_URL),
+    hostToken: e.HOST_TOKEN,
+    dataDir: path.resolve(e.AGENT_DATA_DIR),
+    hostName: e.AGENT_HOST_NAME,
+    driver: e.AGENT_DRIVER,
+    capacity: { vcpus: e.AGENT_VCPUS, memory_bytes: e.AGENT_MEMORY },
+    sim: { latencyMs: e.SIM_LATENCY_MS, fail: e.SIM_FAIL, execLog: e.SIM_EXEC_LOG },
+  };
+}

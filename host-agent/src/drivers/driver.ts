@@ -1,0 +1,64 @@
+// The one interface every hypervisor driver implements (sim today, qemu next). Methods take the
+// operation's data as the protocol defines it and return what the host observes afterwards,
+// so the agent reports facts rather than intentions. Preconditions that hold for every
+// hypervisor (instance exists, state allows the verb, capabilities) are checked by
+// ../operations before a driver is called; drivers enforce what only they can know.
+import type {
+  DriverCapabilities,
+  InstanceSpec,
+  ObservedInstance,
+  Operation,
+  OperationKind,
+} from "@offshoot/shared";
+
+/** Journals a completed step before the operation moves on, so a crash can be undone. */
+export interface StepRecorder {
+  record(step: string): Promise<void>;
+}
+
+export interface OpContext {
+  /** The command being executed; drivers may tag what they create with it. */
+  readonly commandId: string;
+  readonly steps: StepRecorder;
+}
+
+/** One operation's data as the protocol carries it, e.g. OpData<"fork">. */
+export type OpData<K extends OperationKind> = Omit<Extract<Operation, { kind: K }>, "kind">;
+
+export interface Driver {
+  readonly name: string;
+  capabilities(): DriverCapabilities;
+  /** Every instance on this host, including ones the control plane may not know (orphans). */
+  inventory(): Promise<ObservedInstance[]>;
+  /** null when the host has no such instance. */
+  get(id: string): Promise<ObservedInstance | null>;
+
+  /** Creates and boots: resolves Running. */
+  create(spec: InstanceSpec, ctx: OpContext): Promise<ObservedInstance>;
+  /** Stopped → Running (cold boot), optionally overriding entrypoint/cmd. */
+  start(op: OpData<"start">, ctx: OpContext): Promise<ObservedInstance>;
+  /** → Stopped: no VMM, no snapshot. */
+  stop(id: string, ctx: OpContext): Promise<ObservedInstance>;
+  /** Running → Standby: snapshot memory and device state, then release the VMM. */
+  standby(id: string, ctx: OpContext): Promise<ObservedInstance>;
+  /** Standby → Running from the snapshot. */
+  restore(id: string, ctx: OpContext): Promise<ObservedInstance>;
+  /** Removes the instance and its files. Idempotent: a missing instance is already deleted. */
+  delete(id: string, ctx: OpContext): Promise<void>;
+  /** Clones a Stopped or Standby source into `target` and brings it to `target_state`.
+   * The source is left as it was. Resolves [source, target]. */
+  fork(op: OpData<"fork">, ctx: OpContext): Promise<[ObservedInstance, ObservedInstance]>;
+
+  /** After a crash: undoes what an interrupted operation did (it recorded `steps`, and may have
+   * been part-way through the next one), then returns the involved instances as observed. */
+  rollback(
+    op: Operation,
+    ctx: { commandId: string; steps: readonly string[] },
+  ): Promise<ObservedInstance[]>;
+
+  /** State changes the driver observes on its own (guest exited, VMM died). Returns an
+   * unsubscribe function. */
+  onEvent(listener: (instance: ObservedInstance) => void): () => void;
+  /** Releases driver resources (QMP sockets, watchers); instances keep running. */
+  close(): Promise<void>;
+}

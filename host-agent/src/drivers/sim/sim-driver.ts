@@ -1,0 +1,371 @@
+// The simulated hypervisor: no VMs, just state files, timers and the same rules a real driver
+// has to follow, so the control plane's tests exercise real outcomes (conflicts, invalid
+// states, rollbacks, crash recovery) at fleet scale. Never evidence that VMs work.
+import { appendFile, copyFile, mkdir, rm, stat, writeFile } from "node:fs/promises";
+import { setTimeout as sleep } from "node:timers/promises";
+import {
+  ApiError,
+  type DriverCapabilities,
+  type ErrorCode,
+  type InstanceSpec,
+  InvalidStateError,
+  NotFoundError,
+  type ObservedInstance,
+  type Operation,
+  type OperationKind,
+} from "@offshoot/shared";
+import type { SimLatency } from "../../config.ts";
+import { runSteps, type Step } from "../../operations/steps.ts";
+import type { AgentPaths } from "../../paths.ts";
+import type { Driver, OpContext, OpData } from "../driver.ts";
+import { isMissing, type SimRecord, SimStore } from "./store.ts";
+
+export interface SimOptions {
+  latencyMs: SimLatency;
+  /** Fault injection: ops of these kinds fail with the code after doing and undoing their steps. */
+  fail: Partial<Record<OperationKind, ErrorCode>>;
+  execLog: boolean;
+}
+
+const CAPABILITIES: DriverCapabilities = {
+  hypervisors: ["cloud-hypervisor", "firecracker", "qemu"],
+  fork_from_stopped: true,
+  fork_from_standby: true,
+  // A Running source is put into standby by the control plane, forked, then restored.
+  fork_from_running: false,
+  standby: true,
+  hotplug_memory: true,
+  disk_io_limit: true,
+  volumes: true,
+};
+
+const now = () => new Date().toISOString();
+
+export class SimDriver implements Driver {
+  readonly name = "sim";
+  private readonly store: SimStore;
+  private readonly listeners = new Set<(instance: ObservedInstance) => void>();
+
+  constructor(
+    private readonly paths: AgentPaths,
+    private readonly options: SimOptions,
+  ) {
+    this.store = new SimStore(paths.sim);
+  }
+
+  capabilities(): DriverCapabilities {
+    return structuredClone(CAPABILITIES);
+  }
+
+  async inventory(): Promise<ObservedInstance[]> {
+    const found = await Promise.all((await this.store.ids()).map((id) => this.get(id)));
+    return found.filter((i): i is ObservedInstance => i !== null);
+  }
+
+  async get(id: string): Promise<ObservedInstance | null> {
+    const read = await this.store.read(id);
+    if (read.kind === "ok") return read.record.observed;
+    if (read.kind === "missing") return null; // a half-made dir is not an instance
+    return { id, state: "Unknown", has_snapshot: false, state_error: `state file unreadable: ${read.error}` };
+  }
+
+  async create(spec: InstanceSpec, ctx: OpContext): Promise<ObservedInstance> {
+    await this.executed(ctx, "create", spec.id);
+    await this.run("create", ctx, [
+      { name: "create-disk", run: () => this.makeInstanceDir(spec.id, `image ${spec.image}`) },
+      {
+        name: "register",
+        run: () => this.store.write({ created_by: ctx.commandId, spec, observed: running(spec.id) }),
+      },
+    ]);
+    return this.require(spec.id);
+  }
+
+  async start(op: OpData<"start">, ctx: OpContext): Promise<ObservedInstance> {
+    await this.executed(ctx, "start", op.instance_id);
+    const rec = await this.load(op.instance_id);
+    const spec = {
+      ...rec.spec,
+      entrypoint: op.entrypoint ?? rec.spec.entrypoint,
+      cmd: op.cmd ?? rec.spec.cmd,
+    };
+    await this.run("start", ctx, [this.setState("boot", rec, running(op.instance_id), spec)]);
+    return this.require(op.instance_id);
+  }
+
+  async stop(id: string, ctx: OpContext): Promise<ObservedInstance> {
+    await this.executed(ctx, "stop", id);
+    const rec = await this.load(id);
+    await this.run("stop", ctx, [
+      this.setState("shutdown", rec, {
+        ...rec.observed,
+        state: "Stopped",
+        has_snapshot: false,
+        stopped_at: now(),
+        exit_code: null,
+        exit_message: null,
+      }),
+    ]);
+    return this.require(id);
+  }
+
+  async standby(id: string, ctx: OpContext): Promise<ObservedInstance> {
+    await this.executed(ctx, "standby", id);
+    const rec = await this.load(id);
+    const snapshot = this.paths.sim.snapshotFile(id);
+    await this.run("standby", ctx, [
+      {
+        name: "snapshot",
+        run: () => writeFile(snapshot, `memory of ${id} at ${now()}\n`),
+        undo: () => rm(snapshot, { force: true }),
+      },
+      this.setState("save-state", rec, { ...rec.observed, state: "Standby", has_snapshot: true }),
+    ]);
+    return this.require(id);
+  }
+
+  async restore(id: string, ctx: OpContext): Promise<ObservedInstance> {
+    await this.executed(ctx, "restore", id);
+    const rec = await this.load(id);
+    const snapshot = this.paths.sim.snapshotFile(id);
+    if (!(await exists(snapshot))) throw new InvalidStateError(`instance ${id} has no snapshot to restore`);
+    await this.run("restore", ctx, [
+      this.setState("restore", rec, { ...running(id), started_at: rec.observed.started_at ?? now() }),
+      // Restoring consumes the snapshot, as in Hypeman: has_snapshot is false once Running.
+      {
+        name: "discard-snapshot",
+        run: () => rm(snapshot, { force: true }),
+        undo: () => writeFile(snapshot, `memory of ${id}\n`),
+      },
+    ]);
+    return this.require(id);
+  }
+
+  async delete(id: string, ctx: OpContext): Promise<void> {
+    await this.executed(ctx, "delete", id);
+    this.injectFault("delete"); // before, since a delete cannot be undone
+    await this.latency("delete", 1);
+    await this.store.remove(id);
+    await ctx.steps.record("delete");
+  }
+
+  async fork(op: OpData<"fork">, ctx: OpContext): Promise<[ObservedInstance, ObservedInstance]> {
+    const { source_id, target, target_state } = op;
+    await this.executed(ctx, "fork", target.id, { source_id });
+    const source = await this.load(source_id);
+    const from = source.observed.state;
+    if (from !== "Stopped" && from !== "Standby") {
+      throw new InvalidStateError(
+        `cannot fork instance ${source_id} in state ${from}: the sim forks Stopped or Standby sources`,
+      );
+    }
+    const withSnapshot = from === "Standby" && target_state !== "Stopped";
+    const steps: Step[] = [
+      {
+        name: "clone-disk",
+        run: async () => {
+          await this.makeInstanceDir(target.id, `clone of ${source_id}`);
+          await copyFile(this.paths.sim.diskFile(source_id), this.paths.sim.diskFile(target.id));
+        },
+        undo: () => this.store.remove(target.id),
+      },
+    ];
+    if (withSnapshot) {
+      steps.push({
+        name: "clone-snapshot",
+        run: () => copyFile(this.paths.sim.snapshotFile(source_id), this.paths.sim.snapshotFile(target.id)),
+      });
+    }
+    const registered: ObservedInstance = {
+      id: target.id,
+      state: withSnapshot ? "Standby" : "Stopped",
+      has_snapshot: withSnapshot,
+      state_error: null,
+      exit_code: null,
+      exit_message: null,
+      started_at: null,
+      stopped_at: withSnapshot ? null : now(),
+    };
+    steps.push({
+      name: "register",
+      run: () => this.store.write({ created_by: ctx.commandId, spec: target, observed: registered }),
+    });
+    if (target_state === "Standby" && !withSnapshot) {
+      steps.push({
+        name: "snapshot",
+        run: async () => {
+          throw new InvalidStateError(
+            `cannot fork ${source_id} to Standby: it is Stopped, so there is no memory snapshot to clone; fork to Stopped or Running instead`,
+          );
+        },
+      });
+    }
+    if (target_state === "Running") {
+      // From Standby: restore the cloned snapshot (consuming it). From Stopped: cold boot.
+      steps.push({
+        name: withSnapshot ? "restore" : "boot",
+        run: async () => {
+          await rm(this.paths.sim.snapshotFile(target.id), { force: true });
+          await this.store.write({ created_by: ctx.commandId, spec: target, observed: running(target.id) });
+        },
+      });
+    }
+    await this.run("fork", ctx, steps);
+    return [await this.require(source_id), await this.require(target.id)];
+  }
+
+  async rollback(op: Operation, ctx: { commandId: string; steps: readonly string[] }) {
+    switch (op.kind) {
+      case "create":
+        await this.discardIfOwn(op.instance.id, ctx.commandId);
+        return this.observe([op.instance.id]);
+      case "fork":
+        await this.discardIfOwn(op.target.id, ctx.commandId);
+        await this.converge(op.source_id);
+        return this.observe([op.source_id, op.target.id]);
+      case "delete":
+        await this.store.remove(op.instance_id);
+        return [];
+      default:
+        await this.converge(op.instance_id);
+        return this.observe([op.instance_id]);
+    }
+  }
+
+  onEvent(listener: (instance: ObservedInstance) => void): () => void {
+    this.listeners.add(listener);
+    return () => this.listeners.delete(listener);
+  }
+
+  async close(): Promise<void> {
+    this.listeners.clear();
+  }
+
+  /** Test hook: the guest exits on its own, as a real VM's program would. */
+  async simulateExit(id: string, exitCode: number, message: string): Promise<ObservedInstance> {
+    const rec = await this.load(id);
+    const observed: ObservedInstance = {
+      ...rec.observed,
+      state: "Stopped",
+      has_snapshot: false,
+      exit_code: exitCode,
+      exit_message: message,
+      stopped_at: now(),
+    };
+    await this.store.write({ ...rec, observed });
+    for (const listener of this.listeners) listener(observed);
+    return observed;
+  }
+
+  // ---- helpers -----------------------------------------------------------------------------
+
+  /** Runs the op's steps with its latency spread across them, then any injected fault. */
+  private async run(kind: OperationKind, ctx: OpContext, steps: Step[]): Promise<void> {
+    const delayed = steps.map(
+      (s): Step => ({ ...s, run: () => this.latency(kind, steps.length).then(() => s.run()) }),
+    );
+    const code = this.options.fail[kind];
+    if (code) delayed.push({ name: "fault", run: async () => this.injectFault(kind) });
+    await runSteps(ctx.steps, delayed);
+  }
+
+  private injectFault(kind: OperationKind): void {
+    const code = this.options.fail[kind];
+    if (code) throw new ApiError(code, `simulated ${kind} failure (SIM_FAIL)`);
+  }
+
+  private async latency(kind: OperationKind, parts: number): Promise<void> {
+    const l = this.options.latencyMs;
+    const ms = typeof l === "number" ? l : (l[kind] ?? 0);
+    if (ms > 0) await sleep(ms / parts);
+  }
+
+  /** One line per executed op: the evidence tests use that no command ran twice. */
+  private async executed(ctx: OpContext, kind: OperationKind, instanceId: string, extra = {}) {
+    if (!this.options.execLog) return;
+    const line = { command_id: ctx.commandId, kind, instance_id: instanceId, ...extra };
+    await appendFile(this.paths.sim.execLog, `${JSON.stringify(line)}\n`);
+  }
+
+  /** Non-recursive mkdir is the atomic "id is free" check. */
+  private async makeInstanceDir(id: string, disk: string): Promise<void> {
+    await mkdir(this.paths.sim.instancesDir, { recursive: true });
+    try {
+      await mkdir(this.paths.sim.instanceDir(id));
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === "EEXIST") {
+        throw new ApiError("conflict", `instance ${id} already exists on this host`);
+      }
+      throw e;
+    }
+    try {
+      await writeFile(this.paths.sim.diskFile(id), `${disk}\n`);
+    } catch (e) {
+      await this.store.remove(id);
+      throw e;
+    }
+  }
+
+  private setState(name: string, rec: SimRecord, observed: ObservedInstance, spec = rec.spec): Step {
+    return {
+      name,
+      run: () => this.store.write({ ...rec, spec, observed }),
+      undo: () => this.store.write(rec),
+    };
+  }
+
+  private async load(id: string): Promise<SimRecord> {
+    const read = await this.store.read(id);
+    if (read.kind === "ok") return read.record;
+    if (read.kind === "missing") throw new NotFoundError(`instance ${id} not found on this host`);
+    throw new InvalidStateError(`instance ${id} is Unknown: state file unreadable: ${read.error}`);
+  }
+
+  private async require(id: string): Promise<ObservedInstance> {
+    return (await this.load(id)).observed;
+  }
+
+  private async observe(ids: string[]): Promise<ObservedInstance[]> {
+    const found = await Promise.all(ids.map((id) => this.get(id)));
+    return found.filter((i): i is ObservedInstance => i !== null);
+  }
+
+  /** Removes what an interrupted create/fork made under `id`, never an instance that was
+   * there before it (another command's record) — a fork that lost the id race stays intact. */
+  private async discardIfOwn(id: string, commandId: string): Promise<void> {
+    const read = await this.store.read(id);
+    const own = read.kind === "missing" || (read.kind === "ok" && read.record.created_by === commandId);
+    if (own) await this.store.remove(id);
+  }
+
+  /** A snapshot file belongs to Standby only; one left by an interrupted standby/restore goes. */
+  private async converge(id: string): Promise<void> {
+    const read = await this.store.read(id);
+    if (read.kind === "ok" && read.record.observed.state !== "Standby") {
+      await rm(this.paths.sim.snapshotFile(id), { force: true });
+    }
+  }
+}
+
+function running(id: string): ObservedInstance {
+  return {
+    id,
+    state: "Running",
+    has_snapshot: false,
+    state_error: null,
+    exit_code: null,
+    exit_message: null,
+    started_at: now(),
+    stopped_at: null,
+  };
+}
+
+async function exists(file: string): Promise<boolean> {
+  try {
+    await stat(file);
+    return true;
+  } catch (e) {
+    if (isMissing(e)) return false;
+    throw e;
+  }
+}

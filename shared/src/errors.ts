@@ -1,0 +1,94 @@
+// One error shape on the wire, Hypeman's `{code, message}`, and one table from code to HTTP status.
+
+export const ERROR_STATUS = {
+  invalid_request: 400,
+  invalid_platform: 400,
+  unauthorized: 401,
+  not_found: 404,
+  ambiguous: 409,
+  invalid_state: 409,
+  name_conflict: 409,
+  insufficient_resources: 409,
+  conflict: 409,
+  internal_error: 500,
+  not_supported: 501,
+  host_unavailable: 503,
+  timeout: 504,
+} as const;
+
+export type ErrorCode = keyof typeof ERROR_STATUS;
+
+export class ApiError extends Error {
+  constructor(
+    readonly code: ErrorCode,
+    message: string,
+  ) {
+    super(message);
+    this.name = new.target.name;
+  }
+  get status(): (typeof ERROR_STATUS)[ErrorCode] {
+    return ERROR_STATUS[this.code];
+  }
+}
+
+export class InvalidRequestError extends ApiError {
+  constructor(message: string) {
+    super("invalid_request", message);
+  }
+}
+export class UnauthorizedError extends ApiError {
+  constructor(message = "missing or invalid API key") {
+    super("unauthorized", message);
+  }
+}
+export class NotFoundError extends ApiError {
+  constructor(message: string) {
+    super("not_found", message);
+  }
+}
+export class AmbiguousError extends ApiError {
+  constructor(message: string) {
+    super("ambiguous", message);
+  }
+}
+export class InvalidStateError extends ApiError {
+  constructor(message: string) {
+    super("invalid_state", message);
+  }
+}
+export class NameConflictError extends ApiError {
+  constructor(message: string) {
+    super("name_conflict", message);
+  }
+}
+export class InsufficientResourcesError extends ApiError {
+  constructor(message: string) {
+    super("insufficient_resources", message);
+  }
+}
+export class NotSupportedError extends ApiError {
+  constructor(message: string) {
+    super("not_supported", message);
+  }
+}
+export class HostUnavailableError extends ApiError {
+  constructor(message: string) {
+    super("host_unavailable", message);
+  }
+}
+export class TimeoutError extends ApiError {
+  constructor(message: string) {
+    super("timeout", message);
+  }
+}
+
+/** An error reported by a host agent for a command; carries the agent's code through. */
+export class HostCommandError extends ApiError {
+  constructor(code: ErrorCode, message: string) {
+    super(code, message);
+  }
+}
+
+export function isErrorCode(code: string): code is ErrorCode {
+  return Object.hasOwn(ERROR_STATUS, code);
+}

@@ -1,0 +1,5 @@
+export * from "./errors.ts";
+export * from "./protocol.ts";
+export * from "./schemas.ts";
+export * from "./states.ts";
+export * from "./units.ts";

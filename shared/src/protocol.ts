@@ -1,0 +1,169 @@
+// The agent protocol: JSON text frames on one WebSocket that the agent dials. Every message
+// carries `v`, so either side can refuse a version it does not speak. Both directions are
+// typed here and parsed with zod on receipt.
+import { z } from "zod";
+import { ForkTargetState, Hypervisor, InstanceState, VolumeMount } from "./schemas.ts";
+
+export const PROTOCOL_VERSION = 1 as const;
+const V = z.literal(PROTOCOL_VERSION);
+
+/** WebSocket close codes the control plane uses towards agents. */
+export const CLOSE = {
+  unauthorized: 4401,
+  badProtocol: 4400,
+  replaced: 4409,
+  shuttingDown: 4503,
+} as const;
+
+/** Everything a host needs to run an instance. Sizes are bytes, rates bytes per second. */
+export const InstanceSpec = z.object({
+  id: z.string(),
+  name: z.string(),
+  image: z.string(),
+  hypervisor: Hypervisor,
+  vcpus: z.number().int().positive(),
+  memory_bytes: z.number().int().positive(),
+  hotplug_bytes: z.number().int().nonnegative(),
+  overlay_bytes: z.number().int().positive(),
+  disk_io_bps: z.number().int().nonnegative().nullable(),
+  env: z.record(z.string(), z.string()),
+  entrypoint: z.array(z.string()).nullable(),
+  cmd: z.array(z.string()).nullable(),
+  network: z.object({
+    enabled: z.boolean(),
+    mac: z.string().nullable(),
+    ip: z.string().nullable(),
+    bandwidth_download_bps: z.number().int().nonnegative().nullable(),
+    bandwidth_upload_bps: z.number().int().nonnegative().nullable(),
+  }),
+  volumes: z.array(VolumeMount),
+});
+export type InstanceSpec = z.infer<typeof InstanceSpec>;
+
+/** What the host actually sees for one instance. */
+export const ObservedInstance = z.object({
+  id: z.string(),
+  state: InstanceState,
+  has_snapshot: z.boolean(),
+  state_error: z.string().nullable().optional(),
+  exit_code: z.number().int().nullable().optional(),
+  exit_message: z.string().nullable().optional(),
+  started_at: z.string().nullable().optional(),
+  stopped_at: z.string().nullable().optional(),
+});
+export type ObservedInstance = z.infer<typeof ObservedInstance>;
+
+export const Operation = z.discriminatedUnion("kind", [
+  z.object({ kind: z.literal("create"), instance: InstanceSpec }),
+  z.object({
+    kind: z.literal("start"),
+    instance_id: z.string(),
+    entrypoint: z.array(z.string()).nullable().optional(),
+    cmd: z.array(z.string()).nullable().optional(),
+  }),
+  z.object({ kind: z.literal("stop"), instance_id: z.string() }),
+  z.object({ kind: z.literal("standby"), instance_id: z.string() }),
+  z.object({ kind: z.literal("restore"), instance_id: z.string() }),
+  z.object({ kind: z.literal("delete"), instance_id: z.string() }),
+  z.object({
+    kind: z.literal("fork"),
+    source_id: z.string(),
+    target: InstanceSpec,
+    target_state: ForkTargetState,
+  }),
+]);
+export type Operation = z.infer<typeof Operation>;
+export type OperationKind = Operation["kind"];
+
+export const DriverCapabilities = z.object({
+  hypervisors: z.array(Hypervisor),
+  fork_from_stopped: z.boolean(),
+  fork_from_standby: z.boolean(),
+  fork_from_running: z.boolean(),
+  standby: z.boolean(),
+  hotplug_memory: z.boolean(),
+  disk_io_limit: z.boolean(),
+  volumes: z.boolean(),
+});
+export type DriverCapabilities = z.infer<typeof DriverCapabilities>;
+
+export const CommandError = z.object({ code: z.string(), message: z.string() });
+export type CommandError = z.infer<typeof CommandError>;
+
+// ---- agent → control plane -------------------------------------------------------------
+
+export const Hello = z.object({
+  v: V,
+  type: z.literal("hello"),
+  agent_version: z.string(),
+  host_name: z.string(),
+  driver: z.string(),
+  capabilities: DriverCapabilities,
+  capacity: z.object({
+    vcpus: z.number().int().positive(),
+    memory_bytes: z.number().int().positive(),
+  }),
+  inventory: z.array(ObservedInstance),
+  /** Commands the agent has journaled but not finished (still executing). */
+  in_flight: z.array(z.string()),
+});
+export type Hello = z.infer<typeof Hello>;
+
+export const Heartbeat = z.object({ v: V, type: z.literal("heartbeat"), sent_at: z.number() });
+export type Heartbeat = z.infer<typeof Heartbeat>;
+
+export const Result = z.discriminatedUnion("ok", [
+  z.object({
+    v: V,
+    type: z.literal("result"),
+    command_id: z.string(),
+    ok: z.literal(true),
+    /** The instances this command changed, as observed after it. */
+    instances: z.array(ObservedInstance),
+    /** Set when the answer came from the journal (a re-sent command). */
+    replayed: z.boolean().optional(),
+  }),
+  z.object({
+    v: V,
+    type: z.literal("result"),
+    command_id: z.string(),
+    ok: z.literal(false),
+    error: CommandError,
+    instances: z.array(ObservedInstance),
+    replayed: z.boolean().optional(),
+  }),
+]);
+export type Result = z.infer<typeof Result>;
+
+/** A state change the host observed on its own (guest exited, VMM died, …). */
+export const Event = z.object({ v: V, type: z.literal("event"), instance: ObservedInstance });
+export type Event = z.infer<typeof Event>;
+
+export const AgentMessage = z.union([Hello, Heartbeat, Result, Event]);
+export type AgentMessage = z.infer<typeof AgentMessage>;
+
+// ---- control plane → agent -------------------------------------------------------------
+
+export const Welcome = z.object({
+  v: V,
+  type: z.literal("welcome"),
+  host_id: z.string(),
+  heartbeat_ms: z.number().int().positive(),
+});
+export type Welcome = z.infer<typeof Welcome>;
+
+export const Command = z.object({
+  v: V,
+  type: z.literal("command"),
+  id: z.string(),
+  op: Operation,
+});
+export type Command = z.infer<typeof Command>;
+
+/** Orphans: instances the host runs that the control plane has no record of. */
+export const ServerMessage = z.union([Welcome, Command]);
+export type ServerMessage = z.infer<typeof ServerMessage>;
+
+export function encode(msg: AgentMessage | ServerMessage): string {
+  return JSON.stringify(msg);
+}

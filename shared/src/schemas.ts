@@ -1,0 +1,219 @@
+// The wire contract, defined once. Field names, formats and validation rules follow Hypeman's
+// OpenAPI spec; the control plane's routes, the OpenAPI document and the agent protocol all
+// import these.
+import { z } from "@hono/zod-openapi";
+import { parseRate, parseSize, UnitParseError } from "./units.ts";
+
+export const NAME_PATTERN = /^[a-z0-9]([a-z0-9-]*[a-z0-9])?$/;
+
+export const InstanceState = z
+  .enum(["Created", "Initializing", "Running", "Paused", "Shutdown", "Stopped", "Standby", "Unknown"])
+  .openapi("InstanceState", {
+    description:
+      "Created/Paused/Shutdown: VMM states; Initializing: guest init in progress; Running: program started; Stopped: no VMM, no snapshot; Standby: no VMM, snapshot exists; Unknown: see state_error",
+  });
+export type InstanceState = z.infer<typeof InstanceState>;
+
+export const Hypervisor = z
+  .enum(["cloud-hypervisor", "firecracker", "qemu", "qemu-microvm", "vz"])
+  .openapi("Hypervisor");
+export type Hypervisor = z.infer<typeof Hypervisor>;
+
+export const ForkTargetState = z.enum(["Stopped", "Standby", "Running"]).openapi("ForkTargetState");
+export type ForkTargetState = z.infer<typeof ForkTargetState>;
+
+export const ErrorBody = z
+  .object({
+    code: z.string().openapi({ example: "invalid_state" }),
+    message: z.string().openapi({ example: "instance is Running; stop it first" }),
+  })
+  .openapi("Error");
+export type ErrorBody = z.infer<typeof ErrorBody>;
+
+export const InstanceName = z
+  .string()
+  .max(63, "name must be at most 63 characters")
+  .regex(
+    NAME_PATTERN,
+    "name must be lowercase letters, digits and dashes, and cannot start or end with a dash",
+  )
+  .openapi({ example: "my-workload-1" });
+
+const TAG_KEY = /^[A-Za-z0-9 _.:/=+@-]+$/;
+const TAG_VALUE = /^[A-Za-z0-9 _.:/=+@-]*$/;
+export const Tags = z
+  .record(z.string().min(1).max(128).regex(TAG_KEY, "invalid tag key"), z.string().max(256).regex(TAG_VALUE, "invalid tag value"))
+  .refine((t) => Object.keys(t).length <= 50, "at most 50 tags")
+  .openapi("Tags", { example: { team: "backend", env: "staging" } });
+export type Tags = z.infer<typeof Tags>;
+
+const ENV_KEY = /^[A-Za-z_][A-Za-z0-9_]*$/;
+export const Env = z
+  .record(z.string().regex(ENV_KEY, "environment variable names are letters, digits and _"), z.string().max(32_768))
+  .refine((e) => Object.keys(e).length <= 256, "at most 256 environment variables");
+
+function humanString(parse: (s: string) => number, example: string) {
+  return z
+    .string()
+    .max(32)
+    .superRefine((s, ctx) => {
+      try {
+        parse(s);
+      } catch (e) {
+        ctx.addIssue({ code: "custom", message: e instanceof UnitParseError ? e.message : String(e) });
+      }
+    })
+    .openapi({ example });
+}
+export const SizeString = humanString(parseSize, "2GB");
+export const RateString = humanString(parseRate, "100MB/s");
+
+export const VolumeMount = z
+  .object({
+    volume_id: z.string().min(1).max(128).openapi({ example: "vol-abc123" }),
+    mount_path: z
+      .string()
+      .min(2)
+      .max(4096)
+      .regex(/^\/[^\0]*$/, "mount_path must be an absolute path")
+      .openapi({ example: "/mnt/data" }),
+    readonly: z.boolean().optional(),
+    overlay: z.boolean().optional(),
+    overlay_size: SizeString.optional(),
+  })
+  .superRefine((v, ctx) => {
+    if (v.overlay && !v.readonly) {
+      ctx.addIssue({ code: "custom", message: "volume overlay requires readonly=true", path: ["overlay"] });
+    }
+    if (v.overlay && !v.overlay_size) {
+      ctx.addIssue({ code: "custom", message: "overlay_size is required when overlay=true", path: ["overlay_size"] });
+    }
+  })
+  .openapi("VolumeMount");
+export type VolumeMount = z.infer<typeof VolumeMount>;
+
+export const InstanceGPU = z
+  .object({ profile: z.string().optional(), mdev_uuid: z.string().optional() })
+  .openapi("InstanceGPU");
+
+export const InstanceNetwork = z
+  .object({
+    enabled: z.boolean().optional(),
+    name: z.string().optional(),
+    ip: z.string().nullable().optional(),
+    mac: z.string().nullable().optional(),
+    bandwidth_download: z.string().optional(),
+    bandwidth_upload: z.string().optional(),
+  })
+  .openapi("InstanceNetwork");
+
+/** The 22 fields of the contract's Instance, with their exact JSON names. */
+export const Instance = z
+  .object({
+    id: z.string().openapi({ description: "CUID2", example: "tz4a98xxat96iws9zmbrgj3a" }),
+    created_at: z.string().openapi({ format: "date-time" }),
+    image: z.string(),
+    name: z.string(),
+    state: InstanceState,
+    disk_io_bps: z.string().optional(),
+    env: z.record(z.string(), z.string()).optional(),
+    exit_code: z.number().int().nullable().optional(),
+    exit_message: z.string().optional(),
+    gpu: InstanceGPU.optional(),
+    has_snapshot: z.boolean().optional(),
+    hotplug_size: z.string().optional(),
+    hypervisor: Hypervisor.optional(),
+    network: InstanceNetwork.optional(),
+    overlay_size: z.string().optional(),
+    size: z.string().optional(),
+    started_at: z.string().nullable().optional().openapi({ format: "date-time" }),
+    state_error: z.string().nullable().optional(),
+    stopped_at: z.string().nullable().optional().openapi({ format: "date-time" }),
+    tags: z.record(z.string(), z.string()).optional(),
+    vcpus: z.number().int().optional(),
+    volumes: z.array(VolumeMount).optional(),
+  })
+  .openapi("Instance");
+export type Instance = z.infer<typeof Instance>;
+
+export const CreateInstanceNetwork = z.object({
+  enabled: z.boolean().optional(),
+  bandwidth_download: RateString.optional(),
+  bandwidth_upload: RateString.optional(),
+  egress: z.unknown().optional(),
+});
+
+export const CreateInstanceRequest = z
+  .object({
+    name: InstanceName,
+    image: z
+      .string()
+      .min(1, "image is required")
+      .max(512)
+      .regex(/^[^\s]+$/, "image must be an OCI reference without spaces")
+      .openapi({ example: "docker.io/library/alpine:latest" }),
+    platform: z
+      .string()
+      .regex(/^[a-z0-9]+\/[a-z0-9]+(\/[a-z0-9.]+)?$/, "platform must be os/arch[/variant]")
+      .optional(),
+    size: SizeString.optional().openapi({ description: 'Base memory, default "1GB"' }),
+    hotplug_size: SizeString.optional(),
+    overlay_size: SizeString.optional().openapi({ description: 'Writable overlay, default "10GB"' }),
+    disk_io_bps: RateString.optional(),
+    vcpus: z.number().int().min(1).max(256).optional().openapi({ description: "default 2" }),
+    env: Env.optional(),
+    tags: Tags.optional(),
+    network: CreateInstanceNetwork.optional(),
+    volumes: z.array(VolumeMount).max(16).optional(),
+    hypervisor: Hypervisor.optional(),
+    entrypoint: z.array(z.string().max(4096)).max(256).optional(),
+    cmd: z.array(z.string().max(4096)).max(256).optional(),
+    skip_kernel_headers: z.boolean().optional(),
+    skip_guest_agent: z.boolean().optional(),
+    // Accepted so that requests carrying them get a clear 501 instead of being silently ignored.
+    devices: z.array(z.string()).optional(),
+    gpu: z.unknown().optional(),
+    credentials: z.unknown().optional(),
+    snapshot_policy: z.unknown().optional(),
+    auto_standby: z.unknown().optional(),
+    health_check: z.unknown().optional(),
+    restart_policy: z.unknown().optional(),
+  })
+  .openapi("CreateInstanceRequest");
+export type CreateInstanceRequest = z.infer<typeof CreateInstanceRequest>;
+
+export const ForkInstanceRequest = z
+  .object({
+    name: InstanceName,
+    from_running: z.boolean().default(false),
+    target_state: ForkTargetState.optional(),
+  })
+  .openapi("ForkInstanceRequest");
+export type ForkInstanceRequest = z.infer<typeof ForkInstanceRequest>;
+
+export const StartInstanceRequest = z
+  .object({
+    entrypoint: z.array(z.string().max(4096)).max(256).optional(),
+    cmd: z.array(z.string().max(4096)).max(256).optional(),
+  })
+  .openapi("StartInstanceRequest");
+export type StartInstanceRequest = z.infer<typeof StartInstanceRequest>;
+
+export const StandbyInstanceRequest = z
+  .object({
+    compression: z.unknown().optional(),
+    compression_delay: z.string().optional(),
+  })
+  .openapi("StandbyInstanceRequest");
+export type StandbyInstanceRequest = z.infer<typeof StandbyInstanceRequest>;
+
+export const WaitForStateResponse = z
+  .object({
+    state: InstanceState,
+    state_error: z.string().nullable().optional(),
+    timed_out: z.boolean(),
+  })
+  .openapi("WaitForStateResponse");
+export type WaitForStateResponse = z.infer<typeof WaitForStateResponse>;
+
+export const Health = z.object({ status: z.literal("ok") }).openapi("Health");
