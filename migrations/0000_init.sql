@@ -67,6 +67,7 @@ CREATE TABLE "instances" (
 	"created_at" timestamp with time zone DEFAULT now() NOT NULL,
 	"started_at" timestamp with time zone,
 	"stopped_at" timestamp with time zone,
+	"updated_at" timestamp with time zone DEFAULT now() NOT NULL,
 	"version" integer DEFAULT 1 NOT NULL
 );
 --> statement-breakpoint
@@ -107,4 +108,4 @@ CREATE INDEX "instances_tenant_state_idx" ON "instances" USING btree ("tenant_id
 CREATE INDEX "operations_pending_host_idx" ON "operations" USING btree ("host_id","created_at") WHERE "operations"."status" = 'pending';--> statement-breakpoint
 CREATE INDEX "operations_pending_instance_idx" ON "operations" USING btree ("instance_id") WHERE "operations"."status" = 'pending';--> statement-breakpoint
 CREATE INDEX "operations_pending_source_idx" ON "operations" USING btree ("source_instance_id") WHERE "operations"."status" = 'pending';--> statement-breakpoint
-CREATE INDEX "operations_parent_idx" ON "operations" USING btree ("parent_id");
+CREATE UNIQUE INDEX "operations_parent_kind_uq" ON "operations" USING btree ("parent_id","kind") WHERE "operations"."parent_id" is not null;

@@ -51,7 +51,7 @@ export const instances = pgTable(
     createdAt: createdAt(),
     startedAt: ts("started_at"),
     stoppedAt: ts("stopped_at"),
-    updatedAt: createdAt(),
+    updatedAt: ts("updated_at").notNull().defaultNow(),
     /** Bumped on every write; writers compare it to detect a concurrent change. */
     version: integer("version").notNull().default(1),
   },
