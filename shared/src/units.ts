@@ -82,27 +82,19 @@ const BYTE_RATE: Record<string, bigint> = {
   "GB/S": 1000n ** 3n,
   "TB/S": 1000n ** 4n,
 };
-const BIT_RATE: Record<string, bigint> = {
-  BPS: 1n,
-  KBPS: 1000n,
-  MBPS: 1000n ** 2n,
-  GBPS: 1000n ** 3n,
-  TBPS: 1000n ** 4n,
-};
 const RATE = /^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]+(?:\/[sS])?)\s*$/;
 
 /** "100MB/s", "125MB/s", "1Gbps" → bytes per second. */
 export function parseRate(input: string): number {
   const m = RATE.exec(input);
   if (m?.[1] && m[2]) {
-    // Case matters for b/B only in the unit's last letters: "Mbps" is bits, "MB/s" is bytes.
+    // Only the b/B tells bits from bytes: "Mbps" and "Mb/s" are bits, "MB/s" is bytes.
     const unit = m[2];
-    const isBits = /bps$/.test(unit);
-    const key = unit.toUpperCase();
-    const bytes = !isBits ? BYTE_RATE[key] : undefined;
-    const bits = isBits ? BIT_RATE[key] : undefined;
-    if (bytes !== undefined) return toSafeNumber(scale(m[1], bytes, 1n, "rate"), input);
-    if (bits !== undefined) return toSafeNumber(scale(m[1], bits, 8n, "rate"), input);
+    const isBits = /(bps|b\/s)$/.test(unit);
+    const isBytes = /B\/s$/.test(unit);
+    const prefix = unit.replace(/(bps|b\/s|B\/s)$/, "").toUpperCase();
+    const mult = isBits || isBytes ? BYTE_RATE[`${prefix}B/S`] : undefined;
+    if (mult !== undefined) return toSafeNumber(scale(m[1], mult, isBits ? 8n : 1n, "rate"), input);
   }
   throw new UnitParseError(`invalid rate "${input}" (expected e.g. "100MB/s", "1Gbps")`);
 }

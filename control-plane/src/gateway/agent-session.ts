@@ -91,8 +91,9 @@ export class AgentSession {
       this.socket.send(
         encode({ v: PROTOCOL_VERSION, type: "welcome", host_id: this.host.id, heartbeat_ms: s.env.HEARTBEAT_MS }),
       );
-      await hostConnected(s, this.host.id, msg, this.connectedAt);
+      // Registered before reconciling, so the re-sent commands find this session.
       this.hooks.onHello(this);
+      await hostConnected(s, this.host.id, msg, this.connectedAt);
       return;
     }
     if (!this.hello) {

@@ -1,0 +1,62 @@
+// `npm start`: the control plane on the embedded database (or DATABASE_URL) plus one local
+// host agent, wired together. Stop with Ctrl-C.
+import { spawn } from "node:child_process";
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import { join, resolve } from "node:path";
+import { loadEnv } from "../control-plane/src/env.ts";
+import { jsonLog } from "../control-plane/src/log.ts";
+import { startServer } from "../control-plane/src/server.ts";
+import { createHost } from "../control-plane/src/services/credentials.ts";
+
+const env = loadEnv();
+const log = jsonLog("start");
+const server = await startServer(env, jsonLog("control-plane"));
+const dataDir = resolve(env.DATA_DIR);
+mkdirSync(dataDir, { recursive: true });
+
+// The local agent's token is kept beside the data it guards (hashed in the database).
+const tokenFile = join(dataDir, "local-host-token");
+let token = existsSync(tokenFile) ? readFileSync(tokenFile, "utf8").trim() : "";
+if (!token) {
+  token = (await createHost(server.services.db, "local")).token;
+  writeFileSync(tokenFile, `${token}\n`, { mode: 0o600 });
+}
+
+const driver = process.env.AGENT_DRIVER ?? "sim";
+const agent = spawn(process.execPath, ["--import", "tsx", "host-agent/src/main.ts"], {
+  stdio: ["ignore", "inherit", "inherit"],
+  env: {
+    ...process.env,
+    CONTROL_PLANE_URL: server.url,
+    HOST_TOKEN: token,
+    AGENT_DATA_DIR: join(dataDir, "agent"),
+    AGENT_HOST_NAME: "local",
+    AGENT_DRIVER: driver,
+  },
+});
+log("info", "ready", {
+  api: server.url,
+  docs: `${server.url}/docs`,
+  agent_driver: driver,
+  note:
+    driver === "sim"
+      ? "the local host runs the simulated driver: instances are simulated, not real VMs"
+      : undefined,
+});
+
+let stopping = false;
+const stop = async (code: number) => {
+  if (stopping) return;
+  stopping = true;
+  agent.kill("SIGTERM");
+  await server.close();
+  process.exit(code);
+};
+agent.on("exit", (code) => {
+  if (!stopping) {
+    log("error", "local agent exited", { code });
+    void stop(1);
+  }
+});
+process.on("SIGINT", () => void stop(0));
+process.on("SIGTERM", () => void stop(0));

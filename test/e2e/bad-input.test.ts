@@ -1,0 +1,183 @@
+import fc from "fast-check";
+import { sql } from "drizzle-orm";
+import { beforeAll, describe, expect, it } from "vitest";
+import { events, instances, operations } from "../../control-plane/src/db/schema/index.ts";
+import { api } from "../harness.ts";
+import { type Stack, startStack } from "./env.ts";
+
+// Property-based fuzzing of every endpoint's body, query and path against the real server:
+// never a 500, always `{code, message}` on an error, and nothing written when rejected.
+
+const RUNS = 60;
+
+async function counts(stack: Stack): Promise<string> {
+  const [row] = await stack.db
+    .select({
+      i: sql<number>`(select count(*) from ${instances})::int`,
+      o: sql<number>`(select count(*) from ${operations})::int`,
+      e: sql<number>`(select count(*) from ${events})::int`,
+    })
+    .from(sql`(select 1) as one`);
+  return JSON.stringify(row);
+}
+
+const validCreate = {
+  name: "ok",
+  image: "alpine",
+  size: "256MB",
+  vcpus: 1,
+};
+
+// Values that stress validators: wrong types, huge numbers, odd strings, nesting.
+const nasty = fc.oneof(
+  fc.anything({ maxDepth: 2 }),
+  fc.string({ maxLength: 80 }),
+  fc.constantFrom("", " ", "\u0000", "-", "a".repeat(64), "1e400", "NaN", "../../etc/passwd", "%00", "💥", "UPPER", "-1GB", "1.5bps"),
+  fc.integer(),
+  fc.double(),
+  fc.constant(null),
+);
+
+function mutate(base: Record<string, unknown>, keys: string[]) {
+  return fc.record({ key: fc.constantFrom(...keys), value: nasty, drop: fc.boolean() }).map(({ key, value, drop }) => {
+    const copy: Record<string, unknown> = { ...base };
+    if (drop) delete copy[key];
+    else copy[key] = value;
+    return copy;
+  });
+}
+
+function expectErrorShape(r: { status: number; body: unknown }, what: string) {
+  expect(r.status, `${what} → ${r.status} ${JSON.stringify(r.body)}`).toBeLessThan(500);
+  if (r.status >= 400) {
+    const b = r.body as { code?: unknown; message?: unknown };
+    expect(typeof b.code, what).toBe("string");
+    expect(typeof b.message, what).toBe("string");
+  }
+}
+
+describe("bad input", () => {
+  let stack: Stack;
+  let call: ReturnType<typeof api>;
+  beforeAll(async () => {
+    stack = await startStack();
+    call = api(stack.cp.url, stack.apiKey);
+    // Fixtures for verbs that need an instance in a given state.
+    for (const [name, verb] of [["fz-run", null], ["fz-stop", "stop"], ["fz-sb", "standby"]] as const) {
+      expect((await call("POST", "/instances", { ...validCreate, name })).status).toBe(201);
+      if (verb) expect((await call("POST", `/instances/${name}/${verb}`)).status).toBe(200);
+    }
+  });
+
+  it("POST /instances: mutated and random bodies never 500 and write nothing when rejected", async () => {
+    const keys = ["name", "image", "size", "vcpus", "hotplug_size", "overlay_size", "disk_io_bps", "env", "tags", "network", "volumes", "hypervisor", "entrypoint", "cmd", "platform", "devices", "gpu"];
+    await fc.assert(
+      fc.asyncProperty(fc.oneof(mutate(validCreate, keys), fc.anything({ maxDepth: 2 })), async (body) => {
+        const before = await counts(stack);
+        const r = await call("POST", "/instances", body);
+        expectErrorShape(r, JSON.stringify(body));
+        if (r.status >= 400) expect(await counts(stack)).toBe(before);
+        if (r.status === 201) {
+          expect((await call("DELETE", `/instances/${(r.body as { id: string }).id}`)).status).toBe(204);
+        }
+      }),
+      { numRuns: RUNS },
+    );
+  });
+
+  it("POST /instances/{id}/fork: mutated bodies and paths", async () => {
+    const base = { name: "fz-fork", target_state: "Running", from_running: false };
+    const path = fc.constantFrom("fz-stop", "fz-sb", "fz-run", "nope", "%00", "a%2Fb", "fz", "..", "x".repeat(300));
+    await fc.assert(
+      fc.asyncProperty(path, fc.oneof(mutate(base, ["name", "target_state", "from_running"]), fc.anything({ maxDepth: 2 })), async (p, body) => {
+        const before = await counts(stack);
+        const r = await call("POST", `/instances/${p}/fork`, body);
+        expectErrorShape(r, `${p} ${JSON.stringify(body)}`);
+        if (r.status >= 400) expect(await counts(stack)).toBe(before);
+        if (r.status === 201) {
+          expect((await call("DELETE", `/instances/${(r.body as { id: string }).id}`)).status).toBe(204);
+        }
+      }),
+      { numRuns: RUNS },
+    );
+  });
+
+  it("lifecycle verbs on paths and bodies of every kind", async () => {
+    const verb = fc.constantFrom("start", "stop", "standby", "restore");
+    const path = fc.oneof(fc.constantFrom("fz-run", "fz-stop", "fz-sb", "nope"), fc.string({ maxLength: 40 }).map(encodeURIComponent));
+    await fc.assert(
+      fc.asyncProperty(verb, path, fc.option(fc.anything({ maxDepth: 2 })), async (v, p, body) => {
+        const before = await counts(stack);
+        const r = await call("POST", `/instances/${p}/${v}`, body ?? undefined);
+        expectErrorShape(r, `${v} ${p} ${JSON.stringify(body)}`);
+        if (r.status >= 400) expect(await counts(stack)).toBe(before);
+        if (r.status === 200) {
+          // Put fixtures back into the state the other cases expect.
+          const undo: Record<string, string> = { start: "stop", stop: "start", standby: "restore", restore: "standby" };
+          expect((await call("POST", `/instances/${p}/${undo[v]}`)).status).toBe(200);
+        }
+      }),
+      { numRuns: RUNS },
+    );
+  });
+
+  it("queries: list filters and wait parameters", async () => {
+    const q = fc.dictionary(
+      fc.oneof(fc.constantFrom("state", "tags[team]", "tags[]", "tags[a b]", "timeout", "tags[\u0000]"), fc.string({ maxLength: 10 })),
+      fc.oneof(fc.string({ maxLength: 20 }), fc.constantFrom("Running", "Stopped", "1s", "10m", "-1s", "0s", "1e9h")),
+      { maxKeys: 3 },
+    );
+    await fc.assert(
+      fc.asyncProperty(fc.constantFrom("/instances", "/instances/fz-run/wait", "/instances/nope/wait"), q, async (p, query) => {
+        const qs = new URLSearchParams(query).toString();
+        const r = await call("GET", `${p}?${qs}`);
+        expectErrorShape(r, `${p}?${qs}`);
+        if (p === "/instances" && r.status === 200) expect(Array.isArray(r.body)).toBe(true);
+      }),
+      { numRuns: RUNS },
+    );
+  });
+
+  it("GET and DELETE on arbitrary paths", async () => {
+    await fc.assert(
+      fc.asyncProperty(fc.constantFrom("GET", "DELETE"), fc.string({ maxLength: 60 }), async (m, raw) => {
+        const p = encodeURIComponent(raw);
+        if (["fz-run", "fz-stop", "fz-sb"].includes(raw)) return;
+        const before = await counts(stack);
+        const r = await call(m, `/instances/${p}`);
+        expectErrorShape(r, `${m} ${raw}`);
+        if (r.status >= 400) expect(await counts(stack)).toBe(before);
+      }),
+      { numRuns: RUNS },
+    );
+  });
+
+  it("malformed JSON and wrong content types are 400 invalid_request", async () => {
+    const raw = async (body: string, type: string) => {
+      const res = await fetch(`${stack.cp.url}/instances`, {
+        method: "POST",
+        headers: { authorization: `Bearer ${stack.apiKey}`, "content-type": type },
+        body,
+      });
+      return { status: res.status, body: await res.json() };
+    };
+    for (const [body, type] of [["{", "application/json"], ["name=x", "application/x-www-form-urlencoded"], ["[]", "application/json"], ["null", "application/json"]]) {
+      const r = await raw(body as string, type as string);
+      expect(r.status, body).toBe(400);
+      expect(r.body).toMatchObject({ code: "invalid_request" });
+    }
+  });
+
+  it("missing or invalid key → 401 on every instance route", async () => {
+    const noKey = api(stack.cp.url, "");
+    const badKey = api(stack.cp.url, "osk_not-a-real-key-at-all");
+    for (const c of [noKey, badKey]) {
+      for (const [m, p] of [["GET", "/instances"], ["POST", "/instances"], ["GET", "/instances/fz-run"], ["POST", "/instances/fz-run/fork"], ["DELETE", "/instances/fz-run"], ["GET", "/instances/fz-run/wait?state=Running"]] as const) {
+        const r = await c(m, p, m === "POST" ? validCreate : undefined);
+        expect(r.status, `${m} ${p}`).toBe(401);
+        expect(r.body).toMatchObject({ code: "unauthorized" });
+      }
+    }
+    expect((await call("GET", "/instances/fz-run")).status).toBe(200);
+  });
+});

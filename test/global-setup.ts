@@ -1,0 +1,59 @@
+// Runs once per `vitest run`, in the main process, before any test file.
+//
+// 1. A Postgres server: TEST_DATABASE_URL if set, else a throwaway one from scripts/postgres.ts.
+//    The URL reaches the forked test workers twice over: through process.env (vitest builds each
+//    worker's environment from the main process's env after global setup has run) and through
+//    `project.provide("testDatabaseUrl")`, which test/harness.ts reads with `inject` as a fallback.
+// 2. A template database, offshoot_template, with the project's migrations applied: each test
+//    gets its own copy with `CREATE DATABASE … TEMPLATE offshoot_template` (test/harness.ts).
+import type { TestProject } from "vitest/node";
+import postgres from "postgres";
+import { openPostgres } from "../control-plane/src/db/client.ts";
+import { ensurePostgres, type PostgresServer } from "../scripts/postgres.ts";
+
+export const TEMPLATE_DB = "offshoot_template";
+
+declare module "vitest" {
+  export interface ProvidedContext {
+    testDatabaseUrl: string;
+  }
+}
+
+/** The same server URL with another database name. */
+export function withDatabase(serverUrl: string, database: string): string {
+  const u = new URL(serverUrl);
+  u.pathname = `/${database}`;
+  return u.toString();
+}
+
+let started: PostgresServer | undefined;
+
+export async function setup(project: TestProject): Promise<void> {
+  let url = process.env.TEST_DATABASE_URL;
+  if (!url) {
+    started = await ensurePostgres();
+    url = started.url;
+    process.env.TEST_DATABASE_URL = url;
+  }
+  project.provide("testDatabaseUrl", url);
+
+  const t0 = Date.now();
+  const admin = postgres(url, { max: 1, onnotice: () => {} });
+  try {
+    // Rebuilt every run so that it always holds the current migrations.
+    await admin.unsafe(`DROP DATABASE IF EXISTS ${TEMPLATE_DB} WITH (FORCE)`);
+    await admin.unsafe(`CREATE DATABASE ${TEMPLATE_DB}`);
+  } finally {
+    await admin.end({ timeout: 5 });
+  }
+  const template = await openPostgres(withDatabase(url, TEMPLATE_DB), { max: 1 });
+  await template.close();
+  process.stderr.write(`[global-setup] ${TEMPLATE_DB} migrated in ${Date.now() - t0} ms\n`);
+}
+
+export async function teardown(): Promise<void> {
+  if (started) {
+    await started.stop();
+    started = undefined;
+  }
+}
