@@ -32,7 +32,10 @@ function parseJson<T extends z.ZodType>(
   if (parsed.success) return parsed.data;
   const issue = parsed.error.issues[0];
   const where = issue?.path.length ? `${issue.path.join(".")}: ` : "";
-  ctx.addIssue({ code: "custom", message: `${where}${issue?.message ?? "invalid"} (e.g. ${example})` });
+  ctx.addIssue({
+    code: "custom",
+    message: `${where}${issue?.message ?? "invalid"} (e.g. ${example})`,
+  });
   return z.NEVER;
 }
 
@@ -48,11 +51,14 @@ const Env = z.object({
   // The name this host reports in hello; operators see it in the control plane.
   AGENT_HOST_NAME: z.string().min(1).default(os.hostname()),
   // Hypervisor driver. Required, so that the simulator never runs by accident.
-  AGENT_DRIVER: z.string({ error: 'is required: "sim" (simulated, for tests and benchmarks)' }).pipe(
-    z.enum(["sim"], {
-      error: (i) => `"${String(i.input)}" is not available; use "sim" ("qemu" is not implemented yet)`,
-    }),
-  ),
+  AGENT_DRIVER: z
+    .string({ error: 'is required: "sim" (simulated, for tests and benchmarks)' })
+    .pipe(
+      z.enum(["sim"], {
+        error: (i) =>
+          `"${String(i.input)}" is not available; use "sim" ("qemu" is not implemented yet)`,
+      }),
+    ),
   // vCPUs this host offers to instances.
   AGENT_VCPUS: z.coerce
     .number({ error: POSITIVE_INT })
@@ -126,7 +132,9 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): AgentConfig {
   const parsed = Env.safeParse(env);
   if (!parsed.success) {
     const issue = parsed.error.issues[0];
-    throw new ConfigError(`${String(issue?.path[0] ?? "environment")}: ${issue?.message ?? "invalid"}`);
+    throw new ConfigError(
+      `${String(issue?.path[0] ?? "environment")}: ${issue?.message ?? "invalid"}`,
+    );
   }
   const e = parsed.data;
   return {

@@ -11,6 +11,8 @@ export const ERROR_STATUS = {
   insufficient_resources: 409,
   conflict: 409,
   internal_error: 500,
+  /** The agent restarted mid-command and rolled it back (see host-agent commands.ts). */
+  interrupted: 500,
   not_supported: 501,
   host_unavailable: 503,
   timeout: 504,

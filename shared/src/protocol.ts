@@ -160,7 +160,11 @@ export const Command = z.object({
 });
 export type Command = z.infer<typeof Command>;
 
-/** Orphans: instances the host runs that the control plane has no record of. */
+/**
+ * Re-send contract: after every hello the control plane re-sends each command of that host
+ * that has no recorded result, oldest first. The agent answers a command id it has finished
+ * from its journal (which keeps the last 10,000 outcomes) and ignores one it is still running.
+ */
 export const ServerMessage = z.union([Welcome, Command]);
 export type ServerMessage = z.infer<typeof ServerMessage>;
 

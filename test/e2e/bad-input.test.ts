@@ -48,7 +48,8 @@ function mutate(base: Record<string, unknown>, keys: string[]) {
 }
 
 function expectErrorShape(r: { status: number; body: unknown }, what: string) {
-  expect(r.status, `${what} → ${r.status} ${JSON.stringify(r.body)}`).toBeLessThan(500);
+  // 501 not_supported is a deliberate answer (a field we do not implement); any other 5xx is a bug.
+  expect(r.status < 500 || r.status === 501, `${what} → ${r.status} ${JSON.stringify(r.body)}`).toBe(true);
   if (r.status >= 400) {
     const b = r.body as { code?: unknown; message?: unknown };
     expect(typeof b.code, what).toBe("string");
@@ -130,7 +131,15 @@ describe("bad input", () => {
     await fc.assert(
       fc.asyncProperty(fc.constantFrom("/instances", "/instances/fz-run/wait", "/instances/nope/wait"), q, async (p, query) => {
         const qs = new URLSearchParams(query).toString();
-        const r = await call("GET", `${p}?${qs}`);
+        // A valid wait may legitimately block for minutes; one still blocked after 1.5 s has
+        // accepted its parameters, which is all this property is about.
+        const res = await fetch(`${stack.cp.url}${p}?${qs}`, {
+          headers: { authorization: `Bearer ${stack.apiKey}` },
+          signal: AbortSignal.timeout(1500),
+        }).catch((e: unknown) => e);
+        if (res instanceof Error && res.name === "TimeoutError") return;
+        if (!(res instanceof Response)) throw res;
+        const r = { status: res.status, body: await res.json() };
         expectErrorShape(r, `${p}?${qs}`);
         if (p === "/instances" && r.status === 200) expect(Array.isArray(r.body)).toBe(true);
       }),

@@ -66,7 +66,12 @@ export class SimDriver implements Driver {
     const read = await this.store.read(id);
     if (read.kind === "ok") return read.record.observed;
     if (read.kind === "missing") return null; // a half-made dir is not an instance
-    return { id, state: "Unknown", has_snapshot: false, state_error: `state file unreadable: ${read.error}` };
+    return {
+      id,
+      state: "Unknown",
+      has_snapshot: false,
+      state_error: `state file unreadable: ${read.error}`,
+    };
   }
 
   async create(spec: InstanceSpec, ctx: OpContext): Promise<ObservedInstance> {
@@ -75,7 +80,8 @@ export class SimDriver implements Driver {
       { name: "create-disk", run: () => this.makeInstanceDir(spec.id, `image ${spec.image}`) },
       {
         name: "register",
-        run: () => this.store.write({ created_by: ctx.commandId, spec, observed: running(spec.id) }),
+        run: () =>
+          this.store.write({ created_by: ctx.commandId, spec, observed: running(spec.id) }),
       },
     ]);
     return this.require(spec.id);
@@ -128,9 +134,13 @@ export class SimDriver implements Driver {
     await this.executed(ctx, "restore", id);
     const rec = await this.load(id);
     const snapshot = this.paths.sim.snapshotFile(id);
-    if (!(await exists(snapshot))) throw new InvalidStateError(`instance ${id} has no snapshot to restore`);
+    if (!(await exists(snapshot)))
+      throw new InvalidStateError(`instance ${id} has no snapshot to restore`);
     await this.run("restore", ctx, [
-      this.setState("restore", rec, { ...running(id), started_at: rec.observed.started_at ?? now() }),
+      this.setState("restore", rec, {
+        ...running(id),
+        started_at: rec.observed.started_at ?? now(),
+      }),
       // Restoring consumes the snapshot, as in Hypeman: has_snapshot is false once Running.
       {
         name: "discard-snapshot",
@@ -160,6 +170,8 @@ export class SimDriver implements Driver {
       );
     }
     const withSnapshot = from === "Standby" && target_state !== "Stopped";
+    const own = (observed: ObservedInstance) =>
+      this.store.write({ created_by: ctx.commandId, spec: target, observed });
     const steps: Step[] = [
       {
         name: "clone-disk",
@@ -173,7 +185,8 @@ export class SimDriver implements Driver {
     if (withSnapshot) {
       steps.push({
         name: "clone-snapshot",
-        run: () => copyFile(this.paths.sim.snapshotFile(source_id), this.paths.sim.snapshotFile(target.id)),
+        run: () =>
+          copyFile(this.paths.sim.snapshotFile(source_id), this.paths.sim.snapshotFile(target.id)),
       });
     }
     const registered: ObservedInstance = {
@@ -186,29 +199,31 @@ export class SimDriver implements Driver {
       started_at: null,
       stopped_at: withSnapshot ? null : now(),
     };
-    steps.push({
-      name: "register",
-      run: () => this.store.write({ created_by: ctx.commandId, spec: target, observed: registered }),
-    });
-    if (target_state === "Standby" && !withSnapshot) {
-      steps.push({
-        name: "snapshot",
-        run: async () => {
-          throw new InvalidStateError(
-            `cannot fork ${source_id} to Standby: it is Stopped, so there is no memory snapshot to clone; fork to Stopped or Running instead`,
-          );
-        },
-      });
-    }
+    steps.push({ name: "register", run: () => own(registered) });
     if (target_state === "Running") {
       // From Standby: restore the cloned snapshot (consuming it). From Stopped: cold boot.
       steps.push({
         name: withSnapshot ? "restore" : "boot",
         run: async () => {
           await rm(this.paths.sim.snapshotFile(target.id), { force: true });
-          await this.store.write({ created_by: ctx.commandId, spec: target, observed: running(target.id) });
+          await own(running(target.id));
         },
       });
+    }
+    if (target_state === "Standby" && !withSnapshot) {
+      // A Stopped source has no memory to clone: boot the fork, then snapshot it, as Hypeman's
+      // applyForkTargetState does (start, then standby).
+      steps.push(
+        { name: "boot", run: () => own(running(target.id)) },
+        {
+          name: "snapshot",
+          run: async () => {
+            await writeFile(this.paths.sim.snapshotFile(target.id), `memory of ${target.id}\n`);
+            const booted = await this.require(target.id);
+            await own({ ...booted, state: "Standby", has_snapshot: true });
+          },
+        },
+      );
     }
     await this.run("fork", ctx, steps);
     return [await this.require(source_id), await this.require(target.id)];
@@ -306,7 +321,12 @@ export class SimDriver implements Driver {
     }
   }
 
-  private setState(name: string, rec: SimRecord, observed: ObservedInstance, spec = rec.spec): Step {
+  private setState(
+    name: string,
+    rec: SimRecord,
+    observed: ObservedInstance,
+    spec = rec.spec,
+  ): Step {
     return {
       name,
       run: () => this.store.write({ ...rec, spec, observed }),
@@ -334,7 +354,8 @@ export class SimDriver implements Driver {
    * there before it (another command's record) — a fork that lost the id race stays intact. */
   private async discardIfOwn(id: string, commandId: string): Promise<void> {
     const read = await this.store.read(id);
-    const own = read.kind === "missing" || (read.kind === "ok" && read.record.created_by === commandId);
+    const own =
+      read.kind === "missing" || (read.kind === "ok" && read.record.created_by === commandId);
     if (own) await this.store.remove(id);
   }
 

@@ -1,0 +1,277 @@
+// The daemon core. Hosts sit behind NAT, so the agent dials out and holds one WebSocket to the
+// control plane; it never listens. Everything it must not forget lives in the journal, so the
+// connection can drop at any moment: on reconnect, hello reports the full inventory and the
+// commands still executing, and the control plane re-sends whatever it has not heard back about.
+import { readFileSync } from "node:fs";
+import { mkdir } from "node:fs/promises";
+import {
+  type AgentMessage,
+  CLOSE,
+  encode,
+  PROTOCOL_VERSION,
+  ServerMessage,
+} from "@offshoot/shared";
+import WebSocket from "ws";
+import { z } from "zod";
+import { Commands } from "./commands.ts";
+import type { AgentConfig } from "./config.ts";
+import { claimDataDir } from "./data-dir.ts";
+import type { Driver } from "./drivers/driver.ts";
+import { createDriver } from "./drivers/index.ts";
+import { Journal } from "./journal.ts";
+import { errorMessage, type Logger, stdoutLogger } from "./log.ts";
+import { agentPaths } from "./paths.ts";
+
+export const AGENT_VERSION = z
+  .object({ version: z.string() })
+  .parse(JSON.parse(readFileSync(new URL("../package.json", import.meta.url), "utf8"))).version;
+
+export interface AgentOptions {
+  /** Defaults to the driver the config names. */
+  driver?: Driver;
+  log?: Logger;
+  /** Reconnect delays: full jitter over base·2^attempt, capped. */
+  backoff?: { baseMs: number; capMs: number };
+  /** How long an open socket may wait for welcome before the agent gives up on it. */
+  welcomeTimeoutMs?: number;
+  /** How long shutdown waits for running commands to reach the journal. */
+  shutdownGraceMs?: number;
+  /** Outcomes the journal keeps for replay. */
+  journalKeep?: number;
+}
+
+export interface RunningAgent {
+  readonly driver: Driver;
+  /** The id the control plane gave this host in its last welcome; null before one. */
+  hostId(): string | null;
+  /** Closes the socket (1000), waits briefly for running commands, releases the data dir. */
+  stop(): Promise<void>;
+}
+
+/** Full jitter (AWS's "Exponential Backoff And Jitter"): agents reconnecting after a control
+ * plane restart spread out instead of arriving in waves. */
+export function backoffDelay(attempt: number, baseMs: number, capMs: number): number {
+  return Math.floor(Math.random() * Math.min(capMs, baseMs * 2 ** attempt));
+}
+
+export async function startAgent(
+  config: AgentConfig,
+  options: AgentOptions = {},
+): Promise<RunningAgent> {
+  const log = options.log ?? stdoutLogger;
+  const paths = agentPaths(config.dataDir);
+  await mkdir(paths.root, { recursive: true });
+  const release = await claimDataDir(paths);
+  let journal: Journal | undefined;
+  try {
+    const driver = options.driver ?? createDriver(config, paths);
+    journal = await Journal.open(paths.journal, { keep: options.journalKeep });
+    const link = new Link(config, options, log, driver, journal, release);
+    await link.commands.recover();
+    log("info", "agent started", {
+      version: AGENT_VERSION,
+      host_name: config.hostName,
+      driver: driver.name,
+      data_dir: config.dataDir,
+      pid: process.pid,
+    });
+    link.connect();
+    return { driver, hostId: () => link.hostId, stop: () => link.stop() };
+  } catch (err) {
+    await journal?.close();
+    await release();
+    throw err;
+  }
+}
+
+class Link {
+  readonly commands: Commands;
+  hostId: string | null = null;
+  private ws: WebSocket | null = null;
+  private helloSent = false;
+  private attempt = 0;
+  private stopping = false;
+  /** Whether anything (message or pong) arrived since the last beat. */
+  private heard = false;
+  private silentBeats = 0;
+  private rejected = false;
+  private timers: { reconnect?: NodeJS.Timeout; welcome?: NodeJS.Timeout; beat?: NodeJS.Timeout } =
+    {};
+  private readonly unsubscribe: () => void;
+  private readonly backoff: { baseMs: number; capMs: number };
+
+  constructor(
+    private readonly config: AgentConfig,
+    private readonly options: AgentOptions,
+    private readonly log: Logger,
+    private readonly driver: Driver,
+    private readonly journal: Journal,
+    private readonly release: () => Promise<void>,
+  ) {
+    this.backoff = options.backoff ?? { baseMs: 200, capMs: 5_000 };
+    this.commands = new Commands(journal, driver, log, (result) => this.send(result));
+    // Dropped while disconnected: the next hello's inventory carries the same news.
+    this.unsubscribe = driver.onEvent((instance) =>
+      this.send({ v: PROTOCOL_VERSION, type: "event", instance }),
+    );
+  }
+
+  connect(): void {
+    if (this.stopping) return;
+    this.log("info", "connecting", { url: this.config.connectUrl, attempt: this.attempt });
+    this.rejected = false;
+    this.helloSent = false;
+    const ws = new WebSocket(this.config.connectUrl, {
+      headers: { authorization: `Bearer ${this.config.hostToken}` },
+      handshakeTimeout: 10_000,
+    });
+    this.ws = ws;
+    const current = () => ws === this.ws;
+    ws.on("open", () => current() && this.onOpen(ws));
+    ws.on("message", (data, isBinary) => current() && this.onMessage(ws, data, isBinary));
+    ws.on("pong", () => {
+      this.heard = true;
+    });
+    // A control plane may refuse the token during the upgrade instead of closing with 4401.
+    ws.on("unexpected-response", (_req, res) => {
+      this.rejected = res.statusCode === 401 || res.statusCode === 403;
+      this.log("warn", "handshake refused", { status: res.statusCode });
+      ws.terminate();
+    });
+    ws.on(
+      "error",
+      (err) => current() && this.log("warn", "connection error", { error: err.message }),
+    );
+    ws.on("close", (code, reason) => current() && this.onClose(code, reason.toString()));
+  }
+
+  async stop(): Promise<void> {
+    if (this.stopping) return;
+    this.stopping = true;
+    this.log("info", "shutting down", { in_flight: this.commands.inFlight() });
+    clearTimeout(this.timers.reconnect);
+    const ws = this.ws;
+    if (ws) {
+      const closed = new Promise<void>((resolve) => ws.once("close", () => resolve()));
+      if (ws.readyState === WebSocket.OPEN) ws.close(1000, "agent shutting down");
+      else ws.terminate();
+      const timer = setTimeout(() => ws.terminate(), 2_000);
+      await closed;
+      clearTimeout(timer);
+    }
+    await this.commands.drain(this.options.shutdownGraceMs ?? 5_000);
+    this.unsubscribe();
+    await this.journal.close();
+    await this.driver.close();
+    await this.release();
+    this.log("info", "stopped");
+  }
+
+  private send(msg: AgentMessage): void {
+    if (this.helloSent && this.ws?.readyState === WebSocket.OPEN) this.ws.send(encode(msg));
+  }
+
+  private async onOpen(ws: WebSocket): Promise<void> {
+    this.heard = true;
+    this.timers.welcome = setTimeout(() => {
+      this.log("warn", "no welcome from the control plane; reconnecting");
+      ws.terminate();
+    }, this.options.welcomeTimeoutMs ?? 10_000);
+    try {
+      const inventory = await this.driver.inventory();
+      if (ws !== this.ws || ws.readyState !== WebSocket.OPEN) return;
+      const in_flight = this.commands.inFlight();
+      ws.send(
+        encode({
+          v: PROTOCOL_VERSION,
+          type: "hello",
+          agent_version: AGENT_VERSION,
+          host_name: this.config.hostName,
+          driver: this.driver.name,
+          capabilities: this.driver.capabilities(),
+          capacity: this.config.capacity,
+          inventory,
+          in_flight,
+        }),
+      );
+      this.helloSent = true;
+      this.log("info", "hello sent", { instances: inventory.length, in_flight });
+    } catch (err) {
+      this.log("error", "cannot build hello", { error: errorMessage(err) });
+      ws.terminate();
+    }
+  }
+
+  private onMessage(ws: WebSocket, data: WebSocket.RawData, isBinary: boolean): void {
+    this.heard = true;
+    let parsed: ReturnType<typeof ServerMessage.safeParse>;
+    try {
+      if (isBinary) throw new Error("binary frame");
+      parsed = ServerMessage.safeParse(JSON.parse(data.toString()));
+    } catch (err) {
+      this.log("warn", "ignoring unreadable message", { error: errorMessage(err) });
+      return;
+    }
+    if (!parsed.success) {
+      this.log("warn", "ignoring invalid message", { error: parsed.error.issues[0]?.message });
+      return;
+    }
+    const msg = parsed.data;
+    if (msg.type === "welcome") {
+      clearTimeout(this.timers.welcome);
+      clearInterval(this.timers.beat);
+      this.hostId = msg.host_id;
+      this.attempt = 0;
+      this.silentBeats = 0;
+      this.log("info", "connected", { host_id: msg.host_id, heartbeat_ms: msg.heartbeat_ms });
+      this.timers.beat = setInterval(() => this.beat(ws, msg.heartbeat_ms), msg.heartbeat_ms);
+      return;
+    }
+    const disposition = this.commands.handle(msg);
+    if (disposition === "refused") {
+      this.log("warn", "command refused", { command_id: msg.id, reason: "shutting down" });
+    }
+  }
+
+  /** Heartbeat out, ping for liveness: a control plane that has sent nothing, not even a pong,
+   * for 3 heartbeats is gone (half-open TCP after NAT churn looks exactly like this). Counted
+   * in beats, not wall time, so a stall of the agent's own event loop is not blamed on it. */
+  private beat(ws: WebSocket, heartbeatMs: number): void {
+    if (ws.readyState !== WebSocket.OPEN) return; // closing: onClose clears this timer
+    this.silentBeats = this.heard ? 0 : this.silentBeats + 1;
+    this.heard = false;
+    if (this.silentBeats >= 3) {
+      this.log("warn", "control plane unresponsive; reconnecting", {
+        silent_ms: this.silentBeats * heartbeatMs,
+      });
+      ws.terminate();
+      return;
+    }
+    this.send({ v: PROTOCOL_VERSION, type: "heartbeat", sent_at: Date.now() });
+    ws.ping();
+  }
+
+  private onClose(code: number, reason: string): void {
+    clearTimeout(this.timers.welcome);
+    clearInterval(this.timers.beat);
+    this.ws = null;
+    this.helloSent = false;
+    if (this.stopping) return;
+    const { baseMs, capMs } = this.backoff;
+    let delay: number;
+    if (code === CLOSE.unauthorized || this.rejected) {
+      // Retry slowly rather than exit: an admin may fix the token without touching this host.
+      delay = capMs;
+      this.log("error", "unauthorized: the control plane rejected HOST_TOKEN; retrying", {
+        code,
+        reason,
+        retry_ms: delay,
+      });
+    } else {
+      delay = backoffDelay(this.attempt, baseMs, capMs);
+      this.log("warn", "disconnected", { code, reason, retry_ms: delay });
+    }
+    this.attempt++;
+    this.timers.reconnect = setTimeout(() => this.connect(), delay);
+  }
+}

@@ -1,0 +1,65 @@
+import os from "node:os";
+import path from "node:path";
+import { describe, expect, it } from "vitest";
+import { connectUrl, loadConfig } from "./config.ts";
+
+const base = { CONTROL_PLANE_URL: "http://127.0.0.1:8080", HOST_TOKEN: "t", AGENT_DRIVER: "sim" };
+
+describe("config", () => {
+  it("applies defaults", () => {
+    expect(loadConfig(base)).toEqual({
+      connectUrl: "ws://127.0.0.1:8080/agent/v1/connect",
+      hostToken: "t",
+      dataDir: path.resolve(".data/agent"),
+      hostName: os.hostname(),
+      driver: "sim",
+      capacity: { vcpus: os.cpus().length, memory_bytes: os.totalmem() },
+      sim: { latencyMs: 0, fail: {}, execLog: true },
+    });
+  });
+
+  it("parses every variable", () => {
+    const config = loadConfig({
+      ...base,
+      AGENT_DATA_DIR: "/var/lib/offshoot",
+      AGENT_HOST_NAME: "rack-1",
+      AGENT_VCPUS: "64",
+      AGENT_MEMORY: "256GB",
+      SIM_LATENCY_MS: '{"fork":2000,"create":50}',
+      SIM_FAIL: '{"restore":"internal_error"}',
+      SIM_EXEC_LOG: "0",
+    });
+    expect(config).toMatchObject({
+      dataDir: "/var/lib/offshoot",
+      hostName: "rack-1",
+      capacity: { vcpus: 64, memory_bytes: 256 * 1024 ** 3 },
+      sim: {
+        latencyMs: { fork: 2000, create: 50 },
+        fail: { restore: "internal_error" },
+        execLog: false,
+      },
+    });
+    expect(loadConfig({ ...base, SIM_LATENCY_MS: "25" }).sim.latencyMs).toBe(25);
+  });
+
+  it("maps http(s) to ws(s) and keeps a base path", () => {
+    expect(connectUrl("https://cp.example.com/")).toBe("wss://cp.example.com/agent/v1/connect");
+    expect(connectUrl("http://cp:8080/offshoot")).toBe("ws://cp:8080/offshoot/agent/v1/connect");
+  });
+
+  it.each([
+    [{ HOST_TOKEN: undefined }, "HOST_TOKEN: is required"],
+    [{ CONTROL_PLANE_URL: "cp:8080" }, "CONTROL_PLANE_URL: must be an http(s):// or ws(s):// URL"],
+    [{ AGENT_DRIVER: undefined }, 'AGENT_DRIVER: is required: "sim"'],
+    [{ AGENT_DRIVER: "qemu" }, 'AGENT_DRIVER: "qemu" is not available'],
+    [{ AGENT_VCPUS: "many" }, "AGENT_VCPUS: must be a positive integer"],
+    [{ AGENT_VCPUS: "0" }, "AGENT_VCPUS: must be a positive integer"],
+    [{ AGENT_MEMORY: "16 potatoes" }, 'AGENT_MEMORY: invalid size "16 potatoes"'],
+    [{ SIM_LATENCY_MS: "{fork:1}" }, "SIM_LATENCY_MS: expected JSON like"],
+    [{ SIM_LATENCY_MS: '{"frok":1}' }, "SIM_LATENCY_MS: "],
+    [{ SIM_FAIL: '{"fork":"oops"}' }, "SIM_FAIL: fork: "],
+    [{ SIM_EXEC_LOG: "yes" }, 'SIM_EXEC_LOG: must be "1", "0", "true" or "false"'],
+  ])("names the first wrong variable: %o", (patch, message) => {
+    expect(() => loadConfig({ ...base, ...patch })).toThrow(message);
+  });
+});
