@@ -6,7 +6,11 @@ import os from "node:os";
 import { join } from "node:path";
 import postgres from "postgres";
 import { openPostgres } from "../control-plane/src/db/client.ts";
-import { createApiKey, createHost, ensureTenant } from "../control-plane/src/services/credentials.ts";
+import {
+  createApiKey,
+  createHost,
+  ensureTenant,
+} from "../control-plane/src/services/credentials.ts";
 import { loadConfig, type RunningAgent, startAgent } from "../host-agent/src/index.ts";
 import { ensurePostgres } from "../scripts/postgres.ts";
 import { spawnControlPlane } from "../test/harness.ts";
@@ -72,7 +76,9 @@ async function forkLoop(cpUrl: string, key: string, source: string, n: number, p
   const ms: number[] = [];
   for (let i = 0; i < n + 20; i++) {
     const t0 = performance.now();
-    const fork = await http(cpUrl, key, "POST", `/instances/${source}/fork`, { name: `${prefix}-${i}` });
+    const fork = await http(cpUrl, key, "POST", `/instances/${source}/fork`, {
+      name: `${prefix}-${i}`,
+    });
     const dt = performance.now() - t0;
     if (i >= 20) ms.push(dt); // the first 20 warm up JIT and connection pools
     if (fork) await http(cpUrl, key, "DELETE", `/instances/${fork.id}`);
@@ -93,10 +99,18 @@ async function main() {
     const { key: key1 } = await createApiKey(db1.db, tenant1);
     const { token } = await createHost(db1.db, "bench-host");
     await db1.close();
-    const cp1 = await spawnControlPlane({ databaseUrl: url1, env: { HEARTBEAT_MS: "5000", HOST_GRACE_MS: "15000" } });
+    const cp1 = await spawnControlPlane({
+      databaseUrl: url1,
+      env: { HEARTBEAT_MS: "5000", HOST_GRACE_MS: "15000" },
+    });
     const [agent] = await startAgents(cp1.url, [token], root);
     await waitOnline(cp1.url, key1);
-    await http(cp1.url, key1, "POST", "/instances", { name: "src", image: "alpine", vcpus: 1, size: "256MB" });
+    await http(cp1.url, key1, "POST", "/instances", {
+      name: "src",
+      image: "alpine",
+      vcpus: 1,
+      size: "256MB",
+    });
     await http(cp1.url, key1, "POST", "/instances/src/standby");
     const single = await forkLoop(cp1.url, key1, "src", FORKS, "f");
     await agent?.stop();
@@ -110,7 +124,10 @@ async function main() {
     const { key: key2 } = await createApiKey(db2.db, tenant2);
     const tokens: string[] = [];
     for (let i = 0; i < FLEET; i++) tokens.push((await createHost(db2.db, `fleet-${i}`)).token);
-    const cp2 = await spawnControlPlane({ databaseUrl: url2, env: { HEARTBEAT_MS: "5000", HOST_GRACE_MS: "15000" } });
+    const cp2 = await spawnControlPlane({
+      databaseUrl: url2,
+      env: { HEARTBEAT_MS: "5000", HOST_GRACE_MS: "15000" },
+    });
     await new Promise((r) => setTimeout(r, 2000));
     const rssBefore = rssKb(cp2.pid);
     const fleetStart = performance.now();
@@ -128,7 +145,12 @@ async function main() {
     // Heartbeats steady: every host fresh (seen in the last 12 s, heartbeat every 5 s) at
     // three samples 6 s apart, while forks run.
     const fresh: number[] = [];
-    await http(cp2.url, key2, "POST", "/instances", { name: "src", image: "alpine", vcpus: 1, size: "256MB" });
+    await http(cp2.url, key2, "POST", "/instances", {
+      name: "src",
+      image: "alpine",
+      vcpus: 1,
+      size: "256MB",
+    });
     await http(cp2.url, key2, "POST", "/instances/src/standby");
     const sampler = (async () => {
       for (let i = 0; i < 3; i++) {
@@ -145,7 +167,9 @@ async function main() {
     console.log("fleet:", { fleetForks, rssBefore, rssAfter, perConnKb, fresh, connectSeconds });
 
     const cpu = os.cpus()[0]?.model ?? "unknown";
-    const pgVersion = execFileSync("/usr/lib/postgresql/15/bin/postgres", ["--version"]).toString().trim();
+    const pgVersion = execFileSync("/usr/lib/postgresql/15/bin/postgres", ["--version"])
+      .toString()
+      .trim();
     lines.push(
       "# Benchmarks",
       "",
@@ -179,7 +203,12 @@ async function main() {
 async function waitOnline(cpUrl: string, key: string) {
   for (let i = 0; i < 100; i++) {
     try {
-      await http(cpUrl, key, "POST", "/instances", { name: "probe", image: "alpine", vcpus: 1, size: "64MB" });
+      await http(cpUrl, key, "POST", "/instances", {
+        name: "probe",
+        image: "alpine",
+        vcpus: 1,
+        size: "64MB",
+      });
       await http(cpUrl, key, "DELETE", "/instances/probe");
       return;
     } catch {

@@ -45,9 +45,13 @@ export function findPostgresBin(): string | undefined {
 }
 
 function run(cmd: string, args: string[], opts: { env?: NodeJS.ProcessEnv } = {}): void {
-  const r = spawnSync(cmd, args, { stdio: ["ignore", "inherit", "inherit"], env: opts.env ?? process.env });
+  const r = spawnSync(cmd, args, {
+    stdio: ["ignore", "inherit", "inherit"],
+    env: opts.env ?? process.env,
+  });
   if (r.error) throw r.error;
-  if (r.status !== 0) throw new Error(`${cmd} ${args.join(" ")} exited with ${r.status ?? r.signal}`);
+  if (r.status !== 0)
+    throw new Error(`${cmd} ${args.join(" ")} exited with ${r.status ?? r.signal}`);
 }
 
 /** Installs the server binaries with apt-get when they are missing; returns the bin dir. */
@@ -55,14 +59,19 @@ export function installPostgres(): string {
   const found = findPostgresBin();
   if (found) return found;
   if (process.getuid?.() !== 0) {
-    throw new Error("PostgreSQL server binaries are missing; install them: apt-get install -y postgresql");
+    throw new Error(
+      "PostgreSQL server binaries are missing; install them: apt-get install -y postgresql",
+    );
   }
   const env = { ...process.env, DEBIAN_FRONTEND: "noninteractive" };
-  log("server binaries missing: apt-get update && apt-get install -y --no-install-recommends postgresql");
+  log(
+    "server binaries missing: apt-get update && apt-get install -y --no-install-recommends postgresql",
+  );
   run("apt-get", ["update"], { env });
   run("apt-get", ["install", "-y", "--no-install-recommends", "postgresql"], { env });
   const bin = findPostgresBin();
-  if (!bin) throw new Error(`apt-get installed postgresql but no server binary is under ${PG_LIB}/*/bin`);
+  if (!bin)
+    throw new Error(`apt-get installed postgresql but no server binary is under ${PG_LIB}/*/bin`);
   log(`installed: ${bin}`);
   return bin;
 }
@@ -104,7 +113,9 @@ function exec(argv: [string, string[]], what: string): string {
   const r = spawnSync(cmd, args, { encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] });
   if (r.error) throw r.error;
   if (r.status !== 0) {
-    throw new Error(`${what} failed (${r.status ?? r.signal}): ${`${r.stdout}\n${r.stderr}`.trim()}`);
+    throw new Error(
+      `${what} failed (${r.status ?? r.signal}): ${`${r.stdout}\n${r.stderr}`.trim()}`,
+    );
   }
   return r.stdout;
 }
@@ -140,7 +151,9 @@ async function waitForConnections(url: string, timeoutMs: number): Promise<void>
     }
     await new Promise((r) => setTimeout(r, 100));
   }
-  throw new Error(`postgres at ${url} did not accept connections in ${timeoutMs} ms: ${String(last)}`);
+  throw new Error(
+    `postgres at ${url} did not accept connections in ${timeoutMs} ms: ${String(last)}`,
+  );
 }
 
 /** Servers started by this process that are still running; stopped on exit as a last resort. */
@@ -199,14 +212,19 @@ export async function ensurePostgres(): Promise<PostgresServer> {
       "-c full_page_writes=off",
     ].join(" ");
     try {
-      exec(who.argv(pgCtl, ["-D", dataDir, "-o", options, "-l", logFile, "-w", "-t", "60", "start"]), "pg_ctl start");
+      exec(
+        who.argv(pgCtl, ["-D", dataDir, "-o", options, "-l", logFile, "-w", "-t", "60", "start"]),
+        "pg_ctl start",
+      );
       port = candidate;
     } catch (e) {
       lastError = e;
     }
   }
   const stopNow = (mode: "fast" | "immediate") => {
-    spawnSync(...who.argv(pgCtl, ["-D", dataDir, "stop", "-m", mode, "-w", "-t", "30"]), { stdio: "ignore" });
+    spawnSync(...who.argv(pgCtl, ["-D", dataDir, "stop", "-m", mode, "-w", "-t", "30"]), {
+      stdio: "ignore",
+    });
     rmSync(dir, { recursive: true, force: true });
   };
   if (!port) {

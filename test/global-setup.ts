@@ -6,8 +6,9 @@
 //    `project.provide("testDatabaseUrl")`, which test/harness.ts reads with `inject` as a fallback.
 // 2. A template database, offshoot_template, with the project's migrations applied: each test
 //    gets its own copy with `CREATE DATABASE … TEMPLATE offshoot_template` (test/harness.ts).
-import type { TestProject } from "vitest/node";
+
 import postgres from "postgres";
+import type { TestProject } from "vitest/node";
 import { openPostgres } from "../control-plane/src/db/client.ts";
 import { ensurePostgres, type PostgresServer } from "../scripts/postgres.ts";
 

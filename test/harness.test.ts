@@ -4,9 +4,9 @@ import { afterAll, beforeAll, describe, expect, inject, it } from "vitest";
 import {
   api,
   type CpProcess,
+  hostOnline,
   registerHost,
   seedTenant,
-  hostOnline,
   spawnAgent,
   spawnControlPlane,
   type TestDatabase,

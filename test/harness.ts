@@ -24,7 +24,11 @@ import postgres from "postgres";
 import { afterAll, inject } from "vitest";
 import { type Database, type Db, openPostgres } from "../control-plane/src/db/client.ts";
 import { hosts } from "../control-plane/src/db/schema/index.ts";
-import { createApiKey, createHost, ensureTenant } from "../control-plane/src/services/credentials.ts";
+import {
+  createApiKey,
+  createHost,
+  ensureTenant,
+} from "../control-plane/src/services/credentials.ts";
 import { freePort } from "../scripts/postgres.ts";
 import { TEMPLATE_DB, withDatabase } from "./global-setup.ts";
 
@@ -69,7 +73,8 @@ export async function cleanupAll(): Promise<void> {
     rmSync(dir, { recursive: true, force: true });
     tempDirs.delete(dir);
   }
-  if (errors.length) throw new AggregateError(errors, `cleanup failed: ${errors.map(String).join("; ")}`);
+  if (errors.length)
+    throw new AggregateError(errors, `cleanup failed: ${errors.map(String).join("; ")}`);
 }
 
 /** A fresh temp dir, removed by cleanupAll(). */
@@ -113,8 +118,10 @@ if (process.env.VITEST) {
 // Databases
 
 function serverUrl(): string {
-  const url = process.env.TEST_DATABASE_URL ?? (process.env.VITEST ? inject("testDatabaseUrl") : undefined);
-  if (!url) throw new Error("TEST_DATABASE_URL is not set (test/global-setup.ts sets it under vitest)");
+  const url =
+    process.env.TEST_DATABASE_URL ?? (process.env.VITEST ? inject("testDatabaseUrl") : undefined);
+  if (!url)
+    throw new Error("TEST_DATABASE_URL is not set (test/global-setup.ts sets it under vitest)");
   return url;
 }
 
@@ -157,14 +164,20 @@ export async function testDatabase(): Promise<TestDatabase> {
 }
 
 /** A tenant (unique name unless given) and a fresh API key for it. */
-export async function seedTenant(db: Db, name = `tenant-${uniq()}`): Promise<{ tenantId: string; apiKey: string }> {
+export async function seedTenant(
+  db: Db,
+  name = `tenant-${uniq()}`,
+): Promise<{ tenantId: string; apiKey: string }> {
   const tenantId = await ensureTenant(db, name);
   const { key } = await createApiKey(db, tenantId);
   return { tenantId, apiKey: key };
 }
 
 /** A registered host (unique name unless given) and the token its agent presents. */
-export async function registerHost(db: Db, name = `host-${uniq()}`): Promise<{ hostId: string; token: string }> {
+export async function registerHost(
+  db: Db,
+  name = `host-${uniq()}`,
+): Promise<{ hostId: string; token: string }> {
   const { id, token } = await createHost(db, name);
   return { hostId: id, token };
 }
@@ -301,7 +314,10 @@ class ManagedProcess {
   }
 }
 
-function childEnv(defaults: Record<string, string>, overrides: Record<string, string> | undefined): NodeJS.ProcessEnv {
+function childEnv(
+  defaults: Record<string, string>,
+  overrides: Record<string, string> | undefined,
+): NodeJS.ProcessEnv {
   const env: NodeJS.ProcessEnv = { ...process.env, ...defaults, ...overrides };
   // The worker's own test-runner settings are not the child's business.
   for (const key of ["VITEST", "VITEST_MODE", "VITEST_POOL_ID", "VITEST_WORKER_ID", "TEST"]) {
@@ -374,7 +390,11 @@ export async function spawnControlPlane(opts: {
           ),
         );
         timer = setTimeout(() => {
-          reject(new Error(`control plane did not log "listening" within ${CP_START_TIMEOUT_MS} ms:\n${proc.output()}`));
+          reject(
+            new Error(
+              `control plane did not log "listening" within ${CP_START_TIMEOUT_MS} ms:\n${proc.output()}`,
+            ),
+          );
         }, CP_START_TIMEOUT_MS);
       });
     } catch (e) {
@@ -446,7 +466,10 @@ export async function spawnAgent(opts: {
   const start = async () => {
     const { exit } = proc.start();
     // A spawn failure (not a later crash) rejects right away.
-    const early = await Promise.race([exit, new Promise<undefined>((r) => setTimeout(() => r(undefined), 20))]);
+    const early = await Promise.race([
+      exit,
+      new Promise<undefined>((r) => setTimeout(() => r(undefined), 20)),
+    ]);
     if (early && early.code === null && early.signal === null) {
       throw new Error(`could not spawn the agent:\n${proc.output()}`);
     }
@@ -511,7 +534,9 @@ export async function waitFor<T>(
     }
     if (Date.now() >= deadline) {
       const why = lastError === undefined ? "" : ` (last error: ${String(lastError)})`;
-      throw new Error(`timed out after ${timeoutMs} ms waiting for ${opts.what ?? "a condition"}${why}`);
+      throw new Error(
+        `timed out after ${timeoutMs} ms waiting for ${opts.what ?? "a condition"}${why}`,
+      );
     }
     await new Promise((r) => setTimeout(r, intervalMs));
   }
@@ -521,7 +546,10 @@ export async function waitFor<T>(
 export async function hostOnline(db: Db, hostId: string, timeoutMs = 15_000): Promise<void> {
   await waitFor(
     async () => {
-      const [row] = await db.select({ status: hosts.status }).from(hosts).where(eq(hosts.id, hostId));
+      const [row] = await db
+        .select({ status: hosts.status })
+        .from(hosts)
+        .where(eq(hosts.id, hostId));
       return row?.status === "online";
     },
     { timeoutMs, intervalMs: 100, what: `host ${hostId} to be online` },

@@ -29,7 +29,10 @@ async function main(argv: string[]): Promise<number> {
     return 2;
   }
   const env = loadEnv();
-  const database = await openDatabase({ url: env.DATABASE_URL, pgliteDir: `${env.DATA_DIR}/pglite` });
+  const database = await openDatabase({
+    url: env.DATABASE_URL,
+    pgliteDir: `${env.DATA_DIR}/pglite`,
+  });
   const { db } = database;
   try {
     switch (`${noun} ${verb}`) {
@@ -57,11 +60,24 @@ async function main(argv: string[]): Promise<number> {
       case "key list": {
         if (!arg) break;
         const rows = await db
-          .select({ id: apiKeys.id, prefix: apiKeys.prefix, name: apiKeys.name, revokedAt: apiKeys.revokedAt })
+          .select({
+            id: apiKeys.id,
+            prefix: apiKeys.prefix,
+            name: apiKeys.name,
+            revokedAt: apiKeys.revokedAt,
+          })
           .from(apiKeys)
           .innerJoin(tenants, eq(tenants.id, apiKeys.tenantId))
           .where(eq(tenants.name, arg));
-        for (const k of rows) console.log(JSON.stringify({ key_id: k.id, prefix: k.prefix, name: k.name, revoked_at: k.revokedAt }));
+        for (const k of rows)
+          console.log(
+            JSON.stringify({
+              key_id: k.id,
+              prefix: k.prefix,
+              name: k.name,
+              revoked_at: k.revokedAt,
+            }),
+          );
         return 0;
       }
       case "key revoke": {
@@ -83,7 +99,15 @@ async function main(argv: string[]): Promise<number> {
         const rows = await db.select().from(hosts).orderBy(asc(hosts.name));
         for (const h of rows) {
           console.log(
-            JSON.stringify({ host_id: h.id, name: h.name, status: h.status, driver: h.driver, vcpus: h.vcpus, memory_bytes: h.memoryBytes, last_seen_at: h.lastSeenAt }),
+            JSON.stringify({
+              host_id: h.id,
+              name: h.name,
+              status: h.status,
+              driver: h.driver,
+              vcpus: h.vcpus,
+              memory_bytes: h.memoryBytes,
+              last_seen_at: h.lastSeenAt,
+            }),
           );
         }
         return 0;

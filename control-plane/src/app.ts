@@ -1,12 +1,12 @@
-import { ApiError, ERROR_STATUS, Health, UnitParseError } from "@offshoot/shared";
 import { createRoute } from "@hono/zod-openapi";
+import { ApiError, type ERROR_STATUS, Health, UnitParseError } from "@offshoot/shared";
 import type { Context } from "hono";
 import { HTTPException } from "hono/http-exception";
+import { type AppEnv, newRouter } from "./routes/common.ts";
+import { registerInstanceRoutes } from "./routes/instances/index.ts";
+import { referencePage } from "./routes/reference.ts";
 import type { Services } from "./services/context.ts";
 import type { Credentials } from "./services/credentials.ts";
-import { registerInstanceRoutes } from "./routes/instances/index.ts";
-import { newRouter, type AppEnv } from "./routes/common.ts";
-import { referencePage } from "./routes/reference.ts";
 
 type ErrorStatus = (typeof ERROR_STATUS)[keyof typeof ERROR_STATUS];
 
@@ -31,13 +31,21 @@ export function createApp({ services, credentials, mountAgentEndpoint }: AppDeps
     if (err instanceof UnitParseError) return errorResponse(c, 400, "invalid_request", err.message);
     if (err instanceof HTTPException && err.status < 500) {
       const status = err.status === 401 ? 401 : err.status === 404 ? 404 : 400;
-      const code = status === 401 ? "unauthorized" : status === 404 ? "not_found" : "invalid_request";
+      const code =
+        status === 401 ? "unauthorized" : status === 404 ? "not_found" : "invalid_request";
       return errorResponse(c, status, code, err.message || "invalid request");
     }
-    services.log("error", "request failed", { method: c.req.method, path: c.req.path, error: String(err), stack: err.stack });
+    services.log("error", "request failed", {
+      method: c.req.method,
+      path: c.req.path,
+      error: String(err),
+      stack: err.stack,
+    });
     return errorResponse(c, 500, "internal_error", "internal error; see the control plane's log");
   });
-  app.notFound((c) => errorResponse(c, 404, "not_found", `no route for ${c.req.method} ${c.req.path}`));
+  app.notFound((c) =>
+    errorResponse(c, 404, "not_found", `no route for ${c.req.method} ${c.req.path}`),
+  );
 
   app.use("*", async (c, next) => {
     c.set("services", services);
@@ -49,7 +57,9 @@ export function createApp({ services, credentials, mountAgentEndpoint }: AppDeps
       method: "get",
       path: "/health",
       summary: "Health check",
-      responses: { 200: { description: "Healthy", content: { "application/json": { schema: Health } } } },
+      responses: {
+        200: { description: "Healthy", content: { "application/json": { schema: Health } } },
+      },
     }),
     (c) => c.json({ status: "ok" as const }, 200),
   );
@@ -61,7 +71,10 @@ export function createApp({ services, credentials, mountAgentEndpoint }: AppDeps
       description: "Hypeman-compatible instance API, multi-tenant and multi-host.",
     },
   });
-  app.openAPIRegistry.registerComponent("securitySchemes", "bearerAuth", { type: "http", scheme: "bearer" });
+  app.openAPIRegistry.registerComponent("securitySchemes", "bearerAuth", {
+    type: "http",
+    scheme: "bearer",
+  });
   app.get("/docs", (c) => c.html(referencePage()));
 
   mountAgentEndpoint?.(app);
@@ -71,13 +84,19 @@ export function createApp({ services, credentials, mountAgentEndpoint }: AppDeps
     const m = /^Bearer\s+(\S+)\s*$/i.exec(c.req.header("authorization") ?? "");
     const tenantId = m?.[1] ? await credentials.tenantForKey(m[1]) : undefined;
     if (!tenantId) {
-      return errorResponse(c, 401, "unauthorized", m ? "invalid API key" : "missing Authorization: Bearer <API key>");
+      return errorResponse(
+        c,
+        401,
+        "unauthorized",
+        m ? "invalid API key" : "missing Authorization: Bearer <API key>",
+      );
     }
     c.set("tenantId", tenantId);
     // Postgres text cannot hold NUL; refuse it here rather than fail deep in a query.
     if (c.req.method !== "GET" && c.req.method !== "DELETE") {
       const text = await c.req.text();
-      if (/\\u0000/i.test(text)) return errorResponse(c, 400, "invalid_request", "strings must not contain NUL characters");
+      if (/\\u0000/i.test(text))
+        return errorResponse(c, 400, "invalid_request", "strings must not contain NUL characters");
     }
     if (c.req.path.includes("\0") || c.req.url.includes("%00")) {
       return errorResponse(c, 404, "not_found", "not found");

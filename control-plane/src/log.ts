@@ -1,5 +1,9 @@
 /** One JSON object per line on stdout; tests and operators grep the `msg`. */
-export type Log = (level: "debug" | "info" | "warn" | "error", msg: string, fields?: Record<string, unknown>) => void;
+export type Log = (
+  level: "debug" | "info" | "warn" | "error",
+  msg: string,
+  fields?: Record<string, unknown>,
+) => void;
 
 export const jsonLog =
   (component: string, minLevel: "debug" | "info" = "info"): Log =>

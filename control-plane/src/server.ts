@@ -10,8 +10,8 @@ import type { Log } from "./log.ts";
 import type { Router } from "./routes/common.ts";
 import type { Services } from "./services/context.ts";
 import {
-  createApiKey,
   Credentials,
+  createApiKey,
   DEFAULT_TENANT,
   ensureTenant,
   tenantHasKeys,
@@ -32,9 +32,14 @@ export interface RunningServer {
 }
 
 /** Wires the Node deployment: database, services, HTTP + WebSocket server, background loops. */
-export async function startServer(env: Env, log: Log, opts: { database?: Database } = {}): Promise<RunningServer> {
+export async function startServer(
+  env: Env,
+  log: Log,
+  opts: { database?: Database } = {},
+): Promise<RunningServer> {
   const database =
-    opts.database ?? (await openDatabase({ url: env.DATABASE_URL, pgliteDir: `${env.DATA_DIR}/pglite` }));
+    opts.database ??
+    (await openDatabase({ url: env.DATABASE_URL, pgliteDir: `${env.DATA_DIR}/pglite` }));
   const { db } = database;
   const gateway = new NodeGateway();
   const signals = new Signals();
@@ -66,7 +71,8 @@ export async function startServer(env: Env, log: Log, opts: { database?: Databas
               close: (code, reason) => ws.close(code, reason),
             });
           },
-          onMessage: (evt) => session?.receive(typeof evt.data === "string" ? evt.data : String(evt.data)),
+          onMessage: (evt) =>
+            session?.receive(typeof evt.data === "string" ? evt.data : String(evt.data)),
           onClose: () => {
             if (session) gateway.closed(session);
           },
@@ -78,19 +84,26 @@ export async function startServer(env: Env, log: Log, opts: { database?: Databas
   const app = createApp({ services, credentials, mountAgentEndpoint });
   const wss = new WebSocketServer({ noServer: true, maxPayload: 16 * 1024 * 1024 });
   const server = await new Promise<Server>((resolve) => {
-    const srv = serve({ fetch: app.fetch, port: env.PORT, hostname: env.HOST, websocket: { server: wss } }, () =>
-      resolve(srv as Server),
+    const srv = serve(
+      { fetch: app.fetch, port: env.PORT, hostname: env.HOST, websocket: { server: wss } },
+      () => resolve(srv as Server),
     );
   });
   const port = (server.address() as AddressInfo).port;
 
   // Background loops: hosts gone silent → Unknown; fork flows left by a previous process.
   const sweeper = setInterval(
-    () => void sweepSilentHosts(services).catch((e: unknown) => log("error", "sweep failed", { error: String(e) })),
+    () =>
+      void sweepSilentHosts(services).catch((e: unknown) =>
+        log("error", "sweep failed", { error: String(e) }),
+      ),
     Math.max(100, Math.min(env.HOST_GRACE_MS / 2, 5000)),
   );
   const resumer = setInterval(
-    () => void resumeForks(services).catch((e: unknown) => log("error", "resume failed", { error: String(e) })),
+    () =>
+      void resumeForks(services).catch((e: unknown) =>
+        log("error", "resume failed", { error: String(e) }),
+      ),
     10_000,
   );
   await resumeForks(services);
@@ -125,6 +138,8 @@ async function ensureDefaultKey(s: Services, env: Env, log: Log): Promise<void> 
   }
   if (!(await tenantHasKeys(s.db, tenantId))) {
     const { key } = await createApiKey(s.db, tenantId, { name: "first key" });
-    log("info", "created an API key for the default tenant; it is shown only this once", { api_key: key });
+    log("info", "created an API key for the default tenant; it is shown only this once", {
+      api_key: key,
+    });
   }
 }

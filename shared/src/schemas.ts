@@ -7,7 +7,16 @@ import { parseRate, parseSize, UnitParseError } from "./units.ts";
 export const NAME_PATTERN = /^[a-z0-9]([a-z0-9-]*[a-z0-9])?$/;
 
 export const InstanceState = z
-  .enum(["Created", "Initializing", "Running", "Paused", "Shutdown", "Stopped", "Standby", "Unknown"])
+  .enum([
+    "Created",
+    "Initializing",
+    "Running",
+    "Paused",
+    "Shutdown",
+    "Stopped",
+    "Standby",
+    "Unknown",
+  ])
   .openapi("InstanceState", {
     description:
       "Created/Paused/Shutdown: VMM states; Initializing: guest init in progress; Running: program started; Stopped: no VMM, no snapshot; Standby: no VMM, snapshot exists; Unknown: see state_error",
@@ -42,14 +51,20 @@ export const InstanceName = z
 const TAG_KEY = /^[A-Za-z0-9 _.:/=+@-]+$/;
 const TAG_VALUE = /^[A-Za-z0-9 _.:/=+@-]*$/;
 export const Tags = z
-  .record(z.string().min(1).max(128).regex(TAG_KEY, "invalid tag key"), z.string().max(256).regex(TAG_VALUE, "invalid tag value"))
+  .record(
+    z.string().min(1).max(128).regex(TAG_KEY, "invalid tag key"),
+    z.string().max(256).regex(TAG_VALUE, "invalid tag value"),
+  )
   .refine((t) => Object.keys(t).length <= 50, "at most 50 tags")
   .openapi("Tags", { example: { team: "backend", env: "staging" } });
 export type Tags = z.infer<typeof Tags>;
 
 const ENV_KEY = /^[A-Za-z_][A-Za-z0-9_]*$/;
 export const Env = z
-  .record(z.string().regex(ENV_KEY, "environment variable names are letters, digits and _"), z.string().max(32_768))
+  .record(
+    z.string().regex(ENV_KEY, "environment variable names are letters, digits and _"),
+    z.string().max(32_768),
+  )
   .refine((e) => Object.keys(e).length <= 256, "at most 256 environment variables");
 
 function humanString(parse: (s: string) => number, example: string) {
@@ -60,7 +75,10 @@ function humanString(parse: (s: string) => number, example: string) {
       try {
         parse(s);
       } catch (e) {
-        ctx.addIssue({ code: "custom", message: e instanceof UnitParseError ? e.message : String(e) });
+        ctx.addIssue({
+          code: "custom",
+          message: e instanceof UnitParseError ? e.message : String(e),
+        });
       }
     })
     .openapi({ example });
@@ -83,10 +101,18 @@ export const VolumeMount = z
   })
   .superRefine((v, ctx) => {
     if (v.overlay && !v.readonly) {
-      ctx.addIssue({ code: "custom", message: "volume overlay requires readonly=true", path: ["overlay"] });
+      ctx.addIssue({
+        code: "custom",
+        message: "volume overlay requires readonly=true",
+        path: ["overlay"],
+      });
     }
     if (v.overlay && !v.overlay_size) {
-      ctx.addIssue({ code: "custom", message: "overlay_size is required when overlay=true", path: ["overlay_size"] });
+      ctx.addIssue({
+        code: "custom",
+        message: "overlay_size is required when overlay=true",
+        path: ["overlay_size"],
+      });
     }
   })
   .openapi("VolumeMount");
@@ -158,7 +184,9 @@ export const CreateInstanceRequest = z
       .optional(),
     size: SizeString.optional().openapi({ description: 'Base memory, default "1GB"' }),
     hotplug_size: SizeString.optional(),
-    overlay_size: SizeString.optional().openapi({ description: 'Writable overlay, default "10GB"' }),
+    overlay_size: SizeString.optional().openapi({
+      description: 'Writable overlay, default "10GB"',
+    }),
     disk_io_bps: RateString.optional(),
     vcpus: z.number().int().min(1).max(256).optional().openapi({ description: "default 2" }),
     env: Env.optional(),

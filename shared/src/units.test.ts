@@ -1,6 +1,13 @@
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
-import { formatRate, formatSize, parseDuration, parseRate, parseSize, UnitParseError } from "./units.ts";
+import {
+  formatRate,
+  formatSize,
+  parseDuration,
+  parseRate,
+  parseSize,
+  UnitParseError,
+} from "./units.ts";
 
 describe("sizes", () => {
   it("parses the forms Hypeman documents, in binary multiples", () => {
@@ -63,9 +70,13 @@ describe("rates", () => {
   });
   it("agrees between bit and byte forms for every whole multiple of 8 bits", () => {
     fc.assert(
-      fc.property(fc.integer({ min: 1, max: 1_000_000 }), fc.constantFrom("K", "M", "G"), (n, p) => {
-        expect(parseRate(`${n * 8}${p}bps`)).toBe(parseRate(`${n}${p}B/s`));
-      }),
+      fc.property(
+        fc.integer({ min: 1, max: 1_000_000 }),
+        fc.constantFrom("K", "M", "G"),
+        (n, p) => {
+          expect(parseRate(`${n * 8}${p}bps`)).toBe(parseRate(`${n}${p}B/s`));
+        },
+      ),
     );
   });
 });

@@ -66,7 +66,8 @@ export function parseSize(input: string): number {
 
 /** bytes → the shortest exact form: 2147483648 → "2GB", 1610612736 → "1536MB". */
 export function formatSize(bytes: number): string {
-  if (!Number.isSafeInteger(bytes) || bytes < 0) throw new RangeError(`invalid byte count ${bytes}`);
+  if (!Number.isSafeInteger(bytes) || bytes < 0)
+    throw new RangeError(`invalid byte count ${bytes}`);
   const b = BigInt(bytes);
   for (const [unit, mult] of SIZE_UNITS) {
     if (b !== 0n && b % mult === 0n) return `${b / mult}${unit}`;

@@ -1,5 +1,5 @@
-import fc from "fast-check";
 import { sql } from "drizzle-orm";
+import fc from "fast-check";
 import { beforeAll, describe, expect, it } from "vitest";
 import { events, instances, operations } from "../../control-plane/src/db/schema/index.ts";
 import { api } from "../harness.ts";
@@ -32,24 +32,43 @@ const validCreate = {
 const nasty = fc.oneof(
   fc.anything({ maxDepth: 2 }),
   fc.string({ maxLength: 80 }),
-  fc.constantFrom("", " ", "\u0000", "-", "a".repeat(64), "1e400", "NaN", "../../etc/passwd", "%00", "💥", "UPPER", "-1GB", "1.5bps"),
+  fc.constantFrom(
+    "",
+    " ",
+    "\u0000",
+    "-",
+    "a".repeat(64),
+    "1e400",
+    "NaN",
+    "../../etc/passwd",
+    "%00",
+    "💥",
+    "UPPER",
+    "-1GB",
+    "1.5bps",
+  ),
   fc.integer(),
   fc.double(),
   fc.constant(null),
 );
 
 function mutate(base: Record<string, unknown>, keys: string[]) {
-  return fc.record({ key: fc.constantFrom(...keys), value: nasty, drop: fc.boolean() }).map(({ key, value, drop }) => {
-    const copy: Record<string, unknown> = { ...base };
-    if (drop) delete copy[key];
-    else copy[key] = value;
-    return copy;
-  });
+  return fc
+    .record({ key: fc.constantFrom(...keys), value: nasty, drop: fc.boolean() })
+    .map(({ key, value, drop }) => {
+      const copy: Record<string, unknown> = { ...base };
+      if (drop) delete copy[key];
+      else copy[key] = value;
+      return copy;
+    });
 }
 
 function expectErrorShape(r: { status: number; body: unknown }, what: string) {
   // 501 not_supported is a deliberate answer (a field we do not implement); any other 5xx is a bug.
-  expect(r.status < 500 || r.status === 501, `${what} → ${r.status} ${JSON.stringify(r.body)}`).toBe(true);
+  expect(
+    r.status < 500 || r.status === 501,
+    `${what} → ${r.status} ${JSON.stringify(r.body)}`,
+  ).toBe(true);
   if (r.status >= 400) {
     const b = r.body as { code?: unknown; message?: unknown };
     expect(typeof b.code, what).toBe("string");
@@ -64,48 +83,97 @@ describe("bad input", () => {
     stack = await startStack();
     call = api(stack.cp.url, stack.apiKey);
     // Fixtures for verbs that need an instance in a given state.
-    for (const [name, verb] of [["fz-run", null], ["fz-stop", "stop"], ["fz-sb", "standby"]] as const) {
+    for (const [name, verb] of [
+      ["fz-run", null],
+      ["fz-stop", "stop"],
+      ["fz-sb", "standby"],
+    ] as const) {
       expect((await call("POST", "/instances", { ...validCreate, name })).status).toBe(201);
       if (verb) expect((await call("POST", `/instances/${name}/${verb}`)).status).toBe(200);
     }
   });
 
   it("POST /instances: mutated and random bodies never 500 and write nothing when rejected", async () => {
-    const keys = ["name", "image", "size", "vcpus", "hotplug_size", "overlay_size", "disk_io_bps", "env", "tags", "network", "volumes", "hypervisor", "entrypoint", "cmd", "platform", "devices", "gpu"];
+    const keys = [
+      "name",
+      "image",
+      "size",
+      "vcpus",
+      "hotplug_size",
+      "overlay_size",
+      "disk_io_bps",
+      "env",
+      "tags",
+      "network",
+      "volumes",
+      "hypervisor",
+      "entrypoint",
+      "cmd",
+      "platform",
+      "devices",
+      "gpu",
+    ];
     await fc.assert(
-      fc.asyncProperty(fc.oneof(mutate(validCreate, keys), fc.anything({ maxDepth: 2 })), async (body) => {
-        const before = await counts(stack);
-        const r = await call("POST", "/instances", body);
-        expectErrorShape(r, JSON.stringify(body));
-        if (r.status >= 400) expect(await counts(stack)).toBe(before);
-        if (r.status === 201) {
-          expect((await call("DELETE", `/instances/${(r.body as { id: string }).id}`)).status).toBe(204);
-        }
-      }),
+      fc.asyncProperty(
+        fc.oneof(mutate(validCreate, keys), fc.anything({ maxDepth: 2 })),
+        async (body) => {
+          const before = await counts(stack);
+          const r = await call("POST", "/instances", body);
+          expectErrorShape(r, JSON.stringify(body));
+          if (r.status >= 400) expect(await counts(stack)).toBe(before);
+          if (r.status === 201) {
+            expect(
+              (await call("DELETE", `/instances/${(r.body as { id: string }).id}`)).status,
+            ).toBe(204);
+          }
+        },
+      ),
       { numRuns: RUNS },
     );
   });
 
   it("POST /instances/{id}/fork: mutated bodies and paths", async () => {
     const base = { name: "fz-fork", target_state: "Running", from_running: false };
-    const path = fc.constantFrom("fz-stop", "fz-sb", "fz-run", "nope", "%00", "a%2Fb", "fz", "..", "x".repeat(300));
+    const path = fc.constantFrom(
+      "fz-stop",
+      "fz-sb",
+      "fz-run",
+      "nope",
+      "%00",
+      "a%2Fb",
+      "fz",
+      "..",
+      "x".repeat(300),
+    );
     await fc.assert(
-      fc.asyncProperty(path, fc.oneof(mutate(base, ["name", "target_state", "from_running"]), fc.anything({ maxDepth: 2 })), async (p, body) => {
-        const before = await counts(stack);
-        const r = await call("POST", `/instances/${p}/fork`, body);
-        expectErrorShape(r, `${p} ${JSON.stringify(body)}`);
-        if (r.status >= 400) expect(await counts(stack)).toBe(before);
-        if (r.status === 201) {
-          expect((await call("DELETE", `/instances/${(r.body as { id: string }).id}`)).status).toBe(204);
-        }
-      }),
+      fc.asyncProperty(
+        path,
+        fc.oneof(
+          mutate(base, ["name", "target_state", "from_running"]),
+          fc.anything({ maxDepth: 2 }),
+        ),
+        async (p, body) => {
+          const before = await counts(stack);
+          const r = await call("POST", `/instances/${p}/fork`, body);
+          expectErrorShape(r, `${p} ${JSON.stringify(body)}`);
+          if (r.status >= 400) expect(await counts(stack)).toBe(before);
+          if (r.status === 201) {
+            expect(
+              (await call("DELETE", `/instances/${(r.body as { id: string }).id}`)).status,
+            ).toBe(204);
+          }
+        },
+      ),
       { numRuns: RUNS },
     );
   });
 
   it("lifecycle verbs on paths and bodies of every kind", async () => {
     const verb = fc.constantFrom("start", "stop", "standby", "restore");
-    const path = fc.oneof(fc.constantFrom("fz-run", "fz-stop", "fz-sb", "nope"), fc.string({ maxLength: 40 }).map(encodeURIComponent));
+    const path = fc.oneof(
+      fc.constantFrom("fz-run", "fz-stop", "fz-sb", "nope"),
+      fc.string({ maxLength: 40 }).map(encodeURIComponent),
+    );
     await fc.assert(
       fc.asyncProperty(verb, path, fc.option(fc.anything({ maxDepth: 2 })), async (v, p, body) => {
         const before = await counts(stack);
@@ -114,7 +182,12 @@ describe("bad input", () => {
         if (r.status >= 400) expect(await counts(stack)).toBe(before);
         if (r.status === 200) {
           // Put fixtures back into the state the other cases expect.
-          const undo: Record<string, string> = { start: "stop", stop: "start", standby: "restore", restore: "standby" };
+          const undo: Record<string, string> = {
+            start: "stop",
+            stop: "start",
+            standby: "restore",
+            restore: "standby",
+          };
           expect((await call("POST", `/instances/${p}/${undo[v]}`)).status).toBe(200);
         }
       }),
@@ -124,39 +197,53 @@ describe("bad input", () => {
 
   it("queries: list filters and wait parameters", async () => {
     const q = fc.dictionary(
-      fc.oneof(fc.constantFrom("state", "tags[team]", "tags[]", "tags[a b]", "timeout", "tags[\u0000]"), fc.string({ maxLength: 10 })),
-      fc.oneof(fc.string({ maxLength: 20 }), fc.constantFrom("Running", "Stopped", "1s", "10m", "-1s", "0s", "1e9h")),
+      fc.oneof(
+        fc.constantFrom("state", "tags[team]", "tags[]", "tags[a b]", "timeout", "tags[\u0000]"),
+        fc.string({ maxLength: 10 }),
+      ),
+      fc.oneof(
+        fc.string({ maxLength: 20 }),
+        fc.constantFrom("Running", "Stopped", "1s", "10m", "-1s", "0s", "1e9h"),
+      ),
       { maxKeys: 3 },
     );
     await fc.assert(
-      fc.asyncProperty(fc.constantFrom("/instances", "/instances/fz-run/wait", "/instances/nope/wait"), q, async (p, query) => {
-        const qs = new URLSearchParams(query).toString();
-        // A valid wait may legitimately block for minutes; one still blocked after 1.5 s has
-        // accepted its parameters, which is all this property is about.
-        const res = await fetch(`${stack.cp.url}${p}?${qs}`, {
-          headers: { authorization: `Bearer ${stack.apiKey}` },
-          signal: AbortSignal.timeout(1500),
-        }).catch((e: unknown) => e);
-        if (res instanceof Error && res.name === "TimeoutError") return;
-        if (!(res instanceof Response)) throw res;
-        const r = { status: res.status, body: await res.json() };
-        expectErrorShape(r, `${p}?${qs}`);
-        if (p === "/instances" && r.status === 200) expect(Array.isArray(r.body)).toBe(true);
-      }),
+      fc.asyncProperty(
+        fc.constantFrom("/instances", "/instances/fz-run/wait", "/instances/nope/wait"),
+        q,
+        async (p, query) => {
+          const qs = new URLSearchParams(query).toString();
+          // A valid wait may legitimately block for minutes; one still blocked after 1.5 s has
+          // accepted its parameters, which is all this property is about.
+          const res = await fetch(`${stack.cp.url}${p}?${qs}`, {
+            headers: { authorization: `Bearer ${stack.apiKey}` },
+            signal: AbortSignal.timeout(1500),
+          }).catch((e: unknown) => e);
+          if (res instanceof Error && res.name === "TimeoutError") return;
+          if (!(res instanceof Response)) throw res;
+          const r = { status: res.status, body: await res.json() };
+          expectErrorShape(r, `${p}?${qs}`);
+          if (p === "/instances" && r.status === 200) expect(Array.isArray(r.body)).toBe(true);
+        },
+      ),
       { numRuns: RUNS },
     );
   });
 
   it("GET and DELETE on arbitrary paths", async () => {
     await fc.assert(
-      fc.asyncProperty(fc.constantFrom("GET", "DELETE"), fc.string({ maxLength: 60 }), async (m, raw) => {
-        const p = encodeURIComponent(raw);
-        if (["fz-run", "fz-stop", "fz-sb"].includes(raw)) return;
-        const before = await counts(stack);
-        const r = await call(m, `/instances/${p}`);
-        expectErrorShape(r, `${m} ${raw}`);
-        if (r.status >= 400) expect(await counts(stack)).toBe(before);
-      }),
+      fc.asyncProperty(
+        fc.constantFrom("GET", "DELETE"),
+        fc.string({ maxLength: 60 }),
+        async (m, raw) => {
+          const p = encodeURIComponent(raw);
+          if (["fz-run", "fz-stop", "fz-sb"].includes(raw)) return;
+          const before = await counts(stack);
+          const r = await call(m, `/instances/${p}`);
+          expectErrorShape(r, `${m} ${raw}`);
+          if (r.status >= 400) expect(await counts(stack)).toBe(before);
+        },
+      ),
       { numRuns: RUNS },
     );
   });
@@ -170,7 +257,12 @@ describe("bad input", () => {
       });
       return { status: res.status, body: await res.json() };
     };
-    for (const [body, type] of [["{", "application/json"], ["name=x", "application/x-www-form-urlencoded"], ["[]", "application/json"], ["null", "application/json"]]) {
+    for (const [body, type] of [
+      ["{", "application/json"],
+      ["name=x", "application/x-www-form-urlencoded"],
+      ["[]", "application/json"],
+      ["null", "application/json"],
+    ]) {
       const r = await raw(body as string, type as string);
       expect(r.status, body).toBe(400);
       expect(r.body).toMatchObject({ code: "invalid_request" });
@@ -181,7 +273,14 @@ describe("bad input", () => {
     const noKey = api(stack.cp.url, "");
     const badKey = api(stack.cp.url, "osk_not-a-real-key-at-all");
     for (const c of [noKey, badKey]) {
-      for (const [m, p] of [["GET", "/instances"], ["POST", "/instances"], ["GET", "/instances/fz-run"], ["POST", "/instances/fz-run/fork"], ["DELETE", "/instances/fz-run"], ["GET", "/instances/fz-run/wait?state=Running"]] as const) {
+      for (const [m, p] of [
+        ["GET", "/instances"],
+        ["POST", "/instances"],
+        ["GET", "/instances/fz-run"],
+        ["POST", "/instances/fz-run/fork"],
+        ["DELETE", "/instances/fz-run"],
+        ["GET", "/instances/fz-run/wait?state=Running"],
+      ] as const) {
         const r = await c(m, p, m === "POST" ? validCreate : undefined);
         expect(r.status, `${m} ${p}`).toBe(401);
         expect(r.body).toMatchObject({ code: "unauthorized" });

@@ -35,14 +35,22 @@ describe("official @onkernel/hypeman client", () => {
     expect((await client.instances.get("web-1")).id).toBe(created.id);
     expect((await client.instances.get(created.id.slice(0, 10))).id).toBe(created.id);
 
-    await client.instances.create({ name: "worker-1", image: "alpine", vcpus: 1, size: "256MB", tags: { team: "data" } });
+    await client.instances.create({
+      name: "worker-1",
+      image: "alpine",
+      vcpus: 1,
+      size: "256MB",
+      tags: { team: "data" },
+    });
     const backend = await client.instances.list({ tags: { team: "backend" } });
     expect(backend.map((i) => i.name)).toEqual(["web-1"]);
     expect((await client.instances.list({ state: "Running" })).length).toBe(2);
     expect((await client.instances.list({ state: "Stopped" })).length).toBe(0);
 
     expect((await client.instances.stop("web-1")).state).toBe("Stopped");
-    expect((await client.instances.list({ state: "Stopped" })).map((i) => i.name)).toEqual(["web-1"]);
+    expect((await client.instances.list({ state: "Stopped" })).map((i) => i.name)).toEqual([
+      "web-1",
+    ]);
     expect((await client.instances.start("web-1", {})).state).toBe("Running");
     const standby = await client.instances.standby("web-1");
     expect(standby.state).toBe("Standby");
@@ -51,9 +59,19 @@ describe("official @onkernel/hypeman client", () => {
 
     // Fork from each source state with each target state.
     const sources = { Running: "web-1", Standby: "src-standby", Stopped: "src-stopped" } as const;
-    await client.instances.create({ name: "src-standby", image: "alpine", vcpus: 1, size: "256MB" });
+    await client.instances.create({
+      name: "src-standby",
+      image: "alpine",
+      vcpus: 1,
+      size: "256MB",
+    });
     await client.instances.standby("src-standby");
-    await client.instances.create({ name: "src-stopped", image: "alpine", vcpus: 1, size: "256MB" });
+    await client.instances.create({
+      name: "src-stopped",
+      image: "alpine",
+      vcpus: 1,
+      size: "256MB",
+    });
     await client.instances.stop("src-stopped");
     for (const [from, source] of Object.entries(sources)) {
       for (const target of ["Stopped", "Standby", "Running"] as const) {
@@ -72,11 +90,18 @@ describe("official @onkernel/hypeman client", () => {
     const dflt = await client.instances.fork("src-standby", { name: "fork-default" });
     expect(dflt.state).toBe("Standby");
 
-    const waited = await client.instances.wait("fork-running-running", { state: "Running", timeout: "5s" });
+    const waited = await client.instances.wait("fork-running-running", {
+      state: "Running",
+      timeout: "5s",
+    });
     expect(waited).toEqual({ state: "Running", state_error: null, timed_out: false });
 
     await client.instances.delete("fork-running-running");
-    await expect(client.instances.get("fork-running-running")).rejects.toBeInstanceOf(NotFoundError);
-    await expect(client.instances.fork("web-1", { name: "web-1" })).rejects.toBeInstanceOf(ConflictError);
+    await expect(client.instances.get("fork-running-running")).rejects.toBeInstanceOf(
+      NotFoundError,
+    );
+    await expect(client.instances.fork("web-1", { name: "web-1" })).rejects.toBeInstanceOf(
+      ConflictError,
+    );
   });
 });

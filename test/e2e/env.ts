@@ -25,10 +25,9 @@ export interface Stack {
  * One real stack per test file: its own database on the Postgres server, a control-plane
  * process, and `agents` sim agent processes connected over WebSockets. Torn down after the file.
  */
-export async function startStack(opts: {
-  agents?: Array<Record<string, string>>;
-  cpEnv?: Record<string, string>;
-} = {}): Promise<Stack> {
+export async function startStack(
+  opts: { agents?: Array<Record<string, string>>; cpEnv?: Record<string, string> } = {},
+): Promise<Stack> {
   const database = await testDatabase();
   const { tenantId, apiKey } = await seedTenant(database.database.db);
   const cp = await spawnControlPlane({ databaseUrl: database.url, env: opts.cpEnv });

@@ -13,15 +13,31 @@ const simInstances = (dataDir: string) => {
 
 describe("faults", () => {
   it("kill -9 of the agent mid-fork: the fork completes or rolls back, never twice, and state converges within 10 s", async () => {
-    const stack = await startStack({ agents: [{ SIM_LATENCY_MS: JSON.stringify({ fork: 1500 }) }] });
+    const stack = await startStack({
+      agents: [{ SIM_LATENCY_MS: JSON.stringify({ fork: 1500 }) }],
+    });
     const call = api(stack.cp.url, stack.apiKey);
     const agent = stack.agents[0];
     if (!agent) throw new Error("no agent");
-    expect((await call("POST", "/instances", { name: "k-src", image: "alpine", vcpus: 1, size: "256MB" })).status).toBe(201);
+    expect(
+      (
+        await call("POST", "/instances", {
+          name: "k-src",
+          image: "alpine",
+          vcpus: 1,
+          size: "256MB",
+        })
+      ).status,
+    ).toBe(201);
     expect((await call("POST", "/instances/k-src/standby")).status).toBe(200);
 
-    const pending = call("POST", "/instances/k-src/fork", { name: "k-fork", target_state: "Running" });
-    await waitFor(() => agent.execLog().some((l) => l.kind === "fork"), { what: "fork to start on the host" });
+    const pending = call("POST", "/instances/k-src/fork", {
+      name: "k-fork",
+      target_state: "Running",
+    });
+    await waitFor(() => agent.execLog().some((l) => l.kind === "fork"), {
+      what: "fork to start on the host",
+    });
     await agent.kill("SIGKILL");
     await agent.restart();
     await hostOnline(stack.db, stack.hostIds[0] ?? "");
@@ -32,7 +48,10 @@ describe("faults", () => {
       async () => {
         const rows = await stack.db.select().from(instances).where(eq(instances.name, "k-fork"));
         const onHost = simInstances(agent.dataDir);
-        const settled = r.status === 201 ? rows[0]?.state === "Running" && onHost.includes(rows[0].id) : rows.length === 0;
+        const settled =
+          r.status === 201
+            ? rows[0]?.state === "Running" && onHost.includes(rows[0].id)
+            : rows.length === 0;
         return settled ? { rows, onHost } : undefined;
       },
       { timeoutMs: 10_000, what: "fork state to converge" },
@@ -51,16 +70,25 @@ describe("faults", () => {
   });
 
   it("restart of the control plane with agents connected: they reconnect, no command lost or run twice", async () => {
-    const stack = await startStack({ agents: [{ SIM_LATENCY_MS: JSON.stringify({ stop: 1500 }) }] });
+    const stack = await startStack({
+      agents: [{ SIM_LATENCY_MS: JSON.stringify({ stop: 1500 }) }],
+    });
     const call = api(stack.cp.url, stack.apiKey);
     const agent = stack.agents[0];
     if (!agent) throw new Error("no agent");
-    const created = await call("POST", "/instances", { name: "c-1", image: "alpine", vcpus: 1, size: "256MB" });
+    const created = await call("POST", "/instances", {
+      name: "c-1",
+      image: "alpine",
+      vcpus: 1,
+      size: "256MB",
+    });
     expect(created.status).toBe(201);
     const id = (created.body as { id: string }).id;
 
     const inFlight = call("POST", "/instances/c-1/stop").catch((e: unknown) => e);
-    await waitFor(() => agent.execLog().some((l) => l.kind === "stop"), { what: "stop to start on the host" });
+    await waitFor(() => agent.execLog().some((l) => l.kind === "stop"), {
+      what: "stop to start on the host",
+    });
     await stack.cp.kill("SIGKILL");
     await inFlight; // the request dies with the process; the command must not.
     await stack.cp.restart();
@@ -85,7 +113,10 @@ describe("faults", () => {
     const call = api(stack.cp.url, stack.apiKey);
     const agent = stack.agents[0];
     if (!agent) throw new Error("no agent");
-    expect((await call("POST", "/instances", { name: "u-1", image: "alpine", vcpus: 1, size: "256MB" })).status).toBe(201);
+    expect(
+      (await call("POST", "/instances", { name: "u-1", image: "alpine", vcpus: 1, size: "256MB" }))
+        .status,
+    ).toBe(201);
     await agent.kill("SIGKILL");
     const unknown = await waitFor(
       async () => {
@@ -100,9 +131,12 @@ describe("faults", () => {
     expect((await call("POST", "/instances/u-1/stop")).status).toBe(409);
     await agent.restart();
     await waitFor(
-      async () => ((await call("GET", "/instances/u-1")).body as { state: string }).state === "Running",
+      async () =>
+        ((await call("GET", "/instances/u-1")).body as { state: string }).state === "Running",
       { timeoutMs: 10_000, what: "Running again" },
     );
-    expect(((await call("GET", "/instances/u-1")).body as { state_error: unknown }).state_error).toBeNull();
+    expect(
+      ((await call("GET", "/instances/u-1")).body as { state_error: unknown }).state_error,
+    ).toBeNull();
   });
 });

@@ -12,8 +12,18 @@ interface Inst {
   [k: string]: unknown;
 }
 
-async function create(call: Call, name: string, extra: Record<string, unknown> = {}): Promise<Inst> {
-  const r = await call("POST", "/instances", { name, image: "docker.io/library/alpine:3.20", vcpus: 1, size: "256MB", ...extra });
+async function create(
+  call: Call,
+  name: string,
+  extra: Record<string, unknown> = {},
+): Promise<Inst> {
+  const r = await call("POST", "/instances", {
+    name,
+    image: "docker.io/library/alpine:3.20",
+    vcpus: 1,
+    size: "256MB",
+    ...extra,
+  });
   expect(r.status, JSON.stringify(r.body)).toBe(201);
   return r.body as Inst;
 }
@@ -38,8 +48,15 @@ describe("fork rules (two sim hosts)", () => {
     await create(call, "d-standby");
     await call("POST", "/instances/d-standby/standby");
     await create(call, "d-running");
-    for (const [src, want] of [["d-stopped", "Stopped"], ["d-standby", "Standby"], ["d-running", "Running"]]) {
-      const r = await call("POST", `/instances/${src}/fork`, { name: `${src}-f`, from_running: true });
+    for (const [src, want] of [
+      ["d-stopped", "Stopped"],
+      ["d-standby", "Standby"],
+      ["d-running", "Running"],
+    ]) {
+      const r = await call("POST", `/instances/${src}/fork`, {
+        name: `${src}-f`,
+        from_running: true,
+      });
       expect(r.status, JSON.stringify(r.body)).toBe(201);
       expect((r.body as Inst).state).toBe(want);
     }
@@ -64,7 +81,10 @@ describe("fork rules (two sim hosts)", () => {
     expect((await call("GET", "/instances/fr-src")).body).toMatchObject({ state: "Running" });
     // The host saw exactly standby(source) → fork → restore(source), in that order.
     const log = stack.agents.flatMap((a) => a.execLog());
-    const mine = log.filter((l) => l.instance_id === src.id || l.kind === "fork" && l.instance_id === (r.body as Inst).id);
+    const mine = log.filter(
+      (l) =>
+        l.instance_id === src.id || (l.kind === "fork" && l.instance_id === (r.body as Inst).id),
+    );
     expect(mine.map((l) => l.kind)).toEqual(["create", "standby", "fork", "restore"]);
   });
 
@@ -91,15 +111,29 @@ describe("fork rules (two sim hosts)", () => {
     expect(f.name).toBe("id-fork");
     expect(f.network.mac).not.toBe(s.network.mac);
     expect(f.network.ip).not.toBe(s.network.ip);
-    expect(Date.parse(f.created_at as string)).toBeGreaterThanOrEqual(Date.parse(s.created_at as string));
-    for (const k of ["image", "env", "vcpus", "size", "hotplug_size", "overlay_size", "disk_io_bps", "tags", "volumes", "hypervisor"]) {
+    expect(Date.parse(f.created_at as string)).toBeGreaterThanOrEqual(
+      Date.parse(s.created_at as string),
+    );
+    for (const k of [
+      "image",
+      "env",
+      "vcpus",
+      "size",
+      "hotplug_size",
+      "overlay_size",
+      "disk_io_bps",
+      "tags",
+      "volumes",
+      "hypervisor",
+    ]) {
       expect(f[k], k).toEqual(s[k]);
     }
     expect(f.network.bandwidth_download).toBe(s.network.bandwidth_download);
     // Placed on the source's host.
-    const rows = await stack.db.select({ id: instances.id, hostId: instances.hostId }).from(instances).where(
-      sql`${instances.id} in (${s.id}, ${f.id})`,
-    );
+    const rows = await stack.db
+      .select({ id: instances.id, hostId: instances.hostId })
+      .from(instances)
+      .where(sql`${instances.id} in (${s.id}, ${f.id})`);
     expect(new Set(rows.map((x) => x.hostId)).size).toBe(1);
   });
 
@@ -111,7 +145,9 @@ describe("fork rules (two sim hosts)", () => {
       expect((await call("POST", `/instances/${n}/stop`)).status).toBe(200);
       expect((await call("POST", `/instances/${n}/fork`, { name: `${n}-f` })).status).toBe(201);
     }
-    const rows = await stack.db.select({ name: instances.name, hostId: instances.hostId }).from(instances);
+    const rows = await stack.db
+      .select({ name: instances.name, hostId: instances.hostId })
+      .from(instances);
     const host = new Map(rows.map((r) => [r.name, r.hostId]));
     expect(new Set(names.map((n) => host.get(n))).size).toBe(2);
     for (const n of names) expect(host.get(`${n}-f`), n).toBe(host.get(n));
@@ -141,10 +177,13 @@ describe("fork rules (two sim hosts)", () => {
     await call("POST", "/instances/race-src/standby");
     for (let round = 0; round < 3; round++) {
       const name = `race-${round}`;
-      const rs = await Promise.all([1, 2, 3].map(() => call("POST", "/instances/race-src/fork", { name })));
+      const rs = await Promise.all(
+        [1, 2, 3].map(() => call("POST", "/instances/race-src/fork", { name })),
+      );
       const codes = rs.map((r) => r.status).sort();
       expect(codes, JSON.stringify(rs.map((r) => r.body))).toEqual([201, 409, 409]);
-      for (const r of rs.filter((x) => x.status === 409)) expect(r.body).toMatchObject({ code: "name_conflict" });
+      for (const r of rs.filter((x) => x.status === 409))
+        expect(r.body).toMatchObject({ code: "name_conflict" });
       const rows = await stack.db.select().from(instances).where(eq(instances.name, name));
       expect(rows.length).toBe(1);
     }
@@ -152,7 +191,10 @@ describe("fork rules (two sim hosts)", () => {
 
   it("lets exactly one of two racing lifecycle calls apply; the other gets 409 invalid_state", async () => {
     await create(call, "lc-src");
-    const rs = await Promise.all([call("POST", "/instances/lc-src/stop"), call("POST", "/instances/lc-src/standby")]);
+    const rs = await Promise.all([
+      call("POST", "/instances/lc-src/stop"),
+      call("POST", "/instances/lc-src/standby"),
+    ]);
     const ok = rs.filter((r) => r.status === 200);
     const lost = rs.filter((r) => r.status === 409);
     expect(ok.length, JSON.stringify(rs.map((r) => r.body))).toBe(1);
@@ -177,9 +219,21 @@ describe("fork rules (two sim hosts)", () => {
     }
     expect((await them("GET", "/instances")).body).toEqual([]);
     // Names are per tenant: tenant B may use the same name.
-    expect((await them("POST", "/instances", { name: "t-src", image: "alpine", vcpus: 1, size: "256MB" })).status).toBe(201);
+    expect(
+      (
+        await them("POST", "/instances", {
+          name: "t-src",
+          image: "alpine",
+          vcpus: 1,
+          size: "256MB",
+        })
+      ).status,
+    ).toBe(201);
     expect((await call("GET", "/instances/t-src")).body).toMatchObject({ state: "Running" });
-    const rows = await stack.db.select().from(instances).where(and(eq(instances.name, "t-src")));
+    const rows = await stack.db
+      .select()
+      .from(instances)
+      .where(and(eq(instances.name, "t-src")));
     expect(rows.length).toBe(2);
   });
 
@@ -189,7 +243,9 @@ describe("fork rules (two sim hosts)", () => {
     const [first] = [...ids];
     // 40 ids over 36 first characters: some character is shared.
     const all = ((await call("GET", "/instances")).body as Inst[]).map((x) => x.id);
-    const shared = [...new Set(all.map((x) => x[0]))].find((c) => all.filter((x) => x[0] === c).length > 1);
+    const shared = [...new Set(all.map((x) => x[0]))].find(
+      (c) => all.filter((x) => x[0] === c).length > 1,
+    );
     expect(shared ?? first).toBeDefined();
     const r = await call("GET", `/instances/${shared}`);
     expect(r.status).toBe(409);
@@ -199,7 +255,9 @@ describe("fork rules (two sim hosts)", () => {
 
 describe("fork failures on the host", () => {
   it("restores the source even when the fork fails, reports the error, leaves no fork", async () => {
-    const stack = await startStack({ agents: [{ SIM_FAIL: JSON.stringify({ fork: "insufficient_resources" }) }] });
+    const stack = await startStack({
+      agents: [{ SIM_FAIL: JSON.stringify({ fork: "insufficient_resources" }) }],
+    });
     const call = api(stack.cp.url, stack.apiKey);
     await create(call, "ff-src");
     const r = await call("POST", "/instances/ff-src/fork", { name: "ff-f", from_running: true });

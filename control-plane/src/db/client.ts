@@ -58,10 +58,18 @@ export async function openDatabase(opts: { url?: string; pgliteDir: string }): P
 export function pgErrorCode(err: unknown): { code?: string; constraint?: string } {
   let e: unknown = err;
   for (let i = 0; i < 4 && e && typeof e === "object"; i++) {
-    const rec = e as { code?: unknown; constraint_name?: unknown; constraint?: unknown; cause?: unknown };
+    const rec = e as {
+      code?: unknown;
+      constraint_name?: unknown;
+      constraint?: unknown;
+      cause?: unknown;
+    };
     if (typeof rec.code === "string" && /^[0-9A-Z]{5}$/.test(rec.code)) {
       const constraint = rec.constraint_name ?? rec.constraint;
-      return { code: rec.code, constraint: typeof constraint === "string" ? constraint : undefined };
+      return {
+        code: rec.code,
+        constraint: typeof constraint === "string" ? constraint : undefined,
+      };
     }
     e = rec.cause;
   }

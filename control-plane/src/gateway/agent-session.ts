@@ -6,7 +6,7 @@ import {
   type Hello,
   PROTOCOL_VERSION,
 } from "@offshoot/shared";
-import { topics, type Services } from "../services/context.ts";
+import { type Services, topics } from "../services/context.ts";
 import { hostConnected } from "../services/hosts.ts";
 import { applyObserved } from "../services/operations.ts";
 
@@ -79,8 +79,13 @@ export class AgentSession {
     const parsed = AgentMessage.safeParse(raw);
     if (!parsed.success) {
       const v = (raw as { v?: unknown } | null)?.v;
-      this.s().log("warn", "bad agent message", { host_id: this.host.id, v, issue: parsed.error.issues[0]?.message });
-      if (v !== PROTOCOL_VERSION) this.close(CLOSE.badProtocol, `protocol version ${String(v)} not supported`);
+      this.s().log("warn", "bad agent message", {
+        host_id: this.host.id,
+        v,
+        issue: parsed.error.issues[0]?.message,
+      });
+      if (v !== PROTOCOL_VERSION)
+        this.close(CLOSE.badProtocol, `protocol version ${String(v)} not supported`);
       return;
     }
     const msg = parsed.data;
@@ -89,7 +94,12 @@ export class AgentSession {
       clearTimeout(this.helloTimer);
       this.hello = msg;
       this.socket.send(
-        encode({ v: PROTOCOL_VERSION, type: "welcome", host_id: this.host.id, heartbeat_ms: s.env.HEARTBEAT_MS }),
+        encode({
+          v: PROTOCOL_VERSION,
+          type: "welcome",
+          host_id: this.host.id,
+          heartbeat_ms: s.env.HEARTBEAT_MS,
+        }),
       );
       // Registered before reconciling, so the re-sent commands find this session.
       this.hooks.onHello(this);

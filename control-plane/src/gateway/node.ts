@@ -47,7 +47,8 @@ export class NodeGateway implements HostGateway {
       onHello: (sess) => {
         const previous = this.sessions.get(host.id);
         this.sessions.set(host.id, sess);
-        if (previous && previous !== sess) previous.close(CLOSE.replaced, "replaced by a newer connection");
+        if (previous && previous !== sess)
+          previous.close(CLOSE.replaced, "replaced by a newer connection");
       },
       onHeartbeat: (hostId) => this.beats.add(hostId),
     });
@@ -60,7 +61,10 @@ export class NodeGateway implements HostGateway {
     if (this.sessions.get(session.host.id) !== session) return;
     this.sessions.delete(session.host.id);
     hostDisconnected(this.s, session.host.id, session.connectedAt).catch((e: unknown) =>
-      this.s.log("error", "recording disconnect failed", { host_id: session.host.id, error: String(e) }),
+      this.s.log("error", "recording disconnect failed", {
+        host_id: session.host.id,
+        error: String(e),
+      }),
     );
     this.s.log("info", "host disconnected", { host_id: session.host.id });
   }
@@ -76,7 +80,8 @@ export class NodeGateway implements HostGateway {
 
   async close(): Promise<void> {
     clearInterval(this.flushTimer);
-    for (const session of this.sessions.values()) session.close(CLOSE.shuttingDown, "control plane shutting down");
+    for (const session of this.sessions.values())
+      session.close(CLOSE.shuttingDown, "control plane shutting down");
     this.sessions.clear();
     await this.flushHeartbeats();
   }

@@ -33,15 +33,24 @@ export const errors = {
   400: { description: "Invalid request", content: errorContent },
   401: { description: "Missing or invalid API key", content: errorContent },
   404: { description: "Not found", content: errorContent },
-  409: { description: "Conflict: invalid state, name taken, ambiguous id or no capacity", content: errorContent },
+  409: {
+    description: "Conflict: invalid state, name taken, ambiguous id or no capacity",
+    content: errorContent,
+  },
   500: { description: "Internal error", content: errorContent },
   501: { description: "Not supported", content: errorContent },
   503: { description: "The instance's host is not connected", content: errorContent },
-  504: { description: "The host did not answer in time; the operation continues", content: errorContent },
+  504: {
+    description: "The host did not answer in time; the operation continues",
+    content: errorContent,
+  },
 } as const;
 
 export const IdParam = z.object({
-  id: z.string().openapi({ param: { name: "id", in: "path" }, description: "Instance id, name or unique id prefix" }),
+  id: z.string().openapi({
+    param: { name: "id", in: "path" },
+    description: "Instance id, name or unique id prefix",
+  }),
 });
 
 export const security = [{ bearerAuth: [] }];

@@ -88,12 +88,18 @@ export async function hostConnected(
   });
 }
 
-export async function hostDisconnected(s: Services, hostId: string, connectedAt: Date): Promise<void> {
+export async function hostDisconnected(
+  s: Services,
+  hostId: string,
+  connectedAt: Date,
+): Promise<void> {
   // Only if no newer connection of the same host has been recorded since.
   await s.db
     .update(hosts)
     .set({ status: "offline" })
-    .where(and(eq(hosts.id, hostId), or(isNull(hosts.connectedAt), lte(hosts.connectedAt, connectedAt))));
+    .where(
+      and(eq(hosts.id, hostId), or(isNull(hosts.connectedAt), lte(hosts.connectedAt, connectedAt))),
+    );
 }
 
 /** Heartbeats are folded into one UPDATE per flush, whatever the number of hosts. */
@@ -117,7 +123,15 @@ export async function sweepSilentHosts(s: Services): Promise<number> {
     await tx
       .update(hosts)
       .set({ status: "offline" })
-      .where(and(inArray(hosts.id, silent.map((h) => h.id)), eq(hosts.status, "online")));
+      .where(
+        and(
+          inArray(
+            hosts.id,
+            silent.map((h) => h.id),
+          ),
+          eq(hosts.status, "online"),
+        ),
+      );
     const ids: string[] = [];
     for (const h of silent) {
       const since = h.lastSeenAt ? h.lastSeenAt.toISOString() : "never";
@@ -128,7 +142,13 @@ export async function sweepSilentHosts(s: Services): Promise<number> {
           stateError: `host ${h.name} has not been heard from since ${since}`,
           version: sql`${instances.version} + 1`,
         })
-        .where(and(eq(instances.hostId, h.id), ne(instances.state, "Unknown"), notInArray(instances.state, ["Created"])))
+        .where(
+          and(
+            eq(instances.hostId, h.id),
+            ne(instances.state, "Unknown"),
+            notInArray(instances.state, ["Created"]),
+          ),
+        )
         .returning({ id: instances.id, tenantId: instances.tenantId });
       for (const r of rows) {
         await tx.insert(events).values({

@@ -141,7 +141,7 @@ export class Operations {
         .from(operations)
         .where(and(eq(operations.id, result.command_id), eq(operations.hostId, hostId)))
         .for("update");
-      if (!op || op.status !== "pending") return undefined;
+      if (op?.status !== "pending") return undefined;
       await tx
         .update(operations)
         .set({
@@ -249,8 +249,12 @@ export async function applyObserved(
         hasSnapshot: o.has_snapshot,
         ...(o.exit_code !== undefined && { exitCode: o.exit_code }),
         ...(o.exit_message !== undefined && { exitMessage: o.exit_message }),
-        ...(o.started_at !== undefined && { startedAt: o.started_at ? new Date(o.started_at) : null }),
-        ...(o.stopped_at !== undefined && { stoppedAt: o.stopped_at ? new Date(o.stopped_at) : null }),
+        ...(o.started_at !== undefined && {
+          startedAt: o.started_at ? new Date(o.started_at) : null,
+        }),
+        ...(o.stopped_at !== undefined && {
+          stoppedAt: o.stopped_at ? new Date(o.stopped_at) : null,
+        }),
         updatedAt: new Date(),
         version: sql`${instances.version} + 1`,
       })

@@ -1,10 +1,10 @@
 import {
-  type Hypervisor,
+  formatSize,
   HostUnavailableError,
+  type Hypervisor,
   InsufficientResourcesError,
   NotSupportedError,
   RESIDENT,
-  formatSize,
 } from "@offshoot/shared";
 import { and, eq, gt, inArray, ne, or, sql } from "drizzle-orm";
 import type { Tx } from "../db/client.ts";
@@ -85,9 +85,7 @@ export async function placeInstance(
       reason ?? `no connected host supports hypervisor ${hypervisor ?? "(default)"}`,
     );
   }
-  const ranked = await Promise.all(
-    capable.map(async (h) => ({ h, used: await usage(tx, h.id) })),
-  );
+  const ranked = await Promise.all(capable.map(async (h) => ({ h, used: await usage(tx, h.id) })));
   ranked.sort(
     (a, b) => b.h.memoryBytes - b.used.memoryBytes - (a.h.memoryBytes - a.used.memoryBytes),
   );

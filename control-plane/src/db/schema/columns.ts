@@ -5,5 +5,6 @@ export const id = () =>
   text("id")
     .primaryKey()
     .$defaultFn(() => createId());
-export const createdAt = () => timestamp("created_at", { withTimezone: true, mode: "date" }).notNull().defaultNow();
+export const createdAt = () =>
+  timestamp("created_at", { withTimezone: true, mode: "date" }).notNull().defaultNow();
 export const ts = (name: string) => timestamp(name, { withTimezone: true, mode: "date" });

@@ -35,9 +35,7 @@ export const operations = pgTable(
     index("operations_pending_host_idx")
       .on(t.hostId, t.createdAt)
       .where(sql`${t.status} = 'pending'`),
-    index("operations_pending_instance_idx")
-      .on(t.instanceId)
-      .where(sql`${t.status} = 'pending'`),
+    index("operations_pending_instance_idx").on(t.instanceId).where(sql`${t.status} = 'pending'`),
     index("operations_pending_source_idx")
       .on(t.sourceInstanceId)
       .where(sql`${t.status} = 'pending'`),

@@ -35,9 +35,16 @@ export function registerInstanceRoutes(app: Router) {
       summary: "Create and start an instance",
       security,
       request: { body: { content: json(CreateInstanceRequest), required: true } },
-      responses: { 201: instanceOk("Instance created"), 400: errors[400], 401: errors[401], 409: errors[409], 501: errors[501] },
+      responses: {
+        201: instanceOk("Instance created"),
+        400: errors[400],
+        401: errors[401],
+        409: errors[409],
+        501: errors[501],
+      },
     }),
-    async (c) => c.json(await createInstance(c.var.services, c.var.tenantId, c.req.valid("json")), 201),
+    async (c) =>
+      c.json(await createInstance(c.var.services, c.var.tenantId, c.req.valid("json")), 201),
   );
 
   app.openapi(
@@ -61,9 +68,13 @@ export function registerInstanceRoutes(app: Router) {
         if (m?.[1] !== undefined) tags[m[1]] = values.at(-1) ?? "";
       }
       const parsedTags = Tags.safeParse(tags);
-      if (!parsedTags.success) throw new InvalidRequestError(`tags: ${describeIssues(parsedTags.error)}`);
+      if (!parsedTags.success)
+        throw new InvalidRequestError(`tags: ${describeIssues(parsedTags.error)}`);
       const { state } = c.req.valid("query");
-      return c.json(await listInstances(c.var.services, c.var.tenantId, { state, tags: parsedTags.data }), 200);
+      return c.json(
+        await listInstances(c.var.services, c.var.tenantId, { state, tags: parsedTags.data }),
+        200,
+      );
     },
   );
 
@@ -74,9 +85,15 @@ export function registerInstanceRoutes(app: Router) {
       summary: "Get an instance",
       security,
       request: { params: IdParam },
-      responses: { 200: instanceOk("Instance"), 401: errors[401], 404: errors[404], 409: errors[409] },
+      responses: {
+        200: instanceOk("Instance"),
+        401: errors[401],
+        404: errors[404],
+        409: errors[409],
+      },
     }),
-    async (c) => c.json(await getInstance(c.var.services, c.var.tenantId, c.req.valid("param").id), 200),
+    async (c) =>
+      c.json(await getInstance(c.var.services, c.var.tenantId, c.req.valid("param").id), 200),
   );
 
   app.openapi(
@@ -86,7 +103,12 @@ export function registerInstanceRoutes(app: Router) {
       summary: "Stop and delete an instance",
       security,
       request: { params: IdParam },
-      responses: { 204: { description: "Deleted" }, 401: errors[401], 404: errors[404], 409: errors[409] },
+      responses: {
+        204: { description: "Deleted" },
+        401: errors[401],
+        404: errors[404],
+        409: errors[409],
+      },
     }),
     async (c) => {
       await deleteInstance(c.var.services, c.var.tenantId, c.req.valid("param").id);
@@ -101,11 +123,20 @@ export function registerInstanceRoutes(app: Router) {
       summary: "Start a stopped instance",
       security,
       request: { params: IdParam, body: { content: json(StartInstanceRequest), required: false } },
-      responses: { 200: instanceOk("Started"), 401: errors[401], 404: errors[404], 409: errors[409], 503: errors[503] },
+      responses: {
+        200: instanceOk("Started"),
+        401: errors[401],
+        404: errors[404],
+        409: errors[409],
+        503: errors[503],
+      },
     }),
     async (c) => {
       const body = (c.req.valid("json") as StartInstanceRequest | undefined) ?? {};
-      return c.json(await startInstance(c.var.services, c.var.tenantId, c.req.valid("param").id, body), 200);
+      return c.json(
+        await startInstance(c.var.services, c.var.tenantId, c.req.valid("param").id, body),
+        200,
+      );
     },
   );
 
@@ -116,9 +147,16 @@ export function registerInstanceRoutes(app: Router) {
       summary: "Stop an instance (graceful shutdown)",
       security,
       request: { params: IdParam },
-      responses: { 200: instanceOk("Stopped"), 401: errors[401], 404: errors[404], 409: errors[409], 503: errors[503] },
+      responses: {
+        200: instanceOk("Stopped"),
+        401: errors[401],
+        404: errors[404],
+        409: errors[409],
+        503: errors[503],
+      },
     }),
-    async (c) => c.json(await stopInstance(c.var.services, c.var.tenantId, c.req.valid("param").id), 200),
+    async (c) =>
+      c.json(await stopInstance(c.var.services, c.var.tenantId, c.req.valid("param").id), 200),
   );
 
   app.openapi(
@@ -127,10 +165,22 @@ export function registerInstanceRoutes(app: Router) {
       path: "/instances/{id}/standby",
       summary: "Put an instance in standby (pause, snapshot, release the VMM)",
       security,
-      request: { params: IdParam, body: { content: json(StandbyInstanceRequest), required: false } },
-      responses: { 200: instanceOk("In standby"), 400: errors[400], 401: errors[401], 404: errors[404], 409: errors[409], 501: errors[501], 503: errors[503] },
+      request: {
+        params: IdParam,
+        body: { content: json(StandbyInstanceRequest), required: false },
+      },
+      responses: {
+        200: instanceOk("In standby"),
+        400: errors[400],
+        401: errors[401],
+        404: errors[404],
+        409: errors[409],
+        501: errors[501],
+        503: errors[503],
+      },
     }),
-    async (c) => c.json(await standbyInstance(c.var.services, c.var.tenantId, c.req.valid("param").id), 200),
+    async (c) =>
+      c.json(await standbyInstance(c.var.services, c.var.tenantId, c.req.valid("param").id), 200),
   );
 
   app.openapi(
@@ -140,9 +190,16 @@ export function registerInstanceRoutes(app: Router) {
       summary: "Restore an instance from standby",
       security,
       request: { params: IdParam },
-      responses: { 200: instanceOk("Restored"), 401: errors[401], 404: errors[404], 409: errors[409], 503: errors[503] },
+      responses: {
+        200: instanceOk("Restored"),
+        401: errors[401],
+        404: errors[404],
+        409: errors[409],
+        503: errors[503],
+      },
     }),
-    async (c) => c.json(await restoreInstance(c.var.services, c.var.tenantId, c.req.valid("param").id), 200),
+    async (c) =>
+      c.json(await restoreInstance(c.var.services, c.var.tenantId, c.req.valid("param").id), 200),
   );
 
   app.openapi(
@@ -164,7 +221,15 @@ export function registerInstanceRoutes(app: Router) {
       },
     }),
     async (c) =>
-      c.json(await forkInstance(c.var.services, c.var.tenantId, c.req.valid("param").id, c.req.valid("json")), 201),
+      c.json(
+        await forkInstance(
+          c.var.services,
+          c.var.tenantId,
+          c.req.valid("param").id,
+          c.req.valid("json"),
+        ),
+        201,
+      ),
   );
 
   app.openapi(
@@ -172,7 +237,8 @@ export function registerInstanceRoutes(app: Router) {
       method: "get",
       path: "/instances/{id}/wait",
       summary: "Wait for an instance to reach a state",
-      description: 'Returns when the state is reached, on timeout (Go duration, default "60s", capped at 5m), or when the instance becomes Unknown.',
+      description:
+        'Returns when the state is reached, on timeout (Go duration, default "60s", capped at 5m), or when the instance becomes Unknown.',
       security,
       request: {
         params: IdParam,
@@ -189,7 +255,13 @@ export function registerInstanceRoutes(app: Router) {
       const q = c.req.valid("query");
       const timeoutMs = parseWaitTimeout(q.timeout);
       return c.json(
-        await waitForState(c.var.services, c.var.tenantId, c.req.valid("param").id, q.state, timeoutMs),
+        await waitForState(
+          c.var.services,
+          c.var.tenantId,
+          c.req.valid("param").id,
+          q.state,
+          timeoutMs,
+        ),
         200,
       );
     },

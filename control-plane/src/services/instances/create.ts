@@ -1,8 +1,8 @@
 import {
+  ApiError,
   type CreateInstanceRequest,
   type Instance,
   InvalidRequestError,
-  ApiError,
   NotSupportedError,
   parseRate,
   parseSize,
@@ -42,12 +42,16 @@ export function checkCreate(req: CreateInstanceRequest) {
     throw new NotSupportedError("network.egress is not supported by this control plane yet");
   }
   if (req.platform !== undefined && req.platform !== "linux/amd64") {
-    throw new ApiError("invalid_platform", `platform ${req.platform} is not available; hosts run linux/amd64`);
+    throw new ApiError(
+      "invalid_platform",
+      `platform ${req.platform} is not available; hosts run linux/amd64`,
+    );
   }
   const memoryBytes = parseSize(req.size ?? "1GB");
   const overlayBytes = parseSize(req.overlay_size ?? "10GB");
   if (memoryBytes < MIN_MEMORY) throw new InvalidRequestError("size must be at least 64MB");
-  if (overlayBytes < MIN_OVERLAY) throw new InvalidRequestError("overlay_size must be at least 1MB");
+  if (overlayBytes < MIN_OVERLAY)
+    throw new InvalidRequestError("overlay_size must be at least 1MB");
   return {
     memoryBytes,
     overlayBytes,
@@ -77,8 +81,10 @@ export async function createInstance(
         req.hypervisor,
         (h) => {
           const caps = h.capabilities;
-          if (sizes.hotplugBytes > 0 && !caps?.hotplug_memory) return `host ${h.name} cannot hotplug memory`;
-          if (sizes.diskIoBps !== null && !caps?.disk_io_limit) return `host ${h.name} cannot limit disk I/O`;
+          if (sizes.hotplugBytes > 0 && !caps?.hotplug_memory)
+            return `host ${h.name} cannot hotplug memory`;
+          if (sizes.diskIoBps !== null && !caps?.disk_io_limit)
+            return `host ${h.name} cannot limit disk I/O`;
           if (volumes.length > 0 && !caps?.volumes) return `host ${h.name} cannot attach volumes`;
           return undefined;
         },

@@ -15,7 +15,7 @@ export async function deleteInstance(s: Services, tenantId: string, ref: string)
     const row = await lockInstance(tx, tenantId, ref);
     await assertIdle(tx, row, "exclusive");
     const [host] = await tx.select().from(hosts).where(eq(hosts.id, row.hostId)).for("update");
-    const away = !host || host.status !== "online";
+    const away = host?.status !== "online";
     const op = await s.ops.insert(tx, {
       tenantId,
       hostId: row.hostId,

@@ -1,7 +1,7 @@
 import {
+  FORKABLE,
   type ForkInstanceRequest,
   type ForkTargetState,
-  FORKABLE,
   HostCommandError,
   type Instance,
   InvalidStateError,
@@ -231,7 +231,8 @@ async function runFlow(s: Services, flowId: string): Promise<ForkOutcome> {
   let standbyDone = false;
   if (p.from_running) {
     const sb = await step("standby", async () => ({ kind: "standby", instance_id: p.source_id }));
-    if (sb.status === "failed") failure = prefixed(commandError(sb), "putting the source into standby failed: ");
+    if (sb.status === "failed")
+      failure = prefixed(commandError(sb), "putting the source into standby failed: ");
     else standbyDone = true;
   }
   let forked = false;
@@ -240,7 +241,12 @@ async function runFlow(s: Services, flowId: string): Promise<ForkOutcome> {
       // The flow holds the target exclusively, so its row is there until the flow ends.
       const [target] = await s.db.select().from(instances).where(eq(instances.id, p.target_id));
       if (!target) throw new Error(`fork target ${p.target_id} vanished during its flow`);
-      return { kind: "fork", source_id: p.source_id, target: specOf(target), target_state: p.target_state };
+      return {
+        kind: "fork",
+        source_id: p.source_id,
+        target: specOf(target),
+        target_state: p.target_state,
+      };
     });
     if (fk.status === "failed") failure = commandError(fk);
     else forked = true;
@@ -252,7 +258,10 @@ async function runFlow(s: Services, flowId: string): Promise<ForkOutcome> {
       if (failure) {
         failure = prefixed(failure, "", `; restoring the source failed too: ${restoreErr.message}`);
       } else {
-        failure = prefixed(restoreErr, "restoring the source failed, so the fork was rolled back: ");
+        failure = prefixed(
+          restoreErr,
+          "restoring the source failed, so the fork was rolled back: ",
+        );
       }
       if (forked) await step("delete", async () => ({ kind: "delete", instance_id: p.target_id }));
     }

@@ -26,7 +26,9 @@ export function present(r: InstanceRow): Instance {
       ...(r.networkEnabled && { name: "default" }),
       ip: r.ip,
       mac: r.mac,
-      ...(r.bandwidthDownloadBps != null && { bandwidth_download: formatRate(r.bandwidthDownloadBps) }),
+      ...(r.bandwidthDownloadBps != null && {
+        bandwidth_download: formatRate(r.bandwidthDownloadBps),
+      }),
       ...(r.bandwidthUploadBps != null && { bandwidth_upload: formatRate(r.bandwidthUploadBps) }),
     },
     volumes: r.volumes,

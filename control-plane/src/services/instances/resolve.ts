@@ -21,15 +21,23 @@ export async function resolveInstance(
     .where(
       and(
         eq(instances.tenantId, tenantId),
-        or(eq(instances.id, ref), eq(instances.name, ref), like(instances.id, `${escapeLike(ref)}%`)),
+        or(
+          eq(instances.id, ref),
+          eq(instances.name, ref),
+          like(instances.id, `${escapeLike(ref)}%`),
+        ),
       ),
     )
     .limit(20);
   const match =
-    rows.find((r) => r.id === ref) ?? rows.find((r) => r.name === ref) ?? (rows.length === 1 ? rows[0] : undefined);
+    rows.find((r) => r.id === ref) ??
+    rows.find((r) => r.name === ref) ??
+    (rows.length === 1 ? rows[0] : undefined);
   if (match) return match;
   if (rows.length > 1) {
-    throw new AmbiguousError(`"${ref}" matches ${rows.length} instances; use more of the id or the name`);
+    throw new AmbiguousError(
+      `"${ref}" matches ${rows.length} instances; use more of the id or the name`,
+    );
   }
   throw new NotFoundError(`instance ${ref} not found`);
 }

@@ -1,5 +1,5 @@
-import { type Hypervisor, type InstanceSpec } from "@offshoot/shared";
 import { randomBytes } from "node:crypto";
+import type { Hypervisor, InstanceSpec } from "@offshoot/shared";
 import { and, eq, isNotNull } from "drizzle-orm";
 import type { Tx } from "../../db/client.ts";
 import { type InstanceRow, instances } from "../../db/schema/index.ts";

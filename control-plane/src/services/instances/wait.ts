@@ -8,7 +8,7 @@ import {
 } from "@offshoot/shared";
 import { and, eq } from "drizzle-orm";
 import { instances } from "../../db/schema/index.ts";
-import { topics, type Services } from "../context.ts";
+import { type Services, topics } from "../context.ts";
 import { resolveInstance } from "./resolve.ts";
 
 export const MAX_WAIT_MS = 5 * 60_000;
