@@ -74,9 +74,15 @@ export class Journal {
     return this.append({ id: command.id, status: "started", command });
   }
 
+  /**
+   * Step records are written but not fsync'd: they guard against the agent process dying,
+   * and the page cache outlives the process. After a machine crash the fsync'd `started`
+   * record remains, and a driver's rollback already copes with a step that ran but was not
+   * recorded (it may have died part-way through the next step anyway).
+   */
   step(id: string, step: string): Promise<void> {
     this.entry(id).steps.push(step);
-    return this.append({ id, status: "step", step });
+    return this.append({ id, status: "step", step }, false);
   }
 
   finish(id: string, result: Outcome): Promise<void> {
@@ -107,13 +113,13 @@ export class Journal {
     return entry;
   }
 
-  private append(record: JournalRecord): Promise<void> {
+  private append(record: JournalRecord, sync = true): Promise<void> {
     if (this.closed) return Promise.reject(new Error("journal is closed"));
     const line = `${JSON.stringify(record)}\n`;
     return this.enqueue(async () => {
       if (!this.fh) throw this.failure ?? new Error("journal is closed");
       await this.fh.write(line);
-      await this.fh.datasync();
+      if (sync) await this.fh.datasync();
     });
   }
 

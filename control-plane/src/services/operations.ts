@@ -115,7 +115,7 @@ export class Operations {
   /** Waits for a pending operation to finish; undefined on timeout. */
   waitFor(id: string, timeoutMs: number): Promise<OperationRow | undefined> {
     return this.signals.until(topics.operation(id), timeoutMs, async () => {
-      const op = await this.get(id);
+      const op = this.recent.get(id) ?? (await this.get(id));
       return op && op.status !== "pending" ? op : undefined;
     });
   }
@@ -135,14 +135,10 @@ export class Operations {
 
   /** Records a host's result: exactly once, in one transaction with its effects. */
   async complete(hostId: string, result: Result): Promise<void> {
-    const changed = await this.db.transaction(async (tx) => {
+    const done = await this.db.transaction(async (tx) => {
+      // One statement both claims and records the result: of two copies of one result (a
+      // re-sent command answered twice), only the first finds the row still pending.
       const [op] = await tx
-        .select()
-        .from(operations)
-        .where(and(eq(operations.id, result.command_id), eq(operations.hostId, hostId)))
-        .for("update");
-      if (op?.status !== "pending") return undefined;
-      await tx
         .update(operations)
         .set({
           status: result.ok ? "succeeded" : "failed",
@@ -150,14 +146,34 @@ export class Operations {
           error: result.ok ? null : result.error,
           completedAt: new Date(),
         })
-        .where(eq(operations.id, op.id));
+        .where(
+          and(
+            eq(operations.id, result.command_id),
+            eq(operations.hostId, hostId),
+            eq(operations.status, "pending"),
+          ),
+        )
+        .returning();
+      if (!op) return undefined;
       const touched = await applyObserved(tx, hostId, result.instances, `op:${op.kind}`);
       const removed = await this.applyEffects(tx, op, result.ok);
-      return [...touched, ...removed];
+      return { op, changed: [...touched, ...removed] };
     });
-    if (changed === undefined) return;
+    if (done === undefined) return;
+    this.remember(done.op);
     this.signals.notify(topics.operation(result.command_id));
-    for (const id of changed) this.signals.notify(topics.instance(id));
+    for (const id of done.changed) this.signals.notify(topics.instance(id));
+  }
+
+  // Operations this process completed recently, so a waiter woken by the completion does not
+  // read back what was just written. Bounded; a miss falls back to the database.
+  private recent = new Map<string, OperationRow>();
+  private remember(op: OperationRow) {
+    this.recent.set(op.id, op);
+    if (this.recent.size > 1000) {
+      const oldest = this.recent.keys().next().value;
+      if (oldest !== undefined) this.recent.delete(oldest);
+    }
   }
 
   /** What a finished command means for rows beyond the observed states. */
@@ -235,13 +251,13 @@ export async function applyObserved(
 ): Promise<string[]> {
   const changed: string[] = [];
   for (const o of observed) {
-    const [before] = await tx
-      .select({ state: instances.state, tenantId: instances.tenantId })
+    // The previous state comes from the statement's snapshot, in the same round trip.
+    const before = tx
+      .select({ id: instances.id, state: instances.state })
       .from(instances)
       .where(and(eq(instances.id, o.id), eq(instances.hostId, hostId)))
-      .for("update");
-    if (!before) continue;
-    await tx
+      .as("before");
+    const [row] = await tx
       .update(instances)
       .set({
         state: o.state,
@@ -258,14 +274,17 @@ export async function applyObserved(
         updatedAt: new Date(),
         version: sql`${instances.version} + 1`,
       })
-      .where(eq(instances.id, o.id));
-    if (before.state !== o.state) {
+      .from(before)
+      .where(eq(instances.id, before.id))
+      .returning({ tenantId: instances.tenantId, before: before.state });
+    if (!row) continue;
+    if (row.before !== o.state) {
       await tx.insert(events).values({
-        tenantId: before.tenantId,
+        tenantId: row.tenantId,
         instanceId: o.id,
         hostId,
         type: "instance.state",
-        data: { from: before.state, to: o.state, cause },
+        data: { from: row.before, to: o.state, cause },
       });
     }
     changed.push(o.id);

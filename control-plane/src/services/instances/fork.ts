@@ -10,10 +10,11 @@ import {
   TimeoutError,
 } from "@offshoot/shared";
 import { createId } from "@paralleldrive/cuid2";
-import { and, asc, eq } from "drizzle-orm";
-import { pgErrorCode } from "../../db/client.ts";
+import { and, eq } from "drizzle-orm";
+import { type Executor, pgErrorCode } from "../../db/client.ts";
 import {
   type ForkFlowPayload,
+  type InstanceRow,
   instances,
   type OperationRow,
   operations,
@@ -43,7 +44,7 @@ export async function forkInstance(
   ref: string,
   req: ForkInstanceRequest,
 ): Promise<Instance> {
-  const flow = await s.db
+  const { flow, children } = await s.db
     .transaction(async (tx) => {
       const src = await lockInstance(tx, tenantId, ref);
       const writable = src.volumes.find((v) => !v.readonly);
@@ -64,14 +65,14 @@ export async function forkInstance(
       }
       const fromRunning = src.state === "Running";
       const targetState = req.target_state ?? (src.state as ForkTargetState);
-      await assertIdle(tx, src, fromRunning ? "exclusive" : "shared");
       const need = { vcpus: src.vcpus, memoryBytes: src.memoryBytes + src.hotplugBytes };
-      const host = await admit(
-        tx,
-        s.env.HOST_GRACE_MS,
-        src.hostId,
-        targetState === "Running" ? need : undefined,
-      );
+      // Issued together on the transaction's connection (pipelined, executed in order): the
+      // host lock is taken before the address is picked.
+      const [, host, ip] = await Promise.all([
+        assertIdle(tx, src, fromRunning ? "exclusive" : "shared"),
+        admit(tx, s.env.HOST_GRACE_MS, src.hostId, targetState === "Running" ? need : undefined),
+        src.networkEnabled ? allocateIp(tx, src.hostId) : null,
+      ]);
       const caps = host.capabilities;
       const via = src.state === "Stopped" ? "fork_from_stopped" : "fork_from_standby";
       if (!caps?.[via] || (fromRunning && !caps.standby)) {
@@ -87,7 +88,7 @@ export async function forkInstance(
           name: req.name,
           state: "Created",
           stateError: null,
-          ip: src.networkEnabled ? await allocateIp(tx, host.id) : null,
+          ip,
           mac: src.networkEnabled ? newMac() : null,
           hasSnapshot: false,
           exitCode: null,
@@ -108,7 +109,7 @@ export async function forkInstance(
         from_running: fromRunning,
         target_state: targetState,
       };
-      return s.ops.insert(tx, {
+      const flow = await s.ops.insert(tx, {
         tenantId,
         hostId: src.hostId,
         instanceId: target.id,
@@ -116,6 +117,20 @@ export async function forkInstance(
         lock: fromRunning ? "exclusive" : "shared",
         payload,
       });
+      // Without a standby first, the host's fork is the first step: record it now.
+      const children = fromRunning
+        ? []
+        : [
+            await s.ops.insert(tx, {
+              tenantId,
+              hostId: src.hostId,
+              instanceId: target.id,
+              parentId: flow.id,
+              lock: "none",
+              payload: forkCommand(payload, target),
+            }),
+          ];
+      return { flow, children };
     })
     .catch((e: unknown) => nameConflict(e, req.name));
 
@@ -132,7 +147,7 @@ export async function forkInstance(
     );
   });
   try {
-    const outcome = await Promise.race([driveFork(s, flow.id), timeout]);
+    const outcome = await Promise.race([driveFork(s, flow.id, { flow, children }), timeout]);
     if (outcome.error) throw outcome.error;
   } finally {
     clearTimeout(timer);
@@ -153,10 +168,14 @@ const driving = new Map<string, Promise<ForkOutcome>>();
  * fork failed; if the restore fails, the fork is deleted again, so the call either succeeds
  * as a whole or leaves no fork behind, and every error is reported.
  */
-export function driveFork(s: Services, flowId: string): Promise<ForkOutcome> {
+export function driveFork(
+  s: Services,
+  flowId: string,
+  known?: { flow: OperationRow; children: OperationRow[] },
+): Promise<ForkOutcome> {
   let p = driving.get(flowId);
   if (!p) {
-    p = runFlow(s, flowId).finally(() => driving.delete(flowId));
+    p = runFlow(s, flowId, known).finally(() => driving.delete(flowId));
     driving.set(flowId, p);
   }
   return p;
@@ -181,8 +200,21 @@ export async function resumeForks(s: Services): Promise<number> {
 // A step waits as long as it takes: a host that is away answers when it returns.
 const STEP_WAIT_MS = 24 * 3600_000;
 
-async function runFlow(s: Services, flowId: string): Promise<ForkOutcome> {
-  const flow = await s.ops.get(flowId);
+function forkCommand(p: ForkFlowPayload, target: InstanceRow): Operation {
+  return {
+    kind: "fork",
+    source_id: p.source_id,
+    target: specOf(target),
+    target_state: p.target_state,
+  };
+}
+
+async function runFlow(
+  s: Services,
+  flowId: string,
+  known?: { flow: OperationRow; children: OperationRow[] },
+): Promise<ForkOutcome> {
+  const flow = known?.flow ?? (await s.ops.get(flowId));
   if (!flow) throw new Error(`fork flow ${flowId} not found`);
   const p = flow.payload as ForkFlowPayload;
   if (flow.status !== "pending") {
@@ -193,11 +225,13 @@ async function runFlow(s: Services, flowId: string): Promise<ForkOutcome> {
     kind: Operation["kind"],
     make: () => Promise<Operation>,
   ): Promise<OperationRow> => {
-    let [child] = await s.db
-      .select()
-      .from(operations)
-      .where(and(eq(operations.parentId, flowId), eq(operations.kind, kind)))
-      .orderBy(asc(operations.createdAt));
+    let child = known?.children.find((c) => c.kind === kind);
+    if (!child) {
+      [child] = await s.db
+        .select()
+        .from(operations)
+        .where(and(eq(operations.parentId, flowId), eq(operations.kind, kind)));
+    }
     if (!child) {
       const op = await make();
       child = await s.ops
@@ -241,12 +275,7 @@ async function runFlow(s: Services, flowId: string): Promise<ForkOutcome> {
       // The flow holds the target exclusively, so its row is there until the flow ends.
       const [target] = await s.db.select().from(instances).where(eq(instances.id, p.target_id));
       if (!target) throw new Error(`fork target ${p.target_id} vanished during its flow`);
-      return {
-        kind: "fork",
-        source_id: p.source_id,
-        target: specOf(target),
-        target_state: p.target_state,
-      };
+      return forkCommand(p, target);
     });
     if (fk.status === "failed") failure = commandError(fk);
     else forked = true;
@@ -266,8 +295,8 @@ async function runFlow(s: Services, flowId: string): Promise<ForkOutcome> {
       if (forked) await step("delete", async () => ({ kind: "delete", instance_id: p.target_id }));
     }
   }
-  await s.db.transaction(async (tx) => {
-    await tx
+  const finish = (ex: Executor) =>
+    ex
       .update(operations)
       .set({
         status: failure ? "failed" : "succeeded",
@@ -275,8 +304,14 @@ async function runFlow(s: Services, flowId: string): Promise<ForkOutcome> {
         completedAt: new Date(),
       })
       .where(and(eq(operations.id, flowId), eq(operations.status, "pending")));
-    if (failure) await tx.delete(instances).where(eq(instances.id, p.target_id));
-  });
+  if (failure) {
+    await s.db.transaction(async (tx) => {
+      await finish(tx);
+      await tx.delete(instances).where(eq(instances.id, p.target_id));
+    });
+  } else {
+    await finish(s.db);
+  }
   return failure ? { error: failure } : {};
 }
 

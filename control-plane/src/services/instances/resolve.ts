@@ -13,9 +13,10 @@ export async function resolveInstance(
   ex: Executor,
   tenantId: string,
   ref: string,
+  opts: { forUpdate?: boolean } = {},
 ): Promise<InstanceRow> {
   if (ref.length === 0 || ref.length > 128) throw new NotFoundError(`instance ${ref} not found`);
-  const rows = await ex
+  const query = ex
     .select()
     .from(instances)
     .where(
@@ -29,6 +30,7 @@ export async function resolveInstance(
       ),
     )
     .limit(20);
+  const rows = await (opts.forUpdate ? query.for("update") : query);
   const match =
     rows.find((r) => r.id === ref) ??
     rows.find((r) => r.name === ref) ??
@@ -42,16 +44,12 @@ export async function resolveInstance(
   throw new NotFoundError(`instance ${ref} not found`);
 }
 
-/** Resolves and locks the row for the rest of the transaction. */
-export async function lockInstance(tx: Tx, tenantId: string, ref: string): Promise<InstanceRow> {
-  const { id } = await resolveInstance(tx, tenantId, ref);
-  const [row] = await tx
-    .select()
-    .from(instances)
-    .where(and(eq(instances.id, id), eq(instances.tenantId, tenantId)))
-    .for("update");
-  if (!row) throw new NotFoundError(`instance ${ref} not found`);
-  return row;
+/**
+ * Resolves and locks the row for the rest of the transaction, in one statement. (A prefix
+ * that matches several rows locks them all for a moment before it is refused as ambiguous.)
+ */
+export function lockInstance(tx: Tx, tenantId: string, ref: string): Promise<InstanceRow> {
+  return resolveInstance(tx, tenantId, ref, { forUpdate: true });
 }
 
 export async function getById(ex: Executor, tenantId: string, id: string): Promise<InstanceRow> {
