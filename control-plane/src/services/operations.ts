@@ -184,6 +184,20 @@ export class Operations {
     // A failed create or fork was rolled back on the host: the row goes too.
     if (payload.kind === "create" && !ok) drop = payload.instance.id;
     if (payload.kind === "fork" && !ok) drop = payload.target.id;
+    if (payload.kind === "fork" && op.parentId) {
+      // Without from_running the host's fork is the flow's only step, so the flow ends with
+      // it, atomically (see instances/fork.ts).
+      await tx
+        .update(operations)
+        .set({ status: op.status, error: op.error, completedAt: op.completedAt })
+        .where(
+          and(
+            eq(operations.id, op.parentId),
+            eq(operations.status, "pending"),
+            sql`(${operations.payload}->>'from_running')::boolean = false`,
+          ),
+        );
+    }
     if (!drop) return [];
     const gone = await tx
       .delete(instances)
@@ -249,45 +263,50 @@ export async function applyObserved(
   observed: ObservedInstance[],
   cause: string,
 ): Promise<string[]> {
-  const changed: string[] = [];
-  for (const o of observed) {
-    // The previous state comes from the statement's snapshot, in the same round trip.
-    const before = tx
-      .select({ id: instances.id, state: instances.state })
-      .from(instances)
-      .where(and(eq(instances.id, o.id), eq(instances.hostId, hostId)))
-      .as("before");
-    const [row] = await tx
-      .update(instances)
-      .set({
-        state: o.state,
-        stateError: o.state === "Unknown" ? (o.state_error ?? "host reported Unknown") : null,
-        hasSnapshot: o.has_snapshot,
-        ...(o.exit_code !== undefined && { exitCode: o.exit_code }),
-        ...(o.exit_message !== undefined && { exitMessage: o.exit_message }),
-        ...(o.started_at !== undefined && {
-          startedAt: o.started_at ? new Date(o.started_at) : null,
-        }),
-        ...(o.stopped_at !== undefined && {
-          stoppedAt: o.stopped_at ? new Date(o.stopped_at) : null,
-        }),
-        updatedAt: new Date(),
-        version: sql`${instances.version} + 1`,
-      })
-      .from(before)
-      .where(eq(instances.id, before.id))
-      .returning({ tenantId: instances.tenantId, before: before.state });
-    if (!row) continue;
-    if (row.before !== o.state) {
-      await tx.insert(events).values({
-        tenantId: row.tenantId,
-        instanceId: o.id,
+  // One UPDATE per instance, issued together (pipelined on the transaction's connection);
+  // the previous state comes from each statement's snapshot in the same round trip.
+  const rows = await Promise.all(
+    observed.map(async (o) => {
+      const before = tx
+        .select({ id: instances.id, state: instances.state })
+        .from(instances)
+        .where(and(eq(instances.id, o.id), eq(instances.hostId, hostId)))
+        .as("before");
+      const [row] = await tx
+        .update(instances)
+        .set({
+          state: o.state,
+          stateError: o.state === "Unknown" ? (o.state_error ?? "host reported Unknown") : null,
+          hasSnapshot: o.has_snapshot,
+          ...(o.exit_code !== undefined && { exitCode: o.exit_code }),
+          ...(o.exit_message !== undefined && { exitMessage: o.exit_message }),
+          ...(o.started_at !== undefined && {
+            startedAt: o.started_at ? new Date(o.started_at) : null,
+          }),
+          ...(o.stopped_at !== undefined && {
+            stoppedAt: o.stopped_at ? new Date(o.stopped_at) : null,
+          }),
+          updatedAt: new Date(),
+          version: sql`${instances.version} + 1`,
+        })
+        .from(before)
+        .where(eq(instances.id, before.id))
+        .returning({ tenantId: instances.tenantId, before: before.state });
+      return row ? { ...row, o } : undefined;
+    }),
+  );
+  const found = rows.filter((r) => r !== undefined);
+  const moved = found.filter((r) => r.before !== r.o.state);
+  if (moved.length > 0) {
+    await tx.insert(events).values(
+      moved.map((r) => ({
+        tenantId: r.tenantId,
+        instanceId: r.o.id,
         hostId,
         type: "instance.state",
-        data: { from: row.before, to: o.state, cause },
-      });
-    }
-    changed.push(o.id);
+        data: { from: r.before, to: r.o.state, cause },
+      })),
+    );
   }
-  return changed;
+  return found.map((r) => r.o.id);
 }

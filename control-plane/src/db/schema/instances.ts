@@ -60,6 +60,8 @@ export const instances = pgTable(
     uniqueIndex("instances_host_ip_uq").on(t.hostId, t.ip).where(sql`${t.ip} is not null`),
     uniqueIndex("instances_mac_uq").on(t.mac).where(sql`${t.mac} is not null`),
     index("instances_host_idx").on(t.hostId),
+    // `{id}` may be an id prefix: LIKE 'prefix%' needs pattern ops to use an index.
+    index("instances_id_prefix_idx").using("btree", t.id.op("text_pattern_ops")),
     index("instances_tenant_state_idx").on(t.tenantId, t.state),
   ],
 );

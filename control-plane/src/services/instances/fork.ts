@@ -164,9 +164,10 @@ const driving = new Map<string, Promise<ForkOutcome>>();
 /**
  * Drives a fork flow to its end. Re-entrant: every step is an operations row (one per kind,
  * enforced by a unique index), so after a restart the flow continues from what is recorded.
- * Steps: [standby source] → fork → [restore source]. The source is restored even when the
- * fork failed; if the restore fails, the fork is deleted again, so the call either succeeds
- * as a whole or leaves no fork behind, and every error is reported.
+ * Without from_running the flow is one step, the host's fork, recorded with the flow and
+ * completing it. With from_running: standby source → fork → restore source. The source is
+ * restored even when the fork failed; if the restore fails, the fork is deleted again, so the
+ * call either succeeds as a whole or leaves no fork behind, and every error is reported.
  */
 export function driveFork(
   s: Services,
@@ -261,16 +262,22 @@ async function runFlow(
     }
   };
 
-  let failure: HostCommandError | undefined;
-  let standbyDone = false;
-  if (p.from_running) {
-    const sb = await step("standby", async () => ({ kind: "standby", instance_id: p.source_id }));
-    if (sb.status === "failed")
-      failure = prefixed(commandError(sb), "putting the source into standby failed: ");
-    else standbyDone = true;
+  if (!p.from_running) {
+    // The fork is the only step; its completion also completed the flow (operations.ts).
+    const fk = await step("fork", async () => {
+      throw new Error(`fork flow ${flowId} has no recorded fork step`);
+    });
+    return fk.status === "failed" ? { error: commandError(fk) } : {};
   }
+
+  // from_running: standby the source → fork → restore the source (even if the fork failed).
+  let failure: HostCommandError | undefined;
   let forked = false;
-  if (!failure) {
+  const sb = await step("standby", async () => ({ kind: "standby", instance_id: p.source_id }));
+  if (sb.status === "failed") {
+    // The host resumed the source when its standby failed; there is nothing to restore.
+    failure = prefixed(commandError(sb), "putting the source into standby failed: ");
+  } else {
     const fk = await step("fork", async () => {
       // The flow holds the target exclusively, so its row is there until the flow ends.
       const [target] = await s.db.select().from(instances).where(eq(instances.id, p.target_id));
@@ -279,19 +286,12 @@ async function runFlow(
     });
     if (fk.status === "failed") failure = commandError(fk);
     else forked = true;
-  }
-  if (standbyDone) {
     const rs = await step("restore", async () => ({ kind: "restore", instance_id: p.source_id }));
     if (rs.status === "failed") {
       const restoreErr = commandError(rs);
-      if (failure) {
-        failure = prefixed(failure, "", `; restoring the source failed too: ${restoreErr.message}`);
-      } else {
-        failure = prefixed(
-          restoreErr,
-          "restoring the source failed, so the fork was rolled back: ",
-        );
-      }
+      failure = failure
+        ? prefixed(failure, "", `; restoring the source failed too: ${restoreErr.message}`)
+        : prefixed(restoreErr, "restoring the source failed, so the fork was rolled back: ");
       if (forked) await step("delete", async () => ({ kind: "delete", instance_id: p.target_id }));
     }
   }

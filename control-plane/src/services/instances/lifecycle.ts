@@ -53,11 +53,13 @@ export async function runVerb(
   const op = await s.db.transaction(async (tx) => {
     const row = await lockInstance(tx, tenantId, ref);
     assertState(row, verb.name, verb.from);
-    await assertIdle(tx, row, "exclusive");
     const need = verb.resident
       ? { vcpus: row.vcpus, memoryBytes: row.memoryBytes + row.hotplugBytes }
       : undefined;
-    const host = await admit(tx, s.env.HOST_GRACE_MS, row.hostId, need, row.id);
+    const [, host] = await Promise.all([
+      assertIdle(tx, row, "exclusive"),
+      admit(tx, s.env.HOST_GRACE_MS, row.hostId, need, row.id),
+    ]);
     verb.check?.(host, row);
     return s.ops.insert(tx, {
       tenantId,

@@ -1,0 +1,1 @@
+CREATE INDEX "instances_id_prefix_idx" ON "instances" USING btree ("id" text_pattern_ops);
