@@ -104,4 +104,24 @@ describe("official @onkernel/hypeman client", () => {
       ConflictError,
     );
   });
+
+  it("serves an OpenAPI document built from the same schemas, and a reference page", async () => {
+    const doc = (await (await fetch(`${stack.cp.url}/openapi.json`)).json()) as {
+      paths: Record<string, Record<string, unknown>>;
+      components: { schemas: Record<string, { properties?: Record<string, unknown> }> };
+    };
+    expect(Object.keys(doc.paths)).toEqual(
+      expect.arrayContaining([
+        "/instances",
+        "/instances/{id}",
+        "/instances/{id}/fork",
+        "/instances/{id}/wait",
+      ]),
+    );
+    expect(Object.keys(doc.paths["/instances/{id}/fork"] ?? {})).toEqual(["post"]);
+    expect(Object.keys(doc.components.schemas.Instance?.properties ?? {}).length).toBe(22);
+    const page = await fetch(`${stack.cp.url}/docs`);
+    expect(page.headers.get("content-type")).toMatch(/text\/html/);
+    expect(await page.text()).toContain("/openapi.json");
+  });
 });
