@@ -76,6 +76,7 @@ CREATE TABLE "operations" (
 	"tenant_id" text,
 	"host_id" text NOT NULL,
 	"parent_id" text,
+	"step" text,
 	"instance_id" text,
 	"source_instance_id" text,
 	"kind" text NOT NULL,
@@ -104,8 +105,9 @@ CREATE UNIQUE INDEX "instances_tenant_name_uq" ON "instances" USING btree ("tena
 CREATE UNIQUE INDEX "instances_host_ip_uq" ON "instances" USING btree ("host_id","ip") WHERE "instances"."ip" is not null;--> statement-breakpoint
 CREATE UNIQUE INDEX "instances_mac_uq" ON "instances" USING btree ("mac") WHERE "instances"."mac" is not null;--> statement-breakpoint
 CREATE INDEX "instances_host_idx" ON "instances" USING btree ("host_id");--> statement-breakpoint
+CREATE INDEX "instances_id_prefix_idx" ON "instances" USING btree ("id" text_pattern_ops);--> statement-breakpoint
 CREATE INDEX "instances_tenant_state_idx" ON "instances" USING btree ("tenant_id","state");--> statement-breakpoint
 CREATE INDEX "operations_pending_host_idx" ON "operations" USING btree ("host_id","created_at") WHERE "operations"."status" = 'pending';--> statement-breakpoint
 CREATE INDEX "operations_pending_instance_idx" ON "operations" USING btree ("instance_id") WHERE "operations"."status" = 'pending';--> statement-breakpoint
 CREATE INDEX "operations_pending_source_idx" ON "operations" USING btree ("source_instance_id") WHERE "operations"."status" = 'pending';--> statement-breakpoint
-CREATE UNIQUE INDEX "operations_parent_kind_uq" ON "operations" USING btree ("parent_id","kind") WHERE "operations"."parent_id" is not null;
+CREATE UNIQUE INDEX "operations_parent_step_uq" ON "operations" USING btree ("parent_id","step") WHERE "operations"."parent_id" is not null;

@@ -2,6 +2,7 @@ import { createRoute } from "@hono/zod-openapi";
 import { ApiError, type ERROR_STATUS, Health, UnitParseError } from "@offshoot/shared";
 import type { Context } from "hono";
 import { HTTPException } from "hono/http-exception";
+import { pgErrorCode } from "./db/client.ts";
 import { type AppEnv, newRouter } from "./routes/common.ts";
 import { registerInstanceRoutes } from "./routes/instances/index.ts";
 import { referencePage } from "./routes/reference.ts";
@@ -14,6 +15,23 @@ function errorResponse(c: Context<AppEnv>, status: ErrorStatus, code: string, me
   // The official client retries 409s and 5xx by default; say which answers are final.
   const final = status < 500 || status === 501;
   return c.json({ code, message }, status, { "x-should-retry": final ? "false" : "true" });
+}
+
+/** Whether any string in a JSON text (keys included) is one Postgres cannot store. */
+function hasUnstorableString(text: string): boolean {
+  if (!/\\u0000|\\ud[89a-f]/i.test(text)) return false; // the usual case: nothing escaped
+  let bad = false;
+  try {
+    JSON.parse(text, (key, value: unknown) => {
+      for (const str of [key, value]) {
+        if (typeof str === "string" && (str.includes("\0") || !str.isWellFormed())) bad = true;
+      }
+      return value;
+    });
+  } catch {
+    return false; // not JSON: the validator answers that
+  }
+  return bad;
 }
 
 export interface AppDeps {
@@ -29,6 +47,11 @@ export function createApp({ services, credentials, mountAgentEndpoint }: AppDeps
   app.onError((err, c) => {
     if (err instanceof ApiError) return errorResponse(c, err.status, err.code, err.message);
     if (err instanceof UnitParseError) return errorResponse(c, 400, "invalid_request", err.message);
+    // Backstop: a value Postgres refuses to store is the request's fault, not ours.
+    const { code } = pgErrorCode(err);
+    if (code === "22P05" || code === "22021" || code === "22P02") {
+      return errorResponse(c, 400, "invalid_request", "a value in the request cannot be stored");
+    }
     if (err instanceof HTTPException && err.status < 500) {
       const status = err.status === 401 ? 401 : err.status === 404 ? 404 : 400;
       const code =
@@ -92,11 +115,17 @@ export function createApp({ services, credentials, mountAgentEndpoint }: AppDeps
       );
     }
     c.set("tenantId", tenantId);
-    // Postgres text cannot hold NUL; refuse it here rather than fail deep in a query.
+    // Postgres cannot store NUL or a lone UTF-16 surrogate; refuse them here rather than
+    // fail deep in a query.
     if (c.req.method !== "GET" && c.req.method !== "DELETE") {
-      const text = await c.req.text();
-      if (/\\u0000/i.test(text))
-        return errorResponse(c, 400, "invalid_request", "strings must not contain NUL characters");
+      if (hasUnstorableString(await c.req.text())) {
+        return errorResponse(
+          c,
+          400,
+          "invalid_request",
+          "strings must not contain NUL characters or unpaired surrogates",
+        );
+      }
     }
     if (c.req.path.includes("\0") || c.req.url.includes("%00")) {
       return errorResponse(c, 404, "not_found", "not found");

@@ -13,6 +13,9 @@ export const CLOSE = {
   badProtocol: 4400,
   replaced: 4409,
   shuttingDown: 4503,
+  /** The control plane lost track of this session (a failed write, a missed heartbeat
+   * window): reconnect and say hello, so state is reconciled and pending commands re-sent. */
+  resync: 4000,
 } as const;
 
 /** Everything a host needs to run an instance. Sizes are bytes, rates bytes per second. */

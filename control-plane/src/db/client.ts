@@ -76,4 +76,24 @@ export function pgErrorCode(err: unknown): { code?: string; constraint?: string 
   return {};
 }
 
+/** The database's clock: host liveness is written and judged by the same clock. */
 export const now = sql`now()`;
+
+const RETRYABLE = new Set(["40P01", "40001"]); // deadlock detected, serialization failure
+
+/**
+ * A transaction that is retried when Postgres aborts it to break a deadlock or a
+ * serialization conflict: the loser of such a race simply runs again, instead of failing a
+ * request or dropping an agent's message.
+ */
+export async function transaction<T>(db: Db, fn: (tx: Tx) => Promise<T>, attempts = 5): Promise<T> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await db.transaction(fn);
+    } catch (e) {
+      const { code } = pgErrorCode(e);
+      if (!code || !RETRYABLE.has(code) || attempt >= attempts) throw e;
+      await new Promise((r) => setTimeout(r, Math.random() * 10 * attempt));
+    }
+  }
+}

@@ -6,6 +6,8 @@ import {
   type Hello,
   PROTOCOL_VERSION,
 } from "@offshoot/shared";
+import { transaction } from "../db/client.ts";
+
 import { type Services, topics } from "../services/context.ts";
 import { hostConnected } from "../services/hosts.ts";
 import { applyObserved } from "../services/operations.ts";
@@ -60,7 +62,13 @@ export class AgentSession {
     this.chain = this.chain
       .then(() => this.handle(text))
       .catch((e: unknown) => {
-        this.s().log("error", "agent message failed", { host_id: this.host.id, error: String(e) });
+        // Dropping a result or a hello would leave commands pending until the next reconnect;
+        // forcing that reconnect now makes the agent say hello and the re-send recover it.
+        this.s().log("error", "agent message failed; asking the agent to reconnect", {
+          host_id: this.host.id,
+          error: String(e),
+        });
+        this.close(CLOSE.resync, "message could not be recorded; reconnect");
       });
   }
 
@@ -118,7 +126,7 @@ export class AgentSession {
         await s.ops.complete(this.host.id, msg);
         return;
       case "event": {
-        const changed = await s.db.transaction((tx) =>
+        const changed = await transaction(s.db, (tx) =>
           applyObserved(tx, this.host.id, [msg.instance], "host.event"),
         );
         for (const id of changed) s.signals.notify(topics.instance(id));

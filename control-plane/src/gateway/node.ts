@@ -73,9 +73,16 @@ export class NodeGateway implements HostGateway {
     if (this.beats.size === 0) return;
     const ids = [...this.beats];
     this.beats.clear();
-    await recordHeartbeats(this.s, ids).catch((e: unknown) =>
-      this.s.log("error", "heartbeat flush failed", { error: String(e) }),
-    );
+    try {
+      const offline = await recordHeartbeats(this.s, ids);
+      // Marked offline by a sweep (a stall longer than the grace period): their instances are
+      // Unknown until a hello reconciles them, so ask those agents for one.
+      for (const id of offline)
+        this.sessions.get(id)?.close(CLOSE.resync, "host was marked offline");
+    } catch (e) {
+      for (const id of ids) this.beats.add(id);
+      this.s.log("error", "heartbeat flush failed; will retry", { error: String(e) });
+    }
   }
 
   async close(): Promise<void> {

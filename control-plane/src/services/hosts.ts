@@ -1,5 +1,6 @@
 import type { Hello, ObservedInstance } from "@offshoot/shared";
-import { and, eq, inArray, isNull, lt, lte, ne, notInArray, or, sql } from "drizzle-orm";
+import { and, asc, eq, inArray, isNull, lt, lte, notInArray, or, sql } from "drizzle-orm";
+import { now, transaction } from "../db/client.ts";
 import { events, hosts, instances } from "../db/schema/index.ts";
 import { type Services, topics } from "./context.ts";
 import { applyObserved } from "./operations.ts";
@@ -16,20 +17,8 @@ export async function hostConnected(
   connectedAt: Date,
 ): Promise<void> {
   const seen = new Map(hello.inventory.map((o) => [o.id, o]));
-  const { changed, orphans } = await s.db.transaction(async (tx) => {
-    await tx
-      .update(hosts)
-      .set({
-        status: "online",
-        driver: hello.driver,
-        agentVersion: hello.agent_version,
-        capabilities: hello.capabilities,
-        vcpus: hello.capacity.vcpus,
-        memoryBytes: hello.capacity.memory_bytes,
-        lastSeenAt: new Date(),
-        connectedAt,
-      })
-      .where(eq(hosts.id, hostId));
+  const { changed, orphans } = await transaction(s.db, async (tx) => {
+    // Lock order everywhere: instance rows (by id) before host rows; the host row is last here.
     const rows = await tx
       .select({ id: instances.id, state: instances.state })
       .from(instances)
@@ -42,6 +31,8 @@ export async function hostConnected(
       if (o) known.push(o);
       else if (!pending.has(r.id) && r.state !== "Created") missing.push(r.id);
     }
+    known.sort((a, b) => (a.id < b.id ? -1 : 1));
+    missing.sort();
     const changed = await applyObserved(tx, hostId, known, "host.hello");
     if (missing.length > 0) {
       await tx
@@ -76,6 +67,19 @@ export async function hostConnected(
         data: { state: o.state },
       });
     }
+    await tx
+      .update(hosts)
+      .set({
+        status: "online",
+        driver: hello.driver,
+        agentVersion: hello.agent_version,
+        capabilities: hello.capabilities,
+        vcpus: hello.capacity.vcpus,
+        memoryBytes: hello.capacity.memory_bytes,
+        lastSeenAt: now,
+        connectedAt,
+      })
+      .where(eq(hosts.id, hostId));
     return { changed, orphans: deletes };
   });
   for (const id of changed) s.signals.notify(topics.instance(id));
@@ -102,10 +106,24 @@ export async function hostDisconnected(
     );
 }
 
-/** Heartbeats are folded into one UPDATE per flush, whatever the number of hosts. */
-export async function recordHeartbeats(s: Services, hostIds: string[]): Promise<void> {
-  if (hostIds.length === 0) return;
-  await s.db.update(hosts).set({ lastSeenAt: new Date() }).where(inArray(hosts.id, hostIds));
+/**
+ * Heartbeats are folded into one UPDATE per flush, whatever the number of hosts (rows locked
+ * in id order, as everywhere). Returns the hosts that were marked offline meanwhile: their
+ * agents must say hello again before their instances can be trusted.
+ */
+export async function recordHeartbeats(s: Services, hostIds: string[]): Promise<string[]> {
+  if (hostIds.length === 0) return [];
+  const rows = await transaction(s.db, async (tx) => {
+    const locked = await tx
+      .select({ id: hosts.id, status: hosts.status })
+      .from(hosts)
+      .where(inArray(hosts.id, hostIds))
+      .orderBy(asc(hosts.id))
+      .for("update");
+    await tx.update(hosts).set({ lastSeenAt: now }).where(inArray(hosts.id, hostIds));
+    return locked;
+  });
+  return rows.filter((r) => r.status !== "online").map((r) => r.id);
 }
 
 /**
@@ -114,54 +132,38 @@ export async function recordHeartbeats(s: Services, hostIds: string[]): Promise<
  */
 export async function sweepSilentHosts(s: Services): Promise<number> {
   const cutoff = sql`now() - make_interval(secs => ${s.env.HOST_GRACE_MS / 1000})`;
-  const changed = await s.db.transaction(async (tx) => {
-    const silent = await tx
-      .select({ id: hosts.id, name: hosts.name, lastSeenAt: hosts.lastSeenAt })
-      .from(hosts)
-      .where(or(isNull(hosts.lastSeenAt), lt(hosts.lastSeenAt, cutoff)));
-    if (silent.length === 0) return [];
+  const silent = or(isNull(hosts.lastSeenAt), lt(hosts.lastSeenAt, cutoff));
+  const changed = await transaction(s.db, async (tx) => {
+    // Instances first, then hosts (the lock order everywhere). The silence is judged inside
+    // each statement, so a host whose hello lands meanwhile is left alone.
+    const stale = tx.select({ id: hosts.id }).from(hosts).where(silent);
+    const rows = await tx
+      .update(instances)
+      .set({
+        state: "Unknown",
+        stateError: sql`'host ' || (select ${hosts.name} from ${hosts} where ${hosts.id} = ${instances.hostId}) || ' has not been heard from since ' || coalesce((select to_char(${hosts.lastSeenAt} at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"') from ${hosts} where ${hosts.id} = ${instances.hostId}), 'it was registered')`,
+        version: sql`${instances.version} + 1`,
+      })
+      .where(
+        and(inArray(instances.hostId, stale), notInArray(instances.state, ["Unknown", "Created"])),
+      )
+      .returning({ id: instances.id, tenantId: instances.tenantId, hostId: instances.hostId });
+    if (rows.length > 0) {
+      await tx.insert(events).values(
+        rows.map((r) => ({
+          tenantId: r.tenantId,
+          instanceId: r.id,
+          hostId: r.hostId,
+          type: "instance.state",
+          data: { to: "Unknown", cause: "host.silent" },
+        })),
+      );
+    }
     await tx
       .update(hosts)
       .set({ status: "offline" })
-      .where(
-        and(
-          inArray(
-            hosts.id,
-            silent.map((h) => h.id),
-          ),
-          eq(hosts.status, "online"),
-        ),
-      );
-    const ids: string[] = [];
-    for (const h of silent) {
-      const since = h.lastSeenAt ? h.lastSeenAt.toISOString() : "never";
-      const rows = await tx
-        .update(instances)
-        .set({
-          state: "Unknown",
-          stateError: `host ${h.name} has not been heard from since ${since}`,
-          version: sql`${instances.version} + 1`,
-        })
-        .where(
-          and(
-            eq(instances.hostId, h.id),
-            ne(instances.state, "Unknown"),
-            notInArray(instances.state, ["Created"]),
-          ),
-        )
-        .returning({ id: instances.id, tenantId: instances.tenantId });
-      for (const r of rows) {
-        await tx.insert(events).values({
-          tenantId: r.tenantId,
-          instanceId: r.id,
-          hostId: h.id,
-          type: "instance.state",
-          data: { to: "Unknown", cause: "host.silent" },
-        });
-        ids.push(r.id);
-      }
-    }
-    return ids;
+      .where(and(eq(hosts.status, "online"), silent));
+    return rows.map((r) => r.id);
   });
   for (const id of changed) s.signals.notify(topics.instance(id));
   return changed.length;

@@ -10,7 +10,7 @@ import {
 } from "@offshoot/shared";
 import { createId } from "@paralleldrive/cuid2";
 import { and, asc, eq, inArray, ne, or, sql } from "drizzle-orm";
-import type { Db, Executor, Tx } from "../db/client.ts";
+import { type Db, type Executor, type Tx, transaction } from "../db/client.ts";
 import {
   events,
   type ForkFlowPayload,
@@ -29,6 +29,7 @@ export interface NewOperation {
   instanceId: string | null;
   sourceInstanceId?: string | null;
   parentId?: string | null;
+  step?: string | null;
   lock: "exclusive" | "shared" | "none";
   payload: Operation | ForkFlowPayload;
 }
@@ -86,6 +87,7 @@ export class Operations {
         instanceId: n.instanceId,
         sourceInstanceId: n.sourceInstanceId ?? null,
         parentId: n.parentId ?? null,
+        step: n.step ?? null,
         lock: n.lock,
         kind: n.payload.kind,
         payload: n.payload,
@@ -135,7 +137,7 @@ export class Operations {
 
   /** Records a host's result: exactly once, in one transaction with its effects. */
   async complete(hostId: string, result: Result): Promise<void> {
-    const done = await this.db.transaction(async (tx) => {
+    const done = await transaction(this.db, async (tx) => {
       // One statement both claims and records the result: of two copies of one result (a
       // re-sent command answered twice), only the first finds the row still pending.
       const [op] = await tx
@@ -155,7 +157,11 @@ export class Operations {
         )
         .returning();
       if (!op) return undefined;
-      const touched = await applyObserved(tx, hostId, result.instances, `op:${op.kind}`);
+      // A replayed answer (a re-sent command answered from the journal) is older than the
+      // inventory the agent's hello just reported, so its observations are not applied.
+      const touched = result.replayed
+        ? []
+        : await applyObserved(tx, hostId, result.instances, `op:${op.kind}`);
       const removed = await this.applyEffects(tx, op, result.ok);
       return { op, changed: [...touched, ...removed] };
     });

@@ -23,17 +23,21 @@ const online = (graceMs: number) =>
     gt(hosts.lastSeenAt, sql`now() - make_interval(secs => ${graceMs / 1000})`),
   );
 
-/** vCPUs and memory held on a host: resident instances plus ones being started or restored. */
+/**
+ * vCPUs and memory held on a host: resident instances, plus ones being started or restored,
+ * plus sources of from_running forks (in Standby for a moment, and restored after).
+ */
 async function usage(tx: Tx, hostId: string, exclude?: string): Promise<Need> {
+  const pending = and(eq(operations.hostId, hostId), eq(operations.status, "pending"));
   const starting = tx
     .select({ id: operations.instanceId })
     .from(operations)
-    .where(
-      and(
-        eq(operations.hostId, hostId),
-        eq(operations.status, "pending"),
-        inArray(operations.kind, ["start", "restore"]),
-      ),
+    .where(and(pending, inArray(operations.kind, ["start", "restore"])))
+    .union(
+      tx
+        .select({ id: operations.sourceInstanceId })
+        .from(operations)
+        .where(and(pending, eq(operations.kind, "fork_flow"), eq(operations.lock, "exclusive"))),
     );
   const [row] = await tx
     .select({
@@ -63,7 +67,8 @@ const shortfall = (host: HostRow, used: Need, need: Need) =>
 /**
  * Picks a connected host with room for `need` and locks its row for the rest of the
  * transaction, so two placements cannot both take the last slot. Prefers the host with the
- * most free memory (spreads load).
+ * most free memory (spreads load). Free capacity is estimated for all hosts in one query,
+ * then re-checked under the lock of the chosen host.
  */
 export async function placeInstance(
   tx: Tx,
@@ -85,23 +90,43 @@ export async function placeInstance(
       reason ?? `no connected host supports hypervisor ${hypervisor ?? "(default)"}`,
     );
   }
-  const ranked = await Promise.all(capable.map(async (h) => ({ h, used: await usage(tx, h.id) })));
-  ranked.sort(
-    (a, b) => b.h.memoryBytes - b.used.memoryBytes - (a.h.memoryBytes - a.used.memoryBytes),
+  const used = await usageByHost(
+    tx,
+    capable.map((h) => h.id),
   );
-  for (const { h } of ranked) {
+  const free = (h: HostRow) => h.memoryBytes - (used.get(h.id)?.memoryBytes ?? 0);
+  const ranked = capable
+    .filter((h) => fits(h, used.get(h.id) ?? { vcpus: 0, memoryBytes: 0 }, need))
+    .sort((a, b) => free(b) - free(a));
+  for (const h of ranked) {
     const [locked] = await tx.select().from(hosts).where(eq(hosts.id, h.id)).for("update");
     if (!locked) continue;
-    const used = await usage(tx, h.id);
-    if (fits(locked, used, need)) {
+    if (fits(locked, await usage(tx, h.id), need)) {
       const hv = hypervisor ?? locked.capabilities?.hypervisors[0];
-      if (!hv) continue;
-      return { host: locked, hypervisor: hv };
+      if (hv) return { host: locked, hypervisor: hv };
     }
   }
-  const first = ranked[0];
+  const best = [...capable].sort((a, b) => free(b) - free(a))[0];
   throw new InsufficientResourcesError(
-    first ? `no host has room: ${shortfall(first.h, first.used, need)}` : "no host has room",
+    best
+      ? `no host has room: ${shortfall(best, used.get(best.id) ?? { vcpus: 0, memoryBytes: 0 }, need)}`
+      : "no host has room",
+  );
+}
+
+/** Resident use per host, for many hosts in one query (an estimate: nothing is locked). */
+async function usageByHost(tx: Tx, hostIds: string[]): Promise<Map<string, Need>> {
+  const rows = await tx
+    .select({
+      hostId: instances.hostId,
+      vcpus: sql<string>`sum(${instances.vcpus})`,
+      memoryBytes: sql<string>`sum(${instances.memoryBytes} + ${instances.hotplugBytes})`,
+    })
+    .from(instances)
+    .where(and(inArray(instances.hostId, hostIds), inArray(instances.state, [...RESIDENT])))
+    .groupBy(instances.hostId);
+  return new Map(
+    rows.map((r) => [r.hostId, { vcpus: Number(r.vcpus), memoryBytes: Number(r.memoryBytes) }]),
   );
 }
 

@@ -15,6 +15,8 @@ export const operations = pgTable(
     tenantId: text("tenant_id"),
     hostId: text("host_id").notNull(),
     parentId: text("parent_id"),
+    /** For a flow's steps: which step this is ("standby", "fork", "restore", "restore#2"…). */
+    step: text("step"),
     /** Instance the operation changes; for forks, the new instance. */
     instanceId: text("instance_id"),
     /** For forks: the source, which must not change while the fork reads it. */
@@ -39,9 +41,9 @@ export const operations = pgTable(
     index("operations_pending_source_idx")
       .on(t.sourceInstanceId)
       .where(sql`${t.status} = 'pending'`),
-    // A fork flow issues each kind of step once, even if two drivers resume it at once.
-    uniqueIndex("operations_parent_kind_uq")
-      .on(t.parentId, t.kind)
+    // A fork flow issues each step once, even if two drivers resume it at once.
+    uniqueIndex("operations_parent_step_uq")
+      .on(t.parentId, t.step)
       .where(sql`${t.parentId} is not null`),
   ],
 );

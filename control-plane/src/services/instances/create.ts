@@ -8,6 +8,7 @@ import {
   parseSize,
 } from "@offshoot/shared";
 import { createId } from "@paralleldrive/cuid2";
+import { transaction } from "../../db/client.ts";
 import { instances } from "../../db/schema/index.ts";
 import type { Services } from "../context.ts";
 import { placeInstance } from "../placement.ts";
@@ -72,60 +73,58 @@ export async function createInstance(
   const vcpus = req.vcpus ?? 2;
   const networkEnabled = req.network?.enabled ?? true;
   const volumes = req.volumes ?? [];
-  const op = await s.db
-    .transaction(async (tx) => {
-      const { host, hypervisor } = await placeInstance(
-        tx,
-        s.env.HOST_GRACE_MS,
-        { vcpus, memoryBytes: sizes.memoryBytes + sizes.hotplugBytes },
-        req.hypervisor,
-        (h) => {
-          const caps = h.capabilities;
-          if (sizes.hotplugBytes > 0 && !caps?.hotplug_memory)
-            return `host ${h.name} cannot hotplug memory`;
-          if (sizes.diskIoBps !== null && !caps?.disk_io_limit)
-            return `host ${h.name} cannot limit disk I/O`;
-          if (volumes.length > 0 && !caps?.volumes) return `host ${h.name} cannot attach volumes`;
-          return undefined;
-        },
-      );
-      const [row] = await tx
-        .insert(instances)
-        .values({
-          id: createId(),
-          tenantId,
-          hostId: host.id,
-          name: req.name,
-          image: req.image,
-          hypervisor,
-          state: "Created",
-          vcpus,
-          memoryBytes: sizes.memoryBytes,
-          hotplugBytes: sizes.hotplugBytes,
-          overlayBytes: sizes.overlayBytes,
-          diskIoBps: sizes.diskIoBps,
-          env: req.env ?? {},
-          tags: req.tags ?? {},
-          entrypoint: req.entrypoint ?? null,
-          cmd: req.cmd ?? null,
-          networkEnabled,
-          ip: networkEnabled ? await allocateIp(tx, host.id) : null,
-          mac: networkEnabled ? newMac() : null,
-          bandwidthDownloadBps: sizes.download,
-          bandwidthUploadBps: sizes.upload,
-          volumes,
-        })
-        .returning();
-      if (!row) throw new Error("instance insert returned nothing");
-      return s.ops.insert(tx, {
+  const op = await transaction(s.db, async (tx) => {
+    const { host, hypervisor } = await placeInstance(
+      tx,
+      s.env.HOST_GRACE_MS,
+      { vcpus, memoryBytes: sizes.memoryBytes + sizes.hotplugBytes },
+      req.hypervisor,
+      (h) => {
+        const caps = h.capabilities;
+        if (sizes.hotplugBytes > 0 && !caps?.hotplug_memory)
+          return `host ${h.name} cannot hotplug memory`;
+        if (sizes.diskIoBps !== null && !caps?.disk_io_limit)
+          return `host ${h.name} cannot limit disk I/O`;
+        if (volumes.length > 0 && !caps?.volumes) return `host ${h.name} cannot attach volumes`;
+        return undefined;
+      },
+    );
+    const [row] = await tx
+      .insert(instances)
+      .values({
+        id: createId(),
         tenantId,
         hostId: host.id,
-        instanceId: row.id,
-        lock: "exclusive",
-        payload: { kind: "create", instance: specOf(row) },
-      });
-    })
-    .catch((e: unknown) => nameConflict(e, req.name));
+        name: req.name,
+        image: req.image,
+        hypervisor,
+        state: "Created",
+        vcpus,
+        memoryBytes: sizes.memoryBytes,
+        hotplugBytes: sizes.hotplugBytes,
+        overlayBytes: sizes.overlayBytes,
+        diskIoBps: sizes.diskIoBps,
+        env: req.env ?? {},
+        tags: req.tags ?? {},
+        entrypoint: req.entrypoint ?? null,
+        cmd: req.cmd ?? null,
+        networkEnabled,
+        ip: networkEnabled ? await allocateIp(tx, host.id) : null,
+        mac: networkEnabled ? newMac() : null,
+        bandwidthDownloadBps: sizes.download,
+        bandwidthUploadBps: sizes.upload,
+        volumes,
+      })
+      .returning();
+    if (!row) throw new Error("instance insert returned nothing");
+    return s.ops.insert(tx, {
+      tenantId,
+      hostId: host.id,
+      instanceId: row.id,
+      lock: "exclusive",
+      payload: { kind: "create", instance: specOf(row) },
+    });
+  }).catch((e: unknown) => nameConflict(e, req.name));
   await s.ops.run(op, s.env.COMMAND_TIMEOUT_MS);
   return present(await getById(s.db, tenantId, op.instanceId ?? ""));
 }

@@ -1,21 +1,52 @@
-import { eq } from "drizzle-orm";
-import { events, hosts, instances } from "../../db/schema/index.ts";
-import type { Services } from "../context.ts";
+import { and, eq, inArray, or } from "drizzle-orm";
+import { transaction } from "../../db/client.ts";
+import { events, hosts, instances, operations } from "../../db/schema/index.ts";
+import { type Services, topics } from "../context.ts";
 import { assertIdle } from "./lifecycle.ts";
 import { lockInstance } from "./resolve.ts";
 
+const SUPERSEDED = {
+  code: "host_unavailable",
+  message: "superseded by a delete while the host was away",
+};
+
 /**
  * DELETE /instances/{id}: allowed from any state (the only verb Unknown allows). On a
- * connected host the row goes once the host has deleted the instance; on a host that is
- * away the row goes now and the delete waits in `operations` for the host's return, so the
- * name is free at once and the host still cleans up.
+ * connected host the row goes once the host has deleted the instance. On a host that is
+ * away the row goes now: operations still pending on the instance are failed (they could
+ * only complete when the host returns, and would hold the instance until then), and the
+ * delete waits in `operations` for the host's return, so the name is free at once and the
+ * host still cleans up.
  */
 export async function deleteInstance(s: Services, tenantId: string, ref: string): Promise<void> {
-  const { op, queued } = await s.db.transaction(async (tx) => {
+  const { op, away, cancelled } = await transaction(s.db, async (tx) => {
     const row = await lockInstance(tx, tenantId, ref);
-    await assertIdle(tx, row, "exclusive");
-    const [host] = await tx.select().from(hosts).where(eq(hosts.id, row.hostId)).for("update");
+    const [host] = await tx
+      .select({ status: hosts.status })
+      .from(hosts)
+      .where(eq(hosts.id, row.hostId));
     const away = host?.status !== "online";
+    let cancelled: string[] = [];
+    if (away) {
+      const touching = or(
+        eq(operations.instanceId, row.id),
+        eq(operations.sourceInstanceId, row.id),
+      );
+      const flows = tx
+        .select({ id: operations.id })
+        .from(operations)
+        .where(and(eq(operations.status, "pending"), touching));
+      const failed = await tx
+        .update(operations)
+        .set({ status: "failed", error: SUPERSEDED, completedAt: new Date() })
+        .where(
+          and(eq(operations.status, "pending"), or(touching, inArray(operations.parentId, flows))),
+        )
+        .returning({ id: operations.id });
+      cancelled = failed.map((f) => f.id);
+    } else {
+      await assertIdle(tx, row, "exclusive");
+    }
     const op = await s.ops.insert(tx, {
       tenantId,
       hostId: row.hostId,
@@ -33,9 +64,10 @@ export async function deleteInstance(s: Services, tenantId: string, ref: string)
         data: { operation: op.id, reason: "deleted while host away; host cleans up on return" },
       });
     }
-    return { op, queued: away };
+    return { op, away, cancelled };
   });
-  if (queued) {
+  for (const id of cancelled) s.signals.notify(topics.operation(id));
+  if (away) {
     s.ops.send(op);
     return;
   }

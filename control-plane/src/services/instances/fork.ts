@@ -11,7 +11,7 @@ import {
 } from "@offshoot/shared";
 import { createId } from "@paralleldrive/cuid2";
 import { and, eq } from "drizzle-orm";
-import { type Executor, pgErrorCode } from "../../db/client.ts";
+import { type Executor, pgErrorCode, transaction } from "../../db/client.ts";
 import {
   type ForkFlowPayload,
   type InstanceRow,
@@ -44,95 +44,94 @@ export async function forkInstance(
   ref: string,
   req: ForkInstanceRequest,
 ): Promise<Instance> {
-  const { flow, children } = await s.db
-    .transaction(async (tx) => {
-      const src = await lockInstance(tx, tenantId, ref);
-      const writable = src.volumes.find((v) => !v.readonly);
-      if (writable) {
-        throw new NotSupportedError(
-          `cannot fork ${src.name}: volume ${writable.volume_id} is attached writable at ${writable.mount_path}, and a writable volume cannot be shared by two instances; detach it or attach it read-only`,
-        );
-      }
-      if (!FORKABLE.includes(src.state)) {
-        throw new InvalidStateError(
-          `cannot fork ${src.name}: it is ${src.state}; fork needs Stopped, Standby, or Running with from_running=true`,
-        );
-      }
-      if (src.state === "Running" && !req.from_running) {
-        throw new InvalidStateError(
-          `cannot fork ${src.name}: it is Running; pass from_running=true to put it into standby, fork it and restore it`,
-        );
-      }
-      const fromRunning = src.state === "Running";
-      const targetState = req.target_state ?? (src.state as ForkTargetState);
-      const need = { vcpus: src.vcpus, memoryBytes: src.memoryBytes + src.hotplugBytes };
-      // Issued together on the transaction's connection (pipelined, executed in order): the
-      // host lock is taken before the address is picked.
-      const [, host, ip] = await Promise.all([
-        assertIdle(tx, src, fromRunning ? "exclusive" : "shared"),
-        admit(tx, s.env.HOST_GRACE_MS, src.hostId, targetState === "Running" ? need : undefined),
-        src.networkEnabled ? allocateIp(tx, src.hostId) : null,
-      ]);
-      const caps = host.capabilities;
-      const via = src.state === "Stopped" ? "fork_from_stopped" : "fork_from_standby";
-      if (!caps?.[via] || (fromRunning && !caps.standby)) {
-        throw new NotSupportedError(
-          `host ${host.name} (${host.driver}) cannot fork a ${src.state} instance`,
-        );
-      }
-      const [target] = await tx
-        .insert(instances)
-        .values({
-          ...src,
-          id: createId(),
-          name: req.name,
-          state: "Created",
-          stateError: null,
-          ip,
-          mac: src.networkEnabled ? newMac() : null,
-          hasSnapshot: false,
-          exitCode: null,
-          exitMessage: null,
-          forkedFrom: src.id,
-          createdAt: new Date(),
-          startedAt: null,
-          stoppedAt: null,
-          updatedAt: new Date(),
-          version: 1,
-        })
-        .returning();
-      if (!target) throw new Error("fork insert returned nothing");
-      const payload: ForkFlowPayload = {
-        kind: "fork_flow",
-        source_id: src.id,
-        target_id: target.id,
-        from_running: fromRunning,
-        target_state: targetState,
-      };
-      const flow = await s.ops.insert(tx, {
-        tenantId,
-        hostId: src.hostId,
-        instanceId: target.id,
-        sourceInstanceId: src.id,
-        lock: fromRunning ? "exclusive" : "shared",
-        payload,
-      });
-      // Without a standby first, the host's fork is the first step: record it now.
-      const children = fromRunning
-        ? []
-        : [
-            await s.ops.insert(tx, {
-              tenantId,
-              hostId: src.hostId,
-              instanceId: target.id,
-              parentId: flow.id,
-              lock: "none",
-              payload: forkCommand(payload, target),
-            }),
-          ];
-      return { flow, children };
-    })
-    .catch((e: unknown) => nameConflict(e, req.name));
+  const { flow, children } = await transaction(s.db, async (tx) => {
+    const src = await lockInstance(tx, tenantId, ref);
+    const writable = src.volumes.find((v) => !v.readonly);
+    if (writable) {
+      throw new NotSupportedError(
+        `cannot fork ${src.name}: volume ${writable.volume_id} is attached writable at ${writable.mount_path}, and a writable volume cannot be shared by two instances; detach it or attach it read-only`,
+      );
+    }
+    if (!FORKABLE.includes(src.state)) {
+      throw new InvalidStateError(
+        `cannot fork ${src.name}: it is ${src.state}; fork needs Stopped, Standby, or Running with from_running=true`,
+      );
+    }
+    if (src.state === "Running" && !req.from_running) {
+      throw new InvalidStateError(
+        `cannot fork ${src.name}: it is Running; pass from_running=true to put it into standby, fork it and restore it`,
+      );
+    }
+    const fromRunning = src.state === "Running";
+    const targetState = req.target_state ?? (src.state as ForkTargetState);
+    const need = { vcpus: src.vcpus, memoryBytes: src.memoryBytes + src.hotplugBytes };
+    // Issued together on the transaction's connection (pipelined, executed in order): the
+    // host lock is taken before the address is picked.
+    const [, host, ip] = await Promise.all([
+      assertIdle(tx, src, fromRunning ? "exclusive" : "shared"),
+      admit(tx, s.env.HOST_GRACE_MS, src.hostId, targetState === "Running" ? need : undefined),
+      src.networkEnabled ? allocateIp(tx, src.hostId) : null,
+    ]);
+    const caps = host.capabilities;
+    const via = src.state === "Stopped" ? "fork_from_stopped" : "fork_from_standby";
+    if (!caps?.[via] || ((fromRunning || targetState === "Standby") && !caps.standby)) {
+      throw new NotSupportedError(
+        `host ${host.name} (${host.driver}) cannot fork a ${src.state} instance to ${targetState}`,
+      );
+    }
+    const [target] = await tx
+      .insert(instances)
+      .values({
+        ...src,
+        id: createId(),
+        name: req.name,
+        state: "Created",
+        stateError: null,
+        ip,
+        mac: src.networkEnabled ? newMac() : null,
+        hasSnapshot: false,
+        exitCode: null,
+        exitMessage: null,
+        forkedFrom: src.id,
+        createdAt: new Date(),
+        startedAt: null,
+        stoppedAt: null,
+        updatedAt: new Date(),
+        version: 1,
+      })
+      .returning();
+    if (!target) throw new Error("fork insert returned nothing");
+    const payload: ForkFlowPayload = {
+      kind: "fork_flow",
+      source_id: src.id,
+      target_id: target.id,
+      from_running: fromRunning,
+      target_state: targetState,
+    };
+    const flow = await s.ops.insert(tx, {
+      tenantId,
+      hostId: src.hostId,
+      instanceId: target.id,
+      sourceInstanceId: src.id,
+      lock: fromRunning ? "exclusive" : "shared",
+      payload,
+    });
+    // Without a standby first, the host's fork is the first step: record it now.
+    const children = fromRunning
+      ? []
+      : [
+          await s.ops.insert(tx, {
+            tenantId,
+            hostId: src.hostId,
+            instanceId: target.id,
+            parentId: flow.id,
+            step: "fork",
+            lock: "none",
+            payload: forkCommand(payload, target),
+          }),
+        ];
+    return { flow, children };
+  }).catch((e: unknown) => nameConflict(e, req.name));
 
   let timer: NodeJS.Timeout | undefined;
   const timeout = new Promise<never>((_, reject) => {
@@ -200,6 +199,7 @@ export async function resumeForks(s: Services): Promise<number> {
 
 // A step waits as long as it takes: a host that is away answers when it returns.
 const STEP_WAIT_MS = 24 * 3600_000;
+const RESTORE_ATTEMPTS = 3;
 
 function forkCommand(p: ForkFlowPayload, target: InstanceRow): Operation {
   return {
@@ -222,17 +222,18 @@ async function runFlow(
     return flow.status === "failed" ? { error: commandError(flow) } : {};
   }
 
-  const step = async (
-    kind: Operation["kind"],
-    make: () => Promise<Operation>,
-  ): Promise<OperationRow> => {
-    let child = known?.children.find((c) => c.kind === kind);
-    if (!child) {
-      [child] = await s.db
-        .select()
-        .from(operations)
-        .where(and(eq(operations.parentId, flowId), eq(operations.kind, kind)));
-    }
+  const findStep = async (name: string) => {
+    const mine = known?.children.find((c) => c.step === name);
+    if (mine) return mine;
+    const [row] = await s.db
+      .select()
+      .from(operations)
+      .where(and(eq(operations.parentId, flowId), eq(operations.step, name)));
+    return row;
+  };
+  /** Runs step `name` once: records it (unless a previous driver did), sends it, awaits it. */
+  const step = async (name: string, make: () => Promise<Operation>): Promise<OperationRow> => {
+    let child = await findStep(name);
     if (!child) {
       const op = await make();
       child = await s.ops
@@ -241,15 +242,13 @@ async function runFlow(
           hostId: flow.hostId,
           instanceId: "instance_id" in op ? op.instance_id : flow.instanceId,
           parentId: flowId,
+          step: name,
           lock: "none",
           payload: op,
         })
         .catch(async (e: unknown) => {
           if (pgErrorCode(e).code !== "23505") throw e;
-          const [raced] = await s.db
-            .select()
-            .from(operations)
-            .where(and(eq(operations.parentId, flowId), eq(operations.kind, kind)));
+          const raced = await findStep(name);
           if (!raced) throw e;
           return raced;
         });
@@ -260,6 +259,16 @@ async function runFlow(
       const done = await s.ops.waitFor(child.id, STEP_WAIT_MS);
       if (done) return done;
     }
+  };
+  /** The source's state as the host reported it after a step, else as recorded. */
+  const sourceState = async (op: OperationRow) => {
+    const seen = op.observed?.find((o) => o.id === p.source_id)?.state;
+    if (seen) return seen;
+    const [row] = await s.db
+      .select({ state: instances.state })
+      .from(instances)
+      .where(eq(instances.id, p.source_id));
+    return row?.state;
   };
 
   if (!p.from_running) {
@@ -275,7 +284,6 @@ async function runFlow(
   let forked = false;
   const sb = await step("standby", async () => ({ kind: "standby", instance_id: p.source_id }));
   if (sb.status === "failed") {
-    // The host resumed the source when its standby failed; there is nothing to restore.
     failure = prefixed(commandError(sb), "putting the source into standby failed: ");
   } else {
     const fk = await step("fork", async () => {
@@ -286,15 +294,39 @@ async function runFlow(
     });
     if (fk.status === "failed") failure = commandError(fk);
     else forked = true;
-    const rs = await step("restore", async () => ({ kind: "restore", instance_id: p.source_id }));
-    if (rs.status === "failed") {
-      const restoreErr = commandError(rs);
+  }
+  // Restore whenever the source is in Standby — also after a standby that failed late (an
+  // agent killed after the snapshot reports it Standby). A restore interrupted by an agent
+  // restart is tried again; a restore that failed but left the source Running succeeded.
+  let rollbackFailed = false;
+  if ((await sourceState(sb)) === "Standby") {
+    let restoreErr: HostCommandError | undefined;
+    for (let attempt = 1; attempt <= RESTORE_ATTEMPTS; attempt++) {
+      const rs = await step(attempt === 1 ? "restore" : `restore#${attempt}`, async () => ({
+        kind: "restore",
+        instance_id: p.source_id,
+      }));
+      if (rs.status === "succeeded" || (await sourceState(rs)) === "Running") {
+        restoreErr = undefined;
+        break;
+      }
+      restoreErr = commandError(rs);
+      if (restoreErr.code !== "interrupted") break;
+    }
+    if (restoreErr) {
       failure = failure
         ? prefixed(failure, "", `; restoring the source failed too: ${restoreErr.message}`)
         : prefixed(restoreErr, "restoring the source failed, so the fork was rolled back: ");
-      if (forked) await step("delete", async () => ({ kind: "delete", instance_id: p.target_id }));
+      if (forked) {
+        const del = await step("delete", async () => ({
+          kind: "delete",
+          instance_id: p.target_id,
+        }));
+        rollbackFailed = del.status === "failed";
+      }
     }
   }
+
   const finish = (ex: Executor) =>
     ex
       .update(operations)
@@ -304,15 +336,27 @@ async function runFlow(
         completedAt: new Date(),
       })
       .where(and(eq(operations.id, flowId), eq(operations.status, "pending")));
-  if (failure) {
-    await s.db.transaction(async (tx) => {
-      await finish(tx);
-      await tx.delete(instances).where(eq(instances.id, p.target_id));
-    });
-  } else {
+  if (!failure) {
     await finish(s.db);
+    return {};
   }
-  return failure ? { error: failure } : {};
+  const err = failure;
+  await transaction(s.db, async (tx) => {
+    await finish(tx);
+    if (rollbackFailed) {
+      // The host still has the fork: keep its row (and its address) so it can be deleted.
+      await tx
+        .update(instances)
+        .set({
+          state: "Unknown",
+          stateError: `this fork could not be rolled back after: ${err.message}; delete it`,
+        })
+        .where(eq(instances.id, p.target_id));
+    } else {
+      await tx.delete(instances).where(eq(instances.id, p.target_id));
+    }
+  });
+  return { error: failure };
 }
 
 function prefixed(err: HostCommandError, before: string, after = ""): HostCommandError {

@@ -5,7 +5,7 @@ import {
   NotSupportedError,
   type Operation,
 } from "@offshoot/shared";
-import type { Tx } from "../../db/client.ts";
+import { type Tx, transaction } from "../../db/client.ts";
 import type { InstanceRow } from "../../db/schema/index.ts";
 import type { Services } from "../context.ts";
 import { conflictingOperation } from "../operations.ts";
@@ -50,7 +50,7 @@ export async function runVerb(
   ref: string,
   verb: Verb,
 ): Promise<Instance> {
-  const op = await s.db.transaction(async (tx) => {
+  const op = await transaction(s.db, async (tx) => {
     const row = await lockInstance(tx, tenantId, ref);
     assertState(row, verb.name, verb.from);
     const need = verb.resident

@@ -16,29 +16,31 @@ export async function resolveInstance(
   opts: { forUpdate?: boolean } = {},
 ): Promise<InstanceRow> {
   if (ref.length === 0 || ref.length > 128) throw new NotFoundError(`instance ${ref} not found`);
-  const query = ex
-    .select()
-    .from(instances)
-    .where(
-      and(
-        eq(instances.tenantId, tenantId),
-        or(
-          eq(instances.id, ref),
-          eq(instances.name, ref),
-          like(instances.id, `${escapeLike(ref)}%`),
-        ),
-      ),
-    )
-    .limit(20);
-  const rows = await (opts.forUpdate ? query.for("update") : query);
-  const match =
-    rows.find((r) => r.id === ref) ??
-    rows.find((r) => r.name === ref) ??
-    (rows.length === 1 ? rows[0] : undefined);
+  const lock = <T extends { for: (s: "update") => unknown }>(q: T) =>
+    (opts.forUpdate ? q.for("update") : q) as T;
+  const exact = await lock(
+    ex
+      .select()
+      .from(instances)
+      .where(
+        and(eq(instances.tenantId, tenantId), or(eq(instances.id, ref), eq(instances.name, ref))),
+      )
+      .limit(2),
+  );
+  const match = exact.find((r) => r.id === ref) ?? exact.find((r) => r.name === ref);
   if (match) return match;
-  if (rows.length > 1) {
+  // Two rows are enough to tell unique from ambiguous.
+  const prefixed = await lock(
+    ex
+      .select()
+      .from(instances)
+      .where(and(eq(instances.tenantId, tenantId), like(instances.id, `${escapeLike(ref)}%`)))
+      .limit(2),
+  );
+  if (prefixed.length === 1 && prefixed[0]) return prefixed[0];
+  if (prefixed.length > 1) {
     throw new AmbiguousError(
-      `"${ref}" matches ${rows.length} instances; use more of the id or the name`,
+      `"${ref}" matches several instance ids; use more of the id or the name`,
     );
   }
   throw new NotFoundError(`instance ${ref} not found`);

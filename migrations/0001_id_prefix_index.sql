@@ -1,1 +1,0 @@
-CREATE INDEX "instances_id_prefix_idx" ON "instances" USING btree ("id" text_pattern_ops);
