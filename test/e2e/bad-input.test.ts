@@ -46,6 +46,8 @@ const nasty = fc.oneof(
     "UPPER",
     "-1GB",
     "1.5bps",
+    "\ud800",
+    "a\udfffb",
   ),
   fc.integer(),
   fc.double(),
@@ -266,6 +268,25 @@ describe("bad input", () => {
       const r = await raw(body as string, type as string);
       expect(r.status, body).toBe(400);
       expect(r.body).toMatchObject({ code: "invalid_request" });
+    }
+  });
+
+  it("strings Postgres cannot store (NUL, unpaired surrogates) are 400 and write nothing", async () => {
+    for (const body of [
+      { ...validCreate, name: "nul-1", env: { A: "x\u0000y" } },
+      { ...validCreate, name: "sur-1", env: { A: "\ud800" } },
+      {
+        ...validCreate,
+        name: "sur-2",
+        volumes: [{ volume_id: "v\udc00", mount_path: "/d", readonly: true }],
+      },
+      { ...validCreate, name: "sur-3", cmd: ["echo", "\udfff"] },
+    ]) {
+      const before = await counts(stack);
+      const r = await call("POST", "/instances", body);
+      expect(r.status, JSON.stringify(body)).toBe(400);
+      expect(r.body).toMatchObject({ code: "invalid_request" });
+      expect(await counts(stack)).toBe(before);
     }
   });
 
