@@ -28,7 +28,7 @@ export interface SimOptions {
 }
 
 const CAPABILITIES: DriverCapabilities = {
-  hypervisors: ["cloud-hypervisor", "firecracker", "qemu"],
+  hypervisors: ["qemu", "cloud-hypervisor", "firecracker"],
   fork_from_stopped: true,
   fork_from_standby: true,
   // A Running source is put into standby by the control plane, forked, then restored.
