@@ -39,6 +39,15 @@ const CAPS: DriverCapabilities = {
   volumes: true,
 };
 
+const ipNum = (ip: string) => ip.split(".").reduce((n, x) => n * 256 + Number(x), 0);
+function lowestFree(used: string[]): string {
+  const taken = new Set(used);
+  for (let i = 2; ; i++) {
+    const ip = `10.100.${i >> 8}.${i & 255}`;
+    if (!taken.has(ip)) return ip;
+  }
+}
+
 type Answer = (op: Operation, id: string) => Omit<Result, "v" | "type" | "command_id"> | null;
 
 /** A host that answers commands with a script (default: the obvious success), in-process. */
@@ -108,7 +117,7 @@ class ScriptedHost implements HostGateway {
       host_name: "scripted",
       driver: "scripted",
       capabilities: CAPS,
-      capacity: { vcpus: 8, memory_bytes: 16 * 2 ** 30 },
+      capacity: { vcpus: 64, memory_bytes: 64 * 2 ** 30 },
       inventory: [...this.states.values()],
       in_flight: [],
     };
@@ -237,6 +246,24 @@ describe("recovery and races (scripted host, real Postgres)", () => {
       (c) => c.op.kind === "restore" && c.op.instance_id === src.id,
     );
     expect(restores.length).toBe(2);
+  });
+
+  it("gives each instance on a host its own address, reusing the lowest freed one", async () => {
+    const a = await createInstance(s, tenantId, spec("ip-a"));
+    const b = await createInstance(s, tenantId, spec("ip-b"));
+    const c = await createInstance(s, tenantId, spec("ip-c"));
+    const ips = [a, b, c].map((i) => i.network?.ip);
+    expect(new Set(ips).size).toBe(3);
+    await deleteInstance(s, tenantId, "ip-b");
+    const d = await createInstance(s, tenantId, spec("ip-d"));
+    const rows = await db
+      .select({ ip: instances.ip })
+      .from(instances)
+      .where(eq(instances.hostId, host.hostId));
+    const all = rows.map((r) => r.ip ?? "").sort((x, y) => ipNum(x) - ipNum(y));
+    // The lowest free address: b's if nothing lower was free.
+    expect(d.network?.ip).toBe(lowestFree(all.filter((ip) => ip !== d.network?.ip)));
+    expect(new Set(all).size).toBe(all.length);
   });
 
   it("holds a from_running source's capacity while it is briefly in Standby", async () => {

@@ -1,6 +1,6 @@
 import { randomBytes } from "node:crypto";
 import type { Hypervisor, InstanceSpec } from "@offshoot/shared";
-import { and, eq, isNotNull } from "drizzle-orm";
+import { and, eq, isNotNull, sql } from "drizzle-orm";
 import type { Tx } from "../../db/client.ts";
 import { type InstanceRow, instances } from "../../db/schema/index.ts";
 
@@ -37,20 +37,30 @@ export function newMac(): string {
 }
 
 // Each host's guests live on 10.100.0.0/16; .0.1 is the host's bridge.
-const SUBNET_BASE = (10 << 24) | (100 << 16);
-const SUBNET_SIZE = 1 << 16;
-const ipString = (n: number) => [24, 16, 8, 0].map((s) => (n >>> s) & 255).join(".");
+const SUBNET = "10.100.0.0";
+const SUBNET_NUM = (10 << 24) | (100 << 16);
+const LAST_HOST = 65534;
 
-/** The lowest free address on the host. Callers hold the host row lock (see admit/place). */
+/**
+ * The lowest free address on the host: the first gap after .0.1 or after an address in use,
+ * found by the database with the (host_id, ip) index. Callers hold the host row lock (see
+ * admit/placeInstance), so two picks cannot collide.
+ */
 export async function allocateIp(tx: Tx, hostId: string): Promise<string> {
-  const rows = await tx
-    .select({ ip: instances.ip })
+  const base = sql`${SUBNET}::inet`;
+  const used = tx
+    .select({ n: sql<number>`(${instances.ip}::inet - ${base})`.as("n") })
     .from(instances)
-    .where(and(eq(instances.hostId, hostId), isNotNull(instances.ip)));
-  const used = new Set(rows.map((r) => r.ip));
-  for (let i = 2; i < SUBNET_SIZE - 1; i++) {
-    const ip = ipString(SUBNET_BASE + i);
-    if (!used.has(ip)) return ip;
-  }
-  throw new Error(`host ${hostId} has no free guest address`);
+    .where(and(eq(instances.hostId, hostId), isNotNull(instances.ip)))
+    .unionAll(tx.select({ n: sql<number>`1::bigint`.as("n") }).from(sql`(select 1) as one`))
+    .as("used");
+  const [row] = await tx
+    .select({ n: sql<string | null>`min(${used.n} + 1)` })
+    .from(used)
+    .where(
+      sql`not exists (select 1 from ${instances} where ${instances.hostId} = ${hostId} and ${instances.ip} = host(${base} + (${used.n} + 1)))`,
+    );
+  const n = Number(row?.n ?? Number.NaN);
+  if (!(n >= 2 && n <= LAST_HOST)) throw new Error(`host ${hostId} has no free guest address`);
+  return [24, 16, 8, 0].map((shift) => ((SUBNET_NUM + n) >>> shift) & 255).join(".");
 }
