@@ -81,6 +81,17 @@ function expectErrorShape(r: { status: number; body: unknown }, what: string) {
 describe("bad input", () => {
   let stack: Stack;
   let call: ReturnType<typeof api>;
+  /** POSTs, checks the error shape and that a rejection wrote nothing; removes what it made. */
+  async function postChecked(path: string, body: unknown) {
+    const before = await counts(stack);
+    const r = await call("POST", path, body);
+    expectErrorShape(r, `${path} ${JSON.stringify(body)}`);
+    if (r.status >= 400) expect(await counts(stack)).toBe(before);
+    if (r.status === 201) {
+      const id = (r.body as { id: string }).id;
+      expect((await call("DELETE", `/instances/${id}`)).status).toBe(204);
+    }
+  }
   beforeAll(async () => {
     stack = await startStack();
     call = api(stack.cp.url, stack.apiKey);
@@ -116,19 +127,8 @@ describe("bad input", () => {
       "gpu",
     ];
     await fc.assert(
-      fc.asyncProperty(
-        fc.oneof(mutate(validCreate, keys), fc.anything({ maxDepth: 2 })),
-        async (body) => {
-          const before = await counts(stack);
-          const r = await call("POST", "/instances", body);
-          expectErrorShape(r, JSON.stringify(body));
-          if (r.status >= 400) expect(await counts(stack)).toBe(before);
-          if (r.status === 201) {
-            expect(
-              (await call("DELETE", `/instances/${(r.body as { id: string }).id}`)).status,
-            ).toBe(204);
-          }
-        },
+      fc.asyncProperty(fc.oneof(mutate(validCreate, keys), fc.anything({ maxDepth: 2 })), (body) =>
+        postChecked("/instances", body),
       ),
       { numRuns: RUNS },
     );
@@ -154,17 +154,7 @@ describe("bad input", () => {
           mutate(base, ["name", "target_state", "from_running"]),
           fc.anything({ maxDepth: 2 }),
         ),
-        async (p, body) => {
-          const before = await counts(stack);
-          const r = await call("POST", `/instances/${p}/fork`, body);
-          expectErrorShape(r, `${p} ${JSON.stringify(body)}`);
-          if (r.status >= 400) expect(await counts(stack)).toBe(before);
-          if (r.status === 201) {
-            expect(
-              (await call("DELETE", `/instances/${(r.body as { id: string }).id}`)).status,
-            ).toBe(204);
-          }
-        },
+        (p, body) => postChecked(`/instances/${p}/fork`, body),
       ),
       { numRuns: RUNS },
     );
