@@ -284,4 +284,23 @@ describe("fork failures on the host", () => {
     const rows = await stack.db.select().from(instances).where(eq(instances.name, "rf-f"));
     expect(rows).toEqual([]);
   });
+
+  it("reports both errors when the fork and the source's restore both fail", async () => {
+    const stack = await startStack({
+      agents: [
+        { SIM_FAIL: JSON.stringify({ fork: "insufficient_resources", restore: "internal_error" }) },
+      ],
+    });
+    const call = api(stack.cp.url, stack.apiKey);
+    await create(call, "bf-src");
+    const r = await call("POST", "/instances/bf-src/fork", { name: "bf-f", from_running: true });
+    expect(r.status).toBe(409);
+    const { code, message } = r.body as { code: string; message: string };
+    expect(code).toBe("insufficient_resources");
+    expect(message).toMatch(/insufficient_resources|fork/);
+    expect(message).toMatch(/restoring the source failed too/);
+    expect((await call("GET", "/instances/bf-f")).status).toBe(404);
+    // The source stays in Standby (its snapshot intact), to be restored by hand.
+    expect((await call("GET", "/instances/bf-src")).body).toMatchObject({ state: "Standby" });
+  });
 });
