@@ -1,3 +1,4 @@
+import { randomUUID } from "node:crypto";
 import {
   type CommandError,
   HostCommandError,
@@ -8,7 +9,6 @@ import {
   type Result,
   TimeoutError,
 } from "@offshoot/shared";
-import { createId } from "@paralleldrive/cuid2";
 import { and, asc, eq, inArray, ne, or, sql } from "drizzle-orm";
 import { type Db, type Executor, type Tx, transaction } from "../db/client.ts";
 import {
@@ -81,7 +81,8 @@ export class Operations {
     const [row] = await tx
       .insert(operations)
       .values({
-        id: createId(),
+        // Operation ids are internal; CUID2 (SHA-3 based) is kept for the ids users see.
+        id: randomUUID(),
         tenantId: n.tenantId,
         hostId: n.hostId,
         instanceId: n.instanceId,
