@@ -1,7 +1,7 @@
 // `npm run bench`: control-plane benchmarks against a real Postgres server, written to
 // BENCHMARKS.md. Not a test: figures are reported, never asserted.
 import { execFileSync } from "node:child_process";
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import os from "node:os";
 import { join } from "node:path";
 import postgres from "postgres";
@@ -205,8 +205,6 @@ async function main() {
       .toString()
       .trim();
     lines.push(
-      "# Benchmarks",
-      "",
       `Produced by \`npm run bench\` (bench/run.ts) on ${new Date().toISOString().slice(0, 10)}: ${os.cpus().length} × ${cpu}, ${Math.round(os.totalmem() / 2 ** 30)} GiB, Node ${process.version}, ${pgVersion} on loopback.`,
       "Figures are client-side wall times of sequential HTTP requests (request → 201), after 20 warm-up requests. These machines are shared and noisy: read them as orders of magnitude.",
       "",
@@ -229,12 +227,23 @@ async function main() {
       `- Control-plane RSS ${Math.round(rssBefore / 1024)} MiB before the agents connected, ${Math.round(rssAfter / 1024)} MiB after: ${perConnKb.toFixed(1)} KiB per connection.`,
       "",
     );
-    writeFileSync("BENCHMARKS.md", `${lines.join("\n")}\n`);
+    writeResults(lines.join("\n"));
     console.log(lines.join("\n"));
   } finally {
     rmSync(root, { recursive: true, force: true });
     await pg?.stop();
   }
+}
+
+// The measured figures go between these markers; the notes around them are kept as written.
+const START = "<!-- bench:start (written by npm run bench) -->";
+const END = "<!-- bench:end -->";
+function writeResults(results: string) {
+  const file = "BENCHMARKS.md";
+  const old = existsSync(file) ? readFileSync(file, "utf8") : "";
+  const [before, rest] = old.includes(START) ? old.split(START) : ["", ""];
+  const after = rest?.includes(END) ? rest.slice(rest.indexOf(END) + END.length) : "\n";
+  writeFileSync(file, `${before}${START}\n${results}\n${END}${after}`);
 }
 
 async function waitOnline(cpUrl: string, key: string) {
