@@ -12,8 +12,9 @@ import type { Credentials } from "./services/credentials.ts";
 type ErrorStatus = (typeof ERROR_STATUS)[keyof typeof ERROR_STATUS];
 
 function errorResponse(c: Context<AppEnv>, status: ErrorStatus, code: string, message: string) {
-  // The official client retries 409s and 5xx by default; say which answers are final.
-  const final = status < 500 || status === 501;
+  // The official client retries 409s and 5xx by default; say which answers are final. A 504
+  // is final too: the operation goes on, and repeating the request would only conflict with it.
+  const final = status < 500 || status === 501 || status === 504;
   return c.json({ code, message }, status, { "x-should-retry": final ? "false" : "true" });
 }
 
