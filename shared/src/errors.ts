@@ -38,11 +38,6 @@ export class InvalidRequestError extends ApiError {
     super("invalid_request", message);
   }
 }
-export class UnauthorizedError extends ApiError {
-  constructor(message = "missing or invalid API key") {
-    super("unauthorized", message);
-  }
-}
 export class NotFoundError extends ApiError {
   constructor(message: string) {
     super("not_found", message);

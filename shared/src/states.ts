@@ -1,23 +1,8 @@
 import type { InstanceState } from "./schemas.ts";
 
-// Which state a lifecycle verb needs, and where each state may go. Unknown allows only delete,
-// as in Hypeman: nothing else is safe while the host's view is missing.
-export const TRANSITIONS: Record<InstanceState, readonly InstanceState[]> = {
-  Created: ["Initializing", "Running", "Stopped", "Unknown"],
-  Initializing: ["Running", "Stopped", "Standby", "Unknown"],
-  Running: ["Stopped", "Standby", "Paused", "Shutdown", "Unknown"],
-  Paused: ["Running", "Standby", "Stopped", "Unknown"],
-  Shutdown: ["Stopped", "Running", "Unknown"],
-  Stopped: ["Initializing", "Running", "Unknown"],
-  Standby: ["Initializing", "Running", "Stopped", "Unknown"],
-  Unknown: ["Created", "Initializing", "Running", "Paused", "Shutdown", "Stopped", "Standby"],
-};
-
-export function canTransition(from: InstanceState, to: InstanceState): boolean {
-  return TRANSITIONS[from].includes(to);
-}
-
-/** The states a verb may start from. */
+// The transition table of the lifecycle verbs: which states each verb may start from. Unknown
+// is in no list, so it allows only delete, as in Hypeman: nothing else is safe while the
+// host's view is missing. Where an instance goes is what its host then reports.
 export const VERB_FROM: Record<"start" | "stop" | "standby" | "restore", readonly InstanceState[]> =
   {
     start: ["Stopped"],

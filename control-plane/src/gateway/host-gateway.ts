@@ -9,6 +9,4 @@ import type { Command } from "@offshoot/shared";
 export interface HostGateway {
   /** Deliver now if the host's agent is connected to this process; false if not. */
   send(hostId: string, command: Command): boolean;
-  /** Whether the host's agent is connected to this process. */
-  isConnected(hostId: string): boolean;
 }

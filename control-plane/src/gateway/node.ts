@@ -33,14 +33,6 @@ export class NodeGateway implements HostGateway {
     return true;
   }
 
-  isConnected(hostId: string): boolean {
-    return this.sessions.get(hostId)?.ready ?? false;
-  }
-
-  get connectedCount(): number {
-    return this.sessions.size;
-  }
-
   /** A transport accepted an authenticated agent socket. */
   open(host: { id: string; name: string }, socket: AgentSocket): AgentSession {
     const session = new AgentSession(() => this.s, host, socket, {

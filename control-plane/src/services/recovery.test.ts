@@ -61,9 +61,6 @@ class ScriptedHost implements HostGateway {
   /** Results still being recorded; awaited before the database goes away. */
   inFlight = new Set<Promise<void>>();
 
-  isConnected(): boolean {
-    return this.connected;
-  }
   send(_hostId: string, command: Command): boolean {
     if (!this.connected) return false;
     this.sent.push(command);
