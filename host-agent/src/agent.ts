@@ -20,7 +20,8 @@ import type { Driver } from "./drivers/driver.ts";
 import { createDriver } from "./drivers/index.ts";
 import { Journal } from "./journal.ts";
 import { errorMessage, type Logger, stdoutLogger } from "./log.ts";
-import { agentPaths } from "./paths.ts";
+import { LogStreams } from "./logs.ts";
+import { type AgentPaths, agentPaths } from "./paths.ts";
 
 export const AGENT_VERSION = z
   .object({ version: z.string() })
@@ -66,7 +67,7 @@ export async function startAgent(
   try {
     const driver = options.driver ?? createDriver(config, paths);
     journal = await Journal.open(paths.journal, { keep: options.journalKeep });
-    const link = new Link(config, options, log, driver, journal, release);
+    const link = new Link(config, options, log, driver, journal, release, paths);
     await link.commands.recover();
     log("info", "agent started", {
       version: AGENT_VERSION,
@@ -86,6 +87,7 @@ export async function startAgent(
 
 class Link {
   readonly commands: Commands;
+  private readonly logs: LogStreams;
   hostId: string | null = null;
   private ws: WebSocket | null = null;
   private helloSent = false;
@@ -107,9 +109,17 @@ class Link {
     private readonly driver: Driver,
     private readonly journal: Journal,
     private readonly release: () => Promise<void>,
+    paths: AgentPaths,
   ) {
     this.backoff = options.backoff ?? { baseMs: 200, capMs: 5_000 };
-    this.commands = new Commands(journal, driver, log, (result) => this.send(result));
+    this.commands = new Commands(
+      journal,
+      driver,
+      log,
+      (result) => this.send(result),
+      (id) => paths.operationsLog(id),
+    );
+    this.logs = new LogStreams(driver, paths);
     // Dropped while disconnected: the next hello's inventory carries the same news.
     this.unsubscribe = driver.onEvent((instance) =>
       this.send({ v: PROTOCOL_VERSION, type: "event", instance }),
@@ -227,6 +237,14 @@ class Link {
       this.timers.beat = setInterval(() => this.beat(ws, msg.heartbeat_ms), msg.heartbeat_ms);
       return;
     }
+    if (msg.type === "logs") {
+      this.logs.open(msg, (chunk) => this.send(chunk));
+      return;
+    }
+    if (msg.type === "logs_cancel") {
+      this.logs.cancel(msg.stream_id);
+      return;
+    }
     const disposition = this.commands.handle(msg);
     if (disposition === "refused") {
       this.log("warn", "command refused", { command_id: msg.id, reason: "shutting down" });
@@ -252,6 +270,7 @@ class Link {
   }
 
   private onClose(code: number, reason: string): void {
+    this.logs.cancelAll();
     clearTimeout(this.timers.welcome);
     clearInterval(this.timers.beat);
     this.ws = null;

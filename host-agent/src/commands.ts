@@ -1,8 +1,10 @@
 // Commands from the control plane: journaled, executed at most once, answered from the
 // journal when re-sent. A reconnect never loses a result: the control plane re-sends what it
 // has not heard back about, and the journal answers.
+import { appendFile, mkdir, rm } from "node:fs/promises";
+import { dirname } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
-import { type Command, PROTOCOL_VERSION, type Result } from "@offshoot/shared";
+import { type Command, type Operation, PROTOCOL_VERSION, type Result } from "@offshoot/shared";
 import type { Driver, OpContext } from "./drivers/driver.ts";
 import type { Journal, Outcome } from "./journal.ts";
 import { errorMessage, type Logger } from "./log.ts";
@@ -28,7 +30,28 @@ export class Commands {
     private readonly driver: Driver,
     private readonly log: Logger,
     private readonly onResult: (result: Result) => void,
+    /** Where to keep each instance's operations log (log source "hypeman"); none if absent. */
+    private readonly operationsLog?: (instanceId: string) => string,
   ) {}
+
+  /** One line per instance the operation touches, in its operations log. Never fails a command. */
+  private async note(op: Operation, text: string): Promise<void> {
+    const file = this.operationsLog;
+    if (!file) return;
+    const line = `${new Date().toISOString()} ${text}\n`;
+    for (const id of instanceIds(op)) {
+      try {
+        await mkdir(dirname(file(id)), { recursive: true });
+        if (op.kind === "delete" && text.endsWith(" ok")) await rm(file(id), { force: true });
+        else await appendFile(file(id), line);
+      } catch (err) {
+        this.log("warn", "operations log write failed", {
+          instance_id: id,
+          error: errorMessage(err),
+        });
+      }
+    }
+  }
 
   /** Ids of commands executing now, for hello's in_flight. */
   inFlight(): string[] {
@@ -108,6 +131,7 @@ export class Commands {
     let outcome: Outcome;
     try {
       await this.journal.begin(command);
+      await this.note(op, `${op.kind} started (command ${id})`);
       outcome = await execute(this.driver, this.locks, op, this.context(id));
     } catch (err) {
       // Operations turn their own failures into outcomes; this is the journal failing, before
@@ -120,6 +144,12 @@ export class Commands {
       // Still answered now; after a restart recovery settles it from the steps on disk.
       this.log("error", "journal write failed", { command_id: id, error: errorMessage(err) });
     }
+    await this.note(
+      op,
+      outcome.ok
+        ? `${op.kind} ok`
+        : `${op.kind} failed: ${outcome.error.code}: ${outcome.error.message}`,
+    );
     this.running.delete(id);
     this.log(outcome.ok ? "info" : "warn", "command finished", {
       command_id: id,

@@ -12,6 +12,9 @@ export interface AgentPaths {
   readonly journal: string;
   /** Holds the pid of the agent that owns this data dir. */
   readonly pidFile: string;
+  /** The agent's own record of the operations it ran on an instance (log source "hypeman"). */
+  operationsLog(id: string): string;
+  readonly operationsLogDir: string;
   readonly sim: {
     /** One line per op the sim executed (not replayed), for tests. */
     readonly execLog: string;
@@ -20,6 +23,8 @@ export interface AgentPaths {
     stateFile(id: string): string;
     diskFile(id: string): string;
     snapshotFile(id: string): string;
+    /** The simulated guest's console (log source "app"). */
+    consoleLog(id: string): string;
   };
 }
 
@@ -35,6 +40,8 @@ export function agentPaths(root: string): AgentPaths {
     root,
     journal: path.join(root, "journal.jsonl"),
     pidFile: path.join(root, "agent.pid"),
+    operationsLogDir: path.join(root, "operations"),
+    operationsLog: (id) => path.join(root, "operations", `${checkInstanceId(id)}.log`),
     sim: {
       execLog: path.join(root, "sim-exec.log"),
       instancesDir,
@@ -42,6 +49,7 @@ export function agentPaths(root: string): AgentPaths {
       stateFile: (id) => path.join(instanceDir(id), "state.json"),
       diskFile: (id) => path.join(instanceDir(id), "disk.img"),
       snapshotFile: (id) => path.join(instanceDir(id), "snapshot.bin"),
+      consoleLog: (id) => path.join(instanceDir(id), "console.log"),
     },
   };
 }

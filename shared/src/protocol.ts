@@ -142,7 +142,18 @@ export type Result = z.infer<typeof Result>;
 export const Event = z.object({ v: V, type: z.literal("event"), instance: ObservedInstance });
 export type Event = z.infer<typeof Event>;
 
-export const AgentMessage = z.union([Hello, Heartbeat, Result, Event]);
+/** Lines of a log stream the control plane asked for; `done` ends the stream. */
+export const LogChunk = z.object({
+  v: V,
+  type: z.literal("log"),
+  stream_id: z.string(),
+  lines: z.array(z.string()),
+  done: z.boolean().optional(),
+  error: CommandError.optional(),
+});
+export type LogChunk = z.infer<typeof LogChunk>;
+
+export const AgentMessage = z.union([Hello, Heartbeat, Result, Event, LogChunk]);
 export type AgentMessage = z.infer<typeof AgentMessage>;
 
 // ---- control plane → agent -------------------------------------------------------------
@@ -163,12 +174,32 @@ export const Command = z.object({
 });
 export type Command = z.infer<typeof Command>;
 
+/** app: the guest's serial console; vmm: the hypervisor's output; hypeman: the agent's own
+ * record of the operations it ran on the instance. */
+export const LogSource = z.enum(["app", "vmm", "hypeman"]);
+export type LogSource = z.infer<typeof LogSource>;
+
+/** Asks for the last `tail` lines of a log and, with `follow`, the lines that come after. */
+export const LogsRequest = z.object({
+  v: V,
+  type: z.literal("logs"),
+  stream_id: z.string(),
+  instance_id: z.string(),
+  source: LogSource,
+  tail: z.number().int().nonnegative(),
+  follow: z.boolean(),
+});
+export type LogsRequest = z.infer<typeof LogsRequest>;
+
+export const LogsCancel = z.object({ v: V, type: z.literal("logs_cancel"), stream_id: z.string() });
+export type LogsCancel = z.infer<typeof LogsCancel>;
+
 /**
  * Re-send contract: after every hello the control plane re-sends each command of that host
  * that has no recorded result, oldest first. The agent answers a command id it has finished
  * from its journal (which keeps the last 10,000 outcomes) and ignores one it is still running.
  */
-export const ServerMessage = z.union([Welcome, Command]);
+export const ServerMessage = z.union([Welcome, Command, LogsRequest, LogsCancel]);
 export type ServerMessage = z.infer<typeof ServerMessage>;
 
 export function encode(msg: AgentMessage | ServerMessage): string {

@@ -190,18 +190,45 @@ describe("bad input", () => {
   it("queries: list filters and wait parameters", async () => {
     const q = fc.dictionary(
       fc.oneof(
-        fc.constantFrom("state", "tags[team]", "tags[]", "tags[a b]", "timeout", "tags[\u0000]"),
+        fc.constantFrom(
+          "state",
+          "tags[team]",
+          "tags[]",
+          "tags[a b]",
+          "timeout",
+          "tags[\u0000]",
+          "tail",
+          "follow",
+          "source",
+        ),
         fc.string({ maxLength: 10 }),
       ),
       fc.oneof(
         fc.string({ maxLength: 20 }),
-        fc.constantFrom("Running", "Stopped", "1s", "10m", "-1s", "0s", "1e9h"),
+        fc.constantFrom(
+          "Running",
+          "Stopped",
+          "1s",
+          "10m",
+          "-1s",
+          "0s",
+          "1e9h",
+          "true",
+          "app",
+          "hypeman",
+          "5",
+        ),
       ),
       { maxKeys: 3 },
     );
     await fc.assert(
       fc.asyncProperty(
-        fc.constantFrom("/instances", "/instances/fz-run/wait", "/instances/nope/wait"),
+        fc.constantFrom(
+          "/instances",
+          "/instances/fz-run/wait",
+          "/instances/nope/wait",
+          "/instances/fz-run/logs",
+        ),
         q,
         async (p, query) => {
           const qs = new URLSearchParams(query).toString();

@@ -4,7 +4,9 @@ import {
   type Command,
   encode,
   type Hello,
+  type LogChunk,
   PROTOCOL_VERSION,
+  type ServerMessage,
 } from "@offshoot/shared";
 import { transaction } from "../db/client.ts";
 
@@ -37,6 +39,7 @@ export class AgentSession {
     private hooks: {
       onHello(session: AgentSession): void;
       onHeartbeat(hostId: string): void;
+      onLog(hostId: string, chunk: LogChunk): void;
     },
   ) {
     this.helloTimer = setTimeout(
@@ -51,6 +54,10 @@ export class AgentSession {
 
   send(command: Command): void {
     this.socket.send(encode(command));
+  }
+
+  sendMessage(msg: ServerMessage): void {
+    this.socket.send(encode(msg));
   }
 
   close(code: number, reason: string): void {
@@ -121,6 +128,9 @@ export class AgentSession {
     switch (msg.type) {
       case "heartbeat":
         this.hooks.onHeartbeat(this.host.id);
+        return;
+      case "log":
+        this.hooks.onLog(this.host.id, msg);
         return;
       case "result":
         await s.ops.complete(this.host.id, msg);

@@ -1,4 +1,12 @@
-import type { Command } from "@offshoot/shared";
+import type { Command, CommandError, LogsRequest } from "@offshoot/shared";
+
+export type LogQuery = Pick<LogsRequest, "instance_id" | "source" | "tail" | "follow">;
+
+/** Where a log stream's lines go; `end` is called once, with an error if it broke off. */
+export interface LogSink {
+  lines(lines: string[]): void;
+  end(error?: CommandError): void;
+}
 
 /**
  * How services reach hosts. Services record a command in Postgres first, then ask the gateway
@@ -9,4 +17,9 @@ import type { Command } from "@offshoot/shared";
 export interface HostGateway {
   /** Deliver now if the host's agent is connected to this process; false if not. */
   send(hostId: string, command: Command): boolean;
+  /**
+   * Streams a log from the host. Live data, not a durable command: undefined when the host's
+   * agent is not connected here. Returns a function that cancels the stream.
+   */
+  openLogs(hostId: string, query: LogQuery, sink: LogSink): (() => void) | undefined;
 }

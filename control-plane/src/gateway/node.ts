@@ -1,9 +1,9 @@
-import type { Command } from "@offshoot/shared";
-import { CLOSE } from "@offshoot/shared";
+import { randomUUID } from "node:crypto";
+import { CLOSE, type Command, type LogChunk, PROTOCOL_VERSION } from "@offshoot/shared";
 import type { Services } from "../services/context.ts";
 import { hostDisconnected, recordHeartbeats } from "../services/hosts.ts";
 import { AgentSession, type AgentSocket } from "./agent-session.ts";
-import type { HostGateway } from "./host-gateway.ts";
+import type { HostGateway, LogQuery, LogSink } from "./host-gateway.ts";
 
 /**
  * The Node gateway: agent sessions held in this process. Commands for a host whose agent is
@@ -12,6 +12,7 @@ import type { HostGateway } from "./host-gateway.ts";
 export class NodeGateway implements HostGateway {
   private sessions = new Map<string, AgentSession>();
   private beats = new Set<string>();
+  private logStreams = new Map<string, { hostId: string; sink: LogSink }>();
   private flushTimer: NodeJS.Timeout | undefined;
   private services: Services | undefined;
 
@@ -33,6 +34,32 @@ export class NodeGateway implements HostGateway {
     return true;
   }
 
+  openLogs(hostId: string, query: LogQuery, sink: LogSink): (() => void) | undefined {
+    const session = this.sessions.get(hostId);
+    if (!session?.ready) return undefined;
+    const streamId = randomUUID();
+    this.logStreams.set(streamId, { hostId, sink });
+    session.sendMessage({ v: PROTOCOL_VERSION, type: "logs", stream_id: streamId, ...query });
+    return () => {
+      if (!this.logStreams.delete(streamId)) return;
+      this.sessions.get(hostId)?.sendMessage({
+        v: PROTOCOL_VERSION,
+        type: "logs_cancel",
+        stream_id: streamId,
+      });
+    };
+  }
+
+  private onLog(hostId: string, chunk: LogChunk): void {
+    const stream = this.logStreams.get(chunk.stream_id);
+    if (!stream || stream.hostId !== hostId) return;
+    if (chunk.lines.length > 0) stream.sink.lines(chunk.lines);
+    if (chunk.done) {
+      this.logStreams.delete(chunk.stream_id);
+      stream.sink.end(chunk.error);
+    }
+  }
+
   /** A transport accepted an authenticated agent socket. */
   open(host: { id: string; name: string }, socket: AgentSocket): AgentSession {
     const session = new AgentSession(() => this.s, host, socket, {
@@ -43,6 +70,7 @@ export class NodeGateway implements HostGateway {
           previous.close(CLOSE.replaced, "replaced by a newer connection");
       },
       onHeartbeat: (hostId) => this.beats.add(hostId),
+      onLog: (hostId, chunk) => this.onLog(hostId, chunk),
     });
     return session;
   }
@@ -52,6 +80,11 @@ export class NodeGateway implements HostGateway {
     session.ended();
     if (this.sessions.get(session.host.id) !== session) return;
     this.sessions.delete(session.host.id);
+    for (const [id, stream] of this.logStreams) {
+      if (stream.hostId !== session.host.id) continue;
+      this.logStreams.delete(id);
+      stream.sink.end({ code: "host_unavailable", message: "the host disconnected" });
+    }
     hostDisconnected(this.s, session.host.id, session.connectedAt).catch((e: unknown) =>
       this.s.log("error", "recording disconnect failed", {
         host_id: session.host.id,

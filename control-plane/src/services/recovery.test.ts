@@ -61,6 +61,9 @@ class ScriptedHost implements HostGateway {
   /** Results still being recorded; awaited before the database goes away. */
   inFlight = new Set<Promise<void>>();
 
+  openLogs(): undefined {
+    return undefined; // logs are covered end to end with real agents
+  }
   send(_hostId: string, command: Command): boolean {
     if (!this.connected) return false;
     this.sent.push(command);

@@ -56,6 +56,10 @@ export interface Driver {
     ctx: { commandId: string; steps: readonly string[] },
   ): Promise<ObservedInstance[]>;
 
+  /** Where the driver keeps a log of an instance: "app" is the guest's console, "vmm" the
+   * hypervisor's output. undefined when the driver has no such log. */
+  logFile(id: string, source: "app" | "vmm"): string | undefined;
+
   /** State changes the driver observes on its own (guest exited, VMM died). Returns an
    * unsubscribe function. */
   onEvent(listener: (instance: ObservedInstance) => void): () => void;

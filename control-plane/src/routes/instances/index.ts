@@ -5,16 +5,19 @@ import {
   Instance,
   InstanceState,
   InvalidRequestError,
+  LogSource,
   StandbyInstanceRequest,
   StartInstanceRequest,
   Tags,
   WaitForStateResponse,
 } from "@offshoot/shared";
+import { streamSSE } from "hono/streaming";
 import { createInstance } from "../../services/instances/create.ts";
 import { deleteInstance } from "../../services/instances/delete.ts";
 import { forkInstance } from "../../services/instances/fork.ts";
 import { getInstance } from "../../services/instances/get.ts";
 import { listInstances } from "../../services/instances/list.ts";
+import { openLogs } from "../../services/instances/logs.ts";
 import { restoreInstance } from "../../services/instances/restore.ts";
 import { standbyInstance } from "../../services/instances/standby.ts";
 import { startInstance } from "../../services/instances/start.ts";
@@ -264,6 +267,57 @@ export function registerInstanceRoutes(app: Router) {
         ),
         200,
       );
+    },
+  );
+
+  app.openapi(
+    createRoute({
+      method: "get",
+      path: "/instances/{id}/logs",
+      summary: "Stream instance logs (SSE)",
+      description:
+        "The last `tail` lines of a log, then with `follow=true` the lines that follow. Each event's data is one line as a JSON string. source: app (the guest's serial console), vmm (the hypervisor's output), hypeman (operations run on the instance).",
+      security,
+      request: {
+        params: IdParam,
+        query: z.object({
+          tail: z.coerce.number().int().min(0).max(100_000).default(100),
+          follow: z.enum(["true", "false"]).default("false"),
+          source: LogSource.default("app"),
+        }),
+      },
+      responses: {
+        200: {
+          description: "Log stream",
+          content: { "text/event-stream": { schema: z.string() } },
+        },
+        400: errors[400],
+        401: errors[401],
+        404: errors[404],
+        503: errors[503],
+      },
+    }),
+    async (c) => {
+      const q = c.req.valid("query");
+      const logs = await openLogs(c.var.services, c.var.tenantId, c.req.valid("param").id, {
+        tail: q.tail,
+        follow: q.follow === "true",
+        source: q.source,
+      });
+      return streamSSE(c, async (stream) => {
+        await new Promise<void>((done) => {
+          stream.onAbort(() => {
+            logs.cancel();
+            done();
+          });
+          logs.attach({
+            lines: (lines) => {
+              for (const line of lines) void stream.writeSSE({ data: JSON.stringify(line) });
+            },
+            end: () => done(),
+          });
+        });
+      }) as never;
     },
   );
 }

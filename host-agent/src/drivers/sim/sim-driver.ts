@@ -247,6 +247,11 @@ export class SimDriver implements Driver {
     }
   }
 
+  /** The sim has a console (its state changes) but no VMM process with output of its own. */
+  logFile(id: string, source: "app" | "vmm"): string | undefined {
+    return source === "app" ? this.paths.sim.consoleLog(id) : undefined;
+  }
+
   onEvent(listener: (instance: ObservedInstance) => void): () => void {
     this.listeners.add(listener);
     return () => this.listeners.delete(listener);

@@ -1,7 +1,7 @@
 // The sim's "hypervisor state": one JSON file per instance. Like a QEMU process it outlives the
 // agent, so instances survive a kill -9 of the agent and reappear in the next inventory.
 import { randomBytes } from "node:crypto";
-import { readdir, readFile, rename, rm, writeFile } from "node:fs/promises";
+import { appendFile, readdir, readFile, rename, rm, writeFile } from "node:fs/promises";
 import { InstanceSpec, ObservedInstance } from "@offshoot/shared";
 import { z } from "zod";
 import type { AgentPaths } from "../../paths.ts";
@@ -59,6 +59,9 @@ export class SimStore {
     const tmp = `${file}.${randomBytes(4).toString("hex")}.tmp`;
     await writeFile(tmp, JSON.stringify(record));
     await rename(tmp, file);
+    // The simulated guest "prints" each state it enters, so its console log has content.
+    const { id, state } = record.observed;
+    await appendFile(this.paths.consoleLog(id), `${new Date().toISOString()} sim: ${state}\n`);
   }
 
   async remove(id: string): Promise<void> {
