@@ -240,6 +240,19 @@ describe("bad input", () => {
           }).catch((e: unknown) => e);
           if (res instanceof Error && res.name === "TimeoutError") return;
           if (!(res instanceof Response)) throw res;
+          if (res.headers.get("content-type")?.startsWith("text/event-stream")) {
+            // A log stream: every event's data is one line as a JSON string.
+            expect(res.status).toBe(200);
+            const text = await res.text().catch((e: unknown) => {
+              // follow=true: still streaming when the client gave up, which is fine here.
+              if (e instanceof Error && e.name === "TimeoutError") return "";
+              throw e;
+            });
+            for (const m of text.matchAll(/^data: (.*)$/gm)) {
+              expect(typeof JSON.parse(m[1] ?? "")).toBe("string");
+            }
+            return;
+          }
           const r = { status: res.status, body: await res.json() };
           expectErrorShape(r, `${p}?${qs}`);
           if (p === "/instances" && r.status === 200) expect(Array.isArray(r.body)).toBe(true);
