@@ -1,0 +1,210 @@
+// Builds the QEMU command line for one guest and starts it, detached, so the guest outlives the
+// agent (a restarted agent finds it again by its QMP socket).
+//
+// The machine is `-machine microvm` booting the ELF vmlinux through its PVH entry (no firmware
+// path through real-mode setup: fastest boot measured, 3–4 s to /init under TCG). Guest RAM is a
+// memory-backend-file so that forks can later map a frozen copy of it (see FACTS.md).
+import { closeSync, openSync, readFileSync } from "node:fs";
+import { execa } from "execa";
+import { checkSocketPath, QmpClient } from "./qmp.ts";
+
+export type Accel = "kvm" | "tcg";
+
+export interface GuestSpec {
+  /** qemu-system-x86_64 */
+  qemu: string;
+  /** ELF vmlinux with a PVH entry (microvm loads it directly). */
+  kernel: string;
+  initramfs: string;
+  accel: Accel;
+  memoryMiB: number;
+  vcpus: number;
+  /** File that holds guest RAM; QEMU creates it (sparse) if missing. */
+  memFile: string;
+  /** MAP_SHARED (default): the file is the live guest memory. false: copy-on-write over it. */
+  shareMemory?: boolean;
+  /** Unix socket QEMU listens on for QMP; < 108 bytes. */
+  qmpSocket: string;
+  /** Guest serial console (ttyS0), written by QEMU. */
+  serialLog: string;
+  /** QEMU's own stdout/stderr. */
+  qemuLog: string;
+  /** Shell command /init runs (`sh -c`); omitted → a counter printing once a second. */
+  command?: string;
+  /** Appended to the kernel command line, e.g. "quiet" or "virtio_mmio.device=…". */
+  kernelArgs?: readonly string[];
+  /** Appended to QEMU's arguments (devices, netdevs, `-incoming defer`). */
+  extraArgs?: readonly string[];
+}
+
+/** x86 COMMAND_LINE_SIZE. */
+const MAX_CMDLINE = 2048;
+
+/** QEMU option values escape a comma by doubling it. */
+const optValue = (v: string) => v.replaceAll(",", ",,");
+
+export function kernelCmdline(spec: Pick<GuestSpec, "command" | "kernelArgs">): string {
+  const args = [
+    "console=ttyS0",
+    // microvm under TCG hangs calibrating the TSC without it (FACTS.md); harmless under KVM.
+    "tsc_early_khz=2000000",
+    // A dying /init panics; reboot at once so that -no-reboot ends QEMU instead of it hanging.
+    "panic=-1",
+    ...(spec.kernelArgs ?? []),
+  ];
+  // Base64 keeps the command one token: /init splits /proc/cmdline on whitespace.
+  if (spec.command !== undefined)
+    args.push(`offshoot.cmd=${Buffer.from(spec.command).toString("base64")}`);
+  const line = args.join(" ");
+  if (line.length >= MAX_CMDLINE) {
+    throw new Error(`kernel command line is ${line.length} bytes; the limit is ${MAX_CMDLINE - 1}`);
+  }
+  return line;
+}
+
+export function qemuArgs(spec: GuestSpec): string[] {
+  const mem = `${spec.memoryMiB}M`;
+  const share = spec.shareMemory ?? true;
+  return [
+    "-name",
+    "offshoot",
+    // ACPI stays on (the default): the cloud kernel finds virtio-mmio devices only through ACPI,
+    // it lacks CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES.
+    "-machine",
+    "microvm,memory-backend=mem",
+    "-accel",
+    spec.accel,
+    ...(spec.accel === "kvm" ? ["-cpu", "host"] : []),
+    "-smp",
+    String(spec.vcpus),
+    "-m",
+    mem,
+    "-object",
+    `memory-backend-file,id=mem,size=${mem},mem-path=${optValue(spec.memFile)},share=${share ? "on" : "off"}`,
+    "-nodefaults",
+    "-no-user-config",
+    "-nographic",
+    // Guest reboot (or panic) ends QEMU, like poweroff: the agent observes one "exited" path.
+    "-no-reboot",
+    "-kernel",
+    spec.kernel,
+    "-initrd",
+    spec.initramfs,
+    "-append",
+    kernelCmdline(spec),
+    "-chardev",
+    `file,id=serial0,path=${optValue(spec.serialLog)}`,
+    "-serial",
+    "chardev:serial0",
+    "-qmp",
+    `unix:${optValue(checkSocketPath(spec.qmpSocket))},server=on,wait=off`,
+    ...(spec.extraArgs ?? []),
+  ];
+}
+
+export interface QemuExit {
+  exitCode: number | undefined;
+  signal: string | undefined;
+}
+
+export interface LaunchedQemu {
+  pid: number;
+  qmpSocket: string;
+  serialLog: string;
+  qemuLog: string;
+  args: string[];
+  /** Connected and past capabilities negotiation. */
+  qmp: QmpClient;
+  /** Resolves when this QEMU process ends (only while this agent process is its parent). */
+  exited: Promise<QemuExit>;
+}
+
+export interface LaunchOptions {
+  /** How long QEMU may take to open its QMP socket. */
+  qmpTimeoutMs?: number;
+}
+
+/** Starts QEMU detached and connects QMP. On failure the process is killed and the error carries
+ * QEMU's own output (bad arguments, missing /dev/kvm, …). */
+export async function launchQemu(spec: GuestSpec, opts: LaunchOptions = {}): Promise<LaunchedQemu> {
+  const args = qemuArgs(spec);
+  // A file descriptor, not a pipe: QEMU must keep a valid stdout/stderr after the agent exits.
+  // execa's types admit only the literals 3–9, any open fd works at runtime.
+  const out = openSync(spec.qemuLog, "a") as 3;
+  const sub = (() => {
+    try {
+      return execa(spec.qemu, args, {
+        detached: true,
+        cleanup: false,
+        reject: false,
+        stdin: "ignore",
+        stdout: out,
+        stderr: out,
+      });
+    } finally {
+      closeSync(out);
+    }
+  })();
+  const exited: Promise<QemuExit> = sub.then((r) => ({
+    exitCode: r.exitCode,
+    signal: r.signal,
+  }));
+  sub.unref();
+  const pid = sub.pid;
+  if (pid === undefined) {
+    const r = await exited;
+    throw new Error(`${spec.qemu} did not start (${r.exitCode ?? r.signal}): ${qemuOutput(spec)}`);
+  }
+  const gone = new AbortController();
+  void exited.then(() => gone.abort(new Error("QEMU exited")));
+  try {
+    const qmp = await QmpClient.connect(spec.qmpSocket, {
+      timeoutMs: opts.qmpTimeoutMs ?? 10_000,
+      signal: gone.signal,
+    });
+    return {
+      pid,
+      qmpSocket: spec.qmpSocket,
+      serialLog: spec.serialLog,
+      qemuLog: spec.qemuLog,
+      args,
+      qmp,
+      exited,
+    };
+  } catch (e) {
+    killProcess(pid);
+    const r = await exited;
+    throw new Error(
+      `QEMU (pid ${pid}) failed to start (${r.exitCode ?? r.signal}): ${(e as Error).message}; ` +
+        `QEMU said: ${qemuOutput(spec)}`,
+      { cause: e },
+    );
+  }
+}
+
+function qemuOutput(spec: GuestSpec): string {
+  try {
+    return readFileSync(spec.qemuLog, "utf8").trim().slice(-2000) || "(nothing)";
+  } catch (e) {
+    return `(cannot read ${spec.qemuLog}: ${(e as Error).message})`;
+  }
+}
+
+/** SIGKILL, tolerating a process that is already gone. */
+export function killProcess(pid: number): void {
+  try {
+    process.kill(pid, "SIGKILL");
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== "ESRCH") throw e;
+  }
+}
+
+/** Whether a process with this pid exists (it may be a zombie until its parent reaps it). */
+export function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === "EPERM";
+  }
+}

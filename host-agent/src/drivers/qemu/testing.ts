@@ -1,0 +1,55 @@
+// Helpers for tests that boot real QEMU guests: short temp dirs (the QMP socket must fit in
+// sun_path) and a cleanup that leaves no process or directory behind.
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import type { VmAssets } from "../../../../scripts/vm-assets.ts";
+import { type GuestSpec, killProcess, type LaunchedQemu } from "./launch.ts";
+
+export interface GuestDir {
+  dir: string;
+  spec(overrides?: Partial<GuestSpec>): GuestSpec;
+}
+
+export function guestDir(assets: VmAssets): GuestDir {
+  const dir = mkdtempSync(path.join(os.tmpdir(), "oq-"));
+  return {
+    dir,
+    spec: (overrides = {}) => ({
+      qemu: assets.qemu,
+      kernel: assets.kernelElf,
+      initramfs: assets.initramfs,
+      accel: "tcg",
+      memoryMiB: 256,
+      vcpus: 1,
+      memFile: path.join(dir, "mem"),
+      qmpSocket: path.join(dir, "qmp.sock"),
+      serialLog: path.join(dir, "serial.log"),
+      qemuLog: path.join(dir, "qemu.log"),
+      ...overrides,
+    }),
+  };
+}
+
+/** Kills what is still running and removes the directories. */
+export async function cleanupGuests(vms: LaunchedQemu[], dirs: GuestDir[]): Promise<void> {
+  for (const vm of vms.splice(0)) {
+    await vm.qmp.close();
+    killProcess(vm.pid);
+    await vm.exited;
+  }
+  for (const d of dirs.splice(0)) rmSync(d.dir, { recursive: true, force: true });
+}
+
+/** VmRSS of a process in KiB, from /proc; undefined once the process is gone. */
+export function rssKiB(pid: number): number | undefined {
+  let status: string;
+  try {
+    status = readFileSync(`/proc/${pid}/status`, "utf8");
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === "ENOENT") return undefined;
+    throw e;
+  }
+  const m = /^VmRSS:\s+(\d+) kB/m.exec(status);
+  return m?.[1] ? Number(m[1]) : undefined;
+}
