@@ -1,5 +1,6 @@
 // Every path the agent writes, built in one place (as Hypeman's lib/paths does), so the on-disk
 // layout can be read off this file and no caller joins user input onto a path by itself.
+import { createHash } from "node:crypto";
 import path from "node:path";
 import { InvalidRequestError } from "@offshoot/shared";
 
@@ -26,7 +27,32 @@ export interface AgentPaths {
     /** The simulated guest's console (log source "app"). */
     consoleLog(id: string): string;
   };
+  readonly qemu: {
+    readonly instancesDir: string;
+    instanceDir(id: string): string;
+    /** The instance's record: spec, machine layout, observed state, pid. */
+    stateFile(id: string): string;
+    /** Guest RAM (memory-backend-file); kept while Standby, removed when Stopped. */
+    memFile(id: string): string;
+    /** qcow2 overlay; its backing file, if any, is a frozen base under basesDir. */
+    diskFile(id: string): string;
+    /** Device state written by `migrate` at standby (RAM itself stays in memFile). */
+    devStateFile(id: string): string;
+    /** The guest's serial console (log source "app"). */
+    serialLog(id: string): string;
+    /** QEMU's stdout/stderr (log source "vmm"). */
+    qemuLog(id: string): string;
+    pidFile(id: string): string;
+    /** < 108 bytes: in the instance dir when that fits, else /run/offshoot/<hash>.sock. */
+    qmpSocket(id: string): string;
+    /** Read-only disk images that forks' overlays share; never written after freezing. */
+    readonly basesDir: string;
+    baseFile(name: string): string;
+  };
 }
+
+/** sun_path holds 107 bytes plus the NUL. */
+const MAX_SOCKET_PATH = 107;
 
 export function checkInstanceId(id: string): string {
   if (!SAFE_ID.test(id)) throw new InvalidRequestError(`invalid instance id "${id}"`);
@@ -42,6 +68,7 @@ export function agentPaths(root: string): AgentPaths {
     pidFile: path.join(root, "agent.pid"),
     operationsLogDir: path.join(root, "operations"),
     operationsLog: (id) => path.join(root, "operations", `${checkInstanceId(id)}.log`),
+    qemu: qemuPaths(path.join(root, "qemu")),
     sim: {
       execLog: path.join(root, "sim-exec.log"),
       instancesDir,
@@ -51,5 +78,31 @@ export function agentPaths(root: string): AgentPaths {
       snapshotFile: (id) => path.join(instanceDir(id), "snapshot.bin"),
       consoleLog: (id) => path.join(instanceDir(id), "console.log"),
     },
+  };
+}
+
+function qemuPaths(dir: string): AgentPaths["qemu"] {
+  const instancesDir = path.join(dir, "instances");
+  const instanceDir = (id: string) => path.join(instancesDir, checkInstanceId(id));
+  const basesDir = path.join(dir, "bases");
+  return {
+    instancesDir,
+    instanceDir,
+    stateFile: (id) => path.join(instanceDir(id), "state.json"),
+    memFile: (id) => path.join(instanceDir(id), "mem"),
+    diskFile: (id) => path.join(instanceDir(id), "disk.qcow2"),
+    devStateFile: (id) => path.join(instanceDir(id), "devstate"),
+    serialLog: (id) => path.join(instanceDir(id), "serial.log"),
+    qemuLog: (id) => path.join(instanceDir(id), "qemu.log"),
+    pidFile: (id) => path.join(instanceDir(id), "qemu.pid"),
+    qmpSocket: (id) => {
+      const inDir = path.join(instanceDir(id), "qmp.sock");
+      if (Buffer.byteLength(inDir) <= MAX_SOCKET_PATH) return inDir;
+      // Deterministic, so a restarted agent finds the socket of a guest it did not launch.
+      const hash = createHash("sha256").update(inDir).digest("hex").slice(0, 20);
+      return path.join("/run/offshoot", `${hash}.sock`);
+    },
+    basesDir,
+    baseFile: (name) => path.join(basesDir, checkInstanceId(name)),
   };
 }

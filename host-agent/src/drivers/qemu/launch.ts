@@ -29,6 +29,8 @@ export interface GuestSpec {
   serialLog: string;
   /** QEMU's own stdout/stderr. */
   qemuLog: string;
+  /** Append to the serial log instead of truncating it (a restored guest continues its log). */
+  appendSerial?: boolean;
   /** Shell command /init runs (`sh -c`); omitted → a counter printing once a second. */
   command?: string;
   /** Appended to the kernel command line, e.g. "quiet" or "virtio_mmio.device=…". */
@@ -93,7 +95,7 @@ export function qemuArgs(spec: GuestSpec): string[] {
     "-append",
     kernelCmdline(spec),
     "-chardev",
-    `file,id=serial0,path=${optValue(spec.serialLog)}`,
+    `file,id=serial0,path=${optValue(spec.serialLog)}${spec.appendSerial ? ",append=on" : ""}`,
     "-serial",
     "chardev:serial0",
     "-qmp",

@@ -1,0 +1,127 @@
+// Disks and memory files: qcow2 overlays on frozen, read-only bases, so a fork never depends on a
+// file its source may still write or remove. Freezing moves an instance's current disk into the
+// bases dir (it is never written again) and gives the instance a fresh overlay on it; each fork
+// target gets its own overlay on the same base. Bases are removed only when no disk's backing
+// chain mentions them (gcBases).
+import { randomBytes } from "node:crypto";
+import { chmod, mkdir, readdir, rename, rm, stat } from "node:fs/promises";
+import { execa } from "execa";
+import type { AgentPaths } from "../../paths.ts";
+
+export interface DiskTools {
+  qemuImg: string;
+}
+
+export async function createDisk(tools: DiskTools, file: string, bytes: number): Promise<void> {
+  await execa(tools.qemuImg, ["create", "-q", "-f", "qcow2", file, String(bytes)]);
+}
+
+/** A qcow2 overlay on `backing`; `-F` is mandatory with a backing file (FACTS.md). */
+export async function createOverlay(
+  tools: DiskTools,
+  file: string,
+  backing: string,
+  bytes: number,
+): Promise<void> {
+  await execa(tools.qemuImg, [
+    "create",
+    "-q",
+    "-f",
+    "qcow2",
+    "-b",
+    backing,
+    "-F",
+    "qcow2",
+    file,
+    String(bytes),
+  ]);
+}
+
+/** Every file in the image's backing chain, itself first. -U: a running QEMU holds a lock. */
+export async function backingChain(tools: DiskTools, file: string): Promise<string[]> {
+  const r = await execa(tools.qemuImg, ["info", "-U", "--output=json", "--backing-chain", file]);
+  const chain = JSON.parse(r.stdout) as Array<{ filename: string }>;
+  return chain.map((i) => i.filename);
+}
+
+/**
+ * Moves the instance's disk (which no running QEMU may hold) into the bases dir, read-only, and
+ * puts a new overlay on it in its place. Returns the base. Undo with `unfreezeDisk`.
+ */
+export async function freezeDisk(
+  tools: DiskTools,
+  paths: AgentPaths["qemu"],
+  disk: string,
+  bytes: number,
+): Promise<string> {
+  await mkdir(paths.basesDir, { recursive: true });
+  const base = paths.baseFile(randomBytes(8).toString("hex"));
+  await rename(disk, base);
+  try {
+    await chmod(base, 0o444);
+    await createOverlay(tools, disk, base, bytes);
+  } catch (e) {
+    await rename(base, disk);
+    throw e;
+  }
+  return base;
+}
+
+/** Reverses freezeDisk while nothing else uses the base: the overlay goes, the base returns. */
+export async function unfreezeDisk(disk: string, base: string): Promise<void> {
+  await rm(disk, { force: true });
+  await chmod(base, 0o644);
+  await rename(base, disk);
+}
+
+/** Removes bases no instance's disk chain uses any more. */
+export async function gcBases(tools: DiskTools, paths: AgentPaths["qemu"]): Promise<string[]> {
+  let bases: string[];
+  try {
+    bases = (await readdir(paths.basesDir)).map((n) => paths.baseFile(n));
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === "ENOENT") return [];
+    throw e;
+  }
+  if (bases.length === 0) return [];
+  let ids: string[] = [];
+  try {
+    ids = await readdir(paths.instancesDir);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== "ENOENT") throw e;
+  }
+  const used = new Set<string>();
+  for (const id of ids) {
+    try {
+      for (const f of await backingChain(tools, paths.diskFile(id))) used.add(f);
+    } catch {
+      // No disk (a half-made instance) or unreadable: an unreadable chain must keep every base.
+      if (await hasFile(paths.diskFile(id))) return [];
+    }
+  }
+  const removed = bases.filter((b) => !used.has(b));
+  for (const b of removed) await rm(b, { force: true });
+  return removed;
+}
+
+async function hasFile(file: string): Promise<boolean> {
+  try {
+    await stat(file);
+    return true;
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === "ENOENT") return false;
+    throw e;
+  }
+}
+
+export type CopyPath = "reflink" | "copy";
+
+/** Copies a (possibly large, sparse) file: a reflink where the filesystem has them (XFS with
+ * reflink=1, btrfs: ~0 s for 256 MiB), else a full sparse-aware copy. Says which happened. */
+export async function copyMemory(from: string, to: string): Promise<CopyPath> {
+  const r = await execa("cp", ["--reflink=always", from, to], { reject: false });
+  if (r.exitCode === 0) return "reflink";
+  await rm(to, { force: true });
+  await execa("cp", ["--sparse=always", from, to]);
+  return "copy";
+}

@@ -1,0 +1,385 @@
+// The QEMU driver against real guests (QEMU 7.2 TCG, microvm). Four launches from a cold boot or a
+// snapshot: create, restore, fork → Running, and a guest whose program exits.
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from "node:fs";
+import { mkdir } from "node:fs/promises";
+import os from "node:os";
+import path from "node:path";
+import type { InstanceSpec, ObservedInstance } from "@offshoot/shared";
+import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
+import { ensureVmAssets, type VmAssets } from "../../../../scripts/vm-assets.ts";
+import { type AgentPaths, agentPaths } from "../../paths.ts";
+import type { OpContext } from "../driver.ts";
+import { backingChain, createDisk } from "./disks.ts";
+import { killProcess } from "./launch.ts";
+import { exitMessage, guestCommand, QemuDriver } from "./qemu-driver.ts";
+import { counts } from "./serial.ts";
+import { QemuStore } from "./store.ts";
+
+const ASSETS_TIMEOUT = 5 * 60_000;
+
+let assets: VmAssets;
+let root: string;
+let paths: AgentPaths;
+const drivers: QemuDriver[] = [];
+const timings: Record<string, number> = {};
+
+beforeAll(async () => {
+  assets = await ensureVmAssets();
+  root = mkdtempSync(path.join(os.tmpdir(), "oqd-"));
+  paths = agentPaths(root);
+}, ASSETS_TIMEOUT);
+
+// One agent per data dir: a driver left polling would take a later test's events.
+afterEach(async () => {
+  for (const d of drivers.splice(0)) await d.close();
+});
+
+afterAll(async () => {
+  // Whatever a failed test left running: every recorded pid and pid file.
+  const dir = paths?.qemu.instancesDir;
+  if (dir && existsSync(dir)) {
+    for (const id of readdirSync(dir)) {
+      for (const f of [paths.qemu.pidFile(id), paths.qemu.stateFile(id)]) {
+        try {
+          const text = readFileSync(f, "utf8");
+          const pid = f.endsWith(".json")
+            ? (JSON.parse(text) as { pid: number | null }).pid
+            : Number.parseInt(text, 10);
+          if (pid && isQemu(pid)) killProcess(pid);
+        } catch {
+          // no such file
+        }
+      }
+    }
+  }
+  if (root) rmSync(root, { recursive: true, force: true });
+  console.log(`qemu driver timings (ms): ${JSON.stringify(timings)}`);
+}, 30_000);
+
+function isQemu(pid: number): boolean {
+  try {
+    return readFileSync(`/proc/${pid}/cmdline`, "utf8").includes(root);
+  } catch {
+    return false;
+  }
+}
+
+function newDriver(): QemuDriver {
+  const d = new QemuDriver(paths, {
+    assets,
+    accel: "tcg",
+    bootTimeoutMs: 60_000,
+    pollMs: 200,
+  });
+  drivers.push(d);
+  return d;
+}
+
+let commandSeq = 0;
+function ctx(): OpContext & { recorded: string[] } {
+  const recorded: string[] = [];
+  return {
+    commandId: `cmd-${++commandSeq}`,
+    recorded,
+    steps: { record: async (s) => void recorded.push(s) },
+  };
+}
+
+function spec(id: string, over: Partial<InstanceSpec> = {}): InstanceSpec {
+  return {
+    id,
+    name: id,
+    image: "busybox",
+    hypervisor: "qemu",
+    vcpus: 1,
+    memory_bytes: 256 * 1024 * 1024,
+    hotplug_bytes: 0,
+    overlay_bytes: 64 * 1024 * 1024,
+    disk_io_bps: null,
+    env: {},
+    entrypoint: null,
+    cmd: null,
+    network: {
+      enabled: true,
+      mac: null,
+      ip: null,
+      bandwidth_download_bps: null,
+      bandwidth_upload_bps: null,
+    },
+    volumes: [],
+    ...over,
+  };
+}
+
+const serialCounts = (id: string) => {
+  try {
+    return counts(readFileSync(paths.qemu.serialLog(id), "utf8"));
+  } catch {
+    return [];
+  }
+};
+
+async function until<T>(what: string, ms: number, f: () => T | undefined): Promise<T> {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const v = f();
+    if (v !== undefined) return v;
+    if (Date.now() > deadline) throw new Error(`${what}: not within ${ms} ms`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+async function timed<T>(name: string, p: () => Promise<T>): Promise<T> {
+  const started = Date.now();
+  const v = await p();
+  timings[name] = Date.now() - started;
+  return v;
+}
+
+describe("QemuDriver", () => {
+  it("formats exits like Hypeman and quotes the guest command", () => {
+    expect(exitMessage(3)).toBe("exited with code 3");
+    expect(exitMessage(127)).toBe("command not found");
+    expect(exitMessage(137)).toBe("killed by signal 9 (SIGKILL)");
+    expect(guestCommand({ entrypoint: null, cmd: null, env: { A: "1" } })).toBeUndefined();
+    expect(guestCommand({ entrypoint: ["echo"], cmd: ["it's"], env: { A: "x y" } })).toBe(
+      `export A='x y'; 'echo' 'it'\\''s'`,
+    );
+  });
+
+  it("creates, snapshots, restores and forks a counting guest; memory carries over", async () => {
+    const driver = newDriver();
+    expect(driver.capabilities()).toMatchObject({ fork_from_standby: true, standby: true });
+
+    // create → Running, counting
+    const a = await timed("create→Running", () =>
+      driver.create(
+        spec("srca", { network: { ...spec("x").network, mac: "02:00:00:00:0a:01" } }),
+        ctx(),
+      ),
+    );
+    expect(a).toMatchObject({ id: "srca", state: "Running", has_snapshot: false });
+    await until("3 counts", 20_000, () => (serialCounts("srca").length >= 3 ? true : undefined));
+    expect(readFileSync(`/proc/${readPid("srca")}/cmdline`, "utf8")).toContain(
+      "mac=02:00:00:00:0a:01",
+    );
+
+    // standby → restore: the counter continues past where it was
+    const sb = await timed("standby", () => driver.standby("srca", ctx()));
+    expect(sb).toMatchObject({ state: "Standby", has_snapshot: true });
+    expect(existsSync(paths.qemu.memFile("srca"))).toBe(true);
+    expect(existsSync(paths.qemu.devStateFile("srca"))).toBe(true);
+    const before = serialCounts("srca");
+    const c1 = before.at(-1) ?? -1;
+    expect(c1).toBeGreaterThanOrEqual(2);
+    const restored = await timed("restore", () => driver.restore("srca", ctx()));
+    expect(restored).toMatchObject({ state: "Running", has_snapshot: false });
+    const after = await until("counts after restore", 15_000, () => {
+      const all = serialCounts("srca");
+      return all.length >= before.length + 2 ? all.slice(before.length) : undefined;
+    });
+    expect(after[0]).toBe(c1 + 1);
+
+    // standby again, fork the snapshot to Running under a new MAC
+    await driver.standby("srca", ctx());
+    const c2 = serialCounts("srca").at(-1) ?? -1;
+    expect(c2).toBeGreaterThan(c1);
+    const forkCtx = ctx();
+    const [src, fork] = await timed("fork→Running", () =>
+      driver.fork(
+        {
+          source_id: "srca",
+          target: spec("forkb", { network: { ...spec("x").network, mac: "02:00:00:00:0b:01" } }),
+          target_state: "Running",
+        },
+        forkCtx,
+      ),
+    );
+    console.log(`fork steps: ${forkCtx.recorded.join(", ")}; memory copy: ${driver.lastCopyPath}`);
+    expect(src).toMatchObject({ id: "srca", state: "Standby", has_snapshot: true });
+    expect(fork).toMatchObject({ id: "forkb", state: "Running", has_snapshot: false });
+    expect(readFileSync(`/proc/${readPid("forkb")}/cmdline`, "utf8")).toContain(
+      "mac=02:00:00:00:0b:01",
+    );
+    // The fork's serial log is its own: its first count continues the source's, not 0.
+    const forkCounts = await until("fork counts", 15_000, () => {
+      const c = serialCounts("forkb");
+      return c.length >= 2 ? c : undefined;
+    });
+    expect(forkCounts[0]).toBe(c2 + 1);
+
+    // Both go on independently from the same point.
+    await driver.restore("srca", ctx());
+    const srcNext = await until("source counts again", 15_000, () => {
+      const all = serialCounts("srca");
+      return (all.at(-1) ?? 0) > c2 + 1 ? all.at(-1) : undefined;
+    });
+    expect(srcNext).toBeGreaterThan(c2 + 1);
+    expect(readPid("srca")).not.toBe(readPid("forkb"));
+
+    // Deleting the source leaves the fork running on the frozen base.
+    await driver.delete("srca", ctx());
+    expect(existsSync(paths.qemu.instanceDir("srca"))).toBe(false);
+    expect(await driver.get("srca")).toBeNull();
+    await driver.delete("srca", ctx()); // idempotent
+    const n = serialCounts("forkb").length;
+    await until("fork still counting", 10_000, () =>
+      serialCounts("forkb").length >= n + 2 ? true : undefined,
+    );
+    expect(readdirSync(paths.qemu.basesDir)).toHaveLength(1);
+
+    // A restarted agent re-attaches by pid + QMP socket and can stop the guest.
+    await driver.close();
+    const again = newDriver();
+    expect(await again.inventory()).toEqual([
+      expect.objectContaining({ id: "forkb", state: "Running" }),
+    ]);
+    const stopped = await again.stop("forkb", ctx());
+    expect(stopped).toMatchObject({ state: "Stopped", has_snapshot: false });
+    expect(stopped.stopped_at).toBeTruthy();
+    expect(isQemu(Number(readPid("forkb")))).toBe(false);
+    expect(existsSync(paths.qemu.memFile("forkb"))).toBe(false);
+    expect(existsSync(paths.qemu.diskFile("forkb"))).toBe(true);
+
+    await again.delete("forkb", ctx());
+    expect(readdirSync(paths.qemu.basesDir)).toHaveLength(0);
+    // One agent per data dir: a second driver polling it would take the next test's events.
+    await again.close();
+  }, 240_000);
+
+  it("reports a guest program's exit as a Stopped event with its code", async () => {
+    const driver = newDriver();
+    const events: ObservedInstance[] = [];
+    driver.onEvent((e) => events.push(e));
+    const c = await driver.create(
+      spec("exiter", { cmd: ["sh", "-c", "sleep 1; exit $CODE"], env: { CODE: "3" } }),
+      ctx(),
+    );
+    expect(c.state).toBe("Running");
+    const ev = await until("exit event", 30_000, () => events.find((e) => e.id === "exiter")).catch(
+      (e: unknown) => {
+        const tail = (f: string) =>
+          existsSync(f) ? readFileSync(f, "utf8").slice(-1500) : "(none)";
+        throw new Error(
+          `${(e as Error).message}; state ${tail(paths.qemu.stateFile("exiter"))}; serial ${tail(paths.qemu.serialLog("exiter"))}`,
+        );
+      },
+    );
+    expect(ev).toMatchObject({
+      state: "Stopped",
+      exit_code: 3,
+      exit_message: "exited with code 3",
+    });
+    expect(await driver.get("exiter")).toMatchObject({ state: "Stopped", exit_code: 3 });
+
+    // start boots the same disk again; the earlier exit marker in the log is not this boot's.
+    const restarted = await timed("start→Running", () =>
+      driver.start({ instance_id: "exiter", cmd: ["sh", "-c", "sleep 2; exit 127"] }, ctx()),
+    );
+    expect(restarted).toMatchObject({ state: "Running", exit_code: null });
+    const second = await until("second exit event", 30_000, () =>
+      events.find((e) => e.id === "exiter" && e.exit_code !== 3),
+    );
+    expect(second).toMatchObject({ exit_code: 127, exit_message: "command not found" });
+    await driver.delete("exiter", ctx());
+  }, 120_000);
+});
+
+describe("QemuDriver without booting", () => {
+  /** A Stopped instance as create + stop would leave it: a disk and a record. */
+  async function stoppedInstance(id: string, over: Partial<InstanceSpec> = {}): Promise<void> {
+    await mkdir(paths.qemu.instanceDir(id), { recursive: true });
+    await createDisk({ qemuImg: "/usr/bin/qemu-img" }, paths.qemu.diskFile(id), 64 * 1024 * 1024);
+    await new QemuStore(paths.qemu).write({
+      created_by: "seed",
+      spec: spec(id, over),
+      machine: { memory_mib: 256, vcpus: 1, mac: null },
+      pid: null,
+      serial_offset: 0,
+      observed: { id, state: "Stopped", has_snapshot: false, stopped_at: new Date().toISOString() },
+    });
+  }
+  const qemuImg = { qemuImg: "/usr/bin/qemu-img" };
+
+  it("forks a Stopped source onto a frozen base; rollback and delete clean up", async () => {
+    const driver = newDriver();
+    await stoppedInstance("cold");
+    const [src, tgt] = await driver.fork(
+      { source_id: "cold", target: spec("coldfork"), target_state: "Stopped" },
+      ctx(),
+    );
+    expect(src.state).toBe("Stopped");
+    expect(tgt).toMatchObject({ id: "coldfork", state: "Stopped", has_snapshot: false });
+    const srcChain = await backingChain(qemuImg, paths.qemu.diskFile("cold"));
+    const tgtChain = await backingChain(qemuImg, paths.qemu.diskFile("coldfork"));
+    // Both are overlays on the same frozen base, which neither writes.
+    expect(srcChain).toHaveLength(2);
+    expect(tgtChain[1]).toBe(srcChain[1]);
+    expect(srcChain[1]?.startsWith(paths.qemu.basesDir)).toBe(true);
+
+    // A crashed fork by another command id leaves the existing target alone…
+    const op = {
+      kind: "fork" as const,
+      source_id: "cold",
+      target: spec("coldfork"),
+      target_state: "Stopped" as const,
+    };
+    await driver.rollback(op, { commandId: "someone-else", steps: [] });
+    expect(await driver.get("coldfork")).not.toBeNull();
+    // …and removes it when it was that command's own.
+    const own = (await new QemuStore(paths.qemu).read("coldfork")) as {
+      kind: "ok";
+      record: { created_by: string };
+    };
+    const observed = await driver.rollback(op, { commandId: own.record.created_by, steps: [] });
+    expect(observed.map((o) => o.id)).toEqual(["cold"]);
+    expect(existsSync(paths.qemu.instanceDir("coldfork"))).toBe(false);
+
+    // The base stays while the source's overlay uses it, and goes with the last user.
+    expect(readdirSync(paths.qemu.basesDir)).toHaveLength(1);
+    await driver.delete("cold", ctx());
+    expect(readdirSync(paths.qemu.basesDir)).toHaveLength(0);
+  });
+
+  it("undoes a failed fork: the source's disk is unfrozen", async () => {
+    const driver = newDriver();
+    await stoppedInstance("solo");
+    await stoppedInstance("taken");
+    const before = readFileSync(paths.qemu.diskFile("solo"));
+    const c = ctx();
+    await expect(
+      driver.fork({ source_id: "solo", target: spec("taken"), target_state: "Stopped" }, c),
+    ).rejects.toMatchObject({ code: "conflict" });
+    expect(c.recorded).toEqual(["freeze-disk"]);
+    expect(readFileSync(paths.qemu.diskFile("solo")).equals(before)).toBe(true);
+    expect(readdirSync(paths.qemu.basesDir)).toHaveLength(0);
+    expect(await driver.get("taken")).toMatchObject({ state: "Stopped" });
+    await driver.delete("solo", ctx());
+    await driver.delete("taken", ctx());
+  });
+
+  it("reports a recorded Running guest whose QEMU is gone as Stopped, with a reason", async () => {
+    const driver = newDriver();
+    await stoppedInstance("ghost");
+    const store = new QemuStore(paths.qemu);
+    const read = await store.read("ghost");
+    if (read.kind !== "ok") throw new Error("seed failed");
+    const events: ObservedInstance[] = [];
+    driver.onEvent((e) => events.push(e));
+    // Our own pid: alive, but not a QEMU with this instance's QMP socket.
+    await store.write({
+      ...read.record,
+      pid: process.pid,
+      observed: { id: "ghost", state: "Running", has_snapshot: false },
+    });
+    const seen = await driver.get("ghost");
+    expect(seen).toMatchObject({ state: "Stopped", exit_code: null });
+    expect(seen?.exit_message).toMatch(/^hypervisor exited unexpectedly/);
+    expect(events).toEqual([expect.objectContaining({ id: "ghost", state: "Stopped" })]);
+    await driver.delete("ghost", ctx());
+  });
+});
+
+function readPid(id: string): string {
+  return readFileSync(paths.qemu.pidFile(id), "utf8").trim();
+}

@@ -1,0 +1,986 @@
+// The QEMU driver: real microvm guests (launch.ts), one directory and one JSON record per
+// instance (store.ts). QEMU runs detached, so guests outlive the agent; a restarted agent finds
+// them by the recorded pid and the QMP socket path.
+//
+// Standby keeps guest RAM in its memory-backend-file and writes only the device state with
+// `migrate` + x-ignore-shared (FACTS.md: QEMU 7.2 has no `file:` URI, so `exec:cat > FILE`).
+// Restore maps the same RAM file and loads the device state with `-incoming defer`. A fork copies
+// the RAM file (a reflink where the filesystem can) and the device state, and gives the target a
+// qcow2 overlay on the source's frozen disk.
+import { createHash } from "node:crypto";
+import { readFileSync } from "node:fs";
+import { copyFile, mkdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
+import { constants as osConstants } from "node:os";
+import { setTimeout as sleep } from "node:timers/promises";
+import {
+  ApiError,
+  type DriverCapabilities,
+  type InstanceSpec,
+  InvalidRequestError,
+  InvalidStateError,
+  NotFoundError,
+  type ObservedInstance,
+  type Operation,
+} from "@offshoot/shared";
+import { runSteps, type Step } from "../../operations/steps.ts";
+import type { AgentPaths } from "../../paths.ts";
+import type { Driver, OpContext, OpData } from "../driver.ts";
+import {
+  type CopyPath,
+  copyMemory,
+  createDisk,
+  createOverlay,
+  freezeDisk,
+  gcBases,
+  unfreezeDisk,
+} from "./disks.ts";
+import { type Accel, type GuestSpec, killProcess, launchQemu } from "./launch.ts";
+import { QmpClient } from "./qmp.ts";
+import { initEvents } from "./serial.ts";
+import { isMissing, type Machine, type QemuRecord, QemuStore } from "./store.ts";
+
+export interface QemuDriverOptions {
+  assets: { qemu: string; kernelElf: string; initramfs: string };
+  accel: Accel;
+  qemuImg?: string;
+  /** Launch → /init's ready marker. Boot under TCG takes 3.5–5 s here (FACTS.md). */
+  bootTimeoutMs?: number;
+  /** How often running guests' serial logs and processes are checked for an exit. */
+  pollMs?: number;
+}
+
+const MiB = 1024 * 1024;
+const QUIT_TIMEOUT_MS = 10_000;
+const MIGRATE_TIMEOUT_MS = 60_000;
+/** 7.2's default of 32 MiB/s would throttle the device-state stream for nothing. */
+const MAX_BANDWIDTH = 10 * 1024 * MiB;
+
+const now = () => new Date().toISOString();
+
+export class QemuDriver implements Driver {
+  readonly name = "qemu";
+  private readonly store: QemuStore;
+  private readonly paths: AgentPaths["qemu"];
+  private readonly listeners = new Set<(instance: ObservedInstance) => void>();
+  private readonly qmps = new Map<string, QmpClient>();
+  private readonly locks = new Map<string, Promise<unknown>>();
+  /** Ids with an operation queued or running (count), which get() must not wait behind. */
+  private readonly operating = new Map<string, number>();
+  private readonly poller: NodeJS.Timeout;
+  private polling = false;
+  private readonly qemuImg: string;
+  /** How the last fork copied guest memory (for reports and tests). */
+  lastCopyPath: CopyPath | undefined;
+
+  constructor(
+    agentPaths: AgentPaths,
+    private readonly options: QemuDriverOptions,
+  ) {
+    this.paths = agentPaths.qemu;
+    this.store = new QemuStore(this.paths);
+    this.qemuImg = options.qemuImg ?? "/usr/bin/qemu-img";
+    this.poller = setInterval(() => void this.poll(), options.pollMs ?? 500);
+    this.poller.unref();
+  }
+
+  capabilities(): DriverCapabilities {
+    return {
+      hypervisors: ["qemu"],
+      fork_from_stopped: true,
+      fork_from_standby: true,
+      // The control plane puts a Running source in standby, forks, and restores it.
+      fork_from_running: false,
+      standby: true,
+      // microvm has no memory hotplug.
+      hotplug_memory: false,
+      disk_io_limit: false,
+      volumes: false,
+    };
+  }
+
+  async inventory(): Promise<ObservedInstance[]> {
+    const found = await Promise.all((await this.store.ids()).map((id) => this.get(id)));
+    return found.filter((i): i is ObservedInstance => i !== null);
+  }
+
+  async get(id: string): Promise<ObservedInstance | null> {
+    const read = await this.store.read(id);
+    if (read.kind === "missing") return null;
+    if (read.kind === "corrupt") {
+      return {
+        id,
+        state: "Unknown",
+        has_snapshot: false,
+        state_error: `state file unreadable: ${read.error}`,
+      };
+    }
+    // An operation in progress owns the record; otherwise check it against the process.
+    if (this.operating.has(id)) return read.record.observed;
+    return this.observing(id, async () => {
+      const fresh = await this.store.read(id);
+      if (fresh.kind !== "ok") return read.record.observed;
+      return (await this.reconcile(fresh.record)).observed;
+    });
+  }
+
+  async create(spec: InstanceSpec, ctx: OpContext): Promise<ObservedInstance> {
+    const id = spec.id;
+    return this.locked(id, async () => {
+      const machine = machineFor(spec);
+      let rec: QemuRecord = {
+        created_by: ctx.commandId,
+        spec,
+        machine,
+        observed: { id, state: "Initializing", has_snapshot: false, state_error: null },
+        pid: null,
+        serial_offset: 0,
+      };
+      await runSteps(ctx.steps, [
+        {
+          name: "create-disk",
+          run: async () => {
+            await this.makeInstanceDir(id);
+            await createDisk(this.tools(), this.paths.diskFile(id), spec.overlay_bytes);
+          },
+          undo: () => this.discard(id),
+        },
+        { name: "register", run: () => this.store.write(rec) },
+        {
+          name: "boot",
+          run: async () => {
+            rec = await this.boot(rec);
+          },
+        },
+      ]);
+      return rec.observed;
+    });
+  }
+
+  async start(op: OpData<"start">, ctx: OpContext): Promise<ObservedInstance> {
+    const id = op.instance_id;
+    return this.locked(id, async () => {
+      const before = await this.load(id);
+      if (before.observed.state !== "Stopped") {
+        throw new InvalidStateError(
+          `cannot start instance ${id} in state ${before.observed.state}`,
+        );
+      }
+      const spec = {
+        ...before.spec,
+        entrypoint: op.entrypoint ?? before.spec.entrypoint,
+        cmd: op.cmd ?? before.spec.cmd,
+      };
+      let rec: QemuRecord = { ...before, spec };
+      await runSteps(ctx.steps, [
+        {
+          name: "boot",
+          run: async () => {
+            rec = await this.boot(rec);
+          },
+        },
+      ]);
+      return rec.observed;
+    });
+  }
+
+  async stop(id: string, ctx: OpContext): Promise<ObservedInstance> {
+    return this.locked(id, async () => {
+      const rec = await this.load(id);
+      const stopped: QemuRecord = {
+        ...rec,
+        pid: null,
+        observed: {
+          ...rec.observed,
+          state: "Stopped",
+          has_snapshot: false,
+          stopped_at: now(),
+          exit_code: null,
+          exit_message: null,
+        },
+      };
+      await runSteps(ctx.steps, [
+        {
+          name: "shutdown",
+          run: async () => {
+            if (rec.pid !== null) await this.quit(id, rec.pid);
+            await this.dropMemory(id);
+            await this.store.write(stopped);
+          },
+        },
+      ]);
+      return stopped.observed;
+    });
+  }
+
+  async standby(id: string, ctx: OpContext): Promise<ObservedInstance> {
+    return this.locked(id, async () => {
+      const rec = await this.load(id);
+      if (rec.observed.state !== "Running" || rec.pid === null) {
+        throw new InvalidStateError(`cannot standby instance ${id} in state ${rec.observed.state}`);
+      }
+      const out = await this.snapshot(rec, ctx.steps.record.bind(ctx.steps));
+      return out.observed;
+    });
+  }
+
+  async restore(id: string, ctx: OpContext): Promise<ObservedInstance> {
+    return this.locked(id, async () => {
+      const rec = await this.load(id);
+      if (rec.observed.state !== "Standby" || !(await exists(this.paths.devStateFile(id)))) {
+        throw new InvalidStateError(`instance ${id} has no snapshot to restore`);
+      }
+      let out = rec;
+      await runSteps(ctx.steps, [
+        {
+          name: "restore",
+          run: async () => {
+            out = await this.resume(rec);
+          },
+        },
+      ]);
+      return out.observed;
+    });
+  }
+
+  async delete(id: string, ctx: OpContext): Promise<void> {
+    await this.locked(id, async () => {
+      await this.discard(id);
+      await gcBases(this.tools(), this.paths);
+      await ctx.steps.record("delete");
+    });
+  }
+
+  async fork(op: OpData<"fork">, ctx: OpContext): Promise<[ObservedInstance, ObservedInstance]> {
+    const { source_id, target, target_state } = op;
+    return this.locked(source_id, () =>
+      this.locked(target.id, async () => {
+        const source = await this.load(source_id);
+        const from = source.observed.state;
+        if (from !== "Stopped" && from !== "Standby") {
+          throw new InvalidStateError(
+            `cannot fork instance ${source_id} in state ${from}: the qemu driver forks Stopped or Standby sources`,
+          );
+        }
+        const withMemory = from === "Standby" && target_state !== "Stopped";
+        const tools = this.tools();
+        const sourceDisk = this.paths.diskFile(source_id);
+        let base = "";
+        // The device-state stream fixes the layout: a fork of a snapshot keeps the source's
+        // devices (a NIC only if the source had one) and takes the target's MAC.
+        const machine: Machine = withMemory
+          ? {
+              ...source.machine,
+              mac: source.machine.mac === null ? null : macFor(target),
+            }
+          : machineFor(target);
+        let rec: QemuRecord = {
+          created_by: ctx.commandId,
+          spec: target,
+          machine,
+          pid: null,
+          serial_offset: 0,
+          observed: {
+            id: target.id,
+            state: withMemory ? "Standby" : "Stopped",
+            has_snapshot: withMemory,
+            state_error: null,
+            exit_code: null,
+            exit_message: null,
+            started_at: null,
+            stopped_at: withMemory ? null : now(),
+          },
+        };
+        const steps: Step[] = [
+          {
+            name: "freeze-disk",
+            run: async () => {
+              base = await freezeDisk(tools, this.paths, sourceDisk, source.spec.overlay_bytes);
+            },
+            undo: () => unfreezeDisk(sourceDisk, base),
+          },
+          {
+            name: "clone-disk",
+            run: async () => {
+              await this.makeInstanceDir(target.id);
+              const bytes = Math.max(target.overlay_bytes, source.spec.overlay_bytes);
+              await createOverlay(tools, this.paths.diskFile(target.id), base, bytes);
+            },
+            undo: () => this.discard(target.id),
+          },
+        ];
+        if (withMemory) {
+          steps.push({
+            name: "clone-memory",
+            run: async () => {
+              this.lastCopyPath = await copyMemory(
+                this.paths.memFile(source_id),
+                this.paths.memFile(target.id),
+              );
+              await copyFile(
+                this.paths.devStateFile(source_id),
+                this.paths.devStateFile(target.id),
+              );
+            },
+          });
+        }
+        steps.push({ name: "register", run: () => this.store.write(rec) });
+        if (target_state === "Running") {
+          steps.push({
+            name: withMemory ? "restore" : "boot",
+            run: async () => {
+              rec = withMemory ? await this.resume(rec) : await this.boot(rec);
+            },
+          });
+        }
+        if (target_state === "Standby" && !withMemory) {
+          // A Stopped source has no memory to clone: boot the fork, then snapshot it.
+          steps.push({
+            name: "boot",
+            run: async () => {
+              rec = await this.boot(rec);
+            },
+            undo: async () => {
+              if (rec.pid !== null) await this.kill(target.id, rec.pid);
+            },
+          });
+          steps.push({
+            name: "snapshot",
+            run: async () => {
+              rec = await this.snapshot(rec, async () => {});
+            },
+          });
+        }
+        await runSteps(ctx.steps, steps);
+        return [(await this.load(source_id)).observed, rec.observed];
+      }),
+    );
+  }
+
+  async rollback(
+    op: Operation,
+    ctx: { commandId: string; steps: readonly string[] },
+  ): Promise<ObservedInstance[]> {
+    switch (op.kind) {
+      case "create":
+        await this.discardIfOwn(op.instance.id, ctx.commandId);
+        return this.observe([op.instance.id]);
+      case "fork":
+        await this.discardIfOwn(op.target.id, ctx.commandId);
+        await this.converge(op.source_id);
+        return this.observe([op.source_id, op.target.id]);
+      case "delete":
+        await this.discard(op.instance_id);
+        await gcBases(this.tools(), this.paths);
+        return [];
+      default:
+        await this.converge(op.instance_id);
+        return this.observe([op.instance_id]);
+    }
+  }
+
+  logFile(id: string, source: "app" | "vmm"): string | undefined {
+    return source === "app" ? this.paths.serialLog(id) : this.paths.qemuLog(id);
+  }
+
+  onEvent(listener: (instance: ObservedInstance) => void): () => void {
+    this.listeners.add(listener);
+    return () => this.listeners.delete(listener);
+  }
+
+  async close(): Promise<void> {
+    clearInterval(this.poller);
+    this.listeners.clear();
+    const clients = [...this.qmps.values()];
+    this.qmps.clear();
+    await Promise.all(clients.map((c) => c.close()));
+  }
+
+  // ---- lifecycle pieces (no locks, no step journal: the public verbs add those) -------------
+
+  /** Cold boot with a fresh RAM file; resolves once /init's ready marker is on the serial. */
+  private async boot(rec: QemuRecord): Promise<QemuRecord> {
+    const id = rec.observed.id;
+    await this.dropMemory(id);
+    const offset = await sizeOf(this.paths.serialLog(id));
+    const vm = await launchQemu(this.guestSpec(rec, { command: guestCommand(rec.spec) }));
+    this.qmps.set(id, vm.qmp);
+    await writeFile(this.paths.pidFile(id), `${vm.pid}\n`);
+    // The pid goes on record before the wait, so a crash mid-boot can still find the process.
+    await this.store.write({ ...rec, pid: vm.pid, serial_offset: offset });
+    try {
+      await this.waitForSerial(id, offset, vm.pid, (log) =>
+        initEvents(log).some((e) => e.event === "ready"),
+      );
+    } catch (e) {
+      await this.kill(id, vm.pid);
+      await this.dropMemory(id);
+      await this.store.write(rec);
+      throw e;
+    }
+    const out: QemuRecord = {
+      ...rec,
+      pid: vm.pid,
+      serial_offset: offset,
+      observed: running(id, now()),
+    };
+    await this.store.write(out);
+    return out;
+  }
+
+  /** Running → Standby: pause, write the device state (RAM stays in its file), quit. */
+  private async snapshot(
+    rec: QemuRecord,
+    record: (step: string) => Promise<void>,
+  ): Promise<QemuRecord> {
+    const id = rec.observed.id;
+    const pid = rec.pid;
+    if (pid === null) throw new InvalidStateError(`instance ${id} has no QEMU process`);
+    const qmp = await this.qmp(id);
+    const devState = this.paths.devStateFile(id);
+    const partial = `${devState}.partial`;
+    await runSteps({ record }, [
+      {
+        name: "pause",
+        run: async () => {
+          await qmp.execute("stop");
+        },
+        undo: async () => {
+          await qmp.execute("cont");
+        },
+      },
+      {
+        name: "save-state",
+        run: async () => {
+          await qmp.execute("migrate-set-capabilities", {
+            capabilities: [{ capability: "x-ignore-shared", state: true }],
+          });
+          await qmp.execute("migrate-set-parameters", { "max-bandwidth": MAX_BANDWIDTH });
+          await qmp.execute("migrate", { uri: `exec:cat > ${shellQuote(partial)}` });
+          await this.waitMigration(qmp, "completed");
+          await rename(partial, devState);
+        },
+        undo: () => rm(devState, { force: true }),
+      },
+    ]);
+    // Past this point the snapshot is complete; quitting cannot be undone, only finished.
+    await this.quit(id, pid);
+    const out: QemuRecord = {
+      ...rec,
+      pid: null,
+      observed: { ...rec.observed, state: "Standby", has_snapshot: true },
+    };
+    await this.store.write(out);
+    await record("release-vmm");
+    return out;
+  }
+
+  /** Standby → Running: map the same RAM file, load the device state, continue. The guest
+   * resumes where it was paused; the snapshot is consumed (has_snapshot false once Running). */
+  private async resume(rec: QemuRecord): Promise<QemuRecord> {
+    const id = rec.observed.id;
+    const devState = this.paths.devStateFile(id);
+    const vm = await launchQemu(
+      this.guestSpec(rec, {
+        command: guestCommand(rec.spec),
+        // -S: nothing runs before `cont`, so a failed restore leaves the RAM file untouched.
+        extra: ["-S", "-incoming", "defer"],
+      }),
+    );
+    this.qmps.set(id, vm.qmp);
+    await writeFile(this.paths.pidFile(id), `${vm.pid}\n`);
+    try {
+      await vm.qmp.execute("migrate-set-capabilities", {
+        capabilities: [{ capability: "x-ignore-shared", state: true }],
+      });
+      await vm.qmp.execute("migrate-incoming", { uri: `exec:cat ${shellQuote(devState)}` });
+      await this.waitStatus(vm.qmp, "paused");
+      await vm.qmp.execute("cont");
+    } catch (e) {
+      await this.kill(id, vm.pid);
+      throw e;
+    }
+    await rm(devState, { force: true });
+    const out: QemuRecord = {
+      ...rec,
+      pid: vm.pid,
+      observed: running(id, rec.observed.started_at ?? now()),
+    };
+    await this.store.write(out);
+    return out;
+  }
+
+  private guestSpec(
+    rec: QemuRecord,
+    opts: { command: string | undefined; extra?: readonly string[] },
+  ): GuestSpec {
+    const id = rec.observed.id;
+    const m = rec.machine;
+    const esc = (v: string) => v.replaceAll(",", ",,");
+    const devices = [
+      "-drive",
+      `file=${esc(this.paths.diskFile(id))},if=none,id=disk0,format=qcow2`,
+      "-device",
+      "virtio-blk-device,drive=disk0",
+    ];
+    if (m.mac !== null) {
+      devices.push(
+        "-netdev",
+        "user,id=net0",
+        "-device",
+        `virtio-net-device,netdev=net0,id=nic0,mac=${m.mac}`,
+      );
+    }
+    return {
+      qemu: this.options.assets.qemu,
+      kernel: this.options.assets.kernelElf,
+      initramfs: this.options.assets.initramfs,
+      accel: this.options.accel,
+      memoryMiB: m.memory_mib,
+      vcpus: m.vcpus,
+      memFile: this.paths.memFile(id),
+      shareMemory: true,
+      qmpSocket: this.paths.qmpSocket(id),
+      serialLog: this.paths.serialLog(id),
+      qemuLog: this.paths.qemuLog(id),
+      appendSerial: true,
+      ...(opts.command === undefined ? {} : { command: opts.command }),
+      extraArgs: [...devices, ...(opts.extra ?? [])],
+    };
+  }
+
+  // ---- observing -----------------------------------------------------------------------------
+
+  /** Checks a Running record against its process and serial log; records and emits an exit. */
+  private async reconcile(rec: QemuRecord): Promise<QemuRecord> {
+    if (rec.observed.state !== "Running") return rec;
+    const id = rec.observed.id;
+    if (rec.pid === null) {
+      return {
+        ...rec,
+        observed: { ...rec.observed, state: "Unknown", state_error: "Running without a pid" },
+      };
+    }
+    const alive = isOurQemu(rec.pid, this.paths.qmpSocket(id));
+    const exit = exitEvent(await this.serialSince(id, rec.serial_offset));
+    if (alive && exit === undefined) return rec;
+    // The guest has exited (its init powers off after the marker) or QEMU died under it.
+    if (alive) {
+      await this.waitGone(id, rec.pid, QUIT_TIMEOUT_MS);
+    }
+    await this.closeQmp(id);
+    await this.dropMemory(id);
+    const out: QemuRecord = {
+      ...rec,
+      pid: null,
+      observed: {
+        ...rec.observed,
+        state: "Stopped",
+        has_snapshot: false,
+        stopped_at: now(),
+        exit_code: exit?.code ?? null,
+        exit_message:
+          exit === undefined
+            ? `hypervisor exited unexpectedly: ${await this.qemuLogTail(id)}`
+            : exitMessage(exit.code),
+      },
+    };
+    await this.store.write(out);
+    for (const l of this.listeners) l(out.observed);
+    return out;
+  }
+
+  private async poll(): Promise<void> {
+    if (this.polling) return;
+    this.polling = true;
+    try {
+      for (const id of await this.store.ids()) {
+        if (this.operating.has(id)) continue;
+        await this.observing(id, async () => {
+          const read = await this.store.read(id);
+          if (read.kind === "ok") await this.reconcile(read.record);
+        });
+      }
+    } catch {
+      // The next tick retries; an instance removed mid-poll is not an error.
+    } finally {
+      this.polling = false;
+    }
+  }
+
+  private async serialSince(id: string, offset: number): Promise<string> {
+    try {
+      const buf = await readFile(this.paths.serialLog(id));
+      return buf.subarray(offset).toString("utf8");
+    } catch (e) {
+      if (isMissing(e)) return "";
+      throw e;
+    }
+  }
+
+  private async qemuLogTail(id: string): Promise<string> {
+    try {
+      const text = (await readFile(this.paths.qemuLog(id), "utf8")).trim();
+      return text.split("\n").slice(-3).join(" | ") || "(no output)";
+    } catch {
+      return "(no output)";
+    }
+  }
+
+  private async waitForSerial(
+    id: string,
+    offset: number,
+    pid: number,
+    found: (log: string) => boolean,
+  ): Promise<void> {
+    const timeoutMs = this.options.bootTimeoutMs ?? 60_000;
+    const deadline = Date.now() + timeoutMs;
+    const sock = this.paths.qmpSocket(id);
+    for (;;) {
+      const log = await this.serialSince(id, offset);
+      if (found(log)) return;
+      if (!isOurQemu(pid, sock)) {
+        throw new ApiError(
+          "internal_error",
+          `QEMU for ${id} exited during boot: ${await this.qemuLogTail(id)}`,
+        );
+      }
+      if (Date.now() >= deadline) {
+        const tail = log.trim().split("\n").slice(-3).join(" | ");
+        throw new ApiError("timeout", `instance ${id} not ready within ${timeoutMs} ms: ${tail}`);
+      }
+      await sleep(100);
+    }
+  }
+
+  private async waitMigration(qmp: QmpClient, want: "completed"): Promise<void> {
+    const deadline = Date.now() + MIGRATE_TIMEOUT_MS;
+    for (;;) {
+      const info = await qmp.execute<{ status?: string; "error-desc"?: string }>("query-migrate");
+      if (info.status === want) return;
+      if (info.status === "failed" || info.status === "cancelled") {
+        throw new Error(`migration ${info.status}: ${info["error-desc"] ?? "no detail"}`);
+      }
+      if (Date.now() >= deadline) throw new Error(`migration not ${want} (${info.status})`);
+      await sleep(10);
+    }
+  }
+
+  private async waitStatus(qmp: QmpClient, want: string): Promise<void> {
+    const deadline = Date.now() + MIGRATE_TIMEOUT_MS;
+    for (;;) {
+      const s = await qmp.execute<{ status: string }>("query-status");
+      if (s.status === want) return;
+      const m = await qmp.execute<{ status?: string; "error-desc"?: string }>("query-migrate");
+      if (m.status === "failed") {
+        throw new Error(`incoming migration failed: ${m["error-desc"] ?? "no detail"}`);
+      }
+      if (Date.now() >= deadline) throw new Error(`guest not ${want} (status ${s.status})`);
+      await sleep(10);
+    }
+  }
+
+  // ---- processes and files -------------------------------------------------------------------
+
+  private async qmp(id: string): Promise<QmpClient> {
+    const open = this.qmps.get(id);
+    if (open && !open.isClosed) return open;
+    const client = await QmpClient.connect(this.paths.qmpSocket(id), { timeoutMs: 5_000 });
+    this.qmps.set(id, client);
+    return client;
+  }
+
+  private async closeQmp(id: string): Promise<void> {
+    const c = this.qmps.get(id);
+    this.qmps.delete(id);
+    await c?.close();
+  }
+
+  /** `quit` over QMP (a busybox init ignores ACPI powerdown), SIGKILL after a bound. */
+  private async quit(id: string, pid: number): Promise<void> {
+    const sock = this.paths.qmpSocket(id);
+    if (isOurQemu(pid, sock)) {
+      try {
+        const qmp = await this.qmp(id);
+        await qmp.execute("quit").catch((e: unknown) => {
+          // QEMU may close the connection before answering; it is quitting either way.
+          if (!(e instanceof Error && e.name === "QmpClosedError")) throw e;
+        });
+      } catch {
+        // No QMP: fall through to the bounded wait and SIGKILL.
+      }
+    }
+    await this.waitGone(id, pid, QUIT_TIMEOUT_MS);
+    await this.closeQmp(id);
+  }
+
+  private async kill(id: string, pid: number): Promise<void> {
+    await this.waitGone(id, pid, 0);
+    await this.closeQmp(id);
+  }
+
+  /** Waits up to `ms` for the process to end, then SIGKILLs it and waits for that. */
+  private async waitGone(id: string, pid: number, ms: number): Promise<void> {
+    const sock = this.paths.qmpSocket(id);
+    const deadline = Date.now() + ms;
+    while (isOurQemu(pid, sock) && Date.now() < deadline) await sleep(50);
+    if (!isOurQemu(pid, sock)) return;
+    killProcess(pid);
+    const hard = Date.now() + 5_000;
+    while (isOurQemu(pid, sock)) {
+      if (Date.now() >= hard) throw new Error(`QEMU pid ${pid} survived SIGKILL`);
+      await sleep(20);
+    }
+  }
+
+  private async dropMemory(id: string): Promise<void> {
+    await rm(this.paths.memFile(id), { force: true });
+    await rm(this.paths.devStateFile(id), { force: true });
+  }
+
+  /** Kills the instance's QEMU (found by record or pid file) and removes its files. */
+  private async discard(id: string): Promise<void> {
+    const pids = new Set<number>();
+    const read = await this.store.read(id);
+    if (read.kind === "ok" && read.record.pid !== null) pids.add(read.record.pid);
+    try {
+      const n = Number.parseInt(await readFile(this.paths.pidFile(id), "utf8"), 10);
+      if (Number.isInteger(n) && n > 0) pids.add(n);
+    } catch (e) {
+      if (!isMissing(e)) throw e;
+    }
+    for (const pid of pids) await this.kill(id, pid);
+    await this.closeQmp(id);
+    await this.store.remove(id);
+  }
+
+  private async discardIfOwn(id: string, commandId: string): Promise<void> {
+    const read = await this.store.read(id);
+    const own =
+      read.kind === "missing" || (read.kind === "ok" && read.record.created_by === commandId);
+    if (own) await this.discard(id);
+  }
+
+  /** After a crash mid-operation: make the record say what the process and files show. */
+  private async converge(id: string): Promise<void> {
+    const read = await this.store.read(id);
+    if (read.kind !== "ok") return;
+    const rec = read.record;
+    let pid = rec.pid;
+    if (pid === null) {
+      try {
+        pid = Number.parseInt(await readFile(this.paths.pidFile(id), "utf8"), 10);
+      } catch (e) {
+        if (!isMissing(e)) throw e;
+      }
+    }
+    const alive = pid !== null && isOurQemu(pid, this.paths.qmpSocket(id));
+    if (alive && pid !== null) {
+      // An interrupted standby paused it, or an interrupted restore had not continued it yet.
+      const qmp = await this.qmp(id);
+      const status = await qmp.execute<{ status: string }>("query-status");
+      if (status.status === "paused" || status.status === "postmigrate") {
+        await qmp.execute("cont");
+      }
+      await rm(this.paths.devStateFile(id), { force: true });
+      await this.store.write({
+        ...rec,
+        pid,
+        observed: running(id, rec.observed.started_at ?? now()),
+      });
+      return;
+    }
+    const snapshot =
+      (await exists(this.paths.devStateFile(id))) && (await exists(this.paths.memFile(id)));
+    if (snapshot && (rec.observed.state === "Running" || rec.observed.state === "Standby")) {
+      await this.store.write({
+        ...rec,
+        pid: null,
+        observed: { ...rec.observed, state: "Standby", has_snapshot: true },
+      });
+      return;
+    }
+    if (rec.observed.state === "Running" || rec.observed.state === "Standby") {
+      await this.dropMemory(id);
+      await this.store.write({
+        ...rec,
+        pid: null,
+        observed: {
+          ...rec.observed,
+          state: "Stopped",
+          has_snapshot: false,
+          stopped_at: now(),
+          exit_message: "hypervisor gone after an interrupted operation",
+        },
+      });
+    }
+  }
+
+  private async observe(ids: string[]): Promise<ObservedInstance[]> {
+    const found = await Promise.all(ids.map((id) => this.get(id)));
+    return found.filter((i): i is ObservedInstance => i !== null);
+  }
+
+  private async makeInstanceDir(id: string): Promise<void> {
+    await mkdir(this.paths.instancesDir, { recursive: true });
+    try {
+      await mkdir(this.paths.instanceDir(id));
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === "EEXIST") {
+        throw new ApiError("conflict", `instance ${id} already exists on this host`);
+      }
+      throw e;
+    }
+    const sock = this.paths.qmpSocket(id);
+    if (!sock.startsWith(this.paths.instanceDir(id))) {
+      await mkdir(sock.slice(0, sock.lastIndexOf("/")), { recursive: true });
+    }
+  }
+
+  private async load(id: string): Promise<QemuRecord> {
+    const read = await this.store.read(id);
+    if (read.kind === "ok") return read.record;
+    if (read.kind === "missing") throw new NotFoundError(`instance ${id} not found on this host`);
+    throw new InvalidStateError(`instance ${id} is Unknown: state file unreadable: ${read.error}`);
+  }
+
+  /** An operation: holds the instance's lock; get() meanwhile reports the record as is. */
+  private async locked<T>(id: string, fn: () => Promise<T>): Promise<T> {
+    this.operating.set(id, (this.operating.get(id) ?? 0) + 1);
+    try {
+      return await this.serialized(id, fn);
+    } finally {
+      const n = (this.operating.get(id) ?? 1) - 1;
+      if (n === 0) this.operating.delete(id);
+      else this.operating.set(id, n);
+    }
+  }
+
+  /** Checking a record against its process (get, poll): serialized with operations. */
+  private observing<T>(id: string, fn: () => Promise<T>): Promise<T> {
+    return this.serialized(id, fn);
+  }
+
+  /** One operation or observation per instance at a time. */
+  private async serialized<T>(id: string, fn: () => Promise<T>): Promise<T> {
+    const prev = this.locks.get(id) ?? Promise.resolve();
+    const run = prev.catch(() => {}).then(fn);
+    const tail = run.catch(() => {});
+    this.locks.set(id, tail);
+    try {
+      return await run;
+    } finally {
+      if (this.locks.get(id) === tail) this.locks.delete(id);
+    }
+  }
+
+  private tools() {
+    return { qemuImg: this.qemuImg };
+  }
+}
+
+function running(id: string, startedAt: string): ObservedInstance {
+  return {
+    id,
+    state: "Running",
+    has_snapshot: false,
+    state_error: null,
+    exit_code: null,
+    exit_message: null,
+    started_at: startedAt,
+    stopped_at: null,
+  };
+}
+
+function machineFor(spec: InstanceSpec): Machine {
+  return {
+    memory_mib: Math.ceil(spec.memory_bytes / MiB),
+    vcpus: spec.vcpus,
+    mac: spec.network.enabled ? macFor(spec) : null,
+  };
+}
+
+/** The spec's MAC, or a stable locally administered one derived from the id. */
+function macFor(spec: InstanceSpec): string {
+  if (spec.network.mac) {
+    if (!/^[0-9a-f]{2}(:[0-9a-f]{2}){5}$/i.test(spec.network.mac)) {
+      throw new InvalidRequestError(`invalid MAC address "${spec.network.mac}"`);
+    }
+    return spec.network.mac.toLowerCase();
+  }
+  const h = createHash("sha256").update(spec.id).digest();
+  return ["02", ...[...h.subarray(0, 5)].map((b) => b.toString(16).padStart(2, "0"))].join(":");
+}
+
+const ENV_NAME = /^[A-Za-z_][A-Za-z0-9_]*$/;
+
+/** The program /init runs with `sh -c`: env exported, then entrypoint + cmd, each argument
+ * quoted. undefined (both null or empty) → /init's counting loop. */
+export function guestCommand(
+  spec: Pick<InstanceSpec, "entrypoint" | "cmd" | "env">,
+): string | undefined {
+  const argv = [...(spec.entrypoint ?? []), ...(spec.cmd ?? [])];
+  if (argv.length === 0) return undefined;
+  const env = Object.entries(spec.env).map(([k, v]) => {
+    if (!ENV_NAME.test(k)) throw new InvalidRequestError(`invalid environment variable "${k}"`);
+    return `${k}=${shellQuote(v)}`;
+  });
+  const exports = env.length > 0 ? `export ${env.join(" ")}; ` : "";
+  return `${exports}${argv.map(shellQuote).join(" ")}`;
+}
+
+export function shellQuote(s: string): string {
+  return `'${s.replaceAll("'", `'\\''`)}'`;
+}
+
+/** Hypeman's wording for a program's exit status. */
+export function exitMessage(code: number): string {
+  if (code === 127) return "command not found";
+  if (code > 128 && code < 128 + 65) {
+    const sig = code - 128;
+    const name = Object.entries(osConstants.signals).find(([, n]) => n === sig)?.[0];
+    return `killed by signal ${sig}${name ? ` (${name})` : ""}`;
+  }
+  return `exited with code ${code}`;
+}
+
+function exitEvent(log: string): { code: number } | undefined {
+  for (const e of initEvents(log)) if (e.event === "exit") return { code: e.code };
+  return undefined;
+}
+
+/** Alive, not a zombie, and QEMU with this instance's QMP socket (not a reused pid). */
+function isOurQemu(pid: number, qmpSocket: string): boolean {
+  try {
+    const stat = readProc(`/proc/${pid}/stat`);
+    const state = stat.slice(stat.lastIndexOf(")") + 2, stat.lastIndexOf(")") + 3);
+    if (state === "Z" || state === "X") return false;
+    return readProc(`/proc/${pid}/cmdline`).includes(qmpSocket);
+  } catch (e) {
+    if (isMissing(e) || (e as NodeJS.ErrnoException).code === "ESRCH") return false;
+    throw e;
+  }
+}
+
+/** Synchronous on purpose: /proc reads do not block, and callers poll in tight loops. */
+function readProc(file: string): string {
+  return readFileSync(file, "utf8");
+}
+
+async function sizeOf(file: string): Promise<number> {
+  try {
+    return (await stat(file)).size;
+  } catch (e) {
+    if (isMissing(e)) return 0;
+    throw e;
+  }
+}
+
+async function exists(file: string): Promise<boolean> {
+  try {
+    await stat(file);
+    return true;
+  } catch (e) {
+    if (isMissing(e)) return false;
+    throw e;
+  }
+}
