@@ -7,6 +7,7 @@ import { loadEnv } from "../control-plane/src/env.ts";
 import { jsonLog } from "../control-plane/src/log.ts";
 import { startServer } from "../control-plane/src/server.ts";
 import { createHost } from "../control-plane/src/services/credentials.ts";
+import { ensureVmAssets } from "./vm-assets.ts";
 
 const env = loadEnv();
 const log = jsonLog("start");
@@ -23,6 +24,8 @@ if (!token) {
 }
 
 const driver = process.env.AGENT_DRIVER ?? "sim";
+// Real VMs need the guest kernel and initramfs; built once from Debian packages, then cached.
+if (driver === "qemu") await ensureVmAssets();
 const agent = spawn(process.execPath, ["--import", "tsx", "host-agent/src/main.ts"], {
   stdio: ["ignore", "inherit", "inherit"],
   env: {
@@ -40,7 +43,7 @@ log("info", "ready", {
   agent_driver: driver,
   note:
     driver === "sim"
-      ? "the local host runs the simulated driver: instances are simulated, not real VMs"
+      ? "the local host runs the simulated driver: instances are simulated, not real VMs (AGENT_DRIVER=qemu for real ones)"
       : undefined,
 });
 

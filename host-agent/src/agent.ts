@@ -65,7 +65,7 @@ export async function startAgent(
   const release = await claimDataDir(paths);
   let journal: Journal | undefined;
   try {
-    const driver = options.driver ?? createDriver(config, paths);
+    const driver = options.driver ?? (await createDriver(config, paths, log));
     journal = await Journal.open(paths.journal, { keep: options.journalKeep });
     const link = new Link(config, options, log, driver, journal, release, paths);
     await link.commands.recover();

@@ -15,6 +15,7 @@ describe("config", () => {
       driver: "sim",
       capacity: { vcpus: os.cpus().length, memory_bytes: os.totalmem() },
       sim: { latencyMs: 0, fail: {}, execLog: true },
+      qemu: { accel: "auto", assetsDir: path.resolve(".data/vm-assets") },
     });
   });
 
@@ -50,8 +51,9 @@ describe("config", () => {
   it.each([
     [{ HOST_TOKEN: undefined }, "HOST_TOKEN: is required"],
     [{ CONTROL_PLANE_URL: "cp:8080" }, "CONTROL_PLANE_URL: must be an http(s):// or ws(s):// URL"],
-    [{ AGENT_DRIVER: undefined }, 'AGENT_DRIVER: is required: "sim"'],
-    [{ AGENT_DRIVER: "qemu" }, 'AGENT_DRIVER: "qemu" is not available'],
+    [{ AGENT_DRIVER: undefined }, 'AGENT_DRIVER: is required: "qemu"'],
+    [{ AGENT_DRIVER: "firecracker" }, 'AGENT_DRIVER: "firecracker" is not available'],
+    [{ AGENT_DRIVER: "qemu", AGENT_ACCEL: "hvf" }, "AGENT_ACCEL:"],
     [{ AGENT_VCPUS: "many" }, "AGENT_VCPUS: must be a positive integer"],
     [{ AGENT_VCPUS: "0" }, "AGENT_VCPUS: must be a positive integer"],
     [{ AGENT_MEMORY: "16 potatoes" }, 'AGENT_MEMORY: invalid size "16 potatoes"'],

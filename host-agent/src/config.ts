@@ -52,13 +52,18 @@ const Env = z.object({
   AGENT_HOST_NAME: z.string().min(1).default(os.hostname()),
   // Hypervisor driver. Required, so that the simulator never runs by accident.
   AGENT_DRIVER: z
-    .string({ error: 'is required: "sim" (simulated, for tests and benchmarks)' })
+    .string({
+      error: 'is required: "qemu" (real VMs) or "sim" (simulated, for tests and benchmarks)',
+    })
     .pipe(
-      z.enum(["sim"], {
-        error: (i) =>
-          `"${String(i.input)}" is not available; use "sim" ("qemu" is not implemented yet)`,
+      z.enum(["sim", "qemu"], {
+        error: (i) => `"${String(i.input)}" is not available; use "qemu" or "sim"`,
       }),
     ),
+  // qemu: hardware acceleration. auto = KVM only if a bounded test boot under it reaches init.
+  AGENT_ACCEL: z.enum(["auto", "kvm", "tcg"]).default("auto"),
+  // qemu: the guest kernel and initramfs, as built by scripts/vm-assets.ts (assets.json there).
+  AGENT_VM_ASSETS: z.string().min(1).default(".data/vm-assets"),
   // vCPUs this host offers to instances.
   AGENT_VCPUS: z.coerce
     .number({ error: POSITIVE_INT })
@@ -114,9 +119,10 @@ export interface AgentConfig {
   /** Absolute. */
   dataDir: string;
   hostName: string;
-  driver: "sim";
+  driver: "sim" | "qemu";
   capacity: { vcpus: number; memory_bytes: number };
   sim: SimConfig;
+  qemu: { accel: "auto" | "kvm" | "tcg"; assetsDir: string };
 }
 
 export class ConfigError extends Error {}
@@ -145,5 +151,6 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): AgentConfig {
     driver: e.AGENT_DRIVER,
     capacity: { vcpus: e.AGENT_VCPUS, memory_bytes: e.AGENT_MEMORY },
     sim: { latencyMs: e.SIM_LATENCY_MS, fail: e.SIM_FAIL, execLog: e.SIM_EXEC_LOG },
+    qemu: { accel: e.AGENT_ACCEL, assetsDir: path.resolve(e.AGENT_VM_ASSETS) },
   };
 }

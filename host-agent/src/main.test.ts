@@ -118,14 +118,14 @@ describe("agent process", () => {
     const agent = spawnAgent({
       CONTROL_PLANE_URL: "http://127.0.0.1:1",
       HOST_TOKEN: "t",
-      AGENT_DRIVER: "qemu",
+      AGENT_DRIVER: "firecracker",
     });
     expect(await agent.exited).toEqual({ code: 1, signal: null });
     expect(agent.lines).toEqual([
       expect.objectContaining({
         level: "error",
         msg: "invalid configuration",
-        error: expect.stringMatching(/^AGENT_DRIVER: "qemu" is not available/),
+        error: expect.stringMatching(/^AGENT_DRIVER: "firecracker" is not available/),
       }),
     ]);
   });

@@ -1,11 +1,39 @@
+import { existsSync, readFileSync } from "node:fs";
+import path from "node:path";
+import { z } from "zod";
 import type { AgentConfig } from "../config.ts";
+import type { Logger } from "../log.ts";
 import type { AgentPaths } from "../paths.ts";
 import type { Driver } from "./driver.ts";
+import { resolveAccel } from "./qemu/accel.ts";
+import { QemuDriver } from "./qemu/qemu-driver.ts";
 import { SimDriver } from "./sim/sim-driver.ts";
 
-export function createDriver(config: AgentConfig, paths: AgentPaths): Driver {
+const VmAssets = z.object({ qemu: z.string(), kernelElf: z.string(), initramfs: z.string() });
+
+export async function createDriver(
+  config: AgentConfig,
+  paths: AgentPaths,
+  log: Logger,
+): Promise<Driver> {
   switch (config.driver) {
     case "sim":
       return new SimDriver(paths, config.sim);
+    case "qemu": {
+      // The agent uses the assets a host was provisioned with; it does not build them.
+      const manifest = path.join(config.qemu.assetsDir, "assets.json");
+      if (!existsSync(manifest)) {
+        throw new Error(
+          `no guest kernel at ${config.qemu.assetsDir}: run \`node --import tsx scripts/vm-assets.ts\` (or set AGENT_VM_ASSETS)`,
+        );
+      }
+      const assets = VmAssets.parse(JSON.parse(readFileSync(manifest, "utf8")));
+      const decision = await resolveAccel(config.qemu.accel, {
+        assets,
+        workDir: path.join(paths.root, "accel"),
+      });
+      log("info", "accelerator chosen", { ...decision });
+      return new QemuDriver(paths, { assets, accel: decision.accel });
+    }
   }
 }
