@@ -82,7 +82,7 @@ export class LogStreams {
       if (size === offset) continue;
       const text = partial + (await readRange(file, offset, size));
       offset = size;
-      const lines = text.split("\n");
+      const lines = splitLines(text);
       partial = lines.pop() ?? "";
       for (let i = 0; i < lines.length; i += MAX_LINES_PER_CHUNK) {
         emit(lines.slice(i, i + MAX_LINES_PER_CHUNK));
@@ -90,6 +90,9 @@ export class LogStreams {
     }
   }
 }
+
+/** Serial consoles end lines with CRLF; a line is sent without its terminator. */
+const splitLines = (text: string) => text.split("\n").map((l) => l.replace(/\r$/, ""));
 
 async function readRange(file: string, start: number, end: number): Promise<string> {
   const fh = await open(file, "r");
@@ -112,7 +115,7 @@ async function tail(file: string, n: number, emit: (lines: string[]) => void): P
   const start = Math.max(0, size - TAIL_WINDOW_BYTES);
   const text = await readRange(file, start, size);
   const complete = text.slice(0, text.lastIndexOf("\n") + 1);
-  const lines = complete.split("\n").slice(0, -1);
+  const lines = splitLines(complete).slice(0, -1);
   if (start > 0) lines.shift(); // the first line of the window may be cut
   const last = n === 0 ? [] : lines.slice(-n);
   for (let i = 0; i < last.length; i += MAX_LINES_PER_CHUNK) {
