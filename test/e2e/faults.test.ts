@@ -93,15 +93,22 @@ describe("faults", () => {
     await inFlight; // the request dies with the process; the command must not.
     await stack.cp.restart();
 
-    await waitFor(
+    // The hello's inventory may show Stopped a moment before the re-sent stop is answered from
+    // the journal; both must land.
+    const ops = await waitFor(
       async () => {
         const [row] = await stack.db.select().from(instances).where(eq(instances.id, id));
-        return row?.state === "Stopped";
+        const ops = await stack.db.select().from(operations).where(eq(operations.instanceId, id));
+        return row?.state === "Stopped" && ops.every((o) => o.status !== "pending")
+          ? ops
+          : undefined;
       },
       { timeoutMs: 10_000, what: "the stop to be recorded after the restart" },
     );
-    const ops = await stack.db.select().from(operations).where(eq(operations.instanceId, id));
-    expect(ops.every((o) => o.status === "succeeded")).toBe(true);
+    expect(ops.map((o) => `${o.kind}:${o.status}`).sort()).toEqual([
+      "create:succeeded",
+      "stop:succeeded",
+    ]);
     const stops = agent.execLog().filter((l) => l.kind === "stop");
     expect(stops.length).toBe(1);
     // The reconnected agent takes new commands.
