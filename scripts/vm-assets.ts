@@ -111,6 +111,59 @@ for tok in $cmdline; do
 done
 hostname offshoot
 ip link set lo up 2>/dev/null
+# The control channel: the virtio-serial port named offshoot.ctl, one command per line, one reply
+# line each (host side: host-agent/src/drivers/qemu/control.ts). While the host is not connected
+# a read returns EOF at once, hence the short sleep between reads.
+ctl_port() {
+  for p in /sys/class/virtio-ports/*; do
+    [ "$(cat "$p/name" 2>/dev/null)" = offshoot.ctl ] && { echo "/dev/\${p##*/}"; return 0; }
+  done
+  return 1
+}
+ctl_mac() {
+  # Shell builtins where possible: every fork costs a lot under TCG.
+  read -r cur 2>/dev/null </sys/class/net/eth0/address || { echo "err mac no eth0"; return; }
+  [ "$cur" = "$1" ] && { echo "ok mac $cur"; return; }
+  read -r flags </sys/class/net/eth0/flags
+  up=$((flags & 1))
+  [ "$up" = 0 ] || ip link set eth0 down
+  if out=$(ip link set eth0 address "$1" 2>&1); then
+    read -r cur </sys/class/net/eth0/address
+    echo "ok mac $cur"
+  else
+    echo "err mac" $out
+  fi
+  [ "$up" = 0 ] || ip link set eth0 up
+}
+ctl_serve() {
+  tries=0
+  until dev=$(ctl_port); do
+    tries=$((tries + 1))
+    [ "$tries" -lt 100 ] || { echo "offshoot: no control port"; return 1; }
+    sleep 0.1
+  done
+  exec 3<>"$dev" || return 1
+  while :; do
+    if read -r verb arg <&3; then
+      case "$verb" in
+        "") ;;
+        ping) echo pong ;;
+        mac) ctl_mac "$arg" ;;
+        query)
+          if [ "$arg" = mac ] && read -r cur 2>/dev/null </sys/class/net/eth0/address; then
+            echo "ok mac $cur"
+          else
+            echo "err query $arg"
+          fi
+          ;;
+        *) echo "err $verb unknown command" ;;
+      esac >&3
+    else
+      sleep 0.1
+    fi
+  done
+}
+ctl_serve </dev/null &
 marker '{"event":"ready"}'
 if [ -n "$cmd" ]; then
   sh -c "$cmd"

@@ -45,6 +45,8 @@ export interface AgentPaths {
     pidFile(id: string): string;
     /** < 108 bytes: in the instance dir when that fits, else /run/offshoot/<hash>.sock. */
     qmpSocket(id: string): string;
+    /** The guest control channel (virtio-serial port offshoot.ctl); same scheme as qmpSocket. */
+    ctlSocket(id: string): string;
     /** Read-only disk images that forks' overlays share; never written after freezing. */
     readonly basesDir: string;
     baseFile(name: string): string;
@@ -95,14 +97,18 @@ function qemuPaths(dir: string): AgentPaths["qemu"] {
     serialLog: (id) => path.join(instanceDir(id), "serial.log"),
     qemuLog: (id) => path.join(instanceDir(id), "qemu.log"),
     pidFile: (id) => path.join(instanceDir(id), "qemu.pid"),
-    qmpSocket: (id) => {
-      const inDir = path.join(instanceDir(id), "qmp.sock");
-      if (Buffer.byteLength(inDir) <= MAX_SOCKET_PATH) return inDir;
-      // Deterministic, so a restarted agent finds the socket of a guest it did not launch.
-      const hash = createHash("sha256").update(inDir).digest("hex").slice(0, 20);
-      return path.join("/run/offshoot", `${hash}.sock`);
-    },
+    qmpSocket: (id) => socketPath(instanceDir(id), "qmp"),
+    ctlSocket: (id) => socketPath(instanceDir(id), "ctl"),
     basesDir,
     baseFile: (name) => path.join(basesDir, checkInstanceId(name)),
   };
+}
+
+/** `<dir>/<name>.sock` when that fits in sun_path, else /run/offshoot/<hash>.sock. */
+function socketPath(dir: string, name: string): string {
+  const inDir = path.join(dir, `${name}.sock`);
+  if (Buffer.byteLength(inDir) <= MAX_SOCKET_PATH) return inDir;
+  // Deterministic, so a restarted agent finds the socket of a guest it did not launch.
+  const hash = createHash("sha256").update(inDir).digest("hex").slice(0, 20);
+  return path.join("/run/offshoot", `${hash}.sock`);
 }

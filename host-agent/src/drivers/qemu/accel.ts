@@ -97,6 +97,7 @@ async function kvmTestBoot(opts: AccelOptions): Promise<Probe> {
         vcpus: 1,
         memFile: path.join(dir, "mem"),
         qmpSocket: path.join(dir, "qmp.sock"),
+        ctlSocket: path.join(dir, "ctl.sock"),
         serialLog: path.join(dir, "serial.log"),
         qemuLog: path.join(dir, "qemu.log"),
         command: "exit 0",

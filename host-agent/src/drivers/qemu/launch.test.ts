@@ -2,6 +2,7 @@
 import { statSync } from "node:fs";
 import { afterEach, beforeAll, describe, expect, it } from "vitest";
 import { ensureVmAssets, type VmAssets } from "../../../../scripts/vm-assets.ts";
+import { guestControl } from "./control.ts";
 import { type LaunchedQemu, launchQemu, processAlive, type QemuExit } from "./launch.ts";
 import { counts, initEvents, waitForSerial } from "./serial.ts";
 import { cleanupGuests, type GuestDir, guestDir, rssKiB } from "./testing.ts";
@@ -68,6 +69,9 @@ describe("launchQemu (TCG, microvm)", () => {
 
       const status = await vm.qmp.execute<{ status: string; running: boolean }>("query-status");
       expect(status).toMatchObject({ status: "running", running: true });
+      // The control channel answers; this guest has no NIC, so a MAC query is refused.
+      expect(await guestControl(spec.ctlSocket, "ping")).toBe("pong");
+      expect(await guestControl(spec.ctlSocket, "query mac")).toBe("err query mac");
       // The guest's RAM is the shared file the fork design maps.
       expect(statSync(spec.memFile).size).toBe(256 * 1024 * 1024);
       const rss = rssKiB(vm.pid);

@@ -25,6 +25,10 @@ export interface GuestSpec {
   shareMemory?: boolean;
   /** Unix socket QEMU listens on for QMP; < 108 bytes. */
   qmpSocket: string;
+  /** Unix socket QEMU listens on for the guest control channel: a virtio-serial port named
+   * `offshoot.ctl` that /init answers on (control.ts); < 108 bytes. Every guest has it, so a
+   * snapshot's device layout always matches its restore's. */
+  ctlSocket: string;
   /** Guest serial console (ttyS0), written by QEMU. */
   serialLog: string;
   /** QEMU's own stdout/stderr. */
@@ -38,6 +42,9 @@ export interface GuestSpec {
   /** Appended to QEMU's arguments (devices, netdevs, `-incoming defer`). */
   extraArgs?: readonly string[];
 }
+
+/** The virtio-serial port name /init looks for under /sys/class/virtio-ports. */
+export const CTL_PORT_NAME = "offshoot.ctl";
 
 /** x86 COMMAND_LINE_SIZE. */
 const MAX_CMDLINE = 2048;
@@ -100,6 +107,13 @@ export function qemuArgs(spec: GuestSpec): string[] {
     "chardev:serial0",
     "-qmp",
     `unix:${optValue(checkSocketPath(spec.qmpSocket))},server=on,wait=off`,
+    // The control channel (no vsock on these hosts, FACTS.md): virtio-serial on virtio-mmio.
+    "-device",
+    "virtio-serial-device,id=vser0",
+    "-chardev",
+    `socket,id=ctl,path=${optValue(checkSocketPath(spec.ctlSocket))},server=on,wait=off`,
+    "-device",
+    `virtserialport,bus=vser0.0,chardev=ctl,name=${CTL_PORT_NAME}`,
     ...(spec.extraArgs ?? []),
   ];
 }

@@ -9,6 +9,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { ensureVmAssets, type VmAssets } from "../../../../scripts/vm-assets.ts";
 import { type AgentPaths, agentPaths } from "../../paths.ts";
 import type { OpContext } from "../driver.ts";
+import { guestMac } from "./control.ts";
 import { backingChain, createDisk } from "./disks.ts";
 import { killProcess } from "./launch.ts";
 import { exitMessage, guestCommand, QemuDriver } from "./qemu-driver.ts";
@@ -179,6 +180,9 @@ describe("QemuDriver", () => {
       return all.length >= before.length + 2 ? all.slice(before.length) : undefined;
     });
     expect(after[0]).toBe(c1 + 1);
+    // Every restore re-applies the recorded MAC inside the guest (here: unchanged).
+    timings["restore: apply identity"] = driver.lastIdentityMs ?? -1;
+    expect(await guestMac(paths.qemu.ctlSocket("srca"))).toBe("02:00:00:00:0a:01");
 
     // standby again, fork the snapshot to Running under a new MAC
     await driver.standby("srca", ctx());
@@ -201,6 +205,9 @@ describe("QemuDriver", () => {
     expect(readFileSync(`/proc/${readPid("forkb")}/cmdline`, "utf8")).toContain(
       "mac=02:00:00:00:0b:01",
     );
+    // Inside the guest the fork's NIC has the fork's MAC, not the source's.
+    timings["fork: apply identity"] = driver.lastIdentityMs ?? -1;
+    expect(await guestMac(paths.qemu.ctlSocket("forkb"))).toBe("02:00:00:00:0b:01");
     // The fork's serial log is its own: its first count continues the source's, not 0.
     const forkCounts = await until("fork counts", 15_000, () => {
       const c = serialCounts("forkb");
@@ -215,6 +222,7 @@ describe("QemuDriver", () => {
       return (all.at(-1) ?? 0) > c2 + 1 ? all.at(-1) : undefined;
     });
     expect(srcNext).toBeGreaterThan(c2 + 1);
+    expect(await guestMac(paths.qemu.ctlSocket("srca"))).toBe("02:00:00:00:0a:01");
     expect(readPid("srca")).not.toBe(readPid("forkb"));
 
     // Deleting the source leaves the fork running on the frozen base.

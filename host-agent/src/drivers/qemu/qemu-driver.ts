@@ -25,6 +25,7 @@ import {
 import { runSteps, type Step } from "../../operations/steps.ts";
 import type { AgentPaths } from "../../paths.ts";
 import type { Driver, OpContext, OpData } from "../driver.ts";
+import { setGuestMac } from "./control.ts";
 import {
   type CopyPath,
   copyMemory,
@@ -45,6 +46,8 @@ export interface QemuDriverOptions {
   qemuImg?: string;
   /** Launch → /init's ready marker. Boot under TCG takes 3.5–5 s here (FACTS.md). */
   bootTimeoutMs?: number;
+  /** Bound on one guest control-channel command (default 5 s). */
+  controlTimeoutMs?: number;
   /** How often running guests' serial logs and processes are checked for an exit. */
   pollMs?: number;
 }
@@ -52,6 +55,7 @@ export interface QemuDriverOptions {
 const MiB = 1024 * 1024;
 const QUIT_TIMEOUT_MS = 10_000;
 const MIGRATE_TIMEOUT_MS = 60_000;
+const CONTROL_TIMEOUT_MS = 5_000;
 /** 7.2's default of 32 MiB/s would throttle the device-state stream for nothing. */
 const MAX_BANDWIDTH = 10 * 1024 * MiB;
 
@@ -71,6 +75,8 @@ export class QemuDriver implements Driver {
   private readonly qemuImg: string;
   /** How the last fork copied guest memory (for reports and tests). */
   lastCopyPath: CopyPath | undefined;
+  /** How long the last restore took to apply the guest's identity (for reports and tests). */
+  lastIdentityMs: number | undefined;
 
   constructor(
     agentPaths: AgentPaths,
@@ -499,6 +505,34 @@ export class QemuDriver implements Driver {
       await this.kill(id, vm.pid);
       throw e;
     }
+    // The restored guest still has the identity it was snapshotted with (the device state and
+    // its kernel's memory carry the MAC; QEMU's command line does not change them): apply the
+    // record's inside the guest before reporting Running. A fork must never run as its source.
+    try {
+      await this.applyIdentity(rec);
+    } catch (e) {
+      // The guest has run since `cont`, so its RAM file no longer matches the old device state:
+      // snapshot it again to get back to a consistent Standby (a fork's undo then discards it).
+      await this.resnapshot({ ...rec, pid: vm.pid }).catch(async () => {
+        await this.kill(id, vm.pid);
+        await this.dropMemory(id);
+        await this.store.write({
+          ...rec,
+          pid: null,
+          observed: {
+            ...rec.observed,
+            state: "Stopped",
+            has_snapshot: false,
+            stopped_at: now(),
+            exit_message: "guest identity not applied after restore",
+          },
+        });
+      });
+      throw new ApiError(
+        "internal_error",
+        `instance ${id}: restored guest did not apply its identity: ${(e as Error).message}`,
+      );
+    }
     await rm(devState, { force: true });
     const out: QemuRecord = {
       ...rec,
@@ -507,6 +541,25 @@ export class QemuDriver implements Driver {
     };
     await this.store.write(out);
     return out;
+  }
+
+  /** Tells the guest its identity over the control channel: today the NIC's MAC. */
+  private async applyIdentity(rec: QemuRecord): Promise<void> {
+    const mac = rec.machine.mac;
+    if (mac === null) return;
+    const started = Date.now();
+    await setGuestMac(this.paths.ctlSocket(rec.observed.id), mac, {
+      timeoutMs: this.options.controlTimeoutMs ?? CONTROL_TIMEOUT_MS,
+    });
+    this.lastIdentityMs = Date.now() - started;
+  }
+
+  /** Back to Standby after a restore that cannot go on (the guest has run since `cont`). */
+  private async resnapshot(rec: QemuRecord): Promise<void> {
+    await this.snapshot(
+      { ...rec, observed: running(rec.observed.id, rec.observed.started_at ?? now()) },
+      async () => {},
+    );
   }
 
   private guestSpec(
@@ -540,6 +593,7 @@ export class QemuDriver implements Driver {
       memFile: this.paths.memFile(id),
       shareMemory: true,
       qmpSocket: this.paths.qmpSocket(id),
+      ctlSocket: this.paths.ctlSocket(id),
       serialLog: this.paths.serialLog(id),
       qemuLog: this.paths.qemuLog(id),
       appendSerial: true,

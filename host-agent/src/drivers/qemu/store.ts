@@ -78,5 +78,6 @@ export class QemuStore {
   async remove(id: string): Promise<void> {
     await rm(this.paths.instanceDir(id), { recursive: true, force: true });
     await rm(this.paths.qmpSocket(id), { force: true });
+    await rm(this.paths.ctlSocket(id), { force: true });
   }
 }

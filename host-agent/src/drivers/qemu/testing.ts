@@ -24,6 +24,7 @@ export function guestDir(assets: VmAssets): GuestDir {
       vcpus: 1,
       memFile: path.join(dir, "mem"),
       qmpSocket: path.join(dir, "qmp.sock"),
+      ctlSocket: path.join(dir, "ctl.sock"),
       serialLog: path.join(dir, "serial.log"),
       qemuLog: path.join(dir, "qemu.log"),
       ...overrides,
