@@ -25,6 +25,7 @@ import {
 import { runSteps, type Step } from "../../operations/steps.ts";
 import type { AgentPaths } from "../../paths.ts";
 import type { Driver, OpContext, OpData } from "../driver.ts";
+import { isMissing } from "../record-store.ts";
 import { setGuestMac } from "./control.ts";
 import {
   type CopyPath,
@@ -38,7 +39,7 @@ import {
 import { type Accel, type GuestSpec, killProcess, launchQemu } from "./launch.ts";
 import { QmpClient } from "./qmp.ts";
 import { initEvents } from "./serial.ts";
-import { isMissing, type Machine, type QemuRecord, QemuStore } from "./store.ts";
+import { type Machine, type QemuRecord, QemuStore } from "./store.ts";
 
 export interface QemuDriverOptions {
   assets: { qemu: string; kernelElf: string; initramfs: string };

@@ -1,10 +1,10 @@
 // One JSON record per QEMU instance, beside its disk and RAM file. The QEMU process outlives the
 // agent; the record (pid, QMP socket by path) is how a restarted agent finds it again.
-import { randomBytes } from "node:crypto";
-import { readdir, readFile, rename, rm, writeFile } from "node:fs/promises";
+import { rm } from "node:fs/promises";
 import { InstanceSpec, ObservedInstance } from "@offshoot/shared";
 import { z } from "zod";
 import type { AgentPaths } from "../../paths.ts";
+import { RecordStore } from "../record-store.ts";
 
 /** What fixes the guest's device layout. A device-state stream only loads into a QEMU with the
  * same layout, so a restore or fork reuses this, not a possibly different spec. */
@@ -30,53 +30,13 @@ export const QemuRecord = z.object({
 });
 export type QemuRecord = z.infer<typeof QemuRecord>;
 
-export type ReadResult =
-  | { kind: "missing" }
-  | { kind: "ok"; record: QemuRecord }
-  | { kind: "corrupt"; error: string };
-
-export function isMissing(e: unknown): boolean {
-  return (e as NodeJS.ErrnoException | undefined)?.code === "ENOENT";
-}
-
-export class QemuStore {
-  constructor(private readonly paths: AgentPaths["qemu"]) {}
-
-  async ids(): Promise<string[]> {
-    try {
-      const entries = await readdir(this.paths.instancesDir, { withFileTypes: true });
-      return entries.filter((e) => e.isDirectory()).map((e) => e.name);
-    } catch (e) {
-      if (isMissing(e)) return [];
-      throw e;
-    }
+export class QemuStore extends RecordStore<QemuRecord> {
+  constructor(private readonly paths: AgentPaths["qemu"]) {
+    super(paths, QemuRecord);
   }
 
-  async read(id: string): Promise<ReadResult> {
-    let text: string;
-    try {
-      text = await readFile(this.paths.stateFile(id), "utf8");
-    } catch (e) {
-      if (isMissing(e)) return { kind: "missing" };
-      throw e;
-    }
-    try {
-      return { kind: "ok", record: QemuRecord.parse(JSON.parse(text)) };
-    } catch (e) {
-      return { kind: "corrupt", error: e instanceof Error ? e.message : String(e) };
-    }
-  }
-
-  /** Temp + rename, so a reader never sees half a file. */
-  async write(record: QemuRecord): Promise<void> {
-    const file = this.paths.stateFile(record.observed.id);
-    const tmp = `${file}.${randomBytes(4).toString("hex")}.tmp`;
-    await writeFile(tmp, JSON.stringify(record));
-    await rename(tmp, file);
-  }
-
-  async remove(id: string): Promise<void> {
-    await rm(this.paths.instanceDir(id), { recursive: true, force: true });
+  override async remove(id: string): Promise<void> {
+    await super.remove(id);
     await rm(this.paths.qmpSocket(id), { force: true });
     await rm(this.paths.ctlSocket(id), { force: true });
   }

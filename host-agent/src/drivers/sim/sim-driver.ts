@@ -18,7 +18,8 @@ import type { SimLatency } from "../../config.ts";
 import { runSteps, type Step } from "../../operations/steps.ts";
 import type { AgentPaths } from "../../paths.ts";
 import type { Driver, OpContext, OpData } from "../driver.ts";
-import { isMissing, type SimRecord, SimStore } from "./store.ts";
+import { isMissing } from "../record-store.ts";
+import { type SimRecord, SimStore } from "./store.ts";
 
 export interface SimOptions {
   latencyMs: SimLatency;
