@@ -1,5 +1,7 @@
+import { readdirSync, readFileSync } from "node:fs";
 import path from "node:path";
-import { beforeAll, describe, expect, it } from "vitest";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { agentPaths } from "../../host-agent/src/paths.ts";
 import { ensureVmAssets } from "../../scripts/vm-assets.ts";
 import { hypeman, REPO_ROOT, waitFor } from "../harness.ts";
 import { type Stack, startStack } from "./env.ts";
@@ -25,6 +27,22 @@ describe("real VMs (QEMU) through the API", { timeout: 120_000 }, () => {
     });
     client = hypeman(stack.cp.url, stack.apiKey);
   }, 300_000);
+
+  // Guests outlive their agent by design; whatever a failed test left running goes here.
+  afterAll(() => {
+    for (const agent of stack?.agents ?? []) {
+      const { qemu } = agentPaths(agent.dataDir);
+      const dirs = readdirSync(qemu.instancesDir, { withFileTypes: true });
+      for (const id of dirs.filter((e) => e.isDirectory())) {
+        try {
+          const pid = Number(readFileSync(qemu.pidFile(id.name), "utf8"));
+          if (pid > 0) process.kill(pid, "SIGKILL");
+        } catch {
+          // no pid file or no such process: nothing running for this instance
+        }
+      }
+    }
+  });
 
   const counts = async (name: string) => {
     const lines: string[] = [];
