@@ -108,4 +108,34 @@ describe("real VMs (QEMU) through the API", { timeout: 120_000 }, () => {
     await client.instances.delete("vm-1-a");
     await client.instances.delete("vm-1-b");
   });
+
+  it("reports the guest program's exit: code and message, as Hypeman words them", async () => {
+    const cases = [
+      { name: "exit-3", cmd: ["sh", "-c", "exit 3"], code: 3, message: "exited with code 3" },
+      { name: "exit-127", cmd: ["no-such-program"], code: 127, message: "command not found" },
+      {
+        name: "exit-kill",
+        cmd: ["sh", "-c", "kill -9 $$"],
+        code: 137,
+        message: "killed by signal 9 (SIGKILL)",
+      },
+    ];
+    for (const c of cases) {
+      await client.instances.create({
+        name: c.name,
+        image: "busybox",
+        size: "128MB",
+        vcpus: 1,
+        cmd: c.cmd,
+      });
+      const waited = await client.instances.wait(c.name, { state: "Stopped", timeout: "30s" });
+      expect(waited.state, c.name).toBe("Stopped");
+      const inst = await client.instances.get(c.name);
+      expect({ code: inst.exit_code, message: inst.exit_message }, c.name).toEqual({
+        code: c.code,
+        message: c.message,
+      });
+      await client.instances.delete(c.name);
+    }
+  });
 });
