@@ -19,7 +19,7 @@ export interface RecordLayout {
   stateFile(id: string): string;
 }
 
-export class RecordStore<T extends { observed: { id: string } }> {
+export class RecordStore<T extends { created_by: string; observed: { id: string } }> {
   constructor(
     protected readonly layout: RecordLayout,
     private readonly schema: z.ZodType<T>,
@@ -57,6 +57,12 @@ export class RecordStore<T extends { observed: { id: string } }> {
     const tmp = `${file}.${randomBytes(4).toString("hex")}.tmp`;
     await writeFile(tmp, JSON.stringify(record));
     await rename(tmp, file);
+  }
+
+  /** Whether `commandId` made the record under `id` (or there is none yet). */
+  async ownedBy(id: string, commandId: string): Promise<boolean> {
+    const read = await this.read(id);
+    return read.kind === "missing" || (read.kind === "ok" && read.record.created_by === commandId);
   }
 
   async remove(id: string): Promise<void> {

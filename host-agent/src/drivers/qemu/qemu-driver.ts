@@ -26,6 +26,7 @@ import { runSteps, type Step } from "../../operations/steps.ts";
 import type { AgentPaths } from "../../paths.ts";
 import type { Driver, OpContext, OpData } from "../driver.ts";
 import { isMissing } from "../record-store.ts";
+import { rollbackOperation } from "../rollback.ts";
 import { setGuestMac } from "./control.ts";
 import {
   type CopyPath,
@@ -363,26 +364,20 @@ export class QemuDriver implements Driver {
     );
   }
 
-  async rollback(
+  rollback(
     op: Operation,
     ctx: { commandId: string; steps: readonly string[] },
   ): Promise<ObservedInstance[]> {
-    switch (op.kind) {
-      case "create":
-        await this.discardIfOwn(op.instance.id, ctx.commandId);
-        return this.observe([op.instance.id]);
-      case "fork":
-        await this.discardIfOwn(op.target.id, ctx.commandId);
-        await this.converge(op.source_id);
-        return this.observe([op.source_id, op.target.id]);
-      case "delete":
-        await this.discard(op.instance_id);
+    return rollbackOperation(op, ctx.commandId, {
+      get: (id) => this.get(id),
+      ownedBy: (id, commandId) => this.store.ownedBy(id, commandId),
+      discard: (id) => this.discard(id),
+      remove: async (id) => {
+        await this.discard(id);
         await gcBases(this.tools(), this.paths);
-        return [];
-      default:
-        await this.converge(op.instance_id);
-        return this.observe([op.instance_id]);
-    }
+      },
+      converge: (id) => this.converge(id),
+    });
   }
 
   logFile(id: string, source: "app" | "vmm"): string | undefined {
@@ -808,13 +803,6 @@ export class QemuDriver implements Driver {
     await this.store.remove(id);
   }
 
-  private async discardIfOwn(id: string, commandId: string): Promise<void> {
-    const read = await this.store.read(id);
-    const own =
-      read.kind === "missing" || (read.kind === "ok" && read.record.created_by === commandId);
-    if (own) await this.discard(id);
-  }
-
   /** After a crash mid-operation: make the record say what the process and files show. */
   private async converge(id: string): Promise<void> {
     const read = await this.store.read(id);
@@ -868,11 +856,6 @@ export class QemuDriver implements Driver {
         },
       });
     }
-  }
-
-  private async observe(ids: string[]): Promise<ObservedInstance[]> {
-    const found = await Promise.all(ids.map((id) => this.get(id)));
-    return found.filter((i): i is ObservedInstance => i !== null);
   }
 
   private async makeInstanceDir(id: string): Promise<void> {

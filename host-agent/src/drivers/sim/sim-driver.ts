@@ -19,6 +19,7 @@ import { runSteps, type Step } from "../../operations/steps.ts";
 import type { AgentPaths } from "../../paths.ts";
 import type { Driver, OpContext, OpData } from "../driver.ts";
 import { isMissing } from "../record-store.ts";
+import { rollbackOperation } from "../rollback.ts";
 import { type SimRecord, SimStore } from "./store.ts";
 
 export interface SimOptions {
@@ -230,22 +231,14 @@ export class SimDriver implements Driver {
     return [await this.require(source_id), await this.require(target.id)];
   }
 
-  async rollback(op: Operation, ctx: { commandId: string; steps: readonly string[] }) {
-    switch (op.kind) {
-      case "create":
-        await this.discardIfOwn(op.instance.id, ctx.commandId);
-        return this.observe([op.instance.id]);
-      case "fork":
-        await this.discardIfOwn(op.target.id, ctx.commandId);
-        await this.converge(op.source_id);
-        return this.observe([op.source_id, op.target.id]);
-      case "delete":
-        await this.store.remove(op.instance_id);
-        return [];
-      default:
-        await this.converge(op.instance_id);
-        return this.observe([op.instance_id]);
-    }
+  rollback(op: Operation, ctx: { commandId: string; steps: readonly string[] }) {
+    return rollbackOperation(op, ctx.commandId, {
+      get: (id) => this.get(id),
+      ownedBy: (id, commandId) => this.store.ownedBy(id, commandId),
+      discard: (id) => this.store.remove(id),
+      remove: (id) => this.store.remove(id),
+      converge: (id) => this.converge(id),
+    });
   }
 
   /** The sim has a console (its state changes) but no VMM process with output of its own. */
@@ -349,20 +342,6 @@ export class SimDriver implements Driver {
 
   private async require(id: string): Promise<ObservedInstance> {
     return (await this.load(id)).observed;
-  }
-
-  private async observe(ids: string[]): Promise<ObservedInstance[]> {
-    const found = await Promise.all(ids.map((id) => this.get(id)));
-    return found.filter((i): i is ObservedInstance => i !== null);
-  }
-
-  /** Removes what an interrupted create/fork made under `id`, never an instance that was
-   * there before it (another command's record) — a fork that lost the id race stays intact. */
-  private async discardIfOwn(id: string, commandId: string): Promise<void> {
-    const read = await this.store.read(id);
-    const own =
-      read.kind === "missing" || (read.kind === "ok" && read.record.created_by === commandId);
-    if (own) await this.store.remove(id);
   }
 
   /** A snapshot file belongs to Standby only; one left by an interrupted standby/restore goes. */
