@@ -75,6 +75,17 @@ async function startAgents(cpUrl: string, tokens: string[], root: string): Promi
   return agents;
 }
 
+/** The fork source every scenario uses: a small instance, put in Standby. */
+async function standbySource(cpUrl: string, key: string) {
+  await http(cpUrl, key, "POST", "/instances", {
+    name: "src",
+    image: "alpine",
+    vcpus: 1,
+    size: "256MB",
+  });
+  await http(cpUrl, key, "POST", "/instances/src/standby");
+}
+
 /** Sequential forks of one Standby source: request → 201, client-side wall time. */
 async function forkLoop(cpUrl: string, key: string, source: string, n: number, prefix: string) {
   const ms: number[] = [];
@@ -109,13 +120,7 @@ async function main() {
     });
     const [agent] = await startAgents(cp1.url, [token], root);
     await waitOnline(cp1.url, key1);
-    await http(cp1.url, key1, "POST", "/instances", {
-      name: "src",
-      image: "alpine",
-      vcpus: 1,
-      size: "256MB",
-    });
-    await http(cp1.url, key1, "POST", "/instances/src/standby");
+    await standbySource(cp1.url, key1);
     const single = await forkLoop(cp1.url, key1, "src", FORKS, "f");
     // Reference points on the same stack: the floor (HTTP + auth + one query) and a one-step
     // lifecycle command (standby/restore: one host command, no flow).
@@ -179,13 +184,7 @@ async function main() {
     // Heartbeats steady: every host fresh (seen in the last 12 s, heartbeat every 5 s) at
     // three samples 6 s apart, while forks run.
     const fresh: number[] = [];
-    await http(cp2.url, key2, "POST", "/instances", {
-      name: "src",
-      image: "alpine",
-      vcpus: 1,
-      size: "256MB",
-    });
-    await http(cp2.url, key2, "POST", "/instances/src/standby");
+    await standbySource(cp2.url, key2);
     const sampler = (async () => {
       for (let i = 0; i < 3; i++) {
         await new Promise((r) => setTimeout(r, 6000));
