@@ -10,13 +10,23 @@
 // `.data/vm-assets` at the repo root (OFFSHOOT_VM_ASSETS overrides it). A second call only reads
 // the manifest and stats a few files. Missing Debian packages are installed with apt-get (root).
 //
-// Guest contract of /init (the kernel command line is read from /proc/cmdline):
+// Guest contract of /init. With an image (the instance's case), three virtio disks found by
+// their serial numbers:
+//   offshoot-root   the image's rootfs (ext4, read-only): overlayfs lowerdir
+//   offshoot-rw     the instance's disk (ext4): overlayfs upper and work dirs
+//   offshoot-cfg    a shell fragment that sets OFFSHOOT_HOSTNAME, OFFSHOOT_WORKDIR, defines
+//                   offshoot_env (exports the environment) and `set --` the program's argv
+// /init mounts the overlay at /newroot and runs the program there (chroot, working dir, env);
+// it stays PID 1 in the initramfs to report the exit. Without disks (launch tests), the kernel
+// command line decides:
 //   offshoot.cmd=BASE64   shell command to run (`sh -c`); without it, a counter loop prints
-//                         `OFFSHOOT-COUNT n` every second (what fork tests watch).
+//                         `OFFSHOOT-COUNT n` every second.
 //   MODULE.PARAM=VALUE    passed to that module's insmod: busybox insmod ignores module
 //                         parameters on the kernel command line.
 // Serial markers: `OFFSHOOT-INIT {"event":"ready"}` before the program starts,
-// `OFFSHOOT-INIT {"event":"exit","code":N}` after it ends; then the guest powers off.
+// `OFFSHOOT-INIT {"event":"exit","code":N}` after it ends (with `"oom":true` when the kernel's
+// OOM killer ended it), `OFFSHOOT-INIT {"event":"failed","message":"…"}` when the guest cannot
+// start its program at all; then the guest powers off.
 import { execFileSync, spawnSync } from "node:child_process";
 import { createHash } from "node:crypto";
 import {
@@ -79,12 +89,13 @@ const WANTED_MODULES = [
   "virtio_net",
   "virtio_console",
   "overlay",
+  "ext4",
 ] as const;
 
 /** Only q35/pc guests need these; a kernel without them still boots microvm guests. */
 const OPTIONAL_MODULES: ReadonlySet<string> = new Set(["virtio_pci"]);
 
-const INIT_SCRIPT = `#!/bin/sh
+export const INIT_SCRIPT = `#!/bin/sh
 # Offshoot guest init (built by scripts/vm-assets.ts).
 export PATH=/bin:/sbin HOME=/root
 mount -t proc proc /proc
@@ -149,6 +160,9 @@ ctl_serve() {
         "") ;;
         ping) echo pong ;;
         mac) ctl_mac "$arg" ;;
+        hostname)
+          if hostname "$arg" 2>/dev/null; then echo "ok hostname $(hostname)"; else echo "err hostname $arg"; fi
+          ;;
         query)
           if [ "$arg" = mac ] && read -r cur 2>/dev/null </sys/class/net/eth0/address; then
             echo "ok mac $cur"
@@ -164,6 +178,71 @@ ctl_serve() {
   done
 }
 ctl_serve </dev/null &
+fail() {
+  marker "{\\"event\\":\\"failed\\",\\"message\\":\\"$1\\"}"
+  sync
+  poweroff -f
+}
+disk() {
+  for b in /sys/block/vd*; do
+    [ "$(cat "$b/serial" 2>/dev/null)" = "$1" ] && { echo "/dev/\${b##*/}"; return 0; }
+  done
+  return 1
+}
+if root_dev=$(disk offshoot-root); then
+  rw_dev=$(disk offshoot-rw) || fail "no instance disk"
+  cfg_dev=$(disk offshoot-cfg) || fail "no config disk"
+  mkdir -p /mnt/lower /mnt/rw /newroot /run/offshoot
+  mount -t ext4 -o ro "$root_dev" /mnt/lower || fail "cannot mount the image rootfs"
+  mount -t ext4 "$rw_dev" /mnt/rw || fail "cannot mount the instance disk"
+  mkdir -p /mnt/rw/upper /mnt/rw/work
+  mount -t overlay overlay -o lowerdir=/mnt/lower,upperdir=/mnt/rw/upper,workdir=/mnt/rw/work /newroot ||
+    fail "cannot mount the overlay"
+  mount -t proc proc /newroot/proc
+  mount -t sysfs sysfs /newroot/sys
+  mount --bind /dev /newroot/dev
+  mount -t tmpfs -o mode=755 tmpfs /newroot/run
+  # This init's busybox, for the program's launch only (the image may have no shell).
+  mount --bind -o ro /bin /newroot/.offshoot
+  cat "$cfg_dev" >/run/offshoot/config.sh && . /run/offshoot/config.sh || fail "unreadable config disk"
+  hostname "$OFFSHOOT_HOSTNAME"
+  marker '{"event":"ready"}'
+  # argv[0] is looked up in the image's PATH here: busybox's own sh would run its applet of the
+  # same name instead of the image's program.
+  prog=$1
+  shift
+  case "$prog" in
+    */*) ;;
+    *)
+      search=$(offshoot_env; echo "$PATH")
+      found=""
+      IFS=:
+      for d in $search; do
+        if [ -L "/newroot$d/$prog" ] || [ -x "/newroot$d/$prog" ]; then found="$d/$prog"; break; fi
+      done
+      unset IFS
+      prog=\${found:-$prog}
+      ;;
+  esac
+  if [ -z "\${prog##*/*}" ]; then
+    (
+      offshoot_env
+      launch='mkdir -p "$1" 2>/dev/null; cd "$1" || exit 1; shift; exec "$@"'
+      exec /bin/chroot /newroot /.offshoot/sh -c "$launch" sh "$OFFSHOOT_WORKDIR" "$prog" "$@"
+    )
+    code=$?
+  else
+    echo "offshoot: $prog: command not found"
+    code=127
+  fi
+  oom=""
+  [ "$code" = 137 ] && dmesg 2>/dev/null | grep -q "Out of memory: Killed process" && oom=',"oom":true'
+  sync
+  umount /newroot/.offshoot /newroot/run /newroot/dev /newroot/sys /newroot/proc 2>/dev/null
+  umount /newroot /mnt/rw 2>/dev/null
+  marker "{\\"event\\":\\"exit\\",\\"code\\":$code$oom}"
+  poweroff -f
+fi
 marker '{"event":"ready"}'
 if [ -n "$cmd" ]; then
   sh -c "$cmd"

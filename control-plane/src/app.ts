@@ -4,6 +4,7 @@ import type { Context } from "hono";
 import { HTTPException } from "hono/http-exception";
 import { pgErrorCode } from "./db/client.ts";
 import { type AppEnv, newRouter } from "./routes/common.ts";
+import { registerImageRoutes } from "./routes/images.ts";
 import { registerInstanceRoutes } from "./routes/instances/index.ts";
 import { referencePage } from "./routes/reference.ts";
 import type { Services } from "./services/context.ts";
@@ -136,8 +137,11 @@ export function createApp({ services, credentials, mountAgentEndpoint }: AppDeps
   };
   app.use("/instances", authed);
   app.use("/instances/*", authed);
+  app.use("/images", authed);
+  app.use("/images/*", authed);
 
   registerInstanceRoutes(app);
+  registerImageRoutes(app);
   return app;
 }
 export type App = ReturnType<typeof createApp>;

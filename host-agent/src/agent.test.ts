@@ -59,6 +59,7 @@ describe("agent", () => {
       capabilities: expect.objectContaining({ fork_from_running: false, fork_from_standby: true }),
       capacity: { vcpus: 8, memory_bytes: 16 * 1024 ** 3 },
       inventory: [expect.objectContaining({ id: "pre", state: "Running" })],
+      images: [],
       in_flight: [],
     });
   });

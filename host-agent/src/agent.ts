@@ -189,6 +189,7 @@ class Link {
     }, this.options.welcomeTimeoutMs ?? 10_000);
     try {
       const inventory = await this.driver.inventory();
+      const images = await this.driver.images();
       if (ws !== this.ws || ws.readyState !== WebSocket.OPEN) return;
       const in_flight = this.commands.inFlight();
       ws.send(
@@ -201,6 +202,7 @@ class Link {
           capabilities: this.driver.capabilities(),
           capacity: this.config.capacity,
           inventory,
+          images,
           in_flight,
         }),
       );

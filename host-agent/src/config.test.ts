@@ -15,7 +15,7 @@ describe("config", () => {
       driver: "sim",
       capacity: { vcpus: os.cpus().length, memory_bytes: os.totalmem() },
       sim: { latencyMs: 0, fail: {}, execLog: true },
-      qemu: { accel: "auto", assetsDir: path.resolve(".data/vm-assets") },
+      qemu: { accel: "auto", assetsDir: path.resolve(".data/vm-assets"), images: [] },
     });
   });
 
@@ -41,6 +41,9 @@ describe("config", () => {
       },
     });
     expect(loadConfig({ ...base, SIM_LATENCY_MS: "25" }).sim.latencyMs).toBe(25);
+    expect(
+      loadConfig({ ...base, AGENT_IMAGES: "/img/a, alpine:3=/img/b.tar" }).qemu.images,
+    ).toEqual([{ source: "/img/a" }, { source: "/img/b.tar", name: "alpine:3" }]);
   });
 
   it("maps http(s) to ws(s) and keeps a base path", () => {
@@ -60,6 +63,7 @@ describe("config", () => {
     [{ SIM_LATENCY_MS: "{fork:1}" }, "SIM_LATENCY_MS: expected JSON like"],
     [{ SIM_LATENCY_MS: '{"frok":1}' }, "SIM_LATENCY_MS: "],
     [{ SIM_FAIL: '{"fork":"oops"}' }, "SIM_FAIL: fork: "],
+    [{ AGENT_IMAGES: "Not A Ref=/x" }, 'AGENT_IMAGES: "Not A Ref" is not an image reference'],
     [{ SIM_EXEC_LOG: "yes" }, 'SIM_EXEC_LOG: must be "1", "0", "true" or "false"'],
   ])("names the first wrong variable: %o", (patch, message) => {
     expect(() => loadConfig({ ...base, ...patch })).toThrow(message);

@@ -2,7 +2,13 @@
 // a message naming the variable, rather than failing later in the middle of a command.
 import os from "node:os";
 import path from "node:path";
-import { ERROR_STATUS, type ErrorCode, type OperationKind, parseSize } from "@offshoot/shared";
+import {
+  ERROR_STATUS,
+  type ErrorCode,
+  normalizeImageRef,
+  type OperationKind,
+  parseSize,
+} from "@offshoot/shared";
 import { z } from "zod";
 
 const OpKind = z.enum(["create", "start", "stop", "standby", "restore", "delete", "fork"]);
@@ -64,6 +70,26 @@ const Env = z.object({
   AGENT_ACCEL: z.enum(["auto", "kvm", "tcg"]).default("auto"),
   // qemu: the guest kernel and initramfs, as built by scripts/vm-assets.ts (assets.json there).
   AGENT_VM_ASSETS: z.string().min(1).default(".data/vm-assets"),
+  // qemu: OCI image layouts (directories or tarballs) to import at start, comma-separated, each
+  // `PATH` (named by its ref.name annotation) or `NAME=PATH`.
+  AGENT_IMAGES: z
+    .string()
+    .default("")
+    .transform((s, ctx) =>
+      s
+        .split(",")
+        .map((x) => x.trim())
+        .filter(Boolean)
+        .map((item) => {
+          const eq = item.indexOf("=");
+          const name = eq > 0 ? item.slice(0, eq) : undefined;
+          const source = path.resolve(eq > 0 ? item.slice(eq + 1) : item);
+          if (name !== undefined && normalizeImageRef(name) === undefined) {
+            ctx.addIssue({ code: "custom", message: `"${name}" is not an image reference` });
+          }
+          return { source, ...(name === undefined ? {} : { name }) };
+        }),
+    ),
   // vCPUs this host offers to instances.
   AGENT_VCPUS: z.coerce
     .number({ error: POSITIVE_INT })
@@ -122,7 +148,11 @@ export interface AgentConfig {
   driver: "sim" | "qemu";
   capacity: { vcpus: number; memory_bytes: number };
   sim: SimConfig;
-  qemu: { accel: "auto" | "kvm" | "tcg"; assetsDir: string };
+  qemu: {
+    accel: "auto" | "kvm" | "tcg";
+    assetsDir: string;
+    images: Array<{ source: string; name?: string }>;
+  };
 }
 
 export class ConfigError extends Error {}
@@ -151,6 +181,10 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): AgentConfig {
     driver: e.AGENT_DRIVER,
     capacity: { vcpus: e.AGENT_VCPUS, memory_bytes: e.AGENT_MEMORY },
     sim: { latencyMs: e.SIM_LATENCY_MS, fail: e.SIM_FAIL, execLog: e.SIM_EXEC_LOG },
-    qemu: { accel: e.AGENT_ACCEL, assetsDir: path.resolve(e.AGENT_VM_ASSETS) },
+    qemu: {
+      accel: e.AGENT_ACCEL,
+      assetsDir: path.resolve(e.AGENT_VM_ASSETS),
+      images: e.AGENT_IMAGES,
+    },
   };
 }

@@ -16,6 +16,8 @@ export interface AgentPaths {
   /** The agent's own record of the operations it ran on an instance (log source "hypeman"). */
   operationsLog(id: string): string;
   readonly operationsLogDir: string;
+  /** The image cache (images/store.ts): refs and one read-only rootfs per digest. */
+  readonly imagesDir: string;
   readonly sim: {
     /** One line per op the sim executed (not replayed), for tests. */
     readonly execLog: string;
@@ -50,6 +52,10 @@ export interface AgentPaths {
     /** Read-only disk images that forks' overlays share; never written after freezing. */
     readonly basesDir: string;
     baseFile(name: string): string;
+    /** The guest's config disk: a shell fragment /init reads at boot (command, env, hostname). */
+    configFile(id: string): string;
+    /** An empty ext4 of `bytes`, the shared backing file of new instances' disks. */
+    blankDisk(bytes: number): string;
   };
 }
 
@@ -70,6 +76,7 @@ export function agentPaths(root: string): AgentPaths {
     pidFile: path.join(root, "agent.pid"),
     operationsLogDir: path.join(root, "operations"),
     operationsLog: (id) => path.join(root, "operations", `${checkInstanceId(id)}.log`),
+    imagesDir: path.join(root, "images"),
     qemu: qemuPaths(path.join(root, "qemu")),
     sim: {
       execLog: path.join(root, "sim-exec.log"),
@@ -101,6 +108,8 @@ function qemuPaths(dir: string): AgentPaths["qemu"] {
     ctlSocket: (id) => socketPath(instanceDir(id), "ctl"),
     basesDir,
     baseFile: (name) => path.join(basesDir, checkInstanceId(name)),
+    configFile: (id) => path.join(instanceDir(id), "config.sh"),
+    blankDisk: (bytes) => path.join(dir, "blank", `${Math.trunc(bytes)}.ext4`),
   };
 }
 

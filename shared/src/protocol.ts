@@ -2,6 +2,7 @@
 // carries `v`, so either side can refuse a version it does not speak. Both directions are
 // typed here and parsed with zod on receipt.
 import { z } from "zod";
+import { ImageInfo } from "./images.ts";
 import { ForkTargetState, Hypervisor, InstanceState, VolumeMount } from "./schemas.ts";
 
 export const PROTOCOL_VERSION = 1 as const;
@@ -87,6 +88,8 @@ export const DriverCapabilities = z.object({
   hotplug_memory: z.boolean(),
   disk_io_limit: z.boolean(),
   volumes: z.boolean(),
+  /** Instances need an image this host has imported (reported in hello's `images`). */
+  images: z.boolean().default(false),
 });
 export type DriverCapabilities = z.infer<typeof DriverCapabilities>;
 
@@ -107,6 +110,8 @@ export const Hello = z.object({
     memory_bytes: z.number().int().positive(),
   }),
   inventory: z.array(ObservedInstance),
+  /** The images this host can boot (drivers with the `images` capability). */
+  images: z.array(ImageInfo).default([]),
   /** Commands the agent has journaled but not finished (still executing). */
   in_flight: z.array(z.string()),
 });

@@ -245,3 +245,22 @@ export const WaitForStateResponse = z
 export type WaitForStateResponse = z.infer<typeof WaitForStateResponse>;
 
 export const Health = z.object({ status: z.literal("ok") }).openapi("Health");
+
+/** GET /images: an image some connected host can boot, in the reference spec's shape. */
+export const Image = z
+  .object({
+    name: z.string().openapi({ example: "docker.io/library/alpine:latest" }),
+    digest: z.string().openapi({ example: "sha256:…" }),
+    platform: z.string().optional(),
+    status: z.enum(["pending", "pulling", "converting", "ready", "failed"]),
+    queue_position: z.number().int().nullable().optional(),
+    error: z.string().nullable().optional(),
+    size_bytes: z.number().int().nullable().optional(),
+    entrypoint: z.array(z.string()).nullable().optional(),
+    cmd: z.array(z.string()).nullable().optional(),
+    env: z.record(z.string(), z.string()).optional(),
+    tags: z.record(z.string(), z.string()).optional(),
+    created_at: z.string().openapi({ format: "date-time" }),
+  })
+  .openapi("Image");
+export type Image = z.infer<typeof Image>;

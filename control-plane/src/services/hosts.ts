@@ -74,6 +74,7 @@ export async function hostConnected(
         driver: hello.driver,
         agentVersion: hello.agent_version,
         capabilities: hello.capabilities,
+        images: hello.images,
         vcpus: hello.capacity.vcpus,
         memoryBytes: hello.capacity.memory_bytes,
         lastSeenAt: now,

@@ -17,7 +17,7 @@ export interface Need {
   memoryBytes: number;
 }
 
-const online = (graceMs: number) =>
+export const online = (graceMs: number) =>
   and(
     eq(hosts.status, "online"),
     gt(hosts.lastSeenAt, sql`now() - make_interval(secs => ${graceMs / 1000})`),

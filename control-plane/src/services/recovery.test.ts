@@ -37,6 +37,7 @@ const CAPS: DriverCapabilities = {
   hotplug_memory: true,
   disk_io_limit: true,
   volumes: true,
+  images: false,
 };
 
 const ipNum = (ip: string) => ip.split(".").reduce((n, x) => n * 256 + Number(x), 0);
@@ -119,6 +120,7 @@ class ScriptedHost implements HostGateway {
       capabilities: CAPS,
       capacity: { vcpus: 64, memory_bytes: 64 * 2 ** 30 },
       inventory: [...this.states.values()],
+      images: [],
       in_flight: [],
     };
   }

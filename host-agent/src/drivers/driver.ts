@@ -5,6 +5,7 @@
 // ../operations before a driver is called; drivers enforce what only they can know.
 import type {
   DriverCapabilities,
+  ImageInfo,
   InstanceSpec,
   ObservedInstance,
   Operation,
@@ -30,6 +31,8 @@ export interface Driver {
   capabilities(): DriverCapabilities;
   /** Every instance on this host, including ones the control plane may not know (orphans). */
   inventory(): Promise<ObservedInstance[]>;
+  /** The images instances can be created from ([] for a driver that needs none). */
+  images(): Promise<ImageInfo[]>;
   /** null when the host has no such instance. */
   get(id: string): Promise<ObservedInstance | null>;
 

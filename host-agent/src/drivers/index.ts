@@ -2,6 +2,7 @@ import { existsSync, readFileSync } from "node:fs";
 import path from "node:path";
 import { z } from "zod";
 import type { AgentConfig } from "../config.ts";
+import { ImageStore } from "../images/store.ts";
 import type { Logger } from "../log.ts";
 import type { AgentPaths } from "../paths.ts";
 import type { Driver } from "./driver.ts";
@@ -33,7 +34,17 @@ export async function createDriver(
         workDir: path.join(paths.root, "accel"),
       });
       log("info", "accelerator chosen", { ...decision });
-      return new QemuDriver(paths, { assets, accel: decision.accel });
+      const images = new ImageStore(paths.imagesDir);
+      for (const { source, name } of config.qemu.images) {
+        const started = Date.now();
+        const image = await images.import(source, name);
+        log("info", "image imported", {
+          name: image.name,
+          digest: image.digest,
+          ms: Date.now() - started,
+        });
+      }
+      return new QemuDriver(paths, { assets, accel: decision.accel, images });
     }
   }
 }

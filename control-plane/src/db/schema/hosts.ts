@@ -1,4 +1,4 @@
-import type { DriverCapabilities } from "@offshoot/shared";
+import type { DriverCapabilities, ImageInfo } from "@offshoot/shared";
 import { bigint, integer, jsonb, pgTable, text } from "drizzle-orm/pg-core";
 import { createdAt, id, ts } from "./columns.ts";
 
@@ -13,6 +13,8 @@ export const hosts = pgTable("hosts", {
   driver: text("driver"),
   agentVersion: text("agent_version"),
   capabilities: jsonb("capabilities").$type<DriverCapabilities>(),
+  /** What the host reported in its last hello: the images it can boot. */
+  images: jsonb("images").$type<ImageInfo[]>().notNull().default([]),
   vcpus: integer("vcpus").notNull().default(0),
   memoryBytes: bigint("memory_bytes", { mode: "number" }).notNull().default(0),
   lastSeenAt: ts("last_seen_at"),

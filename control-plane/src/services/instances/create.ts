@@ -4,6 +4,7 @@ import {
   type Instance,
   InvalidRequestError,
   NotSupportedError,
+  normalizeImageRef,
   parseRate,
   parseSize,
 } from "@offshoot/shared";
@@ -11,6 +12,7 @@ import { createId } from "@paralleldrive/cuid2";
 import { transaction } from "../../db/client.ts";
 import { instances } from "../../db/schema/index.ts";
 import type { Services } from "../context.ts";
+import { lacksImage, requireImage } from "../images.ts";
 import { placeInstance } from "../placement.ts";
 import { nameConflict } from "./errors.ts";
 import { present } from "./present.ts";
@@ -41,6 +43,9 @@ export function checkCreate(req: CreateInstanceRequest) {
   }
   if (req.network?.egress !== undefined && req.network.egress !== null) {
     throw new NotSupportedError("network.egress is not supported by this control plane yet");
+  }
+  if (normalizeImageRef(req.image) === undefined) {
+    throw new InvalidRequestError(`image: "${req.image}" is not an OCI image reference`);
   }
   if (req.platform !== undefined && req.platform !== "linux/amd64") {
     throw new ApiError(
@@ -73,6 +78,7 @@ export async function createInstance(
   const vcpus = req.vcpus ?? 2;
   const networkEnabled = req.network?.enabled ?? true;
   const volumes = req.volumes ?? [];
+  await requireImage(s.db, s.env.HOST_GRACE_MS, req.image);
   const op = await transaction(s.db, async (tx) => {
     const { host, hypervisor } = await placeInstance(
       tx,
@@ -86,7 +92,7 @@ export async function createInstance(
         if (sizes.diskIoBps !== null && !caps?.disk_io_limit)
           return `host ${h.name} cannot limit disk I/O`;
         if (volumes.length > 0 && !caps?.volumes) return `host ${h.name} cannot attach volumes`;
-        return undefined;
+        return lacksImage(h, req.image);
       },
     );
     const [row] = await tx

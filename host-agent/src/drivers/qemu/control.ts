@@ -4,6 +4,7 @@
 //   ping                      → pong
 //   mac 02:aa:bb:cc:dd:ee     → ok mac <eth0's address now> | err mac <reason>
 //   query mac                 → ok mac <eth0's address>     | err query mac
+//   hostname NAME             → ok hostname <hostname now>  | err hostname NAME
 //   anything else             → err <verb> unknown command
 // The guest polls the port (a read returns EOF while no host is connected), so an answer takes
 // one poll interval (≤ 0.1 s) plus the command itself.
@@ -72,6 +73,17 @@ export async function setGuestMac(
   if (reply !== `ok mac ${mac.toLowerCase()}`) {
     throw new Error(`guest did not take MAC ${mac}: ${reply}`);
   }
+}
+
+/** Sets the guest's hostname; rejects unless the guest reports exactly that name. */
+export async function setGuestHostname(
+  socketPath: string,
+  name: string,
+  opts: ControlOptions = {},
+): Promise<void> {
+  const reply = await guestControl(socketPath, `hostname ${name}`, opts);
+  if (reply !== `ok hostname ${name}`)
+    throw new Error(`guest did not take hostname ${name}: ${reply}`);
 }
 
 /** eth0's MAC as the guest sees it. */

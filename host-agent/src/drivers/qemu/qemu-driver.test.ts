@@ -6,13 +6,15 @@ import os from "node:os";
 import path from "node:path";
 import type { InstanceSpec, ObservedInstance } from "@offshoot/shared";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
+import { ensureTestImage, TEST_IMAGE } from "../../../../scripts/oci-image.ts";
 import { ensureVmAssets, type VmAssets } from "../../../../scripts/vm-assets.ts";
+import { ImageStore, type StoredImage } from "../../images/store.ts";
 import { type AgentPaths, agentPaths } from "../../paths.ts";
 import type { OpContext } from "../driver.ts";
 import { guestMac } from "./control.ts";
-import { backingChain, createDisk } from "./disks.ts";
+import { backingChain, createInstanceDisk } from "./disks.ts";
 import { killProcess } from "./launch.ts";
-import { exitMessage, guestCommand, QemuDriver } from "./qemu-driver.ts";
+import { exitMessage, guestConfig, guestHostname, QemuDriver } from "./qemu-driver.ts";
 import { counts } from "./serial.ts";
 import { QemuStore } from "./store.ts";
 
@@ -21,6 +23,8 @@ const ASSETS_TIMEOUT = 5 * 60_000;
 let assets: VmAssets;
 let root: string;
 let paths: AgentPaths;
+let images: ImageStore;
+let image: StoredImage;
 const drivers: QemuDriver[] = [];
 const timings: Record<string, number> = {};
 
@@ -28,6 +32,8 @@ beforeAll(async () => {
   assets = await ensureVmAssets();
   root = mkdtempSync(path.join(os.tmpdir(), "oqd-"));
   paths = agentPaths(root);
+  images = new ImageStore(paths.imagesDir);
+  image = await images.import(ensureTestImage());
 }, ASSETS_TIMEOUT);
 
 // One agent per data dir: a driver left polling would take a later test's events.
@@ -69,6 +75,7 @@ function newDriver(): QemuDriver {
   const d = new QemuDriver(paths, {
     assets,
     accel: "tcg",
+    images,
     bootTimeoutMs: 60_000,
     pollMs: 200,
   });
@@ -90,7 +97,7 @@ function spec(id: string, over: Partial<InstanceSpec> = {}): InstanceSpec {
   return {
     id,
     name: id,
-    image: "busybox",
+    image: TEST_IMAGE,
     hypervisor: "qemu",
     vcpus: 1,
     memory_bytes: 256 * 1024 * 1024,
@@ -138,14 +145,34 @@ async function timed<T>(name: string, p: () => Promise<T>): Promise<T> {
 }
 
 describe("QemuDriver", () => {
-  it("formats exits like Hypeman and quotes the guest command", () => {
+  it("formats exits like Hypeman and writes the guest's config as docker run would", () => {
     expect(exitMessage(3)).toBe("exited with code 3");
     expect(exitMessage(127)).toBe("command not found");
     expect(exitMessage(137)).toBe("killed by signal 9 (SIGKILL)");
-    expect(guestCommand({ entrypoint: null, cmd: null, env: { A: "1" } })).toBeUndefined();
-    expect(guestCommand({ entrypoint: ["echo"], cmd: ["it's"], env: { A: "x y" } })).toBe(
-      `export A='x y'; 'echo' 'it'\\''s'`,
+    expect(exitMessage(137, true)).toBe("killed by signal 9 (SIGKILL) - OOM");
+    const img = {
+      name: "i",
+      entrypoint: ["/ep"],
+      cmd: ["default"],
+      env: { PATH: "/bin", A: "image" },
+      working_dir: "/w",
+    };
+    const own = { name: "My_Box.1", entrypoint: null, cmd: null, env: {} };
+    const text = guestConfig({ ...own, env: { A: "it's" } }, img);
+    expect(text.length % 4096).toBe(0);
+    expect(text).toContain("OFFSHOOT_HOSTNAME='my-box-1'");
+    expect(text).toContain("OFFSHOOT_WORKDIR='/w'");
+    expect(text).toContain("export PATH='/bin'");
+    expect(text).toContain("export A='it'\\''s'");
+    expect(text).toContain("set -- '/ep' 'default'\n");
+    // cmd replaces the image's cmd; an entrypoint replaces both.
+    expect(guestConfig({ ...own, cmd: ["x"] }, img)).toContain("set -- '/ep' 'x'\n");
+    expect(guestConfig({ ...own, entrypoint: ["/other"] }, img)).toContain("set -- '/other'\n");
+    expect(() => guestConfig(own, { ...img, entrypoint: null, cmd: null })).toThrow(
+      /no entrypoint or cmd/,
     );
+    expect(() => guestConfig({ ...own, env: { "A-B": "1" } }, img)).toThrow(/environment/);
+    expect(guestHostname("---")).toBe("offshoot");
   });
 
   it("creates, snapshots, restores and forks a counting guest; memory carries over", async () => {
@@ -297,10 +324,16 @@ describe("QemuDriver without booting", () => {
   /** A Stopped instance as create + stop would leave it: a disk and a record. */
   async function stoppedInstance(id: string, over: Partial<InstanceSpec> = {}): Promise<void> {
     await mkdir(paths.qemu.instanceDir(id), { recursive: true });
-    await createDisk({ qemuImg: "/usr/bin/qemu-img" }, paths.qemu.diskFile(id), 64 * 1024 * 1024);
+    await createInstanceDisk(
+      { qemuImg: "/usr/bin/qemu-img" },
+      paths.qemu,
+      paths.qemu.diskFile(id),
+      64 * 1024 * 1024,
+    );
     await new QemuStore(paths.qemu).write({
       created_by: "seed",
       spec: spec(id, over),
+      image,
       machine: { memory_mib: 256, vcpus: 1, mac: null },
       pid: null,
       serial_offset: 0,
@@ -321,7 +354,7 @@ describe("QemuDriver without booting", () => {
     const srcChain = await backingChain(qemuImg, paths.qemu.diskFile("cold"));
     const tgtChain = await backingChain(qemuImg, paths.qemu.diskFile("coldfork"));
     // Both are overlays on the same frozen base, which neither writes.
-    expect(srcChain).toHaveLength(2);
+    expect(srcChain).toHaveLength(3); // overlay → frozen base → blank ext4
     expect(tgtChain[1]).toBe(srcChain[1]);
     expect(srcChain[1]?.startsWith(paths.qemu.basesDir)).toBe(true);
 

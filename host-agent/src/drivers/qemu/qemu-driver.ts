@@ -7,6 +7,10 @@
 // Restore maps the same RAM file and loads the device state with `-incoming defer`. A fork copies
 // the RAM file (a reflink where the filesystem can) and the device state, and gives the target a
 // qcow2 overlay on the source's frozen disk.
+//
+// A guest's disks: the image's rootfs (shared, read-only), the instance's own ext4 (a qcow2 on a
+// shared blank template, then on frozen bases after forks) and a config disk /init reads at boot
+// (guestConfig). /init mounts the first two as overlayfs and runs the program there.
 import { createHash } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { copyFile, mkdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
@@ -15,6 +19,7 @@ import { setTimeout as sleep } from "node:timers/promises";
 import {
   ApiError,
   type DriverCapabilities,
+  type ImageInfo,
   type InstanceSpec,
   InvalidRequestError,
   InvalidStateError,
@@ -22,16 +27,17 @@ import {
   type ObservedInstance,
   type Operation,
 } from "@offshoot/shared";
+import type { ImageStore, StoredImage } from "../../images/store.ts";
 import { runSteps, type Step } from "../../operations/steps.ts";
 import type { AgentPaths } from "../../paths.ts";
 import type { Driver, OpContext, OpData } from "../driver.ts";
 import { isMissing } from "../record-store.ts";
 import { rollbackOperation } from "../rollback.ts";
-import { setGuestMac } from "./control.ts";
+import { setGuestHostname, setGuestMac } from "./control.ts";
 import {
   type CopyPath,
   copyMemory,
-  createDisk,
+  createInstanceDisk,
   createOverlay,
   freezeDisk,
   gcBases,
@@ -39,12 +45,14 @@ import {
 } from "./disks.ts";
 import { type Accel, type GuestSpec, killProcess, launchQemu } from "./launch.ts";
 import { QmpClient } from "./qmp.ts";
-import { initEvents } from "./serial.ts";
+import { type InitEvent, initEvents } from "./serial.ts";
 import { type Machine, type QemuRecord, QemuStore } from "./store.ts";
 
 export interface QemuDriverOptions {
   assets: { qemu: string; kernelElf: string; initramfs: string };
   accel: Accel;
+  /** Where instances' images come from: a create names one this host has imported. */
+  images: ImageStore;
   qemuImg?: string;
   /** Launch → /init's ready marker. Boot under TCG takes 3.5–5 s here (FACTS.md). */
   bootTimeoutMs?: number;
@@ -101,9 +109,14 @@ export class QemuDriver implements Driver {
       standby: true,
       // microvm has no memory hotplug.
       hotplug_memory: false,
-      disk_io_limit: false,
+      disk_io_limit: true,
       volumes: false,
+      images: true,
     };
+  }
+
+  async images(): Promise<ImageInfo[]> {
+    return (await this.options.images.list()).map(({ rootfs: _, ...info }) => info);
   }
 
   async inventory(): Promise<ObservedInstance[]> {
@@ -135,9 +148,12 @@ export class QemuDriver implements Driver {
     const id = spec.id;
     return this.locked(id, async () => {
       const machine = machineFor(spec);
+      const image = await this.options.images.get(spec.image);
+      guestConfig(spec, image); // refuses a spec with nothing to run before anything is made
       let rec: QemuRecord = {
         created_by: ctx.commandId,
         spec,
+        image,
         machine,
         observed: { id, state: "Initializing", has_snapshot: false, state_error: null },
         pid: null,
@@ -148,7 +164,12 @@ export class QemuDriver implements Driver {
           name: "create-disk",
           run: async () => {
             await this.makeInstanceDir(id);
-            await createDisk(this.tools(), this.paths.diskFile(id), spec.overlay_bytes);
+            await createInstanceDisk(
+              this.tools(),
+              this.paths,
+              this.paths.diskFile(id),
+              spec.overlay_bytes,
+            );
           },
           undo: () => this.discard(id),
         },
@@ -178,6 +199,7 @@ export class QemuDriver implements Driver {
         entrypoint: op.entrypoint ?? before.spec.entrypoint,
         cmd: op.cmd ?? before.spec.cmd,
       };
+      guestConfig(spec, before.image);
       let rec: QemuRecord = { ...before, spec };
       await runSteps(ctx.steps, [
         {
@@ -281,9 +303,14 @@ export class QemuDriver implements Driver {
               mac: source.machine.mac === null ? null : macFor(target),
             }
           : machineFor(target);
+        // The fork's disk was written over the source's rootfs, so it keeps that image (even if
+        // the name has since been imported again with other contents).
+        const image = source.image;
+        guestConfig(target, image);
         let rec: QemuRecord = {
           created_by: ctx.commandId,
           spec: target,
+          image,
           machine,
           pid: null,
           serial_offset: 0,
@@ -312,6 +339,7 @@ export class QemuDriver implements Driver {
               await this.makeInstanceDir(target.id);
               const bytes = Math.max(target.overlay_bytes, source.spec.overlay_bytes);
               await createOverlay(tools, this.paths.diskFile(target.id), base, bytes);
+              await this.writeConfig(rec);
             },
             undo: () => this.discard(target.id),
           },
@@ -403,16 +431,22 @@ export class QemuDriver implements Driver {
   private async boot(rec: QemuRecord): Promise<QemuRecord> {
     const id = rec.observed.id;
     await this.dropMemory(id);
+    await this.writeConfig(rec);
     const offset = await sizeOf(this.paths.serialLog(id));
-    const vm = await launchQemu(this.guestSpec(rec, { command: guestCommand(rec.spec) }));
+    const vm = await launchQemu(this.guestSpec(rec));
     this.qmps.set(id, vm.qmp);
     await writeFile(this.paths.pidFile(id), `${vm.pid}\n`);
     // The pid goes on record before the wait, so a crash mid-boot can still find the process.
     await this.store.write({ ...rec, pid: vm.pid, serial_offset: offset });
     try {
-      await this.waitForSerial(id, offset, vm.pid, (log) =>
-        initEvents(log).some((e) => e.event === "ready"),
-      );
+      await this.waitForSerial(id, offset, vm.pid, (log) => {
+        const events = initEvents(log);
+        const failed = events.find(
+          (e): e is Extract<InitEvent, { event: "failed" }> => e.event === "failed",
+        );
+        if (failed) throw new ApiError("internal_error", `guest init failed: ${failed.message}`);
+        return events.some((e) => e.event === "ready");
+      });
     } catch (e) {
       await this.kill(id, vm.pid);
       await this.dropMemory(id);
@@ -482,11 +516,8 @@ export class QemuDriver implements Driver {
     const id = rec.observed.id;
     const devState = this.paths.devStateFile(id);
     const vm = await launchQemu(
-      this.guestSpec(rec, {
-        command: guestCommand(rec.spec),
-        // -S: nothing runs before `cont`, so a failed restore leaves the RAM file untouched.
-        extra: ["-S", "-incoming", "defer"],
-      }),
+      // -S: nothing runs before `cont`, so a failed restore leaves the RAM file untouched.
+      this.guestSpec(rec, ["-S", "-incoming", "defer"]),
     );
     this.qmps.set(id, vm.qmp);
     await writeFile(this.paths.pidFile(id), `${vm.pid}\n`);
@@ -539,15 +570,20 @@ export class QemuDriver implements Driver {
     return out;
   }
 
-  /** Tells the guest its identity over the control channel: today the NIC's MAC. */
+  /** Tells the guest its identity over the control channel: hostname and the NIC's MAC. */
   private async applyIdentity(rec: QemuRecord): Promise<void> {
-    const mac = rec.machine.mac;
-    if (mac === null) return;
     const started = Date.now();
-    await setGuestMac(this.paths.ctlSocket(rec.observed.id), mac, {
-      timeoutMs: this.options.controlTimeoutMs ?? CONTROL_TIMEOUT_MS,
-    });
+    const sock = this.paths.ctlSocket(rec.observed.id);
+    const opts = { timeoutMs: this.options.controlTimeoutMs ?? CONTROL_TIMEOUT_MS };
+    await setGuestHostname(sock, guestHostname(rec.spec.name), opts);
+    if (rec.machine.mac !== null) await setGuestMac(sock, rec.machine.mac, opts);
     this.lastIdentityMs = Date.now() - started;
+  }
+
+  private async writeConfig(rec: QemuRecord): Promise<void> {
+    const file = this.paths.configFile(rec.observed.id);
+    await writeFile(`${file}.tmp`, guestConfig(rec.spec, rec.image));
+    await rename(`${file}.tmp`, file);
   }
 
   /** Back to Standby after a restore that cannot go on (the guest has run since `cont`). */
@@ -558,18 +594,23 @@ export class QemuDriver implements Driver {
     );
   }
 
-  private guestSpec(
-    rec: QemuRecord,
-    opts: { command: string | undefined; extra?: readonly string[] },
-  ): GuestSpec {
+  private guestSpec(rec: QemuRecord, extra: readonly string[] = []): GuestSpec {
     const id = rec.observed.id;
     const m = rec.machine;
     const esc = (v: string) => v.replaceAll(",", ",,");
-    const devices = [
+    // disk_io_bps: QEMU's block throttling on the guest's reads and writes of both its disks.
+    const limit = rec.spec.disk_io_bps ? `,throttling.bps-total=${rec.spec.disk_io_bps}` : "";
+    // /init finds each disk by its serial, whatever order the kernel probes them in.
+    const drive = (name: string, file: string, opts: string) => [
       "-drive",
-      `file=${esc(this.paths.diskFile(id))},if=none,id=disk0,format=qcow2`,
+      `file=${esc(file)},if=none,id=${name},${opts}`,
       "-device",
-      "virtio-blk-device,drive=disk0",
+      `virtio-blk-device,drive=${name},serial=offshoot-${name}`,
+    ];
+    const devices = [
+      ...drive("root", rec.image.rootfs, `format=raw,readonly=on${limit}`),
+      ...drive("rw", this.paths.diskFile(id), `format=qcow2${limit}`),
+      ...drive("cfg", this.paths.configFile(id), "format=raw,readonly=on"),
     ];
     if (m.mac !== null) {
       devices.push(
@@ -593,8 +634,7 @@ export class QemuDriver implements Driver {
       serialLog: this.paths.serialLog(id),
       qemuLog: this.paths.qemuLog(id),
       appendSerial: true,
-      ...(opts.command === undefined ? {} : { command: opts.command }),
-      extraArgs: [...devices, ...(opts.extra ?? [])],
+      extraArgs: [...devices, ...extra],
     };
   }
 
@@ -631,7 +671,7 @@ export class QemuDriver implements Driver {
         exit_message:
           exit === undefined
             ? `hypervisor exited unexpectedly: ${await this.qemuLogTail(id)}`
-            : exitMessage(exit.code),
+            : exitMessage(exit.code, exit.oom),
       },
     };
     await this.store.write(out);
@@ -950,20 +990,55 @@ function macFor(spec: InstanceSpec): string {
 }
 
 const ENV_NAME = /^[A-Za-z_][A-Za-z0-9_]*$/;
+/** The config disk is read as a block device: whole sectors. */
+const CONFIG_BLOCK = 4096;
 
-/** The program /init runs with `sh -c`: env exported, then entrypoint + cmd, each argument
- * quoted. undefined (both null or empty) → /init's counting loop. */
-export function guestCommand(
-  spec: Pick<InstanceSpec, "entrypoint" | "cmd" | "env">,
-): string | undefined {
-  const argv = [...(spec.entrypoint ?? []), ...(spec.cmd ?? [])];
-  if (argv.length === 0) return undefined;
-  const env = Object.entries(spec.env).map(([k, v]) => {
+/**
+ * The config disk /init sources at boot: hostname, working dir, environment and argv, every
+ * value single-quoted. The program is chosen as `docker run` does: the spec's entrypoint replaces
+ * the image's (and drops the image's cmd), the spec's cmd replaces the image's cmd; the spec's env
+ * goes over the image's. Padded with newlines to whole blocks.
+ */
+export function guestConfig(
+  spec: Pick<InstanceSpec, "name" | "entrypoint" | "cmd" | "env">,
+  image: Pick<StoredImage, "name" | "entrypoint" | "cmd" | "env" | "working_dir">,
+): string {
+  const ownEntrypoint = spec.entrypoint?.length ? spec.entrypoint : null;
+  const entrypoint = ownEntrypoint ?? image.entrypoint ?? [];
+  const cmd = spec.cmd?.length ? spec.cmd : ownEntrypoint ? [] : (image.cmd ?? []);
+  const argv = [...entrypoint, ...cmd];
+  if (argv.length === 0) {
+    throw new InvalidRequestError(
+      `image ${image.name} has no entrypoint or cmd: give the instance an entrypoint or cmd`,
+    );
+  }
+  const env = { ...image.env, ...spec.env };
+  const exports = Object.entries(env).map(([k, v]) => {
     if (!ENV_NAME.test(k)) throw new InvalidRequestError(`invalid environment variable "${k}"`);
-    return `${k}=${shellQuote(v)}`;
+    return `  export ${k}=${shellQuote(v)}`;
   });
-  const exports = env.length > 0 ? `export ${env.join(" ")}; ` : "";
-  return `${exports}${argv.map(shellQuote).join(" ")}`;
+  const text = [
+    `OFFSHOOT_HOSTNAME=${shellQuote(guestHostname(spec.name))}`,
+    `OFFSHOOT_WORKDIR=${shellQuote(image.working_dir || "/")}`,
+    "offshoot_env() {",
+    "  :",
+    ...exports,
+    "}",
+    `set -- ${argv.map(shellQuote).join(" ")}`,
+    "",
+  ].join("\n");
+  const size = Math.ceil(Buffer.byteLength(text) / CONFIG_BLOCK) * CONFIG_BLOCK;
+  return text + "\n".repeat(size - Buffer.byteLength(text));
+}
+
+/** The instance's name as a hostname: a DNS label. */
+export function guestHostname(name: string): string {
+  const label = name
+    .toLowerCase()
+    .replace(/[^a-z0-9-]+/g, "-")
+    .slice(0, 63)
+    .replace(/^-+|-+$/g, "");
+  return label || "offshoot";
 }
 
 export function shellQuote(s: string): string {
@@ -971,18 +1046,20 @@ export function shellQuote(s: string): string {
 }
 
 /** Hypeman's wording for a program's exit status. */
-export function exitMessage(code: number): string {
+export function exitMessage(code: number, oom = false): string {
   if (code === 127) return "command not found";
   if (code > 128 && code < 128 + 65) {
     const sig = code - 128;
     const name = Object.entries(osConstants.signals).find(([, n]) => n === sig)?.[0];
-    return `killed by signal ${sig}${name ? ` (${name})` : ""}`;
+    return `killed by signal ${sig}${name ? ` (${name})` : ""}${oom ? " - OOM" : ""}`;
   }
   return `exited with code ${code}`;
 }
 
-function exitEvent(log: string): { code: number } | undefined {
-  for (const e of initEvents(log)) if (e.event === "exit") return { code: e.code };
+function exitEvent(log: string): { code: number; oom: boolean } | undefined {
+  for (const e of initEvents(log)) {
+    if (e.event === "exit") return { code: e.code, oom: e.oom === true };
+  }
   return undefined;
 }
 

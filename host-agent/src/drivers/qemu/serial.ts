@@ -5,7 +5,8 @@ import { readFile } from "node:fs/promises";
 
 export type InitEvent =
   | { event: "ready" }
-  | { event: "exit"; code: number }
+  | { event: "exit"; code: number; oom?: boolean }
+  | { event: "failed"; message: string }
   | { event: "insmod_failed"; module: string };
 
 const INIT_LINE = /^OFFSHOOT-INIT (\{.*\})\s*$/;

@@ -3,6 +3,7 @@
 import { rm } from "node:fs/promises";
 import { InstanceSpec, ObservedInstance } from "@offshoot/shared";
 import { z } from "zod";
+import { StoredImage } from "../../images/store.ts";
 import type { AgentPaths } from "../../paths.ts";
 import { RecordStore } from "../record-store.ts";
 
@@ -20,6 +21,8 @@ export const QemuRecord = z.object({
   /** The command that created it, so crash recovery removes only its own half-made target. */
   created_by: z.string(),
   spec: InstanceSpec,
+  /** The image as it was when the instance was created: its rootfs and launch defaults. */
+  image: StoredImage,
   machine: Machine,
   observed: ObservedInstance,
   /** The QEMU process while Running. */

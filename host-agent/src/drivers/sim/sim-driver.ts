@@ -7,6 +7,7 @@ import {
   ApiError,
   type DriverCapabilities,
   type ErrorCode,
+  type ImageInfo,
   type InstanceSpec,
   InvalidStateError,
   NotFoundError,
@@ -39,6 +40,7 @@ const CAPABILITIES: DriverCapabilities = {
   hotplug_memory: true,
   disk_io_limit: true,
   volumes: true,
+  images: false,
 };
 
 const now = () => new Date().toISOString();
@@ -53,6 +55,10 @@ export class SimDriver implements Driver {
     private readonly options: SimOptions,
   ) {
     this.store = new SimStore(paths.sim);
+  }
+
+  async images(): Promise<ImageInfo[]> {
+    return [];
   }
 
   capabilities(): DriverCapabilities {

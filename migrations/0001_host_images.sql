@@ -1,0 +1,1 @@
+ALTER TABLE "hosts" ADD COLUMN "images" jsonb DEFAULT '[]'::jsonb NOT NULL;
