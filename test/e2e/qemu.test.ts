@@ -2,25 +2,28 @@ import { readdirSync, readFileSync } from "node:fs";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { agentPaths } from "../../host-agent/src/paths.ts";
+import { ensureTestImage, TEST_IMAGE } from "../../scripts/oci-image.ts";
 import { ensureVmAssets } from "../../scripts/vm-assets.ts";
-import { hypeman, REPO_ROOT, waitFor } from "../harness.ts";
+import { api, hypeman, REPO_ROOT, waitFor } from "../harness.ts";
 import { type Stack, startStack } from "./env.ts";
 
 // Real guests through the public API: a host agent running the QEMU driver (TCG here), driven
-// by the official client. The guest counts on its serial console, so the logs show whether a
-// fork carried the source's memory.
+// by the official client. Guests run the busybox test image (scripts/oci-image.ts) on overlayfs;
+// they count on the serial console, so the logs show whether a fork carried the source's memory.
 describe("real VMs (QEMU) through the API", { timeout: 120_000 }, () => {
   let stack: Stack;
   let client: ReturnType<typeof hypeman>;
   beforeAll(async () => {
     await ensureVmAssets();
+    const layout = ensureTestImage();
     stack = await startStack({
       agents: [
         {
           AGENT_DRIVER: "qemu",
           AGENT_ACCEL: "tcg",
           AGENT_VM_ASSETS: path.join(REPO_ROOT, ".data/vm-assets"),
-          AGENT_VCPUS: "4",
+          AGENT_IMAGES: layout,
+          AGENT_VCPUS: "8",
           AGENT_MEMORY: "4GB",
         },
       ],
@@ -44,21 +47,64 @@ describe("real VMs (QEMU) through the API", { timeout: 120_000 }, () => {
     }
   });
 
-  const counts = async (name: string) => {
+  const logLines = async (name: string) => {
     const lines: string[] = [];
     for await (const line of await client.instances.logs(name, { tail: 10_000 })) lines.push(line);
-    return lines.flatMap((l) => {
+    return lines;
+  };
+  const counts = async (name: string) =>
+    (await logLines(name)).flatMap((l) => {
       const m = /OFFSHOOT-COUNT (\d+)/.exec(l);
       return m ? [Number(m[1])] : [];
     });
-  };
+  /** The FILES lines: what the guest saw in /root, oldest first. */
+  const listings = async (name: string) =>
+    (await logLines(name)).flatMap((l) => {
+      const m = /^FILES (.*)$/.exec(l.trim());
+      return m ? [(m[1] ?? "").split(" ").filter(Boolean)] : [];
+    });
+
+  it("lists the imported image, and refuses a create naming one no host has", async () => {
+    const images = await client.images.list();
+    expect(images).toEqual([
+      expect.objectContaining({
+        name: TEST_IMAGE,
+        status: "ready",
+        digest: expect.stringMatching(/^sha256:[0-9a-f]{64}$/),
+        cmd: ["/usr/bin/count"],
+      }),
+    ]);
+    const one = await client.images.get(TEST_IMAGE); // the client encodes the slashes
+    expect(one.digest).toBe(images[0]?.digest);
+    const call = api(stack.cp.url, stack.apiKey);
+    expect((await call("GET", `/images/${encodeURIComponent("nope:1")}`)).status).toBe(404);
+    const missing = await call("POST", "/instances", { name: "no-img", image: "nope:1" });
+    expect(missing.status).toBe(404);
+    expect(missing.body).toMatchObject({ code: "not_found" });
+    expect((await call("GET", "/instances/no-img")).status).toBe(404);
+  });
 
   it("forks a guest from Standby and from Running: the forks continue the source's count", async () => {
+    // Each second: a count, a file named after the hostname in /root (the image's WorkingDir),
+    // and what /root holds. A fork gets its own hostname and its own copy of the disk.
+    const program = [
+      'echo "PWD $(pwd) GREETING $GREETING"',
+      "n=0",
+      "while :; do",
+      '  echo "OFFSHOOT-COUNT $n"',
+      '  echo x > "$(hostname)"',
+      '  echo "FILES $(ls | tr "\\n" " ")"',
+      "  n=$((n + 1))",
+      "  sleep 1",
+      "done",
+    ].join("\n");
     const vm = await client.instances.create({
       name: "vm-1",
-      image: "busybox",
+      image: TEST_IMAGE,
       size: "256MB",
       vcpus: 1,
+      env: { GREETING: "hello from env" },
+      cmd: ["sh", "-c", program],
     });
     expect(vm.state).toBe("Running");
     expect(vm.hypervisor).toBe("qemu");
@@ -66,6 +112,11 @@ describe("real VMs (QEMU) through the API", { timeout: 120_000 }, () => {
       timeoutMs: 20_000,
       what: "the guest to count",
     });
+    // The image's WorkingDir and the instance's env reached the program.
+    expect(await logLines("vm-1")).toContainEqual(
+      expect.stringContaining("PWD /root GREETING hello from env"),
+    );
+    expect((await listings("vm-1")).at(-1)).toEqual(["vm-1"]);
 
     // From Standby: the fork's first count follows the source's last one.
     expect((await client.instances.standby("vm-1")).state).toBe("Standby");
@@ -80,6 +131,12 @@ describe("real VMs (QEMU) through the API", { timeout: 120_000 }, () => {
       { timeoutMs: 20_000, what: "the fork to count" },
     );
     expect(forkCounts[0]).toBe(before + 1);
+    // The fork took its own hostname on restore; its disk holds the source's file and its own.
+    await waitFor(async () => (await listings("vm-1-a")).at(-1)?.includes("vm-1-a"), {
+      timeoutMs: 10_000,
+      what: "the fork to write under its own hostname",
+    });
+    expect((await listings("vm-1-a")).at(-1)).toEqual(["vm-1", "vm-1-a"]);
 
     // From Running: the source is put in standby, forked and restored; both go on counting.
     expect((await client.instances.restore("vm-1")).state).toBe("Running");
@@ -95,6 +152,16 @@ describe("real VMs (QEMU) through the API", { timeout: 120_000 }, () => {
     );
     // Not from 0: it carries the source's memory from the moment of the hot snapshot.
     expect(hotCounts[0]).toBeGreaterThanOrEqual(before + 1);
+
+    // What the forks wrote after forking is on their disks only.
+    await waitFor(async () => (await listings("vm-1-b")).at(-1)?.includes("vm-1-b"), {
+      timeoutMs: 10_000,
+      what: "the hot fork to write under its own hostname",
+    });
+    const sourceSaw = (await listings("vm-1")).flat();
+    expect(sourceSaw).not.toContain("vm-1-a");
+    expect(sourceSaw).not.toContain("vm-1-b");
+    expect((await listings("vm-1-a")).flat()).not.toContain("vm-1-b");
 
     // Deleting the source leaves its forks running.
     await client.instances.delete("vm-1");
@@ -123,7 +190,7 @@ describe("real VMs (QEMU) through the API", { timeout: 120_000 }, () => {
     for (const c of cases) {
       await client.instances.create({
         name: c.name,
-        image: "busybox",
+        image: TEST_IMAGE,
         size: "128MB",
         vcpus: 1,
         cmd: c.cmd,
@@ -137,5 +204,30 @@ describe("real VMs (QEMU) through the API", { timeout: 120_000 }, () => {
       });
       await client.instances.delete(c.name);
     }
+  });
+
+  it("forks one Standby source five times at once: every fork reaches Running", async () => {
+    await client.instances.create({ name: "many", image: TEST_IMAGE, size: "128MB", vcpus: 1 });
+    await waitFor(async () => (await counts("many")).length >= 2, {
+      timeoutMs: 20_000,
+      what: "the source to count",
+    });
+    await client.instances.standby("many");
+    const last = (await counts("many")).at(-1) ?? -1;
+    const names = [1, 2, 3, 4, 5].map((i) => `many-${i}`);
+    const forks = await Promise.all(
+      names.map((name) => client.instances.fork("many", { name, target_state: "Running" })),
+    );
+    expect(forks.map((f) => f.state)).toEqual(names.map(() => "Running"));
+    expect(new Set(forks.map((f) => f.network?.mac)).size).toBe(5);
+    for (const name of names) {
+      const first = await waitFor(async () => (await counts(name))[0], {
+        timeoutMs: 20_000,
+        what: `${name} to count`,
+      });
+      expect(first, name).toBe(last + 1);
+    }
+    expect((await client.instances.get("many")).state).toBe("Standby");
+    for (const name of [...names, "many"]) await client.instances.delete(name);
   });
 });
