@@ -1,5 +1,7 @@
 // `npm start`: the control plane on the embedded database (or DATABASE_URL) plus one local
-// host agent, wired together. Stop with Ctrl-C.
+// host agent running real QEMU guests, wired together; the agent imports the repo's busybox test
+// image (scripts/oci-image.ts) so there is something to boot. AGENT_DRIVER=sim simulates the
+// hypervisor instead. Stop with Ctrl-C.
 import { spawn } from "node:child_process";
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
@@ -7,6 +9,7 @@ import { loadEnv } from "../control-plane/src/env.ts";
 import { jsonLog } from "../control-plane/src/log.ts";
 import { startServer } from "../control-plane/src/server.ts";
 import { createHost } from "../control-plane/src/services/credentials.ts";
+import { ensureTestImage, TEST_IMAGE } from "./oci-image.ts";
 import { ensureVmAssets } from "./vm-assets.ts";
 
 const env = loadEnv();
@@ -23,9 +26,14 @@ if (!token) {
   writeFileSync(tokenFile, `${token}\n`, { mode: 0o600 });
 }
 
-const driver = process.env.AGENT_DRIVER ?? "sim";
-// Real VMs need the guest kernel and initramfs; built once from Debian packages, then cached.
-if (driver === "qemu") await ensureVmAssets();
+const driver = process.env.AGENT_DRIVER ?? "qemu";
+// Real VMs need QEMU, the guest kernel and initramfs (installed and built once from Debian's
+// packages, then cached) and an image.
+let images = process.env.AGENT_IMAGES ?? "";
+if (driver === "qemu") {
+  await ensureVmAssets();
+  images = [`${TEST_IMAGE}=${ensureTestImage()}`, images].filter(Boolean).join(",");
+}
 const agent = spawn(process.execPath, ["--import", "tsx", "host-agent/src/main.ts"], {
   stdio: ["ignore", "inherit", "inherit"],
   env: {
@@ -35,6 +43,7 @@ const agent = spawn(process.execPath, ["--import", "tsx", "host-agent/src/main.t
     AGENT_DATA_DIR: join(dataDir, "agent"),
     AGENT_HOST_NAME: "local",
     AGENT_DRIVER: driver,
+    AGENT_IMAGES: images,
   },
 });
 log("info", "ready", {
@@ -43,8 +52,8 @@ log("info", "ready", {
   agent_driver: driver,
   note:
     driver === "sim"
-      ? "the local host runs the simulated driver: instances are simulated, not real VMs (AGENT_DRIVER=qemu for real ones)"
-      : undefined,
+      ? "the local host runs the simulated driver: instances are simulated, not real VMs"
+      : `real QEMU guests; the image ${TEST_IMAGE} is imported (GET /images)`,
 });
 
 let stopping = false;

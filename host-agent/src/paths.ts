@@ -54,6 +54,9 @@ export interface AgentPaths {
     baseFile(name: string): string;
     /** The guest's config disk: a shell fragment /init reads at boot (command, env, hostname). */
     configFile(id: string): string;
+    /** Frozen guest RAM files that forks (and their source) map copy-on-write; never written. */
+    readonly memBasesDir: string;
+    memBaseFile(name: string): string;
     /** An empty ext4 of `bytes`, the shared backing file of new instances' disks. */
     blankDisk(bytes: number): string;
   };
@@ -109,6 +112,8 @@ function qemuPaths(dir: string): AgentPaths["qemu"] {
     basesDir,
     baseFile: (name) => path.join(basesDir, checkInstanceId(name)),
     configFile: (id) => path.join(instanceDir(id), "config.sh"),
+    memBasesDir: path.join(dir, "mem-bases"),
+    memBaseFile: (name) => path.join(dir, "mem-bases", checkInstanceId(name)),
     blankDisk: (bytes) => path.join(dir, "blank", `${Math.trunc(bytes)}.ext4`),
   };
 }

@@ -141,6 +141,33 @@ async function hasFile(file: string): Promise<boolean> {
   }
 }
 
+/** Removes memory bases no instance record refers to. An unreadable record keeps them all. */
+export async function gcMemBases(
+  paths: AgentPaths["qemu"],
+  store: {
+    ids(): Promise<string[]>;
+    read(id: string): Promise<{ kind: string; record?: { ram_base: string | null } }>;
+  },
+): Promise<string[]> {
+  let bases: string[];
+  try {
+    bases = (await readdir(paths.memBasesDir)).map((n) => paths.memBaseFile(n));
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === "ENOENT") return [];
+    throw e;
+  }
+  if (bases.length === 0) return [];
+  const used = new Set<string>();
+  for (const id of await store.ids()) {
+    const read = await store.read(id);
+    if (read.kind === "corrupt") return [];
+    if (read.record?.ram_base) used.add(read.record.ram_base);
+  }
+  const removed = bases.filter((b) => !used.has(b));
+  for (const b of removed) await rm(b, { force: true });
+  return removed;
+}
+
 export type CopyPath = "reflink" | "copy";
 
 /** Copies a (possibly large, sparse) file: a reflink where the filesystem has them (XFS with

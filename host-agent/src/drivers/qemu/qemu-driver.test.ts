@@ -229,6 +229,15 @@ describe("QemuDriver", () => {
     console.log(`fork steps: ${forkCtx.recorded.join(", ")}; memory copy: ${driver.lastCopyPath}`);
     expect(src).toMatchObject({ id: "srca", state: "Standby", has_snapshot: true });
     expect(fork).toMatchObject({ id: "forkb", state: "Running", has_snapshot: false });
+    // No RAM was copied: the source's RAM file became one frozen base that both map privately.
+    expect(driver.lastCopyPath).toBe("frozen-base");
+    expect(existsSync(paths.qemu.memFile("srca"))).toBe(false);
+    expect(existsSync(paths.qemu.memFile("forkb"))).toBe(false);
+    const [memBase] = readdirSync(paths.qemu.memBasesDir);
+    expect(readdirSync(paths.qemu.memBasesDir)).toHaveLength(1);
+    expect(readFileSync(`/proc/${readPid("forkb")}/cmdline`, "utf8")).toContain(
+      `mem-path=${paths.qemu.memBaseFile(memBase ?? "")},share=off`,
+    );
     expect(readFileSync(`/proc/${readPid("forkb")}/cmdline`, "utf8")).toContain(
       "mac=02:00:00:00:0b:01",
     );
@@ -251,6 +260,21 @@ describe("QemuDriver", () => {
     expect(srcNext).toBeGreaterThan(c2 + 1);
     expect(await guestMac(paths.qemu.ctlSocket("srca"))).toBe("02:00:00:00:0a:01");
     expect(readPid("srca")).not.toBe(readPid("forkb"));
+
+    // A guest on a memory base has its RAM in private pages only: its standby writes them into
+    // the snapshot, and the restore after it loads them into a RAM file of its own again.
+    const streamed = await timed("standby (RAM streamed)", () => driver.standby("srca", ctx()));
+    expect(streamed).toMatchObject({ state: "Standby", has_snapshot: true });
+    const c3 = serialCounts("srca").at(-1) ?? -1;
+    await timed("restore (RAM streamed)", () => driver.restore("srca", ctx()));
+    expect(existsSync(paths.qemu.memFile("srca"))).toBe(true);
+    const resumed = await until("counts after the streamed restore", 15_000, () => {
+      const all = serialCounts("srca");
+      return (all.at(-1) ?? -1) > c3 ? all.slice(all.indexOf(c3) + 1) : undefined;
+    });
+    expect(resumed[0]).toBe(c3 + 1);
+    // forkb still maps the base.
+    expect(readdirSync(paths.qemu.memBasesDir)).toHaveLength(1);
 
     // Deleting the source leaves the fork running on the frozen base.
     await driver.delete("srca", ctx());
@@ -276,6 +300,8 @@ describe("QemuDriver", () => {
     expect(existsSync(paths.qemu.memFile("forkb"))).toBe(false);
     expect(existsSync(paths.qemu.diskFile("forkb"))).toBe(true);
 
+    // Stopped, forkb maps no base any more: nothing refers to it, so it is gone.
+    expect(readdirSync(paths.qemu.memBasesDir)).toHaveLength(0);
     await again.delete("forkb", ctx());
     expect(readdirSync(paths.qemu.basesDir)).toHaveLength(0);
     // One agent per data dir: a second driver polling it would take the next test's events.
@@ -337,6 +363,8 @@ describe("QemuDriver without booting", () => {
       machine: { memory_mib: 256, vcpus: 1, mac: null },
       pid: null,
       serial_offset: 0,
+      ram: "file",
+      ram_base: null,
       observed: { id, state: "Stopped", has_snapshot: false, stopped_at: new Date().toISOString() },
     });
   }

@@ -4,16 +4,19 @@
 //
 // Standby keeps guest RAM in its memory-backend-file and writes only the device state with
 // `migrate` + x-ignore-shared (FACTS.md: QEMU 7.2 has no `file:` URI, so `exec:cat > FILE`).
-// Restore maps the same RAM file and loads the device state with `-incoming defer`. A fork copies
-// the RAM file (a reflink where the filesystem can) and the device state, and gives the target a
-// qcow2 overlay on the source's frozen disk.
+// Restore maps the same RAM file and loads the device state with `-incoming defer`. A fork never
+// copies guest RAM: the source's RAM file is frozen into a read-only memory base that the source
+// and every fork of that snapshot map privately (MAP_PRIVATE: each guest's writes land in its own
+// pages), and the target gets a qcow2 overlay on the source's frozen disk. A guest running on a
+// memory base writes its RAM into the snapshot at its next standby (record.ram, store.ts).
+// Bases, disk and memory, go when no instance refers to them any more.
 //
 // A guest's disks: the image's rootfs (shared, read-only), the instance's own ext4 (a qcow2 on a
 // shared blank template, then on frozen bases after forks) and a config disk /init reads at boot
 // (guestConfig). /init mounts the first two as overlayfs and runs the program there.
-import { createHash } from "node:crypto";
+import { createHash, randomBytes } from "node:crypto";
 import { readFileSync } from "node:fs";
-import { copyFile, mkdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
+import { chmod, copyFile, mkdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
 import { constants as osConstants } from "node:os";
 import { setTimeout as sleep } from "node:timers/promises";
 import {
@@ -41,6 +44,7 @@ import {
   createOverlay,
   freezeDisk,
   gcBases,
+  gcMemBases,
   unfreezeDisk,
 } from "./disks.ts";
 import { type Accel, type GuestSpec, killProcess, launchQemu } from "./launch.ts";
@@ -83,8 +87,9 @@ export class QemuDriver implements Driver {
   private readonly poller: NodeJS.Timeout;
   private polling = false;
   private readonly qemuImg: string;
-  /** How the last fork copied guest memory (for reports and tests). */
-  lastCopyPath: CopyPath | undefined;
+  /** How the last fork from Standby cloned guest memory (for reports and tests): mapped from a
+   * frozen base, or (RAM inside the snapshot stream) copied or reflinked. */
+  lastCopyPath: CopyPath | "frozen-base" | undefined;
   /** How long the last restore took to apply the guest's identity (for reports and tests). */
   lastIdentityMs: number | undefined;
 
@@ -158,6 +163,8 @@ export class QemuDriver implements Driver {
         observed: { id, state: "Initializing", has_snapshot: false, state_error: null },
         pid: null,
         serial_offset: 0,
+        ram: "file",
+        ram_base: null,
       };
       await runSteps(ctx.steps, [
         {
@@ -219,6 +226,8 @@ export class QemuDriver implements Driver {
       const stopped: QemuRecord = {
         ...rec,
         pid: null,
+        ram: "file",
+        ram_base: null,
         observed: {
           ...rec.observed,
           state: "Stopped",
@@ -235,6 +244,7 @@ export class QemuDriver implements Driver {
             if (rec.pid !== null) await this.quit(id, rec.pid);
             await this.dropMemory(id);
             await this.store.write(stopped);
+            await this.gc();
           },
         },
       ]);
@@ -256,7 +266,7 @@ export class QemuDriver implements Driver {
   async restore(id: string, ctx: OpContext): Promise<ObservedInstance> {
     return this.locked(id, async () => {
       const rec = await this.load(id);
-      if (rec.observed.state !== "Standby" || !(await exists(this.paths.devStateFile(id)))) {
+      if (rec.observed.state !== "Standby" || !(await this.hasSnapshot(rec))) {
         throw new InvalidStateError(`instance ${id} has no snapshot to restore`);
       }
       let out = rec;
@@ -275,7 +285,7 @@ export class QemuDriver implements Driver {
   async delete(id: string, ctx: OpContext): Promise<void> {
     await this.locked(id, async () => {
       await this.discard(id);
-      await gcBases(this.tools(), this.paths);
+      await this.gc();
       await ctx.steps.record("delete");
     });
   }
@@ -314,6 +324,10 @@ export class QemuDriver implements Driver {
           machine,
           pid: null,
           serial_offset: 0,
+          // A snapshot whose RAM is in the stream keeps it there; otherwise the target maps the
+          // frozen memory base (set by the freeze-memory step).
+          ram: withMemory && source.ram === "stream" ? "stream" : "file",
+          ram_base: null,
           observed: {
             id: target.id,
             state: withMemory ? "Standby" : "Stopped",
@@ -344,18 +358,28 @@ export class QemuDriver implements Driver {
             undo: () => this.discard(target.id),
           },
         ];
+        if (withMemory && source.ram !== "stream") {
+          steps.push({
+            name: "freeze-memory",
+            run: async () => {
+              const base = await this.freezeMemory(source);
+              rec = { ...rec, ram: "base", ram_base: base };
+            },
+            undo: () => this.unfreezeMemory(source),
+          });
+        }
         if (withMemory) {
           steps.push({
             name: "clone-memory",
             run: async () => {
-              this.lastCopyPath = await copyMemory(
-                this.paths.memFile(source_id),
-                this.paths.memFile(target.id),
-              );
-              await copyFile(
-                this.paths.devStateFile(source_id),
-                this.paths.devStateFile(target.id),
-              );
+              // Device state only (~60 KB), unless the snapshot carries the RAM in its stream.
+              const from = this.paths.devStateFile(source_id);
+              const to = this.paths.devStateFile(target.id);
+              if (source.ram === "stream") this.lastCopyPath = await copyMemory(from, to);
+              else {
+                await copyFile(from, to);
+                this.lastCopyPath = "frozen-base";
+              }
             },
           });
         }
@@ -402,7 +426,7 @@ export class QemuDriver implements Driver {
       discard: (id) => this.discard(id),
       remove: async (id) => {
         await this.discard(id);
-        await gcBases(this.tools(), this.paths);
+        await this.gc();
       },
       converge: (id) => this.converge(id),
     });
@@ -432,6 +456,7 @@ export class QemuDriver implements Driver {
     const id = rec.observed.id;
     await this.dropMemory(id);
     await this.writeConfig(rec);
+    rec = { ...rec, ram: "file", ram_base: null };
     const offset = await sizeOf(this.paths.serialLog(id));
     const vm = await launchQemu(this.guestSpec(rec));
     this.qmps.set(id, vm.qmp);
@@ -459,6 +484,7 @@ export class QemuDriver implements Driver {
       serial_offset: offset,
       observed: running(id, now()),
     };
+    if (rec.ram_base !== null) await this.gc();
     await this.store.write(out);
     return out;
   }
@@ -487,8 +513,10 @@ export class QemuDriver implements Driver {
       {
         name: "save-state",
         run: async () => {
+          // Shared RAM is already in its file: only device state goes into the stream. RAM mapped
+          // privately over a memory base exists nowhere else, so it goes into the stream too.
           await qmp.execute("migrate-set-capabilities", {
-            capabilities: [{ capability: "x-ignore-shared", state: true }],
+            capabilities: [{ capability: "x-ignore-shared", state: rec.ram !== "base" }],
           });
           await qmp.execute("migrate-set-parameters", { "max-bandwidth": MAX_BANDWIDTH });
           await qmp.execute("migrate", { uri: `exec:cat > ${shellQuote(partial)}` });
@@ -503,9 +531,12 @@ export class QemuDriver implements Driver {
     const out: QemuRecord = {
       ...rec,
       pid: null,
+      ram: rec.ram === "base" ? "stream" : rec.ram,
+      ram_base: null,
       observed: { ...rec.observed, state: "Standby", has_snapshot: true },
     };
     await this.store.write(out);
+    if (rec.ram_base !== null) await this.gc();
     await record("release-vmm");
     return out;
   }
@@ -515,6 +546,8 @@ export class QemuDriver implements Driver {
   private async resume(rec: QemuRecord): Promise<QemuRecord> {
     const id = rec.observed.id;
     const devState = this.paths.devStateFile(id);
+    // RAM in the stream: it loads into a fresh RAM file, which the guest then owns.
+    if (rec.ram === "stream") await rm(this.paths.memFile(id), { force: true });
     const vm = await launchQemu(
       // -S: nothing runs before `cont`, so a failed restore leaves the RAM file untouched.
       this.guestSpec(rec, ["-S", "-incoming", "defer"]),
@@ -523,7 +556,7 @@ export class QemuDriver implements Driver {
     await writeFile(this.paths.pidFile(id), `${vm.pid}\n`);
     try {
       await vm.qmp.execute("migrate-set-capabilities", {
-        capabilities: [{ capability: "x-ignore-shared", state: true }],
+        capabilities: [{ capability: "x-ignore-shared", state: rec.ram !== "stream" }],
       });
       await vm.qmp.execute("migrate-incoming", { uri: `exec:cat ${shellQuote(devState)}` });
       await this.waitStatus(vm.qmp, "paused");
@@ -564,6 +597,7 @@ export class QemuDriver implements Driver {
     const out: QemuRecord = {
       ...rec,
       pid: vm.pid,
+      ram: rec.ram === "stream" ? "file" : rec.ram,
       observed: running(id, rec.observed.started_at ?? now()),
     };
     await this.store.write(out);
@@ -627,8 +661,8 @@ export class QemuDriver implements Driver {
       accel: this.options.accel,
       memoryMiB: m.memory_mib,
       vcpus: m.vcpus,
-      memFile: this.paths.memFile(id),
-      shareMemory: true,
+      memFile: rec.ram === "base" && rec.ram_base !== null ? rec.ram_base : this.paths.memFile(id),
+      shareMemory: rec.ram !== "base",
       qmpSocket: this.paths.qmpSocket(id),
       ctlSocket: this.paths.ctlSocket(id),
       serialLog: this.paths.serialLog(id),
@@ -872,8 +906,17 @@ export class QemuDriver implements Driver {
       });
       return;
     }
-    const snapshot =
-      (await exists(this.paths.devStateFile(id))) && (await exists(this.paths.memFile(id)));
+    // A freeze-memory step cut short after its record was written: finish moving the file.
+    if (
+      rec.ram === "base" &&
+      rec.ram_base !== null &&
+      !(await exists(rec.ram_base)) &&
+      (await exists(this.paths.memFile(id)))
+    ) {
+      await mkdir(this.paths.memBasesDir, { recursive: true });
+      await rename(this.paths.memFile(id), rec.ram_base);
+    }
+    const snapshot = await this.hasSnapshot(rec);
     if (snapshot && (rec.observed.state === "Running" || rec.observed.state === "Standby")) {
       await this.store.write({
         ...rec,
@@ -887,6 +930,8 @@ export class QemuDriver implements Driver {
       await this.store.write({
         ...rec,
         pid: null,
+        ram: "file",
+        ram_base: null,
         observed: {
           ...rec.observed,
           state: "Stopped",
@@ -896,6 +941,47 @@ export class QemuDriver implements Driver {
         },
       });
     }
+  }
+
+  /** Whether the record's snapshot files are all there. */
+  private async hasSnapshot(rec: QemuRecord): Promise<boolean> {
+    if (!(await exists(this.paths.devStateFile(rec.observed.id)))) return false;
+    if (rec.ram === "stream") return true;
+    if (rec.ram === "base") return rec.ram_base !== null && exists(rec.ram_base);
+    return exists(this.paths.memFile(rec.observed.id));
+  }
+
+  /**
+   * Makes a Standby source's RAM file a read-only memory base and points the source at it.
+   * The record is written first, so a crash before the rename is finished by converge().
+   */
+  private async freezeMemory(source: QemuRecord): Promise<string> {
+    if (source.ram === "base" && source.ram_base !== null) return source.ram_base;
+    const id = source.observed.id;
+    const base = this.paths.memBaseFile(randomBytes(8).toString("hex"));
+    await mkdir(this.paths.memBasesDir, { recursive: true });
+    await this.store.write({ ...source, ram: "base", ram_base: base });
+    await rename(this.paths.memFile(id), base);
+    await chmod(base, 0o444);
+    return base;
+  }
+
+  /** Undoes freezeMemory while no fork uses the base yet. */
+  private async unfreezeMemory(source: QemuRecord): Promise<void> {
+    const read = await this.store.read(source.observed.id);
+    if (read.kind !== "ok" || source.ram !== "file") return;
+    const base = read.record.ram_base;
+    if (read.record.ram === "base" && base !== null && (await exists(base))) {
+      await chmod(base, 0o644);
+      await rename(base, this.paths.memFile(source.observed.id));
+    }
+    await this.store.write({ ...read.record, ram: "file", ram_base: null });
+  }
+
+  /** Removes disk and memory bases no instance refers to any more. */
+  private async gc(): Promise<void> {
+    await gcBases(this.tools(), this.paths);
+    await gcMemBases(this.paths, this.store);
   }
 
   private async makeInstanceDir(id: string): Promise<void> {

@@ -27,6 +27,14 @@ export const QemuRecord = z.object({
   observed: ObservedInstance,
   /** The QEMU process while Running. */
   pid: z.number().int().nullable(),
+  /**
+   * Where guest RAM lives. "file": the instance's own RAM file, mapped shared (standby writes
+   * only device state). "base": a frozen RAM file shared with forks (ram_base), mapped private,
+   * so the guest's writes go to its own pages and the file never changes. "stream": Standby
+   * only; the RAM is inside the device-state file (a "base" guest's standby must write it).
+   */
+  ram: z.enum(["file", "base", "stream"]).default("file"),
+  ram_base: z.string().nullable().default(null),
   /** Byte offset in serial.log where the current boot's output begins (the log is appended
    * across boots and restores). */
   serial_offset: z.number().int().nonnegative(),
