@@ -146,6 +146,22 @@ ctl_mac() {
   fi
   [ "$up" = 0 ] || ip link set eth0 up
 }
+ctl_identity() {
+  hostname "$1" 2>/dev/null || { echo "err identity hostname $1"; return; }
+  [ "$2" = - ] && { echo "ok identity $(hostname) -"; return; }
+  r=$(ctl_mac "$2")
+  case "$r" in
+    "ok mac "*) echo "ok identity $(hostname) \${r#ok mac }" ;;
+    *) echo "err identity $r" ;;
+  esac
+}
+ctl_stop() {
+  if read -r pid 2>/dev/null </run/offshoot/program.pid && kill -TERM "$pid" 2>/dev/null; then
+    echo "ok stop"
+  else
+    echo "err stop no program to stop"
+  fi
+}
 ctl_serve() {
   tries=0
   until dev=$(ctl_port); do
@@ -160,9 +176,9 @@ ctl_serve() {
         "") ;;
         ping) echo pong ;;
         mac) ctl_mac "$arg" ;;
-        hostname)
-          if hostname "$arg" 2>/dev/null; then echo "ok hostname $(hostname)"; else echo "err hostname $arg"; fi
-          ;;
+        # shellcheck disable=SC2086
+        identity) ctl_identity $arg ;;
+        stop) ctl_stop ;;
         query)
           if [ "$arg" = mac ] && read -r cur 2>/dev/null </sys/class/net/eth0/address; then
             echo "ok mac $cur"
@@ -229,7 +245,10 @@ if root_dev=$(disk offshoot-root); then
       offshoot_env
       launch='mkdir -p "$1" 2>/dev/null; cd "$1" || exit 1; shift; exec "$@"'
       exec /bin/chroot /newroot /.offshoot/sh -c "$launch" sh "$OFFSHOOT_WORKDIR" "$prog" "$@"
-    )
+    ) &
+    # One pid from here to the program (every step execs): what a graceful stop signals.
+    echo $! >/run/offshoot/program.pid
+    wait $!
     code=$?
   else
     echo "offshoot: $prog: command not found"

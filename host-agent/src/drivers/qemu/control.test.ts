@@ -5,7 +5,13 @@ import net from "node:net";
 import os from "node:os";
 import path from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
-import { guestControl, guestMac, setGuestMac } from "./control.ts";
+import {
+  askGuestToStop,
+  guestControl,
+  guestMac,
+  setGuestIdentity,
+  setGuestMac,
+} from "./control.ts";
 
 const cleanups: Array<() => void> = [];
 afterEach(() => {
@@ -44,6 +50,24 @@ describe("guest control channel", () => {
     expect(await guestControl(sock, "ping")).toBe("pong");
     await setGuestMac(sock, "02:00:00:00:00:01");
     expect(await guestMac(sock)).toBe("02:00:00:00:00:02");
+  });
+
+  it("sets hostname and MAC in one command, and asks for a stop", async () => {
+    const sock = await fakeGuest((line) => {
+      if (line === "identity fork-1 02:00:00:00:00:0a")
+        return "ok identity fork-1 02:00:00:00:00:0a\n";
+      if (line === "identity fork-2 -") return "ok identity fork-2 -\n";
+      if (line === "identity fork-3 02:00:00:00:00:0b")
+        return "ok identity other 02:00:00:00:00:0b\n";
+      if (line === "stop") return "err stop no program to stop\n";
+      return undefined;
+    });
+    await setGuestIdentity(sock, "fork-1", "02:00:00:00:00:0A");
+    await setGuestIdentity(sock, "fork-2", null);
+    await expect(setGuestIdentity(sock, "fork-3", "02:00:00:00:00:0b")).rejects.toThrow(
+      /did not take fork-3/,
+    );
+    expect(await askGuestToStop(sock)).toBe(false);
   });
 
   it("rejects an error, a different MAC, silence and a missing socket", async () => {

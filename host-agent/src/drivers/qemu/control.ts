@@ -4,7 +4,8 @@
 //   ping                      → pong
 //   mac 02:aa:bb:cc:dd:ee     → ok mac <eth0's address now> | err mac <reason>
 //   query mac                 → ok mac <eth0's address>     | err query mac
-//   hostname NAME             → ok hostname <hostname now>  | err hostname NAME
+//   identity NAME MAC|-       → ok identity <hostname> <eth0's address|->  | err identity …
+//   stop                      → ok stop (SIGTERM sent to the program) | err stop <reason>
 //   anything else             → err <verb> unknown command
 // The guest polls the port (a read returns EOF while no host is connected), so an answer takes
 // one poll interval (≤ 0.1 s) plus the command itself.
@@ -75,15 +76,23 @@ export async function setGuestMac(
   }
 }
 
-/** Sets the guest's hostname; rejects unless the guest reports exactly that name. */
-export async function setGuestHostname(
+/** Sets hostname and (unless null: no NIC) eth0's MAC in one round trip; rejects unless the
+ * guest reports exactly those. */
+export async function setGuestIdentity(
   socketPath: string,
-  name: string,
+  hostname: string,
+  mac: string | null,
   opts: ControlOptions = {},
 ): Promise<void> {
-  const reply = await guestControl(socketPath, `hostname ${name}`, opts);
-  if (reply !== `ok hostname ${name}`)
-    throw new Error(`guest did not take hostname ${name}: ${reply}`);
+  const want = `${hostname} ${mac?.toLowerCase() ?? "-"}`;
+  const reply = await guestControl(socketPath, `identity ${want}`, opts);
+  if (reply !== `ok identity ${want}`) throw new Error(`guest did not take ${want}: ${reply}`);
+}
+
+/** Asks the guest's init to SIGTERM its program (the guest powers off once it exits). False
+ * when the guest cannot (no program, or a guest without an image). */
+export async function askGuestToStop(socketPath: string, opts: ControlOptions = {}) {
+  return (await guestControl(socketPath, "stop", opts)) === "ok stop";
 }
 
 /** eth0's MAC as the guest sees it. */

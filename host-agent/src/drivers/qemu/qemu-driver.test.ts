@@ -77,6 +77,7 @@ function newDriver(): QemuDriver {
     accel: "tcg",
     images,
     bootTimeoutMs: 60_000,
+    stopTimeoutMs: 3_000,
     pollMs: 200,
   });
   drivers.push(d);
@@ -295,6 +296,10 @@ describe("QemuDriver", () => {
     ]);
     const stopped = await again.stop("forkb", ctx());
     expect(stopped).toMatchObject({ state: "Stopped", has_snapshot: false });
+    // Gracefully: the guest's init SIGTERMed the program (143) and powered off.
+    expect(readFileSync(paths.qemu.serialLog("forkb"), "utf8")).toContain(
+      'OFFSHOOT-INIT {"event":"exit","code":143}',
+    );
     expect(stopped.stopped_at).toBeTruthy();
     expect(isQemu(Number(readPid("forkb")))).toBe(false);
     expect(existsSync(paths.qemu.memFile("forkb"))).toBe(false);
@@ -342,6 +347,18 @@ describe("QemuDriver", () => {
       events.find((e) => e.id === "exiter" && e.exit_code !== 3),
     );
     expect(second).toMatchObject({ exit_code: 127, exit_message: "command not found" });
+
+    // A program that ignores SIGTERM is given stopTimeoutMs, then QEMU is quit.
+    await driver.start(
+      { instance_id: "exiter", cmd: ["sh", "-c", 'trap "" TERM; while :; do sleep 1; done'] },
+      ctx(),
+    );
+    const pid = Number(readPid("exiter"));
+    const stopStarted = Date.now();
+    expect(await driver.stop("exiter", ctx())).toMatchObject({ state: "Stopped" });
+    timings["stop (SIGTERM ignored)"] = Date.now() - stopStarted;
+    expect(Date.now() - stopStarted).toBeGreaterThanOrEqual(3_000);
+    expect(isQemu(pid)).toBe(false);
     await driver.delete("exiter", ctx());
   }, 120_000);
 });

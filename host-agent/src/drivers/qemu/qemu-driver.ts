@@ -36,7 +36,7 @@ import type { AgentPaths } from "../../paths.ts";
 import type { Driver, OpContext, OpData } from "../driver.ts";
 import { isMissing } from "../record-store.ts";
 import { rollbackOperation } from "../rollback.ts";
-import { setGuestHostname, setGuestMac } from "./control.ts";
+import { askGuestToStop, setGuestIdentity } from "./control.ts";
 import {
   type CopyPath,
   copyMemory,
@@ -62,6 +62,8 @@ export interface QemuDriverOptions {
   bootTimeoutMs?: number;
   /** Bound on one guest control-channel command (default 5 s). */
   controlTimeoutMs?: number;
+  /** stop: how long a guest's program gets after SIGTERM before QEMU is quit (default 10 s). */
+  stopTimeoutMs?: number;
   /** How often running guests' serial logs and processes are checked for an exit. */
   pollMs?: number;
 }
@@ -70,6 +72,7 @@ const MiB = 1024 * 1024;
 const QUIT_TIMEOUT_MS = 10_000;
 const MIGRATE_TIMEOUT_MS = 60_000;
 const CONTROL_TIMEOUT_MS = 5_000;
+const STOP_TIMEOUT_MS = 10_000;
 /** 7.2's default of 32 MiB/s would throttle the device-state stream for nothing. */
 const MAX_BANDWIDTH = 10 * 1024 * MiB;
 
@@ -241,7 +244,7 @@ export class QemuDriver implements Driver {
         {
           name: "shutdown",
           run: async () => {
-            if (rec.pid !== null) await this.quit(id, rec.pid);
+            if (rec.pid !== null) await this.shutdown(id, rec.pid);
             await this.dropMemory(id);
             await this.store.write(stopped);
             await this.gc();
@@ -607,10 +610,12 @@ export class QemuDriver implements Driver {
   /** Tells the guest its identity over the control channel: hostname and the NIC's MAC. */
   private async applyIdentity(rec: QemuRecord): Promise<void> {
     const started = Date.now();
-    const sock = this.paths.ctlSocket(rec.observed.id);
-    const opts = { timeoutMs: this.options.controlTimeoutMs ?? CONTROL_TIMEOUT_MS };
-    await setGuestHostname(sock, guestHostname(rec.spec.name), opts);
-    if (rec.machine.mac !== null) await setGuestMac(sock, rec.machine.mac, opts);
+    await setGuestIdentity(
+      this.paths.ctlSocket(rec.observed.id),
+      guestHostname(rec.spec.name),
+      rec.machine.mac,
+      { timeoutMs: this.options.controlTimeoutMs ?? CONTROL_TIMEOUT_MS },
+    );
     this.lastIdentityMs = Date.now() - started;
   }
 
@@ -817,6 +822,20 @@ export class QemuDriver implements Driver {
     const c = this.qmps.get(id);
     this.qmps.delete(id);
     await c?.close();
+  }
+
+  /** Graceful first: the guest's init SIGTERMs the program and powers off when it has exited.
+   * A guest that cannot be asked, or is not gone within stopTimeoutMs, is quit. */
+  private async shutdown(id: string, pid: number): Promise<void> {
+    const sock = this.paths.qmpSocket(id);
+    const asked = await askGuestToStop(this.paths.ctlSocket(id), { timeoutMs: 2_000 }).catch(
+      () => false,
+    );
+    if (asked) {
+      const deadline = Date.now() + (this.options.stopTimeoutMs ?? STOP_TIMEOUT_MS);
+      while (isOurQemu(pid, sock) && Date.now() < deadline) await sleep(50);
+    }
+    await this.quit(id, pid);
   }
 
   /** `quit` over QMP (a busybox init ignores ACPI powerdown), SIGKILL after a bound. */
