@@ -1,4 +1,4 @@
-// The one interface every hypervisor driver implements (sim today, qemu next). Methods take the
+// The one interface every hypervisor driver implements (qemu for real guests, sim for tests and benchmarks). Methods take the
 // operation's data as the protocol defines it and return what the host observes afterwards,
 // so the agent reports facts rather than intentions. Preconditions that hold for every
 // hypervisor (instance exists, state allows the verb, capabilities) are checked by
