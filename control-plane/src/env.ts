@@ -17,6 +17,9 @@ const Env = z.object({
   HOST_GRACE_MS: z.coerce.number().int().min(100).default(15_000),
   /** Longest an API request waits for a host command before answering 504. */
   COMMAND_TIMEOUT_MS: z.coerce.number().int().min(100).default(120_000),
+  /** How often fork flows left pending (by a replica that died mid-flow, or a previous run of
+   * this one) are picked up and driven on. */
+  FORK_RESUME_MS: z.coerce.number().int().min(100).default(5_000),
 });
 export type Env = z.infer<typeof Env>;
 

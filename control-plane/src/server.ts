@@ -8,6 +8,7 @@ import type { Env } from "./env.ts";
 import { NodeGateway } from "./gateway/node.ts";
 import type { Log } from "./log.ts";
 import type { Router } from "./routes/common.ts";
+import { PgBus } from "./services/bus.ts";
 import type { Services } from "./services/context.ts";
 import {
   Credentials,
@@ -41,8 +42,10 @@ export async function startServer(
     opts.database ??
     (await openDatabase({ url: env.DATABASE_URL, pgliteDir: `${env.DATA_DIR}/pglite` }));
   const { db } = database;
-  const gateway = new NodeGateway();
-  const signals = new Signals();
+  // Replicas sharing a Postgres server coordinate over LISTEN/NOTIFY (services/bus.ts).
+  const bus = database.pubsub ? await PgBus.start(database.pubsub, log) : undefined;
+  const gateway = new NodeGateway(bus);
+  const signals = new Signals(bus);
   const ops = new Operations(db, gateway, signals, log);
   const services: Services = { db, env, gateway, signals, ops, log };
   gateway.bind(services);
@@ -104,7 +107,7 @@ export async function startServer(
       void resumeForks(services).catch((e: unknown) =>
         log("error", "resume failed", { error: String(e) }),
       ),
-    10_000,
+    env.FORK_RESUME_MS,
   );
   await resumeForks(services);
 
@@ -119,6 +122,7 @@ export async function startServer(
       clearInterval(sweeper);
       clearInterval(resumer);
       await gateway.close();
+      await bus?.close();
       for (const client of wss.clients) client.terminate();
       await new Promise<void>((r) => {
         server.close(() => r());

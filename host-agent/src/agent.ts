@@ -92,6 +92,8 @@ class Link {
   private ws: WebSocket | null = null;
   private helloSent = false;
   private attempt = 0;
+  /** Which of the configured control-plane URLs the next connection dials. */
+  private urlIndex = 0;
   private stopping = false;
   /** Whether anything (message or pong) arrived since the last beat. */
   private heard = false;
@@ -128,10 +130,12 @@ class Link {
 
   connect(): void {
     if (this.stopping) return;
-    this.log("info", "connecting", { url: this.config.connectUrl, attempt: this.attempt });
+    const urls = this.config.connectUrls;
+    const url = urls[this.urlIndex % urls.length] ?? "";
+    this.log("info", "connecting", { url, attempt: this.attempt });
     this.rejected = false;
     this.helloSent = false;
-    const ws = new WebSocket(this.config.connectUrl, {
+    const ws = new WebSocket(url, {
       headers: { authorization: `Bearer ${this.config.hostToken}` },
       handshakeTimeout: 10_000,
     });
@@ -293,6 +297,9 @@ class Link {
       this.log("warn", "disconnected", { code, reason, retry_ms: delay });
     }
     this.attempt++;
+    // A lost or refused connection may mean that replica is gone: the next attempt dials the
+    // next URL (with one load-balanced URL, the same one again).
+    this.urlIndex++;
     this.timers.reconnect = setTimeout(() => this.connect(), delay);
   }
 }

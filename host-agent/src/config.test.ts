@@ -8,7 +8,7 @@ const base = { CONTROL_PLANE_URL: "http://127.0.0.1:8080", HOST_TOKEN: "t", AGEN
 describe("config", () => {
   it("applies defaults", () => {
     expect(loadConfig(base)).toEqual({
-      connectUrl: "ws://127.0.0.1:8080/agent/v1/connect",
+      connectUrls: ["ws://127.0.0.1:8080/agent/v1/connect"],
       hostToken: "t",
       dataDir: path.resolve(".data/agent"),
       hostName: os.hostname(),
@@ -44,6 +44,12 @@ describe("config", () => {
     expect(
       loadConfig({ ...base, AGENT_IMAGES: "/img/a, alpine:3=/img/b.tar" }).qemu.images,
     ).toEqual([{ source: "/img/a" }, { source: "/img/b.tar", name: "alpine:3" }]);
+  });
+
+  it("takes several control-plane URLs, one per replica", () => {
+    expect(
+      loadConfig({ ...base, CONTROL_PLANE_URL: "http://a:8080, https://b/cp ,," }).connectUrls,
+    ).toEqual(["ws://a:8080/agent/v1/connect", "wss://b/cp/agent/v1/connect"]);
   });
 
   it("maps http(s) to ws(s) and keeps a base path", () => {

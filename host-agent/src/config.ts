@@ -47,9 +47,22 @@ function parseJson<T extends z.ZodType>(
 
 const Env = z.object({
   // Base URL of the control plane; the agent dials `${url}/agent/v1/connect` (http→ws, https→wss).
+  // Several, comma-separated (one per replica): the agent moves to the next after a failure.
   CONTROL_PLANE_URL: z
     .string({ error: "is required, e.g. http://127.0.0.1:8080" })
-    .regex(/^(https?|wss?):\/\/[^\s/]+/, "must be an http(s):// or ws(s):// URL"),
+    .transform((s) =>
+      s
+        .split(",")
+        .map((u) => u.trim())
+        .filter(Boolean),
+    )
+    .pipe(
+      z
+        .array(
+          z.string().regex(/^(https?|wss?):\/\/[^\s/]+/, "must be an http(s):// or ws(s):// URL"),
+        )
+        .min(1, "is required, e.g. http://127.0.0.1:8080"),
+    ),
   // The secret this host authenticates with (sent as `Authorization: Bearer …`).
   HOST_TOKEN: z.string({ error: "is required" }).min(1, "is required"),
   // Journal and driver state; must survive agent restarts and belong to one agent only.
@@ -139,8 +152,8 @@ export interface SimConfig {
 }
 
 export interface AgentConfig {
-  /** The WebSocket URL the agent dials. */
-  connectUrl: string;
+  /** The WebSocket URLs the agent dials, in turn after each failure. */
+  connectUrls: string[];
   hostToken: string;
   /** Absolute. */
   dataDir: string;
@@ -174,7 +187,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): AgentConfig {
   }
   const e = parsed.data;
   return {
-    connectUrl: connectUrl(e.CONTROL_PLANE_URL),
+    connectUrls: e.CONTROL_PLANE_URL.map(connectUrl),
     hostToken: e.HOST_TOKEN,
     dataDir: path.resolve(e.AGENT_DATA_DIR),
     hostName: e.AGENT_HOST_NAME,

@@ -80,7 +80,7 @@ export function agentConfig(
   sim: Partial<SimConfig> = {},
 ): AgentConfig {
   return {
-    connectUrl: url,
+    connectUrls: [url],
     hostToken: "test-token",
     dataDir,
     hostName: "test-host",

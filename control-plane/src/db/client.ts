@@ -19,7 +19,16 @@ export type Executor = Db | Tx;
 export interface Database {
   db: Db;
   kind: "postgres" | "pglite";
+  /** LISTEN/NOTIFY, for replicas sharing a Postgres server (none for embedded PGlite, which
+   * one process owns). */
+  pubsub?: PubSub;
   close(): Promise<void>;
+}
+
+export interface PubSub {
+  /** Resolves once listening; returns the unlisten function. */
+  listen(channel: string, fn: (payload: string) => void): Promise<() => Promise<void>>;
+  notify(channel: string, payload: string): Promise<void>;
 }
 
 export const MIGRATIONS_DIR = fileURLToPath(new URL("../../../migrations", import.meta.url));
@@ -39,7 +48,17 @@ export async function openPostgres(url: string, opts: { max?: number } = {}): Pr
   }
   const client = postgres(url, { max: opts.max ?? 10, onnotice: () => {} });
   const db = drizzlePostgres(preparing(client)) as unknown as Db;
-  return { db, kind: "postgres", close: () => client.end({ timeout: 5 }) };
+  const pubsub: PubSub = {
+    // postgres.js keeps one dedicated connection for LISTEN and re-listens after a reconnect.
+    listen: async (channel, fn) => {
+      const { unlisten } = await client.listen(channel, fn);
+      return unlisten;
+    },
+    notify: async (channel, payload) => {
+      await client.notify(channel, payload);
+    },
+  };
+  return { db, kind: "postgres", pubsub, close: () => client.end({ timeout: 5 }) };
 }
 
 /**

@@ -15,11 +15,13 @@ export interface LogSink {
  * process; a Workers implementation forwards to the host's Durable Object.
  */
 export interface HostGateway {
-  /** Deliver now if the host's agent is connected to this process; false if not. */
+  /** Delivers to the host's agent: true if it was sent from this process, false if it was
+   * handed on (to the replica holding the agent) or must wait for the agent's next hello. */
   send(hostId: string, command: Command): boolean;
   /**
    * Streams a log from the host. Live data, not a durable command: undefined when the host's
-   * agent is not connected here. Returns a function that cancels the stream.
+   * agent is not connected (here or, with replicas, anywhere). Returns a function that cancels
+   * the stream.
    */
-  openLogs(hostId: string, query: LogQuery, sink: LogSink): (() => void) | undefined;
+  openLogs(hostId: string, query: LogQuery, sink: LogSink): Promise<(() => void) | undefined>;
 }

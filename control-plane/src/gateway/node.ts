@@ -1,20 +1,35 @@
 import { randomUUID } from "node:crypto";
 import { CLOSE, type Command, type LogChunk, PROTOCOL_VERSION } from "@offshoot/shared";
+import { eq } from "drizzle-orm";
+import { hosts } from "../db/schema/index.ts";
+import { type Bus, type BusMessage, chunkLines } from "../services/bus.ts";
 import type { Services } from "../services/context.ts";
 import { hostDisconnected, recordHeartbeats } from "../services/hosts.ts";
+import { commandOf } from "../services/operations.ts";
 import { AgentSession, type AgentSocket } from "./agent-session.ts";
 import type { HostGateway, LogQuery, LogSink } from "./host-gateway.ts";
 
+/** How long a replica waits for the one holding a host's agent to take a log stream. */
+const REMOTE_LOGS_TIMEOUT_MS = 3_000;
+
 /**
- * The Node gateway: agent sessions held in this process. Commands for a host whose agent is
- * connected elsewhere (or nowhere) stay pending in Postgres and go out on its next hello.
+ * The Node gateway: agent sessions held in this process. With a bus (replicas sharing one
+ * Postgres server), a command for a host whose agent is connected to another replica is
+ * announced there and that replica sends it; log streams are relayed the same way. Commands
+ * for a host connected nowhere stay pending in Postgres and go out on its next hello.
  */
 export class NodeGateway implements HostGateway {
   private sessions = new Map<string, AgentSession>();
   private beats = new Set<string>();
   private logStreams = new Map<string, { hostId: string; sink: LogSink }>();
+  /** Streams this replica asked another one for: acked once that replica has the agent. */
+  private remoteStreams = new Map<string, { sink: LogSink; acked(): void }>();
   private flushTimer: NodeJS.Timeout | undefined;
   private services: Services | undefined;
+
+  constructor(private bus?: Bus) {
+    bus?.subscribe((msg) => this.onBus(msg));
+  }
 
   bind(services: Services): void {
     this.services = services;
@@ -29,25 +44,150 @@ export class NodeGateway implements HostGateway {
 
   send(hostId: string, command: Command): boolean {
     const session = this.sessions.get(hostId);
-    if (!session?.ready) return false;
-    session.send(command);
-    return true;
+    if (session?.ready) {
+      session.send(command);
+      return true;
+    }
+    this.bus?.publish({ t: "command", host: hostId, op: command.id });
+    return false;
   }
 
-  openLogs(hostId: string, query: LogQuery, sink: LogSink): (() => void) | undefined {
+  async openLogs(
+    hostId: string,
+    query: LogQuery,
+    sink: LogSink,
+  ): Promise<(() => void) | undefined> {
+    return this.openLocalLogs(hostId, query, sink) ?? this.openRemoteLogs(hostId, query, sink);
+  }
+
+  private openLocalLogs(
+    hostId: string,
+    query: LogQuery,
+    sink: LogSink,
+    streamId: string = randomUUID(),
+  ): (() => void) | undefined {
     const session = this.sessions.get(hostId);
     if (!session?.ready) return undefined;
-    const streamId = randomUUID();
     this.logStreams.set(streamId, { hostId, sink });
     session.sendMessage({ v: PROTOCOL_VERSION, type: "logs", stream_id: streamId, ...query });
-    return () => {
-      if (!this.logStreams.delete(streamId)) return;
-      this.sessions.get(hostId)?.sendMessage({
-        v: PROTOCOL_VERSION,
-        type: "logs_cancel",
-        stream_id: streamId,
-      });
+    return () => this.cancelLocal(streamId);
+  }
+
+  private cancelLocal(streamId: string): void {
+    const stream = this.logStreams.get(streamId);
+    if (!stream) return;
+    this.logStreams.delete(streamId);
+    this.sessions.get(stream.hostId)?.sendMessage({
+      v: PROTOCOL_VERSION,
+      type: "logs_cancel",
+      stream_id: streamId,
+    });
+  }
+
+  /** Asks the replica holding the host's agent to stream; undefined if none answers. */
+  private async openRemoteLogs(
+    hostId: string,
+    query: LogQuery,
+    sink: LogSink,
+  ): Promise<(() => void) | undefined> {
+    const bus = this.bus;
+    if (!bus) return undefined;
+    // Only a connected host has a replica to ask.
+    const [host] = await this.s.db
+      .select({ status: hosts.status })
+      .from(hosts)
+      .where(eq(hosts.id, hostId));
+    if (host?.status !== "online") return undefined;
+    const stream = randomUUID();
+    const cancel = () => {
+      if (this.remoteStreams.delete(stream))
+        bus.publish({ t: "logs_cancel", host: hostId, stream });
     };
+    return new Promise((resolve) => {
+      const timer = setTimeout(() => {
+        this.remoteStreams.delete(stream);
+        resolve(undefined);
+      }, REMOTE_LOGS_TIMEOUT_MS);
+      timer.unref();
+      this.remoteStreams.set(stream, {
+        sink,
+        acked: () => {
+          clearTimeout(timer);
+          resolve(cancel);
+        },
+      });
+      bus.publish({ t: "logs_open", host: hostId, stream, query, from: bus.replica });
+    });
+  }
+
+  private onBus(msg: BusMessage): void {
+    switch (msg.t) {
+      case "command": {
+        const session = this.sessions.get(msg.host);
+        if (!session?.ready) return;
+        // The table is the record: send what it says is still pending, as a hello would.
+        this.s.ops
+          .get(msg.op)
+          .then((op) => {
+            if (op?.status === "pending" && op.kind !== "fork_flow") session.send(commandOf(op));
+          })
+          .catch((e: unknown) =>
+            this.s.log("error", "forwarded command not sent", { op: msg.op, error: String(e) }),
+          );
+        return;
+      }
+      case "logs_open": {
+        const bus = this.bus;
+        if (!bus) return;
+        const to = msg.from;
+        const key = `logs:${msg.stream}`;
+        const relay: LogSink = {
+          lines: (lines) => {
+            for (const part of chunkLines(lines)) {
+              bus.publish(
+                { t: "logs_chunk", stream: msg.stream, to, lines: part, done: false },
+                key,
+              );
+            }
+          },
+          end: (error) =>
+            bus.publish(
+              {
+                t: "logs_chunk",
+                stream: msg.stream,
+                to,
+                lines: [],
+                done: true,
+                ...(error && { error }),
+              },
+              key,
+            ),
+        };
+        if (this.openLocalLogs(msg.host, msg.query, relay, msg.stream)) {
+          bus.publish({ t: "logs_ack", stream: msg.stream, to }, key);
+        }
+        return;
+      }
+      case "logs_cancel":
+        if (this.logStreams.get(msg.stream)?.hostId === msg.host) this.cancelLocal(msg.stream);
+        return;
+      case "logs_ack":
+        if (msg.to === this.bus?.replica) this.remoteStreams.get(msg.stream)?.acked();
+        return;
+      case "logs_chunk": {
+        if (msg.to !== this.bus?.replica) return;
+        const stream = this.remoteStreams.get(msg.stream);
+        if (!stream) return;
+        if (msg.lines.length > 0) stream.sink.lines(msg.lines);
+        if (msg.done) {
+          this.remoteStreams.delete(msg.stream);
+          stream.sink.end(msg.error);
+        }
+        return;
+      }
+      case "signal":
+        return;
+    }
   }
 
   private onLog(hostId: string, chunk: LogChunk): void {

@@ -1,5 +1,6 @@
 import { randomUUID } from "node:crypto";
 import {
+  type Command,
   type CommandError,
   HostCommandError,
   isErrorCode,
@@ -98,16 +99,11 @@ export class Operations {
     return row;
   }
 
-  /** Sends a host command if its agent is connected here; otherwise it goes out on hello. */
+  /** Sends a host command to its agent, wherever it is connected; otherwise it goes out on
+   * the agent's next hello. */
   send(op: OperationRow): void {
-    if (op.kind === "fork_flow") throw new Error("a fork flow is not a host command");
-    const sent = this.gateway.send(op.hostId, {
-      v: PROTOCOL_VERSION,
-      type: "command",
-      id: op.id,
-      op: op.payload as Operation,
-    });
-    this.log("debug", sent ? "command sent" : "command queued", { op: op.id, kind: op.kind });
+    const sent = this.gateway.send(op.hostId, commandOf(op));
+    this.log("debug", sent ? "command sent" : "command forwarded", { op: op.id, kind: op.kind });
   }
 
   async get(id: string): Promise<OperationRow | undefined> {
@@ -264,6 +260,12 @@ export class Operations {
  * The host is the source of truth for what runs: its report replaces our state, and clears
  * an `Unknown` left by a silence.
  */
+/** The wire command for a recorded host operation. */
+export function commandOf(op: OperationRow): Command {
+  if (op.kind === "fork_flow") throw new Error("a fork flow is not a host command");
+  return { v: PROTOCOL_VERSION, type: "command", id: op.id, op: op.payload as Operation };
+}
+
 export async function applyObserved(
   tx: Tx,
   hostId: string,

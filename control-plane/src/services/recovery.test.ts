@@ -62,7 +62,7 @@ class ScriptedHost implements HostGateway {
   /** Results still being recorded; awaited before the database goes away. */
   inFlight = new Set<Promise<void>>();
 
-  openLogs(): undefined {
+  async openLogs(): Promise<undefined> {
     return undefined; // logs are covered end to end with real agents
   }
   send(_hostId: string, command: Command): boolean {

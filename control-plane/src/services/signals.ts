@@ -1,12 +1,26 @@
+import type { Bus } from "./bus.ts";
+
 /**
- * In-process wake-ups: "operation X finished", "instance Y changed". A waiter re-checks the
- * database when woken, and also on a slow timer, so a missed signal delays it but never
- * loses the answer.
+ * Wake-ups: "operation X finished", "instance Y changed". A waiter re-checks the database when
+ * woken, and also on a slow timer, so a missed signal delays it but never loses the answer.
+ * With a bus, a wake-up reaches waiters in every replica (a request waiting on replica B for a
+ * result that the host's agent delivered to replica A).
  */
 export class Signals {
   private waiters = new Map<string, Set<() => void>>();
 
+  constructor(private bus?: Bus) {
+    bus?.subscribe((msg) => {
+      if (msg.t === "signal") this.wake(msg.topic);
+    });
+  }
+
   notify(topic: string): void {
+    this.wake(topic);
+    this.bus?.publish({ t: "signal", topic });
+  }
+
+  private wake(topic: string): void {
     const set = this.waiters.get(topic);
     if (!set) return;
     this.waiters.delete(topic);

@@ -310,11 +310,16 @@ export function registerInstanceRoutes(app: Router) {
             logs.cancel();
             done();
           });
+          // Writes are chained, and the end waits for them: lines and end may arrive together
+          // (a buffered or relayed stream), and the response closes when `done` resolves.
+          let writing = Promise.resolve();
           logs.attach({
             lines: (lines) => {
-              for (const line of lines) void stream.writeSSE({ data: JSON.stringify(line) });
+              for (const line of lines) {
+                writing = writing.then(() => stream.writeSSE({ data: JSON.stringify(line) }));
+              }
             },
-            end: () => done(),
+            end: () => void writing.then(done, done),
           });
         });
       }) as never;

@@ -43,7 +43,7 @@ export async function openLogs(
 ): Promise<{ attach(sink: LogSink): void; cancel(): void }> {
   const instance = await resolveInstance(s.db, tenantId, ref);
   const buffer = new BufferedSink();
-  const cancel = s.gateway.openLogs(
+  const cancel = await s.gateway.openLogs(
     instance.hostId,
     { instance_id: instance.id, source: q.source, tail: q.tail, follow: q.follow },
     buffer,

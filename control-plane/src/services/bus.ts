@@ -1,0 +1,139 @@
+// Replicas of the Node control plane coordinate through Postgres alone: LISTEN/NOTIFY on one
+// channel. What travels: wake-ups for waiters (an operation finished, an instance changed),
+// "a command is waiting for host H" (the replica holding H's agent sends it), and live log
+// streams relayed from that replica. Nothing on the bus is the record of anything: commands
+// and state are in tables, a lost message only delays a waiter until its next poll or the
+// agent's next hello.
+import { randomUUID } from "node:crypto";
+import type { CommandError } from "@offshoot/shared";
+import { z } from "zod";
+import type { PubSub } from "../db/client.ts";
+import type { Log } from "../log.ts";
+
+export const CHANNEL = "offshoot";
+/** NOTIFY payloads are limited to 8000 bytes; log lines are cut into messages below this. */
+export const MAX_PAYLOAD = 7000;
+
+const LogQueryMsg = z.object({
+  instance_id: z.string(),
+  source: z.enum(["app", "vmm", "hypeman"]),
+  tail: z.number(),
+  follow: z.boolean(),
+});
+
+export const BusMessage = z.discriminatedUnion("t", [
+  z.object({ t: z.literal("signal"), topic: z.string() }),
+  z.object({ t: z.literal("command"), host: z.string(), op: z.string() }),
+  z.object({
+    t: z.literal("logs_open"),
+    host: z.string(),
+    stream: z.string(),
+    query: LogQueryMsg,
+    /** The replica that wants the lines. */
+    from: z.string(),
+  }),
+  z.object({ t: z.literal("logs_ack"), stream: z.string(), to: z.string() }),
+  z.object({
+    t: z.literal("logs_chunk"),
+    stream: z.string(),
+    to: z.string(),
+    lines: z.array(z.string()),
+    done: z.boolean(),
+    error: z.object({ code: z.string(), message: z.string() }).optional(),
+  }),
+  z.object({ t: z.literal("logs_cancel"), host: z.string(), stream: z.string() }),
+]);
+export type BusMessage = z.infer<typeof BusMessage>;
+export type LogChunkMsg = Extract<BusMessage, { t: "logs_chunk" }>;
+export type { CommandError };
+
+export interface Bus {
+  /** This replica's id: messages addressed `to` it, and its own messages to ignore. */
+  readonly replica: string;
+  /** Fire and forget. Messages with the same `orderKey` arrive in the order published. */
+  publish(msg: BusMessage, orderKey?: string): void;
+  subscribe(handler: (msg: BusMessage) => void): void;
+}
+
+/** The bus over Postgres LISTEN/NOTIFY. */
+export class PgBus implements Bus {
+  readonly replica = randomUUID();
+  private handlers: Array<(msg: BusMessage) => void> = [];
+  private unlisten: (() => Promise<void>) | undefined;
+  /** Per order key, the last publish: the next waits for it, since NOTIFYs sent on different
+   * pool connections reach listeners in commit order, not in the order they were issued. */
+  private tails = new Map<string, Promise<void>>();
+
+  private constructor(
+    private pubsub: PubSub,
+    private log: Log,
+  ) {}
+
+  static async start(pubsub: PubSub, log: Log): Promise<PgBus> {
+    const bus = new PgBus(pubsub, log);
+    bus.unlisten = await pubsub.listen(CHANNEL, (payload) => bus.receive(payload));
+    return bus;
+  }
+
+  publish(msg: BusMessage, orderKey?: string): void {
+    const payload = JSON.stringify({ from: this.replica, ...msg });
+    const send = () =>
+      this.pubsub.notify(CHANNEL, payload).catch((e: unknown) =>
+        // Only wake-ups and live data travel here: waiters poll and agents resend on hello.
+        this.log("warn", "bus publish failed", { error: String(e), t: msg.t }),
+      );
+    if (orderKey === undefined) {
+      void send();
+      return;
+    }
+    const tail = (this.tails.get(orderKey) ?? Promise.resolve()).then(send);
+    this.tails.set(orderKey, tail);
+    void tail.then(() => {
+      if (this.tails.get(orderKey) === tail) this.tails.delete(orderKey);
+    });
+  }
+
+  subscribe(handler: (msg: BusMessage) => void): void {
+    this.handlers.push(handler);
+  }
+
+  async close(): Promise<void> {
+    await this.unlisten?.();
+  }
+
+  private receive(payload: string): void {
+    let raw: unknown;
+    try {
+      raw = JSON.parse(payload);
+    } catch {
+      return;
+    }
+    if ((raw as { from?: unknown }).from === this.replica) return;
+    const parsed = BusMessage.safeParse(raw);
+    if (!parsed.success) {
+      this.log("warn", "unreadable bus message", { issue: parsed.error.issues[0]?.message });
+      return;
+    }
+    for (const h of this.handlers) h(parsed.data);
+  }
+}
+
+/** Splits lines into chunks whose JSON stays under the NOTIFY limit (a longer line is cut). */
+export function chunkLines(lines: string[], budget = MAX_PAYLOAD - 300): string[][] {
+  const out: string[][] = [];
+  let cur: string[] = [];
+  let size = 0;
+  for (const raw of lines) {
+    const line = raw.length > budget / 2 ? raw.slice(0, budget / 2) : raw;
+    const cost = JSON.stringify(line).length + 1;
+    if (size + cost > budget && cur.length > 0) {
+      out.push(cur);
+      cur = [];
+      size = 0;
+    }
+    cur.push(line);
+    size += cost;
+  }
+  if (cur.length > 0) out.push(cur);
+  return out;
+}
