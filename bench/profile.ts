@@ -7,7 +7,7 @@ import { Session } from "node:inspector/promises";
 import os from "node:os";
 import { join } from "node:path";
 import postgres from "postgres";
-import { openPostgres } from "../control-plane/src/db/client.ts";
+import { openPostgres } from "../control-plane/src/db/open.ts";
 import { loadEnv } from "../control-plane/src/env.ts";
 import { startServer } from "../control-plane/src/server.ts";
 import {

@@ -5,7 +5,7 @@ import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "no
 import os from "node:os";
 import { join } from "node:path";
 import postgres from "postgres";
-import { openPostgres } from "../control-plane/src/db/client.ts";
+import { openPostgres } from "../control-plane/src/db/open.ts";
 import {
   createApiKey,
   createHost,

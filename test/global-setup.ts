@@ -9,7 +9,7 @@
 
 import postgres from "postgres";
 import type { TestProject } from "vitest/node";
-import { openPostgres } from "../control-plane/src/db/client.ts";
+import { openPostgres } from "../control-plane/src/db/open.ts";
 import { ensurePostgres, type PostgresServer } from "../scripts/postgres.ts";
 
 export const TEMPLATE_DB = "offshoot_template";

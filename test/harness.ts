@@ -22,7 +22,8 @@ import { Hypeman } from "@onkernel/hypeman";
 import { eq } from "drizzle-orm";
 import postgres from "postgres";
 import { afterAll, inject } from "vitest";
-import { type Database, type Db, openPostgres } from "../control-plane/src/db/client.ts";
+import type { Database, Db } from "../control-plane/src/db/client.ts";
+import { openPostgres } from "../control-plane/src/db/open.ts";
 import { hosts } from "../control-plane/src/db/schema/index.ts";
 import {
   createApiKey,

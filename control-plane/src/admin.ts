@@ -3,7 +3,7 @@
 // embedded database serves one process at a time).
 import { parseArgs } from "node:util";
 import { asc, eq } from "drizzle-orm";
-import { openDatabase } from "./db/client.ts";
+import { openDatabase } from "./db/open.ts";
 import { apiKeys, hosts, tenants } from "./db/schema/index.ts";
 import { loadEnv } from "./env.ts";
 import { createApiKey, createHost, ensureTenant, revokeApiKey } from "./services/credentials.ts";

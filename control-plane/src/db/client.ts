@@ -1,12 +1,6 @@
-import { mkdirSync } from "node:fs";
-import { fileURLToPath } from "node:url";
-import { PGlite } from "@electric-sql/pglite";
 import { sql } from "drizzle-orm";
 import type { PgDatabase, PgQueryResultHKT } from "drizzle-orm/pg-core";
-import { drizzle as drizzlePglite } from "drizzle-orm/pglite";
-import { migrate as migratePglite } from "drizzle-orm/pglite/migrator";
 import { drizzle as drizzlePostgres } from "drizzle-orm/postgres-js";
-import { migrate as migratePostgres } from "drizzle-orm/postgres-js/migrator";
 import postgres from "postgres";
 import type * as schema from "./schema/index.ts";
 
@@ -31,21 +25,9 @@ export interface PubSub {
   notify(channel: string, payload: string): Promise<void>;
 }
 
-export const MIGRATIONS_DIR = fileURLToPath(new URL("../../../migrations", import.meta.url));
-
-// Several control-plane processes may start at once against one database; the advisory lock
-// makes them apply migrations one at a time (the key is arbitrary but fixed).
-const MIGRATION_LOCK = 727_001;
-
-export async function openPostgres(url: string, opts: { max?: number } = {}): Promise<Database> {
-  const migrator = postgres(url, { max: 1, onnotice: () => {} });
-  try {
-    await migrator`select pg_advisory_lock(${MIGRATION_LOCK})`;
-    await migratePostgres(drizzlePostgres(migrator), { migrationsFolder: MIGRATIONS_DIR });
-    await migrator`select pg_advisory_unlock(${MIGRATION_LOCK})`;
-  } finally {
-    await migrator.end();
-  }
+/** A Postgres server (or Hyperdrive) connection: no migrations, nothing read from disk, so
+ * this module also runs inside workerd. */
+export function connectPostgres(url: string, opts: { max?: number } = {}): Database {
   const client = postgres(url, { max: opts.max ?? 10, onnotice: () => {} });
   const db = drizzlePostgres(preparing(client)) as unknown as Db;
   const pubsub: PubSub = {
@@ -84,18 +66,6 @@ function preparing<T extends postgres.Sql | postgres.TransactionSql>(client: T):
       return typeof value === "function" ? value.bind(target) : value;
     },
   });
-}
-
-export async function openPglite(dataDir: string): Promise<Database> {
-  mkdirSync(dataDir, { recursive: true });
-  const client = await PGlite.create(dataDir);
-  const db = drizzlePglite(client);
-  await migratePglite(db, { migrationsFolder: MIGRATIONS_DIR });
-  return { db: db as unknown as Db, kind: "pglite", close: () => client.close() };
-}
-
-export async function openDatabase(opts: { url?: string; pgliteDir: string }): Promise<Database> {
-  return opts.url ? openPostgres(opts.url) : openPglite(opts.pgliteDir);
 }
 
 /** Postgres error code of a failed query (drizzle wraps driver errors in `cause`). */

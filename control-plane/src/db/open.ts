@@ -1,0 +1,41 @@
+// Opening the database on Node: migrations applied first (drizzle-kit's SQL in migrations/),
+// Postgres server or embedded PGlite. The Worker connects with db/client.ts alone.
+import { mkdirSync } from "node:fs";
+import { fileURLToPath } from "node:url";
+import { PGlite } from "@electric-sql/pglite";
+import { drizzle as drizzlePglite } from "drizzle-orm/pglite";
+import { migrate as migratePglite } from "drizzle-orm/pglite/migrator";
+import { drizzle as drizzlePostgres } from "drizzle-orm/postgres-js";
+import { migrate as migratePostgres } from "drizzle-orm/postgres-js/migrator";
+import postgres from "postgres";
+import { connectPostgres, type Database, type Db } from "./client.ts";
+
+export const MIGRATIONS_DIR = fileURLToPath(new URL("../../../migrations", import.meta.url));
+
+// Several control-plane processes may start at once against one database; the advisory lock
+// makes them apply migrations one at a time (the key is arbitrary but fixed).
+const MIGRATION_LOCK = 727_001;
+
+export async function openPostgres(url: string, opts: { max?: number } = {}): Promise<Database> {
+  const migrator = postgres(url, { max: 1, onnotice: () => {} });
+  try {
+    await migrator`select pg_advisory_lock(${MIGRATION_LOCK})`;
+    await migratePostgres(drizzlePostgres(migrator), { migrationsFolder: MIGRATIONS_DIR });
+    await migrator`select pg_advisory_unlock(${MIGRATION_LOCK})`;
+  } finally {
+    await migrator.end();
+  }
+  return connectPostgres(url, opts);
+}
+
+export async function openPglite(dataDir: string): Promise<Database> {
+  mkdirSync(dataDir, { recursive: true });
+  const client = await PGlite.create(dataDir);
+  const db = drizzlePglite(client);
+  await migratePglite(db, { migrationsFolder: MIGRATIONS_DIR });
+  return { db: db as unknown as Db, kind: "pglite", close: () => client.close() };
+}
+
+export async function openDatabase(opts: { url?: string; pgliteDir: string }): Promise<Database> {
+  return opts.url ? openPostgres(opts.url) : openPglite(opts.pgliteDir);
+}
