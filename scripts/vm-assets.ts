@@ -222,7 +222,6 @@ if root_dev=$(disk offshoot-root); then
   mount --bind -o ro /bin /newroot/.offshoot
   cat "$cfg_dev" >/run/offshoot/config.sh && . /run/offshoot/config.sh || fail "unreadable config disk"
   hostname "$OFFSHOOT_HOSTNAME"
-  marker '{"event":"ready"}'
   # argv[0] is looked up in the image's PATH here: busybox's own sh would run its applet of the
   # same name instead of the image's program.
   prog=$1
@@ -246,11 +245,14 @@ if root_dev=$(disk offshoot-root); then
       launch='mkdir -p "$1" 2>/dev/null; cd "$1" || exit 1; shift; exec "$@"'
       exec /bin/chroot /newroot /.offshoot/sh -c "$launch" sh "$OFFSHOOT_WORKDIR" "$prog" "$@"
     ) &
-    # One pid from here to the program (every step execs): what a graceful stop signals.
+    # One pid from here to the program (every step execs): what a graceful stop signals. It
+    # is recorded before the ready marker, so a stop right after Running finds it.
     echo $! >/run/offshoot/program.pid
+    marker '{"event":"ready"}'
     wait $!
     code=$?
   else
+    marker '{"event":"ready"}'
     echo "offshoot: $prog: command not found"
     code=127
   fi

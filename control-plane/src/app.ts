@@ -37,14 +37,20 @@ function hasUnstorableString(text: string): boolean {
 }
 
 export interface AppDeps {
-  services: Services;
-  credentials: Credentials;
+  /** One per process on Node; on Workers one per request (I/O objects such as a database
+   * connection cannot outlive the request that made them), hence the function form. */
+  services: Services | ((c: Context<AppEnv>) => Services);
+  credentials: Credentials | ((c: Context<AppEnv>) => Credentials);
   /** Mounts the agents' WebSocket endpoint; differs per runtime. */
   mountAgentEndpoint?: (app: ReturnType<typeof newRouter>) => void;
 }
 
 export function createApp({ services, credentials, mountAgentEndpoint }: AppDeps) {
   const app = newRouter();
+  const servicesOf = (c: Context<AppEnv>) =>
+    typeof services === "function" ? services(c) : services;
+  const credentialsOf = (c: Context<AppEnv>) =>
+    typeof credentials === "function" ? credentials(c) : credentials;
 
   app.onError((err, c) => {
     if (err instanceof ApiError) return errorResponse(c, err.status, err.code, err.message);
@@ -60,7 +66,7 @@ export function createApp({ services, credentials, mountAgentEndpoint }: AppDeps
         status === 401 ? "unauthorized" : status === 404 ? "not_found" : "invalid_request";
       return errorResponse(c, status, code, err.message || "invalid request");
     }
-    services.log("error", "request failed", {
+    (c.var.services ?? servicesOf(c)).log("error", "request failed", {
       method: c.req.method,
       path: c.req.path,
       error: String(err),
@@ -73,7 +79,7 @@ export function createApp({ services, credentials, mountAgentEndpoint }: AppDeps
   );
 
   app.use("*", async (c, next) => {
-    c.set("services", services);
+    c.set("services", servicesOf(c));
     await next();
   });
 
@@ -107,7 +113,7 @@ export function createApp({ services, credentials, mountAgentEndpoint }: AppDeps
   // Every route below needs an API key, and everything it reads is scoped to its tenant.
   const authed = async (c: Context<AppEnv>, next: () => Promise<void>) => {
     const m = /^Bearer\s+(\S+)\s*$/i.exec(c.req.header("authorization") ?? "");
-    const tenantId = m?.[1] ? await credentials.tenantForKey(m[1]) : undefined;
+    const tenantId = m?.[1] ? await credentialsOf(c).tenantForKey(m[1]) : undefined;
     if (!tenantId) {
       return errorResponse(
         c,

@@ -23,7 +23,9 @@ import { resumeForks } from "./services/instances/fork.ts";
 import { Operations } from "./services/operations.ts";
 import { Signals } from "./services/signals.ts";
 
-export const AGENT_PATH = "/agent/v1/connect";
+export { AGENT_PATH } from "@offshoot/shared";
+
+import { AGENT_PATH } from "@offshoot/shared";
 
 export interface RunningServer {
   url: string;

@@ -3,6 +3,7 @@
 import os from "node:os";
 import path from "node:path";
 import {
+  AGENT_PATH,
   ERROR_STATUS,
   type ErrorCode,
   normalizeImageRef,
@@ -173,7 +174,7 @@ export class ConfigError extends Error {}
 /** http://cp:8080/ → ws://cp:8080/agent/v1/connect */
 export function connectUrl(base: string): string {
   const url = new URL(base.replace(/^http/, "ws"));
-  url.pathname = `${url.pathname.replace(/\/+$/, "")}/agent/v1/connect`;
+  url.pathname = `${url.pathname.replace(/\/+$/, "")}${AGENT_PATH}`;
   return url.toString();
 }
 

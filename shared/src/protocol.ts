@@ -6,6 +6,8 @@ import { ImageInfo } from "./images.ts";
 import { ForkTargetState, Hypervisor, InstanceState, VolumeMount } from "./schemas.ts";
 
 export const PROTOCOL_VERSION = 1 as const;
+/** Where agents dial in, under the control plane's base URL. */
+export const AGENT_PATH = "/agent/v1/connect";
 const V = z.literal(PROTOCOL_VERSION);
 
 /** WebSocket close codes the control plane uses towards agents. */

@@ -182,6 +182,9 @@ export function driveFork(
 }
 
 /** Flows left pending by a previous process (or a failed request): drive them to the end. */
+/** The flows this process is driving now (a Worker's cron must wait for them). */
+export const drivingFlows = (): Promise<unknown>[] => [...driving.values()];
+
 export async function resumeForks(s: Services): Promise<number> {
   const pending = await s.db
     .select({ id: operations.id })

@@ -4,7 +4,7 @@
 // target gets its own overlay on the same base. Bases are removed only when no disk's backing
 // chain mentions them (gcBases).
 import { randomBytes } from "node:crypto";
-import { chmod, mkdir, readdir, rename, rm, stat } from "node:fs/promises";
+import { chmod, link, mkdir, readdir, rename, rm, stat } from "node:fs/promises";
 import path from "node:path";
 import { execa } from "execa";
 import type { AgentPaths } from "../../paths.ts";
@@ -74,6 +74,12 @@ export async function backingChain(tools: DiskTools, file: string): Promise<stri
 /**
  * Moves the instance's disk (which no running QEMU may hold) into the bases dir, read-only, and
  * puts a new overlay on it in its place. Returns the base. Undo with `unfreezeDisk`.
+ *
+ * Crash-safe: `disk` names a whole disk at every instant, so an agent killed here (recovery does
+ * not know the base's name, so it cannot put things back) leaves the instance usable. Hence a
+ * hard link rather than a move, the overlay made beside the disk and renamed over it, and the
+ * chmod last (before the rename the base is still the disk's inode). A crash before the rename
+ * leaves only an extra name for the disk in the bases dir, which no chain uses (gcBases).
  */
 export async function freezeDisk(
   tools: DiskTools,
@@ -83,20 +89,23 @@ export async function freezeDisk(
 ): Promise<string> {
   await mkdir(paths.basesDir, { recursive: true });
   const base = paths.baseFile(randomBytes(8).toString("hex"));
-  await rename(disk, base);
+  const next = `${disk}.next`;
+  await link(disk, base);
   try {
-    await chmod(base, 0o444);
-    await createOverlay(tools, disk, base, bytes);
+    await createOverlay(tools, next, base, bytes);
+    await rename(next, disk);
   } catch (e) {
-    await rename(base, disk);
+    await rm(next, { force: true });
+    await rm(base, { force: true });
     throw e;
   }
+  await chmod(base, 0o444);
   return base;
 }
 
-/** Reverses freezeDisk while nothing else uses the base: the overlay goes, the base returns. */
+/** Reverses freezeDisk while nothing else uses the base: the base returns over the overlay
+ * (one rename, so a crash leaves either of the two whole disks). */
 export async function unfreezeDisk(disk: string, base: string): Promise<void> {
-  await rm(disk, { force: true });
   await chmod(base, 0o644);
   await rename(base, disk);
 }

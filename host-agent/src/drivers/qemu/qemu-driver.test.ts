@@ -1,9 +1,10 @@
 // The QEMU driver against real guests (QEMU 7.2 TCG, microvm). Four launches from a cold boot or a
 // snapshot: create, restore, fork → Running, and a guest whose program exits.
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from "node:fs";
-import { mkdir } from "node:fs/promises";
+import { mkdir, writeFile } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
+import { setTimeout as sleep } from "node:timers/promises";
 import type { InstanceSpec, ObservedInstance } from "@offshoot/shared";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { ensureTestImage, TEST_IMAGE } from "../../../../scripts/oci-image.ts";
@@ -13,7 +14,7 @@ import { type AgentPaths, agentPaths } from "../../paths.ts";
 import type { OpContext } from "../driver.ts";
 import { guestMac } from "./control.ts";
 import { backingChain, createInstanceDisk } from "./disks.ts";
-import { killProcess } from "./launch.ts";
+import { killProcess, launchQemu } from "./launch.ts";
 import { exitMessage, guestConfig, guestHostname, QemuDriver } from "./qemu-driver.ts";
 import { counts } from "./serial.ts";
 import { QemuStore } from "./store.ts";
@@ -350,8 +351,15 @@ describe("QemuDriver", () => {
 
     // A program that ignores SIGTERM is given stopTimeoutMs, then QEMU is quit.
     await driver.start(
-      { instance_id: "exiter", cmd: ["sh", "-c", 'trap "" TERM; while :; do sleep 1; done'] },
+      {
+        instance_id: "exiter",
+        cmd: ["sh", "-c", 'trap "" TERM; echo TRAP-SET; while :; do sleep 1; done'],
+      },
       ctx(),
+    );
+    // Running means started, not that the program has set its trap yet.
+    await until("the trap", 15_000, () =>
+      readFileSync(paths.qemu.serialLog("exiter"), "utf8").includes("TRAP-SET") ? true : undefined,
     );
     const pid = Number(readPid("exiter"));
     const stopStarted = Date.now();
@@ -442,6 +450,52 @@ describe("QemuDriver without booting", () => {
     expect(await driver.get("taken")).toMatchObject({ state: "Stopped" });
     await driver.delete("solo", ctx());
     await driver.delete("taken", ctx());
+  });
+
+  it("rolls back a restore killed before its QEMU was recorded: that QEMU goes, Standby stays", async () => {
+    const driver = newDriver();
+    await stoppedInstance("unrec");
+    const store = new QemuStore(paths.qemu);
+    const read = await store.read("unrec");
+    if (read.kind !== "ok") throw new Error("seed failed");
+    // A Standby snapshot (its contents do not matter: it is never loaded here)…
+    await writeFile(paths.qemu.devStateFile("unrec"), "device state");
+    await store.write({
+      ...read.record,
+      observed: { id: "unrec", state: "Standby", has_snapshot: true },
+    });
+    // …and the QEMU an agent killed mid-restore left waiting for it: no pid file, no pid on
+    // record. Nothing boots: -S with an incoming migration that never starts.
+    const vm = await launchQemu({
+      qemu: assets.qemu,
+      kernel: assets.kernelElf,
+      initramfs: assets.initramfs,
+      accel: "tcg",
+      memoryMiB: 256,
+      vcpus: 1,
+      memFile: paths.qemu.memFile("unrec"),
+      qmpSocket: paths.qemu.qmpSocket("unrec"),
+      ctlSocket: paths.qemu.ctlSocket("unrec"),
+      serialLog: paths.qemu.serialLog("unrec"),
+      qemuLog: paths.qemu.qemuLog("unrec"),
+      extraArgs: ["-S", "-incoming", "defer"],
+    });
+    await vm.qmp.close(); // QMP serves one client at a time: the driver's turn
+    try {
+      const observed = await driver.rollback(
+        { kind: "restore", instance_id: "unrec" },
+        { commandId: "cmd-killed", steps: [] },
+      );
+      expect(observed).toEqual([
+        expect.objectContaining({ id: "unrec", state: "Standby", has_snapshot: true }),
+      ]);
+      const gone = await Promise.race([vm.exited, sleep(5_000, "still running" as const)]);
+      expect(gone).toMatchObject({ signal: "SIGKILL" });
+      expect(existsSync(paths.qemu.devStateFile("unrec"))).toBe(true);
+    } finally {
+      killProcess(vm.pid);
+    }
+    await driver.delete("unrec", ctx());
   });
 
   it("reports a recorded Running guest whose QEMU is gone as Stopped, with a reason", async () => {

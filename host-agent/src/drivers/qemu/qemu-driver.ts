@@ -15,7 +15,7 @@
 // shared blank template, then on frozen bases after forks) and a config disk /init reads at boot
 // (guestConfig). /init mounts the first two as overlayfs and runs the program there.
 import { createHash, randomBytes } from "node:crypto";
-import { readFileSync } from "node:fs";
+import { readdirSync, readFileSync } from "node:fs";
 import { chmod, copyFile, mkdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
 import { constants as osConstants } from "node:os";
 import { setTimeout as sleep } from "node:timers/promises";
@@ -891,6 +891,7 @@ export class QemuDriver implements Driver {
     } catch (e) {
       if (!isMissing(e)) throw e;
     }
+    for (const pid of qemuPidsFor(this.paths.qmpSocket(id))) pids.add(pid);
     for (const pid of pids) await this.kill(id, pid);
     await this.closeQmp(id);
     await this.store.remove(id);
@@ -909,21 +910,27 @@ export class QemuDriver implements Driver {
         if (!isMissing(e)) throw e;
       }
     }
-    const alive = pid !== null && isOurQemu(pid, this.paths.qmpSocket(id));
-    if (alive && pid !== null) {
-      // An interrupted standby paused it, or an interrupted restore had not continued it yet.
+    const sock = this.paths.qmpSocket(id);
+    // A guest launched by an agent killed before it recorded the pid: found by its socket.
+    if (pid === null || !isOurQemu(pid, sock)) pid = qemuPidsFor(sock)[0] ?? null;
+    if (pid !== null) {
       const qmp = await this.qmp(id);
-      const status = await qmp.execute<{ status: string }>("query-status");
-      if (status.status === "paused" || status.status === "postmigrate") {
-        await qmp.execute("cont");
+      const { status } = await qmp.execute<{ status: string }>("query-status");
+      if (status === "inmigrate") {
+        // An interrupted restore that never loaded its device state: the guest has not run, so
+        // the snapshot on disk is intact. Kept, this QEMU would be a Running guest that never runs.
+        await this.kill(id, pid);
+      } else {
+        // An interrupted standby paused it, or an interrupted restore had not continued it yet.
+        if (status === "paused" || status === "postmigrate") await qmp.execute("cont");
+        await rm(this.paths.devStateFile(id), { force: true });
+        await this.store.write({
+          ...rec,
+          pid,
+          observed: running(id, rec.observed.started_at ?? now()),
+        });
+        return;
       }
-      await rm(this.paths.devStateFile(id), { force: true });
-      await this.store.write({
-        ...rec,
-        pid,
-        observed: running(id, rec.observed.started_at ?? now()),
-      });
-      return;
     }
     // A freeze-memory step cut short after its record was written: finish moving the file.
     if (
@@ -1179,6 +1186,26 @@ function isOurQemu(pid: number, qmpSocket: string): boolean {
     if (isMissing(e) || (e as NodeJS.ErrnoException).code === "ESRCH") return false;
     throw e;
   }
+}
+
+/**
+ * Every live QEMU serving this instance, found by the QMP socket on its command line. launchQemu
+ * spawns QEMU, connects QMP, and only then can the caller write the pid file; an agent killed in
+ * between leaves a guest neither the record nor the pid file names, which recovery must still
+ * find (to discard it, or to re-adopt it).
+ */
+function qemuPidsFor(qmpSocket: string): number[] {
+  const pids: number[] = [];
+  for (const name of readdirSync("/proc")) {
+    if (!/^\d+$/.test(name)) continue;
+    const pid = Number(name);
+    try {
+      if (pid !== process.pid && isOurQemu(pid, qmpSocket)) pids.push(pid);
+    } catch {
+      // A process we may not inspect is not one of our guests.
+    }
+  }
+  return pids;
 }
 
 /** Synchronous on purpose: /proc reads do not block, and callers poll in tight loops. */

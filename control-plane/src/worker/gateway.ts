@@ -1,0 +1,90 @@
+// HostGateway on Workers: a host's agent is held by its HostSession Durable Object (one per
+// host, named by the host id). A command goes to the object, which sends it on the agent's
+// socket and answers once the agent's result is recorded, so the waiting request wakes at once
+// (without that answer — an evicted object, a timeout — the request finds the result in
+// Postgres on its next poll).
+import type { Command } from "@offshoot/shared";
+import type { HostGateway, LogQuery, LogSink } from "../gateway/host-gateway.ts";
+import type { Log } from "../log.ts";
+import { topics } from "../services/context.ts";
+import type { Signals } from "../services/signals.ts";
+import type { Bindings, ExecutionContext } from "./types.ts";
+
+export const SESSION_URL = "https://host-session";
+
+export function sessionStub(bindings: Bindings, hostId: string) {
+  return bindings.HOST_SESSION.get(bindings.HOST_SESSION.idFromName(hostId));
+}
+
+export class WorkersGateway implements HostGateway {
+  constructor(
+    private bindings: Bindings,
+    private ctx: Pick<ExecutionContext, "waitUntil">,
+    private signals: Signals,
+    private log: Log,
+  ) {}
+
+  send(hostId: string, command: Command): boolean {
+    const delivered = sessionStub(this.bindings, hostId)
+      .fetch(`${SESSION_URL}/command`, { method: "POST", body: JSON.stringify(command) })
+      .then(async (res) => {
+        if ((await res.text()) === "done") this.signals.notify(topics.operation(command.id));
+      })
+      .catch((e: unknown) =>
+        this.log("warn", "command not handed to the host session", {
+          op: command.id,
+          error: String(e),
+        }),
+      );
+    this.ctx.waitUntil(delivered);
+    return true;
+  }
+
+  async openLogs(
+    hostId: string,
+    query: LogQuery,
+    sink: LogSink,
+  ): Promise<(() => void) | undefined> {
+    const res = await sessionStub(this.bindings, hostId).fetch(`${SESSION_URL}/logs`, {
+      method: "POST",
+      body: JSON.stringify(query),
+    });
+    if (res.status !== 200 || !res.body) return undefined;
+    // One JSON object per line: {lines} … then {done, error?}.
+    const reader = (res.body as unknown as ReadableStream<Uint8Array>)
+      .pipeThrough(new TextDecoderStream())
+      .getReader();
+    let ended = false;
+    const end = (error?: { code: string; message: string }) => {
+      if (ended) return;
+      ended = true;
+      sink.end(error);
+    };
+    const pump = async () => {
+      let buf = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buf += value;
+        for (let nl = buf.indexOf("\n"); nl >= 0; nl = buf.indexOf("\n")) {
+          const msg = JSON.parse(buf.slice(0, nl)) as {
+            lines?: string[];
+            done?: boolean;
+            error?: { code: string; message: string };
+          };
+          buf = buf.slice(nl + 1);
+          if (msg.lines?.length) sink.lines(msg.lines);
+          if (msg.done) return end(msg.error);
+        }
+      }
+      end();
+    };
+    this.ctx.waitUntil(
+      pump().catch((e: unknown) => end({ code: "host_unavailable", message: String(e) })),
+    );
+    return () => {
+      void reader.cancel().catch(() => {});
+      end();
+    };
+  }
+}

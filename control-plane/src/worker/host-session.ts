@@ -1,0 +1,225 @@
+// One Durable Object per host: it holds the agent's WebSocket with the Hibernation API
+// (ctx.acceptWebSocket), so an idle object can be evicted while the agent stays connected; the
+// socket's attachment (host, connection time, whether hello arrived) is all the state that must
+// survive that. Each agent message runs the same service functions as the Node gateway, with
+// its own database client. A command in flight when the object is evicted is not lost: it is
+// recorded in Postgres, the agent's result wakes the object again and is recorded then, and the
+// agent's next hello re-sends anything still pending.
+import {
+  AgentMessage,
+  CLOSE,
+  type Command,
+  encode,
+  type LogChunk,
+  PROTOCOL_VERSION,
+} from "@offshoot/shared";
+import { transaction } from "../db/client.ts";
+import type { HostGateway } from "../gateway/host-gateway.ts";
+import type { Services } from "../services/context.ts";
+import { hostConnected, hostDisconnected, recordHeartbeats } from "../services/hosts.ts";
+import { applyObserved } from "../services/operations.ts";
+import { servicesFor } from "./scope.ts";
+import {
+  type Bindings,
+  type CfWebSocket,
+  type DurableObjectState,
+  upgraded,
+  WebSocketPair,
+} from "./types.ts";
+
+interface Attachment {
+  host: { id: string; name: string };
+  connectedAt: string;
+  hello: boolean;
+}
+
+/** How long a /command request waits for the agent's result before answering "sent". */
+const COMMAND_WAIT_MS = 30_000;
+
+export class HostSession {
+  /** Agent messages are handled one at a time, in order (hello's reconciliation first). */
+  private chain: Promise<void> = Promise.resolve();
+  /** Requests waiting for a result, by command id (in memory: gone with an eviction). */
+  private waiting = new Map<string, () => void>();
+  /** Open log streams, by stream id. */
+  private logs = new Map<string, WritableStreamDefaultWriter<Uint8Array>>();
+
+  constructor(
+    private state: DurableObjectState,
+    private bindings: Bindings,
+  ) {}
+
+  async fetch(req: Request): Promise<Response> {
+    const path = new URL(req.url).pathname;
+    if (path === "/connect") return this.connect(req);
+    if (path === "/command") return this.command((await req.json()) as Command);
+    if (path === "/logs") return this.openLogs((await req.json()) as Record<string, unknown>);
+    return new Response("not found", { status: 404 });
+  }
+
+  private connect(req: Request): Response {
+    const host = JSON.parse(req.headers.get("x-offshoot-host") ?? "null") as Attachment["host"];
+    if (!host?.id) return new Response("no host", { status: 400 });
+    for (const old of this.state.getWebSockets()) {
+      old.close(CLOSE.replaced, "replaced by a newer connection");
+    }
+    const pair = new WebSocketPair();
+    this.state.acceptWebSocket(pair[1]);
+    const attachment: Attachment = { host, connectedAt: new Date().toISOString(), hello: false };
+    pair[1].serializeAttachment(attachment);
+    return upgraded(pair[0]);
+  }
+
+  /** The agent's socket once it has said hello. */
+  private agent(): CfWebSocket | undefined {
+    return this.state
+      .getWebSockets()
+      .find((ws) => (ws.deserializeAttachment() as Attachment | null)?.hello);
+  }
+
+  private async command(command: Command): Promise<Response> {
+    const ws = this.agent();
+    // Not connected: the command stays pending in Postgres and goes out on the next hello.
+    if (!ws) return new Response("queued");
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const done = new Promise<boolean>((resolve) => {
+      this.waiting.set(command.id, () => resolve(true));
+      timer = setTimeout(() => resolve(false), COMMAND_WAIT_MS);
+    });
+    ws.send(encode(command));
+    const ok = await done;
+    clearTimeout(timer);
+    this.waiting.delete(command.id);
+    return new Response(ok ? "done" : "sent");
+  }
+
+  private openLogs(query: Record<string, unknown>): Response {
+    const ws = this.agent();
+    if (!ws) return new Response("host not connected", { status: 503 });
+    const streamId = crypto.randomUUID();
+    const { readable, writable } = new TransformStream<Uint8Array, Uint8Array>();
+    const writer = writable.getWriter();
+    this.logs.set(streamId, writer);
+    // A client that goes away cancels the stream on the agent too.
+    writer.closed.catch(() => {
+      if (this.logs.delete(streamId)) {
+        this.agent()?.send(
+          encode({ v: PROTOCOL_VERSION, type: "logs_cancel", stream_id: streamId }),
+        );
+      }
+    });
+    ws.send(encode({ v: PROTOCOL_VERSION, type: "logs", stream_id: streamId, ...query } as never));
+    return new Response(readable as unknown as ReadableStream, {
+      headers: { "content-type": "application/x-ndjson" },
+    });
+  }
+
+  private onLog(chunk: LogChunk): void {
+    const writer = this.logs.get(chunk.stream_id);
+    if (!writer) return;
+    const line = (o: unknown) => new TextEncoder().encode(`${JSON.stringify(o)}\n`);
+    if (chunk.lines.length > 0) void writer.write(line({ lines: chunk.lines })).catch(() => {});
+    if (chunk.done) {
+      this.logs.delete(chunk.stream_id);
+      void writer
+        .write(line({ done: true, ...(chunk.error && { error: chunk.error }) }))
+        .then(() => writer.close())
+        .catch(() => {});
+    }
+  }
+
+  /** Services whose gateway writes straight to this host's socket (hello's re-sends). */
+  private services(ws: CfWebSocket): Services {
+    const direct = (): HostGateway => ({
+      send: (_hostId, command) => {
+        ws.send(encode(command));
+        return true;
+      },
+      openLogs: async () => undefined,
+    });
+    return servicesFor(this.bindings, direct, "host-session");
+  }
+
+  webSocketMessage(ws: CfWebSocket, message: string | ArrayBuffer): Promise<void> {
+    const text = typeof message === "string" ? message : new TextDecoder().decode(message);
+    this.chain = this.chain
+      .then(() => this.handle(ws, text))
+      .catch((e: unknown) => {
+        // As on Node: a message that could not be recorded forces a reconnect and a hello.
+        console.error(JSON.stringify({ msg: "agent message failed", error: String(e) }));
+        ws.close(CLOSE.resync, "message could not be recorded; reconnect");
+      });
+    return this.chain;
+  }
+
+  private async handle(ws: CfWebSocket, text: string): Promise<void> {
+    const attachment = ws.deserializeAttachment() as Attachment | null;
+    if (!attachment) return;
+    let raw: unknown;
+    try {
+      raw = JSON.parse(text);
+    } catch {
+      ws.close(CLOSE.badProtocol, "not JSON");
+      return;
+    }
+    const parsed = AgentMessage.safeParse(raw);
+    if (!parsed.success) {
+      const v = (raw as { v?: unknown } | null)?.v;
+      if (v !== PROTOCOL_VERSION)
+        ws.close(CLOSE.badProtocol, `protocol version ${String(v)} not supported`);
+      return;
+    }
+    const msg = parsed.data;
+    const hostId = attachment.host.id;
+    if (msg.type !== "hello" && !attachment.hello) {
+      ws.close(CLOSE.badProtocol, "hello first");
+      return;
+    }
+    if (msg.type === "log") {
+      this.onLog(msg);
+      return;
+    }
+    const s = this.services(ws);
+    switch (msg.type) {
+      case "hello":
+        ws.serializeAttachment({ ...attachment, hello: true } satisfies Attachment);
+        ws.send(
+          encode({
+            v: PROTOCOL_VERSION,
+            type: "welcome",
+            host_id: hostId,
+            heartbeat_ms: s.env.HEARTBEAT_MS,
+          }),
+        );
+        await hostConnected(s, hostId, msg, new Date(attachment.connectedAt));
+        return;
+      case "heartbeat": {
+        const offline = await recordHeartbeats(s, [hostId]);
+        if (offline.length > 0) ws.close(CLOSE.resync, "host was marked offline");
+        return;
+      }
+      case "result":
+        await s.ops.complete(hostId, msg);
+        this.waiting.get(msg.command_id)?.();
+        return;
+      case "event": {
+        await transaction(s.db, (tx) => applyObserved(tx, hostId, [msg.instance], "host.event"));
+        return;
+      }
+    }
+  }
+
+  async webSocketClose(ws: CfWebSocket): Promise<void> {
+    const attachment = ws.deserializeAttachment() as Attachment | null;
+    for (const writer of this.logs.values()) {
+      void writer.abort("the host disconnected").catch(() => {});
+    }
+    this.logs.clear();
+    if (!attachment) return;
+    await hostDisconnected(this.services(ws), attachment.host.id, new Date(attachment.connectedAt));
+  }
+
+  async webSocketError(ws: CfWebSocket): Promise<void> {
+    await this.webSocketClose(ws);
+  }
+}

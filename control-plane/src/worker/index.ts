@@ -1,0 +1,55 @@
+// The control plane on Cloudflare Workers: the same Hono app, routes and services as on Node
+// (server.ts). What differs: services are made per request (scope.ts), agents connect to their
+// host's HostSession Durable Object (host-session.ts), commands reach it through
+// WorkersGateway, and the background loops (silent hosts, fork flows left pending) run on the
+// cron trigger. Migrations are applied from Node beforehand (`npm run db:migrate`).
+import { AGENT_PATH } from "@offshoot/shared";
+import type { Context } from "hono";
+import { createApp } from "../app.ts";
+import type { AppEnv } from "../routes/common.ts";
+import { Credentials } from "../services/credentials.ts";
+import { sweepSilentHosts } from "../services/hosts.ts";
+import { drivingFlows, resumeForks } from "../services/instances/fork.ts";
+import { SESSION_URL, sessionStub, WorkersGateway } from "./gateway.ts";
+import { servicesFor } from "./scope.ts";
+import type { Bindings, ExecutionContext } from "./types.ts";
+
+export { HostSession } from "./host-session.ts";
+
+type WorkerContext = Context<AppEnv & { Bindings: Bindings }>;
+
+const scoped = (bindings: Bindings, ctx: Pick<ExecutionContext, "waitUntil">) =>
+  servicesFor(bindings, (signals, log) => new WorkersGateway(bindings, ctx, signals, log));
+
+const app = createApp({
+  services: (c) => {
+    const wc = c as unknown as WorkerContext;
+    return scoped(wc.env, wc.executionCtx);
+  },
+  credentials: (c) => new Credentials(c.var.services.db, 0),
+  mountAgentEndpoint: (router) => {
+    router.get(AGENT_PATH, async (c) => {
+      const m = /^Bearer\s+(\S+)$/i.exec(c.req.header("authorization") ?? "");
+      const host = m?.[1] ? await new Credentials(c.var.services.db).hostForToken(m[1]) : undefined;
+      if (!host) return c.json({ code: "unauthorized", message: "invalid host token" }, 401);
+      if (c.req.header("upgrade")?.toLowerCase() !== "websocket") {
+        return c.json({ code: "invalid_request", message: "expected a WebSocket upgrade" }, 400);
+      }
+      const forward = new Request(`${SESSION_URL}/connect`, c.req.raw);
+      forward.headers.set("x-offshoot-host", JSON.stringify(host));
+      const bindings = (c as unknown as WorkerContext).env;
+      return sessionStub(bindings, host.id).fetch(forward as never) as unknown as Response;
+    });
+  },
+});
+
+export default {
+  fetch: (req: Request, env: Bindings, ctx: ExecutionContext) => app.fetch(req, env, ctx as never),
+  /** Cron: hosts gone silent → Unknown; fork flows whose request died are driven on. */
+  async scheduled(_event: unknown, env: Bindings, ctx: ExecutionContext) {
+    const s = scoped(env, ctx);
+    await sweepSilentHosts(s);
+    await resumeForks(s);
+    ctx.waitUntil(Promise.allSettled(drivingFlows()));
+  },
+};
