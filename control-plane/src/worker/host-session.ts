@@ -18,7 +18,7 @@ import type { HostGateway } from "../gateway/host-gateway.ts";
 import type { Services } from "../services/context.ts";
 import { hostConnected, hostDisconnected, recordHeartbeats } from "../services/hosts.ts";
 import { applyObserved } from "../services/operations.ts";
-import { servicesFor } from "./scope.ts";
+import { servicesFor, workerLog } from "./scope.ts";
 import {
   type Bindings,
   type CfWebSocket,
@@ -36,6 +36,8 @@ interface Attachment {
 /** How long a /command request waits for the agent's result before answering "sent". */
 const COMMAND_WAIT_MS = 30_000;
 
+const log = workerLog("host-session");
+
 export class HostSession {
   /** Agent messages are handled one at a time, in order (hello's reconciliation first). */
   private chain: Promise<void> = Promise.resolve();
@@ -44,16 +46,28 @@ export class HostSession {
   /** Open log streams, by stream id. */
   private logs = new Map<string, WritableStreamDefaultWriter<Uint8Array>>();
 
+  /** This instance of the object: a new one after every eviction (hibernation). */
+  private readonly incarnation = crypto.randomUUID();
+
   constructor(
     private state: DurableObjectState,
     private bindings: Bindings,
-  ) {}
+  ) {
+    log("info", "host session loaded", {
+      incarnation: this.incarnation,
+      sockets: state.getWebSockets().length,
+    });
+  }
 
   async fetch(req: Request): Promise<Response> {
     const path = new URL(req.url).pathname;
     if (path === "/connect") return this.connect(req);
     if (path === "/command") return this.command((await req.json()) as Command);
     if (path === "/logs") return this.openLogs((await req.json()) as Record<string, unknown>);
+    if (path === "/__evict" && this.bindings.SESSION_TEST_EVICT === "1") {
+      // What the runtime does to an idle object, on demand: the next event gets a new instance.
+      this.state.abort("evicted for a test");
+    }
     return new Response("not found", { status: 404 });
   }
 
@@ -84,7 +98,10 @@ export class HostSession {
     let timer: ReturnType<typeof setTimeout> | undefined;
     const done = new Promise<boolean>((resolve) => {
       this.waiting.set(command.id, () => resolve(true));
-      timer = setTimeout(() => resolve(false), COMMAND_WAIT_MS);
+      timer = setTimeout(
+        () => resolve(false),
+        Number(this.bindings.SESSION_WAIT_MS ?? COMMAND_WAIT_MS),
+      );
     });
     ws.send(encode(command));
     const ok = await done;
@@ -146,7 +163,7 @@ export class HostSession {
       .then(() => this.handle(ws, text))
       .catch((e: unknown) => {
         // As on Node: a message that could not be recorded forces a reconnect and a hello.
-        console.error(JSON.stringify({ msg: "agent message failed", error: String(e) }));
+        log("error", "agent message failed; asking the agent to reconnect", { error: String(e) });
         ws.close(CLOSE.resync, "message could not be recorded; reconnect");
       });
     return this.chain;
@@ -200,6 +217,11 @@ export class HostSession {
       }
       case "result":
         await s.ops.complete(hostId, msg);
+        log("info", "result recorded", {
+          incarnation: this.incarnation,
+          command_id: msg.command_id,
+          waiting: this.waiting.has(msg.command_id),
+        });
         this.waiting.get(msg.command_id)?.();
         return;
       case "event": {

@@ -44,7 +44,19 @@ const app = createApp({
 });
 
 export default {
-  fetch: (req: Request, env: Bindings, ctx: ExecutionContext) => app.fetch(req, env, ctx as never),
+  fetch: (req: Request, env: Bindings, ctx: ExecutionContext) => {
+    // Tests only (SESSION_TEST_EVICT=1): drop a host's HostSession from memory.
+    const evict = /^\/__test\/evict\/([^/]+)$/.exec(new URL(req.url).pathname);
+    if (evict?.[1] && env.SESSION_TEST_EVICT === "1") {
+      return sessionStub(env, evict[1])
+        .fetch(`${SESSION_URL}/__evict`, { method: "POST" })
+        .then(
+          (r) => new Response(null, { status: r.status }),
+          () => new Response(null, { status: 202 }),
+        );
+    }
+    return app.fetch(req, env, ctx as never);
+  },
   /** Cron: hosts gone silent → Unknown; fork flows whose request died are driven on. */
   async scheduled(_event: unknown, env: Bindings, ctx: ExecutionContext) {
     const s = scoped(env, ctx);
