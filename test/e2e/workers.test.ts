@@ -1,7 +1,3 @@
-import { type ChildProcess, spawn } from "node:child_process";
-import { mkdtempSync, rmSync } from "node:fs";
-import os from "node:os";
-import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import {
   type AgentProcess,
@@ -16,96 +12,12 @@ import {
   testDatabase,
   waitFor,
 } from "../harness.ts";
+import { type Wrangler, wranglerDev } from "../wrangler.ts";
 import { clientScenario } from "./scenarios.ts";
 
 // The Workers deployment, run locally: `wrangler dev` (workerd) with the Hyperdrive binding
 // pointed at the test's Postgres database, a real sim agent connecting to its HostSession
 // Durable Object over a WebSocket, and the official client's whole scenario.
-
-const WRANGLER = path.join(REPO_ROOT, "node_modules", ".bin", "wrangler");
-
-interface Wrangler {
-  url: string;
-  output(): string;
-  stop(): Promise<void>;
-}
-
-async function wranglerDev(
-  databaseUrl: string,
-  vars: Record<string, string> = {},
-): Promise<Wrangler> {
-  // Hyperdrive insists on a password in the URL; the test server trusts local connections, so
-  // any will do.
-  const withPassword = new URL(databaseUrl);
-  if (!withPassword.password) withPassword.password = "local";
-  const port = await freePort();
-  const inspector = await freePort();
-  // Durable Object storage of this run only.
-  const persist = mkdtempSync(path.join(os.tmpdir(), "offshoot-wrangler-"));
-  let out = "";
-  const child: ChildProcess = spawn(
-    WRANGLER,
-    [
-      "dev",
-      "--ip",
-      "127.0.0.1",
-      "--port",
-      String(port),
-      "--inspector-port",
-      String(inspector),
-      ...Object.entries({
-        HEARTBEAT_MS: "200",
-        HOST_GRACE_MS: "3000",
-        COMMAND_TIMEOUT_MS: "30000",
-        ...vars,
-      }).flatMap(([k, v]) => ["--var", `${k}:${v}`]),
-      "--persist-to",
-      persist,
-    ],
-    {
-      cwd: REPO_ROOT,
-      env: {
-        ...process.env,
-        WRANGLER_SEND_METRICS: "false",
-        CLOUDFLARE_CF_FETCH_ENABLED: "false",
-        CLOUDFLARE_HYPERDRIVE_LOCAL_CONNECTION_STRING_HYPERDRIVE: withPassword.toString(),
-        NO_COLOR: "1",
-      },
-      stdio: ["ignore", "pipe", "pipe"],
-      detached: true,
-    },
-  );
-  child.stdout?.on("data", (d: Buffer) => {
-    out += d.toString();
-  });
-  child.stderr?.on("data", (d: Buffer) => {
-    out += d.toString();
-  });
-  const url = `http://127.0.0.1:${port}`;
-  await waitFor(
-    async () => {
-      if (child.exitCode !== null) throw new Error(`wrangler dev exited:\n${out}`);
-      return fetch(`${url}/health`).then(
-        (r) => r.ok,
-        () => false,
-      );
-    },
-    { timeoutMs: 60_000, what: `wrangler dev to answer on ${url}` },
-  );
-  return {
-    url,
-    output: () => out,
-    stop: async () => {
-      if (child.exitCode !== null || !child.pid) return;
-      const exited = new Promise((r) => child.once("exit", r));
-      process.kill(-child.pid, "SIGTERM");
-      const timer = setTimeout(() => child.pid && process.kill(-child.pid, "SIGKILL"), 5_000);
-      await exited;
-      clearTimeout(timer);
-      rmSync(persist, { recursive: true, force: true });
-    },
-  };
-}
 
 describe("Cloudflare Workers deployment (wrangler dev)", { timeout: 120_000 }, () => {
   let database: TestDatabase;

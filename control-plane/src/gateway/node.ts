@@ -1,8 +1,8 @@
 import { randomUUID } from "node:crypto";
-import { CLOSE, type Command, type LogChunk, PROTOCOL_VERSION } from "@offshoot/shared";
+import { CLOSE, type Command, encode, type LogChunk, PROTOCOL_VERSION } from "@offshoot/shared";
 import { eq } from "drizzle-orm";
 import { hosts } from "../db/schema/index.ts";
-import { type Bus, type BusMessage, chunkLines } from "../services/bus.ts";
+import { type Bus, type BusMessage, chunkLines, MAX_PAYLOAD } from "../services/bus.ts";
 import type { Services } from "../services/context.ts";
 import { hostDisconnected, recordHeartbeats } from "../services/hosts.ts";
 import { commandOf } from "../services/operations.ts";
@@ -48,7 +48,13 @@ export class NodeGateway implements HostGateway {
       session.send(command);
       return true;
     }
-    this.bus?.publish({ t: "command", host: hostId, op: command.id });
+    const text = encode(command);
+    this.bus?.publish({
+      t: "command",
+      host: hostId,
+      op: command.id,
+      ...(text.length < MAX_PAYLOAD - 500 && { command: text }),
+    });
     return false;
   }
 
@@ -125,7 +131,12 @@ export class NodeGateway implements HostGateway {
       case "command": {
         const session = this.sessions.get(msg.host);
         if (!session?.ready) return;
-        // The table is the record: send what it says is still pending, as a hello would.
+        // Sending a command twice is harmless (the agent's journal answers the second time).
+        if (msg.command) {
+          session.sendText(msg.command);
+          return;
+        }
+        // Too large to travel: the table is the record; send what it says is still pending.
         this.s.ops
           .get(msg.op)
           .then((op) => {

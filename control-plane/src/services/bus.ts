@@ -23,7 +23,13 @@ const LogQueryMsg = z.object({
 
 export const BusMessage = z.discriminatedUnion("t", [
   z.object({ t: z.literal("signal"), topic: z.string() }),
-  z.object({ t: z.literal("command"), host: z.string(), op: z.string() }),
+  z.object({
+    t: z.literal("command"),
+    host: z.string(),
+    op: z.string(),
+    /** The command itself when it fits in a NOTIFY; else the holder reads it from the table. */
+    command: z.string().optional(),
+  }),
   z.object({
     t: z.literal("logs_open"),
     host: z.string(),
