@@ -176,7 +176,7 @@ describe("real VMs (QEMU) through the API", { timeout: 120_000 }, () => {
     await client.instances.delete("vm-1-b");
   });
 
-  it("reports the guest program's exit: code and message, as Hypeman words them", async () => {
+  it("reports the guest program's exit: code and message, as Hypeman words them (OOM too)", async () => {
     const cases = [
       { name: "exit-3", cmd: ["sh", "-c", "exit 3"], code: 3, message: "exited with code 3" },
       { name: "exit-127", cmd: ["no-such-program"], code: 127, message: "command not found" },
@@ -185,6 +185,13 @@ describe("real VMs (QEMU) through the API", { timeout: 120_000 }, () => {
         cmd: ["sh", "-c", "kill -9 $$"],
         code: 137,
         message: "killed by signal 9 (SIGKILL)",
+      },
+      {
+        // tail keeps the last line of an endless one in memory: the OOM killer ends it.
+        name: "exit-oom",
+        cmd: ["tail", "/dev/zero"],
+        code: 137,
+        message: "killed by signal 9 (SIGKILL) - OOM",
       },
     ];
     for (const c of cases) {
