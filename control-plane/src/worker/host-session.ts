@@ -146,15 +146,25 @@ export class HostSession {
   }
 
   /** Services whose gateway writes straight to this host's socket (hello's re-sends). */
-  private services(ws: CfWebSocket): Services {
-    const direct = (): HostGateway => ({
-      send: (_hostId, command) => {
-        ws.send(encode(command));
-        return true;
-      },
-      openLogs: async () => undefined,
-    });
-    return servicesFor(this.bindings, direct, "host-session");
+  /** Kept for the life of this instance: an object's events share one I/O context, so one
+   * database client serves them all (a new instance after an eviction makes a new one). */
+  private cached: Services | undefined;
+
+  private services(): Services {
+    this.cached ??= servicesFor(
+      this.bindings,
+      (): HostGateway => ({
+        // hello's re-sends: straight to the agent's socket.
+        send: (_hostId, command) => {
+          const ws = this.agent();
+          ws?.send(encode(command));
+          return ws !== undefined;
+        },
+        openLogs: async () => undefined,
+      }),
+      "host-session",
+    );
+    return this.cached;
   }
 
   webSocketMessage(ws: CfWebSocket, message: string | ArrayBuffer): Promise<void> {
@@ -196,7 +206,7 @@ export class HostSession {
       this.onLog(msg);
       return;
     }
-    const s = this.services(ws);
+    const s = this.services();
     switch (msg.type) {
       case "hello":
         ws.serializeAttachment({ ...attachment, hello: true } satisfies Attachment);
@@ -238,7 +248,7 @@ export class HostSession {
     }
     this.logs.clear();
     if (!attachment) return;
-    await hostDisconnected(this.services(ws), attachment.host.id, new Date(attachment.connectedAt));
+    await hostDisconnected(this.services(), attachment.host.id, new Date(attachment.connectedAt));
   }
 
   async webSocketError(ws: CfWebSocket): Promise<void> {
