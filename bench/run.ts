@@ -1,7 +1,9 @@
-// `npm run bench`: control-plane benchmarks against a real Postgres server, written to
-// BENCHMARKS.md. Not a test: figures are reported, never asserted.
+// `npm run bench`: control-plane benchmarks against a real Postgres server (the sim part), then
+// fork benchmarks with real QEMU guests (the VM part, bench/vm.ts), written to BENCHMARKS.md.
+// BENCH_ONLY=sim or BENCH_ONLY=vm runs one part; the other part's last figures are kept.
+// Not a test: figures are reported, never asserted.
 import { execFileSync } from "node:child_process";
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import os from "node:os";
 import { join } from "node:path";
 import postgres from "postgres";
@@ -14,7 +16,9 @@ import {
 import { loadConfig, type RunningAgent, startAgent } from "../host-agent/src/index.ts";
 import { ensurePostgres } from "../scripts/postgres.ts";
 import { spawnControlPlane } from "../test/harness.ts";
+import { writeBenchPart } from "./results.ts";
 import { fmt, summary } from "./stats.ts";
+import { runVmBench, vmBenchOptionsFromEnv } from "./vm.ts";
 
 const FORKS = Number(process.env.BENCH_FORKS ?? 500);
 const FLEET = Number(process.env.BENCH_AGENTS ?? 1000);
@@ -101,7 +105,7 @@ async function forkLoop(cpUrl: string, key: string, source: string, n: number, p
   return summary(ms);
 }
 
-async function main() {
+async function simBench() {
   const pg = process.env.BENCH_DATABASE_URL ? undefined : await ensurePostgres();
   const serverUrl = process.env.BENCH_DATABASE_URL ?? pg?.url ?? "";
   const root = mkdtempSync(join(os.tmpdir(), "offshoot-bench-"));
@@ -226,23 +230,12 @@ async function main() {
       `- Control-plane RSS ${Math.round(rssBefore / 1024)} MiB before the agents connected, ${Math.round(rssAfter / 1024)} MiB after: ${perConnKb.toFixed(1)} KiB per connection.`,
       "",
     );
-    writeResults(lines.join("\n"));
+    writeBenchPart("sim", lines.join("\n"));
     console.log(lines.join("\n"));
   } finally {
     rmSync(root, { recursive: true, force: true });
     await pg?.stop();
   }
-}
-
-// The measured figures go between these markers; the notes around them are kept as written.
-const START = "<!-- bench:start (written by npm run bench) -->";
-const END = "<!-- bench:end -->";
-function writeResults(results: string) {
-  const file = "BENCHMARKS.md";
-  const old = existsSync(file) ? readFileSync(file, "utf8") : "";
-  const [before, rest] = old.includes(START) ? old.split(START) : ["", ""];
-  const after = rest?.includes(END) ? rest.slice(rest.indexOf(END) + END.length) : "\n";
-  writeFileSync(file, `${before}${START}\n${results}\n${END}${after}`);
 }
 
 async function waitOnline(cpUrl: string, key: string) {
@@ -261,6 +254,21 @@ async function waitOnline(cpUrl: string, key: string) {
     }
   }
   throw new Error("no host came online");
+}
+
+async function main() {
+  const only = process.env.BENCH_ONLY;
+  if (only !== undefined && only !== "sim" && only !== "vm") {
+    throw new Error(`BENCH_ONLY must be "sim" or "vm", not "${only}"`);
+  }
+  if (only !== "vm") await simBench();
+  if (only !== "sim") {
+    const text = await runVmBench(
+      vmBenchOptionsFromEnv(only ? `BENCH_ONLY=${only} npm run bench` : "npm run bench"),
+    );
+    writeBenchPart("vm", text);
+    console.log(text);
+  }
 }
 
 await main();

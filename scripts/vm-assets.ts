@@ -79,6 +79,7 @@ const PACKAGES: ReadonlyArray<readonly [pkg: string, file: string]> = [
   ["busybox-static", BUSYBOX],
   ["lz4", "/usr/bin/lz4"],
   ["cpio", "/usr/bin/cpio"],
+  ["xfsprogs", "/usr/sbin/mkfs.xfs"],
 ];
 
 /** What the guest loads; virtio_pci is for q35/pc guests, the rest for microvm too. */

@@ -1,10 +1,10 @@
 // Helpers for tests that boot real QEMU guests: short temp dirs (the QMP socket must fit in
 // sun_path) and a cleanup that leaves no process or directory behind.
-import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { mkdtempSync, readdirSync, readFileSync, rmSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import type { VmAssets } from "../../../../scripts/vm-assets.ts";
-import { type GuestSpec, killProcess, type LaunchedQemu } from "./launch.ts";
+import { type GuestSpec, killProcess, type LaunchedQemu, processAlive } from "./launch.ts";
 
 export interface GuestDir {
   dir: string;
@@ -53,4 +53,39 @@ export function rssKiB(pid: number): number | undefined {
   }
   const m = /^VmRSS:\s+(\d+) kB/m.exec(status);
   return m?.[1] ? Number(m[1]) : undefined;
+}
+
+/** SIGKILLs every QEMU whose command line names a path under `dir` (a test's or benchmark's own
+ * temp dir, so only guests it started): what a failed run left behind. Returns their pids. */
+export async function killGuestsUnder(dir: string): Promise<number[]> {
+  const killed: number[] = [];
+  for (const name of readdirSync("/proc")) {
+    if (!/^\d+$/.test(name)) continue;
+    let cmdline: string;
+    try {
+      cmdline = readFileSync(`/proc/${name}/cmdline`, "utf8");
+    } catch {
+      continue; // gone meanwhile
+    }
+    const args = cmdline.split("\0");
+    if (!args[0]?.includes("qemu-system") || !args.some((a) => a.includes(dir))) continue;
+    const pid = Number(name);
+    killProcess(pid);
+    killed.push(pid);
+  }
+  // Their files stay open until they are gone (an unmount would find the filesystem busy).
+  const deadline = Date.now() + 5_000;
+  while (killed.some((pid) => processAlive(pid) && !isZombie(pid)) && Date.now() < deadline) {
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  return killed;
+}
+
+function isZombie(pid: number): boolean {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    return stat.slice(stat.lastIndexOf(")") + 2).startsWith("Z");
+  } catch {
+    return true;
+  }
 }

@@ -1,0 +1,639 @@
+// Fork benchmarks with real QEMU guests (TCG): `npm run bench:vm` alone, or as part of
+// `npm run bench` (`BENCH_ONLY=vm npm run bench` for this part only). Figures are reported, never
+// asserted. All times are driver-level wall times (QemuDriver in this process; no control plane,
+// no HTTP — the sim part of the bench measures that layer).
+//
+// (1) fork from Standby: driver.fork(target_state Running) until it resolves with the target
+//     Running, i.e. its guest has applied its identity (hostname, MAC) over the control channel.
+// (2) a plain QEMU restore of the same snapshot, launched by hand on a copy of its files:
+//     launch with `-S -incoming defer`, x-ignore-shared, migrate-incoming `exec:cat`, paused,
+//     `cont` (the driver's resume() without the driver).
+// (3) the source's pause during a from_running fork, as the control plane runs it (standby → fork
+//     with the target Running → restore the source): from the start of standby until the restore
+//     resolved.
+// (4) (1) and (3) again with a naive fork done here, not by the driver: the RAM file copied with
+//     `cp --reflink=never`, the disk flattened with `qemu-img convert` instead of an overlay,
+//     then the same driver restores that copy (identity included).
+// Each on two data dirs side by side: the default one (ext4 here: no reflink, so the driver's
+// `cp --reflink=auto` copies the RAM file) and an XFS made with reflink=1 on a loop device.
+import { execFileSync } from "node:child_process";
+import { mkdtempSync, readFileSync } from "node:fs";
+import { copyFile, mkdir, rm, stat, writeFile } from "node:fs/promises";
+import os from "node:os";
+import path from "node:path";
+import { setTimeout as sleep } from "node:timers/promises";
+import { fileURLToPath } from "node:url";
+import type { InstanceSpec } from "@offshoot/shared";
+import { execa } from "execa";
+import type { OpContext } from "../host-agent/src/drivers/driver.ts";
+import { guestControl } from "../host-agent/src/drivers/qemu/control.ts";
+import { type GuestSpec, killProcess, launchQemu } from "../host-agent/src/drivers/qemu/launch.ts";
+import { guestConfig, QemuDriver, shellQuote } from "../host-agent/src/drivers/qemu/qemu-driver.ts";
+import type { QmpClient } from "../host-agent/src/drivers/qemu/qmp.ts";
+import { counts } from "../host-agent/src/drivers/qemu/serial.ts";
+import { type QemuRecord, QemuStore } from "../host-agent/src/drivers/qemu/store.ts";
+import { killGuestsUnder } from "../host-agent/src/drivers/qemu/testing.ts";
+import { ImageStore } from "../host-agent/src/images/store.ts";
+import { type AgentPaths, agentPaths } from "../host-agent/src/paths.ts";
+import { ensureTestImage, TEST_IMAGE } from "../scripts/oci-image.ts";
+import { ensureVmAssets, type VmAssets } from "../scripts/vm-assets.ts";
+import { mountXfsLoop, type XfsLoop } from "../scripts/xfs-loop.ts";
+import { writeBenchPart } from "./results.ts";
+import { percentile } from "./stats.ts";
+
+const MiB = 1024 * 1024;
+const QEMU_IMG = "/usr/bin/qemu-img";
+
+export interface VmBenchOptions {
+  /** How this run was started, recorded with the figures. */
+  command: string;
+  /** Repetitions per figure (BENCH_VM_REPS, default 5). */
+  reps?: number;
+  /** Guest sizes (default 256 MiB and 1 GiB). */
+  sizesMiB?: readonly number[];
+  /** Share of its RAM each guest writes before it idles (BENCH_VM_FILL, default 0.4), so that a
+   * bigger guest also has more memory to fork; an idle guest touches ~100 MiB whatever its size. */
+  fill?: number;
+  log?: (line: string) => void;
+}
+
+type FsName = "ext4" | "xfs";
+type Mode = "driver" | "naive";
+
+interface DataDir {
+  name: FsName;
+  /** The filesystem type as mounted (findmnt), for the report. */
+  fstype: string;
+  root: string;
+  paths: AgentPaths;
+  store: QemuStore;
+  driver: QemuDriver;
+  /** What the driver's forks did with the RAM file here ("reflink" | "copy"). */
+  copyPath?: string;
+}
+
+/** Samples by data dir, guest size and metric. */
+class Samples {
+  private readonly data = new Map<string, number[]>();
+  add(fs: FsName, mib: number, metric: string, v: number): void {
+    const k = `${fs}|${mib}|${metric}`;
+    const list = this.data.get(k) ?? [];
+    list.push(v);
+    this.data.set(k, list);
+  }
+  get(fs: FsName, mib: number, metric: string): number[] {
+    return this.data.get(`${fs}|${mib}|${metric}`) ?? [];
+  }
+  median(fs: FsName, mib: number, metric: string): number {
+    return percentile(this.get(fs, mib, metric), 50);
+  }
+}
+
+let commandSeq = 0;
+/** An OpContext that timestamps each step the driver journals (a step is recorded when it ends). */
+function timedCtx(): OpContext & { marks: Array<[string, number]> } {
+  const marks: Array<[string, number]> = [];
+  return {
+    commandId: `bench-${++commandSeq}`,
+    marks,
+    steps: {
+      record: async (step) => {
+        marks.push([step, performance.now()]);
+      },
+    },
+  };
+}
+
+function spec(id: string, mib: number, mac: string, cmd: string[] | null = null): InstanceSpec {
+  return {
+    id,
+    name: id,
+    image: TEST_IMAGE,
+    hypervisor: "qemu",
+    vcpus: 1,
+    memory_bytes: mib * MiB,
+    hotplug_bytes: 0,
+    // The API's default overlay size.
+    overlay_bytes: 10 * 1024 * MiB,
+    disk_io_bps: null,
+    env: {},
+    entrypoint: null,
+    cmd,
+    network: {
+      enabled: true,
+      mac,
+      ip: null,
+      bandwidth_download_bps: null,
+      bandwidth_upload_bps: null,
+    },
+    volumes: [],
+  };
+}
+
+const hex = (n: number) => (n & 0xff).toString(16).padStart(2, "0");
+
+export async function runVmBench(opts: VmBenchOptions): Promise<string> {
+  const log = opts.log ?? ((l: string) => console.log(`[bench:vm] ${l}`));
+  const reps = opts.reps ?? 5;
+  const sizes = opts.sizesMiB ?? [256, 1024];
+  const fill = opts.fill ?? 0.4;
+  const started = performance.now();
+  const loadBefore = os.loadavg();
+  const assets = await ensureVmAssets();
+  const layout = ensureTestImage();
+  const samples = new Samples();
+  const ramBytes = new Map<string, number>();
+  const dirs: DataDir[] = [];
+  const ext4Root = mkdtempSync(path.join(os.tmpdir(), "obv-"));
+  let xfs: XfsLoop | undefined;
+  let cleaned = false;
+  const cleanup = async () => {
+    if (cleaned) return;
+    cleaned = true;
+    for (const d of dirs) await d.driver.close();
+    // Every guest this run started names its data dir on its command line.
+    await killGuestsUnder(ext4Root);
+    if (xfs) await killGuestsUnder(xfs.dir);
+    await rm(ext4Root, { recursive: true, force: true });
+    await xfs?.cleanup();
+  };
+  // Ctrl-C mid-run: no guest, mount or loop device may outlive the benchmark.
+  const onSignal = () => {
+    void cleanup().finally(() => process.exit(130));
+  };
+  process.once("SIGINT", onSignal);
+  process.once("SIGTERM", onSignal);
+  // The guests are unref'd children and QMP waits are sockets that may close: without a handle of
+  // its own the process could end mid-await (exit 13) and skip the cleanup below.
+  const keepAlive = setInterval(() => {}, 60_000);
+  try {
+    xfs = await mountXfsLoop({ sizeBytes: 32 * 1024 * MiB });
+    for (const [name, root] of [
+      ["ext4", ext4Root],
+      ["xfs", xfs.dir],
+    ] as const) {
+      const paths = agentPaths(root);
+      const images = new ImageStore(paths.imagesDir);
+      await images.import(layout);
+      const driver = new QemuDriver(paths, {
+        assets,
+        accel: "tcg",
+        images,
+        bootTimeoutMs: 120_000,
+      });
+      const fstype = execFileSync("findmnt", ["-n", "-o", "FSTYPE", "-T", root]).toString().trim();
+      dirs.push({ name, fstype, root, paths, store: new QemuStore(paths.qemu), driver });
+    }
+
+    // One source guest per data dir and size, booted once, parked in Standby between figures so
+    // that idle guests do not take CPU from the one being measured.
+    for (const d of dirs) {
+      for (const [i, mib] of sizes.entries()) {
+        const id = `src${mib}`;
+        const t0 = performance.now();
+        const fillMiB = Math.floor(mib * fill);
+        // tmpfs pages are real guest memory: written once, they are in the RAM file for good.
+        const cmd = [
+          "sh",
+          "-c",
+          `dd if=/dev/zero of=/run/fill bs=1M count=${fillMiB} 2>/dev/null; exec /usr/bin/count`,
+        ];
+        await d.driver.create(spec(id, mib, `02:0b:00:${hex(i)}:00:01`, cmd), timedCtx());
+        await until(`${d.name} ${id} counting`, 180_000, () =>
+          counts(readFileSync(d.paths.qemu.serialLog(id), "utf8")).length >= 2 ? true : undefined,
+        );
+        await d.driver.standby(id, timedCtx());
+        const st = await stat(d.paths.qemu.memFile(id));
+        ramBytes.set(`${d.name}|${mib}`, st.blocks * 512);
+        log(
+          `${d.name} (${d.fstype}): ${id} booted and filled in ${ms(performance.now() - t0)}, RAM file holds ${Math.round((st.blocks * 512) / MiB)} MiB`,
+        );
+      }
+    }
+
+    // Repetitions interleaved across data dirs and sizes: drift on this shared machine spreads
+    // over every figure instead of landing on one.
+    for (let rep = 0; rep < reps; rep++) {
+      for (const d of dirs) {
+        for (const [i, mib] of sizes.entries()) {
+          const source = `src${mib}`;
+          const mac = (kind: number) => `02:0f:${hex(i)}:${hex(rep)}:${hex(kind)}:01`;
+          const add = (metric: string, v: number) => samples.add(d.name, mib, metric, v);
+
+          // (1) fork from Standby, the driver's way.
+          const viaDriver = await driverFork(d, spec(`f${mib}c${rep}`, mib, mac(1)), source);
+          for (const [k, v] of Object.entries(viaDriver)) add(`fork.driver.${k}`, v);
+          await d.driver.delete(`f${mib}c${rep}`, timedCtx());
+          // (4) the same with full copies.
+          const naive = await naiveFork(d, spec(`f${mib}n${rep}`, mib, mac(2)), source);
+          for (const [k, v] of Object.entries(naive)) add(`fork.naive.${k}`, v);
+          await d.driver.delete(`f${mib}n${rep}`, timedCtx());
+          // (2) the same snapshot restored by hand.
+          const hand = await handRestore(d, source, assets);
+          for (const [k, v] of Object.entries(hand)) add(`hand.${k}`, v);
+          // (3) from_running: standby → fork (target Running) → restore the source.
+          await d.driver.restore(source, timedCtx());
+          for (const [mode, kind] of [
+            ["driver", 3],
+            ["naive", 4],
+          ] as const) {
+            await sleep(500); // running, and dirtying its memory, as a live source would be
+            const target = spec(`f${mib}r${kind}x${rep}`, mib, mac(kind));
+            const t0 = performance.now();
+            await d.driver.standby(source, timedCtx());
+            const t1 = performance.now();
+            if (mode === "driver") await driverFork(d, target, source);
+            else await naiveFork(d, target, source);
+            const t2 = performance.now();
+            const back = await d.driver.restore(source, timedCtx());
+            const t3 = performance.now();
+            if (back.state !== "Running") throw new Error(`source ${source} not Running again`);
+            add(`paused.${mode}.total`, t3 - t0);
+            add(`paused.${mode}.standby`, t1 - t0);
+            add(`paused.${mode}.fork`, t2 - t1);
+            add(`paused.${mode}.restore`, t3 - t2);
+            await d.driver.delete(target.id, timedCtx());
+          }
+          await d.driver.standby(source, timedCtx());
+          log(
+            `rep ${rep + 1}/${reps} ${d.name} ${mib} MiB: fork ${ms(viaDriver.total)} (naive ${ms(naive.total)}), hand restore ${ms(hand.cont)}, paused ${ms(samples.get(d.name, mib, "paused.driver.total").at(-1) ?? Number.NaN)}`,
+          );
+        }
+      }
+    }
+    const elapsed = (performance.now() - started) / 1000;
+    const text = report({
+      command: opts.command,
+      dirs,
+      sizes,
+      fill,
+      reps,
+      samples,
+      ramBytes,
+      loadBefore,
+      loadAfter: os.loadavg(),
+      elapsed,
+      qemu: execFileSync(assets.qemu, ["--version"]).toString().split("\n")[0] ?? "",
+    });
+    log(`done in ${elapsed.toFixed(0)} s`);
+    return text;
+  } finally {
+    clearInterval(keepAlive);
+    process.off("SIGINT", onSignal);
+    process.off("SIGTERM", onSignal);
+    await cleanup();
+  }
+}
+
+/** driver.fork to Running, with the time of each of its steps. */
+async function driverFork(d: DataDir, target: InstanceSpec, source: string) {
+  const ctx = timedCtx();
+  const t0 = performance.now();
+  const [, fork] = await d.driver.fork({ source_id: source, target, target_state: "Running" }, ctx);
+  const t1 = performance.now();
+  if (fork.state !== "Running") throw new Error(`fork ${target.id} is ${fork.state}`);
+  if (d.name === "xfs" && d.driver.lastCopyPath !== "reflink") {
+    // The figures would be labelled with a path they did not take.
+    throw new Error(`fork on XFS took the ${d.driver.lastCopyPath} path, not reflink`);
+  }
+  d.copyPath = d.driver.lastCopyPath;
+  const at = (step: string) => {
+    const m = ctx.marks.find(([s]) => s === step);
+    if (!m) throw new Error(`fork did not record step ${step}: ${ctx.marks.map(([s]) => s)}`);
+    return m[1];
+  };
+  const identity = d.driver.lastIdentityMs ?? 0;
+  return {
+    total: t1 - t0,
+    disk: at("clone-disk") - t0,
+    memory: at("clone-memory") - at("clone-disk"),
+    register: at("register") - at("clone-memory"),
+    qemu: at("restore") - at("register") - identity,
+    identity,
+  };
+}
+
+/** A fork without copy-on-write: full copies of the RAM file and the disk, then the driver
+ * restores the copy exactly as it restores its own forks (same launch, same identity step). */
+async function naiveFork(d: DataDir, target: InstanceSpec, source: string) {
+  const q = d.paths.qemu;
+  const read = await d.store.read(source);
+  if (read.kind !== "ok") throw new Error(`source ${source}: ${read.kind}`);
+  const src = read.record;
+  const id = target.id;
+  const t0 = performance.now();
+  await mkdir(q.instanceDir(id));
+  await execa(QEMU_IMG, ["convert", "-O", "qcow2", q.diskFile(source), q.diskFile(id)]);
+  await writeFile(q.configFile(id), guestConfig(target, src.image));
+  const t1 = performance.now();
+  await execa("cp", ["--reflink=never", q.memFile(source), q.memFile(id)]);
+  await copyFile(q.devStateFile(source), q.devStateFile(id));
+  const t2 = performance.now();
+  const ctx = timedCtx();
+  const rec: QemuRecord = {
+    created_by: ctx.commandId,
+    spec: target,
+    image: src.image,
+    // The device state fixes the layout; the MAC is the target's (the driver's rule for forks).
+    machine: { ...src.machine, mac: target.network.mac },
+    pid: null,
+    serial_offset: 0,
+    observed: {
+      id,
+      state: "Standby",
+      has_snapshot: true,
+      state_error: null,
+      exit_code: null,
+      exit_message: null,
+      started_at: null,
+      stopped_at: null,
+    },
+  };
+  await d.store.write(rec);
+  const t3 = performance.now();
+  const out = await d.driver.restore(id, ctx);
+  const t4 = performance.now();
+  if (out.state !== "Running") throw new Error(`naive fork ${id} is ${out.state}`);
+  const identity = d.driver.lastIdentityMs ?? 0;
+  return {
+    total: t4 - t0,
+    disk: t1 - t0,
+    memory: t2 - t1,
+    register: t3 - t2,
+    qemu: t4 - t3 - identity,
+    identity,
+  };
+}
+
+/** The source's snapshot restored by a QEMU launched here, on copies of its files (copied before
+ * the clock starts), with the same devices the driver gives the guest. */
+async function handRestore(d: DataDir, source: string, assets: VmAssets) {
+  const q = d.paths.qemu;
+  const read = await d.store.read(source);
+  if (read.kind !== "ok") throw new Error(`source ${source}: ${read.kind}`);
+  const rec = read.record;
+  const dir = path.join(d.root, "hand");
+  await rm(dir, { recursive: true, force: true });
+  await mkdir(dir);
+  const f = (n: string) => path.join(dir, n);
+  await execa("cp", ["--reflink=auto", "--sparse=always", q.memFile(source), f("mem")]);
+  await copyFile(q.devStateFile(source), f("devstate"));
+  // The qcow2 overlay keeps its backing file (a read-only base or the blank template).
+  await copyFile(q.diskFile(source), f("disk.qcow2"));
+  await copyFile(q.configFile(source), f("config.sh"));
+  const esc = (v: string) => v.replaceAll(",", ",,");
+  // The driver's device layout, in its order: a device-state stream only loads into the same.
+  const drive = (name: string, file: string, o: string) => [
+    "-drive",
+    `file=${esc(file)},if=none,id=${name},${o}`,
+    "-device",
+    `virtio-blk-device,drive=${name},serial=offshoot-${name}`,
+  ];
+  const extra = [
+    ...drive("root", rec.image.rootfs, "format=raw,readonly=on"),
+    ...drive("rw", f("disk.qcow2"), "format=qcow2"),
+    ...drive("cfg", f("config.sh"), "format=raw,readonly=on"),
+    ...(rec.machine.mac === null
+      ? []
+      : [
+          "-netdev",
+          "user,id=net0",
+          "-device",
+          `virtio-net-device,netdev=net0,id=nic0,mac=${rec.machine.mac}`,
+        ]),
+    "-S",
+    "-incoming",
+    "defer",
+  ];
+  const guest: GuestSpec = {
+    qemu: assets.qemu,
+    kernel: assets.kernelElf,
+    initramfs: assets.initramfs,
+    accel: "tcg",
+    memoryMiB: rec.machine.memory_mib,
+    vcpus: rec.machine.vcpus,
+    memFile: f("mem"),
+    shareMemory: true,
+    qmpSocket: f("qmp.sock"),
+    ctlSocket: f("ctl.sock"),
+    serialLog: f("serial.log"),
+    qemuLog: f("qemu.log"),
+    appendSerial: true,
+    extraArgs: extra,
+  };
+  const t0 = performance.now();
+  const vm = await launchQemu(guest);
+  try {
+    const t1 = performance.now();
+    await vm.qmp.execute("migrate-set-capabilities", {
+      capabilities: [{ capability: "x-ignore-shared", state: true }],
+    });
+    await vm.qmp.execute("migrate-incoming", { uri: `exec:cat ${shellQuote(f("devstate"))}` });
+    await waitPaused(vm.qmp);
+    const t2 = performance.now();
+    await vm.qmp.execute("cont");
+    const t3 = performance.now();
+    // Not part of a plain restore: when the restored guest first answers, for comparison with
+    // the driver's identity step (which needs the guest to answer, too).
+    await guestControl(guest.ctlSocket, "ping", { timeoutMs: 10_000 });
+    const t4 = performance.now();
+    return { cont: t3 - t0, launch: t1 - t0, incoming: t2 - t1, ping: t4 - t3 };
+  } finally {
+    await vm.qmp.close();
+    killProcess(vm.pid);
+    // QEMU is an unref'd child (guests outlive the agent by design): the timer keeps the event
+    // loop alive until its exit is seen.
+    while (!(await Promise.race([vm.exited.then(() => true), sleep(20).then(() => false)]))) {}
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+/** As the driver waits: query-status every 10 ms until the incoming migration has loaded. */
+async function waitPaused(qmp: QmpClient): Promise<void> {
+  const deadline = Date.now() + 60_000;
+  for (;;) {
+    const s = await qmp.execute<{ status: string }>("query-status");
+    if (s.status === "paused") return;
+    const m = await qmp.execute<{ status?: string; "error-desc"?: string }>("query-migrate");
+    if (m.status === "failed") throw new Error(`incoming migration failed: ${m["error-desc"]}`);
+    if (Date.now() >= deadline) throw new Error(`restored guest not paused (${s.status})`);
+    await sleep(10);
+  }
+}
+
+async function until<T>(what: string, timeoutMs: number, f: () => T | undefined): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    let v: T | undefined;
+    try {
+      v = f();
+    } catch {
+      v = undefined; // e.g. the serial log does not exist yet
+    }
+    if (v !== undefined) return v;
+    if (Date.now() > deadline) throw new Error(`${what}: not within ${timeoutMs} ms`);
+    await sleep(200);
+  }
+}
+
+// ---- the report ---------------------------------------------------------------------------------
+
+function ms(v: number): string {
+  if (!Number.isFinite(v)) return "–";
+  return v < 10 ? `${v.toFixed(1)} ms` : `${Math.round(v)} ms`;
+}
+
+const sizeName = (mib: number) => (mib >= 1024 ? `${mib / 1024} GiB` : `${mib} MiB`);
+
+interface ReportInput {
+  command: string;
+  dirs: DataDir[];
+  sizes: readonly number[];
+  fill: number;
+  reps: number;
+  samples: Samples;
+  ramBytes: Map<string, number>;
+  loadBefore: number[];
+  loadAfter: number[];
+  elapsed: number;
+  qemu: string;
+}
+
+function report(r: ReportInput): string {
+  const { samples: s, sizes, dirs } = r;
+  const small = sizes[0] ?? 256;
+  const big = sizes.at(-1) ?? 1024;
+  const cols: Array<{ d: DataDir; mode: Mode }> = dirs.flatMap((d) =>
+    (["driver", "naive"] as const).map((mode) => ({ d, mode })),
+  );
+  const colName = ({ d, mode }: { d: DataDir; mode: Mode }) =>
+    mode === "driver"
+      ? `${d.name === "xfs" ? "XFS reflink=1" : d.fstype}: driver (RAM ${d.copyPath === "reflink" ? "reflinked" : "copied"}, disk overlay)`
+      : `${d.name === "xfs" ? "XFS reflink=1" : d.fstype}: naive full copy`;
+  const med = (d: DataDir, mib: number, metric: string) => s.median(d.name, mib, metric);
+  const withRange = (d: DataDir, mib: number, metric: string) => {
+    const v = s.get(d.name, mib, metric);
+    if (v.length === 0) return "–";
+    return `${ms(percentile(v, 50))} (${Math.round(Math.min(...v))}–${Math.round(Math.max(...v))})`;
+  };
+  const ratio = (a: number, b: number) => (a / b).toFixed(2);
+  const row = (label: string, f: (c: { d: DataDir; mode: Mode }) => string, target = "") =>
+    `| ${label} | ${cols.map(f).join(" | ")} | ${target} |`;
+  const header = [
+    `| figure | ${cols.map(colName).join(" | ")} | target |`,
+    `|---|${cols.map(() => "---|").join("")}---|`,
+  ];
+  const lines: string[] = [];
+  const cpu = os.cpus()[0]?.model ?? "unknown";
+  const load = (l: number[]) => l.map((x) => x.toFixed(1)).join(" / ");
+  lines.push(
+    "## Fork with real QEMU guests (QemuDriver)",
+    "",
+    `Produced by \`${r.command}\` (bench/vm.ts) on ${new Date().toISOString().slice(0, 10)} in ${r.elapsed.toFixed(0)} s: ${os.cpus().length} × ${cpu}, ${r.qemu}, TCG (this machine has no usable KVM), load average (1/5/15 min) ${load(r.loadBefore)} before and ${load(r.loadAfter)} after.`,
+    `Guests: microvm, 1 vCPU, the busybox test image, network on (user-mode), a 10 GiB instance disk; before counting, each guest writes ${Math.round(r.fill * 100)} % of its RAM into a tmpfs, so at the snapshot the RAM file holds ${sizes.map((mib) => `${Math.round((r.ramBytes.get(`ext4|${mib}`) ?? 0) / MiB)} MiB (${sizeName(mib)} guest)`).join(" and ")} of data; the rest is a hole.`,
+    `Driver-level wall times in this process (no control plane or HTTP). Medians of ${r.reps} repetitions per figure, (min–max) in ms; repetitions interleaved across data dirs and sizes; ratios are of medians from this run. Data dirs side by side: ${dirs.map((d) => `${d.name === "xfs" ? "XFS (`mkfs.xfs -m reflink=1` on a loop device, its file on ext4)" : `the default one (${d.fstype}, \`${os.tmpdir()}\`, no reflink)`}`).join(" and ")}.`,
+    "",
+    ...header,
+    row(`(1) fork from Standby → Running, ${sizeName(small)}`, ({ d, mode }) =>
+      withRange(d, small, `fork.${mode}.total`),
+    ),
+    row(`(1) fork from Standby → Running, ${sizeName(big)}`, ({ d, mode }) =>
+      withRange(d, big, `fork.${mode}.total`),
+    ),
+    row(
+      `(1) ratio ${sizeName(big)} / ${sizeName(small)}`,
+      ({ d, mode }) =>
+        `**${ratio(med(d, big, `fork.${mode}.total`), med(d, small, `fork.${mode}.total`))}**`,
+      "≤ 1.2",
+    ),
+    ...sizes.map((mib) =>
+      row(`(2) plain QEMU restore by hand (launch → \`cont\`), ${sizeName(mib)}`, ({ d }) =>
+        withRange(d, mib, "hand.cont"),
+      ),
+    ),
+    ...sizes.map((mib) =>
+      row(
+        `(2) fork ÷ plain restore, ${sizeName(mib)}`,
+        ({ d, mode }) =>
+          `**${ratio(med(d, mib, `fork.${mode}.total`), med(d, mib, "hand.cont"))}**`,
+        "≤ 1.3",
+      ),
+    ),
+    ...sizes.map((mib) =>
+      row(
+        `(2) for comparison: fork ÷ (plain restore + the guest's first answer), ${sizeName(mib)}`,
+        ({ d, mode }) =>
+          ratio(
+            med(d, mib, `fork.${mode}.total`),
+            med(d, mib, "hand.cont") + med(d, mib, "hand.ping"),
+          ),
+      ),
+    ),
+    ...sizes.map((mib) =>
+      row(
+        `(3) source paused in a from_running fork, ${sizeName(mib)}`,
+        ({ d, mode }) => withRange(d, mib, `paused.${mode}.total`),
+        "< 1 s",
+      ),
+    ),
+    "",
+    "(2)'s plain restore is the same measurement in both columns of a data dir (one baseline, restored from a copy of the snapshot the forks use). (3) is measured from the start of `driver.standby(source)` until `driver.restore(source)` resolved, with `driver.fork` (target Running) between them — the sequence the control plane's fork flow runs for `from_running`.",
+    "",
+    "### Where the time goes (medians, ms)",
+    "",
+    "A fork's phases, from the times the driver journals its steps: disk (freeze the source's disk into a base and put overlays on it, write the config disk; naive: `qemu-img convert` of the whole chain), memory (the RAM file and the device state; naive: `cp --reflink=never`), register (the record), QEMU restore (launch with `-incoming defer` → migrate-incoming → `cont`) and identity (hostname and MAC applied by the guest over the control channel; the driver's `lastIdentityMs`).",
+    "",
+    `| phase | ${sizes.flatMap((mib) => cols.map((c) => `${sizeName(mib)} ${c.d.name === "xfs" ? "XFS" : c.d.fstype} ${c.mode === "driver" ? "driver" : "naive"}`)).join(" | ")} |`,
+    `|---|${sizes.flatMap(() => cols.map(() => "---|")).join("")}`,
+    ...(["disk", "memory", "register", "qemu", "identity", "total"] as const).map(
+      (p) =>
+        `| ${p === "qemu" ? "QEMU restore" : p} | ${sizes
+          .flatMap((mib) => cols.map(({ d, mode }) => ms(med(d, mib, `fork.${mode}.${p}`))))
+          .join(" | ")} |`,
+    ),
+    "",
+    `| plain restore by hand | ${sizes.flatMap((mib) => dirs.map((d) => `${sizeName(mib)} ${d.name === "xfs" ? "XFS" : d.fstype}`)).join(" | ")} |`,
+    `|---|${sizes.flatMap(() => dirs.map(() => "---|")).join("")}`,
+    ...(
+      [
+        ["launch (QEMU up, QMP connected)", "launch"],
+        ["incoming (device state loaded, paused)", "incoming"],
+        ["→ `cont` (the plain restore)", "cont"],
+        ["after `cont`: guest answers a ping", "ping"],
+      ] as const
+    ).map(
+      ([label, m]) =>
+        `| ${label} | ${sizes.flatMap((mib) => dirs.map((d) => ms(med(d, mib, `hand.${m}`)))).join(" | ")} |`,
+    ),
+    "",
+    `| from_running, source paused | ${sizes.flatMap((mib) => cols.map((c) => `${sizeName(mib)} ${c.d.name === "xfs" ? "XFS" : c.d.fstype} ${c.mode === "driver" ? "driver" : "naive"}`)).join(" | ")} |`,
+    `|---|${sizes.flatMap(() => cols.map(() => "---|")).join("")}`,
+    ...(["standby", "fork", "restore", "total"] as const).map(
+      (p) =>
+        `| ${p === "restore" ? "restore source" : p} | ${sizes
+          .flatMap((mib) => cols.map(({ d, mode }) => ms(med(d, mib, `paused.${mode}.${p}`))))
+          .join(" | ")} |`,
+    ),
+    "",
+  );
+  return lines.join("\n");
+}
+
+/** The command line that reproduces a run, with the environment that changes its figures. */
+export function benchCommand(base: string): string {
+  const env = ["BENCH_VM_REPS", "BENCH_VM_FILL"]
+    .filter((k) => process.env[k] !== undefined)
+    .map((k) => `${k}=${process.env[k]}`);
+  return [...env, base].join(" ");
+}
+
+export function vmBenchOptionsFromEnv(command: string): VmBenchOptions {
+  const num = (k: string) => (process.env[k] === undefined ? undefined : Number(process.env[k]));
+  return { command: benchCommand(command), reps: num("BENCH_VM_REPS"), fill: num("BENCH_VM_FILL") };
+}
+
+if (process.argv[1] && path.resolve(process.argv[1]) === fileURLToPath(import.meta.url)) {
+  const text = await runVmBench(vmBenchOptionsFromEnv("npm run bench:vm"));
+  writeBenchPart("vm", text);
+  console.log(text);
+}

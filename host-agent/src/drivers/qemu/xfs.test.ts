@@ -1,0 +1,136 @@
+// The QEMU driver's reflink path with a real guest (QEMU 7.2 TCG): its data dir on an XFS made with
+// reflink=1 on a loop device (the root filesystem here is ext4, where the driver can only copy the
+// RAM file). One guest and one fork, to keep CI's two cores free for the rest.
+import { execFileSync } from "node:child_process";
+import { existsSync, readFileSync } from "node:fs";
+import type { InstanceSpec } from "@offshoot/shared";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { ensureTestImage, TEST_IMAGE } from "../../../../scripts/oci-image.ts";
+import { ensureVmAssets, type VmAssets } from "../../../../scripts/vm-assets.ts";
+import { mountXfsLoop, type XfsLoop } from "../../../../scripts/xfs-loop.ts";
+import { ImageStore } from "../../images/store.ts";
+import { type AgentPaths, agentPaths } from "../../paths.ts";
+import type { OpContext } from "../driver.ts";
+import { QemuDriver } from "./qemu-driver.ts";
+import { counts } from "./serial.ts";
+import { killGuestsUnder } from "./testing.ts";
+
+let assets: VmAssets;
+let xfs: XfsLoop | undefined;
+let paths: AgentPaths;
+let images: ImageStore;
+let driver: QemuDriver | undefined;
+
+beforeAll(async () => {
+  assets = await ensureVmAssets();
+  xfs = await mountXfsLoop({ sizeBytes: 4 * 1024 ** 3 });
+  paths = agentPaths(xfs.dir);
+  images = new ImageStore(paths.imagesDir);
+  await images.import(ensureTestImage());
+}, 5 * 60_000);
+
+// Runs whether the test passed or not: no guest, mount or loop device may outlive it.
+afterAll(async () => {
+  await driver?.close();
+  if (xfs) {
+    await killGuestsUnder(xfs.dir);
+    await xfs.cleanup();
+  }
+}, 60_000);
+
+let seq = 0;
+const ctx = (): OpContext => ({ commandId: `xfs-${++seq}`, steps: { record: async () => {} } });
+
+function spec(id: string, mac: string): InstanceSpec {
+  return {
+    id,
+    name: id,
+    image: TEST_IMAGE,
+    hypervisor: "qemu",
+    vcpus: 1,
+    memory_bytes: 256 * 1024 * 1024,
+    hotplug_bytes: 0,
+    overlay_bytes: 64 * 1024 * 1024,
+    disk_io_bps: null,
+    env: {},
+    entrypoint: null,
+    cmd: null,
+    network: {
+      enabled: true,
+      mac,
+      ip: null,
+      bandwidth_download_bps: null,
+      bandwidth_upload_bps: null,
+    },
+    volumes: [],
+  };
+}
+
+const serialCounts = (id: string) =>
+  existsSync(paths.qemu.serialLog(id))
+    ? counts(readFileSync(paths.qemu.serialLog(id), "utf8"))
+    : [];
+
+async function until<T>(what: string, ms: number, f: () => T | undefined): Promise<T> {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const v = f();
+    if (v !== undefined) return v;
+    if (Date.now() > deadline) throw new Error(`${what}: not within ${ms} ms`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+/** Extents of `file` that FIEMAP reports as shared with another file. */
+function sharedExtents(file: string): number {
+  const out = execFileSync("filefrag", ["-v", file]).toString();
+  return out.split("\n").filter((l) => /\bshared\b/.test(l)).length;
+}
+
+describe("QemuDriver on XFS with reflink", () => {
+  it("forks a Standby guest by reflinking its RAM file; the fork continues and outlives its source", async () => {
+    const dir = xfs?.dir ?? "";
+    expect(execFileSync("findmnt", ["-n", "-o", "FSTYPE", "-T", dir]).toString().trim()).toBe(
+      "xfs",
+    );
+    driver = new QemuDriver(paths, { assets, accel: "tcg", images, bootTimeoutMs: 60_000 });
+
+    await driver.create(spec("xsrc", "02:00:00:00:0c:01"), ctx());
+    await until("source counts", 30_000, () =>
+      serialCounts("xsrc").length >= 3 ? true : undefined,
+    );
+    expect(await driver.standby("xsrc", ctx())).toMatchObject({ state: "Standby" });
+    const last = serialCounts("xsrc").at(-1) ?? -1;
+    expect(last).toBeGreaterThanOrEqual(2);
+
+    const [, fork] = await driver.fork(
+      { source_id: "xsrc", target: spec("xfork", "02:00:00:00:0c:02"), target_state: "Running" },
+      ctx(),
+    );
+    expect(fork).toMatchObject({ id: "xfork", state: "Running" });
+    expect(driver.lastCopyPath).toBe("reflink");
+    // The two RAM files share blocks on disk: a reflink, not a copy that happened to succeed.
+    expect(sharedExtents(paths.qemu.memFile("xfork"))).toBeGreaterThan(0);
+
+    // The fork resumes the source's memory: its first count is the one after the source's last.
+    const forkCounts = await until("fork counts", 15_000, () => {
+      const c = serialCounts("xfork");
+      return c.length >= 2 ? c : undefined;
+    });
+    expect(forkCounts[0]).toBe(last + 1);
+
+    // Without its source (RAM file and disk gone) the fork keeps running on its own blocks.
+    await driver.delete("xsrc", ctx());
+    expect(existsSync(paths.qemu.instanceDir("xsrc"))).toBe(false);
+    const n = serialCounts("xfork").length;
+    const more = await until("fork still counting", 15_000, () => {
+      const c = serialCounts("xfork");
+      return c.length >= n + 2 ? c : undefined;
+    });
+    expect(more.at(-1)).toBe((forkCounts[0] ?? 0) + more.length - 1);
+    expect(await driver.get("xfork")).toMatchObject({ state: "Running" });
+
+    await driver.delete("xfork", ctx());
+    expect(await driver.get("xfork")).toBeNull();
+  }, 180_000);
+});
