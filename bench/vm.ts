@@ -326,7 +326,8 @@ async function naiveFork(d: DataDir, target: InstanceSpec, source: string) {
   await execa(QEMU_IMG, ["convert", "-O", "qcow2", q.diskFile(source), q.diskFile(id)]);
   await writeFile(q.configFile(id), guestConfig(target, src.image));
   const t1 = performance.now();
-  await execa("cp", ["--reflink=never", q.memFile(source), q.memFile(id)]);
+  // The source's RAM: its own file, or the memory base a driver fork froze it into.
+  await execa("cp", ["--reflink=never", src.ram_base ?? q.memFile(source), q.memFile(id)]);
   await copyFile(q.devStateFile(source), q.devStateFile(id));
   const t2 = performance.now();
   const ctx = timedCtx();
@@ -338,6 +339,9 @@ async function naiveFork(d: DataDir, target: InstanceSpec, source: string) {
     machine: { ...src.machine, mac: target.network.mac },
     pid: null,
     serial_offset: 0,
+    ram: "file",
+    ram_base: null,
+    guest_identity: null,
     observed: {
       id,
       state: "Standby",

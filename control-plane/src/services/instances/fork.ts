@@ -282,7 +282,11 @@ async function runFlow(
     return fk.status === "failed" ? { error: commandError(fk) } : {};
   }
 
-  // from_running: standby the source → fork → restore the source (even if the fork failed).
+  // from_running: standby the source → fork → restore the source (even if the fork failed) →
+  // start the fork. A fork meant to run is made in Standby first and started only after the
+  // source runs again: the source's pause covers the snapshot and the file clones, not the
+  // fork's own restore.
+  const startLater = p.target_state === "Running";
   let failure: HostCommandError | undefined;
   let forked = false;
   const sb = await step("standby", async () => ({ kind: "standby", instance_id: p.source_id }));
@@ -293,7 +297,7 @@ async function runFlow(
       // The flow holds the target exclusively, so its row is there until the flow ends.
       const [target] = await s.db.select().from(instances).where(eq(instances.id, p.target_id));
       if (!target) throw new Error(`fork target ${p.target_id} vanished during its flow`);
-      return forkCommand(p, target);
+      return forkCommand(startLater ? { ...p, target_state: "Standby" } : p, target);
     });
     if (fk.status === "failed") failure = commandError(fk);
     else forked = true;
@@ -327,6 +331,21 @@ async function runFlow(
         }));
         rollbackFailed = del.status === "failed";
       }
+    }
+  }
+  if (forked && !failure && startLater) {
+    const st = await step("start-fork", async () => ({
+      kind: "restore",
+      instance_id: p.target_id,
+    }));
+    if (st.status === "failed") {
+      // The fork cannot reach its target state: it is rolled back, the source runs on.
+      failure = prefixed(
+        commandError(st),
+        "the fork could not be started, so it was rolled back: ",
+      );
+      const del = await step("delete", async () => ({ kind: "delete", instance_id: p.target_id }));
+      rollbackFailed = del.status === "failed";
     }
   }
 

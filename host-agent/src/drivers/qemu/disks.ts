@@ -179,6 +179,27 @@ export async function gcMemBases(
 
 export type CopyPath = "reflink" | "copy";
 
+/** Whether `dir`'s filesystem makes reflink clones (FICLONE: XFS with reflink=1, btrfs). */
+export async function canReflink(dir: string): Promise<boolean> {
+  await mkdir(dir, { recursive: true });
+  const a = path.join(dir, `.reflink-probe-${randomBytes(4).toString("hex")}`);
+  try {
+    await execa("sh", ["-c", 'printf x > "$1" && cp --reflink=always "$1" "$1.b"', "sh", a]);
+    return true;
+  } catch {
+    return false;
+  } finally {
+    await rm(a, { force: true });
+    await rm(`${a}.b`, { force: true });
+  }
+}
+
+/** A disk cloned by reflink: an independent qcow2 sharing the source's blocks (and its backing
+ * file, which is never written), so no chain grows and nothing is frozen. */
+export async function reflinkDisk(from: string, to: string): Promise<void> {
+  await execa("cp", ["--reflink=always", from, to]);
+}
+
 /** Copies a (possibly large, sparse) file: a reflink where the filesystem has them (XFS with
  * reflink=1, btrfs: ~0 s for 256 MiB), else a full sparse-aware copy. Says which happened. */
 export async function copyMemory(from: string, to: string): Promise<CopyPath> {

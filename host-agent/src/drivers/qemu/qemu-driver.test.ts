@@ -263,22 +263,11 @@ describe("QemuDriver", () => {
     expect(await guestMac(paths.qemu.ctlSocket("srca"))).toBe("02:00:00:00:0a:01");
     expect(readPid("srca")).not.toBe(readPid("forkb"));
 
-    // A guest on a memory base has its RAM in private pages only: its standby writes them into
-    // the snapshot, and the restore after it loads them into a RAM file of its own again.
-    const streamed = await timed("standby (RAM streamed)", () => driver.standby("srca", ctx()));
-    expect(streamed).toMatchObject({ state: "Standby", has_snapshot: true });
-    const c3 = serialCounts("srca").at(-1) ?? -1;
-    await timed("restore (RAM streamed)", () => driver.restore("srca", ctx()));
+    // The source, restored, took a writable copy of its frozen RAM; forkb still maps the base.
     expect(existsSync(paths.qemu.memFile("srca"))).toBe(true);
-    const resumed = await until("counts after the streamed restore", 15_000, () => {
-      const all = serialCounts("srca");
-      return (all.at(-1) ?? -1) > c3 ? all.slice(all.indexOf(c3) + 1) : undefined;
-    });
-    expect(resumed[0]).toBe(c3 + 1);
-    // forkb still maps the base.
     expect(readdirSync(paths.qemu.memBasesDir)).toHaveLength(1);
 
-    // Deleting the source leaves the fork running on the frozen base.
+    // Deleting the source leaves the fork running on the frozen bases (disk and memory).
     await driver.delete("srca", ctx());
     expect(existsSync(paths.qemu.instanceDir("srca"))).toBe(false);
     expect(await driver.get("srca")).toBeNull();
@@ -288,6 +277,22 @@ describe("QemuDriver", () => {
       serialCounts("forkb").length >= n + 2 ? true : undefined,
     );
     expect(readdirSync(paths.qemu.basesDir)).toHaveLength(1);
+    expect(readdirSync(paths.qemu.memBasesDir)).toHaveLength(1);
+
+    // A fork has its RAM in private pages over the base only: its standby writes them into the
+    // snapshot (then nothing maps the base: it goes), and its restore loads them into a RAM
+    // file of its own.
+    const streamed = await timed("standby (RAM streamed)", () => driver.standby("forkb", ctx()));
+    expect(streamed).toMatchObject({ state: "Standby", has_snapshot: true });
+    expect(readdirSync(paths.qemu.memBasesDir)).toHaveLength(0);
+    const c3 = serialCounts("forkb").at(-1) ?? -1;
+    await timed("restore (RAM streamed)", () => driver.restore("forkb", ctx()));
+    expect(existsSync(paths.qemu.memFile("forkb"))).toBe(true);
+    const resumed = await until("counts after the streamed restore", 15_000, () => {
+      const all = serialCounts("forkb");
+      return (all.at(-1) ?? -1) > c3 ? all.slice(all.lastIndexOf(c3) + 1) : undefined;
+    });
+    expect(resumed[0]).toBe(c3 + 1);
 
     // A restarted agent re-attaches by pid + QMP socket and can stop the guest.
     await driver.close();
@@ -306,8 +311,6 @@ describe("QemuDriver", () => {
     expect(existsSync(paths.qemu.memFile("forkb"))).toBe(false);
     expect(existsSync(paths.qemu.diskFile("forkb"))).toBe(true);
 
-    // Stopped, forkb maps no base any more: nothing refers to it, so it is gone.
-    expect(readdirSync(paths.qemu.memBasesDir)).toHaveLength(0);
     await again.delete("forkb", ctx());
     expect(readdirSync(paths.qemu.basesDir)).toHaveLength(0);
     // One agent per data dir: a second driver polling it would take the next test's events.
@@ -390,6 +393,7 @@ describe("QemuDriver without booting", () => {
       serial_offset: 0,
       ram: "file",
       ram_base: null,
+      guest_identity: null,
       observed: { id, state: "Stopped", has_snapshot: false, stopped_at: new Date().toISOString() },
     });
   }

@@ -39,12 +39,14 @@ import { rollbackOperation } from "../rollback.ts";
 import { askGuestToStop, setGuestIdentity } from "./control.ts";
 import {
   type CopyPath,
+  canReflink,
   copyMemory,
   createInstanceDisk,
   createOverlay,
   freezeDisk,
   gcBases,
   gcMemBases,
+  reflinkDisk,
   unfreezeDisk,
 } from "./disks.ts";
 import { type Accel, type GuestSpec, killProcess, launchQemu } from "./launch.ts";
@@ -93,6 +95,10 @@ export class QemuDriver implements Driver {
   /** How the last fork from Standby cloned guest memory (for reports and tests): mapped from a
    * frozen base, or (RAM inside the snapshot stream) copied or reflinked. */
   lastCopyPath: CopyPath | "frozen-base" | undefined;
+  /** How the last fork cloned the disk: a reflink (where the data dir can) or qcow2 overlays
+   * on a frozen base. */
+  lastDiskClone: "reflink" | "overlay" | undefined;
+  private reflinks: Promise<boolean> | undefined;
   /** How long the last restore took to apply the guest's identity (for reports and tests). */
   lastIdentityMs: number | undefined;
 
@@ -168,6 +174,7 @@ export class QemuDriver implements Driver {
         serial_offset: 0,
         ram: "file",
         ram_base: null,
+        guest_identity: null,
       };
       await runSteps(ctx.steps, [
         {
@@ -331,6 +338,7 @@ export class QemuDriver implements Driver {
           // frozen memory base (set by the freeze-memory step).
           ram: withMemory && source.ram === "stream" ? "stream" : "file",
           ram_base: null,
+          guest_identity: withMemory ? source.guest_identity : null,
           observed: {
             id: target.id,
             state: withMemory ? "Standby" : "Stopped",
@@ -342,25 +350,32 @@ export class QemuDriver implements Driver {
             stopped_at: withMemory ? null : now(),
           },
         };
-        const steps: Step[] = [
-          {
+        this.reflinks ??= canReflink(this.paths.instancesDir);
+        const reflink = await this.reflinks;
+        this.lastDiskClone = reflink ? "reflink" : "overlay";
+        const steps: Step[] = [];
+        if (!reflink) {
+          steps.push({
             name: "freeze-disk",
             run: async () => {
               base = await freezeDisk(tools, this.paths, sourceDisk, source.spec.overlay_bytes);
             },
             undo: () => unfreezeDisk(sourceDisk, base),
-          },
-          {
-            name: "clone-disk",
-            run: async () => {
-              await this.makeInstanceDir(target.id);
+          });
+        }
+        steps.push({
+          name: "clone-disk",
+          run: async () => {
+            await this.makeInstanceDir(target.id);
+            if (reflink) await reflinkDisk(sourceDisk, this.paths.diskFile(target.id));
+            else {
               const bytes = Math.max(target.overlay_bytes, source.spec.overlay_bytes);
               await createOverlay(tools, this.paths.diskFile(target.id), base, bytes);
-              await this.writeConfig(rec);
-            },
-            undo: () => this.discard(target.id),
+            }
+            await this.writeConfig(rec);
           },
-        ];
+          undo: () => this.discard(target.id),
+        });
         if (withMemory && source.ram !== "stream") {
           steps.push({
             name: "freeze-memory",
@@ -485,6 +500,8 @@ export class QemuDriver implements Driver {
       ...rec,
       pid: vm.pid,
       serial_offset: offset,
+      // /init set the hostname from the config disk; the NIC came up with the machine's MAC.
+      guest_identity: identityOf(rec),
       observed: running(id, now()),
     };
     if (rec.ram_base !== null) await this.gc();
@@ -549,12 +566,22 @@ export class QemuDriver implements Driver {
   private async resume(rec: QemuRecord): Promise<QemuRecord> {
     const id = rec.observed.id;
     const devState = this.paths.devStateFile(id);
-    // RAM in the stream: it loads into a fresh RAM file, which the guest then owns.
-    if (rec.ram === "stream") await rm(this.paths.memFile(id), { force: true });
+    const memFile = this.paths.memFile(id);
+    // The record as it will be once this QEMU runs: a forked source gets a writable copy of its
+    // frozen RAM, RAM in the stream loads into a fresh file; either way the guest owns a file.
+    const live: QemuRecord =
+      rec.ram === "frozen" || rec.ram === "stream" ? { ...rec, ram: "file", ram_base: null } : rec;
+    if (rec.ram === "stream") await rm(memFile, { force: true });
+    if (rec.ram === "frozen" && rec.ram_base !== null) {
+      this.lastCopyPath = await copyMemory(rec.ram_base, memFile);
+    }
     const vm = await launchQemu(
       // -S: nothing runs before `cont`, so a failed restore leaves the RAM file untouched.
-      this.guestSpec(rec, ["-S", "-incoming", "defer"]),
-    );
+      this.guestSpec(live, ["-S", "-incoming", "defer"]),
+    ).catch(async (e: unknown) => {
+      if (rec.ram === "frozen") await rm(memFile, { force: true });
+      throw e;
+    });
     this.qmps.set(id, vm.qmp);
     await writeFile(this.paths.pidFile(id), `${vm.pid}\n`);
     try {
@@ -571,12 +598,13 @@ export class QemuDriver implements Driver {
     // The restored guest still has the identity it was snapshotted with (the device state and
     // its kernel's memory carry the MAC; QEMU's command line does not change them): apply the
     // record's inside the guest before reporting Running. A fork must never run as its source.
+    let identity: string;
     try {
-      await this.applyIdentity(rec);
+      identity = await this.applyIdentity(rec);
     } catch (e) {
       // The guest has run since `cont`, so its RAM file no longer matches the old device state:
       // snapshot it again to get back to a consistent Standby (a fork's undo then discards it).
-      await this.resnapshot({ ...rec, pid: vm.pid }).catch(async () => {
+      await this.resnapshot({ ...live, pid: vm.pid }).catch(async () => {
         await this.kill(id, vm.pid);
         await this.dropMemory(id);
         await this.store.write({
@@ -598,17 +626,24 @@ export class QemuDriver implements Driver {
     }
     await rm(devState, { force: true });
     const out: QemuRecord = {
-      ...rec,
+      ...live,
       pid: vm.pid,
-      ram: rec.ram === "stream" ? "file" : rec.ram,
+      guest_identity: identity,
       observed: running(id, rec.observed.started_at ?? now()),
     };
     await this.store.write(out);
+    if (rec.ram === "frozen") await this.gc();
     return out;
   }
 
-  /** Tells the guest its identity over the control channel: hostname and the NIC's MAC. */
-  private async applyIdentity(rec: QemuRecord): Promise<void> {
+  /** Tells the guest its identity over the control channel (hostname and the NIC's MAC), unless
+   * its memory already holds exactly that one (a plain restore). Returns the identity. */
+  private async applyIdentity(rec: QemuRecord): Promise<string> {
+    const want = identityOf(rec);
+    if (rec.guest_identity === want) {
+      this.lastIdentityMs = 0;
+      return want;
+    }
     const started = Date.now();
     await setGuestIdentity(
       this.paths.ctlSocket(rec.observed.id),
@@ -617,6 +652,7 @@ export class QemuDriver implements Driver {
       { timeoutMs: this.options.controlTimeoutMs ?? CONTROL_TIMEOUT_MS },
     );
     this.lastIdentityMs = Date.now() - started;
+    return want;
   }
 
   private async writeConfig(rec: QemuRecord): Promise<void> {
@@ -934,7 +970,7 @@ export class QemuDriver implements Driver {
     }
     // A freeze-memory step cut short after its record was written: finish moving the file.
     if (
-      rec.ram === "base" &&
+      rec.ram === "frozen" &&
       rec.ram_base !== null &&
       !(await exists(rec.ram_base)) &&
       (await exists(this.paths.memFile(id)))
@@ -973,7 +1009,9 @@ export class QemuDriver implements Driver {
   private async hasSnapshot(rec: QemuRecord): Promise<boolean> {
     if (!(await exists(this.paths.devStateFile(rec.observed.id)))) return false;
     if (rec.ram === "stream") return true;
-    if (rec.ram === "base") return rec.ram_base !== null && exists(rec.ram_base);
+    if (rec.ram === "base" || rec.ram === "frozen") {
+      return rec.ram_base !== null && exists(rec.ram_base);
+    }
     return exists(this.paths.memFile(rec.observed.id));
   }
 
@@ -982,11 +1020,13 @@ export class QemuDriver implements Driver {
    * The record is written first, so a crash before the rename is finished by converge().
    */
   private async freezeMemory(source: QemuRecord): Promise<string> {
-    if (source.ram === "base" && source.ram_base !== null) return source.ram_base;
+    if ((source.ram === "base" || source.ram === "frozen") && source.ram_base !== null) {
+      return source.ram_base;
+    }
     const id = source.observed.id;
     const base = this.paths.memBaseFile(randomBytes(8).toString("hex"));
     await mkdir(this.paths.memBasesDir, { recursive: true });
-    await this.store.write({ ...source, ram: "base", ram_base: base });
+    await this.store.write({ ...source, ram: "frozen", ram_base: base });
     await rename(this.paths.memFile(id), base);
     await chmod(base, 0o444);
     return base;
@@ -997,7 +1037,7 @@ export class QemuDriver implements Driver {
     const read = await this.store.read(source.observed.id);
     if (read.kind !== "ok" || source.ram !== "file") return;
     const base = read.record.ram_base;
-    if (read.record.ram === "base" && base !== null && (await exists(base))) {
+    if (read.record.ram === "frozen" && base !== null && (await exists(base))) {
       await chmod(base, 0o644);
       await rename(base, this.paths.memFile(source.observed.id));
     }
@@ -1066,6 +1106,11 @@ export class QemuDriver implements Driver {
   private tools() {
     return { qemuImg: this.qemuImg };
   }
+}
+
+/** What a guest's identity must be: its hostname and its NIC's MAC. */
+function identityOf(rec: QemuRecord): string {
+  return `${guestHostname(rec.spec.name)} ${rec.machine.mac ?? "-"}`;
 }
 
 function running(id: string, startedAt: string): ObservedInstance {

@@ -29,12 +29,18 @@ export const QemuRecord = z.object({
   pid: z.number().int().nullable(),
   /**
    * Where guest RAM lives. "file": the instance's own RAM file, mapped shared (standby writes
-   * only device state). "base": a frozen RAM file shared with forks (ram_base), mapped private,
-   * so the guest's writes go to its own pages and the file never changes. "stream": Standby
-   * only; the RAM is inside the device-state file (a "base" guest's standby must write it).
+   * only device state). "base": a fork's RAM, a frozen file shared with its source and siblings
+   * (ram_base), mapped private, so the guest's writes go to its own pages and the file never
+   * changes. "frozen": Standby only; a forked source's snapshot RAM, now that memory base; its
+   * restore takes a writable copy of it (a reflink where the filesystem can). "stream":
+   * Standby only; the RAM is inside the device-state file (a "base" guest's standby must
+   * write it there).
    */
-  ram: z.enum(["file", "base", "stream"]).default("file"),
+  ram: z.enum(["file", "base", "frozen", "stream"]).default("file"),
   ram_base: z.string().nullable().default(null),
+  /** The identity ("hostname MAC|-") the guest's memory holds: set at boot and by every
+   * identity command; a fork's is its source's until its first restore applies its own. */
+  guest_identity: z.string().nullable().default(null),
   /** Byte offset in serial.log where the current boot's output begins (the log is appended
    * across boots and restores). */
   serial_offset: z.number().int().nonnegative(),

@@ -2,7 +2,7 @@
 // reflink=1 on a loop device (the root filesystem here is ext4, where the driver can only copy the
 // RAM file). One guest and one fork, to keep CI's two cores free for the rest.
 import { execFileSync } from "node:child_process";
-import { existsSync, readFileSync } from "node:fs";
+import { existsSync, readdirSync, readFileSync } from "node:fs";
 import type { InstanceSpec } from "@offshoot/shared";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ensureTestImage, TEST_IMAGE } from "../../../../scripts/oci-image.ts";
@@ -11,6 +11,7 @@ import { mountXfsLoop, type XfsLoop } from "../../../../scripts/xfs-loop.ts";
 import { ImageStore } from "../../images/store.ts";
 import { type AgentPaths, agentPaths } from "../../paths.ts";
 import type { OpContext } from "../driver.ts";
+import { backingChain } from "./disks.ts";
 import { QemuDriver } from "./qemu-driver.ts";
 import { counts } from "./serial.ts";
 import { killGuestsUnder } from "./testing.ts";
@@ -88,7 +89,7 @@ function sharedExtents(file: string): number {
 }
 
 describe("QemuDriver on XFS with reflink", () => {
-  it("forks a Standby guest by reflinking its RAM file; the fork continues and outlives its source", async () => {
+  it("forks a Standby guest with a reflinked disk and the shared memory base; the fork continues and outlives its source", async () => {
     const dir = xfs?.dir ?? "";
     expect(execFileSync("findmnt", ["-n", "-o", "FSTYPE", "-T", dir]).toString().trim()).toBe(
       "xfs",
@@ -108,9 +109,19 @@ describe("QemuDriver on XFS with reflink", () => {
       ctx(),
     );
     expect(fork).toMatchObject({ id: "xfork", state: "Running" });
-    expect(driver.lastCopyPath).toBe("reflink");
-    // The two RAM files share blocks on disk: a reflink, not a copy that happened to succeed.
-    expect(sharedExtents(paths.qemu.memFile("xfork"))).toBeGreaterThan(0);
+    // The disk is a reflink clone: a flat qcow2 of its own (no frozen base, no longer chain)
+    // whose blocks are shared with the source's — not a copy that happened to succeed.
+    expect(driver.lastDiskClone).toBe("reflink");
+    const bases = existsSync(paths.qemu.basesDir) ? readdirSync(paths.qemu.basesDir) : [];
+    expect(bases).toEqual([]);
+    const chain = await backingChain(
+      { qemuImg: "/usr/bin/qemu-img" },
+      paths.qemu.diskFile("xfork"),
+    );
+    expect(chain).toHaveLength(2); // the fork's disk → the blank ext4 template
+    expect(sharedExtents(paths.qemu.diskFile("xfork"))).toBeGreaterThan(0);
+    // Memory is never copied: both map the one frozen RAM file.
+    expect(driver.lastCopyPath).toBe("frozen-base");
 
     // The fork resumes the source's memory: its first count is the one after the source's last.
     const forkCounts = await until("fork counts", 15_000, () => {
