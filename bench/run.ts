@@ -16,6 +16,7 @@ import {
 import { loadConfig, type RunningAgent, startAgent } from "../host-agent/src/index.ts";
 import { ensurePostgres } from "../scripts/postgres.ts";
 import { spawnControlPlane } from "../test/harness.ts";
+import { benchReplicas } from "./replicas.ts";
 import { writeBenchPart } from "./results.ts";
 import { fmt, summary } from "./stats.ts";
 import { runVmBench, vmBenchOptionsFromEnv } from "./vm.ts";
@@ -230,6 +231,8 @@ async function simBench() {
       `- Control-plane RSS ${Math.round(rssBefore / 1024)} MiB before the agents connected, ${Math.round(rssAfter / 1024)} MiB after: ${perConnKb.toFixed(1)} KiB per connection.`,
       "",
     );
+    // --- 3: replicas and Workers ----------------------------------------------------------
+    lines.push(...(await benchReplicas(serverUrl, root)));
     writeBenchPart("sim", lines.join("\n"));
     console.log(lines.join("\n"));
   } finally {
