@@ -9,13 +9,15 @@
 //     launch with `-S -incoming defer`, x-ignore-shared, migrate-incoming `exec:cat`, paused,
 //     `cont` (the driver's resume() without the driver).
 // (3) the source's pause during a from_running fork, as the control plane runs it (standby → fork
-//     with the target Running → restore the source): from the start of standby until the restore
-//     resolved.
+//     made in Standby → restore the source → start the fork): from the start of standby until
+//     the source's restore resolved.
 // (4) (1) and (3) again with a naive fork done here, not by the driver: the RAM file copied with
 //     `cp --reflink=never`, the disk flattened with `qemu-img convert` instead of an overlay,
 //     then the same driver restores that copy (identity included).
-// Each on two data dirs side by side: the default one (ext4 here: no reflink, so the driver's
-// `cp --reflink=auto` copies the RAM file) and an XFS made with reflink=1 on a loop device.
+// Each on two data dirs side by side: the default one (ext4 here: disks forked as overlays on a
+// frozen base) and an XFS made with reflink=1 on a loop device (disks forked by reflink). The
+// driver never copies RAM for a fork (the fork maps the source's frozen RAM file); a source
+// restored after a fork takes a copy of it (a reflink on XFS).
 import { execFileSync } from "node:child_process";
 import { mkdtempSync, readFileSync } from "node:fs";
 import { copyFile, mkdir, rm, stat, writeFile } from "node:fs/promises";
@@ -68,7 +70,7 @@ interface DataDir {
   paths: AgentPaths;
   store: QemuStore;
   driver: QemuDriver;
-  /** What the driver's forks did with the RAM file here ("reflink" | "copy"). */
+  /** How the driver's forks cloned RAM and disk here. */
   copyPath?: string;
 }
 
@@ -231,7 +233,9 @@ export async function runVmBench(opts: VmBenchOptions): Promise<string> {
           // (2) the same snapshot restored by hand.
           const hand = await handRestore(d, source, assets);
           for (const [k, v] of Object.entries(hand)) add(`hand.${k}`, v);
-          // (3) from_running: standby → fork (target Running) → restore the source.
+          // (3) from_running as the control plane runs it: standby → fork (made in Standby) →
+          // restore the source [pause ends] → start the fork. Naive: full copies, the fork
+          // restored before the source.
           await d.driver.restore(source, timedCtx());
           for (const [mode, kind] of [
             ["driver", 3],
@@ -242,12 +246,20 @@ export async function runVmBench(opts: VmBenchOptions): Promise<string> {
             const t0 = performance.now();
             await d.driver.standby(source, timedCtx());
             const t1 = performance.now();
-            if (mode === "driver") await driverFork(d, target, source);
-            else await naiveFork(d, target, source);
+            if (mode === "driver") {
+              await d.driver.fork(
+                { source_id: source, target, target_state: "Standby" },
+                timedCtx(),
+              );
+            } else await naiveFork(d, target, source);
             const t2 = performance.now();
             const back = await d.driver.restore(source, timedCtx());
             const t3 = performance.now();
             if (back.state !== "Running") throw new Error(`source ${source} not Running again`);
+            if (mode === "driver") {
+              const started = await d.driver.restore(target.id, timedCtx());
+              if (started.state !== "Running") throw new Error(`fork ${target.id} not started`);
+            }
             add(`paused.${mode}.total`, t3 - t0);
             add(`paused.${mode}.standby`, t1 - t0);
             add(`paused.${mode}.fork`, t2 - t1);
@@ -292,11 +304,11 @@ async function driverFork(d: DataDir, target: InstanceSpec, source: string) {
   const [, fork] = await d.driver.fork({ source_id: source, target, target_state: "Running" }, ctx);
   const t1 = performance.now();
   if (fork.state !== "Running") throw new Error(`fork ${target.id} is ${fork.state}`);
-  if (d.name === "xfs" && d.driver.lastCopyPath !== "reflink") {
+  if (d.name === "xfs" && d.driver.lastDiskClone !== "reflink") {
     // The figures would be labelled with a path they did not take.
-    throw new Error(`fork on XFS took the ${d.driver.lastCopyPath} path, not reflink`);
+    throw new Error(`fork on XFS cloned its disk by ${d.driver.lastDiskClone}, not reflink`);
   }
-  d.copyPath = d.driver.lastCopyPath;
+  d.copyPath = `RAM ${d.driver.lastCopyPath}, disk ${d.driver.lastDiskClone}`;
   const at = (step: string) => {
     const m = ctx.marks.find(([s]) => s === step);
     if (!m) throw new Error(`fork did not record step ${step}: ${ctx.marks.map(([s]) => s)}`);
@@ -380,7 +392,13 @@ async function handRestore(d: DataDir, source: string, assets: VmAssets) {
   await rm(dir, { recursive: true, force: true });
   await mkdir(dir);
   const f = (n: string) => path.join(dir, n);
-  await execa("cp", ["--reflink=auto", "--sparse=always", q.memFile(source), f("mem")]);
+  // Its RAM: its own file, or the memory base a driver fork froze it into.
+  await execa("cp", [
+    "--reflink=auto",
+    "--sparse=always",
+    rec.ram_base ?? q.memFile(source),
+    f("mem"),
+  ]);
   await copyFile(q.devStateFile(source), f("devstate"));
   // The qcow2 overlay keeps its backing file (a read-only base or the blank template).
   await copyFile(q.diskFile(source), f("disk.qcow2"));
@@ -512,7 +530,7 @@ function report(r: ReportInput): string {
   );
   const colName = ({ d, mode }: { d: DataDir; mode: Mode }) =>
     mode === "driver"
-      ? `${d.name === "xfs" ? "XFS reflink=1" : d.fstype}: driver (RAM ${d.copyPath === "reflink" ? "reflinked" : "copied"}, disk overlay)`
+      ? `${d.name === "xfs" ? "XFS reflink=1" : d.fstype}: driver (${d.copyPath ?? "?"})`
       : `${d.name === "xfs" ? "XFS reflink=1" : d.fstype}: naive full copy`;
   const med = (d: DataDir, mib: number, metric: string) => s.median(d.name, mib, metric);
   const withRange = (d: DataDir, mib: number, metric: string) => {
@@ -581,11 +599,11 @@ function report(r: ReportInput): string {
       ),
     ),
     "",
-    "(2)'s plain restore is the same measurement in both columns of a data dir (one baseline, restored from a copy of the snapshot the forks use). (3) is measured from the start of `driver.standby(source)` until `driver.restore(source)` resolved, with `driver.fork` (target Running) between them — the sequence the control plane's fork flow runs for `from_running`.",
+    "(2)'s plain restore is the same measurement in both columns of a data dir (one baseline, restored from a copy of the snapshot the forks use). (3) is measured from the start of `driver.standby(source)` until `driver.restore(source)` resolved, with `driver.fork` (target Standby) between them; the fork is started after that, outside the pause — the sequence the control plane's fork flow runs for `from_running`. The naive column forks to Running (full copies) before restoring the source.",
     "",
     "### Where the time goes (medians, ms)",
     "",
-    "A fork's phases, from the times the driver journals its steps: disk (freeze the source's disk into a base and put overlays on it, write the config disk; naive: `qemu-img convert` of the whole chain), memory (the RAM file and the device state; naive: `cp --reflink=never`), register (the record), QEMU restore (launch with `-incoming defer` → migrate-incoming → `cont`) and identity (hostname and MAC applied by the guest over the control channel; the driver's `lastIdentityMs`).",
+    "A fork's phases, from the times the driver journals its steps: disk (ext4: freeze the source's disk into a base and put overlays on it; XFS: a reflink clone; and the config disk; naive: `qemu-img convert` of the whole chain), memory (freeze the source's RAM file into a memory base the fork maps, copy the device state; naive: `cp --reflink=never` of the RAM file), register (the record), QEMU restore (launch with `-incoming defer` → migrate-incoming → `cont`) and identity (hostname and MAC applied by the guest over the control channel; the driver's `lastIdentityMs`).",
     "",
     `| phase | ${sizes.flatMap((mib) => cols.map((c) => `${sizeName(mib)} ${c.d.name === "xfs" ? "XFS" : c.d.fstype} ${c.mode === "driver" ? "driver" : "naive"}`)).join(" | ")} |`,
     `|---|${sizes.flatMap(() => cols.map(() => "---|")).join("")}`,

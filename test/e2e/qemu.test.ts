@@ -213,7 +213,7 @@ describe("real VMs (QEMU) through the API", { timeout: 120_000 }, () => {
     }
   });
 
-  it("forks one Standby source five times at once: every fork reaches Running", async () => {
+  it("forks one Standby source five times at once, then to Stopped and Standby; a Stopped source's fork boots", async () => {
     await client.instances.create({ name: "many", image: TEST_IMAGE, size: "128MB", vcpus: 1 });
     await waitFor(async () => (await counts("many")).length >= 2, {
       timeoutMs: 20_000,
@@ -235,6 +235,32 @@ describe("real VMs (QEMU) through the API", { timeout: 120_000 }, () => {
       expect(first, name).toBe(last + 1);
     }
     expect((await client.instances.get("many")).state).toBe("Standby");
-    for (const name of [...names, "many"]) await client.instances.delete(name);
+    for (const name of names) await client.instances.delete(name);
+
+    // The other target states from the same snapshot: Stopped (disk only), Standby (a snapshot
+    // of its own that resumes where the source was).
+    const stopped = await client.instances.fork("many", {
+      name: "many-s",
+      target_state: "Stopped",
+    });
+    expect(stopped.state).toBe("Stopped");
+    const sb = await client.instances.fork("many", { name: "many-b", target_state: "Standby" });
+    expect(sb.state).toBe("Standby");
+    expect((await client.instances.restore("many-b")).state).toBe("Running");
+    const resumed = await waitFor(async () => (await counts("many-b"))[0], {
+      timeoutMs: 20_000,
+      what: "the Standby fork to count once restored",
+    });
+    expect(resumed).toBe(last + 1);
+    // A fork from a Stopped source boots: its program starts over (a fresh count).
+    await client.instances.stop("many-b");
+    const cold = await client.instances.fork("many-b", { name: "many-c", target_state: "Running" });
+    expect(cold.state).toBe("Running");
+    const fresh = await waitFor(async () => (await counts("many-c"))[0], {
+      timeoutMs: 20_000,
+      what: "the fork of a Stopped source to count",
+    });
+    expect(fresh).toBe(0);
+    for (const name of ["many-s", "many-b", "many-c", "many"]) await client.instances.delete(name);
   });
 });

@@ -184,15 +184,19 @@ describe("QemuDriver", () => {
     // create → Running, counting
     const a = await timed("create→Running", () =>
       driver.create(
-        spec("srca", { network: { ...spec("x").network, mac: "02:00:00:00:0a:01" } }),
+        spec("srca", {
+          network: { ...spec("x").network, mac: "02:00:00:00:0a:01" },
+          disk_io_bps: 50_000_000,
+        }),
         ctx(),
       ),
     );
     expect(a).toMatchObject({ id: "srca", state: "Running", has_snapshot: false });
     await until("3 counts", 20_000, () => (serialCounts("srca").length >= 3 ? true : undefined));
-    expect(readFileSync(`/proc/${readPid("srca")}/cmdline`, "utf8")).toContain(
-      "mac=02:00:00:00:0a:01",
-    );
+    const cmdline = readFileSync(`/proc/${readPid("srca")}/cmdline`, "utf8");
+    expect(cmdline).toContain("mac=02:00:00:00:0a:01");
+    // disk_io_bps: QEMU throttles both of the guest's disks.
+    expect(cmdline.match(/throttling\.bps-total=50000000/g)).toHaveLength(2);
 
     // standby → restore: the counter continues past where it was
     const sb = await timed("standby", () => driver.standby("srca", ctx()));
