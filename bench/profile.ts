@@ -60,8 +60,11 @@ function byPackage(p: Profile): Array<[string, number]> {
   p.samples.forEach((id, i) => {
     let cur: number | undefined = id;
     let name: string | undefined;
-    while (cur !== undefined && !(name = label(node.get(cur) as ProfileNode)))
+    while (cur !== undefined) {
+      name = label(node.get(cur) as ProfileNode);
+      if (name) break;
       cur = parent.get(cur);
+    }
     const key = name ?? "node internals";
     totals.set(key, (totals.get(key) ?? 0) + (p.timeDeltas[i] ?? 0) / 1000);
   });
