@@ -1,10 +1,8 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import {
   type AgentProcess,
-  freePort,
   hostOnline,
   hypeman,
-  REPO_ROOT,
   registerHost,
   seedTenant,
   spawnAgent,

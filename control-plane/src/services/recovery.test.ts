@@ -22,7 +22,6 @@ import { createInstance } from "./instances/create.ts";
 import { deleteInstance } from "./instances/delete.ts";
 import { forkInstance } from "./instances/fork.ts";
 import { getInstance } from "./instances/get.ts";
-import { standbyInstance } from "./instances/standby.ts";
 import { startInstance } from "./instances/start.ts";
 import { stopInstance } from "./instances/stop.ts";
 import { Operations } from "./operations.ts";
