@@ -56,11 +56,6 @@ export class AgentSession {
     this.socket.send(encode(command));
   }
 
-  /** An already encoded message (a command relayed from another replica). */
-  sendText(text: string): void {
-    this.socket.send(text);
-  }
-
   sendMessage(msg: ServerMessage): void {
     this.socket.send(encode(msg));
   }

@@ -1,8 +1,8 @@
 import { randomUUID } from "node:crypto";
-import { CLOSE, type Command, encode, type LogChunk, PROTOCOL_VERSION } from "@offshoot/shared";
+import { CLOSE, type Command, type LogChunk, PROTOCOL_VERSION } from "@offshoot/shared";
 import { eq } from "drizzle-orm";
 import { hosts } from "../db/schema/index.ts";
-import { type Bus, type BusMessage, chunkLines, MAX_PAYLOAD } from "../services/bus.ts";
+import { type Bus, type BusMessage, chunkLines } from "../services/bus.ts";
 import type { Services } from "../services/context.ts";
 import { hostDisconnected, recordHeartbeats } from "../services/hosts.ts";
 import { commandOf } from "../services/operations.ts";
@@ -48,13 +48,7 @@ export class NodeGateway implements HostGateway {
       session.send(command);
       return true;
     }
-    const text = encode(command);
-    this.bus?.publish({
-      t: "command",
-      host: hostId,
-      op: command.id,
-      ...(text.length < MAX_PAYLOAD - 500 && { command: text }),
-    });
+    this.bus?.publish({ t: "command", host: hostId, op: command.id });
     return false;
   }
 
@@ -112,6 +106,8 @@ export class NodeGateway implements HostGateway {
     return new Promise((resolve) => {
       const timer = setTimeout(() => {
         this.remoteStreams.delete(stream);
+        // A late ack must not leave the holder streaming to nobody.
+        bus.publish({ t: "logs_cancel", host: hostId, stream });
         resolve(undefined);
       }, REMOTE_LOGS_TIMEOUT_MS);
       timer.unref();
@@ -131,12 +127,8 @@ export class NodeGateway implements HostGateway {
       case "command": {
         const session = this.sessions.get(msg.host);
         if (!session?.ready) return;
-        // Sending a command twice is harmless (the agent's journal answers the second time).
-        if (msg.command) {
-          session.sendText(msg.command);
-          return;
-        }
-        // Too large to travel: the table is the record; send what it says is still pending.
+        // Only the id travels: the table is the record, and the channel is open to any role
+        // that can connect to the database, so what is sent comes from the table (pending only).
         this.s.ops
           .get(msg.op)
           .then((op) => {
@@ -179,6 +171,11 @@ export class NodeGateway implements HostGateway {
         }
         return;
       }
+      case "hello":
+        this.sessions
+          .get(msg.host)
+          ?.close(CLOSE.replaced, "the agent connected to another replica");
+        return;
       case "logs_cancel":
         if (this.logStreams.get(msg.stream)?.hostId === msg.host) this.cancelLocal(msg.stream);
         return;
@@ -219,6 +216,8 @@ export class NodeGateway implements HostGateway {
         this.sessions.set(host.id, sess);
         if (previous && previous !== sess)
           previous.close(CLOSE.replaced, "replaced by a newer connection");
+        // A half-open session on another replica would swallow the commands made there.
+        this.bus?.publish({ t: "hello", host: host.id });
       },
       onHeartbeat: (hostId) => this.beats.add(hostId),
       onLog: (hostId, chunk) => this.onLog(hostId, chunk),
@@ -266,6 +265,11 @@ export class NodeGateway implements HostGateway {
     for (const session of this.sessions.values())
       session.close(CLOSE.shuttingDown, "control plane shutting down");
     this.sessions.clear();
+    // Streams relayed to other replicas end now, not never.
+    for (const [id, stream] of this.logStreams) {
+      this.logStreams.delete(id);
+      stream.sink.end({ code: "host_unavailable", message: "the control plane is shutting down" });
+    }
     await this.flushHeartbeats();
   }
 }

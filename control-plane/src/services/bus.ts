@@ -23,13 +23,9 @@ const LogQueryMsg = z.object({
 
 export const BusMessage = z.discriminatedUnion("t", [
   z.object({ t: z.literal("signal"), topic: z.string() }),
-  z.object({
-    t: z.literal("command"),
-    host: z.string(),
-    op: z.string(),
-    /** The command itself when it fits in a NOTIFY; else the holder reads it from the table. */
-    command: z.string().optional(),
-  }),
+  z.object({ t: z.literal("command"), host: z.string(), op: z.string() }),
+  /** An agent said hello here: any other replica still holding a session for it drops it. */
+  z.object({ t: z.literal("hello"), host: z.string() }),
   z.object({
     t: z.literal("logs_open"),
     host: z.string(),
@@ -124,14 +120,19 @@ export class PgBus implements Bus {
   }
 }
 
-/** Splits lines into chunks whose JSON stays under the NOTIFY limit (a longer line is cut). */
+/** Splits lines into chunks whose JSON stays under the NOTIFY limit, counted in UTF-8 bytes
+ * as Postgres counts it (a longer line is cut). */
 export function chunkLines(lines: string[], budget = MAX_PAYLOAD - 300): string[][] {
   const out: string[][] = [];
   let cur: string[] = [];
   let size = 0;
+  const bytes = (line: string) => Buffer.byteLength(JSON.stringify(line)) + 1;
   for (const raw of lines) {
-    const line = raw.length > budget / 2 ? raw.slice(0, budget / 2) : raw;
-    const cost = JSON.stringify(line).length + 1;
+    let line = raw;
+    // Cut by characters until the escaped UTF-8 form fits (escapes and multi-byte characters
+    // can make it several times longer than the string).
+    while (bytes(line) > budget / 2) line = line.slice(0, Math.floor(line.length / 2));
+    const cost = bytes(line);
     if (size + cost > budget && cur.length > 0) {
       out.push(cur);
       cur = [];

@@ -75,6 +75,9 @@ export class HostSession {
     const host = JSON.parse(req.headers.get("x-offshoot-host") ?? "null") as Attachment["host"];
     if (!host?.id) return new Response("no host", { status: 400 });
     for (const old of this.state.getWebSockets()) {
+      // Listed until its read loop ends: it must not be taken for the agent meanwhile.
+      const a = old.deserializeAttachment() as Attachment | null;
+      if (a) old.serializeAttachment({ ...a, hello: false } satisfies Attachment);
       old.close(CLOSE.replaced, "replaced by a newer connection");
     }
     const pair = new WebSocketPair();
@@ -84,11 +87,14 @@ export class HostSession {
     return upgraded(pair[0]);
   }
 
-  /** The agent's socket once it has said hello. */
+  /** The agent's socket once it has said hello (the newest, should an old one linger). */
   private agent(): CfWebSocket | undefined {
-    return this.state
-      .getWebSockets()
-      .find((ws) => (ws.deserializeAttachment() as Attachment | null)?.hello);
+    let best: { ws: CfWebSocket; at: string } | undefined;
+    for (const ws of this.state.getWebSockets()) {
+      const a = ws.deserializeAttachment() as Attachment | null;
+      if (a?.hello && (!best || a.connectedAt > best.at)) best = { ws, at: a.connectedAt };
+    }
+    return best?.ws;
   }
 
   private async command(command: Command): Promise<Response> {
@@ -243,10 +249,14 @@ export class HostSession {
 
   async webSocketClose(ws: CfWebSocket): Promise<void> {
     const attachment = ws.deserializeAttachment() as Attachment | null;
-    for (const writer of this.logs.values()) {
-      void writer.abort("the host disconnected").catch(() => {});
+    // Log streams go with the agent's connection; a replaced socket closing leaves them be.
+    const current = this.agent();
+    if (!current || current === ws) {
+      for (const writer of this.logs.values()) {
+        void writer.abort("the host disconnected").catch(() => {});
+      }
+      this.logs.clear();
     }
-    this.logs.clear();
     if (!attachment) return;
     await hostDisconnected(this.services(), attachment.host.id, new Date(attachment.connectedAt));
   }

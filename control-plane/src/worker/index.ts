@@ -62,6 +62,6 @@ export default {
     const s = scoped(env, ctx);
     await sweepSilentHosts(s);
     await resumeForks(s);
-    ctx.waitUntil(Promise.allSettled(drivingFlows()));
+    ctx.waitUntil(Promise.allSettled(drivingFlows(s)));
   },
 };

@@ -1,7 +1,8 @@
 // An image's layers, applied in order with OCI whiteouts, as one read-only ext4 file: the lower
 // half of every guest's overlayfs (/init mounts it read-only; the instance's disk is the upper).
 // Built once per manifest digest and shared by every instance of that image.
-import { lstat, mkdir, readdir, rm, stat } from "node:fs/promises";
+import { randomBytes } from "node:crypto";
+import { chmod, chown, copyFile, lstat, mkdir, readdir, rename, rm, stat } from "node:fs/promises";
 import path from "node:path";
 import { InvalidRequestError } from "@offshoot/shared";
 import { execa } from "execa";
@@ -46,59 +47,80 @@ export async function buildRootfs(layers: OciLayer[], stage: string, out: string
   }
 }
 
-/** Whiteouts first (they hide what lower layers made), then the layer's own files. */
+/** A static busybox: the tar that runs confined to a layer's own directory. */
+const BUSYBOX = "/bin/busybox";
+
+/**
+ * One layer: extracted on its own, confined to a fresh directory (chroot: whatever names,
+ * symlinks or hard links the layer holds resolve inside it), then merged into the stage without
+ * ever following a symlink — whiteouts first (they hide what lower layers made), then the
+ * layer's own entries. A hostile image can shape its own rootfs, never touch the host.
+ */
 async function applyLayer(layer: OciLayer, stage: string): Promise<void> {
+  const dir = `${stage}.layer`;
+  await rm(dir, { recursive: true, force: true });
+  await mkdir(dir);
+  try {
+    await extractConfined(layer, dir);
+    await merge(dir, stage);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+async function extractConfined(layer: OciLayer, dir: string): Promise<void> {
+  const tool = `.offshoot-untar-${randomBytes(6).toString("hex")}`;
+  await mkdir(path.join(dir, tool));
+  await copyFile(BUSYBOX, path.join(dir, tool, "busybox"));
+  await chmod(path.join(dir, tool, "busybox"), 0o755);
   const z = layer.compression === "gzip" ? ["-z"] : [];
-  const listed = await execa("tar", [...z, "-tf", layer.file], { maxBuffer: 256 * MiB });
-  const names = listed.stdout.split("\n").filter(Boolean).map(clean);
-  const checked = new Set<string>();
-  for (const name of names) {
-    await refuseSymlinkParents(stage, name, checked);
-    const base = path.posix.basename(name);
-    const dir = path.posix.dirname(name);
-    if (base === ".wh..wh..opq") {
-      const target = path.join(stage, dir);
-      for (const child of await readdir(target).catch(() => [])) {
-        await rm(path.join(target, child), { recursive: true, force: true });
-      }
-    } else if (base.startsWith(".wh.")) {
-      await rm(path.join(stage, dir, base.slice(".wh.".length)), { recursive: true, force: true });
-    }
+  const r = await execa("chroot", [dir, `/${tool}/busybox`, "tar", "-x", ...z, "-f", "-"], {
+    inputFile: layer.file,
+    reject: false,
+  });
+  await rm(path.join(dir, tool), { recursive: true, force: true });
+  if (r.exitCode !== 0) {
+    throw new InvalidRequestError(`layer ${path.basename(layer.file)} did not unpack: ${r.stderr}`);
   }
-  await execa("tar", [
-    ...z,
-    "-xf",
-    layer.file,
-    "-C",
-    stage,
-    "--numeric-owner",
-    "--same-owner",
-    "--same-permissions",
-    "--exclude=.wh.*",
-  ]);
 }
 
-function clean(name: string): string {
-  const n = path.posix.normalize(name.replace(/^\.?\/+/, "")).replace(/\/$/, "");
-  if (n === ".." || n.startsWith("../") || path.posix.isAbsolute(n)) {
-    throw new InvalidRequestError(`layer member ${name} points outside the image`);
+/** Moves the entries of `from` into `to` (a real directory), applying whiteouts. */
+async function merge(from: string, to: string): Promise<void> {
+  const names = await readdir(from);
+  for (const n of names) {
+    if (n === ".wh..wh..opq") {
+      for (const c of await readdir(to))
+        await rm(path.join(to, c), { recursive: true, force: true });
+    } else if (n.startsWith(".wh.")) {
+      await rm(path.join(to, n.slice(".wh.".length)), { recursive: true, force: true });
+    }
   }
-  return n;
+  for (const n of names) {
+    if (n.startsWith(".wh.")) continue;
+    const src = path.join(from, n);
+    const dst = path.join(to, n);
+    const s = await lstat(src);
+    const d = await lstat(dst).catch(() => undefined);
+    if (s.isDirectory() && d?.isDirectory()) {
+      await merge(src, dst);
+      // The upper layer's directory metadata wins.
+      await chown(dst, s.uid, s.gid);
+      await chmod(dst, s.mode & 0o7777);
+      continue;
+    }
+    // Replaced whole (rm does not follow a symlink; it removes the link).
+    if (d) await rm(dst, { recursive: true, force: true });
+    if (s.isDirectory()) await stripWhiteouts(src);
+    await rename(src, dst);
+  }
 }
 
-/** A member under a symlink an earlier layer made would be written through it, possibly out of
- * the image: such images are refused rather than resolved. */
-async function refuseSymlinkParents(stage: string, name: string, checked: Set<string>) {
-  const parts = name.split("/").slice(0, -1);
-  let rel = "";
-  for (const p of parts) {
-    rel = rel ? `${rel}/${p}` : p;
-    if (checked.has(rel)) continue;
-    const st = await lstat(path.join(stage, rel)).catch(() => undefined);
-    if (st?.isSymbolicLink()) {
-      throw new InvalidRequestError(`layer member ${name} is under the symlink /${rel}`);
-    }
-    if (st) checked.add(rel);
+/** Whiteouts in a directory new to the stage hide nothing; they must not reach the image. */
+async function stripWhiteouts(dir: string): Promise<void> {
+  for (const e of await readdir(dir, { withFileTypes: true })) {
+    if (e.name.startsWith(".wh."))
+      await rm(path.join(dir, e.name), { recursive: true, force: true });
+    else if (e.isDirectory()) await stripWhiteouts(path.join(dir, e.name));
   }
 }
 

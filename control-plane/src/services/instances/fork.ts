@@ -158,7 +158,17 @@ interface ForkOutcome {
   error?: HostCommandError;
 }
 
-const driving = new Map<string, Promise<ForkOutcome>>();
+/** Flows being driven, per Services: one per process on Node; on Workers one per request or cron
+ * run, whose promises die with it — another run must not mistake them for live. */
+const drivingBy = new WeakMap<Services, Map<string, Promise<ForkOutcome>>>();
+const drivingOf = (s: Services) => {
+  let m = drivingBy.get(s);
+  if (!m) {
+    m = new Map();
+    drivingBy.set(s, m);
+  }
+  return m;
+};
 
 /**
  * Drives a fork flow to its end. Re-entrant: every step is an operations row (one per kind,
@@ -173,6 +183,7 @@ export function driveFork(
   flowId: string,
   known?: { flow: OperationRow; children: OperationRow[] },
 ): Promise<ForkOutcome> {
+  const driving = drivingOf(s);
   let p = driving.get(flowId);
   if (!p) {
     p = runFlow(s, flowId, known).finally(() => driving.delete(flowId));
@@ -182,8 +193,8 @@ export function driveFork(
 }
 
 /** Flows left pending by a previous process (or a failed request): drive them to the end. */
-/** The flows this process is driving now (a Worker's cron must wait for them). */
-export const drivingFlows = (): Promise<unknown>[] => [...driving.values()];
+/** The flows these services are driving now (a Worker's cron must wait for them). */
+export const drivingFlows = (s: Services): Promise<unknown>[] => [...drivingOf(s).values()];
 
 export async function resumeForks(s: Services): Promise<number> {
   const pending = await s.db
@@ -191,7 +202,7 @@ export async function resumeForks(s: Services): Promise<number> {
     .from(operations)
     .where(and(eq(operations.kind, "fork_flow"), eq(operations.status, "pending")));
   for (const { id } of pending) {
-    if (!driving.has(id)) {
+    if (!drivingOf(s).has(id)) {
       driveFork(s, id).catch((e: unknown) =>
         s.log("error", "fork flow failed to resume", { flow: id, error: String(e) }),
       );
@@ -334,11 +345,18 @@ async function runFlow(
     }
   }
   if (forked && !failure && startLater) {
-    const st = await step("start-fork", async () => ({
-      kind: "restore",
-      instance_id: p.target_id,
-    }));
-    if (st.status === "failed") {
+    // As for the source: an interrupted start is tried again, and one that left the fork
+    // Running succeeded.
+    let st = await step("start-fork", async () => ({ kind: "restore", instance_id: p.target_id }));
+    for (let attempt = 2; attempt <= RESTORE_ATTEMPTS; attempt++) {
+      if (st.status !== "failed" || commandError(st).code !== "interrupted") break;
+      st = await step(`start-fork#${attempt}`, async () => ({
+        kind: "restore",
+        instance_id: p.target_id,
+      }));
+    }
+    const running = st.observed?.some((o) => o.id === p.target_id && o.state === "Running");
+    if (st.status === "failed" && !running) {
       // The fork cannot reach its target state: it is rolled back, the source runs on.
       failure = prefixed(
         commandError(st),

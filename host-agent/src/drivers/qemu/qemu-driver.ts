@@ -474,6 +474,7 @@ export class QemuDriver implements Driver {
     const id = rec.observed.id;
     await this.dropMemory(id);
     await this.writeConfig(rec);
+    const hadBase = rec.ram_base !== null;
     rec = { ...rec, ram: "file", ram_base: null };
     const offset = await sizeOf(this.paths.serialLog(id));
     const vm = await launchQemu(this.guestSpec(rec));
@@ -504,7 +505,7 @@ export class QemuDriver implements Driver {
       guest_identity: identityOf(rec),
       observed: running(id, now()),
     };
-    if (rec.ram_base !== null) await this.gc();
+    if (hadBase) await this.gc();
     await this.store.write(out);
     return out;
   }
@@ -960,11 +961,34 @@ export class QemuDriver implements Driver {
         // An interrupted standby paused it, or an interrupted restore had not continued it yet.
         if (status === "paused" || status === "postmigrate") await qmp.execute("cont");
         await rm(this.paths.devStateFile(id), { force: true });
-        await this.store.write({
+        // After a restore the guest owns a RAM file (resume()'s `live`), whatever the snapshot was.
+        const live: QemuRecord = {
           ...rec,
           pid,
+          ram: rec.ram === "frozen" || rec.ram === "stream" ? "file" : rec.ram,
+          ram_base: rec.ram === "base" ? rec.ram_base : null,
           observed: running(id, rec.observed.started_at ?? now()),
-        });
+        };
+        try {
+          // A fork's first restore cut short may not have told the guest who it is yet.
+          await this.store.write({ ...live, guest_identity: await this.applyIdentity(live) });
+        } catch (e) {
+          await this.kill(id, pid);
+          await this.dropMemory(id);
+          await this.store.write({
+            ...live,
+            pid: null,
+            ram: "file",
+            ram_base: null,
+            observed: {
+              ...live.observed,
+              state: "Stopped",
+              stopped_at: now(),
+              exit_message: `guest identity not applied after an interrupted restore: ${(e as Error).message}`,
+            },
+          });
+        }
+        await this.gc();
         return;
       }
     }
