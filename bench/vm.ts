@@ -19,7 +19,7 @@
 // driver never copies RAM for a fork (the fork maps the source's frozen RAM file); a source
 // restored after a fork takes a copy of it (a reflink on XFS).
 import { execFileSync } from "node:child_process";
-import { mkdtempSync, readFileSync } from "node:fs";
+import { mkdtempSync } from "node:fs";
 import { copyFile, mkdir, rm, stat, writeFile } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
@@ -32,12 +32,16 @@ import { guestControl } from "../host-agent/src/drivers/qemu/control.ts";
 import { type GuestSpec, killProcess, launchQemu } from "../host-agent/src/drivers/qemu/launch.ts";
 import { guestConfig, QemuDriver, shellQuote } from "../host-agent/src/drivers/qemu/qemu-driver.ts";
 import type { QmpClient } from "../host-agent/src/drivers/qemu/qmp.ts";
-import { counts } from "../host-agent/src/drivers/qemu/serial.ts";
 import { type QemuRecord, QemuStore } from "../host-agent/src/drivers/qemu/store.ts";
-import { killGuestsUnder } from "../host-agent/src/drivers/qemu/testing.ts";
+import {
+  killGuestsUnder,
+  serialCounts,
+  testGuestSpec,
+  until,
+} from "../host-agent/src/drivers/qemu/testing.ts";
 import { ImageStore } from "../host-agent/src/images/store.ts";
 import { type AgentPaths, agentPaths } from "../host-agent/src/paths.ts";
-import { ensureTestImage, TEST_IMAGE } from "../scripts/oci-image.ts";
+import { ensureTestImage } from "../scripts/oci-image.ts";
 import { ensureVmAssets, type VmAssets } from "../scripts/vm-assets.ts";
 import { mountXfsLoop, type XfsLoop } from "../scripts/xfs-loop.ts";
 import { writeBenchPart } from "./results.ts";
@@ -106,31 +110,9 @@ function timedCtx(): OpContext & { marks: Array<[string, number]> } {
   };
 }
 
-function spec(id: string, mib: number, mac: string, cmd: string[] | null = null): InstanceSpec {
-  return {
-    id,
-    name: id,
-    image: TEST_IMAGE,
-    hypervisor: "qemu",
-    vcpus: 1,
-    memory_bytes: mib * MiB,
-    hotplug_bytes: 0,
-    // The API's default overlay size.
-    overlay_bytes: 10 * 1024 * MiB,
-    disk_io_bps: null,
-    env: {},
-    entrypoint: null,
-    cmd,
-    network: {
-      enabled: true,
-      mac,
-      ip: null,
-      bandwidth_download_bps: null,
-      bandwidth_upload_bps: null,
-    },
-    volumes: [],
-  };
-}
+/** The test guest at `mib`, with the API's default overlay size. */
+const spec = (id: string, mib: number, mac: string, cmd: string[] | null = null): InstanceSpec =>
+  testGuestSpec(id, { memory_bytes: mib * MiB, overlay_bytes: 10 * 1024 * MiB, cmd }, mac);
 
 const hex = (n: number) => (n & 0xff).toString(16).padStart(2, "0");
 
@@ -201,8 +183,11 @@ export async function runVmBench(opts: VmBenchOptions): Promise<string> {
           `dd if=/dev/zero of=/run/fill bs=1M count=${fillMiB} 2>/dev/null; exec /usr/bin/count`,
         ];
         await d.driver.create(spec(id, mib, `02:0b:00:${hex(i)}:00:01`, cmd), timedCtx());
-        await until(`${d.name} ${id} counting`, 180_000, () =>
-          counts(readFileSync(d.paths.qemu.serialLog(id), "utf8")).length >= 2 ? true : undefined,
+        await until(
+          `${d.name} ${id} counting`,
+          180_000,
+          () => (serialCounts(d.paths, id).length >= 2 ? true : undefined),
+          200,
         );
         await d.driver.standby(id, timedCtx());
         const st = await stat(d.paths.qemu.memFile(id));
@@ -480,21 +465,6 @@ async function waitPaused(qmp: QmpClient): Promise<void> {
     if (m.status === "failed") throw new Error(`incoming migration failed: ${m["error-desc"]}`);
     if (Date.now() >= deadline) throw new Error(`restored guest not paused (${s.status})`);
     await sleep(10);
-  }
-}
-
-async function until<T>(what: string, timeoutMs: number, f: () => T | undefined): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    let v: T | undefined;
-    try {
-      v = f();
-    } catch {
-      v = undefined; // e.g. the serial log does not exist yet
-    }
-    if (v !== undefined) return v;
-    if (Date.now() > deadline) throw new Error(`${what}: not within ${timeoutMs} ms`);
-    await sleep(200);
   }
 }
 

@@ -1,7 +1,7 @@
 // One JSON record per instance, in the instance's own directory: how a driver's state outlives
 // the agent (a QEMU process, or the sim's stand-in for one) and is found again after a restart.
 import { randomBytes } from "node:crypto";
-import { readdir, readFile, rename, rm, writeFile } from "node:fs/promises";
+import { readdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
 import type { z } from "zod";
 
 export type ReadResult<T> =
@@ -11,6 +11,17 @@ export type ReadResult<T> =
 
 export function isMissing(e: unknown): boolean {
   return (e as NodeJS.ErrnoException | undefined)?.code === "ENOENT";
+}
+
+/** Whether `file` exists; errors other than "no such file" are thrown. */
+export async function exists(file: string): Promise<boolean> {
+  try {
+    await stat(file);
+    return true;
+  } catch (e) {
+    if (isMissing(e)) return false;
+    throw e;
+  }
 }
 
 export interface RecordLayout {

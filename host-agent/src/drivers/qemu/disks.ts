@@ -4,10 +4,11 @@
 // target gets its own overlay on the same base. Bases are removed only when no disk's backing
 // chain mentions them (gcBases).
 import { randomBytes } from "node:crypto";
-import { chmod, link, mkdir, readdir, rename, rm, stat } from "node:fs/promises";
+import { chmod, link, mkdir, readdir, rename, rm } from "node:fs/promises";
 import path from "node:path";
 import { execa } from "execa";
 import type { AgentPaths } from "../../paths.ts";
+import { exists } from "../record-store.ts";
 
 export interface DiskTools {
   qemuImg: string;
@@ -21,7 +22,7 @@ export async function createInstanceDisk(
   bytes: number,
 ): Promise<void> {
   const blank = paths.blankDisk(bytes);
-  if (!(await hasFile(blank))) {
+  if (!(await exists(blank))) {
     await mkdir(path.dirname(blank), { recursive: true });
     // Sparse, with lazy inode-table and journal init: a 10 GiB template takes a few MB and
     // a fraction of a second. The guest's ext4 finishes the lazy init in the background.
@@ -132,22 +133,12 @@ export async function gcBases(tools: DiskTools, paths: AgentPaths["qemu"]): Prom
       for (const f of await backingChain(tools, paths.diskFile(id))) used.add(f);
     } catch {
       // No disk (a half-made instance) or unreadable: an unreadable chain must keep every base.
-      if (await hasFile(paths.diskFile(id))) return [];
+      if (await exists(paths.diskFile(id))) return [];
     }
   }
   const removed = bases.filter((b) => !used.has(b));
   for (const b of removed) await rm(b, { force: true });
   return removed;
-}
-
-async function hasFile(file: string): Promise<boolean> {
-  try {
-    await stat(file);
-    return true;
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException).code === "ENOENT") return false;
-    throw e;
-  }
 }
 
 /** Removes memory bases no instance record refers to. An unreadable record keeps them all. */

@@ -7,7 +7,7 @@ import path from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import type { InstanceSpec, ObservedInstance } from "@offshoot/shared";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
-import { ensureTestImage, TEST_IMAGE } from "../../../../scripts/oci-image.ts";
+import { ensureTestImage } from "../../../../scripts/oci-image.ts";
 import { ensureVmAssets, type VmAssets } from "../../../../scripts/vm-assets.ts";
 import { ImageStore, type StoredImage } from "../../images/store.ts";
 import { type AgentPaths, agentPaths } from "../../paths.ts";
@@ -16,8 +16,8 @@ import { guestMac } from "./control.ts";
 import { backingChain, createInstanceDisk } from "./disks.ts";
 import { killProcess, launchQemu } from "./launch.ts";
 import { exitMessage, guestConfig, guestHostname, QemuDriver } from "./qemu-driver.ts";
-import { counts } from "./serial.ts";
 import { QemuStore } from "./store.ts";
+import { serialCounts as serialCountsOf, testGuestSpec, until } from "./testing.ts";
 
 const ASSETS_TIMEOUT = 5 * 60_000;
 
@@ -95,49 +95,8 @@ function ctx(): OpContext & { recorded: string[] } {
   };
 }
 
-function spec(id: string, over: Partial<InstanceSpec> = {}): InstanceSpec {
-  return {
-    id,
-    name: id,
-    image: TEST_IMAGE,
-    hypervisor: "qemu",
-    vcpus: 1,
-    memory_bytes: 256 * 1024 * 1024,
-    hotplug_bytes: 0,
-    overlay_bytes: 64 * 1024 * 1024,
-    disk_io_bps: null,
-    env: {},
-    entrypoint: null,
-    cmd: null,
-    network: {
-      enabled: true,
-      mac: null,
-      ip: null,
-      bandwidth_download_bps: null,
-      bandwidth_upload_bps: null,
-    },
-    volumes: [],
-    ...over,
-  };
-}
-
-const serialCounts = (id: string) => {
-  try {
-    return counts(readFileSync(paths.qemu.serialLog(id), "utf8"));
-  } catch {
-    return [];
-  }
-};
-
-async function until<T>(what: string, ms: number, f: () => T | undefined): Promise<T> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const v = f();
-    if (v !== undefined) return v;
-    if (Date.now() > deadline) throw new Error(`${what}: not within ${ms} ms`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
-}
+const spec = testGuestSpec;
+const serialCounts = (id: string) => serialCountsOf(paths, id);
 
 async function timed<T>(name: string, p: () => Promise<T>): Promise<T> {
   const started = Date.now();
@@ -183,13 +142,7 @@ describe("QemuDriver", () => {
 
     // create → Running, counting
     const a = await timed("create→Running", () =>
-      driver.create(
-        spec("srca", {
-          network: { ...spec("x").network, mac: "02:00:00:00:0a:01" },
-          disk_io_bps: 50_000_000,
-        }),
-        ctx(),
-      ),
+      driver.create(spec("srca", { disk_io_bps: 50_000_000 }, "02:00:00:00:0a:01"), ctx()),
     );
     expect(a).toMatchObject({ id: "srca", state: "Running", has_snapshot: false });
     await until("3 counts", 20_000, () => (serialCounts("srca").length >= 3 ? true : undefined));
@@ -226,7 +179,7 @@ describe("QemuDriver", () => {
       driver.fork(
         {
           source_id: "srca",
-          target: spec("forkb", { network: { ...spec("x").network, mac: "02:00:00:00:0b:01" } }),
+          target: spec("forkb", {}, "02:00:00:00:0b:01"),
           target_state: "Running",
         },
         forkCtx,

@@ -34,7 +34,8 @@ import type { ImageStore, StoredImage } from "../../images/store.ts";
 import { runSteps, type Step } from "../../operations/steps.ts";
 import type { AgentPaths } from "../../paths.ts";
 import type { Driver, OpContext, OpData } from "../driver.ts";
-import { isMissing } from "../record-store.ts";
+import { running } from "../observed.ts";
+import { exists, isMissing } from "../record-store.ts";
 import { rollbackOperation } from "../rollback.ts";
 import { askGuestToStop, setGuestIdentity } from "./control.ts";
 import {
@@ -233,32 +234,19 @@ export class QemuDriver implements Driver {
   async stop(id: string, ctx: OpContext): Promise<ObservedInstance> {
     return this.locked(id, async () => {
       const rec = await this.load(id);
-      const stopped: QemuRecord = {
-        ...rec,
-        pid: null,
-        ram: "file",
-        ram_base: null,
-        observed: {
-          ...rec.observed,
-          state: "Stopped",
-          has_snapshot: false,
-          stopped_at: now(),
-          exit_code: null,
-          exit_message: null,
-        },
-      };
+      const out = stopped(rec, { code: null, message: null });
       await runSteps(ctx.steps, [
         {
           name: "shutdown",
           run: async () => {
             if (rec.pid !== null) await this.shutdown(id, rec.pid);
             await this.dropMemory(id);
-            await this.store.write(stopped);
+            await this.store.write(out);
             await this.gc();
           },
         },
       ]);
-      return stopped.observed;
+      return out.observed;
     });
   }
 
@@ -570,8 +558,7 @@ export class QemuDriver implements Driver {
     const memFile = this.paths.memFile(id);
     // The record as it will be once this QEMU runs: a forked source gets a writable copy of its
     // frozen RAM, RAM in the stream loads into a fresh file; either way the guest owns a file.
-    const live: QemuRecord =
-      rec.ram === "frozen" || rec.ram === "stream" ? { ...rec, ram: "file", ram_base: null } : rec;
+    const live = afterRestore(rec);
     if (rec.ram === "stream") await rm(memFile, { force: true });
     if (rec.ram === "frozen" && rec.ram_base !== null) {
       this.lastCopyPath = await copyMemory(rec.ram_base, memFile);
@@ -608,17 +595,12 @@ export class QemuDriver implements Driver {
       await this.resnapshot({ ...live, pid: vm.pid }).catch(async () => {
         await this.kill(id, vm.pid);
         await this.dropMemory(id);
-        await this.store.write({
-          ...rec,
-          pid: null,
-          observed: {
-            ...rec.observed,
-            state: "Stopped",
-            has_snapshot: false,
-            stopped_at: now(),
-            exit_message: "guest identity not applied after restore",
-          },
-        });
+        await this.store.write(
+          stopped(rec, {
+            code: rec.observed.exit_code ?? null,
+            message: "guest identity not applied after restore",
+          }),
+        );
       });
       throw new ApiError(
         "internal_error",
@@ -735,21 +717,13 @@ export class QemuDriver implements Driver {
     }
     await this.closeQmp(id);
     await this.dropMemory(id);
-    const out: QemuRecord = {
-      ...rec,
-      pid: null,
-      observed: {
-        ...rec.observed,
-        state: "Stopped",
-        has_snapshot: false,
-        stopped_at: now(),
-        exit_code: exit?.code ?? null,
-        exit_message:
-          exit === undefined
-            ? `hypervisor exited unexpectedly: ${await this.qemuLogTail(id)}`
-            : exitMessage(exit.code, exit.oom),
-      },
-    };
+    const out = stopped(rec, {
+      code: exit?.code ?? null,
+      message:
+        exit === undefined
+          ? `hypervisor exited unexpectedly: ${await this.qemuLogTail(id)}`
+          : exitMessage(exit.code, exit.oom),
+    });
     await this.store.write(out);
     for (const l of this.listeners) l(out.observed);
     return out;
@@ -963,10 +937,8 @@ export class QemuDriver implements Driver {
         await rm(this.paths.devStateFile(id), { force: true });
         // After a restore the guest owns a RAM file (resume()'s `live`), whatever the snapshot was.
         const live: QemuRecord = {
-          ...rec,
+          ...afterRestore(rec),
           pid,
-          ram: rec.ram === "frozen" || rec.ram === "stream" ? "file" : rec.ram,
-          ram_base: rec.ram === "base" ? rec.ram_base : null,
           observed: running(id, rec.observed.started_at ?? now()),
         };
         try {
@@ -975,18 +947,12 @@ export class QemuDriver implements Driver {
         } catch (e) {
           await this.kill(id, pid);
           await this.dropMemory(id);
-          await this.store.write({
-            ...live,
-            pid: null,
-            ram: "file",
-            ram_base: null,
-            observed: {
-              ...live.observed,
-              state: "Stopped",
-              stopped_at: now(),
-              exit_message: `guest identity not applied after an interrupted restore: ${(e as Error).message}`,
-            },
-          });
+          await this.store.write(
+            stopped(live, {
+              code: null,
+              message: `guest identity not applied after an interrupted restore: ${(e as Error).message}`,
+            }),
+          );
         }
         await this.gc();
         return;
@@ -1013,19 +979,12 @@ export class QemuDriver implements Driver {
     }
     if (rec.observed.state === "Running" || rec.observed.state === "Standby") {
       await this.dropMemory(id);
-      await this.store.write({
-        ...rec,
-        pid: null,
-        ram: "file",
-        ram_base: null,
-        observed: {
-          ...rec.observed,
-          state: "Stopped",
-          has_snapshot: false,
-          stopped_at: now(),
-          exit_message: "hypervisor gone after an interrupted operation",
-        },
-      });
+      await this.store.write(
+        stopped(rec, {
+          code: rec.observed.exit_code ?? null,
+          message: "hypervisor gone after an interrupted operation",
+        }),
+      );
     }
   }
 
@@ -1132,22 +1091,39 @@ export class QemuDriver implements Driver {
   }
 }
 
+/** The record once a restored guest runs: it owns a RAM file (a forked source's copy of its
+ * frozen RAM, or the RAM loaded from the stream), unless it is a fork mapping its memory base. */
+function afterRestore(rec: QemuRecord): QemuRecord {
+  return rec.ram === "frozen" || rec.ram === "stream"
+    ? { ...rec, ram: "file", ram_base: null }
+    : rec;
+}
+
+/** The record of a guest whose QEMU is gone: Stopped, its memory dropped with it (so no memory
+ * base is kept for it either). */
+function stopped(
+  rec: QemuRecord,
+  exit: { code: number | null; message: string | null },
+): QemuRecord {
+  return {
+    ...rec,
+    pid: null,
+    ram: "file",
+    ram_base: null,
+    observed: {
+      ...rec.observed,
+      state: "Stopped",
+      has_snapshot: false,
+      stopped_at: now(),
+      exit_code: exit.code,
+      exit_message: exit.message,
+    },
+  };
+}
+
 /** What a guest's identity must be: its hostname and its NIC's MAC. */
 function identityOf(rec: QemuRecord): string {
   return `${guestHostname(rec.spec.name)} ${rec.machine.mac ?? "-"}`;
-}
-
-function running(id: string, startedAt: string): ObservedInstance {
-  return {
-    id,
-    state: "Running",
-    has_snapshot: false,
-    state_error: null,
-    exit_code: null,
-    exit_message: null,
-    started_at: startedAt,
-    stopped_at: null,
-  };
 }
 
 function machineFor(spec: InstanceSpec): Machine {
@@ -1287,16 +1263,6 @@ async function sizeOf(file: string): Promise<number> {
     return (await stat(file)).size;
   } catch (e) {
     if (isMissing(e)) return 0;
-    throw e;
-  }
-}
-
-async function exists(file: string): Promise<boolean> {
-  try {
-    await stat(file);
-    return true;
-  } catch (e) {
-    if (isMissing(e)) return false;
     throw e;
   }
 }

@@ -1,10 +1,72 @@
-// Helpers for tests that boot real QEMU guests: short temp dirs (the QMP socket must fit in
-// sun_path) and a cleanup that leaves no process or directory behind.
+// Helpers for tests and benchmarks that boot real QEMU guests: short temp dirs (the QMP socket
+// must fit in sun_path), a cleanup that leaves no process or directory behind, the instance spec
+// of a small test guest, and waiting on what its serial console shows.
 import { mkdtempSync, readdirSync, readFileSync, rmSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
+import type { InstanceSpec } from "@offshoot/shared";
+import { TEST_IMAGE } from "../../../../scripts/oci-image.ts";
 import type { VmAssets } from "../../../../scripts/vm-assets.ts";
+import type { AgentPaths } from "../../paths.ts";
 import { type GuestSpec, killProcess, type LaunchedQemu, processAlive } from "./launch.ts";
+import { counts } from "./serial.ts";
+
+/** A 256 MiB, 1 vCPU guest of the busybox test image, with a NIC (`mac`, else derived). */
+export function testGuestSpec(
+  id: string,
+  over: Partial<InstanceSpec> = {},
+  mac: string | null = null,
+): InstanceSpec {
+  return {
+    id,
+    name: id,
+    image: TEST_IMAGE,
+    hypervisor: "qemu",
+    vcpus: 1,
+    memory_bytes: 256 * 1024 * 1024,
+    hotplug_bytes: 0,
+    overlay_bytes: 64 * 1024 * 1024,
+    disk_io_bps: null,
+    env: {},
+    entrypoint: null,
+    cmd: null,
+    network: {
+      enabled: true,
+      mac,
+      ip: null,
+      bandwidth_download_bps: null,
+      bandwidth_upload_bps: null,
+    },
+    volumes: [],
+    ...over,
+  };
+}
+
+/** The `OFFSHOOT-COUNT n` values in an instance's serial log so far ([] before it exists). */
+export function serialCounts(paths: AgentPaths, id: string): number[] {
+  try {
+    return counts(readFileSync(paths.qemu.serialLog(id), "utf8"));
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === "ENOENT") return [];
+    throw e;
+  }
+}
+
+/** Polls `f` until it returns a value; throws naming `what` after `ms`. */
+export async function until<T>(
+  what: string,
+  ms: number,
+  f: () => T | undefined,
+  pollMs = 100,
+): Promise<T> {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const v = f();
+    if (v !== undefined) return v;
+    if (Date.now() > deadline) throw new Error(`${what}: not within ${ms} ms`);
+    await new Promise((r) => setTimeout(r, pollMs));
+  }
+}
 
 export interface GuestDir {
   dir: string;

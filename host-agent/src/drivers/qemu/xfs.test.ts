@@ -1,11 +1,10 @@
 // The QEMU driver's reflink path with a real guest (QEMU 7.2 TCG): its data dir on an XFS made with
-// reflink=1 on a loop device (the root filesystem here is ext4, where the driver can only copy the
-// RAM file). One guest and one fork, to keep CI's two cores free for the rest.
+// reflink=1 on a loop device (the root filesystem here is ext4, where forks get qcow2 overlays on
+// a frozen base instead). One guest and one fork, to keep CI's two cores free for the rest.
 import { execFileSync } from "node:child_process";
-import { existsSync, readdirSync, readFileSync } from "node:fs";
-import type { InstanceSpec } from "@offshoot/shared";
+import { existsSync, readdirSync } from "node:fs";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { ensureTestImage, TEST_IMAGE } from "../../../../scripts/oci-image.ts";
+import { ensureTestImage } from "../../../../scripts/oci-image.ts";
 import { ensureVmAssets, type VmAssets } from "../../../../scripts/vm-assets.ts";
 import { mountXfsLoop, type XfsLoop } from "../../../../scripts/xfs-loop.ts";
 import { ImageStore } from "../../images/store.ts";
@@ -13,8 +12,12 @@ import { type AgentPaths, agentPaths } from "../../paths.ts";
 import type { OpContext } from "../driver.ts";
 import { backingChain } from "./disks.ts";
 import { QemuDriver } from "./qemu-driver.ts";
-import { counts } from "./serial.ts";
-import { killGuestsUnder } from "./testing.ts";
+import {
+  killGuestsUnder,
+  serialCounts as serialCountsOf,
+  testGuestSpec,
+  until,
+} from "./testing.ts";
 
 let assets: VmAssets;
 let xfs: XfsLoop | undefined;
@@ -42,45 +45,8 @@ afterAll(async () => {
 let seq = 0;
 const ctx = (): OpContext => ({ commandId: `xfs-${++seq}`, steps: { record: async () => {} } });
 
-function spec(id: string, mac: string): InstanceSpec {
-  return {
-    id,
-    name: id,
-    image: TEST_IMAGE,
-    hypervisor: "qemu",
-    vcpus: 1,
-    memory_bytes: 256 * 1024 * 1024,
-    hotplug_bytes: 0,
-    overlay_bytes: 64 * 1024 * 1024,
-    disk_io_bps: null,
-    env: {},
-    entrypoint: null,
-    cmd: null,
-    network: {
-      enabled: true,
-      mac,
-      ip: null,
-      bandwidth_download_bps: null,
-      bandwidth_upload_bps: null,
-    },
-    volumes: [],
-  };
-}
-
-const serialCounts = (id: string) =>
-  existsSync(paths.qemu.serialLog(id))
-    ? counts(readFileSync(paths.qemu.serialLog(id), "utf8"))
-    : [];
-
-async function until<T>(what: string, ms: number, f: () => T | undefined): Promise<T> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const v = f();
-    if (v !== undefined) return v;
-    if (Date.now() > deadline) throw new Error(`${what}: not within ${ms} ms`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
-}
+const spec = (id: string, mac: string) => testGuestSpec(id, {}, mac);
+const serialCounts = (id: string) => serialCountsOf(paths, id);
 
 /** Extents of `file` that FIEMAP reports as shared with another file. */
 function sharedExtents(file: string): number {

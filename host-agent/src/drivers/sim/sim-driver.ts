@@ -1,7 +1,7 @@
 // The simulated hypervisor: no VMs, just state files, timers and the same rules a real driver
 // has to follow, so the control plane's tests exercise real outcomes (conflicts, invalid
 // states, rollbacks, crash recovery) at fleet scale. Never evidence that VMs work.
-import { appendFile, copyFile, mkdir, rm, stat, writeFile } from "node:fs/promises";
+import { appendFile, copyFile, mkdir, rm, writeFile } from "node:fs/promises";
 import { setTimeout as sleep } from "node:timers/promises";
 import {
   ApiError,
@@ -19,7 +19,8 @@ import type { SimLatency } from "../../config.ts";
 import { runSteps, type Step } from "../../operations/steps.ts";
 import type { AgentPaths } from "../../paths.ts";
 import type { Driver, OpContext, OpData } from "../driver.ts";
-import { isMissing } from "../record-store.ts";
+import { running } from "../observed.ts";
+import { exists } from "../record-store.ts";
 import { rollbackOperation } from "../rollback.ts";
 import { type SimRecord, SimStore } from "./store.ts";
 
@@ -356,28 +357,5 @@ export class SimDriver implements Driver {
     if (read.kind === "ok" && read.record.observed.state !== "Standby") {
       await rm(this.paths.sim.snapshotFile(id), { force: true });
     }
-  }
-}
-
-function running(id: string): ObservedInstance {
-  return {
-    id,
-    state: "Running",
-    has_snapshot: false,
-    state_error: null,
-    exit_code: null,
-    exit_message: null,
-    started_at: now(),
-    stopped_at: null,
-  };
-}
-
-async function exists(file: string): Promise<boolean> {
-  try {
-    await stat(file);
-    return true;
-  } catch (e) {
-    if (isMissing(e)) return false;
-    throw e;
   }
 }
