@@ -5,34 +5,15 @@
 import os from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { openPostgres } from "../control-plane/src/db/open.ts";
-import {
-  createApiKey,
-  createHost,
-  ensureTenant,
-} from "../control-plane/src/services/credentials.ts";
-import { loadConfig, startAgent } from "../host-agent/src/index.ts";
+import { startAgent } from "../host-agent/src/index.ts";
 import { ensurePostgres } from "../scripts/postgres.ts";
 import { spawnControlPlane } from "../test/harness.ts";
 import { wranglerDev } from "../test/wrangler.ts";
+import { benchDatabase, http, simAgentConfig, standbySource, waitOnline } from "./sim-stack.ts";
 import { fmt, summary } from "./stats.ts";
 
 const N = Number(process.env.BENCH_REPLICA_FORKS ?? 200);
 const WARMUP = 20;
-
-async function http(base: string, key: string, method: string, path: string, body?: unknown) {
-  const res = await fetch(`${base}${path}`, {
-    method,
-    headers: {
-      authorization: `Bearer ${key}`,
-      ...(body !== undefined && { "content-type": "application/json" }),
-    },
-    body: body === undefined ? undefined : JSON.stringify(body),
-  });
-  const text = await res.text();
-  if (res.status >= 300) throw new Error(`${method} ${path} → ${res.status} ${text}`);
-  return text ? (JSON.parse(text) as { id: string }) : undefined;
-}
 
 /** One fork of the Standby source through `base`, timed; the fork is deleted untimed. */
 async function timedFork(base: string, key: string, name: string): Promise<number> {
@@ -43,65 +24,20 @@ async function timedFork(base: string, key: string, name: string): Promise<numbe
   return ms;
 }
 
-async function database(serverUrl: string, name: string) {
-  const admin = await openPostgres(serverUrl, { max: 1 });
-  await admin.db.execute(`drop database if exists ${name} with (force)` as never);
-  await admin.db.execute(`create database ${name}` as never);
-  await admin.close();
-  const u = new URL(serverUrl);
-  u.pathname = `/${name}`;
-  const db = await openPostgres(u.toString(), { max: 2 });
-  const tenant = await ensureTenant(db.db, "bench");
-  const { key } = await createApiKey(db.db, tenant);
-  const { token } = await createHost(db.db, "bench-host");
-  await db.close();
-  return { url: u.toString(), key, token };
-}
-
-function agentFor(cpUrl: string, token: string, dir: string) {
-  return startAgent(
-    loadConfig({
-      CONTROL_PLANE_URL: cpUrl,
-      HOST_TOKEN: token,
-      AGENT_DATA_DIR: dir,
-      AGENT_HOST_NAME: "bench-host",
-      AGENT_DRIVER: "sim",
-      SIM_EXEC_LOG: "0",
-      AGENT_VCPUS: "64",
-      AGENT_MEMORY: "256GB",
-    }),
-    { log: () => {} },
-  );
-}
-
-async function standbySource(base: string, key: string) {
-  for (let i = 0; ; i++) {
-    try {
-      await http(base, key, "POST", "/instances", {
-        name: "src",
-        image: "alpine",
-        vcpus: 1,
-        size: "256MB",
-      });
-      break;
-    } catch (e) {
-      if (i > 100) throw e;
-      await new Promise((r) => setTimeout(r, 200)); // the agent is still connecting
-    }
-  }
-  await http(base, key, "POST", "/instances/src/standby");
-}
-
 export async function benchReplicas(serverUrl: string, root: string): Promise<string[]> {
   // --- Node: replica A holds the agent; forks through A and through B, alternating ----------
-  const node = await database(serverUrl, "bench_replicas");
+  const node = await benchDatabase(serverUrl, "bench_replicas");
   const env = { HEARTBEAT_MS: "5000", HOST_GRACE_MS: "15000" };
   const a = await spawnControlPlane({ databaseUrl: node.url, env });
   const b = await spawnControlPlane({ databaseUrl: node.url, env });
-  const agent = await agentFor(a.url, node.token, join(root, "replicas-agent"));
+  const agent = await startAgent(
+    simAgentConfig(a.url, node.token, join(root, "replicas-agent"), "bench-host"),
+    { log: () => {} },
+  );
   const same: number[] = [];
   const cross: number[] = [];
   try {
+    await waitOnline(a.url, node.key);
     await standbySource(a.url, node.key);
     for (let i = 0; i < N + WARMUP; i++) {
       const viaA = await timedFork(a.url, node.key, `a-${i}`);
@@ -118,11 +54,15 @@ export async function benchReplicas(serverUrl: string, root: string): Promise<st
   }
 
   // --- Workers: the same fork through the Worker under wrangler dev -------------------------
-  const wdb = await database(serverUrl, "bench_workers");
+  const wdb = await benchDatabase(serverUrl, "bench_workers");
   const worker = await wranglerDev(wdb.url, { HEARTBEAT_MS: "5000", HOST_GRACE_MS: "15000" });
-  const wagent = await agentFor(worker.url, wdb.token, join(root, "workers-agent"));
+  const wagent = await startAgent(
+    simAgentConfig(worker.url, wdb.token, join(root, "workers-agent"), "bench-host"),
+    { log: () => {} },
+  );
   const viaWorker: number[] = [];
   try {
+    await waitOnline(worker.url, wdb.key);
     await standbySource(worker.url, wdb.key);
     for (let i = 0; i < N + WARMUP; i++) {
       const ms = await timedFork(worker.url, wdb.key, `w-${i}`);

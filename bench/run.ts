@@ -6,18 +6,25 @@ import { execFileSync } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import os from "node:os";
 import { join } from "node:path";
-import postgres from "postgres";
 import { openPostgres } from "../control-plane/src/db/open.ts";
 import {
   createApiKey,
   createHost,
   ensureTenant,
 } from "../control-plane/src/services/credentials.ts";
-import { loadConfig, type RunningAgent, startAgent } from "../host-agent/src/index.ts";
+import { type RunningAgent, startAgent } from "../host-agent/src/index.ts";
 import { ensurePostgres } from "../scripts/postgres.ts";
 import { spawnControlPlane } from "../test/harness.ts";
 import { benchReplicas } from "./replicas.ts";
 import { writeBenchPart } from "./results.ts";
+import {
+  benchDatabase,
+  freshDatabase,
+  http,
+  simAgentConfig,
+  standbySource,
+  waitOnline,
+} from "./sim-stack.ts";
 import { fmt, summary } from "./stats.ts";
 import { runVmBench, vmBenchOptionsFromEnv } from "./vm.ts";
 
@@ -27,33 +34,9 @@ const FLEET_FORKS = Number(process.env.BENCH_FLEET_FORKS ?? 300);
 
 const silent = () => {};
 
-async function freshDatabase(serverUrl: string, name: string): Promise<string> {
-  const admin = postgres(serverUrl, { max: 1, onnotice: () => {} });
-  await admin.unsafe(`drop database if exists ${name} with (force)`);
-  await admin.unsafe(`create database ${name}`);
-  await admin.end();
-  const url = new URL(serverUrl);
-  url.pathname = `/${name}`;
-  return url.toString();
-}
-
 function rssKb(pid: number): number {
   const m = /VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, "utf8"));
   return Number(m?.[1] ?? 0);
-}
-
-async function http(base: string, key: string, method: string, path: string, body?: unknown) {
-  const res = await fetch(`${base}${path}`, {
-    method,
-    headers: {
-      authorization: `Bearer ${key}`,
-      ...(body !== undefined && { "content-type": "application/json" }),
-    },
-    body: body === undefined ? undefined : JSON.stringify(body),
-  });
-  const text = await res.text();
-  if (res.status >= 300) throw new Error(`${method} ${path} → ${res.status} ${text}`);
-  return text ? (JSON.parse(text) as { id: string; state: string }) : undefined;
 }
 
 async function startAgents(cpUrl: string, tokens: string[], root: string): Promise<RunningAgent[]> {
@@ -61,34 +44,13 @@ async function startAgents(cpUrl: string, tokens: string[], root: string): Promi
   // Connect in small batches, as a fleet coming up would.
   for (let i = 0; i < tokens.length; i += 50) {
     const batch = tokens.slice(i, i + 50).map((token, j) =>
-      startAgent(
-        loadConfig({
-          CONTROL_PLANE_URL: cpUrl,
-          HOST_TOKEN: token,
-          AGENT_DATA_DIR: join(root, `a${i + j}`),
-          AGENT_HOST_NAME: `bench-${i + j}`,
-          AGENT_DRIVER: "sim",
-          SIM_EXEC_LOG: "0",
-          AGENT_VCPUS: "64",
-          AGENT_MEMORY: "256GB",
-        }),
-        { log: silent },
-      ),
+      startAgent(simAgentConfig(cpUrl, token, join(root, `a${i + j}`), `bench-${i + j}`), {
+        log: silent,
+      }),
     );
     agents.push(...(await Promise.all(batch)));
   }
   return agents;
-}
-
-/** The fork source every scenario uses: a small instance, put in Standby. */
-async function standbySource(cpUrl: string, key: string) {
-  await http(cpUrl, key, "POST", "/instances", {
-    name: "src",
-    image: "alpine",
-    vcpus: 1,
-    size: "256MB",
-  });
-  await http(cpUrl, key, "POST", "/instances/src/standby");
 }
 
 /** Sequential forks of one Standby source: request → 201, client-side wall time. */
@@ -113,12 +75,7 @@ async function simBench() {
   const lines: string[] = [];
   try {
     // --- 1: fork round trip, one host -------------------------------------------------------
-    const url1 = await freshDatabase(serverUrl, "bench_fork");
-    const db1 = await openPostgres(url1, { max: 2 });
-    const tenant1 = await ensureTenant(db1.db, "bench");
-    const { key: key1 } = await createApiKey(db1.db, tenant1);
-    const { token } = await createHost(db1.db, "bench-host");
-    await db1.close();
+    const { url: url1, key: key1, token } = await benchDatabase(serverUrl, "bench_fork");
     const cp1 = await spawnControlPlane({
       databaseUrl: url1,
       env: { HEARTBEAT_MS: "5000", HOST_GRACE_MS: "15000" },
@@ -239,24 +196,6 @@ async function simBench() {
     rmSync(root, { recursive: true, force: true });
     await pg?.stop();
   }
-}
-
-async function waitOnline(cpUrl: string, key: string) {
-  for (let i = 0; i < 100; i++) {
-    try {
-      await http(cpUrl, key, "POST", "/instances", {
-        name: "probe",
-        image: "alpine",
-        vcpus: 1,
-        size: "64MB",
-      });
-      await http(cpUrl, key, "DELETE", "/instances/probe");
-      return;
-    } catch {
-      await new Promise((r) => setTimeout(r, 200));
-    }
-  }
-  throw new Error("no host came online");
 }
 
 async function main() {

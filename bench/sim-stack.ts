@@ -1,0 +1,96 @@
+// What the control-plane benchmarks (bench/run.ts, bench/replicas.ts) share: a fresh database
+// with a tenant, a key and a host, sim agents that connect in-process, an HTTP client, and the
+// Standby instance every fork scenario forks.
+import postgres from "postgres";
+import { openPostgres } from "../control-plane/src/db/open.ts";
+import {
+  createApiKey,
+  createHost,
+  ensureTenant,
+} from "../control-plane/src/services/credentials.ts";
+import { type AgentConfig, loadConfig } from "../host-agent/src/index.ts";
+
+export async function freshDatabase(serverUrl: string, name: string): Promise<string> {
+  const admin = postgres(serverUrl, { max: 1, onnotice: () => {} });
+  await admin.unsafe(`drop database if exists ${name} with (force)`);
+  await admin.unsafe(`create database ${name}`);
+  await admin.end();
+  const url = new URL(serverUrl);
+  url.pathname = `/${name}`;
+  return url.toString();
+}
+
+/** A fresh, migrated database with one tenant's API key and one host's token. */
+export async function benchDatabase(serverUrl: string, name: string) {
+  const url = await freshDatabase(serverUrl, name);
+  const db = await openPostgres(url, { max: 2 });
+  const tenant = await ensureTenant(db.db, "bench");
+  const { key } = await createApiKey(db.db, tenant);
+  const { token } = await createHost(db.db, "bench-host");
+  await db.close();
+  return { url, key, token };
+}
+
+/** A sim agent's configuration: no latency, no exec log, room for any number of instances. */
+export function simAgentConfig(cpUrl: string, token: string, dataDir: string, hostName: string) {
+  return loadConfig({
+    CONTROL_PLANE_URL: cpUrl,
+    HOST_TOKEN: token,
+    AGENT_DATA_DIR: dataDir,
+    AGENT_HOST_NAME: hostName,
+    AGENT_DRIVER: "sim",
+    SIM_EXEC_LOG: "0",
+    AGENT_VCPUS: "64",
+    AGENT_MEMORY: "256GB",
+  }) satisfies AgentConfig;
+}
+
+export async function http(
+  base: string,
+  key: string,
+  method: string,
+  path: string,
+  body?: unknown,
+) {
+  const res = await fetch(`${base}${path}`, {
+    method,
+    headers: {
+      authorization: `Bearer ${key}`,
+      ...(body !== undefined && { "content-type": "application/json" }),
+    },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const text = await res.text();
+  if (res.status >= 300) throw new Error(`${method} ${path} → ${res.status} ${text}`);
+  return text ? (JSON.parse(text) as { id: string; state: string }) : undefined;
+}
+
+/** Returns once a host accepts instances (a probe instance is made and deleted). */
+export async function waitOnline(cpUrl: string, key: string) {
+  for (let i = 0; i < 100; i++) {
+    try {
+      await http(cpUrl, key, "POST", "/instances", {
+        name: "probe",
+        image: "alpine",
+        vcpus: 1,
+        size: "64MB",
+      });
+      await http(cpUrl, key, "DELETE", "/instances/probe");
+      return;
+    } catch {
+      await new Promise((r) => setTimeout(r, 200));
+    }
+  }
+  throw new Error("no host came online");
+}
+
+/** The fork source every scenario uses: a small instance, put in Standby. */
+export async function standbySource(cpUrl: string, key: string) {
+  await http(cpUrl, key, "POST", "/instances", {
+    name: "src",
+    image: "alpine",
+    vcpus: 1,
+    size: "256MB",
+  });
+  await http(cpUrl, key, "POST", "/instances/src/standby");
+}
