@@ -23,6 +23,35 @@ export interface AgentSocket {
 const HELLO_TIMEOUT_MS = 10_000;
 
 /**
+ * One agent frame, parsed and checked against the protocol. A frame that is not JSON, or of
+ * another protocol version, ends the connection (`close`); a malformed message of our version
+ * is only dropped. Shared by every transport (Node sessions, the Workers HostSession).
+ */
+export function decodeAgentMessage(
+  text: string,
+):
+  | { ok: true; msg: AgentMessage }
+  | { ok: false; issue: string; close?: [code: number, reason: string] } {
+  let raw: unknown;
+  try {
+    raw = JSON.parse(text);
+  } catch {
+    return { ok: false, issue: "not JSON", close: [CLOSE.badProtocol, "not JSON"] };
+  }
+  const parsed = AgentMessage.safeParse(raw);
+  if (parsed.success) return { ok: true, msg: parsed.data };
+  const v = (raw as { v?: unknown } | null)?.v;
+  const issue = `v ${String(v)}: ${parsed.error.issues[0]?.message ?? "invalid"}`;
+  return v === PROTOCOL_VERSION
+    ? { ok: false, issue }
+    : {
+        ok: false,
+        issue,
+        close: [CLOSE.badProtocol, `protocol version ${String(v)} not supported`],
+      };
+}
+
+/**
  * One agent connection, independent of the transport that carries it. Messages are handled
  * strictly in arrival order (hello's reconciliation before any result that follows it).
  */
@@ -84,26 +113,13 @@ export class AgentSession {
   }
 
   private async handle(text: string): Promise<void> {
-    let raw: unknown;
-    try {
-      raw = JSON.parse(text);
-    } catch {
-      this.close(CLOSE.badProtocol, "not JSON");
+    const decoded = decodeAgentMessage(text);
+    if (!decoded.ok) {
+      this.s().log("warn", "bad agent message", { host_id: this.host.id, issue: decoded.issue });
+      if (decoded.close) this.close(...decoded.close);
       return;
     }
-    const parsed = AgentMessage.safeParse(raw);
-    if (!parsed.success) {
-      const v = (raw as { v?: unknown } | null)?.v;
-      this.s().log("warn", "bad agent message", {
-        host_id: this.host.id,
-        v,
-        issue: parsed.error.issues[0]?.message,
-      });
-      if (v !== PROTOCOL_VERSION)
-        this.close(CLOSE.badProtocol, `protocol version ${String(v)} not supported`);
-      return;
-    }
-    const msg = parsed.data;
+    const { msg } = decoded;
     const s = this.s();
     if (msg.type === "hello") {
       clearTimeout(this.helloTimer);

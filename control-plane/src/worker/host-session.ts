@@ -5,15 +5,9 @@
 // its own database client. A command in flight when the object is evicted is not lost: it is
 // recorded in Postgres, the agent's result wakes the object again and is recorded then, and the
 // agent's next hello re-sends anything still pending.
-import {
-  AgentMessage,
-  CLOSE,
-  type Command,
-  encode,
-  type LogChunk,
-  PROTOCOL_VERSION,
-} from "@offshoot/shared";
+import { CLOSE, type Command, encode, type LogChunk, PROTOCOL_VERSION } from "@offshoot/shared";
 import { transaction } from "../db/client.ts";
+import { decodeAgentMessage } from "../gateway/agent-session.ts";
 import type { HostGateway } from "../gateway/host-gateway.ts";
 import type { Services } from "../services/context.ts";
 import { hostConnected, hostDisconnected, recordHeartbeats } from "../services/hosts.ts";
@@ -188,21 +182,13 @@ export class HostSession {
   private async handle(ws: CfWebSocket, text: string): Promise<void> {
     const attachment = ws.deserializeAttachment() as Attachment | null;
     if (!attachment) return;
-    let raw: unknown;
-    try {
-      raw = JSON.parse(text);
-    } catch {
-      ws.close(CLOSE.badProtocol, "not JSON");
+    const decoded = decodeAgentMessage(text);
+    if (!decoded.ok) {
+      log("warn", "bad agent message", { host_id: attachment.host.id, issue: decoded.issue });
+      if (decoded.close) ws.close(...decoded.close);
       return;
     }
-    const parsed = AgentMessage.safeParse(raw);
-    if (!parsed.success) {
-      const v = (raw as { v?: unknown } | null)?.v;
-      if (v !== PROTOCOL_VERSION)
-        ws.close(CLOSE.badProtocol, `protocol version ${String(v)} not supported`);
-      return;
-    }
-    const msg = parsed.data;
+    const { msg } = decoded;
     const hostId = attachment.host.id;
     if (msg.type !== "hello" && !attachment.hello) {
       ws.close(CLOSE.badProtocol, "hello first");
