@@ -242,7 +242,7 @@ export class QemuDriver implements Driver {
             if (rec.pid !== null) await this.shutdown(id, rec.pid);
             await this.dropMemory(id);
             await this.store.write(out);
-            await this.gc();
+            if (rec.ram_base !== null) await this.gcMemory();
           },
         },
       ]);
@@ -493,7 +493,7 @@ export class QemuDriver implements Driver {
       guest_identity: identityOf(rec),
       observed: running(id, now()),
     };
-    if (hadBase) await this.gc();
+    if (hadBase) await this.gcMemory();
     await this.store.write(out);
     return out;
   }
@@ -545,7 +545,7 @@ export class QemuDriver implements Driver {
       observed: { ...rec.observed, state: "Standby", has_snapshot: true },
     };
     await this.store.write(out);
-    if (rec.ram_base !== null) await this.gc();
+    if (rec.ram_base !== null) await this.gcMemory();
     await record("release-vmm");
     return out;
   }
@@ -615,7 +615,7 @@ export class QemuDriver implements Driver {
       observed: running(id, rec.observed.started_at ?? now()),
     };
     await this.store.write(out);
-    if (rec.ram === "frozen") await this.gc();
+    if (rec.ram === "frozen") await this.gcMemory();
     return out;
   }
 
@@ -954,7 +954,7 @@ export class QemuDriver implements Driver {
             }),
           );
         }
-        await this.gc();
+        await this.gcMemory();
         return;
       }
     }
@@ -1027,9 +1027,16 @@ export class QemuDriver implements Driver {
     await this.store.write({ ...read.record, ram: "file", ram_base: null });
   }
 
-  /** Removes disk and memory bases no instance refers to any more. */
+  /** Removes disk and memory bases no instance refers to any more (after a delete: the only
+   * thing that shortens disk chains; reading them costs a `qemu-img` per instance). */
   private async gc(): Promise<void> {
     await gcBases(this.tools(), this.paths);
+    await this.gcMemory();
+  }
+
+  /** Removes memory bases no record refers to (a guest stopped, snapshotted or restored off
+   * one; disk chains are untouched then). */
+  private async gcMemory(): Promise<void> {
     await gcMemBases(this.paths, this.store);
   }
 
