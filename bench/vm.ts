@@ -37,10 +37,10 @@ import {
   killGuestsUnder,
   serialCounts,
   testGuestSpec,
-  until,
 } from "../host-agent/src/drivers/qemu/testing.ts";
 import { ImageStore } from "../host-agent/src/images/store.ts";
 import { type AgentPaths, agentPaths } from "../host-agent/src/paths.ts";
+import { waitFor } from "../host-agent/src/testing.ts";
 import { ensureTestImage } from "../scripts/oci-image.ts";
 import { ensureVmAssets, type VmAssets } from "../scripts/vm-assets.ts";
 import { mountXfsLoop, type XfsLoop } from "../scripts/xfs-loop.ts";
@@ -183,10 +183,10 @@ export async function runVmBench(opts: VmBenchOptions): Promise<string> {
           `dd if=/dev/zero of=/run/fill bs=1M count=${fillMiB} 2>/dev/null; exec /usr/bin/count`,
         ];
         await d.driver.create(spec(id, mib, `02:0b:00:${hex(i)}:00:01`, cmd), timedCtx());
-        await until(
+        await waitFor(
           `${d.name} ${id} counting`,
-          180_000,
           () => (serialCounts(d.paths, id).length >= 2 ? true : undefined),
+          180_000,
           200,
         );
         await d.driver.standby(id, timedCtx());

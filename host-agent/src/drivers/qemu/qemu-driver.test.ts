@@ -11,13 +11,14 @@ import { ensureTestImage } from "../../../../scripts/oci-image.ts";
 import { ensureVmAssets, type VmAssets } from "../../../../scripts/vm-assets.ts";
 import { ImageStore, type StoredImage } from "../../images/store.ts";
 import { type AgentPaths, agentPaths } from "../../paths.ts";
+import { waitFor } from "../../testing.ts";
 import type { OpContext } from "../driver.ts";
 import { guestMac } from "./control.ts";
 import { backingChain, createInstanceDisk } from "./disks.ts";
 import { killProcess, launchQemu } from "./launch.ts";
 import { exitMessage, guestConfig, guestHostname, QemuDriver } from "./qemu-driver.ts";
 import { QemuStore } from "./store.ts";
-import { serialCounts as serialCountsOf, testGuestSpec, until } from "./testing.ts";
+import { serialCounts as serialCountsOf, testGuestSpec } from "./testing.ts";
 
 const ASSETS_TIMEOUT = 5 * 60_000;
 
@@ -145,7 +146,12 @@ describe("QemuDriver", () => {
       driver.create(spec("srca", { disk_io_bps: 50_000_000 }, "02:00:00:00:0a:01"), ctx()),
     );
     expect(a).toMatchObject({ id: "srca", state: "Running", has_snapshot: false });
-    await until("3 counts", 20_000, () => (serialCounts("srca").length >= 3 ? true : undefined));
+    await waitFor(
+      "3 counts",
+      () => (serialCounts("srca").length >= 3 ? true : undefined),
+      20_000,
+      100,
+    );
     const cmdline = readFileSync(`/proc/${readPid("srca")}/cmdline`, "utf8");
     expect(cmdline).toContain("mac=02:00:00:00:0a:01");
     // disk_io_bps: QEMU throttles both of the guest's disks.
@@ -161,12 +167,18 @@ describe("QemuDriver", () => {
     expect(c1).toBeGreaterThanOrEqual(2);
     const restored = await timed("restore", () => driver.restore("srca", ctx()));
     expect(restored).toMatchObject({ state: "Running", has_snapshot: false });
-    const after = await until("counts after restore", 15_000, () => {
-      const all = serialCounts("srca");
-      return all.length >= before.length + 2 ? all.slice(before.length) : undefined;
-    });
+    const after = await waitFor(
+      "counts after restore",
+      () => {
+        const all = serialCounts("srca");
+        return all.length >= before.length + 2 ? all.slice(before.length) : undefined;
+      },
+      15_000,
+      100,
+    );
     expect(after[0]).toBe(c1 + 1);
-    // Every restore re-applies the recorded MAC inside the guest (here: unchanged).
+    // A plain restore skips the identity command (the guest holds its identity already); its
+    // NIC still has the recorded MAC.
     timings["restore: apply identity"] = driver.lastIdentityMs ?? -1;
     expect(await guestMac(paths.qemu.ctlSocket("srca"))).toBe("02:00:00:00:0a:01");
 
@@ -204,18 +216,28 @@ describe("QemuDriver", () => {
     timings["fork: apply identity"] = driver.lastIdentityMs ?? -1;
     expect(await guestMac(paths.qemu.ctlSocket("forkb"))).toBe("02:00:00:00:0b:01");
     // The fork's serial log is its own: its first count continues the source's, not 0.
-    const forkCounts = await until("fork counts", 15_000, () => {
-      const c = serialCounts("forkb");
-      return c.length >= 2 ? c : undefined;
-    });
+    const forkCounts = await waitFor(
+      "fork counts",
+      () => {
+        const c = serialCounts("forkb");
+        return c.length >= 2 ? c : undefined;
+      },
+      15_000,
+      100,
+    );
     expect(forkCounts[0]).toBe(c2 + 1);
 
     // Both go on independently from the same point.
     await driver.restore("srca", ctx());
-    const srcNext = await until("source counts again", 15_000, () => {
-      const all = serialCounts("srca");
-      return (all.at(-1) ?? 0) > c2 + 1 ? all.at(-1) : undefined;
-    });
+    const srcNext = await waitFor(
+      "source counts again",
+      () => {
+        const all = serialCounts("srca");
+        return (all.at(-1) ?? 0) > c2 + 1 ? all.at(-1) : undefined;
+      },
+      15_000,
+      100,
+    );
     expect(srcNext).toBeGreaterThan(c2 + 1);
     expect(await guestMac(paths.qemu.ctlSocket("srca"))).toBe("02:00:00:00:0a:01");
     expect(readPid("srca")).not.toBe(readPid("forkb"));
@@ -230,8 +252,11 @@ describe("QemuDriver", () => {
     expect(await driver.get("srca")).toBeNull();
     await driver.delete("srca", ctx()); // idempotent
     const n = serialCounts("forkb").length;
-    await until("fork still counting", 10_000, () =>
-      serialCounts("forkb").length >= n + 2 ? true : undefined,
+    await waitFor(
+      "fork still counting",
+      () => (serialCounts("forkb").length >= n + 2 ? true : undefined),
+      10_000,
+      100,
     );
     expect(readdirSync(paths.qemu.basesDir)).toHaveLength(1);
     expect(readdirSync(paths.qemu.memBasesDir)).toHaveLength(1);
@@ -245,10 +270,15 @@ describe("QemuDriver", () => {
     const c3 = serialCounts("forkb").at(-1) ?? -1;
     await timed("restore (RAM streamed)", () => driver.restore("forkb", ctx()));
     expect(existsSync(paths.qemu.memFile("forkb"))).toBe(true);
-    const resumed = await until("counts after the streamed restore", 15_000, () => {
-      const all = serialCounts("forkb");
-      return (all.at(-1) ?? -1) > c3 ? all.slice(all.lastIndexOf(c3) + 1) : undefined;
-    });
+    const resumed = await waitFor(
+      "counts after the streamed restore",
+      () => {
+        const all = serialCounts("forkb");
+        return (all.at(-1) ?? -1) > c3 ? all.slice(all.lastIndexOf(c3) + 1) : undefined;
+      },
+      15_000,
+      100,
+    );
     expect(resumed[0]).toBe(c3 + 1);
 
     // A restarted agent re-attaches by pid + QMP socket and can stop the guest.
@@ -283,15 +313,17 @@ describe("QemuDriver", () => {
       ctx(),
     );
     expect(c.state).toBe("Running");
-    const ev = await until("exit event", 30_000, () => events.find((e) => e.id === "exiter")).catch(
-      (e: unknown) => {
-        const tail = (f: string) =>
-          existsSync(f) ? readFileSync(f, "utf8").slice(-1500) : "(none)";
-        throw new Error(
-          `${(e as Error).message}; state ${tail(paths.qemu.stateFile("exiter"))}; serial ${tail(paths.qemu.serialLog("exiter"))}`,
-        );
-      },
-    );
+    const ev = await waitFor(
+      "exit event",
+      () => events.find((e) => e.id === "exiter"),
+      30_000,
+      100,
+    ).catch((e: unknown) => {
+      const tail = (f: string) => (existsSync(f) ? readFileSync(f, "utf8").slice(-1500) : "(none)");
+      throw new Error(
+        `${(e as Error).message}; state ${tail(paths.qemu.stateFile("exiter"))}; serial ${tail(paths.qemu.serialLog("exiter"))}`,
+      );
+    });
     expect(ev).toMatchObject({
       state: "Stopped",
       exit_code: 3,
@@ -304,8 +336,11 @@ describe("QemuDriver", () => {
       driver.start({ instance_id: "exiter", cmd: ["sh", "-c", "sleep 2; exit 127"] }, ctx()),
     );
     expect(restarted).toMatchObject({ state: "Running", exit_code: null });
-    const second = await until("second exit event", 30_000, () =>
-      events.find((e) => e.id === "exiter" && e.exit_code !== 3),
+    const second = await waitFor(
+      "second exit event",
+      () => events.find((e) => e.id === "exiter" && e.exit_code !== 3),
+      30_000,
+      100,
     );
     expect(second).toMatchObject({ exit_code: 127, exit_message: "command not found" });
 
@@ -318,8 +353,14 @@ describe("QemuDriver", () => {
       ctx(),
     );
     // Running means started, not that the program has set its trap yet.
-    await until("the trap", 15_000, () =>
-      readFileSync(paths.qemu.serialLog("exiter"), "utf8").includes("TRAP-SET") ? true : undefined,
+    await waitFor(
+      "the trap",
+      () =>
+        readFileSync(paths.qemu.serialLog("exiter"), "utf8").includes("TRAP-SET")
+          ? true
+          : undefined,
+      15_000,
+      100,
     );
     const pid = Number(readPid("exiter"));
     const stopStarted = Date.now();

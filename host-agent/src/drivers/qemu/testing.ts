@@ -8,6 +8,7 @@ import type { InstanceSpec } from "@offshoot/shared";
 import { TEST_IMAGE } from "../../../../scripts/oci-image.ts";
 import type { VmAssets } from "../../../../scripts/vm-assets.ts";
 import type { AgentPaths } from "../../paths.ts";
+import { spec } from "../../testing.ts";
 import { type GuestSpec, killProcess, type LaunchedQemu, processAlive } from "./launch.ts";
 import { counts } from "./serial.ts";
 
@@ -17,19 +18,11 @@ export function testGuestSpec(
   over: Partial<InstanceSpec> = {},
   mac: string | null = null,
 ): InstanceSpec {
-  return {
-    id,
+  return spec(id, {
     name: id,
     image: TEST_IMAGE,
     hypervisor: "qemu",
-    vcpus: 1,
-    memory_bytes: 256 * 1024 * 1024,
-    hotplug_bytes: 0,
     overlay_bytes: 64 * 1024 * 1024,
-    disk_io_bps: null,
-    env: {},
-    entrypoint: null,
-    cmd: null,
     network: {
       enabled: true,
       mac,
@@ -37,9 +30,8 @@ export function testGuestSpec(
       bandwidth_download_bps: null,
       bandwidth_upload_bps: null,
     },
-    volumes: [],
     ...over,
-  };
+  });
 }
 
 /** The `OFFSHOOT-COUNT n` values in an instance's serial log so far ([] before it exists). */
@@ -49,22 +41,6 @@ export function serialCounts(paths: AgentPaths, id: string): number[] {
   } catch (e) {
     if ((e as NodeJS.ErrnoException).code === "ENOENT") return [];
     throw e;
-  }
-}
-
-/** Polls `f` until it returns a value; throws naming `what` after `ms`. */
-export async function until<T>(
-  what: string,
-  ms: number,
-  f: () => T | undefined,
-  pollMs = 100,
-): Promise<T> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const v = f();
-    if (v !== undefined) return v;
-    if (Date.now() > deadline) throw new Error(`${what}: not within ${ms} ms`);
-    await new Promise((r) => setTimeout(r, pollMs));
   }
 }
 

@@ -9,15 +9,11 @@ import { ensureVmAssets, type VmAssets } from "../../../../scripts/vm-assets.ts"
 import { mountXfsLoop, type XfsLoop } from "../../../../scripts/xfs-loop.ts";
 import { ImageStore } from "../../images/store.ts";
 import { type AgentPaths, agentPaths } from "../../paths.ts";
+import { waitFor } from "../../testing.ts";
 import type { OpContext } from "../driver.ts";
 import { backingChain } from "./disks.ts";
 import { QemuDriver } from "./qemu-driver.ts";
-import {
-  killGuestsUnder,
-  serialCounts as serialCountsOf,
-  testGuestSpec,
-  until,
-} from "./testing.ts";
+import { killGuestsUnder, serialCounts as serialCountsOf, testGuestSpec } from "./testing.ts";
 
 let assets: VmAssets;
 let xfs: XfsLoop | undefined;
@@ -63,8 +59,11 @@ describe("QemuDriver on XFS with reflink", () => {
     driver = new QemuDriver(paths, { assets, accel: "tcg", images, bootTimeoutMs: 60_000 });
 
     await driver.create(spec("xsrc", "02:00:00:00:0c:01"), ctx());
-    await until("source counts", 30_000, () =>
-      serialCounts("xsrc").length >= 3 ? true : undefined,
+    await waitFor(
+      "source counts",
+      () => (serialCounts("xsrc").length >= 3 ? true : undefined),
+      30_000,
+      100,
     );
     expect(await driver.standby("xsrc", ctx())).toMatchObject({ state: "Standby" });
     const last = serialCounts("xsrc").at(-1) ?? -1;
@@ -90,20 +89,30 @@ describe("QemuDriver on XFS with reflink", () => {
     expect(driver.lastCopyPath).toBe("frozen-base");
 
     // The fork resumes the source's memory: its first count is the one after the source's last.
-    const forkCounts = await until("fork counts", 15_000, () => {
-      const c = serialCounts("xfork");
-      return c.length >= 2 ? c : undefined;
-    });
+    const forkCounts = await waitFor(
+      "fork counts",
+      () => {
+        const c = serialCounts("xfork");
+        return c.length >= 2 ? c : undefined;
+      },
+      15_000,
+      100,
+    );
     expect(forkCounts[0]).toBe(last + 1);
 
     // Without its source (RAM file and disk gone) the fork keeps running on its own blocks.
     await driver.delete("xsrc", ctx());
     expect(existsSync(paths.qemu.instanceDir("xsrc"))).toBe(false);
     const n = serialCounts("xfork").length;
-    const more = await until("fork still counting", 15_000, () => {
-      const c = serialCounts("xfork");
-      return c.length >= n + 2 ? c : undefined;
-    });
+    const more = await waitFor(
+      "fork still counting",
+      () => {
+        const c = serialCounts("xfork");
+        return c.length >= n + 2 ? c : undefined;
+      },
+      15_000,
+      100,
+    );
     expect(more.at(-1)).toBe((forkCounts[0] ?? 0) + more.length - 1);
     expect(await driver.get("xfork")).toMatchObject({ state: "Running" });
 
