@@ -274,16 +274,36 @@ async function runFlow(
       if (done) return done;
     }
   };
-  /** The source's state as the host reported it after a step, else as recorded. */
-  const sourceState = async (op: OperationRow) => {
-    const seen = op.observed?.find((o) => o.id === p.source_id)?.state;
+  /** An instance's state as the host reported it after a step, else as recorded. */
+  const stateAfter = async (op: OperationRow, id: string) => {
+    const seen = op.observed?.find((o) => o.id === id)?.state;
     if (seen) return seen;
     const [row] = await s.db
       .select({ state: instances.state })
       .from(instances)
-      .where(eq(instances.id, p.source_id));
+      .where(eq(instances.id, id));
     return row?.state;
   };
+  /** Restores an instance as step `name`: a restore interrupted by an agent restart is tried
+   * again (`name#2`, …), and one that failed but left the instance Running succeeded. Returns
+   * the error if it did not end Running. */
+  const restoreStep = async (name: string, id: string) => {
+    let err: HostCommandError | undefined;
+    for (let attempt = 1; attempt <= RESTORE_ATTEMPTS; attempt++) {
+      const rs = await step(attempt === 1 ? name : `${name}#${attempt}`, async () => ({
+        kind: "restore",
+        instance_id: id,
+      }));
+      if (rs.status === "succeeded" || (await stateAfter(rs, id)) === "Running") return undefined;
+      err = commandError(rs);
+      if (err.code !== "interrupted") break;
+    }
+    return err;
+  };
+  /** Deletes the fork again; false if even that failed (its row is then kept, see below). */
+  const rollBackFork = async () =>
+    (await step("delete", async () => ({ kind: "delete", instance_id: p.target_id }))).status !==
+    "failed";
 
   if (!p.from_running) {
     // The fork is the only step; its completion also completed the flow (operations.ts).
@@ -314,56 +334,23 @@ async function runFlow(
     else forked = true;
   }
   // Restore whenever the source is in Standby — also after a standby that failed late (an
-  // agent killed after the snapshot reports it Standby). A restore interrupted by an agent
-  // restart is tried again; a restore that failed but left the source Running succeeded.
+  // agent killed after the snapshot reports it Standby).
   let rollbackFailed = false;
-  if ((await sourceState(sb)) === "Standby") {
-    let restoreErr: HostCommandError | undefined;
-    for (let attempt = 1; attempt <= RESTORE_ATTEMPTS; attempt++) {
-      const rs = await step(attempt === 1 ? "restore" : `restore#${attempt}`, async () => ({
-        kind: "restore",
-        instance_id: p.source_id,
-      }));
-      if (rs.status === "succeeded" || (await sourceState(rs)) === "Running") {
-        restoreErr = undefined;
-        break;
-      }
-      restoreErr = commandError(rs);
-      if (restoreErr.code !== "interrupted") break;
-    }
+  if ((await stateAfter(sb, p.source_id)) === "Standby") {
+    const restoreErr = await restoreStep("restore", p.source_id);
     if (restoreErr) {
       failure = failure
         ? prefixed(failure, "", `; restoring the source failed too: ${restoreErr.message}`)
         : prefixed(restoreErr, "restoring the source failed, so the fork was rolled back: ");
-      if (forked) {
-        const del = await step("delete", async () => ({
-          kind: "delete",
-          instance_id: p.target_id,
-        }));
-        rollbackFailed = del.status === "failed";
-      }
+      if (forked) rollbackFailed = !(await rollBackFork());
     }
   }
   if (forked && !failure && startLater) {
-    // As for the source: an interrupted start is tried again, and one that left the fork
-    // Running succeeded.
-    let st = await step("start-fork", async () => ({ kind: "restore", instance_id: p.target_id }));
-    for (let attempt = 2; attempt <= RESTORE_ATTEMPTS; attempt++) {
-      if (st.status !== "failed" || commandError(st).code !== "interrupted") break;
-      st = await step(`start-fork#${attempt}`, async () => ({
-        kind: "restore",
-        instance_id: p.target_id,
-      }));
-    }
-    const running = st.observed?.some((o) => o.id === p.target_id && o.state === "Running");
-    if (st.status === "failed" && !running) {
+    const startErr = await restoreStep("start-fork", p.target_id);
+    if (startErr) {
       // The fork cannot reach its target state: it is rolled back, the source runs on.
-      failure = prefixed(
-        commandError(st),
-        "the fork could not be started, so it was rolled back: ",
-      );
-      const del = await step("delete", async () => ({ kind: "delete", instance_id: p.target_id }));
-      rollbackFailed = del.status === "failed";
+      failure = prefixed(startErr, "the fork could not be started, so it was rolled back: ");
+      rollbackFailed = !(await rollBackFork());
     }
   }
 
