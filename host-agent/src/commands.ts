@@ -130,26 +130,30 @@ export class Commands {
     this.log("info", "command started", { command_id: id, kind: op.kind });
     let outcome: Outcome;
     try {
-      await this.journal.begin(command);
-      await this.note(op, `${op.kind} started (command ${id})`);
+      // The operations-log line is written beside the journal's, not after it.
+      await Promise.all([
+        this.journal.begin(command),
+        this.note(op, `${op.kind} started (command ${id})`),
+      ]);
       outcome = await execute(this.driver, this.locks, op, this.context(id));
     } catch (err) {
       // Operations turn their own failures into outcomes; this is the journal failing, before
       // anything ran.
       outcome = { ok: false, error: toCommandError(err), instances: [] };
     }
+    const noted = this.note(
+      op,
+      outcome.ok
+        ? `${op.kind} ok`
+        : `${op.kind} failed: ${outcome.error.code}: ${outcome.error.message}`,
+    );
     try {
       await this.journal.finish(id, outcome);
     } catch (err) {
       // Still answered now; after a restart recovery settles it from the steps on disk.
       this.log("error", "journal write failed", { command_id: id, error: errorMessage(err) });
     }
-    await this.note(
-      op,
-      outcome.ok
-        ? `${op.kind} ok`
-        : `${op.kind} failed: ${outcome.error.code}: ${outcome.error.message}`,
-    );
+    await noted;
     this.running.delete(id);
     this.log(outcome.ok ? "info" : "warn", "command finished", {
       command_id: id,

@@ -1,5 +1,5 @@
-import { sql } from "drizzle-orm";
-import type { PgDatabase, PgQueryResultHKT } from "drizzle-orm/pg-core";
+import { getTableColumns, type SQL, sql } from "drizzle-orm";
+import type { PgDatabase, PgQueryResultHKT, PgTable } from "drizzle-orm/pg-core";
 import { drizzle as drizzlePostgres } from "drizzle-orm/postgres-js";
 import postgres from "postgres";
 import type * as schema from "./schema/index.ts";
@@ -96,18 +96,51 @@ export const now = sql`now()`;
 const RETRYABLE = new Set(["40P01", "40001"]); // deadlock detected, serialization failure
 
 /**
- * A transaction that is retried when Postgres aborts it to break a deadlock or a
- * serialization conflict: the loser of such a race simply runs again, instead of failing a
- * request or dropping an agent's message.
+ * Runs `fn` again when Postgres aborts it to break a deadlock or a serialization conflict:
+ * the loser of such a race simply runs again, instead of failing a request or dropping an
+ * agent's message.
  */
-export async function transaction<T>(db: Db, fn: (tx: Tx) => Promise<T>, attempts = 5): Promise<T> {
+async function retrying<T>(fn: () => Promise<T>, attempts = 5): Promise<T> {
   for (let attempt = 1; ; attempt++) {
     try {
-      return await db.transaction(fn);
+      return await fn();
     } catch (e) {
       const { code } = pgErrorCode(e);
       if (!code || !RETRYABLE.has(code) || attempt >= attempts) throw e;
       await new Promise((r) => setTimeout(r, Math.random() * 10 * attempt));
     }
   }
+}
+
+/** A transaction, retried as above. */
+export function transaction<T>(db: Db, fn: (tx: Tx) => Promise<T>, attempts = 5): Promise<T> {
+  return retrying(() => db.transaction(fn), attempts);
+}
+
+/** One raw statement (its own transaction unless `ex` is one), retried as above when it runs
+ * on its own; returns its rows. */
+export function statement(ex: Executor, query: SQL): Promise<Record<string, unknown>[]> {
+  const run = async () => {
+    // postgres.js returns the rows; PGlite a result with `rows`.
+    const res = (await ex.execute(query)) as unknown;
+    return (Array.isArray(res) ? res : (res as { rows: unknown[] }).rows) as Record<
+      string,
+      unknown
+    >[];
+  };
+  return "rollback" in ex ? run() : retrying(run);
+}
+
+/** A table row from its `to_jsonb()` form (column names → field names, values as drizzle
+ * maps them from the driver). */
+export function rowFromJson<T extends PgTable>(
+  table: T,
+  json: Record<string, unknown>,
+): T["$inferSelect"] {
+  const row: Record<string, unknown> = {};
+  for (const [key, col] of Object.entries(getTableColumns(table))) {
+    const v = json[col.name];
+    row[key] = v === null || v === undefined ? null : col.mapFromDriverValue(v);
+  }
+  return row as T["$inferSelect"];
 }

@@ -10,11 +10,11 @@ import {
   type Result,
   TimeoutError,
 } from "@offshoot/shared";
-import { and, asc, eq, inArray, ne, or, sql } from "drizzle-orm";
-import { type Db, type Executor, type Tx, transaction } from "../db/client.ts";
+import { and, asc, eq, inArray, ne, or, type SQL, sql } from "drizzle-orm";
+import { type Db, type Executor, rowFromJson, statement } from "../db/client.ts";
 import {
-  events,
   type ForkFlowPayload,
+  type InstanceRow,
   instances,
   type OperationRow,
   operations,
@@ -25,6 +25,8 @@ import { topics } from "./context.ts";
 import type { Signals } from "./signals.ts";
 
 export interface NewOperation {
+  /** Chosen by the caller when other rows must name it in the same round trip. */
+  id?: string;
   tenantId: string | null;
   hostId: string;
   instanceId: string | null;
@@ -83,7 +85,7 @@ export class Operations {
       .insert(operations)
       .values({
         // Operation ids are internal; CUID2 (SHA-3 based) is kept for the ids users see.
-        id: randomUUID(),
+        id: n.id ?? randomUUID(),
         tenantId: n.tenantId,
         hostId: n.hostId,
         instanceId: n.instanceId,
@@ -111,18 +113,25 @@ export class Operations {
     return row;
   }
 
-  /** Waits for a pending operation to finish; undefined on timeout. */
-  waitFor(id: string, timeoutMs: number): Promise<OperationRow | undefined> {
-    return this.signals.until(topics.operation(id), timeoutMs, async () => {
-      const op = this.recent.get(id) ?? (await this.get(id));
-      return op && op.status !== "pending" ? op : undefined;
-    });
+  /** Waits for a pending operation to finish; undefined on timeout. `justSent`: the caller
+   * sent it after recording it, so no result can be there before a wake-up. */
+  waitFor(id: string, timeoutMs: number, justSent = false): Promise<OperationRow | undefined> {
+    return this.signals.until(
+      topics.operation(id),
+      timeoutMs,
+      async () => {
+        const op = this.recent.get(id)?.op ?? (await this.get(id));
+        return op && op.status !== "pending" ? op : undefined;
+      },
+      { woken: justSent },
+    );
   }
 
-  /** Sends a recorded command and waits for its result; throws the host's error on failure. */
+  /** Sends a command just recorded and waits for its result; throws the host's error on
+   * failure. */
   async run(op: OperationRow, timeoutMs: number): Promise<OperationRow> {
     this.send(op);
-    const done = await this.waitFor(op.id, timeoutMs);
+    const done = await this.waitFor(op.id, timeoutMs, true);
     if (!done) {
       throw new TimeoutError(
         `host did not answer ${op.kind} within ${Math.round(timeoutMs / 1000)}s; operation ${op.id} is still pending and will complete when the host answers`,
@@ -132,90 +141,83 @@ export class Operations {
     return done;
   }
 
-  /** Records a host's result: exactly once, in one transaction with its effects. */
+  /**
+   * Records a host's result: exactly once, with its effects, in one statement (its own
+   * transaction). The statement claims the operation — of two copies of one result (a re-sent
+   * command answered twice), only the first finds it still pending — and, only if it did:
+   * - ends the fork flow whose only step this is (a fork without from_running, see
+   *   instances/fork.ts);
+   * - deletes the instance a successful delete, or a failed create or fork, leaves no trace of
+   *   on the host (the host rolled a failed one back), with an event;
+   * - writes the observed states onto the host's other instances (observedWrites).
+   * A replayed answer (a re-sent command answered from the journal) is older than the
+   * inventory the agent's hello just reported, so its observations are kept on the operation
+   * but not applied.
+   */
   async complete(hostId: string, result: Result): Promise<void> {
-    const done = await transaction(this.db, async (tx) => {
-      // One statement both claims and records the result: of two copies of one result (a
-      // re-sent command answered twice), only the first finds the row still pending.
-      const [op] = await tx
-        .update(operations)
-        .set({
-          status: result.ok ? "succeeded" : "failed",
-          observed: result.instances,
-          error: result.ok ? null : result.error,
-          completedAt: new Date(),
-        })
-        .where(
-          and(
-            eq(operations.id, result.command_id),
-            eq(operations.hostId, hostId),
-            eq(operations.status, "pending"),
-          ),
-        )
-        .returning();
-      if (!op) return undefined;
-      // A replayed answer (a re-sent command answered from the journal) is older than the
-      // inventory the agent's hello just reported, so its observations are not applied.
-      const touched = result.replayed
-        ? []
-        : await applyObserved(tx, hostId, result.instances, `op:${op.kind}`);
-      const removed = await this.applyEffects(tx, op, result.ok);
-      return { op, changed: [...touched, ...removed] };
-    });
-    if (done === undefined) return;
-    this.remember(done.op);
+    const status = result.ok ? "succeeded" : "failed";
+    const apply = result.replayed ? [] : result.instances;
+    const [row] = await statement(
+      this.db,
+      sql`with c as (
+        update operations set status = ${status}, observed = ${JSON.stringify(result.instances)}::jsonb,
+          error = ${result.ok ? null : JSON.stringify(result.error)}::jsonb, completed_at = now()
+        where id = ${result.command_id} and host_id = ${hostId} and status = 'pending'
+        returning *
+      ), f as (
+        update operations f set status = c.status, error = c.error, completed_at = c.completed_at
+        from c
+        where c.kind = 'fork' and f.id = c.parent_id and f.status = 'pending'
+          and (f.payload->>'from_running')::boolean = false
+        returning f.id
+      ), x as (
+        select case
+          when c.kind = 'delete' and c.status = 'succeeded' then c.payload->>'instance_id'
+          when c.kind = 'create' and c.status = 'failed' then c.payload->'instance'->>'id'
+          when c.kind = 'fork' and c.status = 'failed' then c.payload->'target'->>'id'
+        end as id
+        from c
+      ), d as (
+        delete from instances where id = (select id from x) returning id, tenant_id
+      ), de as (
+        insert into events (tenant_id, instance_id, host_id, type, data)
+        select d.tenant_id, d.id, ${hostId}, 'instance.deleted', jsonb_build_object(
+          'operation', c.id,
+          'reason', case when c.status = 'succeeded' then 'deleted' else c.kind || ' failed' end)
+        from d, c
+      ), ${observedWrites(hostId, apply, sql`'op:' || (select kind from c)`, sql`exists (select 1 from c)`, sql`(select id from x)`)}
+      select (select to_jsonb(c) from c) as op,
+        coalesce((select jsonb_agg(to_jsonb(u)) from u), '[]'::jsonb) as updated,
+        coalesce((select jsonb_agg(d.id) from d), '[]'::jsonb) as dropped`,
+    );
+    const op = json(row?.op) as Record<string, unknown> | null;
+    if (!op) return;
+    const done = rowFromJson(operations, op);
+    const updated = (json(row?.updated) as Record<string, unknown>[]).map((r) =>
+      rowFromJson(instances, r),
+    );
+    this.remember(done, updated);
     this.signals.notify(topics.operation(result.command_id));
-    for (const id of done.changed) this.signals.notify(topics.instance(id));
+    for (const r of updated) this.signals.notify(topics.instance(r.id));
+    for (const id of json(row?.dropped) as string[]) this.signals.notify(topics.instance(id));
   }
 
-  // Operations this process completed recently, so a waiter woken by the completion does not
-  // read back what was just written. Bounded; a miss falls back to the database.
-  private recent = new Map<string, OperationRow>();
-  private remember(op: OperationRow) {
-    this.recent.set(op.id, op);
+  // Operations this process completed recently, with the instance rows their results wrote,
+  // so a waiter woken by the completion does not read back what was just written. Bounded; a
+  // miss falls back to the database.
+  private recent = new Map<string, { op: OperationRow; rows: InstanceRow[] }>();
+  private remember(op: OperationRow, rows: InstanceRow[]) {
+    this.recent.set(op.id, { op, rows });
     if (this.recent.size > 1000) {
       const oldest = this.recent.keys().next().value;
       if (oldest !== undefined) this.recent.delete(oldest);
     }
   }
 
-  /** What a finished command means for rows beyond the observed states. */
-  private async applyEffects(tx: Tx, op: OperationRow, ok: boolean): Promise<string[]> {
-    const payload = op.payload as Operation;
-    let drop: string | undefined;
-    if (payload.kind === "delete" && ok) drop = payload.instance_id;
-    // A failed create or fork was rolled back on the host: the row goes too.
-    if (payload.kind === "create" && !ok) drop = payload.instance.id;
-    if (payload.kind === "fork" && !ok) drop = payload.target.id;
-    if (payload.kind === "fork" && op.parentId) {
-      // Without from_running the host's fork is the flow's only step, so the flow ends with
-      // it, atomically (see instances/fork.ts).
-      await tx
-        .update(operations)
-        .set({ status: op.status, error: op.error, completedAt: op.completedAt })
-        .where(
-          and(
-            eq(operations.id, op.parentId),
-            eq(operations.status, "pending"),
-            sql`(${operations.payload}->>'from_running')::boolean = false`,
-          ),
-        );
-    }
-    if (!drop) return [];
-    const gone = await tx
-      .delete(instances)
-      .where(eq(instances.id, drop))
-      .returning({ id: instances.id, tenantId: instances.tenantId });
-    for (const g of gone) {
-      await tx.insert(events).values({
-        tenantId: g.tenantId,
-        instanceId: g.id,
-        hostId: op.hostId,
-        type: "instance.deleted",
-        data: { operation: op.id, reason: ok ? "deleted" : `${payload.kind} failed` },
-      });
-    }
-    return gone.map((g) => g.id);
+  /** The row of instance `id` as the result of operation `opId` wrote it, if this process
+   * recorded that result. */
+  writtenBy(opId: string, id: string): InstanceRow | undefined {
+    return this.recent.get(opId)?.rows.find((r) => r.id === id);
   }
 
   /** Everything still pending for a host, oldest first (re-sent after it connects). */
@@ -255,67 +257,70 @@ export class Operations {
   }
 }
 
-/**
- * Writes what a host observed onto the instances it owns. Returns the ids that changed.
- * The host is the source of truth for what runs: its report replaces our state, and clears
- * an `Unknown` left by a silence.
- */
 /** The wire command for a recorded host operation. */
 export function commandOf(op: OperationRow): Command {
   if (op.kind === "fork_flow") throw new Error("a fork flow is not a host command");
   return { v: PROTOCOL_VERSION, type: "command", id: op.id, op: op.payload as Operation };
 }
 
+/** Writes what a host observed onto the instances it owns (see observedWrites), in one
+ * statement. Returns the ids written. */
 export async function applyObserved(
-  tx: Tx,
+  ex: Executor,
   hostId: string,
   observed: ObservedInstance[],
   cause: string,
 ): Promise<string[]> {
-  // One UPDATE per instance, issued together (pipelined on the transaction's connection);
-  // the previous state comes from each statement's snapshot in the same round trip.
-  const rows = await Promise.all(
-    observed.map(async (o) => {
-      const before = tx
-        .select({ id: instances.id, state: instances.state })
-        .from(instances)
-        .where(and(eq(instances.id, o.id), eq(instances.hostId, hostId)))
-        .as("before");
-      const [row] = await tx
-        .update(instances)
-        .set({
-          state: o.state,
-          stateError: o.state === "Unknown" ? (o.state_error ?? "host reported Unknown") : null,
-          hasSnapshot: o.has_snapshot,
-          ...(o.exit_code !== undefined && { exitCode: o.exit_code }),
-          ...(o.exit_message !== undefined && { exitMessage: o.exit_message }),
-          ...(o.started_at !== undefined && {
-            startedAt: o.started_at ? new Date(o.started_at) : null,
-          }),
-          ...(o.stopped_at !== undefined && {
-            stoppedAt: o.stopped_at ? new Date(o.stopped_at) : null,
-          }),
-          updatedAt: new Date(),
-          version: sql`${instances.version} + 1`,
-        })
-        .from(before)
-        .where(eq(instances.id, before.id))
-        .returning({ tenantId: instances.tenantId, before: before.state });
-      return row ? { ...row, o } : undefined;
-    }),
+  if (observed.length === 0) return [];
+  const rows = await statement(
+    ex,
+    sql`with ${observedWrites(hostId, observed, sql`${cause}::text`, sql`true`, sql`null`)} select id from u`,
   );
-  const found = rows.filter((r) => r !== undefined);
-  const moved = found.filter((r) => r.before !== r.o.state);
-  if (moved.length > 0) {
-    await tx.insert(events).values(
-      moved.map((r) => ({
-        tenantId: r.tenantId,
-        instanceId: r.o.id,
-        hostId,
-        type: "instance.state",
-        data: { from: r.before, to: r.o.state, cause },
-      })),
-    );
-  }
-  return found.map((r) => r.o.id);
+  return rows.map((r) => String(r.id));
+}
+
+/**
+ * The CTEs `o`, `b`, `u`, `e` of a statement that writes what a host observed onto the
+ * instances it owns (except `skip`), if `when` holds: one UPDATE for all of them, whose
+ * RETURNING (`u`, every column plus `before`) names the rows written, and a state event for
+ * each one whose state changed. The host is the source of truth for what runs: its report
+ * replaces our state, and clears an `Unknown` left by a silence. A field the report leaves
+ * out is kept.
+ */
+function observedWrites(
+  hostId: string,
+  observed: ObservedInstance[],
+  cause: SQL,
+  when: SQL,
+  skip: SQL,
+): SQL {
+  const keep = (col: string, cast: string) =>
+    sql.raw(`${col} = case when b.j ? '${col}' then (b.j->>'${col}')::${cast} else i.${col} end`);
+  return sql`o as (
+    select value as j from jsonb_array_elements(${JSON.stringify(observed)}::jsonb) where ${when}
+  ), b as (
+    select i.id, i.state as before, o.j from instances i join o on i.id = o.j->>'id'
+    where i.host_id = ${hostId} and i.id is distinct from ${skip}
+  ), u as (
+    update instances i set
+      state = b.j->>'state',
+      state_error = case when b.j->>'state' = 'Unknown'
+        then coalesce(b.j->>'state_error', 'host reported Unknown') end,
+      has_snapshot = (b.j->>'has_snapshot')::boolean,
+      ${keep("exit_code", "int")}, ${keep("exit_message", "text")},
+      ${keep("started_at", "timestamptz")}, ${keep("stopped_at", "timestamptz")},
+      updated_at = now(), version = i.version + 1
+    from b where i.id = b.id
+    returning i.*, b.before
+  ), e as (
+    insert into events (tenant_id, instance_id, host_id, type, data)
+    select u.tenant_id, u.id, ${hostId}, 'instance.state',
+      jsonb_build_object('from', u.before, 'to', u.state, 'cause', ${cause})
+    from u where u.before is distinct from u.state
+  )`;
+}
+
+/** A jsonb value as the driver hands it over (parsed, or as text). */
+function json(v: unknown): unknown {
+  return typeof v === "string" ? JSON.parse(v) : v;
 }

@@ -27,13 +27,17 @@ export class Signals {
     for (const wake of set) wake();
   }
 
-  /** Calls `check` until it returns a value or `timeoutMs` passes (then returns undefined). */
+  /** Calls `check` until it returns a value or `timeoutMs` passes (then returns undefined).
+   * With `woken`, the first check waits for a wake-up (or the poll): for a caller that knows
+   * the answer cannot be there yet. */
   async until<T>(
     topic: string,
     timeoutMs: number,
     check: () => Promise<T | undefined>,
-    pollMs = 1000,
+    opts: { pollMs?: number; woken?: boolean } = {},
   ): Promise<T | undefined> {
+    const { pollMs = 1000 } = opts;
+    let skip = opts.woken ?? false;
     const deadline = Date.now() + timeoutMs;
     for (;;) {
       let wake: () => void = () => {};
@@ -42,7 +46,8 @@ export class Signals {
       });
       this.add(topic, wake);
       try {
-        const value = await check();
+        const value = skip ? undefined : await check();
+        skip = false;
         if (value !== undefined) return value;
         const left = deadline - Date.now();
         if (left <= 0) return undefined;

@@ -1,6 +1,7 @@
 // One JSON record per instance, in the instance's own directory: how a driver's state outlives
 // the agent (a QEMU process, or the sim's stand-in for one) and is found again after a restart.
 import { randomBytes } from "node:crypto";
+import type { Stats } from "node:fs";
 import { readdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
 import type { z } from "zod";
 
@@ -24,6 +25,9 @@ export async function exists(file: string): Promise<boolean> {
   }
 }
 
+/** What changes when a file is replaced or rewritten. */
+const fileKey = (st: Stats) => `${st.ino}:${st.size}:${st.mtimeMs}:${st.ctimeMs}`;
+
 export interface RecordLayout {
   readonly instancesDir: string;
   instanceDir(id: string): string;
@@ -46,17 +50,33 @@ export class RecordStore<T extends { created_by: string; observed: { id: string 
     }
   }
 
+  // The last record read or written per instance (a private copy), with the file's identity
+  // at that time: a read whose stat still matches is answered without reading and parsing the
+  // file again.
+  private readonly cache = new Map<string, { key: string; record: T }>();
+
   async read(id: string): Promise<ReadResult<T>> {
+    const file = this.layout.stateFile(id);
+    let key: string;
     let text: string;
     try {
-      text = await readFile(this.layout.stateFile(id), "utf8");
+      key = fileKey(await stat(file));
+      const hit = this.cache.get(id);
+      if (hit?.key === key) return { kind: "ok", record: structuredClone(hit.record) };
+      // Replaced between the stat and this read? Then the key is older than the text, and the
+      // next read's stat misses and reads again.
+      text = await readFile(file, "utf8");
     } catch (e) {
+      this.cache.delete(id);
       if (isMissing(e)) return { kind: "missing" };
       throw e;
     }
     try {
-      return { kind: "ok", record: this.schema.parse(JSON.parse(text)) };
+      const record = this.schema.parse(JSON.parse(text));
+      this.cache.set(id, { key, record: structuredClone(record) });
+      return { kind: "ok", record };
     } catch (e) {
+      this.cache.delete(id);
       return { kind: "corrupt", error: e instanceof Error ? e.message : String(e) };
     }
   }
@@ -64,10 +84,14 @@ export class RecordStore<T extends { created_by: string; observed: { id: string 
   /** Temp + rename, so a reader never sees half a file. No fsync: records describe processes
    * that survive an agent crash; the journal is what is fsync'd. */
   async write(record: T): Promise<void> {
-    const file = this.layout.stateFile(record.observed.id);
+    const id = record.observed.id;
+    const file = this.layout.stateFile(id);
     const tmp = `${file}.${randomBytes(4).toString("hex")}.tmp`;
+    this.cache.delete(id);
     await writeFile(tmp, JSON.stringify(record));
+    const key = fileKey(await stat(tmp));
     await rename(tmp, file);
+    this.cache.set(id, { key, record: structuredClone(record) });
   }
 
   /** Whether `commandId` made the record under `id` (or there is none yet). */
@@ -77,6 +101,7 @@ export class RecordStore<T extends { created_by: string; observed: { id: string 
   }
 
   async remove(id: string): Promise<void> {
+    this.cache.delete(id);
     await rm(this.layout.instanceDir(id), { recursive: true, force: true });
   }
 }

@@ -16,7 +16,7 @@ import { lacksImage, requireImage } from "../images.ts";
 import { placeInstance } from "../placement.ts";
 import { nameConflict } from "./errors.ts";
 import { present } from "./present.ts";
-import { getById } from "./resolve.ts";
+import { rowAfter } from "./resolve.ts";
 import { allocateIp, newMac, specOf } from "./spec.ts";
 
 const MIN_MEMORY = 64 * 1024 * 1024;
@@ -132,5 +132,5 @@ export async function createInstance(
     });
   }).catch((e: unknown) => nameConflict(e, req.name));
   await s.ops.run(op, s.env.COMMAND_TIMEOUT_MS);
-  return present(await getById(s.db, tenantId, op.instanceId ?? ""));
+  return present(await rowAfter(s, tenantId, op.id, op.instanceId ?? ""));
 }

@@ -1,3 +1,4 @@
+import { randomUUID } from "node:crypto";
 import {
   FORKABLE,
   type ForkInstanceRequest,
@@ -25,7 +26,7 @@ import { admit } from "../placement.ts";
 import { nameConflict } from "./errors.ts";
 import { assertIdle } from "./lifecycle.ts";
 import { present } from "./present.ts";
-import { getById, lockInstance } from "./resolve.ts";
+import { getById, lockInstance, rowAfter } from "./resolve.ts";
 import { allocateIp, newMac, specOf } from "./spec.ts";
 
 /**
@@ -79,28 +80,25 @@ export async function forkInstance(
         `host ${host.name} (${host.driver}) cannot fork a ${src.state} instance to ${targetState}`,
       );
     }
-    const [target] = await tx
-      .insert(instances)
-      .values({
-        ...src,
-        id: createId(),
-        name: req.name,
-        state: "Created",
-        stateError: null,
-        ip,
-        mac: src.networkEnabled ? newMac() : null,
-        hasSnapshot: false,
-        exitCode: null,
-        exitMessage: null,
-        forkedFrom: src.id,
-        createdAt: new Date(),
-        startedAt: null,
-        stoppedAt: null,
-        updatedAt: new Date(),
-        version: 1,
-      })
-      .returning();
-    if (!target) throw new Error("fork insert returned nothing");
+    const now = new Date();
+    const target: InstanceRow = {
+      ...src,
+      id: createId(),
+      name: req.name,
+      state: "Created",
+      stateError: null,
+      ip,
+      mac: src.networkEnabled ? newMac() : null,
+      hasSnapshot: false,
+      exitCode: null,
+      exitMessage: null,
+      forkedFrom: src.id,
+      createdAt: now,
+      startedAt: null,
+      stoppedAt: null,
+      updatedAt: now,
+      version: 1,
+    };
     const payload: ForkFlowPayload = {
       kind: "fork_flow",
       source_id: src.id,
@@ -108,28 +106,32 @@ export async function forkInstance(
       from_running: fromRunning,
       target_state: targetState,
     };
-    const flow = await s.ops.insert(tx, {
-      tenantId,
-      hostId: src.hostId,
-      instanceId: target.id,
-      sourceInstanceId: src.id,
-      lock: fromRunning ? "exclusive" : "shared",
-      payload,
-    });
-    // Without a standby first, the host's fork is the first step: record it now.
-    const children = fromRunning
-      ? []
-      : [
-          await s.ops.insert(tx, {
-            tenantId,
-            hostId: src.hostId,
-            instanceId: target.id,
-            parentId: flow.id,
-            step: "fork",
-            lock: "none",
-            payload: forkCommand(payload, target),
-          }),
-        ];
+    const owned = { tenantId, hostId: src.hostId, instanceId: target.id };
+    const flowId = randomUUID();
+    // The three rows are issued together (pipelined, executed in order); a name conflict fails
+    // the first and the transaction with it.
+    const [, flow, ...children] = await Promise.all([
+      tx.insert(instances).values(target).execute(),
+      s.ops.insert(tx, {
+        ...owned,
+        id: flowId,
+        sourceInstanceId: src.id,
+        lock: fromRunning ? "exclusive" : "shared",
+        payload,
+      }),
+      // Without a standby first, the host's fork is the first step: record it now.
+      ...(fromRunning
+        ? []
+        : [
+            s.ops.insert(tx, {
+              ...owned,
+              parentId: flowId,
+              step: "fork",
+              lock: "none",
+              payload: forkCommand(payload, target),
+            }),
+          ]),
+    ]);
     return { flow, children };
   }).catch((e: unknown) => nameConflict(e, req.name));
 
@@ -151,7 +153,12 @@ export async function forkInstance(
   } finally {
     clearTimeout(timer);
   }
-  return present(await getById(s.db, tenantId, flow.instanceId ?? ""));
+  // Without from_running the host's fork was the last write; otherwise read it back.
+  const target = flow.instanceId ?? "";
+  const last = children[0];
+  return present(
+    await (last ? rowAfter(s, tenantId, last.id, target) : getById(s.db, tenantId, target)),
+  );
 }
 
 interface ForkOutcome {
@@ -248,7 +255,10 @@ async function runFlow(
   /** Runs step `name` once: records it (unless a previous driver did), sends it, awaits it. */
   const step = async (name: string, make: () => Promise<Operation>): Promise<OperationRow> => {
     let child = await findStep(name);
+    // Recorded by this call: its result cannot be in before it is sent.
+    let justSent = child !== undefined && known?.children.includes(child) === true;
     if (!child) {
+      justSent = true;
       const op = await make();
       child = await s.ops
         .insert(s.db, {
@@ -264,14 +274,16 @@ async function runFlow(
           if (pgErrorCode(e).code !== "23505") throw e;
           const raced = await findStep(name);
           if (!raced) throw e;
+          justSent = false;
           return raced;
         });
     }
     if (child.status !== "pending") return child;
     s.ops.send(child);
     for (;;) {
-      const done = await s.ops.waitFor(child.id, STEP_WAIT_MS);
+      const done = await s.ops.waitFor(child.id, STEP_WAIT_MS, justSent);
       if (done) return done;
+      justSent = false;
     }
   };
   /** An instance's state as the host reported it after a step, else as recorded. */

@@ -11,7 +11,7 @@ import type { Services } from "../context.ts";
 import { conflictingOperation } from "../operations.ts";
 import { admit, type HostRow } from "../placement.ts";
 import { present } from "./present.ts";
-import { getById, lockInstance } from "./resolve.ts";
+import { lockInstance, rowAfter } from "./resolve.ts";
 
 export async function assertIdle(tx: Tx, row: InstanceRow, want: "exclusive" | "shared") {
   const busy = await conflictingOperation(tx, row.id, want);
@@ -70,7 +70,7 @@ export async function runVerb(
     });
   });
   await s.ops.run(op, s.env.COMMAND_TIMEOUT_MS);
-  return present(await getById(s.db, tenantId, op.instanceId ?? ""));
+  return present(await rowAfter(s, tenantId, op.id, op.instanceId ?? ""));
 }
 
 export function requireStandby(host: HostRow) {

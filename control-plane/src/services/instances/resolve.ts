@@ -2,6 +2,7 @@ import { AmbiguousError, NotFoundError } from "@offshoot/shared";
 import { and, eq, like, or } from "drizzle-orm";
 import type { Executor, Tx } from "../../db/client.ts";
 import { type InstanceRow, instances } from "../../db/schema/index.ts";
+import type { Services } from "../context.ts";
 
 const escapeLike = (s: string) => s.replace(/[\\%_]/g, (c) => `\\${c}`);
 
@@ -61,4 +62,15 @@ export async function getById(ex: Executor, tenantId: string, id: string): Promi
     .where(and(eq(instances.id, id), eq(instances.tenantId, tenantId)));
   if (!row) throw new NotFoundError(`instance ${id} not found`);
   return row;
+}
+
+/** Instance `id` as operation `opId` left it: the row its result wrote, if this process
+ * recorded that result, else read from the database. */
+export async function rowAfter(
+  s: Services,
+  tenantId: string,
+  opId: string,
+  id: string,
+): Promise<InstanceRow> {
+  return s.ops.writtenBy(opId, id) ?? getById(s.db, tenantId, id);
 }

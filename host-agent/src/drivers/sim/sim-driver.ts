@@ -86,7 +86,10 @@ export class SimDriver implements Driver {
   async create(spec: InstanceSpec, ctx: OpContext): Promise<ObservedInstance> {
     await this.executed(ctx, "create", spec.id);
     await this.run("create", ctx, [
-      { name: "create-disk", run: () => this.makeInstanceDir(spec.id, `image ${spec.image}`) },
+      {
+        name: "create-disk",
+        run: () => this.makeInstanceDir(spec.id, (f) => writeFile(f, `image ${spec.image}\n`)),
+      },
       {
         name: "register",
         run: () =>
@@ -185,8 +188,9 @@ export class SimDriver implements Driver {
       {
         name: "clone-disk",
         run: async () => {
-          await this.makeInstanceDir(target.id, `clone of ${source_id}`);
-          await copyFile(this.paths.sim.diskFile(source_id), this.paths.sim.diskFile(target.id));
+          await this.makeInstanceDir(target.id, (f) =>
+            copyFile(this.paths.sim.diskFile(source_id), f),
+          );
         },
         undo: () => this.store.remove(target.id),
       },
@@ -308,11 +312,15 @@ export class SimDriver implements Driver {
     await appendFile(this.paths.sim.execLog, `${JSON.stringify(line)}\n`);
   }
 
-  /** Non-recursive mkdir is the atomic "id is free" check. */
-  private async makeInstanceDir(id: string, disk: string): Promise<void> {
-    await mkdir(this.paths.sim.instancesDir, { recursive: true });
+  /** Non-recursive mkdir is the atomic "id is free" check; `disk` then fills the disk file. */
+  private async makeInstanceDir(id: string, disk: (file: string) => Promise<void>): Promise<void> {
+    const dir = this.paths.sim.instanceDir(id);
     try {
-      await mkdir(this.paths.sim.instanceDir(id));
+      await mkdir(dir).catch(async (e: unknown) => {
+        if ((e as NodeJS.ErrnoException).code !== "ENOENT") throw e;
+        await mkdir(this.paths.sim.instancesDir, { recursive: true });
+        await mkdir(dir);
+      });
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code === "EEXIST") {
         throw new ApiError("conflict", `instance ${id} already exists on this host`);
@@ -320,7 +328,7 @@ export class SimDriver implements Driver {
       throw e;
     }
     try {
-      await writeFile(this.paths.sim.diskFile(id), `${disk}\n`);
+      await disk(this.paths.sim.diskFile(id));
     } catch (e) {
       await this.store.remove(id);
       throw e;
