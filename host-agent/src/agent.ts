@@ -21,6 +21,7 @@ import { createDriver } from "./drivers/index.ts";
 import { Journal } from "./journal.ts";
 import { errorMessage, type Logger, stdoutLogger } from "./log.ts";
 import { LogStreams } from "./logs.ts";
+import { OperationsLog } from "./operations-log.ts";
 import { type AgentPaths, agentPaths } from "./paths.ts";
 
 export const AGENT_VERSION = z
@@ -114,14 +115,15 @@ class Link {
     paths: AgentPaths,
   ) {
     this.backoff = options.backoff ?? { baseMs: 200, capMs: 5_000 };
+    const operationsLog = new OperationsLog((id) => paths.operationsLog(id), log);
     this.commands = new Commands(
       journal,
       driver,
       log,
       (result) => this.send(result),
-      (id) => paths.operationsLog(id),
+      operationsLog,
     );
-    this.logs = new LogStreams(driver, paths);
+    this.logs = new LogStreams(driver, paths, operationsLog);
     // Dropped while disconnected: the next hello's inventory carries the same news.
     this.unsubscribe = driver.onEvent((instance) =>
       this.send({ v: PROTOCOL_VERSION, type: "event", instance }),

@@ -1,15 +1,14 @@
 // Commands from the control plane: journaled, executed at most once, answered from the
 // journal when re-sent. A reconnect never loses a result: the control plane re-sends what it
 // has not heard back about, and the journal answers.
-import { appendFile, mkdir, rm } from "node:fs/promises";
-import { dirname } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
-import { type Command, type Operation, PROTOCOL_VERSION, type Result } from "@offshoot/shared";
+import { type Command, PROTOCOL_VERSION, type Result } from "@offshoot/shared";
 import type { Driver, OpContext } from "./drivers/driver.ts";
 import type { Journal, Outcome } from "./journal.ts";
 import { errorMessage, type Logger } from "./log.ts";
 import { execute, instanceIds, observe, toCommandError } from "./operations/index.ts";
 import { InstanceLocks } from "./operations/locks.ts";
+import type { OperationsLog } from "./operations-log.ts";
 
 /** Not in shared's ErrorCode list: only the agent produces it, after a crash. */
 export const INTERRUPTED = "interrupted";
@@ -30,28 +29,9 @@ export class Commands {
     private readonly driver: Driver,
     private readonly log: Logger,
     private readonly onResult: (result: Result) => void,
-    /** Where to keep each instance's operations log (log source "hypeman"); none if absent. */
-    private readonly operationsLog?: (instanceId: string) => string,
+    /** Where each instance's operations are noted (log source "hypeman"); none if absent. */
+    private readonly operationsLog?: OperationsLog,
   ) {}
-
-  /** One line per instance the operation touches, in its operations log. Never fails a command. */
-  private async note(op: Operation, text: string): Promise<void> {
-    const file = this.operationsLog;
-    if (!file) return;
-    const line = `${new Date().toISOString()} ${text}\n`;
-    for (const id of instanceIds(op)) {
-      try {
-        await mkdir(dirname(file(id)), { recursive: true });
-        if (op.kind === "delete" && text.endsWith(" ok")) await rm(file(id), { force: true });
-        else await appendFile(file(id), line);
-      } catch (err) {
-        this.log("warn", "operations log write failed", {
-          instance_id: id,
-          error: errorMessage(err),
-        });
-      }
-    }
-  }
 
   /** Ids of commands executing now, for hello's in_flight. */
   inFlight(): string[] {
@@ -109,12 +89,13 @@ export class Commands {
     }
   }
 
-  /** Stops taking new commands and waits (bounded) for the ones running to be journaled. */
+  /** Stops taking new commands and waits (bounded) for the ones running to be journaled and
+   * their operations-log lines written. */
   async drain(timeoutMs: number): Promise<void> {
     this.accepting = false;
-    if (this.running.size === 0) return;
     const timeout = sleep(timeoutMs, "timeout" as const);
-    const result = await Promise.race([Promise.all(this.running.values()), timeout]);
+    const settled = Promise.all(this.running.values()).then(() => this.operationsLog?.settled());
+    const result = await Promise.race([settled, timeout]);
     if (result === "timeout") {
       this.log("warn", "shutting down with commands still running", { in_flight: this.inFlight() });
     }
@@ -130,30 +111,26 @@ export class Commands {
     this.log("info", "command started", { command_id: id, kind: op.kind });
     let outcome: Outcome;
     try {
-      // The operations-log line is written beside the journal's, not after it.
-      await Promise.all([
-        this.journal.begin(command),
-        this.note(op, `${op.kind} started (command ${id})`),
-      ]);
+      await this.journal.begin(command);
+      this.operationsLog?.note(op, `${op.kind} started (command ${id})`);
       outcome = await execute(this.driver, this.locks, op, this.context(id));
     } catch (err) {
       // Operations turn their own failures into outcomes; this is the journal failing, before
       // anything ran.
       outcome = { ok: false, error: toCommandError(err), instances: [] };
     }
-    const noted = this.note(
-      op,
-      outcome.ok
-        ? `${op.kind} ok`
-        : `${op.kind} failed: ${outcome.error.code}: ${outcome.error.message}`,
-    );
     try {
       await this.journal.finish(id, outcome);
     } catch (err) {
       // Still answered now; after a restart recovery settles it from the steps on disk.
       this.log("error", "journal write failed", { command_id: id, error: errorMessage(err) });
     }
-    await noted;
+    this.operationsLog?.note(
+      op,
+      outcome.ok
+        ? `${op.kind} ok`
+        : `${op.kind} failed: ${outcome.error.code}: ${outcome.error.message}`,
+    );
     this.running.delete(id);
     this.log(outcome.ok ? "info" : "warn", "command finished", {
       command_id: id,

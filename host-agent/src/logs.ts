@@ -5,6 +5,7 @@ import { open, stat } from "node:fs/promises";
 import type { LogChunk, LogsRequest } from "@offshoot/shared";
 import { PROTOCOL_VERSION } from "@offshoot/shared";
 import type { Driver } from "./drivers/driver.ts";
+import type { OperationsLog } from "./operations-log.ts";
 import type { AgentPaths } from "./paths.ts";
 
 const FOLLOW_POLL_MS = 200;
@@ -20,6 +21,7 @@ export class LogStreams {
   constructor(
     private driver: Driver,
     private paths: AgentPaths,
+    private operationsLog?: OperationsLog,
   ) {}
 
   /** Which file holds a log; undefined when there is none for this instance. */
@@ -65,6 +67,8 @@ export class LogStreams {
     if ((await this.driver.get(req.instance_id)) === null) return;
     const file = this.fileFor(req.instance_id, req.source);
     if (!file) return;
+    // Lines of operations that finished before this request are on disk before it is read.
+    if (req.source === "hypeman") await this.operationsLog?.settled();
     let offset = await tail(file, req.tail, emit);
     let partial = "";
     while (req.follow && !state.cancelled) {

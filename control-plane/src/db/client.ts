@@ -47,25 +47,76 @@ export function connectPostgres(url: string, opts: { max?: number } = {}): Datab
  * Drizzle sends each query as an unnamed statement, which Postgres parses and plans every
  * time; with a named (cached) statement per query text the same query costs about half. This
  * wraps the client — and each transaction's client — so every query is prepared.
+ *
+ * Transactions run on a reserved connection and never wait for BEGIN or COMMIT on their own:
+ * BEGIN goes out with the first statement, and COMMIT right after the last statement issued
+ * (see pipelinedTransaction).
  */
-function preparing<T extends postgres.Sql | postgres.TransactionSql>(client: T): T {
+function preparing<T extends postgres.Sql | postgres.ReservedSql>(
+  client: T,
+  onError?: (e: unknown) => void,
+): T {
   return new Proxy(client, {
     get(target, prop, receiver) {
       if (prop === "unsafe") {
-        return (query: string, params: never[], options?: object) =>
-          target.unsafe(query, params, { ...options, prepare: true });
+        return (query: string, params: never[], options?: object) => {
+          const q = target.unsafe(query, params, { ...options, prepare: true });
+          // A statement the transaction's code issued but does not await still fails the
+          // transaction (see pipelinedTransaction).
+          if (onError) q.catch(onError);
+          return q;
+        };
       }
-      if (prop === "begin" && "begin" in target) {
+      if (prop === "begin" && "reserve" in target) {
         return (...args: unknown[]) => {
-          const fn = args.at(-1) as (tx: postgres.TransactionSql) => unknown;
-          const begin = target.begin as (...a: unknown[]) => unknown;
-          return begin(...args.slice(0, -1), (tx: postgres.TransactionSql) => fn(preparing(tx)));
+          const fn = args.at(-1) as (tx: postgres.ReservedSql) => unknown;
+          const options = args.length > 1 ? String(args[0]).replace(/[^a-z ]/gi, "") : "";
+          return pipelinedTransaction(target, options, fn);
         };
       }
       const value: unknown = Reflect.get(target, prop, receiver);
       return typeof value === "function" ? value.bind(target) : value;
     },
   });
+}
+
+/**
+ * A transaction on a reserved connection. COMMIT is sent as soon as `fn` resolves, behind any
+ * statement `fn` issued without awaiting it: a transaction can end with statements whose
+ * results it does not need in the same round trip as its COMMIT. Should any statement fail,
+ * Postgres answers that COMMIT with ROLLBACK, and the transaction rejects with the first
+ * failure.
+ */
+async function pipelinedTransaction<T>(
+  sql: postgres.Sql,
+  options: string,
+  fn: (tx: postgres.ReservedSql) => T | Promise<T>,
+): Promise<T> {
+  const c = await sql.reserve();
+  let failed: { error: unknown } | undefined;
+  const tx = preparing(c, (error) => {
+    failed ??= { error };
+  });
+  try {
+    const begun = c.unsafe(`begin ${options}`).execute();
+    let result: T;
+    try {
+      [, result] = await Promise.all([begun, fn(tx)]);
+    } catch (e) {
+      throw failed?.error ?? e;
+    }
+    const done = await c.unsafe("commit");
+    if (failed || done.command !== "COMMIT") {
+      throw failed?.error ?? new Error(`transaction ended with ${done.command}`);
+    }
+    return result;
+  } catch (e) {
+    // After a COMMIT answered with ROLLBACK there is no transaction left: a warning, no error.
+    await c.unsafe("rollback").catch(() => {});
+    throw e;
+  } finally {
+    c.release();
+  }
 }
 
 /** Postgres error code of a failed query (drizzle wraps driver errors in `cause`). */
@@ -115,6 +166,46 @@ async function retrying<T>(fn: () => Promise<T>, attempts = 5): Promise<T> {
 /** A transaction, retried as above. */
 export function transaction<T>(db: Db, fn: (tx: Tx) => Promise<T>, attempts = 5): Promise<T> {
   return retrying(() => db.transaction(fn), attempts);
+}
+
+/** A statement issued now and awaited later, if at all (see transactionEndingWith): its
+ * failure is reported to whoever awaits it, never as an unhandled rejection. */
+export function issued<T>(statement: Promise<T>): Promise<T> {
+  statement.catch(() => {});
+  return statement;
+}
+
+/**
+ * A transaction whose last statements go out with its COMMIT: `fn` issues them without
+ * awaiting and returns them in `last`. If one fails, the transaction rolls back and this
+ * rejects with that statement's error — on a Postgres server through the transaction itself
+ * (pipelinedTransaction), on PGlite (whose COMMIT of a failed transaction quietly rolls back)
+ * when they are awaited after it.
+ */
+export async function transactionEndingWith<T>(
+  db: Db,
+  fn: (tx: Tx) => Promise<{ value: T; last: Promise<unknown>[] }>,
+): Promise<T> {
+  let last: Promise<PromiseSettledResult<unknown>[]> = Promise.resolve([]);
+  // The statement that failed, not one refused after it because the transaction had failed.
+  const cause = async () => {
+    const failures = (await last).flatMap((r) => (r.status === "rejected" ? [r.reason] : []));
+    return failures.find((e) => pgErrorCode(e).code !== "25P02") ?? failures[0];
+  };
+  let value: T;
+  try {
+    value = await transaction(db, async (tx) => {
+      const r = await fn(tx);
+      last = Promise.allSettled(r.last);
+      return r.value;
+    });
+  } catch (e) {
+    // PGlite reports a COMMIT that rolled back as an error of its own.
+    throw (await cause()) ?? e;
+  }
+  const failed = await cause();
+  if (failed !== undefined) throw failed;
+  return value;
 }
 
 /** One raw statement (its own transaction unless `ex` is one), retried as above when it runs

@@ -11,7 +11,7 @@ import {
   TimeoutError,
 } from "@offshoot/shared";
 import { and, asc, eq, inArray, ne, or, type SQL, sql } from "drizzle-orm";
-import { type Db, type Executor, rowFromJson, statement } from "../db/client.ts";
+import { type Db, type Executor, issued, rowFromJson, statement } from "../db/client.ts";
 import {
   type ForkFlowPayload,
   type InstanceRow,
@@ -81,24 +81,35 @@ export class Operations {
   ) {}
 
   async insert(tx: Executor, n: NewOperation): Promise<OperationRow> {
-    const [row] = await tx
-      .insert(operations)
-      .values({
-        // Operation ids are internal; CUID2 (SHA-3 based) is kept for the ids users see.
-        id: n.id ?? randomUUID(),
-        tenantId: n.tenantId,
-        hostId: n.hostId,
-        instanceId: n.instanceId,
-        sourceInstanceId: n.sourceInstanceId ?? null,
-        parentId: n.parentId ?? null,
-        step: n.step ?? null,
-        lock: n.lock,
-        kind: n.payload.kind,
-        payload: n.payload,
-      })
-      .returning();
-    if (!row) throw new Error("operation insert returned nothing");
+    const { row, written } = this.record(tx, n);
+    await written;
     return row;
+  }
+
+  /** Issues the insert of a new operation and returns its row at once, with the statement's
+   * promise: for a transaction that lets its last statements go out with its COMMIT. The
+   * row's `createdAt` is this process's clock; the database's is recorded. */
+  record(tx: Executor, n: NewOperation): { row: OperationRow; written: Promise<unknown> } {
+    const row: OperationRow = {
+      // Operation ids are internal; CUID2 (SHA-3 based) is kept for the ids users see.
+      id: n.id ?? randomUUID(),
+      tenantId: n.tenantId,
+      hostId: n.hostId,
+      instanceId: n.instanceId,
+      sourceInstanceId: n.sourceInstanceId ?? null,
+      parentId: n.parentId ?? null,
+      step: n.step ?? null,
+      lock: n.lock,
+      kind: n.payload.kind,
+      status: "pending",
+      payload: n.payload,
+      observed: null,
+      error: null,
+      createdAt: new Date(),
+      completedAt: null,
+    };
+    const { createdAt: _, ...values } = row;
+    return { row, written: issued(tx.insert(operations).values(values).execute()) };
   }
 
   /** Sends a host command to its agent, wherever it is connected; otherwise it goes out on

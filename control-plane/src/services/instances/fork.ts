@@ -1,4 +1,3 @@
-import { randomUUID } from "node:crypto";
 import {
   FORKABLE,
   type ForkInstanceRequest,
@@ -12,7 +11,13 @@ import {
 } from "@offshoot/shared";
 import { createId } from "@paralleldrive/cuid2";
 import { and, eq } from "drizzle-orm";
-import { type Executor, pgErrorCode, transaction } from "../../db/client.ts";
+import {
+  type Executor,
+  issued,
+  pgErrorCode,
+  transaction,
+  transactionEndingWith,
+} from "../../db/client.ts";
 import {
   type ForkFlowPayload,
   type InstanceRow,
@@ -45,7 +50,7 @@ export async function forkInstance(
   ref: string,
   req: ForkInstanceRequest,
 ): Promise<Instance> {
-  const { flow, children } = await transaction(s.db, async (tx) => {
+  const { flow, children } = await transactionEndingWith(s.db, async (tx) => {
     const src = await lockInstance(tx, tenantId, ref);
     const writable = src.volumes.find((v) => !v.readonly);
     if (writable) {
@@ -107,32 +112,30 @@ export async function forkInstance(
       target_state: targetState,
     };
     const owned = { tenantId, hostId: src.hostId, instanceId: target.id };
-    const flowId = randomUUID();
-    // The three rows are issued together (pipelined, executed in order); a name conflict fails
-    // the first and the transaction with it.
-    const [, flow, ...children] = await Promise.all([
-      tx.insert(instances).values(target).execute(),
-      s.ops.insert(tx, {
-        ...owned,
-        id: flowId,
-        sourceInstanceId: src.id,
-        lock: fromRunning ? "exclusive" : "shared",
-        payload,
-      }),
-      // Without a standby first, the host's fork is the first step: record it now.
-      ...(fromRunning
-        ? []
-        : [
-            s.ops.insert(tx, {
-              ...owned,
-              parentId: flowId,
-              step: "fork",
-              lock: "none",
-              payload: forkCommand(payload, target),
-            }),
-          ]),
-    ]);
-    return { flow, children };
+    const inserted = issued(tx.insert(instances).values(target).execute());
+    // The three rows go out together, with the COMMIT; a name conflict fails the first.
+    const flow = s.ops.record(tx, {
+      ...owned,
+      sourceInstanceId: src.id,
+      lock: fromRunning ? "exclusive" : "shared",
+      payload,
+    });
+    // Without a standby first, the host's fork is the first step: record it now.
+    const children = fromRunning
+      ? []
+      : [
+          s.ops.record(tx, {
+            ...owned,
+            parentId: flow.row.id,
+            step: "fork",
+            lock: "none",
+            payload: forkCommand(payload, target),
+          }),
+        ];
+    return {
+      value: { flow: flow.row, children: children.map((c) => c.row) },
+      last: [inserted, flow.written, ...children.map((c) => c.written)],
+    };
   }).catch((e: unknown) => nameConflict(e, req.name));
 
   let timer: NodeJS.Timeout | undefined;

@@ -182,8 +182,12 @@ export class SimDriver implements Driver {
       );
     }
     const withSnapshot = from === "Standby" && target_state !== "Stopped";
-    const own = (observed: ObservedInstance) =>
-      this.store.write({ created_by: ctx.commandId, spec: target, observed });
+    // The fork's state as last written (the sim holds the source still while it forks).
+    let forked: ObservedInstance | undefined;
+    const own = async (observed: ObservedInstance) => {
+      await this.store.write({ created_by: ctx.commandId, spec: target, observed });
+      forked = observed;
+    };
     const steps: Step[] = [
       {
         name: "clone-disk",
@@ -232,14 +236,15 @@ export class SimDriver implements Driver {
           name: "snapshot",
           run: async () => {
             await writeFile(this.paths.sim.snapshotFile(target.id), `memory of ${target.id}\n`);
-            const booted = await this.require(target.id);
-            await own({ ...booted, state: "Standby", has_snapshot: true });
+            if (!forked) throw new Error(`fork ${target.id} was not booted before its snapshot`);
+            await own({ ...forked, state: "Standby", has_snapshot: true });
           },
         },
       );
     }
     await this.run("fork", ctx, steps);
-    return [await this.require(source_id), await this.require(target.id)];
+    if (!forked) throw new Error(`fork ${target.id} left no record`);
+    return [source.observed, forked];
   }
 
   rollback(op: Operation, ctx: { commandId: string; steps: readonly string[] }) {

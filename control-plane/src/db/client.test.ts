@@ -1,0 +1,129 @@
+// Transactions on a Postgres server through connectPostgres: BEGIN is pipelined with the first
+// statement, so what a transaction guarantees is checked here, not assumed.
+import { eq, sql } from "drizzle-orm";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { seedTenant, tempDir, testDatabase } from "../../../test/harness.ts";
+import {
+  type Db,
+  issued,
+  pgErrorCode,
+  statement,
+  transaction,
+  transactionEndingWith,
+} from "./client.ts";
+import { openPglite } from "./open.ts";
+import { tenants } from "./schema/index.ts";
+
+describe("transactions (Postgres server)", () => {
+  let db: Db;
+  let drop: () => Promise<void>;
+  beforeAll(async () => {
+    const t = await testDatabase();
+    db = t.database.db;
+    drop = t.drop;
+  });
+  afterAll(() => drop());
+
+  const named = async (name: string) =>
+    (await db.select().from(tenants).where(eq(tenants.name, name))).length;
+
+  it("commits every statement, or none when one fails, and reports the statement's error", async () => {
+    await transaction(db, (tx) => tx.insert(tenants).values({ name: "tx-a" }));
+    expect(await named("tx-a")).toBe(1);
+
+    const err = await transaction(db, async (tx) => {
+      await tx.insert(tenants).values({ name: "tx-b" });
+      await tx.insert(tenants).values({ name: "tx-a" }); // duplicate name
+    }).catch((e: unknown) => e);
+    expect(pgErrorCode(err).code).toBe("23505");
+    expect(await named("tx-b")).toBe(0);
+
+    // Statements issued together: the first failure is the one reported.
+    const both = await transaction(db, async (tx) => {
+      await Promise.all([
+        tx.insert(tenants).values({ name: "tx-a" }),
+        tx.insert(tenants).values({ name: "tx-c" }),
+      ]);
+    }).catch((e: unknown) => e);
+    expect(pgErrorCode(both).code).toBe("23505");
+    expect(await named("tx-c")).toBe(0);
+  });
+
+  it("rolls back when the code inside throws", async () => {
+    await expect(
+      transaction(db, async (tx) => {
+        await tx.insert(tenants).values({ name: "tx-d" });
+        throw new Error("changed my mind");
+      }),
+    ).rejects.toThrow("changed my mind");
+    expect(await named("tx-d")).toBe(0);
+  });
+
+  it("runs every statement of a transaction inside it, also when many run at once", async () => {
+    const { tenantId } = await seedTenant(db);
+    // Each transaction keeps one transaction id throughout, and none shares it.
+    const runs = await Promise.all(
+      Array.from({ length: 25 }, (_, i) =>
+        transaction(db, async (tx) => {
+          const [first] = await statement(tx, sql`select txid_current()::text as xid`);
+          await tx
+            .update(tenants)
+            .set({ name: `tx-many-${i}` })
+            .where(eq(tenants.id, i === 0 ? tenantId : "none"));
+          const [again] = await statement(tx, sql`select txid_current()::text as xid`);
+          return [first?.xid, again?.xid];
+        }),
+      ),
+    );
+    for (const [a, b] of runs) expect(a).toBe(b);
+    expect(new Set(runs.map(([a]) => a)).size).toBe(25);
+    expect(await named("tx-many-0")).toBe(1);
+  });
+});
+
+const backends: Array<[string, () => Promise<{ db: Db; close: () => Promise<void> }>]> = [
+  [
+    "Postgres server",
+    async () => {
+      const t = await testDatabase();
+      return { db: t.database.db, close: t.drop };
+    },
+  ],
+  ["PGlite", () => openPglite(tempDir("offshoot-pglite-"))],
+];
+
+describe.each(backends)(
+  "a transaction ending with statements it does not await (%s)",
+  (_, open) => {
+    let db: Db;
+    let close: () => Promise<void>;
+    beforeAll(async () => {
+      ({ db, close } = await open());
+      await db.insert(tenants).values({ name: "taken" });
+    });
+    afterAll(() => close());
+
+    const named = async (name: string) =>
+      (await db.select().from(tenants).where(eq(tenants.name, name))).length;
+    const ending = (names: string[]) =>
+      transactionEndingWith(db, async (tx) => {
+        await tx.insert(tenants).values({ name: `${names[0]}-first` });
+        return {
+          value: "done",
+          last: names.map((name) => issued(tx.insert(tenants).values({ name }).execute())),
+        };
+      });
+
+    it("commits them", async () => {
+      expect(await ending(["e-a", "e-b"])).toBe("done");
+      expect(await named("e-a-first")).toBe(1);
+      expect(await named("e-b")).toBe(1);
+    });
+
+    it("rolls everything back when one fails, and rejects with its error", async () => {
+      const err = await ending(["e-c", "taken", "e-d"]).catch((e: unknown) => e);
+      expect(pgErrorCode(err).code).toBe("23505");
+      for (const name of ["e-c-first", "e-c", "e-d"]) expect(await named(name)).toBe(0);
+    });
+  },
+);
