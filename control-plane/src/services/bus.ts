@@ -22,7 +22,8 @@ const LogQueryMsg = z.object({
 });
 
 export const BusMessage = z.discriminatedUnion("t", [
-  z.object({ t: z.literal("signal"), topic: z.string() }),
+  /** Wake-ups, batched: every topic notified in one turn of the publisher's event loop. */
+  z.object({ t: z.literal("signal"), topics: z.array(z.string()).min(1) }),
   z.object({ t: z.literal("command"), host: z.string(), op: z.string() }),
   /** An agent said hello here: any other replica still holding a session for it drops it. */
   z.object({ t: z.literal("hello"), host: z.string() }),

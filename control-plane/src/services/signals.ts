@@ -1,5 +1,8 @@
 import type { Bus } from "./bus.ts";
 
+/** Topics are ids with a short prefix: 100 of them stay well under a NOTIFY's 8000 bytes. */
+const TOPICS_PER_MESSAGE = 100;
+
 /**
  * Wake-ups: "operation X finished", "instance Y changed". A waiter re-checks the database when
  * woken, and also on a slow timer, so a missed signal delays it but never loses the answer.
@@ -9,15 +12,29 @@ import type { Bus } from "./bus.ts";
 export class Signals {
   private waiters = new Map<string, Set<() => void>>();
 
+  /** Topics notified in this turn of the event loop, for the other replicas. */
+  private outgoing: string[] = [];
+
   constructor(private bus?: Bus) {
     bus?.subscribe((msg) => {
-      if (msg.t === "signal") this.wake(msg.topic);
+      if (msg.t === "signal") for (const topic of msg.topics) this.wake(topic);
     });
   }
 
   notify(topic: string): void {
     this.wake(topic);
-    this.bus?.publish({ t: "signal", topic });
+    if (!this.bus) return;
+    // One bus message for everything notified together (a result wakes its operation and
+    // every instance it touched): one NOTIFY instead of one per topic.
+    if (this.outgoing.push(topic) === 1) queueMicrotask(() => this.publish());
+  }
+
+  private publish(): void {
+    const topics = this.outgoing;
+    this.outgoing = [];
+    for (let i = 0; i < topics.length; i += TOPICS_PER_MESSAGE) {
+      this.bus?.publish({ t: "signal", topics: topics.slice(i, i + TOPICS_PER_MESSAGE) });
+    }
   }
 
   private wake(topic: string): void {
