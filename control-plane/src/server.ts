@@ -26,6 +26,7 @@ import { Signals } from "./services/signals.ts";
 export { AGENT_PATH } from "@offshoot/shared";
 
 import { AGENT_PATH } from "@offshoot/shared";
+import { makeIdsAhead } from "./services/instances/ids.ts";
 
 export interface RunningServer {
   url: string;
@@ -41,6 +42,7 @@ export async function startServer(
   log: Log,
   opts: { database?: Database } = {},
 ): Promise<RunningServer> {
+  makeIdsAhead();
   const database =
     opts.database ??
     (await openDatabase({ url: env.DATABASE_URL, pgliteDir: `${env.DATA_DIR}/pglite` }));

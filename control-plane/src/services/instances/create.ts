@@ -8,13 +8,13 @@ import {
   parseRate,
   parseSize,
 } from "@offshoot/shared";
-import { createId } from "@paralleldrive/cuid2";
 import { transaction } from "../../db/client.ts";
 import { instances } from "../../db/schema/index.ts";
 import type { Services } from "../context.ts";
 import { lacksImage, requireImage } from "../images.ts";
 import { placeInstance } from "../placement.ts";
 import { nameConflict } from "./errors.ts";
+import { newInstanceId } from "./ids.ts";
 import { present } from "./present.ts";
 import { rowAfter } from "./resolve.ts";
 import { allocateIp, newMac, specOf } from "./spec.ts";
@@ -98,7 +98,7 @@ export async function createInstance(
     const [row] = await tx
       .insert(instances)
       .values({
-        id: createId(),
+        id: newInstanceId(),
         tenantId,
         hostId: host.id,
         name: req.name,

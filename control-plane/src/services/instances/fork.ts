@@ -9,7 +9,6 @@ import {
   type Operation,
   TimeoutError,
 } from "@offshoot/shared";
-import { createId } from "@paralleldrive/cuid2";
 import { and, eq } from "drizzle-orm";
 import {
   type Executor,
@@ -29,6 +28,7 @@ import type { Services } from "../context.ts";
 import { commandError } from "../operations.ts";
 import { admit } from "../placement.ts";
 import { nameConflict } from "./errors.ts";
+import { newInstanceId } from "./ids.ts";
 import { assertIdle } from "./lifecycle.ts";
 import { present } from "./present.ts";
 import { getById, lockInstance, rowAfter } from "./resolve.ts";
@@ -88,7 +88,7 @@ export async function forkInstance(
     const now = new Date();
     const target: InstanceRow = {
       ...src,
-      id: createId(),
+      id: newInstanceId(),
       name: req.name,
       state: "Created",
       stateError: null,
