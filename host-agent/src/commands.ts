@@ -107,7 +107,7 @@ export class Commands {
 
   private async run(command: Command): Promise<void> {
     const { id, op } = command;
-    const startedAt = Date.now();
+    const startedAt = performance.now();
     this.log("info", "command started", { command_id: id, kind: op.kind });
     let outcome: Outcome;
     try {
@@ -137,7 +137,7 @@ export class Commands {
       kind: op.kind,
       ok: outcome.ok,
       ...(outcome.ok ? {} : { code: outcome.error.code, error: outcome.error.message }),
-      ms: Date.now() - startedAt,
+      ms: Math.round((performance.now() - startedAt) * 100) / 100,
     });
     this.onResult(toResult(id, outcome, false));
   }
