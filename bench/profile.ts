@@ -17,6 +17,7 @@ import {
 } from "../control-plane/src/services/credentials.ts";
 import { loadConfig, startAgent } from "../host-agent/src/index.ts";
 import { ensurePostgres } from "../scripts/postgres.ts";
+import { http } from "./sim-stack.ts";
 import { summary } from "./stats.ts";
 
 const N = Number(process.env.BENCH_FORKS ?? 300);
@@ -37,7 +38,7 @@ const PACKAGES = [
   "postgres/src",
   "hono",
   "zod",
-  "undici",
+  "node:_http",
   "ws/lib",
   "cuid2",
   "@noble",
@@ -100,16 +101,8 @@ const agent = await startAgent(
   { log: () => {} },
 );
 await new Promise((r) => setTimeout(r, 1000));
-const auth = { authorization: `Bearer ${key}` };
-const call = async (method: string, path: string, body?: unknown) => {
-  const res = await fetch(`${cp.url}${path}`, {
-    method,
-    headers: body === undefined ? auth : { ...auth, "content-type": "application/json" },
-    body: body === undefined ? undefined : JSON.stringify(body),
-  });
-  const text = await res.text();
-  return text ? (JSON.parse(text) as { id: string }) : undefined;
-};
+const call = (method: string, path: string, body?: unknown) =>
+  http(cp.url, key, method, path, body);
 await call("POST", "/instances", { name: "src", image: "alpine", vcpus: 1, size: "256MB" });
 await call("POST", "/instances/src/standby");
 

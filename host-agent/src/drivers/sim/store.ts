@@ -21,9 +21,11 @@ export class SimStore extends RecordStore<SimRecord> {
   }
 
   override async write(record: SimRecord): Promise<void> {
-    await super.write(record);
     // The simulated guest "prints" each state it enters, so its console log has content.
     const { id, state } = record.observed;
-    await appendFile(this.paths.consoleLog(id), `${new Date().toISOString()} sim: ${state}\n`);
+    await Promise.all([
+      super.write(record),
+      appendFile(this.paths.consoleLog(id), `${new Date().toISOString()} sim: ${state}\n`),
+    ]);
   }
 }
