@@ -22,6 +22,8 @@ import { createInstance } from "./instances/create.ts";
 import { deleteInstance } from "./instances/delete.ts";
 import { forkInstance } from "./instances/fork.ts";
 import { getInstance } from "./instances/get.ts";
+import { restoreInstance } from "./instances/restore.ts";
+import { standbyInstance } from "./instances/standby.ts";
 import { startInstance } from "./instances/start.ts";
 import { stopInstance } from "./instances/stop.ts";
 import { Operations } from "./operations.ts";
@@ -60,6 +62,12 @@ class ScriptedHost implements HostGateway {
   hostId = "";
   /** Results still being recorded; awaited before the database goes away. */
   inFlight = new Set<Promise<void>>();
+  /** How long the host takes to answer (0: on the next turn). */
+  delayMs = 0;
+  /** What commands being executed hold, per instance: a fork holds its source shared. */
+  private holds = new Map<string, Array<"shared" | "exclusive">>();
+  /** Commands that arrived while another one held their instance against them. */
+  overlaps: string[] = [];
 
   async openLogs(): Promise<undefined> {
     return undefined; // logs are covered end to end with real agents
@@ -67,18 +75,46 @@ class ScriptedHost implements HostGateway {
   send(_hostId: string, command: Command): boolean {
     if (!this.connected) return false;
     this.sent.push(command);
+    const taken = this.take(command.op);
     const answer = this.script.shift()?.(command.op, command.id) ?? this.obvious(command.op);
-    const done = new Promise<void>((resolve) => setImmediate(resolve)).then(() =>
-      this.s.ops.complete(this.hostId, {
+    const answered = this.delayMs
+      ? new Promise<void>((resolve) => setTimeout(resolve, this.delayMs))
+      : new Promise<void>((resolve) => setImmediate(resolve));
+    const done = answered.then(() => {
+      taken();
+      return this.s.ops.complete(this.hostId, {
         v: 1,
         type: "result",
         command_id: command.id,
         ...answer,
-      } as Result),
-    );
+      } as Result);
+    });
     this.inFlight.add(done);
     void done.finally(() => this.inFlight.delete(done));
     return true;
+  }
+  /** Records what `op` holds while it runs, noting any overlap; returns the release. */
+  private take(op: Operation): () => void {
+    const wants: Array<[string, "shared" | "exclusive"]> =
+      op.kind === "fork"
+        ? [
+            [op.source_id, "shared"],
+            [op.target.id, "exclusive"],
+          ]
+        : [[op.kind === "create" ? op.instance.id : op.instance_id, "exclusive"]];
+    for (const [id, mode] of wants) {
+      const held = this.holds.get(id) ?? [];
+      if (held.includes("exclusive") || (mode === "exclusive" && held.length > 0)) {
+        this.overlaps.push(`${op.kind} on ${id} while it was held (${held.join(", ")})`);
+      }
+      this.holds.set(id, [...held, mode]);
+    }
+    return () => {
+      for (const [id, mode] of wants) {
+        const held = this.holds.get(id) ?? [];
+        held.splice(held.indexOf(mode), 1);
+      }
+    };
   }
   set(id: string, state: ObservedInstance["state"]): ObservedInstance {
     const o = { id, state, has_snapshot: state === "Standby" };
@@ -247,6 +283,35 @@ describe("recovery and races (scripted host, real Postgres)", () => {
       (c) => c.op.kind === "restore" && c.op.instance_id === src.id,
     );
     expect(restores.length).toBe(2);
+  });
+
+  it("a fork and a lifecycle verb racing on one source never run on the host at once", async () => {
+    await createInstance(s, tenantId, spec("race-fork"));
+    await standbyInstance(s, tenantId, "race-fork");
+    host.delayMs = 15; // the host is slow: a race that slips through overlaps on it
+    const outcomes = new Set<string>();
+    try {
+      for (let i = 0; i < 12; i++) {
+        const [fork, restore] = await Promise.allSettled([
+          forkInstance(s, tenantId, "race-fork", { name: `race-fork-${i}`, from_running: false }),
+          restoreInstance(s, tenantId, "race-fork"),
+        ]);
+        for (const r of [fork, restore]) {
+          // Each either applies or is refused with 409 because the other holds the source.
+          if (r.status === "rejected") expect(String(r.reason)).toMatch(/^InvalidStateError/);
+        }
+        outcomes.add(`${fork.status}/${restore.status}`);
+        if (fork.status === "fulfilled") await deleteInstance(s, tenantId, `race-fork-${i}`);
+        if ((await getInstance(s, tenantId, "race-fork")).state === "Running") {
+          await standbyInstance(s, tenantId, "race-fork");
+        }
+      }
+    } finally {
+      host.delayMs = 0;
+    }
+    expect(host.overlaps).toEqual([]);
+    // The race was run: at least one round refused one of the two.
+    expect([...outcomes].some((o) => o.includes("rejected"))).toBe(true);
   });
 
   it("gives each instance on a host its own address, reusing the lowest freed one", async () => {
