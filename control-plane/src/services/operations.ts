@@ -37,11 +37,10 @@ export interface NewOperation {
   payload: Operation | ForkFlowPayload;
 }
 
-/** Whether the instance is locked against the wanted mode by a pending operation.
- * `instanceId` may be a subquery (see lockAndCheck). */
+/** Whether the instance is locked against the wanted mode by a pending operation. */
 export async function conflictingOperation(
   ex: Executor,
-  instanceId: string | SQL,
+  instanceId: string,
   want: "exclusive" | "shared",
 ): Promise<OperationRow | undefined> {
   // An operation holds its `instance_id` exclusively and its `source_instance_id` in `lock` mode.

@@ -6,7 +6,7 @@ import {
   NotSupportedError,
   RESIDENT,
 } from "@offshoot/shared";
-import { and, eq, gt, inArray, ne, or, type SQL, sql } from "drizzle-orm";
+import { and, eq, gt, inArray, ne, or, sql } from "drizzle-orm";
 import type { Tx } from "../db/client.ts";
 import { hosts, instances, operations } from "../db/schema/index.ts";
 
@@ -130,42 +130,6 @@ async function usageByHost(tx: Tx, hostIds: string[]): Promise<Map<string, Need>
   );
 }
 
-/** Locks a host's row if the host is connected; undefined if it is not. `hostId` may be a
- * subquery (see lockAndCheck). */
-export async function lockOnlineHost(
-  tx: Tx,
-  graceMs: number,
-  hostId: string | SQL,
-): Promise<HostRow | undefined> {
-  const [host] = await tx
-    .select()
-    .from(hosts)
-    .where(and(eq(hosts.id, hostId), online(graceMs)))
-    .for("update");
-  return host;
-}
-
-/** The rest of admit, for a host row already locked by lockOnlineHost (or found offline). */
-export async function admitLocked(
-  tx: Tx,
-  locked: HostRow | undefined,
-  hostId: string,
-  need: Need | undefined,
-  excludeInstanceId?: string,
-): Promise<HostRow> {
-  if (!locked) {
-    const [h] = await tx.select({ name: hosts.name }).from(hosts).where(eq(hosts.id, hostId));
-    throw new HostUnavailableError(`host ${h?.name ?? hostId} is not connected`);
-  }
-  if (need) {
-    const used = await usage(tx, hostId, excludeInstanceId);
-    if (!fits(locked, used, need)) {
-      throw new InsufficientResourcesError(shortfall(locked, used, need));
-    }
-  }
-  return locked;
-}
-
 /** Locks an instance's host and checks it is connected and has room for the instance. */
 export async function admit(
   tx: Tx,
@@ -174,6 +138,18 @@ export async function admit(
   need: Need | undefined,
   excludeInstanceId?: string,
 ): Promise<HostRow> {
-  const locked = await lockOnlineHost(tx, graceMs, hostId);
-  return admitLocked(tx, locked, hostId, need, excludeInstanceId);
+  const [host] = await tx
+    .select()
+    .from(hosts)
+    .where(and(eq(hosts.id, hostId), online(graceMs)))
+    .for("update");
+  if (!host) {
+    const [h] = await tx.select({ name: hosts.name }).from(hosts).where(eq(hosts.id, hostId));
+    throw new HostUnavailableError(`host ${h?.name ?? hostId} is not connected`);
+  }
+  if (need) {
+    const used = await usage(tx, hostId, excludeInstanceId);
+    if (!fits(host, used, need)) throw new InsufficientResourcesError(shortfall(host, used, need));
+  }
+  return host;
 }

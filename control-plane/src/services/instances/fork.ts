@@ -25,14 +25,14 @@ import {
   operations,
 } from "../../db/schema/index.ts";
 import type { Services } from "../context.ts";
-import { commandError, conflictingOperation } from "../operations.ts";
-import { admitLocked, lockOnlineHost } from "../placement.ts";
+import { commandError } from "../operations.ts";
+import { admit } from "../placement.ts";
 import { nameConflict } from "./errors.ts";
 import { newInstanceId } from "./ids.ts";
-import { assertNotBusy } from "./lifecycle.ts";
+import { assertIdle } from "./lifecycle.ts";
 import { present } from "./present.ts";
-import { getById, lockAndCheck, rowAfter } from "./resolve.ts";
-import { freeIp, newMac, requireIp, specOf } from "./spec.ts";
+import { getById, lockInstance, rowAfter } from "./resolve.ts";
+import { allocateIp, newMac, specOf } from "./spec.ts";
 
 /**
  * POST /instances/{id}/fork. The rules, in the order they are checked:
@@ -51,18 +51,7 @@ export async function forkInstance(
   req: ForkInstanceRequest,
 ): Promise<Instance> {
   const { flow, children } = await transactionEndingWith(s.db, async (tx) => {
-    // The source's lock, then in the same round trip what the checks below need: pending
-    // operations holding it (for either mode), its host's row lock, a free address.
-    const grace = s.env.HOST_GRACE_MS;
-    const { row: src, checked } = await lockAndCheck(tx, tenantId, ref, (id, hostId) =>
-      Promise.all([
-        conflictingOperation(tx, id, "exclusive"),
-        conflictingOperation(tx, id, "shared"),
-        lockOnlineHost(tx, grace, hostId),
-        freeIp(tx, hostId),
-      ]),
-    );
-    const [busyExclusive, busyShared, lockedHost, freeAddress] = checked;
+    const src = await lockInstance(tx, tenantId, ref);
     const writable = src.volumes.find((v) => !v.readonly);
     if (writable) {
       throw new NotSupportedError(
@@ -82,14 +71,13 @@ export async function forkInstance(
     const fromRunning = src.state === "Running";
     const targetState = req.target_state ?? (src.state as ForkTargetState);
     const need = { vcpus: src.vcpus, memoryBytes: src.memoryBytes + src.hotplugBytes };
-    assertNotBusy(src, fromRunning ? busyExclusive : busyShared);
-    const host = await admitLocked(
-      tx,
-      lockedHost,
-      src.hostId,
-      targetState === "Running" ? need : undefined,
-    );
-    const ip = src.networkEnabled ? requireIp(freeAddress, src.hostId) : null;
+    // Issued together on the transaction's connection (pipelined, executed in order): the
+    // host lock is taken before the address is picked.
+    const [, host, ip] = await Promise.all([
+      assertIdle(tx, src, fromRunning ? "exclusive" : "shared"),
+      admit(tx, s.env.HOST_GRACE_MS, src.hostId, targetState === "Running" ? need : undefined),
+      src.networkEnabled ? allocateIp(tx, src.hostId) : null,
+    ]);
     const caps = host.capabilities;
     const via = src.state === "Stopped" ? "fork_from_stopped" : "fork_from_standby";
     if (!caps?.[via] || ((fromRunning || targetState === "Standby") && !caps.standby)) {

@@ -6,19 +6,15 @@ import {
   type Operation,
 } from "@offshoot/shared";
 import { type Tx, transaction } from "../../db/client.ts";
-import type { InstanceRow, OperationRow } from "../../db/schema/index.ts";
+import type { InstanceRow } from "../../db/schema/index.ts";
 import type { Services } from "../context.ts";
 import { conflictingOperation } from "../operations.ts";
-import { admitLocked, type HostRow, lockOnlineHost } from "../placement.ts";
+import { admit, type HostRow } from "../placement.ts";
 import { present } from "./present.ts";
-import { lockAndCheck, rowAfter } from "./resolve.ts";
+import { lockInstance, rowAfter } from "./resolve.ts";
 
 export async function assertIdle(tx: Tx, row: InstanceRow, want: "exclusive" | "shared") {
-  assertNotBusy(row, await conflictingOperation(tx, row.id, want));
-}
-
-/** assertIdle's verdict on what conflictingOperation found. */
-export function assertNotBusy(row: InstanceRow, busy: OperationRow | undefined) {
+  const busy = await conflictingOperation(tx, row.id, want);
   if (busy) {
     throw new InvalidStateError(
       `instance ${row.name} has a ${busy.kind === "fork_flow" ? "fork" : busy.kind} in progress (operation ${busy.id}); retry when it finishes`,
@@ -55,21 +51,15 @@ export async function runVerb(
   verb: Verb,
 ): Promise<Instance> {
   const op = await transaction(s.db, async (tx) => {
-    // The row's lock, then in the same round trip: pending operations holding it, and its
-    // host's row lock.
-    const { row, checked } = await lockAndCheck(tx, tenantId, ref, (id, hostId) =>
-      Promise.all([
-        conflictingOperation(tx, id, "exclusive"),
-        lockOnlineHost(tx, s.env.HOST_GRACE_MS, hostId),
-      ]),
-    );
-    const [busy, lockedHost] = checked;
+    const row = await lockInstance(tx, tenantId, ref);
     assertState(row, verb.name, verb.from);
     const need = verb.resident
       ? { vcpus: row.vcpus, memoryBytes: row.memoryBytes + row.hotplugBytes }
       : undefined;
-    assertNotBusy(row, busy);
-    const host = await admitLocked(tx, lockedHost, row.hostId, need, row.id);
+    const [, host] = await Promise.all([
+      assertIdle(tx, row, "exclusive"),
+      admit(tx, s.env.HOST_GRACE_MS, row.hostId, need, row.id),
+    ]);
     verb.check?.(host, row);
     return s.ops.insert(tx, {
       tenantId,

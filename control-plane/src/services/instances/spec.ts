@@ -1,6 +1,6 @@
 import { randomBytes } from "node:crypto";
 import type { Hypervisor, InstanceSpec } from "@offshoot/shared";
-import { and, eq, isNotNull, type SQL, sql } from "drizzle-orm";
+import { and, eq, isNotNull, sql } from "drizzle-orm";
 import type { Tx } from "../../db/client.ts";
 import { type InstanceRow, instances } from "../../db/schema/index.ts";
 
@@ -43,11 +43,10 @@ const LAST_HOST = 65534;
 
 /**
  * The lowest free address on the host: the first gap after .0.1 or after an address in use,
- * found by the database with the (host_id, ip) index; undefined when the subnet is full.
- * Callers hold the host row lock (see admit/placeInstance), so two picks cannot collide.
- * `hostId` may be a subquery (see lockAndCheck).
+ * found by the database with the (host_id, ip) index. Callers hold the host row lock (see
+ * admit/placeInstance), so two picks cannot collide.
  */
-export async function freeIp(tx: Tx, hostId: string | SQL): Promise<string | undefined> {
+export async function allocateIp(tx: Tx, hostId: string): Promise<string> {
   const base = sql`${SUBNET}::inet`;
   const used = tx
     .select({ n: sql<number>`(${instances.ip}::inet - ${base})`.as("n") })
@@ -62,16 +61,6 @@ export async function freeIp(tx: Tx, hostId: string | SQL): Promise<string | und
       sql`not exists (select 1 from ${instances} where ${instances.hostId} = ${hostId} and ${instances.ip} = host(${base} + (${used.n} + 1)))`,
     );
   const n = Number(row?.n ?? Number.NaN);
-  if (!(n >= 2 && n <= LAST_HOST)) return undefined;
+  if (!(n >= 2 && n <= LAST_HOST)) throw new Error(`host ${hostId} has no free guest address`);
   return [24, 16, 8, 0].map((shift) => ((SUBNET_NUM + n) >>> shift) & 255).join(".");
-}
-
-/** freeIp, or an error when the host has no address left. */
-export async function allocateIp(tx: Tx, hostId: string): Promise<string> {
-  return requireIp(await freeIp(tx, hostId), hostId);
-}
-
-export function requireIp(ip: string | undefined, hostId: string): string {
-  if (ip === undefined) throw new Error(`host ${hostId} has no free guest address`);
-  return ip;
 }
