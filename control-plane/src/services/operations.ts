@@ -25,8 +25,6 @@ import { topics } from "./context.ts";
 import type { Signals } from "./signals.ts";
 
 export interface NewOperation {
-  /** Chosen by the caller when other rows must name it in the same round trip. */
-  id?: string;
   tenantId: string | null;
   hostId: string;
   instanceId: string | null;
@@ -92,7 +90,7 @@ export class Operations {
   record(tx: Executor, n: NewOperation): { row: OperationRow; written: Promise<unknown> } {
     const row: OperationRow = {
       // Operation ids are internal; CUID2 (SHA-3 based) is kept for the ids users see.
-      id: n.id ?? randomUUID(),
+      id: randomUUID(),
       tenantId: n.tenantId,
       hostId: n.hostId,
       instanceId: n.instanceId,
