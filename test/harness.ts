@@ -23,7 +23,7 @@ import { eq } from "drizzle-orm";
 import postgres from "postgres";
 import { afterAll, inject } from "vitest";
 import type { Database, Db } from "../control-plane/src/db/client.ts";
-import { openPostgres } from "../control-plane/src/db/open.ts";
+import { openPglite, openPostgres } from "../control-plane/src/db/open.ts";
 import { hosts } from "../control-plane/src/db/schema/index.ts";
 import {
   createApiKey,
@@ -163,6 +163,21 @@ export async function testDatabase(): Promise<TestDatabase> {
   databases.add(drop);
   return { url, database, drop };
 }
+
+/** The two databases the control plane runs on, for `describe.each`: a fresh database on the
+ * test Postgres server, and embedded PGlite in a temporary directory. */
+export const databaseBackends: Array<
+  [string, () => Promise<{ db: Db; close: () => Promise<void> }>]
+> = [
+  [
+    "Postgres server",
+    async () => {
+      const t = await testDatabase();
+      return { db: t.database.db, close: t.drop };
+    },
+  ],
+  ["PGlite", () => openPglite(tempDir("offshoot-pglite-"))],
+];
 
 /** A tenant (unique name unless given) and a fresh API key for it. */
 export async function seedTenant(

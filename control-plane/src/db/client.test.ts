@@ -2,7 +2,7 @@
 // statement, so what a transaction guarantees is checked here, not assumed.
 import { eq, sql } from "drizzle-orm";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { seedTenant, tempDir, testDatabase } from "../../../test/harness.ts";
+import { databaseBackends, seedTenant, testDatabase } from "../../../test/harness.ts";
 import {
   type Db,
   issued,
@@ -11,7 +11,6 @@ import {
   transaction,
   transactionEndingWith,
 } from "./client.ts";
-import { openPglite } from "./open.ts";
 import { tenants } from "./schema/index.ts";
 
 describe("transactions (Postgres server)", () => {
@@ -81,18 +80,7 @@ describe("transactions (Postgres server)", () => {
   });
 });
 
-const backends: Array<[string, () => Promise<{ db: Db; close: () => Promise<void> }>]> = [
-  [
-    "Postgres server",
-    async () => {
-      const t = await testDatabase();
-      return { db: t.database.db, close: t.drop };
-    },
-  ],
-  ["PGlite", () => openPglite(tempDir("offshoot-pglite-"))],
-];
-
-describe.each(backends)(
+describe.each(databaseBackends)(
   "a transaction ending with statements it does not await (%s)",
   (_, open) => {
     let db: Db;

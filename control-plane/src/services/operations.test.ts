@@ -4,9 +4,8 @@ import { randomUUID } from "node:crypto";
 import type { ObservedInstance, Operation, Result } from "@offshoot/shared";
 import { asc, eq } from "drizzle-orm";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { registerHost, seedTenant, tempDir, testDatabase } from "../../../test/harness.ts";
+import { databaseBackends, registerHost, seedTenant } from "../../../test/harness.ts";
 import type { Db } from "../db/client.ts";
-import { openPglite } from "../db/open.ts";
 import {
   events,
   type ForkFlowPayload,
@@ -21,18 +20,7 @@ import { Signals } from "./signals.ts";
 
 const quiet: HostGateway = { send: () => true, openLogs: async () => undefined };
 
-const backends: Array<[string, () => Promise<{ db: Db; close: () => Promise<void> }>]> = [
-  [
-    "Postgres server",
-    async () => {
-      const t = await testDatabase();
-      return { db: t.database.db, close: t.drop };
-    },
-  ],
-  ["PGlite", () => openPglite(tempDir("offshoot-pglite-"))],
-];
-
-describe.each(backends)("recording a result (%s)", (_name, open) => {
+describe.each(databaseBackends)("recording a result (%s)", (_name, open) => {
   let db: Db;
   let close: () => Promise<void>;
   let ops: Operations;
@@ -87,6 +75,31 @@ describe.each(backends)("recording a result (%s)", (_name, open) => {
       payload,
     });
     return id;
+  };
+  /** A Standby source, a fork of it being made, the fork's flow and the flow's host command. */
+  const forkInFlight = async (fromRunning: boolean) => {
+    const src = await instance("Standby", { hasSnapshot: true });
+    const target = await instance("Created", { forkedFrom: src.id });
+    const flow = await pending(
+      {
+        kind: "fork_flow",
+        source_id: src.id,
+        target_id: target.id,
+        from_running: fromRunning,
+        target_state: "Standby",
+      },
+      { instanceId: target.id },
+    );
+    const fork = await pending(
+      {
+        kind: "fork",
+        source_id: src.id,
+        target: { id: target.id } as never,
+        target_state: "Standby",
+      },
+      { instanceId: target.id, parentId: flow, step: "fork" },
+    );
+    return { src, target, flow, fork };
   };
   const result = (
     commandId: string,
@@ -171,27 +184,7 @@ describe.each(backends)("recording a result (%s)", (_name, open) => {
   });
 
   it("a failed fork takes its target row with it and fails its flow", async () => {
-    const src = await instance("Standby", { hasSnapshot: true });
-    const target = await instance("Created", { forkedFrom: src.id });
-    const flow = await pending(
-      {
-        kind: "fork_flow",
-        source_id: src.id,
-        target_id: target.id,
-        from_running: false,
-        target_state: "Standby",
-      },
-      { instanceId: target.id },
-    );
-    const fork = await pending(
-      {
-        kind: "fork",
-        source_id: src.id,
-        target: { id: target.id } as never,
-        target_state: "Standby",
-      },
-      { instanceId: target.id, parentId: flow, step: "fork" },
-    );
+    const { src, target, flow, fork } = await forkInFlight(false);
     const error = { code: "internal_error", message: "disk full" };
     await ops.complete(
       hostId,
@@ -209,27 +202,7 @@ describe.each(backends)("recording a result (%s)", (_name, open) => {
 
   it("a successful fork ends its flow; a from_running flow is left to its driver", async () => {
     for (const fromRunning of [false, true]) {
-      const src = await instance("Standby", { hasSnapshot: true });
-      const target = await instance("Created");
-      const flow = await pending(
-        {
-          kind: "fork_flow",
-          source_id: src.id,
-          target_id: target.id,
-          from_running: fromRunning,
-          target_state: "Standby",
-        },
-        { instanceId: target.id },
-      );
-      const fork = await pending(
-        {
-          kind: "fork",
-          source_id: src.id,
-          target: { id: target.id } as never,
-          target_state: "Standby",
-        },
-        { instanceId: target.id, parentId: flow, step: "fork" },
-      );
+      const { src, target, flow, fork } = await forkInFlight(fromRunning);
       await ops.complete(
         hostId,
         result(fork, [
