@@ -30,7 +30,12 @@ import { execa } from "execa";
 import type { OpContext } from "../host-agent/src/drivers/driver.ts";
 import { guestControl } from "../host-agent/src/drivers/qemu/control.ts";
 import { type GuestSpec, killProcess, launchQemu } from "../host-agent/src/drivers/qemu/launch.ts";
-import { guestConfig, QemuDriver, shellQuote } from "../host-agent/src/drivers/qemu/qemu-driver.ts";
+import {
+  guestConfig,
+  guestDevices,
+  QemuDriver,
+  shellQuote,
+} from "../host-agent/src/drivers/qemu/qemu-driver.ts";
 import type { QmpClient } from "../host-agent/src/drivers/qemu/qmp.ts";
 import { type QemuRecord, QemuStore } from "../host-agent/src/drivers/qemu/store.ts";
 import {
@@ -388,26 +393,13 @@ async function handRestore(d: DataDir, source: string, assets: VmAssets) {
   // The qcow2 overlay keeps its backing file (a read-only base or the blank template).
   await copyFile(q.diskFile(source), f("disk.qcow2"));
   await copyFile(q.configFile(source), f("config.sh"));
-  const esc = (v: string) => v.replaceAll(",", ",,");
   // The driver's device layout, in its order: a device-state stream only loads into the same.
-  const drive = (name: string, file: string, o: string) => [
-    "-drive",
-    `file=${esc(file)},if=none,id=${name},${o}`,
-    "-device",
-    `virtio-blk-device,drive=${name},serial=offshoot-${name}`,
-  ];
   const extra = [
-    ...drive("root", rec.image.rootfs, "format=raw,readonly=on"),
-    ...drive("rw", f("disk.qcow2"), "format=qcow2"),
-    ...drive("cfg", f("config.sh"), "format=raw,readonly=on"),
-    ...(rec.machine.mac === null
-      ? []
-      : [
-          "-netdev",
-          "user,id=net0",
-          "-device",
-          `virtio-net-device,netdev=net0,id=nic0,mac=${rec.machine.mac}`,
-        ]),
+    ...guestDevices(
+      { root: rec.image.rootfs, rw: f("disk.qcow2"), cfg: f("config.sh") },
+      rec.machine.mac,
+      rec.spec.disk_io_bps,
+    ),
     "-S",
     "-incoming",
     "defer",

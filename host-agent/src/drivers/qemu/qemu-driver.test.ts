@@ -18,7 +18,7 @@ import { backingChain, createInstanceDisk } from "./disks.ts";
 import { killProcess, launchQemu } from "./launch.ts";
 import { exitMessage, guestConfig, guestHostname, QemuDriver } from "./qemu-driver.ts";
 import { QemuStore } from "./store.ts";
-import { serialCounts as serialCountsOf, testGuestSpec } from "./testing.ts";
+import { serialCounts as serialCountsOf, testGuestSpec, testMachine } from "./testing.ts";
 
 const ASSETS_TIMEOUT = 5 * 60_000;
 
@@ -468,20 +468,19 @@ describe("QemuDriver without booting", () => {
     });
     // …and the QEMU an agent killed mid-restore left waiting for it: no pid file, no pid on
     // record. Nothing boots: -S with an incoming migration that never starts.
-    const vm = await launchQemu({
-      qemu: assets.qemu,
-      kernel: assets.kernelElf,
-      initramfs: assets.initramfs,
-      accel: "tcg",
-      memoryMiB: 256,
-      vcpus: 1,
-      memFile: paths.qemu.memFile("unrec"),
-      qmpSocket: paths.qemu.qmpSocket("unrec"),
-      ctlSocket: paths.qemu.ctlSocket("unrec"),
-      serialLog: paths.qemu.serialLog("unrec"),
-      qemuLog: paths.qemu.qemuLog("unrec"),
-      extraArgs: ["-S", "-incoming", "defer"],
-    });
+    const vm = await launchQemu(
+      testMachine(
+        assets,
+        {
+          memFile: paths.qemu.memFile("unrec"),
+          qmpSocket: paths.qemu.qmpSocket("unrec"),
+          ctlSocket: paths.qemu.ctlSocket("unrec"),
+          serialLog: paths.qemu.serialLog("unrec"),
+          qemuLog: paths.qemu.qemuLog("unrec"),
+        },
+        { extraArgs: ["-S", "-incoming", "defer"] },
+      ),
+    );
     await vm.qmp.close(); // QMP serves one client at a time: the driver's turn
     try {
       const observed = await driver.rollback(

@@ -81,6 +81,35 @@ const MAX_BANDWIDTH = 10 * 1024 * MiB;
 
 const now = () => new Date().toISOString();
 
+/**
+ * A guest's devices, in the order a device-state stream expects to load into: its three disks
+ * — the image's rootfs, its own disk, its config disk — and its NIC when it has a MAC. /init
+ * finds each disk by its serial, whatever order the kernel probes them in. `diskIoBps` becomes
+ * QEMU's block throttling on the guest's reads and writes of the first two.
+ */
+export function guestDevices(
+  disks: { root: string; rw: string; cfg: string },
+  mac: string | null,
+  diskIoBps: number | null = null,
+): string[] {
+  const esc = (v: string) => v.replaceAll(",", ",,");
+  const limit = diskIoBps ? `,throttling.bps-total=${diskIoBps}` : "";
+  const drive = (name: string, file: string, opts: string) => [
+    "-drive",
+    `file=${esc(file)},if=none,id=${name},${opts}`,
+    "-device",
+    `virtio-blk-device,drive=${name},serial=offshoot-${name}`,
+  ];
+  return [
+    ...drive("root", disks.root, `format=raw,readonly=on${limit}`),
+    ...drive("rw", disks.rw, `format=qcow2${limit}`),
+    ...drive("cfg", disks.cfg, "format=raw,readonly=on"),
+    ...(mac === null
+      ? []
+      : ["-netdev", "user,id=net0", "-device", `virtio-net-device,netdev=net0,id=nic0,mac=${mac}`]),
+  ];
+}
+
 export class QemuDriver implements Driver {
   readonly name = "qemu";
   private readonly store: QemuStore;
@@ -655,29 +684,11 @@ export class QemuDriver implements Driver {
   private guestSpec(rec: QemuRecord, extra: readonly string[] = []): GuestSpec {
     const id = rec.observed.id;
     const m = rec.machine;
-    const esc = (v: string) => v.replaceAll(",", ",,");
-    // disk_io_bps: QEMU's block throttling on the guest's reads and writes of both its disks.
-    const limit = rec.spec.disk_io_bps ? `,throttling.bps-total=${rec.spec.disk_io_bps}` : "";
-    // /init finds each disk by its serial, whatever order the kernel probes them in.
-    const drive = (name: string, file: string, opts: string) => [
-      "-drive",
-      `file=${esc(file)},if=none,id=${name},${opts}`,
-      "-device",
-      `virtio-blk-device,drive=${name},serial=offshoot-${name}`,
-    ];
-    const devices = [
-      ...drive("root", rec.image.rootfs, `format=raw,readonly=on${limit}`),
-      ...drive("rw", this.paths.diskFile(id), `format=qcow2${limit}`),
-      ...drive("cfg", this.paths.configFile(id), "format=raw,readonly=on"),
-    ];
-    if (m.mac !== null) {
-      devices.push(
-        "-netdev",
-        "user,id=net0",
-        "-device",
-        `virtio-net-device,netdev=net0,id=nic0,mac=${m.mac}`,
-      );
-    }
+    const devices = guestDevices(
+      { root: rec.image.rootfs, rw: this.paths.diskFile(id), cfg: this.paths.configFile(id) },
+      m.mac,
+      rec.spec.disk_io_bps,
+    );
     return {
       qemu: this.options.assets.qemu,
       kernel: this.options.assets.kernelElf,

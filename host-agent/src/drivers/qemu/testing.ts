@@ -49,25 +49,36 @@ export interface GuestDir {
   spec(overrides?: Partial<GuestSpec>): GuestSpec;
 }
 
+type GuestFiles = Pick<GuestSpec, "memFile" | "qmpSocket" | "ctlSocket" | "serialLog" | "qemuLog">;
+
+/** The test machine (TCG, 256 MiB, one vCPU, the built assets) with its files where given. */
+export function testMachine(
+  assets: VmAssets,
+  files: GuestFiles,
+  overrides: Partial<GuestSpec> = {},
+): GuestSpec {
+  return {
+    qemu: assets.qemu,
+    kernel: assets.kernelElf,
+    initramfs: assets.initramfs,
+    accel: "tcg",
+    memoryMiB: 256,
+    vcpus: 1,
+    ...files,
+    ...overrides,
+  };
+}
+
 export function guestDir(assets: VmAssets): GuestDir {
   const dir = mkdtempSync(path.join(os.tmpdir(), "oq-"));
-  return {
-    dir,
-    spec: (overrides = {}) => ({
-      qemu: assets.qemu,
-      kernel: assets.kernelElf,
-      initramfs: assets.initramfs,
-      accel: "tcg",
-      memoryMiB: 256,
-      vcpus: 1,
-      memFile: path.join(dir, "mem"),
-      qmpSocket: path.join(dir, "qmp.sock"),
-      ctlSocket: path.join(dir, "ctl.sock"),
-      serialLog: path.join(dir, "serial.log"),
-      qemuLog: path.join(dir, "qemu.log"),
-      ...overrides,
-    }),
+  const files: GuestFiles = {
+    memFile: path.join(dir, "mem"),
+    qmpSocket: path.join(dir, "qmp.sock"),
+    ctlSocket: path.join(dir, "ctl.sock"),
+    serialLog: path.join(dir, "serial.log"),
+    qemuLog: path.join(dir, "qemu.log"),
   };
+  return { dir, spec: (overrides = {}) => testMachine(assets, files, overrides) };
 }
 
 /** Kills what is still running and removes the directories. */
