@@ -2,6 +2,7 @@
 // is on disk before its first effect, each completed step before the next one starts, and its
 // outcome before the result is sent. A command id seen before is answered from here and never
 // executed twice; one started but never finished was cut short by a crash and is rolled back.
+import { writeSync } from "node:fs";
 import { type FileHandle, open, readFile, rename } from "node:fs/promises";
 import path from "node:path";
 import { Command, CommandError, ObservedInstance } from "@offshoot/shared";
@@ -113,12 +114,14 @@ export class Journal {
     return entry;
   }
 
+  /** The line is written with a synchronous call (a journal line is small; a trip through the
+   * thread pool costs more than the write), then flushed to disk asynchronously if `sync`. */
   private append(record: JournalRecord, sync = true): Promise<void> {
     if (this.closed) return Promise.reject(new Error("journal is closed"));
-    const line = `${JSON.stringify(record)}\n`;
+    const line = Buffer.from(`${JSON.stringify(record)}\n`);
     return this.enqueue(async () => {
       if (!this.fh) throw this.failure ?? new Error("journal is closed");
-      await this.fh.write(line);
+      for (let at = 0; at < line.length; ) at += writeSync(this.fh.fd, line, at);
       if (sync) await this.fh.datasync();
     });
   }

@@ -1,8 +1,8 @@
 // One JSON record per instance, in the instance's own directory: how a driver's state outlives
 // the agent (a QEMU process, or the sim's stand-in for one) and is found again after a restart.
 import { randomBytes } from "node:crypto";
-import type { Stats } from "node:fs";
-import { readdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
+import { readFileSync, renameSync, type Stats, statSync, writeFileSync } from "node:fs";
+import { readdir, rm } from "node:fs/promises";
 import type { z } from "zod";
 
 export type ReadResult<T> =
@@ -17,7 +17,7 @@ export function isMissing(e: unknown): boolean {
 /** Whether `file` exists; errors other than "no such file" are thrown. */
 export async function exists(file: string): Promise<boolean> {
   try {
-    await stat(file);
+    statSync(file);
     return true;
   } catch (e) {
     if (isMissing(e)) return false;
@@ -50,6 +50,10 @@ export class RecordStore<T extends { created_by: string; observed: { id: string 
     }
   }
 
+  // Records are a few hundred bytes: they are read and written with synchronous calls, which
+  // cost microseconds, where each trip through libuv's thread pool cost a few hundred (measured
+  // under load). Removing an instance's directory, disks and all, stays asynchronous.
+  //
   // The last record read or written per instance (a private copy), with the file's identity
   // at that time: a read whose stat still matches is answered without reading and parsing the
   // file again.
@@ -60,12 +64,12 @@ export class RecordStore<T extends { created_by: string; observed: { id: string 
     let key: string;
     let text: string;
     try {
-      key = fileKey(await stat(file));
+      key = fileKey(statSync(file));
       const hit = this.cache.get(id);
       if (hit?.key === key) return { kind: "ok", record: structuredClone(hit.record) };
       // Replaced between the stat and this read? Then the key is older than the text, and the
       // next read's stat misses and reads again.
-      text = await readFile(file, "utf8");
+      text = readFileSync(file, "utf8");
     } catch (e) {
       this.cache.delete(id);
       if (isMissing(e)) return { kind: "missing" };
@@ -88,10 +92,15 @@ export class RecordStore<T extends { created_by: string; observed: { id: string 
     const file = this.layout.stateFile(id);
     const tmp = `${file}.${randomBytes(4).toString("hex")}.tmp`;
     this.cache.delete(id);
-    await writeFile(tmp, JSON.stringify(record));
-    const key = fileKey(await stat(tmp));
-    await rename(tmp, file);
+    writeFileSync(tmp, JSON.stringify(record));
+    const key = fileKey(statSync(tmp));
+    renameSync(tmp, file);
     this.cache.set(id, { key, record: structuredClone(record) });
+  }
+
+  /** Drops the cached record of `id` (its directory is going away). */
+  protected forget(id: string): void {
+    this.cache.delete(id);
   }
 
   /** Whether `commandId` made the record under `id` (or there is none yet). */
@@ -101,7 +110,7 @@ export class RecordStore<T extends { created_by: string; observed: { id: string 
   }
 
   async remove(id: string): Promise<void> {
-    this.cache.delete(id);
+    this.forget(id);
     await rm(this.layout.instanceDir(id), { recursive: true, force: true });
   }
 }

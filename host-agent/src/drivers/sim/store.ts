@@ -1,6 +1,6 @@
 // The sim's "hypervisor state": one JSON file per instance. Like a QEMU process it outlives the
 // agent, so instances survive a kill -9 of the agent and reappear in the next inventory.
-import { appendFile } from "node:fs/promises";
+import { appendFileSync, rmSync } from "node:fs";
 import { InstanceSpec, ObservedInstance } from "@offshoot/shared";
 import { z } from "zod";
 import type { AgentPaths } from "../../paths.ts";
@@ -21,11 +21,15 @@ export class SimStore extends RecordStore<SimRecord> {
   }
 
   override async write(record: SimRecord): Promise<void> {
+    await super.write(record);
     // The simulated guest "prints" each state it enters, so its console log has content.
     const { id, state } = record.observed;
-    await Promise.all([
-      super.write(record),
-      appendFile(this.paths.consoleLog(id), `${new Date().toISOString()} sim: ${state}\n`),
-    ]);
+    appendFileSync(this.paths.consoleLog(id), `${new Date().toISOString()} sim: ${state}\n`);
+  }
+
+  /** A sim instance's directory holds a few small files (see the sim driver's header). */
+  override async remove(id: string): Promise<void> {
+    this.forget(id);
+    rmSync(this.paths.instanceDir(id), { recursive: true, force: true });
   }
 }
