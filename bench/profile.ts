@@ -15,9 +15,9 @@ import {
   createHost,
   ensureTenant,
 } from "../control-plane/src/services/credentials.ts";
-import { loadConfig, startAgent } from "../host-agent/src/index.ts";
+import { startAgent } from "../host-agent/src/index.ts";
 import { ensurePostgres } from "../scripts/postgres.ts";
-import { http } from "./sim-stack.ts";
+import { http, simAgentConfig } from "./sim-stack.ts";
 import { summary } from "./stats.ts";
 
 const N = Number(process.env.BENCH_FORKS ?? 300);
@@ -89,15 +89,7 @@ const cp = await startServer(
   { database },
 );
 const agent = await startAgent(
-  loadConfig({
-    CONTROL_PLANE_URL: cp.url,
-    HOST_TOKEN: token,
-    AGENT_DATA_DIR: mkdtempSync(join(os.tmpdir(), "offshoot-profile-")),
-    AGENT_DRIVER: "sim",
-    SIM_EXEC_LOG: "0",
-    AGENT_VCPUS: "64",
-    AGENT_MEMORY: "256GB",
-  }),
+  simAgentConfig(cp.url, token, mkdtempSync(join(os.tmpdir(), "offshoot-profile-")), "h"),
   { log: () => {} },
 );
 await new Promise((r) => setTimeout(r, 1000));

@@ -1,4 +1,4 @@
-import { readFile, stat } from "node:fs/promises";
+import { readdir, readFile, stat } from "node:fs/promises";
 import { CLOSE } from "@offshoot/shared";
 import { describe, expect, it, onTestFinished } from "vitest";
 import { type AgentOptions, backoffDelay, startAgent } from "./agent.ts";
@@ -62,6 +62,26 @@ describe("agent", () => {
       images: [],
       in_flight: [],
     });
+  });
+
+  it("keeps the sim's instances in SIM_STATE_DIR, apart from its journal, across restarts", async () => {
+    const stateDir = await tempDir();
+    const { cp, dir, agent } = await launch({ stateDir });
+    const session = await cp.session(1);
+    await session.next("hello");
+    session.welcome();
+    session.command(command("c1", { kind: "create", instance: spec("i1") }));
+    expect(await session.next("result")).toMatchObject({ command_id: "c1", ok: true });
+    expect(await readdir(agentPaths(dir, stateDir).sim.instancesDir)).toEqual(["i1"]);
+    expect(await readdir(agentPaths(dir).sim.instancesDir).catch(() => [])).toEqual([]);
+    await agent.stop();
+
+    const again = await startAgent(agentConfig(dir, cp.url, { stateDir }), {
+      log: memoryLogger().log,
+    });
+    onTestFinished(() => again.stop());
+    const hello = await (await cp.session(2)).next("hello");
+    expect(hello.inventory).toEqual([expect.objectContaining({ id: "i1", state: "Running" })]);
   });
 
   it("logs connected with the host id after welcome, then heartbeats", async () => {

@@ -61,7 +61,7 @@ export async function startAgent(
   options: AgentOptions = {},
 ): Promise<RunningAgent> {
   const log = options.log ?? stdoutLogger;
-  const paths = agentPaths(config.dataDir);
+  const paths = agentPaths(config.dataDir, config.sim.stateDir);
   await mkdir(paths.root, { recursive: true });
   const release = await claimDataDir(paths);
   let journal: Journal | undefined;

@@ -125,6 +125,10 @@ const Env = z.object({
       }
       return z.NEVER;
     }),
+  // Sim only: where the simulated hypervisor keeps its instances (default <AGENT_DATA_DIR>/sim).
+  // Its files stand in for hypervisor processes: they must outlive the agent, not the machine,
+  // so a tmpfs such as /dev/shm will do, as /run does for a real hypervisor's runtime state.
+  SIM_STATE_DIR: z.string().min(1).optional(),
   // Sim only: delay per operation in ms, one number for every kind or JSON per kind.
   SIM_LATENCY_MS: z
     .string()
@@ -147,6 +151,8 @@ const Env = z.object({
 });
 
 export interface SimConfig {
+  /** Absolute; undefined: `<dataDir>/sim`. */
+  stateDir?: string;
   latencyMs: SimLatency;
   fail: Partial<Record<OperationKind, ErrorCode>>;
   execLog: boolean;
@@ -194,7 +200,12 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): AgentConfig {
     hostName: e.AGENT_HOST_NAME,
     driver: e.AGENT_DRIVER,
     capacity: { vcpus: e.AGENT_VCPUS, memory_bytes: e.AGENT_MEMORY },
-    sim: { latencyMs: e.SIM_LATENCY_MS, fail: e.SIM_FAIL, execLog: e.SIM_EXEC_LOG },
+    sim: {
+      ...(e.SIM_STATE_DIR ? { stateDir: path.resolve(e.SIM_STATE_DIR) } : {}),
+      latencyMs: e.SIM_LATENCY_MS,
+      fail: e.SIM_FAIL,
+      execLog: e.SIM_EXEC_LOG,
+    },
     qemu: {
       accel: e.AGENT_ACCEL,
       assetsDir: path.resolve(e.AGENT_VM_ASSETS),

@@ -70,8 +70,9 @@ export function checkInstanceId(id: string): string {
   return id;
 }
 
-export function agentPaths(root: string): AgentPaths {
-  const instancesDir = path.join(root, "sim", "instances");
+/** `simDir`: where the sim keeps its instances; `<root>/sim` unless configured. */
+export function agentPaths(root: string, simDir = path.join(root, "sim")): AgentPaths {
+  const instancesDir = path.join(simDir, "instances");
   const instanceDir = (id: string) => path.join(instancesDir, checkInstanceId(id));
   return {
     root,
