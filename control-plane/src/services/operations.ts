@@ -10,8 +10,8 @@ import {
   type Result,
   TimeoutError,
 } from "@offshoot/shared";
-import { and, asc, eq, inArray, ne, or, type SQL, sql } from "drizzle-orm";
-import { type Db, type Executor, issued, rowFromJson, statement } from "../db/client.ts";
+import { and, asc, eq, inArray, ne, type SQL, sql } from "drizzle-orm";
+import { type Db, type Executor, insertRows, rowFromJson, statement } from "../db/client.ts";
 import {
   type ForkFlowPayload,
   type InstanceRow,
@@ -44,21 +44,43 @@ export async function conflictingOperation(
   // An operation holds its `instance_id` exclusively and its `source_instance_id` in `lock` mode.
   const onSource =
     want === "exclusive"
-      ? eq(operations.sourceInstanceId, instanceId)
-      : and(eq(operations.sourceInstanceId, instanceId), eq(operations.lock, "exclusive"));
-  const [row] = await ex
-    .select()
-    .from(operations)
-    .where(
-      and(
-        eq(operations.status, "pending"),
-        ne(operations.lock, "none"),
-        or(eq(operations.instanceId, instanceId), onSource),
-      ),
-    )
-    .limit(1);
-  return row;
+      ? sql`o.source_instance_id = ${instanceId}`
+      : sql`(o.source_instance_id = ${instanceId} and o.lock = 'exclusive')`;
+  const [r] = await statement(
+    ex,
+    sql`select to_jsonb(o.*) as row from operations o
+        where o.status = 'pending' and o.lock <> 'none' and (o.instance_id = ${instanceId} or ${onSource})
+        limit 1`,
+  );
+  return r && rowFromJson(operations, r.row as Record<string, unknown>);
 }
+
+/** A new pending operation's row, not yet written (see insertOperations). Its `createdAt` is
+ * this process's clock; the database's is recorded. */
+export function newOperation(n: NewOperation): OperationRow {
+  return {
+    // Operation ids are internal; CUID2 (SHA-3 based) is kept for the ids users see.
+    id: randomUUID(),
+    tenantId: n.tenantId,
+    hostId: n.hostId,
+    instanceId: n.instanceId,
+    sourceInstanceId: n.sourceInstanceId ?? null,
+    parentId: n.parentId ?? null,
+    step: n.step ?? null,
+    lock: n.lock,
+    kind: n.payload.kind,
+    status: "pending",
+    payload: n.payload,
+    observed: null,
+    error: null,
+    createdAt: new Date(),
+    completedAt: null,
+  };
+}
+
+/** The insert of new operations' rows. */
+export const insertOperations = (rows: OperationRow[]): SQL =>
+  insertRows(operations, rows, { now: ["created_at"] });
 
 export function commandError(op: OperationRow): HostCommandError {
   const err: CommandError = op.error ?? { code: "internal_error", message: "operation failed" };
@@ -79,35 +101,9 @@ export class Operations {
   ) {}
 
   async insert(tx: Executor, n: NewOperation): Promise<OperationRow> {
-    const { row, written } = this.record(tx, n);
-    await written;
+    const row = newOperation(n);
+    await statement(tx, insertOperations([row]));
     return row;
-  }
-
-  /** Issues the insert of a new operation and returns its row at once, with the statement's
-   * promise: for a transaction that lets its last statements go out with its COMMIT. The
-   * row's `createdAt` is this process's clock; the database's is recorded. */
-  record(tx: Executor, n: NewOperation): { row: OperationRow; written: Promise<unknown> } {
-    const row: OperationRow = {
-      // Operation ids are internal; CUID2 (SHA-3 based) is kept for the ids users see.
-      id: randomUUID(),
-      tenantId: n.tenantId,
-      hostId: n.hostId,
-      instanceId: n.instanceId,
-      sourceInstanceId: n.sourceInstanceId ?? null,
-      parentId: n.parentId ?? null,
-      step: n.step ?? null,
-      lock: n.lock,
-      kind: n.payload.kind,
-      status: "pending",
-      payload: n.payload,
-      observed: null,
-      error: null,
-      createdAt: new Date(),
-      completedAt: null,
-    };
-    const { createdAt: _, ...values } = row;
-    return { row, written: issued(tx.insert(operations).values(values).execute()) };
   }
 
   /** Sends a host command to its agent, wherever it is connected; otherwise it goes out on

@@ -7,7 +7,7 @@ import {
   RESIDENT,
 } from "@offshoot/shared";
 import { and, eq, gt, inArray, ne, or, sql } from "drizzle-orm";
-import type { Tx } from "../db/client.ts";
+import { rowFromJson, statement, type Tx } from "../db/client.ts";
 import { hosts, instances, operations } from "../db/schema/index.ts";
 
 export type HostRow = typeof hosts.$inferSelect;
@@ -138,11 +138,11 @@ export async function admit(
   need: Need | undefined,
   excludeInstanceId?: string,
 ): Promise<HostRow> {
-  const [host] = await tx
-    .select()
-    .from(hosts)
-    .where(and(eq(hosts.id, hostId), online(graceMs)))
-    .for("update");
+  const [r] = await statement(
+    tx,
+    sql`select to_jsonb(hosts.*) as row from ${hosts} where ${eq(hosts.id, hostId)} and ${online(graceMs)} for update`,
+  );
+  const host = r && rowFromJson(hosts, r.row as Record<string, unknown>);
   if (!host) {
     const [h] = await tx.select({ name: hosts.name }).from(hosts).where(eq(hosts.id, hostId));
     throw new HostUnavailableError(`host ${h?.name ?? hostId} is not connected`);

@@ -9,11 +9,13 @@ import {
   type Operation,
   TimeoutError,
 } from "@offshoot/shared";
-import { and, eq } from "drizzle-orm";
+import { and, eq, sql } from "drizzle-orm";
 import {
   type Executor,
+  insertRows,
   issued,
   pgErrorCode,
+  statement,
   transaction,
   transactionEndingWith,
 } from "../../db/client.ts";
@@ -25,7 +27,7 @@ import {
   operations,
 } from "../../db/schema/index.ts";
 import type { Services } from "../context.ts";
-import { commandError } from "../operations.ts";
+import { commandError, insertOperations, newOperation } from "../operations.ts";
 import { admit } from "../placement.ts";
 import { nameConflict } from "./errors.ts";
 import { newInstanceId } from "./ids.ts";
@@ -112,9 +114,7 @@ export async function forkInstance(
       target_state: targetState,
     };
     const owned = { tenantId, hostId: src.hostId, instanceId: target.id };
-    const inserted = issued(tx.insert(instances).values(target).execute());
-    // The three rows go out together, with the COMMIT; a name conflict fails the first.
-    const flow = s.ops.record(tx, {
+    const flow = newOperation({
       ...owned,
       sourceInstanceId: src.id,
       lock: fromRunning ? "exclusive" : "shared",
@@ -124,18 +124,22 @@ export async function forkInstance(
     const children = fromRunning
       ? []
       : [
-          s.ops.record(tx, {
+          newOperation({
             ...owned,
-            parentId: flow.row.id,
+            parentId: flow.id,
             step: "fork",
             lock: "none",
             payload: forkCommand(payload, target),
           }),
         ];
-    return {
-      value: { flow: flow.row, children: children.map((c) => c.row) },
-      last: [inserted, flow.written, ...children.map((c) => c.written)],
-    };
+    // The rows go out in one statement, with the COMMIT; a name conflict fails it.
+    const written = issued(
+      statement(
+        tx,
+        sql`with i as (${insertRows(instances, [target])}) ${insertOperations([flow, ...children])}`,
+      ),
+    );
+    return { value: { flow, children }, last: [written] };
   }).catch((e: unknown) => nameConflict(e, req.name));
 
   let timer: NodeJS.Timeout | undefined;

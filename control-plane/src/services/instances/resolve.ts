@@ -1,6 +1,6 @@
 import { AmbiguousError, NotFoundError } from "@offshoot/shared";
-import { and, eq, like, or } from "drizzle-orm";
-import type { Executor, Tx } from "../../db/client.ts";
+import { type SQL, sql } from "drizzle-orm";
+import { type Executor, rowFromJson, statement, type Tx } from "../../db/client.ts";
 import { type InstanceRow, instances } from "../../db/schema/index.ts";
 import type { Services } from "../context.ts";
 
@@ -17,27 +17,19 @@ export async function resolveInstance(
   opts: { forUpdate?: boolean } = {},
 ): Promise<InstanceRow> {
   if (ref.length === 0 || ref.length > 128) throw new NotFoundError(`instance ${ref} not found`);
-  const lock = <T extends { for: (s: "update") => unknown }>(q: T) =>
-    (opts.forUpdate ? q.for("update") : q) as T;
-  const exact = await lock(
-    ex
-      .select()
-      .from(instances)
-      .where(
-        and(eq(instances.tenantId, tenantId), or(eq(instances.id, ref), eq(instances.name, ref))),
+  const lock = opts.forUpdate ? sql` for update` : sql``;
+  const rows = async (where: SQL) =>
+    (
+      await statement(
+        ex,
+        sql`select to_jsonb(i.*) as row from instances i where i.tenant_id = ${tenantId} and ${where} limit 2${lock}`,
       )
-      .limit(2),
-  );
+    ).map((r) => rowFromJson(instances, r.row as Record<string, unknown>));
+  const exact = await rows(sql`(i.id = ${ref} or i.name = ${ref})`);
   const match = exact.find((r) => r.id === ref) ?? exact.find((r) => r.name === ref);
   if (match) return match;
   // Two rows are enough to tell unique from ambiguous.
-  const prefixed = await lock(
-    ex
-      .select()
-      .from(instances)
-      .where(and(eq(instances.tenantId, tenantId), like(instances.id, `${escapeLike(ref)}%`)))
-      .limit(2),
-  );
+  const prefixed = await rows(sql`i.id like ${`${escapeLike(ref)}%`}`);
   if (prefixed.length === 1 && prefixed[0]) return prefixed[0];
   if (prefixed.length > 1) {
     throw new AmbiguousError(
@@ -56,12 +48,12 @@ export function lockInstance(tx: Tx, tenantId: string, ref: string): Promise<Ins
 }
 
 export async function getById(ex: Executor, tenantId: string, id: string): Promise<InstanceRow> {
-  const [row] = await ex
-    .select()
-    .from(instances)
-    .where(and(eq(instances.id, id), eq(instances.tenantId, tenantId)));
-  if (!row) throw new NotFoundError(`instance ${id} not found`);
-  return row;
+  const [r] = await statement(
+    ex,
+    sql`select to_jsonb(i.*) as row from instances i where i.id = ${id} and i.tenant_id = ${tenantId}`,
+  );
+  if (!r) throw new NotFoundError(`instance ${id} not found`);
+  return rowFromJson(instances, r.row as Record<string, unknown>);
 }
 
 /** Instance `id` as operation `opId` left it: the row its result wrote, if this process

@@ -1,0 +1,70 @@
+// Guest address allocation on both databases the control plane runs on.
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { databaseBackends, registerHost, seedTenant } from "../../../../test/harness.ts";
+import { type Db, transaction } from "../../db/client.ts";
+import { instances } from "../../db/schema/index.ts";
+import { allocateIp } from "./spec.ts";
+
+describe.each(databaseBackends)("allocateIp (%s)", (_name, open) => {
+  let db: Db;
+  let close: () => Promise<void>;
+  let tenantId: string;
+  let n = 0;
+
+  beforeAll(async () => {
+    ({ db, close } = await open());
+    tenantId = (await seedTenant(db)).tenantId;
+  });
+  afterAll(() => close());
+
+  const withIps = async (ips: string[]) => {
+    const { hostId } = await registerHost(db);
+    if (ips.length === 0) return hostId;
+    await db.insert(instances).values(
+      ips.map((ip) => {
+        const id = `ip${++n}`;
+        return {
+          id,
+          tenantId,
+          hostId,
+          name: id,
+          image: "alpine",
+          hypervisor: "qemu",
+          state: "Running" as const,
+          vcpus: 1,
+          memoryBytes: 2 ** 28,
+          overlayBytes: 2 ** 30,
+          networkEnabled: true,
+          ip,
+        };
+      }),
+    );
+    return hostId;
+  };
+  const next = (hostId: string) => transaction(db, (tx) => allocateIp(tx, hostId));
+  const range = (from: number, count: number) =>
+    Array.from({ length: count }, (_, i) => {
+      const k = from + i;
+      return `10.100.${k >> 8}.${k & 255}`;
+    });
+
+  it("starts after the host's bridge address", async () => {
+    expect(await next(await withIps([]))).toBe("10.100.0.2");
+  });
+
+  it("takes the lowest gap, wherever the addresses are in text order", async () => {
+    expect(
+      await next(await withIps(["10.100.0.2", "10.100.0.3", "10.100.0.10", "10.100.0.5"])),
+    ).toBe("10.100.0.4");
+    expect(await next(await withIps(["10.100.0.3"]))).toBe("10.100.0.2");
+  });
+
+  it("counts across octets and past hundreds of instances", async () => {
+    expect(await next(await withIps(range(2, 400)))).toBe("10.100.1.146"); // offset 402
+  });
+
+  it("ignores other hosts' addresses", async () => {
+    await withIps(["10.100.0.2"]);
+    expect(await next(await withIps([]))).toBe("10.100.0.2");
+  });
+});
