@@ -41,7 +41,9 @@ describe("config", () => {
       },
     });
     expect(loadConfig({ ...base, SIM_LATENCY_MS: "25" }).sim.latencyMs).toBe(25);
-    expect(loadConfig({ ...base, SIM_STATE_DIR: "/dev/shm/sim" }).sim.stateDir).toBe("/dev/shm/sim");
+    expect(loadConfig({ ...base, SIM_STATE_DIR: "/dev/shm/sim" }).sim.stateDir).toBe(
+      "/dev/shm/sim",
+    );
     expect(
       loadConfig({ ...base, AGENT_IMAGES: "/img/a, alpine:3=/img/b.tar" }).qemu.images,
     ).toEqual([{ source: "/img/a" }, { source: "/img/b.tar", name: "alpine:3" }]);

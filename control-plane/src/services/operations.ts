@@ -35,24 +35,37 @@ export interface NewOperation {
   payload: Operation | ForkFlowPayload;
 }
 
-/** Whether the instance is locked against the wanted mode by a pending operation. */
-export async function conflictingOperation(
+/**
+ * The pending operation holding the instance most strongly, if any: one on the instance
+ * itself, or one holding it exclusively as a source, comes before one sharing it as a source.
+ * `instanceId` may be a subquery (see exactly() in instances/resolve.ts).
+ */
+export async function strongestHold(
   ex: Executor,
-  instanceId: string,
-  want: "exclusive" | "shared",
+  instanceId: string | SQL,
 ): Promise<OperationRow | undefined> {
-  // An operation holds its `instance_id` exclusively and its `source_instance_id` in `lock` mode.
-  const onSource =
-    want === "exclusive"
-      ? sql`o.source_instance_id = ${instanceId}`
-      : sql`(o.source_instance_id = ${instanceId} and o.lock = 'exclusive')`;
   const [r] = await statement(
     ex,
     sql`select to_jsonb(o.*) as row from operations o
-        where o.status = 'pending' and o.lock <> 'none' and (o.instance_id = ${instanceId} or ${onSource})
+        where o.status = 'pending' and o.lock <> 'none'
+          and (o.instance_id = ${instanceId} or o.source_instance_id = ${instanceId})
+        order by (o.instance_id = ${instanceId} or o.lock = 'exclusive') desc
         limit 1`,
   );
   return r && rowFromJson(operations, r.row as Record<string, unknown>);
+}
+
+/** Whether `op` keeps the instance from being taken in the wanted mode: an operation holds its
+ * `instance_id` exclusively and its `source_instance_id` in its `lock` mode. */
+export function conflicts(
+  op: OperationRow | undefined,
+  instanceId: string,
+  want: "exclusive" | "shared",
+): op is OperationRow {
+  return (
+    op !== undefined &&
+    (want === "exclusive" || op.instanceId === instanceId || op.lock === "exclusive")
+  );
 }
 
 /** A new pending operation's row, not yet written (see insertOperations). Its `createdAt` is

@@ -6,7 +6,7 @@ import {
   NotSupportedError,
   RESIDENT,
 } from "@offshoot/shared";
-import { and, eq, gt, inArray, ne, or, sql } from "drizzle-orm";
+import { and, eq, gt, inArray, ne, or, type SQL, sql } from "drizzle-orm";
 import { rowFromJson, statement, type Tx } from "../db/client.ts";
 import { hosts, instances, operations } from "../db/schema/index.ts";
 
@@ -130,6 +130,20 @@ async function usageByHost(tx: Tx, hostIds: string[]): Promise<Map<string, Need>
   );
 }
 
+/** Locks the host's row if the host is connected. `hostId` may be a subquery (see exactly()
+ * in instances/resolve.ts). */
+export async function lockOnlineHost(
+  tx: Tx,
+  graceMs: number,
+  hostId: string | SQL,
+): Promise<HostRow | undefined> {
+  const [r] = await statement(
+    tx,
+    sql`select to_jsonb(hosts.*) as row from ${hosts} where ${hosts.id} = ${hostId} and ${online(graceMs)} for update`,
+  );
+  return r && rowFromJson(hosts, r.row as Record<string, unknown>);
+}
+
 /** Locks an instance's host and checks it is connected and has room for the instance. */
 export async function admit(
   tx: Tx,
@@ -138,11 +152,23 @@ export async function admit(
   need: Need | undefined,
   excludeInstanceId?: string,
 ): Promise<HostRow> {
-  const [r] = await statement(
+  return admitLocked(
     tx,
-    sql`select to_jsonb(hosts.*) as row from ${hosts} where ${eq(hosts.id, hostId)} and ${online(graceMs)} for update`,
+    await lockOnlineHost(tx, graceMs, hostId),
+    hostId,
+    need,
+    excludeInstanceId,
   );
-  const host = r && rowFromJson(hosts, r.row as Record<string, unknown>);
+}
+
+/** admit(), for a host row lockOnlineHost() has locked (or found not connected). */
+export async function admitLocked(
+  tx: Tx,
+  host: HostRow | undefined,
+  hostId: string,
+  need: Need | undefined,
+  excludeInstanceId?: string,
+): Promise<HostRow> {
   if (!host) {
     const [h] = await tx.select({ name: hosts.name }).from(hosts).where(eq(hosts.id, hostId));
     throw new HostUnavailableError(`host ${h?.name ?? hostId} is not connected`);

@@ -286,14 +286,16 @@ describe("recovery and races (scripted host, real Postgres)", () => {
   });
 
   it("a fork and a lifecycle verb racing on one source never run on the host at once", async () => {
-    await createInstance(s, tenantId, spec("race-fork"));
+    const { id } = await createInstance(s, tenantId, spec("race-fork"));
     await standbyInstance(s, tenantId, "race-fork");
     host.delayMs = 15; // the host is slow: a race that slips through overlaps on it
     const outcomes = new Set<string>();
     try {
       for (let i = 0; i < 12; i++) {
+        // By name, and by id prefix: the fork checks the source another way for a prefix.
+        const ref = i % 2 === 0 ? "race-fork" : id.slice(0, 12);
         const [fork, restore] = await Promise.allSettled([
-          forkInstance(s, tenantId, "race-fork", { name: `race-fork-${i}`, from_running: false }),
+          forkInstance(s, tenantId, ref, { name: `race-fork-${i}`, from_running: false }),
           restoreInstance(s, tenantId, "race-fork"),
         ]);
         for (const r of [fork, restore]) {

@@ -6,16 +6,23 @@ import {
   type Operation,
 } from "@offshoot/shared";
 import { type Tx, transaction } from "../../db/client.ts";
-import type { InstanceRow } from "../../db/schema/index.ts";
+import type { InstanceRow, OperationRow } from "../../db/schema/index.ts";
 import type { Services } from "../context.ts";
-import { conflictingOperation } from "../operations.ts";
+import { conflicts, strongestHold } from "../operations.ts";
 import { admit, type HostRow } from "../placement.ts";
 import { present } from "./present.ts";
 import { lockInstance, rowAfter } from "./resolve.ts";
 
-export async function assertIdle(tx: Tx, row: InstanceRow, want: "exclusive" | "shared") {
-  const busy = await conflictingOperation(tx, row.id, want);
-  if (busy) {
+/** Refuses when a pending operation holds the instance against `want`. `held`: what
+ * strongestHold() found, when the caller asked it already. */
+export async function assertIdle(
+  tx: Tx,
+  row: InstanceRow,
+  want: "exclusive" | "shared",
+  held?: { op: OperationRow | undefined },
+) {
+  const busy = held ? held.op : await strongestHold(tx, row.id);
+  if (conflicts(busy, row.id, want)) {
     throw new InvalidStateError(
       `instance ${row.name} has a ${busy.kind === "fork_flow" ? "fork" : busy.kind} in progress (operation ${busy.id}); retry when it finishes`,
     );

@@ -40,6 +40,18 @@ export async function resolveInstance(
 }
 
 /**
+ * A column of the instance `ref` names exactly (its id, else its name), as a subquery: the
+ * choice resolveInstance() makes without a prefix. Lets statements about the instance go out
+ * on a transaction's connection before its row has come back (see forkInstance); they apply
+ * only if the row that does come back is one `ref` names exactly (namesExactly).
+ */
+export function exactly(tenantId: string, ref: string, column: "id" | "host_id"): SQL {
+  return sql`(select ${sql.raw(column)} from instances where tenant_id = ${tenantId} and (id = ${ref} or name = ${ref}) order by id = ${ref} desc limit 1)`;
+}
+
+export const namesExactly = (row: InstanceRow, ref: string) => row.id === ref || row.name === ref;
+
+/**
  * Resolves and locks the row for the rest of the transaction, in one statement. (A prefix
  * that matches several rows locks them all for a moment before it is refused as ambiguous.)
  */

@@ -1,6 +1,6 @@
 import { randomBytes } from "node:crypto";
 import type { Hypervisor, InstanceSpec } from "@offshoot/shared";
-import { sql } from "drizzle-orm";
+import { type SQL, sql } from "drizzle-orm";
 import { statement, type Tx } from "../../db/client.ts";
 import type { InstanceRow } from "../../db/schema/index.ts";
 
@@ -49,6 +49,14 @@ const LAST_HOST = 65534;
  * cannot collide; the unique (host_id, ip) index would refuse a second one anyway.
  */
 export async function allocateIp(tx: Tx, hostId: string): Promise<string> {
+  const ip = await freeAddress(tx, hostId);
+  if (!ip) throw new Error(`host ${hostId} has no free guest address`);
+  return ip;
+}
+
+/** allocateIp() without the throw: null when the host has no address left. `hostId` may be a
+ * subquery (see exactly() in resolve.ts). */
+export async function freeAddress(tx: Tx, hostId: string | SQL): Promise<string | null> {
   const [row] = await statement(
     tx,
     sql`with used as materialized (
@@ -58,6 +66,6 @@ export async function allocateIp(tx: Tx, hostId: string): Promise<string> {
         select min(u.n + 1)::int as n from used u where not exists (select 1 from used v where v.n = u.n + 1)`,
   );
   const n = Number(row?.n ?? Number.NaN);
-  if (!(n >= 2 && n <= LAST_HOST)) throw new Error(`host ${hostId} has no free guest address`);
+  if (!(n >= 2 && n <= LAST_HOST)) return null;
   return [24, 16, 8, 0].map((shift) => ((SUBNET_NUM + n) >>> shift) & 255).join(".");
 }

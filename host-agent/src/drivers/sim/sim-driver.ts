@@ -195,7 +195,9 @@ export class SimDriver implements Driver {
       {
         name: "clone-disk",
         run: () =>
-          this.makeInstanceDir(target.id, (f) => copyFileSync(this.paths.sim.diskFile(source_id), f)),
+          this.makeInstanceDir(target.id, (f) =>
+            copyFileSync(this.paths.sim.diskFile(source_id), f),
+          ),
         undo: () => this.store.remove(target.id),
       },
     ];
@@ -203,7 +205,10 @@ export class SimDriver implements Driver {
       steps.push({
         name: "clone-snapshot",
         run: async () =>
-          copyFileSync(this.paths.sim.snapshotFile(source_id), this.paths.sim.snapshotFile(target.id)),
+          copyFileSync(
+            this.paths.sim.snapshotFile(source_id),
+            this.paths.sim.snapshotFile(target.id),
+          ),
       });
     }
     const registered: ObservedInstance = {
