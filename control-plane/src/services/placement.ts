@@ -27,7 +27,7 @@ export const online = (graceMs: number) =>
  * vCPUs and memory held on a host: resident instances, plus ones being started or restored,
  * plus sources of from_running forks (in Standby for a moment, and restored after).
  */
-async function usage(tx: Tx, hostId: string, exclude?: string): Promise<Need> {
+export async function usage(tx: Tx, hostId: string | SQL, exclude?: string | SQL): Promise<Need> {
   const pending = and(eq(operations.hostId, hostId), eq(operations.status, "pending"));
   const starting = tx
     .select({ id: operations.instanceId })
@@ -161,20 +161,22 @@ export async function admit(
   );
 }
 
-/** admit(), for a host row lockOnlineHost() has locked (or found not connected). */
+/** admit(), for a host row lockOnlineHost() has locked (or found not connected); `used`: what
+ * usage() said after that lock, if the caller asked it already. */
 export async function admitLocked(
   tx: Tx,
   host: HostRow | undefined,
   hostId: string,
   need: Need | undefined,
   excludeInstanceId?: string,
+  used?: Need,
 ): Promise<HostRow> {
   if (!host) {
     const [h] = await tx.select({ name: hosts.name }).from(hosts).where(eq(hosts.id, hostId));
     throw new HostUnavailableError(`host ${h?.name ?? hostId} is not connected`);
   }
   if (need) {
-    const used = await usage(tx, hostId, excludeInstanceId);
+    used ??= await usage(tx, hostId, excludeInstanceId);
     if (!fits(host, used, need)) throw new InsufficientResourcesError(shortfall(host, used, need));
   }
   return host;

@@ -292,11 +292,12 @@ describe("recovery and races (scripted host, real Postgres)", () => {
     const outcomes = new Set<string>();
     try {
       for (let i = 0; i < 12; i++) {
-        // By name, and by id prefix: the fork checks the source another way for a prefix.
-        const ref = i % 2 === 0 ? "race-fork" : id.slice(0, 12);
+        // By name and by id prefix (checked another way, see lockChecked), in turn.
+        const [ref, other] =
+          i % 2 === 0 ? ["race-fork", id.slice(0, 12)] : [id.slice(0, 12), "race-fork"];
         const [fork, restore] = await Promise.allSettled([
           forkInstance(s, tenantId, ref, { name: `race-fork-${i}`, from_running: false }),
-          restoreInstance(s, tenantId, "race-fork"),
+          restoreInstance(s, tenantId, other),
         ]);
         for (const r of [fork, restore]) {
           // Each either applies or is refused with 409 because the other holds the source.

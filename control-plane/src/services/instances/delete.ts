@@ -2,6 +2,7 @@ import { and, eq, inArray, or } from "drizzle-orm";
 import { transaction } from "../../db/client.ts";
 import { events, hosts, instances, operations } from "../../db/schema/index.ts";
 import { type Services, topics } from "../context.ts";
+import { strongestHold } from "../operations.ts";
 import { assertIdle } from "./lifecycle.ts";
 import { lockInstance } from "./resolve.ts";
 
@@ -45,7 +46,7 @@ export async function deleteInstance(s: Services, tenantId: string, ref: string)
         .returning({ id: operations.id });
       cancelled = failed.map((f) => f.id);
     } else {
-      await assertIdle(tx, row, "exclusive");
+      assertIdle(row, "exclusive", await strongestHold(tx, row.id));
     }
     const op = await s.ops.insert(tx, {
       tenantId,

@@ -27,14 +27,14 @@ import {
   operations,
 } from "../../db/schema/index.ts";
 import type { Services } from "../context.ts";
-import { commandError, insertOperations, newOperation, strongestHold } from "../operations.ts";
-import { admitLocked, lockOnlineHost } from "../placement.ts";
+import { commandError, insertOperations, newOperation } from "../operations.ts";
+import { admitLocked } from "../placement.ts";
 import { nameConflict } from "./errors.ts";
 import { newInstanceId } from "./ids.ts";
-import { assertIdle } from "./lifecycle.ts";
+import { assertIdle, lockChecked } from "./lifecycle.ts";
 import { present } from "./present.ts";
-import { exactly, getById, lockInstance, namesExactly, rowAfter } from "./resolve.ts";
-import { freeAddress, newMac, specOf } from "./spec.ts";
+import { getById, rowAfter } from "./resolve.ts";
+import { newMac, specOf } from "./spec.ts";
 
 /**
  * POST /instances/{id}/fork. The rules, in the order they are checked:
@@ -53,16 +53,19 @@ export async function forkInstance(
   req: ForkInstanceRequest,
 ): Promise<Instance> {
   const { flow, children } = await transactionEndingWith(s.db, async (tx) => {
-    // One round trip: the source's lock, then — issued behind it on the same connection, so
-    // they read what committed before the lock was granted — what is pending on the source,
-    // its host's lock and a free address, found through the source `ref` names exactly. A
-    // source found by id prefix instead is checked again below, in the same order.
-    const [src, held, lockedHost, address] = await Promise.all([
-      lockInstance(tx, tenantId, ref),
-      strongestHold(tx, exactly(tenantId, ref, "id")),
-      lockOnlineHost(tx, s.env.HOST_GRACE_MS, exactly(tenantId, ref, "host_id")),
-      freeAddress(tx, exactly(tenantId, ref, "host_id")),
-    ]);
+    const {
+      row: src,
+      held,
+      host: lockedHost,
+      address,
+      used,
+    } = await lockChecked(tx, s.env.HOST_GRACE_MS, tenantId, ref, {
+      address: true,
+      // A fork to Running needs room (target_state defaults to a Running source's state).
+      ...((req.target_state ?? (req.from_running ? "Running" : undefined)) === "Running" && {
+        usage: "all",
+      }),
+    });
     const writable = src.volumes.find((v) => !v.readonly);
     if (writable) {
       throw new NotSupportedError(
@@ -82,20 +85,16 @@ export async function forkInstance(
     const fromRunning = src.state === "Running";
     const targetState = req.target_state ?? (src.state as ForkTargetState);
     const need = { vcpus: src.vcpus, memoryBytes: src.memoryBytes + src.hotplugBytes };
-    const exact = namesExactly(src, ref);
-    await assertIdle(
-      tx,
-      src,
-      fromRunning ? "exclusive" : "shared",
-      exact ? { op: held } : undefined,
-    );
+    assertIdle(src, fromRunning ? "exclusive" : "shared", held);
     const host = await admitLocked(
       tx,
-      exact ? lockedHost : await lockOnlineHost(tx, s.env.HOST_GRACE_MS, src.hostId),
+      lockedHost,
       src.hostId,
       targetState === "Running" ? need : undefined,
+      undefined,
+      used,
     );
-    const ip = src.networkEnabled ? await (exact ? address : freeAddress(tx, src.hostId)) : null;
+    const ip = src.networkEnabled ? address : null;
     if (src.networkEnabled && !ip) throw new Error(`host ${host.name} has no free guest address`);
     const caps = host.capabilities;
     const via = src.state === "Stopped" ? "fork_from_stopped" : "fork_from_standby";

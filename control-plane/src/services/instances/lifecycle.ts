@@ -5,28 +5,72 @@ import {
   NotSupportedError,
   type Operation,
 } from "@offshoot/shared";
-import { type Tx, transaction } from "../../db/client.ts";
+import type { SQL } from "drizzle-orm";
+import { issued, statement, type Tx, transactionEndingWith } from "../../db/client.ts";
 import type { InstanceRow, OperationRow } from "../../db/schema/index.ts";
 import type { Services } from "../context.ts";
-import { conflicts, strongestHold } from "../operations.ts";
-import { admit, type HostRow } from "../placement.ts";
+import { conflicts, insertOperations, newOperation, strongestHold } from "../operations.ts";
+import { admitLocked, type HostRow, lockOnlineHost, type Need, usage } from "../placement.ts";
 import { present } from "./present.ts";
-import { lockInstance, rowAfter } from "./resolve.ts";
+import { exactly, lockInstance, namesExactly, rowAfter } from "./resolve.ts";
+import { freeAddress } from "./spec.ts";
 
-/** Refuses when a pending operation holds the instance against `want`. `held`: what
- * strongestHold() found, when the caller asked it already. */
-export async function assertIdle(
-  tx: Tx,
+/** Refuses when a pending operation (`held`, from strongestHold) holds the instance against
+ * `want`. */
+export function assertIdle(
   row: InstanceRow,
   want: "exclusive" | "shared",
-  held?: { op: OperationRow | undefined },
+  held: OperationRow | undefined,
 ) {
-  const busy = held ? held.op : await strongestHold(tx, row.id);
-  if (conflicts(busy, row.id, want)) {
+  if (conflicts(held, row.id, want)) {
     throw new InvalidStateError(
-      `instance ${row.name} has a ${busy.kind === "fork_flow" ? "fork" : busy.kind} in progress (operation ${busy.id}); retry when it finishes`,
+      `instance ${row.name} has a ${held.kind === "fork_flow" ? "fork" : held.kind} in progress (operation ${held.id}); retry when it finishes`,
     );
   }
+}
+
+export interface Checked {
+  row: InstanceRow;
+  /** strongestHold() of the row, asked after its lock. */
+  held: OperationRow | undefined;
+  /** Its host's row, locked; undefined when the host is not connected. */
+  host: HostRow | undefined;
+  /** The host's free address, asked after the host's lock (null: none, or not asked). */
+  address: string | null;
+  /** What the host's instances use, asked after the host's lock (undefined: not asked). */
+  used: Need | undefined;
+}
+
+/**
+ * Locks the row `ref` names and asks, in the same round trip and in this order, what a command
+ * on it must check: the operations pending on it, its host (locked), and if asked the host's
+ * free address and what its instances use ("others": all but this one). The questions go out
+ * behind the lock on the transaction's connection, so they read whatever committed before the
+ * lock was granted; they name the row as exactly() does. For a row found by id prefix instead
+ * they are asked again, of that row.
+ */
+export async function lockChecked(
+  tx: Tx,
+  graceMs: number,
+  tenantId: string,
+  ref: string,
+  ask: { address?: boolean; usage?: "all" | "others" } = {},
+): Promise<Checked> {
+  const questions = (id: string | SQL, hostId: string | SQL) =>
+    Promise.all([
+      strongestHold(tx, id),
+      lockOnlineHost(tx, graceMs, hostId),
+      ask.address ? freeAddress(tx, hostId) : null,
+      ask.usage ? usage(tx, hostId, ask.usage === "others" ? id : undefined) : undefined,
+    ]);
+  const [row, answers] = await Promise.all([
+    lockInstance(tx, tenantId, ref),
+    questions(exactly(tenantId, ref, "id"), exactly(tenantId, ref, "host_id")),
+  ]);
+  const [held, host, address, used] = namesExactly(row, ref)
+    ? answers
+    : await questions(row.id, row.hostId);
+  return { row, held, host, address, used };
 }
 
 export function assertState(row: InstanceRow, verb: string, from: readonly InstanceState[]) {
@@ -57,24 +101,26 @@ export async function runVerb(
   ref: string,
   verb: Verb,
 ): Promise<Instance> {
-  const op = await transaction(s.db, async (tx) => {
-    const row = await lockInstance(tx, tenantId, ref);
+  const op = await transactionEndingWith(s.db, async (tx) => {
+    const { row, held, host, used } = await lockChecked(tx, s.env.HOST_GRACE_MS, tenantId, ref, {
+      ...(verb.resident && { usage: "others" }),
+    });
     assertState(row, verb.name, verb.from);
+    assertIdle(row, "exclusive", held);
     const need = verb.resident
       ? { vcpus: row.vcpus, memoryBytes: row.memoryBytes + row.hotplugBytes }
       : undefined;
-    const [, host] = await Promise.all([
-      assertIdle(tx, row, "exclusive"),
-      admit(tx, s.env.HOST_GRACE_MS, row.hostId, need, row.id),
-    ]);
-    verb.check?.(host, row);
-    return s.ops.insert(tx, {
+    const admitted = await admitLocked(tx, host, row.hostId, need, row.id, used);
+    verb.check?.(admitted, row);
+    const op = newOperation({
       tenantId,
       hostId: row.hostId,
       instanceId: row.id,
       lock: "exclusive",
       payload: verb.operation(row),
     });
+    // The operation's row goes out with the COMMIT.
+    return { value: op, last: [issued(statement(tx, insertOperations([op])))] };
   });
   await s.ops.run(op, s.env.COMMAND_TIMEOUT_MS);
   return present(await rowAfter(s, tenantId, op.id, op.instanceId ?? ""));
