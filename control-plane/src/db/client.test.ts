@@ -115,3 +115,40 @@ describe.each(databaseBackends)(
     });
   },
 );
+
+describe.each(databaseBackends)("a statement outside a transaction (%s)", (_, open) => {
+  let db: Db;
+  let close: () => Promise<void>;
+  beforeAll(async () => ({ db, close } = await open()));
+  afterAll(() => close());
+
+  it("is not part of a transaction open meanwhile, nor sees its rows", async () => {
+    const named = async (name: string) =>
+      (await db.select().from(tenants).where(eq(tenants.name, name))).length;
+    let inserted!: () => void;
+    const ready = new Promise<void>((r) => {
+      inserted = r;
+    });
+    let release!: () => void;
+    const held = new Promise<void>((r) => {
+      release = r;
+    });
+    const rolledBack = transaction(db, async (tx) => {
+      await tx.insert(tenants).values({ name: "open-inside" });
+      inserted();
+      await held;
+      throw new Error("rolled back");
+    }).catch((e: unknown) => e);
+    await ready;
+    // Issued while the transaction is open: on its own, it must neither join the transaction
+    // (and be rolled back with it) nor see the transaction's uncommitted row.
+    const outside = db.insert(tenants).values({ name: "open-outside" });
+    const seen = named("open-inside");
+    release();
+    await outside;
+    expect(await seen).toBe(0);
+    expect(String(await rolledBack)).toMatch(/rolled back/);
+    expect(await named("open-outside")).toBe(1);
+    expect(await named("open-inside")).toBe(0);
+  });
+});

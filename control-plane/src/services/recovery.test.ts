@@ -10,7 +10,7 @@ import type {
 } from "@offshoot/shared";
 import { and, eq } from "drizzle-orm";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { registerHost, seedTenant, testDatabase } from "../../../test/harness.ts";
+import { databaseBackends, registerHost, seedTenant } from "../../../test/harness.ts";
 import type { Db } from "../db/client.ts";
 import { hosts, instances, operations } from "../db/schema/index.ts";
 import { loadEnv } from "../env.ts";
@@ -75,23 +75,46 @@ class ScriptedHost implements HostGateway {
   send(_hostId: string, command: Command): boolean {
     if (!this.connected) return false;
     this.sent.push(command);
+    // As an agent's journal does: a command re-sent while it runs is already in flight, and
+    // one re-sent after it ran is answered again, not run again.
+    if (this.running.has(command.id)) return true;
+    const before = this.answers.get(command.id);
+    if (before) {
+      this.answer(command.id, { ...before, replayed: true }, Promise.resolve(), () => {});
+      return true;
+    }
+    this.running.add(command.id);
     const taken = this.take(command.op);
     const answer = this.script.shift()?.(command.op, command.id) ?? this.obvious(command.op);
+    this.answers.set(command.id, answer);
     const answered = this.delayMs
       ? new Promise<void>((resolve) => setTimeout(resolve, this.delayMs))
       : new Promise<void>((resolve) => setImmediate(resolve));
-    const done = answered.then(() => {
+    this.answer(command.id, answer, answered, () => {
       taken();
+      this.running.delete(command.id);
+    });
+    return true;
+  }
+  private running = new Set<string>();
+  private answers = new Map<string, NonNullable<ReturnType<Answer>>>();
+  private answer(
+    id: string,
+    answer: NonNullable<ReturnType<Answer>>,
+    after: Promise<void>,
+    finished: () => void,
+  ) {
+    const done = after.then(() => {
+      finished();
       return this.s.ops.complete(this.hostId, {
         v: 1,
         type: "result",
-        command_id: command.id,
+        command_id: id,
         ...answer,
       } as Result);
     });
     this.inFlight.add(done);
     void done.finally(() => this.inFlight.delete(done));
-    return true;
   }
   /** Records what `op` holds while it runs, noting any overlap; returns the release. */
   private take(op: Operation): () => void {
@@ -161,7 +184,7 @@ class ScriptedHost implements HostGateway {
   }
 }
 
-describe("recovery and races (scripted host, real Postgres)", () => {
+describe.each(databaseBackends)("recovery and races (scripted host, %s)", (_name, open) => {
   let drop: () => Promise<void>;
   let db: Db;
   let s: Services;
@@ -170,9 +193,7 @@ describe("recovery and races (scripted host, real Postgres)", () => {
   const spec = (name: string) => ({ name, image: "alpine", vcpus: 1, size: "256MB" });
 
   beforeAll(async () => {
-    const t = await testDatabase();
-    drop = t.drop;
-    db = t.database.db;
+    ({ db, close: drop } = await open());
     tenantId = (await seedTenant(db)).tenantId;
     host = new ScriptedHost();
     const signals = new Signals();
