@@ -126,6 +126,22 @@ export class Operations {
     this.log("debug", sent ? "command sent" : "command forwarded", { op: op.id, kind: op.kind });
   }
 
+  /** The operation if it has finished, read with its instance's row as it is now, which is
+   * remembered (see writtenBy): a waiter on another replica than the one that recorded the
+   * result reads both in one statement. */
+  private async finished(id: string): Promise<OperationRow | undefined> {
+    const [r] = await statement(
+      this.db,
+      sql`select to_jsonb(o.*) as op, (select to_jsonb(i.*) from instances i where i.id = o.instance_id) as row
+          from operations o where o.id = ${id} and o.status <> 'pending'`,
+    );
+    if (!r) return undefined;
+    const op = rowFromJson(operations, json(r.op) as Record<string, unknown>);
+    const row = json(r.row) as Record<string, unknown> | null;
+    this.remember(op, row ? [rowFromJson(instances, row)] : []);
+    return op;
+  }
+
   async get(id: string): Promise<OperationRow | undefined> {
     const [row] = await this.db.select().from(operations).where(eq(operations.id, id));
     return row;
@@ -137,10 +153,7 @@ export class Operations {
     return this.signals.until(
       topics.operation(id),
       timeoutMs,
-      async () => {
-        const op = this.recent.get(id)?.op ?? (await this.get(id));
-        return op && op.status !== "pending" ? op : undefined;
-      },
+      async () => this.recent.get(id)?.op ?? (await this.finished(id)),
       { woken: justSent },
     );
   }

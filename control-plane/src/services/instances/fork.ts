@@ -34,7 +34,7 @@ import { newInstanceId } from "./ids.ts";
 import { assertIdle, lockChecked } from "./lifecycle.ts";
 import { present } from "./present.ts";
 import { getById, rowAfter } from "./resolve.ts";
-import { newMac, specOf } from "./spec.ts";
+import { newMac, noAddress, specOf } from "./spec.ts";
 
 /**
  * POST /instances/{id}/fork. The rules, in the order they are checked:
@@ -95,7 +95,7 @@ export async function forkInstance(
       used,
     );
     const ip = src.networkEnabled ? address : null;
-    if (src.networkEnabled && !ip) throw new Error(`host ${host.name} has no free guest address`);
+    if (src.networkEnabled && !ip) throw noAddress(host.name);
     const caps = host.capabilities;
     const via = src.state === "Stopped" ? "fork_from_stopped" : "fork_from_standby";
     if (!caps?.[via] || ((fromRunning || targetState === "Standby") && !caps.standby)) {

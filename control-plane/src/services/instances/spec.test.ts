@@ -1,4 +1,6 @@
 // Guest address allocation on both databases the control plane runs on.
+import { InsufficientResourcesError } from "@offshoot/shared";
+import { sql } from "drizzle-orm";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { databaseBackends, registerHost, seedTenant } from "../../../../test/harness.ts";
 import { type Db, transaction } from "../../db/client.ts";
@@ -61,6 +63,19 @@ describe.each(databaseBackends)("allocateIp (%s)", (_name, open) => {
 
   it("counts across octets and past hundreds of instances", async () => {
     expect(await next(await withIps(range(2, 400)))).toBe("10.100.1.146"); // offset 402
+  });
+
+  it("refuses with insufficient_resources when the host's /16 is full", async () => {
+    const hostId = await withIps([]);
+    await db.execute(sql`
+      insert into instances (id, tenant_id, host_id, name, image, hypervisor, state, vcpus,
+        memory_bytes, overlay_bytes, network_enabled, ip)
+      select 'full' || n, ${tenantId}, ${hostId}, 'full' || n, 'alpine', 'qemu', 'Stopped', 1,
+        268435456, 1073741824, true, host('10.100.0.0'::inet + n)
+      from generate_series(2, 65534) n`);
+    const err = await next(hostId).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(InsufficientResourcesError);
+    expect(String(err)).toMatch(/no free guest address/);
   });
 
   it("ignores other hosts' addresses", async () => {

@@ -1,5 +1,5 @@
 import { randomBytes } from "node:crypto";
-import type { Hypervisor, InstanceSpec } from "@offshoot/shared";
+import { type Hypervisor, type InstanceSpec, InsufficientResourcesError } from "@offshoot/shared";
 import { type SQL, sql } from "drizzle-orm";
 import { statement, type Tx } from "../../db/client.ts";
 import type { InstanceRow } from "../../db/schema/index.ts";
@@ -50,9 +50,13 @@ const LAST_HOST = 65534;
  */
 export async function allocateIp(tx: Tx, hostId: string): Promise<string> {
   const ip = await freeAddress(tx, hostId);
-  if (!ip) throw new Error(`host ${hostId} has no free guest address`);
+  if (!ip) throw noAddress(hostId);
   return ip;
 }
+
+/** A host whose guest network is full. */
+export const noAddress = (host: string) =>
+  new InsufficientResourcesError(`host ${host} has no free guest address left in ${SUBNET}/16`);
 
 /** allocateIp() without the throw: null when the host has no address left. `hostId` may be a
  * subquery (see exactly() in resolve.ts). */
