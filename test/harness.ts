@@ -24,7 +24,7 @@ import postgres from "postgres";
 import { afterAll, inject } from "vitest";
 import type { Database, Db } from "../control-plane/src/db/client.ts";
 import { openPglite, openPostgres } from "../control-plane/src/db/open.ts";
-import { hosts } from "../control-plane/src/db/schema/index.ts";
+import { hosts, type instances } from "../control-plane/src/db/schema/index.ts";
 import {
   createApiKey,
   createHost,
@@ -187,6 +187,30 @@ export async function seedTenant(
   const tenantId = await ensureTenant(db, name);
   const { key } = await createApiKey(db, tenantId);
   return { tenantId, apiKey: key };
+}
+
+/** An instance row to insert directly (tests of single services): the fields a row needs,
+ * named by its id, Running, without network unless `extra` says otherwise. */
+export function instanceValues(
+  tenantId: string,
+  hostId: string,
+  id: string,
+  extra: Partial<typeof instances.$inferInsert> = {},
+): typeof instances.$inferInsert {
+  return {
+    id,
+    tenantId,
+    hostId,
+    name: id,
+    image: "alpine",
+    hypervisor: "qemu",
+    state: "Running",
+    vcpus: 1,
+    memoryBytes: 2 ** 28,
+    overlayBytes: 2 ** 30,
+    networkEnabled: false,
+    ...extra,
+  };
 }
 
 /** A registered host (unique name unless given) and the token its agent presents. */

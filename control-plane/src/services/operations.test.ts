@@ -4,7 +4,12 @@ import { randomUUID } from "node:crypto";
 import type { ObservedInstance, Operation, Result } from "@offshoot/shared";
 import { asc, eq } from "drizzle-orm";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { databaseBackends, registerHost, seedTenant } from "../../../test/harness.ts";
+import {
+  databaseBackends,
+  instanceValues,
+  registerHost,
+  seedTenant,
+} from "../../../test/harness.ts";
 import type { Db } from "../db/client.ts";
 import {
   events,
@@ -40,20 +45,7 @@ describe.each(databaseBackends)("recording a result (%s)", (_name, open) => {
     const id = `i${++n}${randomUUID().slice(0, 8)}`;
     const [row] = await db
       .insert(instances)
-      .values({
-        id,
-        tenantId,
-        hostId,
-        name: id,
-        image: "alpine",
-        hypervisor: "qemu",
-        state,
-        vcpus: 1,
-        memoryBytes: 2 ** 28,
-        overlayBytes: 2 ** 30,
-        networkEnabled: false,
-        ...extra,
-      })
+      .values(instanceValues(tenantId, hostId, id, { state, ...extra }))
       .returning();
     if (!row) throw new Error("insert returned nothing");
     return row;

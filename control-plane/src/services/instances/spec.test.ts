@@ -2,7 +2,12 @@
 import { InsufficientResourcesError } from "@offshoot/shared";
 import { sql } from "drizzle-orm";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { databaseBackends, registerHost, seedTenant } from "../../../../test/harness.ts";
+import {
+  databaseBackends,
+  instanceValues,
+  registerHost,
+  seedTenant,
+} from "../../../../test/harness.ts";
 import { type Db, transaction } from "../../db/client.ts";
 import { instances } from "../../db/schema/index.ts";
 import { allocateIp } from "./spec.ts";
@@ -22,25 +27,11 @@ describe.each(databaseBackends)("allocateIp (%s)", (_name, open) => {
   const withIps = async (ips: string[]) => {
     const { hostId } = await registerHost(db);
     if (ips.length === 0) return hostId;
-    await db.insert(instances).values(
-      ips.map((ip) => {
-        const id = `ip${++n}`;
-        return {
-          id,
-          tenantId,
-          hostId,
-          name: id,
-          image: "alpine",
-          hypervisor: "qemu",
-          state: "Running" as const,
-          vcpus: 1,
-          memoryBytes: 2 ** 28,
-          overlayBytes: 2 ** 30,
-          networkEnabled: true,
-          ip,
-        };
-      }),
-    );
+    await db
+      .insert(instances)
+      .values(
+        ips.map((ip) => instanceValues(tenantId, hostId, `ip${++n}`, { networkEnabled: true, ip })),
+      );
     return hostId;
   };
   const next = (hostId: string) => transaction(db, (tx) => allocateIp(tx, hostId));
