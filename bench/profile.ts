@@ -72,7 +72,7 @@ function byPackage(p: Profile): Array<[string, number]> {
   return [...totals.entries()].sort((a, b) => b[1] - a[1]);
 }
 
-const pg = process.env.BENCH_DATABASE_URL ? undefined : await ensurePostgres();
+const pg = process.env.BENCH_DATABASE_URL ? undefined : await ensurePostgres({ durable: true });
 const serverUrl = process.env.BENCH_DATABASE_URL ?? pg?.url ?? "";
 const admin = postgres(serverUrl, { max: 1, onnotice: () => {} });
 await admin.unsafe("drop database if exists bench_profile with (force)");

@@ -96,7 +96,7 @@ export async function benchReplicas(serverUrl: string, root: string): Promise<st
 }
 
 if (process.argv[1] && fileURLToPath(import.meta.url) === process.argv[1]) {
-  const pg = process.env.BENCH_DATABASE_URL ? undefined : await ensurePostgres();
+  const pg = process.env.BENCH_DATABASE_URL ? undefined : await ensurePostgres({ durable: true });
   const { mkdtempSync, rmSync } = await import("node:fs");
   const root = mkdtempSync(join(os.tmpdir(), "offshoot-bench-replicas-"));
   try {

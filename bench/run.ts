@@ -6,6 +6,7 @@ import { execFileSync } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import os from "node:os";
 import { join } from "node:path";
+import postgres from "postgres";
 import { openPostgres } from "../control-plane/src/db/open.ts";
 import {
   createApiKey,
@@ -75,7 +76,7 @@ async function forkLoop(cpUrl: string, key: string, source: string, n: number, p
 }
 
 async function simBench() {
-  const pg = process.env.BENCH_DATABASE_URL ? undefined : await ensurePostgres();
+  const pg = process.env.BENCH_DATABASE_URL ? undefined : await ensurePostgres({ durable: true });
   const serverUrl = process.env.BENCH_DATABASE_URL ?? pg?.url ?? "";
   const root = mkdtempSync(join(os.tmpdir(), "offshoot-bench-"));
   const lines: string[] = [];
@@ -179,8 +180,16 @@ async function simBench() {
     const pgVersion = execFileSync("/usr/lib/postgresql/15/bin/postgres", ["--version"])
       .toString()
       .trim();
+    const settings = postgres(serverUrl, { max: 1, onnotice: () => {} });
+    const [durability] = await settings<{ fsync: string; sc: string }[]>`
+      select current_setting('fsync') as fsync, current_setting('synchronous_commit') as sc`;
+    await settings.end();
+    const durable =
+      durability?.fsync === "on" && durability.sc === "on"
+        ? "fsync on, synchronous_commit on: every COMMIT is flushed to disk, as on a production server"
+        : `fsync ${durability?.fsync}, synchronous_commit ${durability?.sc}`;
     lines.push(
-      `Produced by \`npm run bench\` (bench/run.ts) on ${new Date().toISOString().slice(0, 10)}: ${os.cpus().length} × ${cpu}, ${Math.round(os.totalmem() / 2 ** 30)} GiB, Node ${process.version}, ${pgVersion} on loopback.`,
+      `Produced by \`npm run bench\` (bench/run.ts) on ${new Date().toISOString().slice(0, 10)}: ${os.cpus().length} × ${cpu}, ${Math.round(os.totalmem() / 2 ** 30)} GiB, Node ${process.version}, ${pgVersion} on loopback (${durable}).`,
       "Figures are client-side wall times of sequential HTTP requests (request → 201), after 20 warm-up requests. These machines are shared and noisy: read them as orders of magnitude.",
       "",
       "## Fork round trip (sim driver, zero latency)",

@@ -171,7 +171,12 @@ function installExitHook(): void {
  * Starts a fresh PostgreSQL cluster on a free port on 127.0.0.1 and waits until it accepts
  * connections. Each call starts its own server; installing the binaries happens once.
  */
-export async function ensurePostgres(): Promise<PostgresServer> {
+/**
+ * `durable`: Postgres's own defaults (every COMMIT flushed to disk), as a production server
+ * runs. Without it (tests) the server skips its flushes: fsync, synchronous_commit and full
+ * page writes are off.
+ */
+export async function ensurePostgres(opts: { durable?: boolean } = {}): Promise<PostgresServer> {
   const bin = installPostgres();
   const who = owner();
   const dir = makeDir(who);
@@ -207,9 +212,9 @@ export async function ensurePostgres(): Promise<PostgresServer> {
       "-c listen_addresses=127.0.0.1",
       `-k ${dir}`,
       "-c max_connections=400",
-      "-c fsync=off",
-      "-c synchronous_commit=off",
-      "-c full_page_writes=off",
+      ...(opts.durable
+        ? []
+        : ["-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off"]),
     ].join(" ");
     try {
       exec(
