@@ -5,6 +5,8 @@
 import { spawn } from "node:child_process";
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
+import { eq } from "drizzle-orm";
+import { hosts } from "../control-plane/src/db/schema/index.ts";
 import { loadEnv } from "../control-plane/src/env.ts";
 import { jsonLog } from "../control-plane/src/log.ts";
 import { startServer } from "../control-plane/src/server.ts";
@@ -46,16 +48,6 @@ const agent = spawn(process.execPath, ["--import", "tsx", "host-agent/src/main.t
     AGENT_IMAGES: images,
   },
 });
-log("info", "ready", {
-  api: server.url,
-  docs: `${server.url}/docs`,
-  agent_driver: driver,
-  note:
-    driver === "sim"
-      ? "the local host runs the simulated driver: instances are simulated, not real VMs"
-      : `real QEMU guests; the image ${TEST_IMAGE} is imported (GET /images)`,
-});
-
 let stopping = false;
 const stop = async (code: number) => {
   if (stopping) return;
@@ -72,3 +64,25 @@ agent.on("exit", (code) => {
 });
 process.on("SIGINT", () => void stop(0));
 process.on("SIGTERM", () => void stop(0));
+
+// "ready" once the agent has connected, so that a request right after it finds the host.
+const spawnedAt = new Date(Date.now() - 1000); // the database's clock may be a little behind
+for (let waited = 0; ; waited += 100) {
+  const [local] = await server.services.db
+    .select({ status: hosts.status, connectedAt: hosts.connectedAt })
+    .from(hosts)
+    .where(eq(hosts.name, "local"));
+  if (local?.status === "online" && local.connectedAt && local.connectedAt >= spawnedAt) break;
+  if (stopping) await new Promise<never>(() => {}); // stop() ends the process
+  if (waited === 60_000) log("warn", "the local agent has not connected after 60 s; waiting");
+  await new Promise((r) => setTimeout(r, 100));
+}
+log("info", "ready", {
+  api: server.url,
+  docs: `${server.url}/docs`,
+  agent_driver: driver,
+  note:
+    driver === "sim"
+      ? "the local host runs the simulated driver: instances are simulated, not real VMs"
+      : `real QEMU guests; the image ${TEST_IMAGE} is imported (GET /images)`,
+});
