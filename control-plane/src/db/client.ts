@@ -253,10 +253,7 @@ export function rowFromJson<T extends PgTable>(
 }
 
 /** A row in the form `jsonb_populate_recordset()` reads: the inverse of rowFromJson. */
-export function rowToJson<T extends PgTable>(
-  table: T,
-  row: T["$inferSelect"],
-): Record<string, unknown> {
+function rowToJson<T extends PgTable>(table: T, row: T["$inferSelect"]): Record<string, unknown> {
   const json: Record<string, unknown> = {};
   const values = row as Record<string, unknown>;
   for (const [key, col] of columnsOf(table)) {

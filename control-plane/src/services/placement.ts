@@ -144,25 +144,9 @@ export async function lockOnlineHost(
   return r && rowFromJson(hosts, r.row as Record<string, unknown>);
 }
 
-/** Locks an instance's host and checks it is connected and has room for the instance. */
-export async function admit(
-  tx: Tx,
-  graceMs: number,
-  hostId: string,
-  need: Need | undefined,
-  excludeInstanceId?: string,
-): Promise<HostRow> {
-  return admitLocked(
-    tx,
-    await lockOnlineHost(tx, graceMs, hostId),
-    hostId,
-    need,
-    excludeInstanceId,
-  );
-}
-
-/** admit(), for a host row lockOnlineHost() has locked (or found not connected); `used`: what
- * usage() said after that lock, if the caller asked it already. */
+/** Checks an instance's host, as lockOnlineHost() locked it (or found it not connected): it must
+ * be connected and have room for `need`. `used`: what usage() said after that lock, if the
+ * caller asked it already. */
 export async function admitLocked(
   tx: Tx,
   host: HostRow | undefined,

@@ -45,7 +45,7 @@ const LAST_HOST = 65534;
  * The lowest free address on the host: one past the lowest address in use (or .0.1) whose
  * successor is free. The offsets in use are read once and anti-joined with themselves by hash,
  * so the cost grows linearly with the host's instances (an index probe per address cost 4 ms
- * at 400 instances). Callers hold the host row lock (see admit/placeInstance), so two picks
+ * at 400 instances). Callers hold the host row lock (see lockOnlineHost/placeInstance), so two picks
  * cannot collide; the unique (host_id, ip) index would refuse a second one anyway.
  */
 export async function allocateIp(tx: Tx, hostId: string): Promise<string> {
