@@ -252,6 +252,22 @@ export function rowFromJson<T extends PgTable>(
   return row as T["$inferSelect"];
 }
 
+/** A jsonb value as the driver hands it over (parsed, or as text). */
+export function fromJsonb(v: unknown): unknown {
+  return typeof v === "string" ? JSON.parse(v) : v;
+}
+
+/** The rows of a statement that selects `to_jsonb(…) as row`, as rows of `table`. */
+export async function selectRows<T extends PgTable>(
+  ex: Executor,
+  table: T,
+  query: SQL,
+): Promise<T["$inferSelect"][]> {
+  return (await statement(ex, query)).map((r) =>
+    rowFromJson(table, fromJsonb(r.row) as Record<string, unknown>),
+  );
+}
+
 /** A row in the form `jsonb_populate_recordset()` reads: the inverse of rowFromJson. */
 function rowToJson<T extends PgTable>(table: T, row: T["$inferSelect"]): Record<string, unknown> {
   const json: Record<string, unknown> = {};

@@ -11,7 +11,15 @@ import {
   TimeoutError,
 } from "@offshoot/shared";
 import { and, asc, eq, inArray, ne, type SQL, sql } from "drizzle-orm";
-import { type Db, type Executor, insertRows, rowFromJson, statement } from "../db/client.ts";
+import {
+  type Db,
+  type Executor,
+  fromJsonb,
+  insertRows,
+  rowFromJson,
+  selectRows,
+  statement,
+} from "../db/client.ts";
 import {
   type ForkFlowPayload,
   type InstanceRow,
@@ -44,15 +52,16 @@ export async function strongestHold(
   ex: Executor,
   instanceId: string | SQL,
 ): Promise<OperationRow | undefined> {
-  const [r] = await statement(
+  const [op] = await selectRows(
     ex,
+    operations,
     sql`select to_jsonb(o.*) as row from operations o
         where o.status = 'pending' and o.lock <> 'none'
           and (o.instance_id = ${instanceId} or o.source_instance_id = ${instanceId})
         order by (o.instance_id = ${instanceId} or o.lock = 'exclusive') desc
         limit 1`,
   );
-  return r && rowFromJson(operations, r.row as Record<string, unknown>);
+  return op;
 }
 
 /** Whether `op` keeps the instance from being taken in the wanted mode: an operation holds its
@@ -136,8 +145,8 @@ export class Operations {
           from operations o where o.id = ${id} and o.status <> 'pending'`,
     );
     if (!r) return undefined;
-    const op = rowFromJson(operations, json(r.op) as Record<string, unknown>);
-    const row = json(r.row) as Record<string, unknown> | null;
+    const op = rowFromJson(operations, fromJsonb(r.op) as Record<string, unknown>);
+    const row = fromJsonb(r.row) as Record<string, unknown> | null;
     this.remember(op, row ? [rowFromJson(instances, row)] : []);
     return op;
   }
@@ -221,16 +230,16 @@ export class Operations {
         coalesce((select jsonb_agg(to_jsonb(u)) from u), '[]'::jsonb) as updated,
         coalesce((select jsonb_agg(d.id) from d), '[]'::jsonb) as dropped`,
     );
-    const op = json(row?.op) as Record<string, unknown> | null;
+    const op = fromJsonb(row?.op) as Record<string, unknown> | null;
     if (!op) return;
     const done = rowFromJson(operations, op);
-    const updated = (json(row?.updated) as Record<string, unknown>[]).map((r) =>
+    const updated = (fromJsonb(row?.updated) as Record<string, unknown>[]).map((r) =>
       rowFromJson(instances, r),
     );
     this.remember(done, updated);
     this.signals.notify(topics.operation(result.command_id));
     for (const r of updated) this.signals.notify(topics.instance(r.id));
-    for (const id of json(row?.dropped) as string[]) this.signals.notify(topics.instance(id));
+    for (const id of fromJsonb(row?.dropped) as string[]) this.signals.notify(topics.instance(id));
   }
 
   // Operations this process completed recently, with the instance rows their results wrote,
@@ -349,9 +358,4 @@ function observedWrites(
       jsonb_build_object('from', u.before, 'to', u.state, 'cause', ${cause})
     from u where u.before is distinct from u.state
   )`;
-}
-
-/** A jsonb value as the driver hands it over (parsed, or as text). */
-function json(v: unknown): unknown {
-  return typeof v === "string" ? JSON.parse(v) : v;
 }

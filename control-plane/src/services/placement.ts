@@ -7,7 +7,7 @@ import {
   RESIDENT,
 } from "@offshoot/shared";
 import { and, eq, gt, inArray, ne, or, type SQL, sql } from "drizzle-orm";
-import { rowFromJson, statement, type Tx } from "../db/client.ts";
+import { selectRows, type Tx } from "../db/client.ts";
 import { hosts, instances, operations } from "../db/schema/index.ts";
 
 export type HostRow = typeof hosts.$inferSelect;
@@ -137,11 +137,12 @@ export async function lockOnlineHost(
   graceMs: number,
   hostId: string | SQL,
 ): Promise<HostRow | undefined> {
-  const [r] = await statement(
+  const [host] = await selectRows(
     tx,
+    hosts,
     sql`select to_jsonb(hosts.*) as row from ${hosts} where ${hosts.id} = ${hostId} and ${online(graceMs)} for update`,
   );
-  return r && rowFromJson(hosts, r.row as Record<string, unknown>);
+  return host;
 }
 
 /** Checks an instance's host, as lockOnlineHost() locked it (or found it not connected): it must

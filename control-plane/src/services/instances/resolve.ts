@@ -1,6 +1,6 @@
 import { AmbiguousError, NotFoundError } from "@offshoot/shared";
 import { type SQL, sql } from "drizzle-orm";
-import { type Executor, rowFromJson, statement, type Tx } from "../../db/client.ts";
+import { type Executor, selectRows, type Tx } from "../../db/client.ts";
 import { type InstanceRow, instances } from "../../db/schema/index.ts";
 import type { Services } from "../context.ts";
 
@@ -18,13 +18,12 @@ export async function resolveInstance(
 ): Promise<InstanceRow> {
   if (ref.length === 0 || ref.length > 128) throw new NotFoundError(`instance ${ref} not found`);
   const lock = opts.forUpdate ? sql` for update` : sql``;
-  const rows = async (where: SQL) =>
-    (
-      await statement(
-        ex,
-        sql`select to_jsonb(i.*) as row from instances i where i.tenant_id = ${tenantId} and ${where} limit 2${lock}`,
-      )
-    ).map((r) => rowFromJson(instances, r.row as Record<string, unknown>));
+  const rows = (where: SQL) =>
+    selectRows(
+      ex,
+      instances,
+      sql`select to_jsonb(i.*) as row from instances i where i.tenant_id = ${tenantId} and ${where} limit 2${lock}`,
+    );
   const exact = await rows(sql`(i.id = ${ref} or i.name = ${ref})`);
   const match = exact.find((r) => r.id === ref) ?? exact.find((r) => r.name === ref);
   if (match) return match;
@@ -60,12 +59,13 @@ export function lockInstance(tx: Tx, tenantId: string, ref: string): Promise<Ins
 }
 
 export async function getById(ex: Executor, tenantId: string, id: string): Promise<InstanceRow> {
-  const [r] = await statement(
+  const [row] = await selectRows(
     ex,
+    instances,
     sql`select to_jsonb(i.*) as row from instances i where i.id = ${id} and i.tenant_id = ${tenantId}`,
   );
-  if (!r) throw new NotFoundError(`instance ${id} not found`);
-  return rowFromJson(instances, r.row as Record<string, unknown>);
+  if (!row) throw new NotFoundError(`instance ${id} not found`);
+  return row;
 }
 
 /** Instance `id` as operation `opId` left it: the row its result wrote, if this process
