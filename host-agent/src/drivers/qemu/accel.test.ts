@@ -4,6 +4,8 @@ import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ensureVmAssets, type VmAssets } from "../../../../scripts/vm-assets.ts";
 import { clearAccelCache, resolveAccel } from "./accel.ts";
+import { killProcess, launchQemu } from "./launch.ts";
+import { initEvents, waitForSerial } from "./serial.ts";
 
 let assets: VmAssets;
 let workDir: string;
@@ -31,15 +33,25 @@ describe("resolveAccel", () => {
     expect(d.reason).toMatch(/does not exist/);
   });
 
-  // These machines' /dev/kvm is PVM: a stock kernel never reaches /init under it (FACTS.md).
-  it("auto resolves to tcg on this machine, within its test-boot budget, and caches it", async () => {
+  // Holds on any host: where /dev/kvm is usable the test boot decides, and whatever it decided
+  // must boot a guest to /init (these machines' KVM is PVM, so TCG here; a bare-metal host KVM).
+  it("auto decides by its test boot, within budget, caches it, and the decision boots", async () => {
     const timeoutMs = 8_000;
     const started = Date.now();
     const d = await resolveAccel("auto", { assets, workDir, timeoutMs });
     const took = Date.now() - started;
     console.log(`accel auto: ${JSON.stringify(d)}`);
-    expect(d.accel).toBe("tcg");
-    if (existsSync("/dev/kvm")) expect(d.reason).toMatch(/test boot under KVM failed/);
+    if (!existsSync("/dev/kvm")) {
+      expect(d).toMatchObject({ accel: "tcg", reason: "/dev/kvm does not exist" });
+    } else if (d.reason.includes("is not usable")) {
+      expect(d.accel).toBe("tcg");
+    } else {
+      expect(d.reason).toMatch(
+        d.accel === "kvm"
+          ? /^test boot under KVM reached \/init in \d+ ms$/
+          : /^test boot under KVM failed: /,
+      );
+    }
     // Launch + bounded wait + kill: never much past the budget.
     expect(took).toBeLessThan(timeoutMs + 5_000);
     // The test boot cleaned up after itself.
@@ -48,7 +60,66 @@ describe("resolveAccel", () => {
     const again = Date.now();
     expect(await resolveAccel("auto", { assets, workDir, timeoutMs })).toBe(d);
     expect(Date.now() - again).toBeLessThan(50);
-  }, 30_000);
+
+    // The decision is usable: a guest boots to /init with it.
+    const dir = mkdtempSync(path.join(workDir, "boot-"));
+    const vm = await launchQemu({
+      qemu: assets.qemu,
+      kernel: assets.kernelElf,
+      initramfs: assets.initramfs,
+      accel: d.accel,
+      memoryMiB: 128,
+      vcpus: 1,
+      memFile: path.join(dir, "mem"),
+      qmpSocket: path.join(dir, "q.sock"),
+      ctlSocket: path.join(dir, "c.sock"),
+      serialLog: path.join(dir, "serial.log"),
+      qemuLog: path.join(dir, "qemu.log"),
+      command: "exit 0",
+    });
+    try {
+      await vm.qmp.close();
+      await waitForSerial(
+        vm.serialLog,
+        (log) => (initEvents(log).some((e) => e.event === "ready") ? true : undefined),
+        { timeoutMs: 60_000 },
+      );
+    } finally {
+      killProcess(vm.pid);
+      await vm.exited;
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }, 90_000);
+
+  // A fresh data dir has no accel/ yet: the probe makes its own directory.
+  it("creates a missing work dir, and any failure to probe means tcg with the reason", async () => {
+    clearAccelCache();
+    const qemu = fakeKvmQemu("-no-such-option");
+    const fresh = path.join(workDir, "not", "yet", "there");
+    const d = await resolveAccel("auto", {
+      assets: { ...assets, qemu },
+      workDir: fresh,
+      timeoutMs: 20_000,
+      kvmDevice: qemu,
+    });
+    expect(d.accel).toBe("tcg");
+    expect(d.reason).toMatch(/no-such-option/);
+    expect(readdirSync(fresh)).toEqual([]);
+
+    // A work dir that cannot be made (its parent is a file): still a decision, never a throw.
+    const file = path.join(workDir, "a-file");
+    writeFileSync(file, "");
+    clearAccelCache();
+    const blocked = await resolveAccel("auto", {
+      assets: { ...assets, qemu },
+      workDir: path.join(file, "accel"),
+      kvmDevice: qemu,
+    });
+    expect(blocked.accel).toBe("tcg");
+    expect(blocked.reason).toMatch(/^test boot under KVM failed: .*ENOTDIR/);
+    rmSync(file);
+    clearAccelCache();
+  });
 
   // The test boot's two failure paths, whatever this host's KVM is: a stand-in QEMU that runs the
   // probe under TCG, either paused (-S: /init never comes, like a kernel hanging under PVM) or

@@ -1,7 +1,7 @@
 // KVM or TCG. `/dev/kvm` existing is not enough: on these dev machines the host KVM is PVM, where
 // a stock kernel hangs or dies with emulation failures (FACTS.md). So `auto` boots the configured
 // kernel under KVM once, bounded, and uses KVM only if /init's ready marker appears in time.
-import { accessSync, constants, existsSync, mkdtempSync, rmSync } from "node:fs";
+import { accessSync, constants, existsSync, mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import path from "node:path";
 import { type Accel, killProcess, launchQemu } from "./launch.ts";
 import { initEvents, waitForSerial } from "./serial.ts";
@@ -20,8 +20,8 @@ export interface AccelDecision {
 export interface AccelOptions {
   /** What the test boot runs. */
   assets: { qemu: string; kernelElf: string; initramfs: string };
-  /** Where the test boot's files go (a fresh subdirectory, removed afterwards). Keep it short:
-   * the QMP socket lives there. */
+  /** Where the test boot's files go (a fresh subdirectory, removed afterwards; the directory is
+   * created if missing). Keep it short: the QMP socket lives there. */
   workDir: string;
   /** Test boot budget. A real KVM host reaches /init in well under a second. */
   timeoutMs?: number;
@@ -30,7 +30,8 @@ export interface AccelOptions {
 
 const cache = new Map<string, Promise<AccelDecision>>();
 
-/** Decides once per (mode, kernel, initramfs, device) in this process; later calls share it. */
+/** Decides once per (mode, kernel, initramfs, device) in this process; later calls share it.
+ * Never rejects: whatever goes wrong while probing KVM means TCG, with the reason. */
 export function resolveAccel(mode: AccelMode, opts: AccelOptions): Promise<AccelDecision> {
   const device = opts.kvmDevice ?? "/dev/kvm";
   const key = JSON.stringify([
@@ -44,8 +45,6 @@ export function resolveAccel(mode: AccelMode, opts: AccelOptions): Promise<Accel
   if (!decision) {
     decision = decide(mode, { ...opts, kvmDevice: device });
     cache.set(key, decision);
-    // A failed decision (e.g. an unwritable workDir) is not cached: the next call retries.
-    decision.catch(() => cache.delete(key));
   }
   return decision;
 }
@@ -73,7 +72,9 @@ async function decide(
   } catch (e) {
     return done("tcg", `${opts.kvmDevice} is not usable: ${(e as Error).message}`);
   }
-  const probe = await kvmTestBoot(opts);
+  const probe = await kvmTestBoot(opts).catch(
+    (e: unknown): Probe => ({ ok: false, why: (e as Error).message ?? String(e) }),
+  );
   return probe.ok
     ? done("kvm", `test boot under KVM reached /init in ${probe.ms} ms`)
     : done("tcg", `test boot under KVM failed: ${probe.why}`);
@@ -83,10 +84,12 @@ type Probe = { ok: true; ms: number } | { ok: false; why: string };
 
 async function kvmTestBoot(opts: AccelOptions): Promise<Probe> {
   const timeoutMs = opts.timeoutMs ?? 10_000;
-  const dir = mkdtempSync(path.join(opts.workDir, "kvm-probe-"));
   const started = Date.now();
+  let dir: string | undefined;
   let vm: Awaited<ReturnType<typeof launchQemu>> | undefined;
   try {
+    mkdirSync(opts.workDir, { recursive: true });
+    dir = mkdtempSync(path.join(opts.workDir, "kvm-probe-"));
     vm = await launchQemu(
       {
         qemu: opts.assets.qemu,
@@ -121,6 +124,6 @@ async function kvmTestBoot(opts: AccelOptions): Promise<Probe> {
       killProcess(vm.pid);
       await vm.exited;
     }
-    rmSync(dir, { recursive: true, force: true });
+    if (dir) rmSync(dir, { recursive: true, force: true });
   }
 }
