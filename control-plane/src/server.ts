@@ -25,7 +25,7 @@ import { Signals } from "./services/signals.ts";
 
 export { AGENT_PATH } from "@offshoot/shared";
 
-import { AGENT_PATH } from "@offshoot/shared";
+import { AGENT_LIMITS, AGENT_PATH } from "@offshoot/shared";
 import { makeIdsAhead } from "./services/instances/ids.ts";
 
 export interface RunningServer {
@@ -90,7 +90,7 @@ export async function startServer(
   };
 
   const app = createApp({ services, credentials, mountAgentEndpoint });
-  const wss = new WebSocketServer({ noServer: true, maxPayload: 16 * 1024 * 1024 });
+  const wss = new WebSocketServer({ noServer: true, maxPayload: AGENT_LIMITS.frameBytes });
   const server = await new Promise<Server>((resolve) => {
     const srv = serve(
       { fetch: app.fetch, port: env.PORT, hostname: env.HOST, websocket: { server: wss } },

@@ -5,9 +5,11 @@
 import { readFileSync } from "node:fs";
 import { mkdir } from "node:fs/promises";
 import {
+  AGENT_LIMITS,
   type AgentMessage,
   CLOSE,
   encode,
+  fitAgentMessage,
   PROTOCOL_VERSION,
   ServerMessage,
 } from "@offshoot/shared";
@@ -140,6 +142,7 @@ class Link {
     const ws = new WebSocket(url, {
       headers: { authorization: `Bearer ${this.config.hostToken}` },
       handshakeTimeout: 10_000,
+      maxPayload: AGENT_LIMITS.frameBytes,
     });
     this.ws = ws;
     const current = () => ws === this.ws;
@@ -184,7 +187,9 @@ class Link {
   }
 
   private send(msg: AgentMessage): void {
-    if (this.helloSent && this.ws?.readyState === WebSocket.OPEN) this.ws.send(encode(msg));
+    if (this.helloSent && this.ws?.readyState === WebSocket.OPEN) {
+      this.ws.send(encode(fitAgentMessage(msg)));
+    }
   }
 
   private async onOpen(ws: WebSocket): Promise<void> {
@@ -199,18 +204,20 @@ class Link {
       if (ws !== this.ws || ws.readyState !== WebSocket.OPEN) return;
       const in_flight = this.commands.inFlight();
       ws.send(
-        encode({
-          v: PROTOCOL_VERSION,
-          type: "hello",
-          agent_version: AGENT_VERSION,
-          host_name: this.config.hostName,
-          driver: this.driver.name,
-          capabilities: this.driver.capabilities(),
-          capacity: this.config.capacity,
-          inventory,
-          images,
-          in_flight,
-        }),
+        encode(
+          fitAgentMessage({
+            v: PROTOCOL_VERSION,
+            type: "hello",
+            agent_version: AGENT_VERSION,
+            host_name: this.config.hostName,
+            driver: this.driver.name,
+            capabilities: this.driver.capabilities(),
+            capacity: this.config.capacity,
+            inventory,
+            images,
+            in_flight,
+          }),
+        ),
       );
       this.helloSent = true;
       this.log("info", "hello sent", { instances: inventory.length, in_flight });

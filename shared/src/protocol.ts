@@ -10,6 +10,43 @@ export const PROTOCOL_VERSION = 1 as const;
 export const AGENT_PATH = "/agent/v1/connect";
 const V = z.literal(PROTOCOL_VERSION);
 
+/**
+ * Bounds on what crosses the agent socket. Hosts are trusted to run guests, not to size the
+ * control plane's memory: every message is bounded, and a frame over `frameBytes` closes the
+ * socket (1009) before it is buffered whole. The agent clips its free text to fit
+ * (fitAgentMessage) rather than have a result refused.
+ */
+export const AGENT_LIMITS = {
+  /** Largest WebSocket message either side accepts (a hello with a full inventory fits). */
+  frameBytes: 8 * 1024 * 1024,
+  /** Instances one hello may report. */
+  inventory: 20_000,
+  /** Images one hello may report. */
+  images: 1_000,
+  /** Commands one hello may list as in flight (the journal keeps 10,000 outcomes). */
+  inFlight: 10_000,
+  /** Instances one result may report (a fork reports two). */
+  resultInstances: 64,
+  /** A log chunk: at most this many lines, this many characters of lines in all, and each
+   * line at most `logLineChars` (the agent cuts longer lines). */
+  logLines: 500,
+  logChunkChars: 256 * 1024,
+  logLineChars: 16 * 1024,
+  /** Free text (state_error, exit_message, error messages). */
+  textChars: 4096,
+  /** Capacity a host may offer. */
+  vcpus: 4096,
+  memoryBytes: 2 ** 46, // 64 TiB
+} as const;
+
+const Text = z.string().max(AGENT_LIMITS.textChars);
+/** Instance and command ids: CUID2s and UUIDs, nothing that could name a path. */
+const Id = z
+  .string()
+  .min(1)
+  .max(64)
+  .regex(/^[A-Za-z0-9][A-Za-z0-9_-]*$/, "ids are letters, digits, - and _");
+
 /** WebSocket close codes the control plane uses towards agents. */
 export const CLOSE = {
   unauthorized: 4401,
@@ -48,14 +85,14 @@ export type InstanceSpec = z.infer<typeof InstanceSpec>;
 
 /** What the host actually sees for one instance. */
 export const ObservedInstance = z.object({
-  id: z.string(),
+  id: Id,
   state: InstanceState,
   has_snapshot: z.boolean(),
-  state_error: z.string().nullable().optional(),
+  state_error: Text.nullable().optional(),
   exit_code: z.number().int().nullable().optional(),
-  exit_message: z.string().nullable().optional(),
-  started_at: z.string().nullable().optional(),
-  stopped_at: z.string().nullable().optional(),
+  exit_message: Text.nullable().optional(),
+  started_at: z.iso.datetime({ offset: true }).nullable().optional(),
+  stopped_at: z.iso.datetime({ offset: true }).nullable().optional(),
 });
 export type ObservedInstance = z.infer<typeof ObservedInstance>;
 
@@ -95,7 +132,7 @@ export const DriverCapabilities = z.object({
 });
 export type DriverCapabilities = z.infer<typeof DriverCapabilities>;
 
-export const CommandError = z.object({ code: z.string(), message: z.string() });
+export const CommandError = z.object({ code: z.string().max(64), message: Text });
 export type CommandError = z.infer<typeof CommandError>;
 
 // ---- agent → control plane -------------------------------------------------------------
@@ -103,19 +140,19 @@ export type CommandError = z.infer<typeof CommandError>;
 export const Hello = z.object({
   v: V,
   type: z.literal("hello"),
-  agent_version: z.string(),
-  host_name: z.string(),
-  driver: z.string(),
+  agent_version: z.string().max(64),
+  host_name: z.string().max(253),
+  driver: z.string().max(32),
   capabilities: DriverCapabilities,
   capacity: z.object({
-    vcpus: z.number().int().positive(),
-    memory_bytes: z.number().int().positive(),
+    vcpus: z.number().int().positive().max(AGENT_LIMITS.vcpus),
+    memory_bytes: z.number().int().positive().max(AGENT_LIMITS.memoryBytes),
   }),
-  inventory: z.array(ObservedInstance),
+  inventory: z.array(ObservedInstance).max(AGENT_LIMITS.inventory),
   /** The images this host can boot (drivers with the `images` capability). */
-  images: z.array(ImageInfo).default([]),
+  images: z.array(ImageInfo).max(AGENT_LIMITS.images).default([]),
   /** Commands the agent has journaled but not finished (still executing). */
-  in_flight: z.array(z.string()),
+  in_flight: z.array(Id).max(AGENT_LIMITS.inFlight),
 });
 export type Hello = z.infer<typeof Hello>;
 
@@ -126,20 +163,20 @@ export const Result = z.discriminatedUnion("ok", [
   z.object({
     v: V,
     type: z.literal("result"),
-    command_id: z.string(),
+    command_id: Id,
     ok: z.literal(true),
     /** The instances this command changed, as observed after it. */
-    instances: z.array(ObservedInstance),
+    instances: z.array(ObservedInstance).max(AGENT_LIMITS.resultInstances),
     /** Set when the answer came from the journal (a re-sent command). */
     replayed: z.boolean().optional(),
   }),
   z.object({
     v: V,
     type: z.literal("result"),
-    command_id: z.string(),
+    command_id: Id,
     ok: z.literal(false),
     error: CommandError,
-    instances: z.array(ObservedInstance),
+    instances: z.array(ObservedInstance).max(AGENT_LIMITS.resultInstances),
     replayed: z.boolean().optional(),
   }),
 ]);
@@ -153,8 +190,14 @@ export type Event = z.infer<typeof Event>;
 export const LogChunk = z.object({
   v: V,
   type: z.literal("log"),
-  stream_id: z.string(),
-  lines: z.array(z.string()),
+  stream_id: Id,
+  lines: z
+    .array(z.string().max(AGENT_LIMITS.logLineChars))
+    .max(AGENT_LIMITS.logLines)
+    .refine(
+      (lines) => lines.reduce((n, l) => n + l.length, 0) <= AGENT_LIMITS.logChunkChars,
+      "log chunk too large",
+    ),
   done: z.boolean().optional(),
   error: CommandError.optional(),
 });
@@ -208,6 +251,36 @@ export type LogsCancel = z.infer<typeof LogsCancel>;
  */
 export const ServerMessage = z.union([Welcome, Command, LogsRequest, LogsCancel]);
 export type ServerMessage = z.infer<typeof ServerMessage>;
+
+const clip = (text: string) =>
+  text.length <= AGENT_LIMITS.textChars ? text : `${text.slice(0, AGENT_LIMITS.textChars - 1)}…`;
+
+function clipObserved(o: ObservedInstance): ObservedInstance {
+  return {
+    ...o,
+    ...(o.state_error && { state_error: clip(o.state_error) }),
+    ...(o.exit_message && { exit_message: clip(o.exit_message) }),
+  };
+}
+
+/** The message with its free text (error messages, state_error, exit_message) clipped to
+ * AGENT_LIMITS.textChars, so that a long QEMU complaint cannot get a result refused. */
+export function fitAgentMessage<M extends AgentMessage>(msg: M): M {
+  switch (msg.type) {
+    case "result":
+      return {
+        ...msg,
+        instances: msg.instances.map(clipObserved),
+        ...(!msg.ok && { error: { ...msg.error, message: clip(msg.error.message) } }),
+      };
+    case "event":
+      return { ...msg, instance: clipObserved(msg.instance) };
+    case "hello":
+      return { ...msg, inventory: msg.inventory.map(clipObserved) };
+    default:
+      return msg;
+  }
+}
 
 export function encode(msg: AgentMessage | ServerMessage): string {
   return JSON.stringify(msg);

@@ -40,15 +40,19 @@ export function decodeAgentMessage(
   }
   const parsed = AgentMessage.safeParse(raw);
   if (parsed.success) return { ok: true, msg: parsed.data };
-  const v = (raw as { v?: unknown } | null)?.v;
-  const issue = `v ${String(v)}: ${parsed.error.issues[0]?.message ?? "invalid"}`;
-  return v === PROTOCOL_VERSION
-    ? { ok: false, issue }
-    : {
-        ok: false,
-        issue,
-        close: [CLOSE.badProtocol, `protocol version ${String(v)} not supported`],
-      };
+  const { v, type } = (raw ?? {}) as { v?: unknown; type?: unknown };
+  const first = parsed.error.issues[0];
+  const issue = `v ${String(v)} ${String(type)}: ${first?.path.join(".") ?? ""} ${first?.message ?? "invalid"}`;
+  if (v !== PROTOCOL_VERSION) {
+    return {
+      ok: false,
+      issue,
+      close: [CLOSE.badProtocol, `protocol version ${String(v)} not supported`],
+    };
+  }
+  // Without a valid hello nothing else is accepted: say why now rather than time out.
+  if (type === "hello") return { ok: false, issue, close: [CLOSE.badProtocol, issue.slice(0, 120)] };
+  return { ok: false, issue };
 }
 
 /**
@@ -60,6 +64,8 @@ export class AgentSession {
   private chain: Promise<void> = Promise.resolve();
   private hello: Hello | undefined;
   private helloTimer: NodeJS.Timeout;
+  /** The transport saw the socket close: nothing this session does may outlast that. */
+  private gone = false;
 
   constructor(
     private s: () => Services,
@@ -108,8 +114,13 @@ export class AgentSession {
       });
   }
 
-  ended(): void {
+  /** The socket closed. Resolves once every message received before that has been handled, so
+   * that recording the disconnect comes after (a hello still being recorded would otherwise
+   * mark the host online after its socket was gone). */
+  ended(): Promise<void> {
+    this.gone = true;
     clearTimeout(this.helloTimer);
+    return this.chain;
   }
 
   private async handle(text: string): Promise<void> {
@@ -123,6 +134,8 @@ export class AgentSession {
     const s = this.s();
     if (msg.type === "hello") {
       clearTimeout(this.helloTimer);
+      // Its socket is gone: this session must not become the host's.
+      if (this.gone) return;
       this.hello = msg;
       this.socket.send(
         encode({

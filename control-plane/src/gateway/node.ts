@@ -225,9 +225,10 @@ export class NodeGateway implements HostGateway {
     return session;
   }
 
-  /** The transport saw the socket close. */
+  /** The transport saw the socket close. The host is recorded offline once the messages that
+   * arrived before the close have been handled (see AgentSession.ended). */
   closed(session: AgentSession): void {
-    session.ended();
+    const drained = session.ended();
     if (this.sessions.get(session.host.id) !== session) return;
     this.sessions.delete(session.host.id);
     for (const [id, stream] of this.logStreams) {
@@ -235,13 +236,15 @@ export class NodeGateway implements HostGateway {
       this.logStreams.delete(id);
       stream.sink.end({ code: "host_unavailable", message: "the host disconnected" });
     }
-    hostDisconnected(this.s, session.host.id, session.connectedAt).catch((e: unknown) =>
-      this.s.log("error", "recording disconnect failed", {
-        host_id: session.host.id,
-        error: String(e),
-      }),
-    );
     this.s.log("info", "host disconnected", { host_id: session.host.id });
+    drained
+      .then(() => hostDisconnected(this.s, session.host.id, session.connectedAt))
+      .catch((e: unknown) =>
+        this.s.log("error", "recording disconnect failed", {
+          host_id: session.host.id,
+          error: String(e),
+        }),
+      );
   }
 
   private async flushHeartbeats(): Promise<void> {

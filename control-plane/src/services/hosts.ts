@@ -1,9 +1,12 @@
 import type { Hello, ObservedInstance } from "@offshoot/shared";
 import { and, asc, eq, inArray, isNull, lt, lte, notInArray, or, sql } from "drizzle-orm";
 import { now, transaction } from "../db/client.ts";
-import { events, hosts, instances } from "../db/schema/index.ts";
+import { events, hosts, instances, operations } from "../db/schema/index.ts";
 import { type Services, topics } from "./context.ts";
 import { applyObserved } from "./operations.ts";
+
+/** Deletes of instances a host runs that it has no row for, pending at once per host. */
+export const MAX_ORPHAN_DELETES = 256;
 
 /**
  * An agent said hello: record what it offers, and reconcile our rows with what it actually
@@ -17,7 +20,7 @@ export async function hostConnected(
   connectedAt: Date,
 ): Promise<void> {
   const seen = new Map(hello.inventory.map((o) => [o.id, o]));
-  const { changed, orphans } = await transaction(s.db, async (tx) => {
+  const { changed, orphans, unheeded } = await transaction(s.db, async (tx) => {
     // Lock order everywhere: instance rows (by id) before host rows; the host row is last here.
     const rows = await tx
       .select({ id: instances.id, state: instances.state })
@@ -46,26 +49,45 @@ export async function hostConnected(
       changed.push(...missing);
     }
     const rowIds = new Set(rows.map((r) => r.id));
+    // An instance the host runs that no row of this host owns (e.g. its create was rolled back
+    // while the host was away) is deleted on the host, so it cannot hold resources forever.
+    // Another host's instance is no different: its row is that host's alone (see
+    // Operations.complete), so a host learns nothing and deletes nothing but its own guests.
+    // A host may claim any ids it likes: deletes already pending are not made again, and at
+    // most MAX_ORPHAN_DELETES are pending per host (the rest follow on later hellos).
     const orphans = hello.inventory.filter((o) => !rowIds.has(o.id) && !pending.has(o.id));
     const deletes = [];
-    for (const o of orphans) {
-      // An instance the host runs that no tenant owns (e.g. its create was rolled back while
-      // the host was away): delete it so it cannot hold resources or a name forever.
-      deletes.push(
-        await s.ops.insert(tx, {
-          tenantId: null,
+    if (orphans.length > 0) {
+      const queued = await tx
+        .select({ id: sql<string>`${operations.payload}->>'instance_id'` })
+        .from(operations)
+        .where(
+          and(
+            eq(operations.hostId, hostId),
+            eq(operations.status, "pending"),
+            eq(operations.kind, "delete"),
+            isNull(operations.instanceId),
+          ),
+        );
+      const already = new Set(queued.map((q) => q.id));
+      const room = Math.max(0, MAX_ORPHAN_DELETES - already.size);
+      for (const o of orphans.filter((x) => !already.has(x.id)).slice(0, room)) {
+        deletes.push(
+          await s.ops.insert(tx, {
+            tenantId: null,
+            hostId,
+            instanceId: null,
+            lock: "none",
+            payload: { kind: "delete", instance_id: o.id },
+          }),
+        );
+        await tx.insert(events).values({
           hostId,
-          instanceId: null,
-          lock: "none",
-          payload: { kind: "delete", instance_id: o.id },
-        }),
-      );
-      await tx.insert(events).values({
-        hostId,
-        instanceId: o.id,
-        type: "host.orphan",
-        data: { state: o.state },
-      });
+          instanceId: o.id,
+          type: "host.orphan",
+          data: { state: o.state },
+        });
+      }
     }
     await tx
       .update(hosts)
@@ -81,7 +103,7 @@ export async function hostConnected(
         connectedAt,
       })
       .where(eq(hosts.id, hostId));
-    return { changed, orphans: deletes };
+    return { changed, orphans: deletes, unheeded: orphans.length };
   });
   for (const id of changed) s.signals.notify(topics.instance(id));
   const resent = await s.ops.resendPending(hostId);
@@ -89,7 +111,8 @@ export async function hostConnected(
     host_id: hostId,
     inventory: hello.inventory.length,
     resent,
-    orphans: orphans.length,
+    orphans: unheeded,
+    orphan_deletes: orphans.length,
   });
 }
 

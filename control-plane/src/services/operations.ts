@@ -188,7 +188,8 @@ export class Operations {
    * - ends the fork flow whose only step this is (a fork without from_running, see
    *   instances/fork.ts);
    * - deletes the instance a successful delete, or a failed create or fork, leaves no trace of
-   *   on the host (the host rolled a failed one back), with an event;
+   *   on the host (the host rolled a failed one back), with an event — only a row of this
+   *   host: a host's answer never touches another host's instance;
    * - writes the observed states onto the host's other instances (observedWrites).
    * A replayed answer (a re-sent command answered from the journal) is older than the
    * inventory the agent's hello just reported, so its observations are kept on the operation
@@ -218,7 +219,8 @@ export class Operations {
         end as id
         from c
       ), d as (
-        delete from instances where id = (select id from x) returning id, tenant_id
+        delete from instances where id = (select id from x) and host_id = ${hostId}
+        returning id, tenant_id
       ), de as (
         insert into events (tenant_id, instance_id, host_id, type, data)
         select d.tenant_id, d.id, ${hostId}, 'instance.deleted', jsonb_build_object(

@@ -244,6 +244,9 @@ export class HostSession {
       this.logs.clear();
     }
     if (!attachment) return;
+    // After the messages that arrived before the close: a hello still being recorded must not
+    // mark the host online once this has marked it offline.
+    await this.chain;
     await hostDisconnected(this.services(), attachment.host.id, new Date(attachment.connectedAt));
   }
 
