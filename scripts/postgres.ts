@@ -26,6 +26,11 @@ export interface PostgresServer {
   dir: string;
   /** Stops the server (pg_ctl stop -m fast) and removes its directory. Safe to call twice. */
   stop(): Promise<void>;
+  /** Outages, for tests: `pg_ctl restart`, or a stop and a later start on the same port, with
+   * every session ended as `mode` says (fast: terminated cleanly; immediate: as in a crash). */
+  restart(mode: "fast" | "immediate"): void;
+  halt(mode: "fast" | "immediate"): void;
+  resume(): Promise<void>;
 }
 
 const PG_LIB = "/usr/lib/postgresql";
@@ -205,6 +210,7 @@ export async function ensurePostgres(opts: { durable?: boolean } = {}): Promise<
   // Another process may grab the port between freePort() and the bind: retry a few times.
   let port = 0;
   let lastError: unknown;
+  let serverOptions = "";
   for (let attempt = 0; attempt < 5 && !port; attempt++) {
     const candidate = await freePort();
     const options = [
@@ -222,6 +228,7 @@ export async function ensurePostgres(opts: { durable?: boolean } = {}): Promise<
         "pg_ctl start",
       );
       port = candidate;
+      serverOptions = options;
     } catch (e) {
       lastError = e;
     }
@@ -251,6 +258,8 @@ export async function ensurePostgres(opts: { durable?: boolean } = {}): Promise<
   log(`started ${url} in ${Date.now() - t0} ms (dir ${dir})`);
 
   let stopped = false;
+  const ctl = (args: string[], what: string) =>
+    exec(who.argv(pgCtl, ["-D", dataDir, ...args]), what);
   return {
     url,
     port,
@@ -260,6 +269,13 @@ export async function ensurePostgres(opts: { durable?: boolean } = {}): Promise<
       stopped = true;
       running.delete(emergencyStop);
       stopNow("fast");
+    },
+    restart: (mode) =>
+      ctl(["-o", serverOptions, "-l", logFile, "-m", mode, "-w", "-t", "60", "restart"], "restart"),
+    halt: (mode) => ctl(["-m", mode, "-w", "-t", "60", "stop"], "pg_ctl stop"),
+    resume: async () => {
+      ctl(["-o", serverOptions, "-l", logFile, "-w", "-t", "60", "start"], "pg_ctl start");
+      await waitForConnections(url, 30_000);
     },
   };
 }

@@ -1,16 +1,40 @@
 import { createRoute } from "@hono/zod-openapi";
-import { ApiError, type ERROR_STATUS, Health, UnitParseError } from "@offshoot/shared";
-import type { Context } from "hono";
+import {
+  ApiError,
+  ClientGoneError,
+  type ERROR_STATUS,
+  Health,
+  TimeoutError,
+  UnitParseError,
+} from "@offshoot/shared";
+import { sql } from "drizzle-orm";
+import type { Context, Next } from "hono";
+import { bodyLimit } from "hono/body-limit";
 import { HTTPException } from "hono/http-exception";
-import { pgErrorCode } from "./db/client.ts";
+import { isConnectionLost, pgErrorCode } from "./db/client.ts";
 import { type AppEnv, newRouter } from "./routes/common.ts";
 import { registerImageRoutes } from "./routes/images.ts";
 import { registerInstanceRoutes } from "./routes/instances/index.ts";
 import { referencePage } from "./routes/reference.ts";
-import type { Services } from "./services/context.ts";
+import { newCall, type Services } from "./services/context.ts";
 import type { Credentials } from "./services/credentials.ts";
+import { parseWaitTimeout } from "./services/instances/wait.ts";
 
 type ErrorStatus = (typeof ERROR_STATUS)[keyof typeof ERROR_STATUS];
+
+/** The largest request body accepted; a larger one is refused (413) before it is read. The
+ * biggest legitimate body, a create with 256 env vars of 32 KiB each, is under 9 MiB… but an
+ * instance's env, entrypoint and cmd together are bounded at 256 KiB (shared/schemas.ts), so
+ * 1 MiB leaves room to spare. */
+export const MAX_BODY_BYTES = 1024 * 1024;
+
+/** How long past its deadline a request may run before the backstop answers for it: the verbs
+ * stop waiting at the deadline themselves; this catches anything else (a database that does not
+ * answer). */
+const BACKSTOP_GRACE_MS = 1000;
+
+/** How long /health waits for the database. */
+const HEALTH_DB_TIMEOUT_MS = 2000;
 
 function errorResponse(c: Context<AppEnv>, status: ErrorStatus, code: string, message: string) {
   // The official client retries 409s and 5xx by default; say which answers are final. A 504
@@ -53,7 +77,24 @@ export function createApp({ services, credentials, mountAgentEndpoint }: AppDeps
     typeof credentials === "function" ? credentials(c) : credentials;
 
   app.onError((err, c) => {
+    // Nobody reads this answer; nothing to log either.
+    if (err instanceof ClientGoneError || c.req.raw.signal.aborted) return c.body(null, 499 as 400);
     if (err instanceof ApiError) return errorResponse(c, err.status, err.code, err.message);
+    if (isConnectionLost(err)) {
+      const s = c.var.services ?? servicesOf(c);
+      s.dbHealth?.failed();
+      s.log("warn", "database unavailable", {
+        method: c.req.method,
+        path: c.req.path,
+        error: String(err),
+      });
+      return errorResponse(
+        c,
+        503,
+        "database_unavailable",
+        "the database is unavailable; retry shortly",
+      );
+    }
     if (err instanceof UnitParseError) return errorResponse(c, 400, "invalid_request", err.message);
     // Backstop: a value Postgres refuses to store is the request's fault, not ours.
     const { code } = pgErrorCode(err);
@@ -82,17 +123,51 @@ export function createApp({ services, credentials, mountAgentEndpoint }: AppDeps
     c.set("services", servicesOf(c));
     await next();
   });
+  app.use(
+    "*",
+    bodyLimit({
+      maxSize: MAX_BODY_BYTES,
+      onError: (c) =>
+        errorResponse(
+          c,
+          413,
+          "payload_too_large",
+          `request bodies are limited to ${MAX_BODY_BYTES} bytes`,
+        ),
+    }),
+  );
 
   app.openapi(
     createRoute({
       method: "get",
       path: "/health",
       summary: "Health check",
+      description:
+        "Whether this control plane can serve: 200 when its database answers, 503 when not.",
       responses: {
         200: { description: "Healthy", content: { "application/json": { schema: Health } } },
+        503: {
+          description: "The database does not answer",
+          content: { "application/json": { schema: Health } },
+        },
       },
     }),
-    (c) => c.json({ status: "ok" as const }, 200),
+    async (c) => {
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      const up = await Promise.race([
+        c.var.services.db.execute(sql`select 1`).then(
+          () => true,
+          () => false,
+        ),
+        new Promise<false>((r) => {
+          timer = setTimeout(() => r(false), HEALTH_DB_TIMEOUT_MS);
+        }),
+      ]);
+      clearTimeout(timer);
+      return up
+        ? c.json({ status: "ok" as const, database: "up" as const }, 200)
+        : c.json({ status: "unavailable" as const, database: "down" as const }, 503);
+    },
   );
   app.doc31("/openapi.json", {
     openapi: "3.1.0",
@@ -141,10 +216,36 @@ export function createApp({ services, credentials, mountAgentEndpoint }: AppDeps
     await next();
     return undefined;
   };
-  app.use("/instances", authed);
-  app.use("/instances/*", authed);
-  app.use("/images", authed);
-  app.use("/images/*", authed);
+  // A request answers by its deadline, whatever happens below it (see BACKSTOP_GRACE_MS). A log
+  // stream is open-ended; a wait's deadline is its own timeout.
+  const requestDeadline = async (c: Context<AppEnv>, next: Next) => {
+    const s = c.var.services;
+    const call = newCall(s, c.req.raw.signal);
+    const isWait = c.req.method === "GET" && c.req.path.endsWith("/wait");
+    if (isWait) call.deadline = Date.now() + parseWaitTimeout(c.req.query("timeout"));
+    c.set("call", call);
+    if (c.req.method === "GET" && c.req.path.endsWith("/logs")) return next();
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const backstop = new Promise<"late">((r) => {
+      timer = setTimeout(() => r("late"), call.deadline - Date.now() + BACKSTOP_GRACE_MS);
+    });
+    try {
+      if ((await Promise.race([next(), backstop])) === "late") {
+        s.log("warn", "request answered by its backstop", {
+          method: c.req.method,
+          path: c.req.path,
+        });
+        throw new TimeoutError("the request did not finish in time; what it recorded goes on");
+      }
+    } finally {
+      clearTimeout(timer);
+    }
+  };
+
+  for (const path of ["/instances", "/instances/*", "/images", "/images/*"]) {
+    app.use(path, authed);
+    app.use(path, requestDeadline);
+  }
 
   registerInstanceRoutes(app);
   registerImageRoutes(app);

@@ -10,7 +10,7 @@ import { NodeGateway } from "./gateway/node.ts";
 import type { Log } from "./log.ts";
 import type { Router } from "./routes/common.ts";
 import { PgBus } from "./services/bus.ts";
-import type { Services } from "./services/context.ts";
+import { DatabaseHealth, type Services } from "./services/context.ts";
 import {
   Credentials,
   createApiKey,
@@ -18,7 +18,7 @@ import {
   ensureTenant,
   tenantHasKeys,
 } from "./services/credentials.ts";
-import { sweepSilentHosts } from "./services/hosts.ts";
+import { sweepUnlessDatabaseFailed } from "./services/hosts.ts";
 import { resumeForks } from "./services/instances/fork.ts";
 import { Operations } from "./services/operations.ts";
 import { Signals } from "./services/signals.ts";
@@ -45,14 +45,27 @@ export async function startServer(
   makeIdsAhead();
   const database =
     opts.database ??
-    (await openDatabase({ url: env.DATABASE_URL, pgliteDir: `${env.DATA_DIR}/pglite` }));
+    (await openDatabase({
+      url: env.DATABASE_URL,
+      pgliteDir: `${env.DATA_DIR}/pglite`,
+      onUnavailable: (error, retryMs) =>
+        log("warn", "database unavailable at start; retrying", { error: String(error), retryMs }),
+    }));
   const { db } = database;
   // Replicas sharing a Postgres server coordinate over LISTEN/NOTIFY (services/bus.ts).
   const bus = database.pubsub ? await PgBus.start(database.pubsub, log) : undefined;
   const gateway = new NodeGateway(bus);
   const signals = new Signals(bus);
   const ops = new Operations(db, gateway, signals, log);
-  const services: Services = { db, env, gateway, signals, ops, log };
+  const services: Services = {
+    db,
+    env,
+    gateway,
+    signals,
+    ops,
+    log,
+    dbHealth: new DatabaseHealth(),
+  };
   gateway.bind(services);
   const credentials = new Credentials(db);
 
@@ -102,7 +115,7 @@ export async function startServer(
   // Background loops: hosts gone silent → Unknown; fork flows left by a previous process.
   const sweeper = setInterval(
     () =>
-      void sweepSilentHosts(services).catch((e: unknown) =>
+      void sweepUnlessDatabaseFailed(services).catch((e: unknown) =>
         log("error", "sweep failed", { error: String(e) }),
       ),
     Math.max(100, Math.min(env.HOST_GRACE_MS / 2, 5000)),

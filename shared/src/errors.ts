@@ -4,6 +4,8 @@ export const ERROR_STATUS = {
   invalid_request: 400,
   invalid_platform: 400,
   unauthorized: 401,
+  /** A request body over the control plane's limit (MAX_BODY_BYTES). */
+  payload_too_large: 413,
   not_found: 404,
   ambiguous: 409,
   invalid_state: 409,
@@ -15,6 +17,9 @@ export const ERROR_STATUS = {
   interrupted: 500,
   not_supported: 501,
   host_unavailable: 503,
+  /** Postgres cannot be reached, or dropped the session mid-request (a write in flight may or
+   * may not have been committed: read before repeating it). */
+  database_unavailable: 503,
   timeout: 504,
 } as const;
 
@@ -73,6 +78,11 @@ export class HostUnavailableError extends ApiError {
     super("host_unavailable", message);
   }
 }
+export class DatabaseUnavailableError extends ApiError {
+  constructor(message = "the database is unavailable; retry shortly") {
+    super("database_unavailable", message);
+  }
+}
 export class TimeoutError extends ApiError {
   constructor(message: string) {
     super("timeout", message);
@@ -83,6 +93,14 @@ export class TimeoutError extends ApiError {
 export class HostCommandError extends ApiError {
   constructor(code: ErrorCode, message: string) {
     super(code, message);
+  }
+}
+
+/** The request's client went away: there is no one to answer. */
+export class ClientGoneError extends Error {
+  constructor() {
+    super("the client went away");
+    this.name = "ClientGoneError";
   }
 }
 

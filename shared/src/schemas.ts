@@ -244,7 +244,13 @@ export const WaitForStateResponse = z
   .openapi("WaitForStateResponse");
 export type WaitForStateResponse = z.infer<typeof WaitForStateResponse>;
 
-export const Health = z.object({ status: z.literal("ok") }).openapi("Health");
+/** Hypeman's Health, plus whether the database answers (503 with `unavailable` when not). */
+export const Health = z
+  .object({
+    status: z.enum(["ok", "unavailable"]),
+    database: z.enum(["up", "down"]).optional(),
+  })
+  .openapi("Health");
 
 /** GET /images: an image some connected host can boot, in the reference spec's shape. */
 export const Image = z

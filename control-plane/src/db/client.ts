@@ -20,20 +20,40 @@ export interface Database {
 }
 
 export interface PubSub {
-  /** Resolves once listening; returns the unlisten function. */
-  listen(channel: string, fn: (payload: string) => void): Promise<() => Promise<void>>;
+  /** Resolves once listening; returns the unlisten function. `onListen` is called each time
+   * listening (re)starts: after a lost connection, NOTIFYs sent meanwhile are gone. */
+  listen(
+    channel: string,
+    fn: (payload: string) => void,
+    onListen?: () => void,
+  ): Promise<() => Promise<void>>;
   notify(channel: string, payload: string): Promise<void>;
 }
+
+/**
+ * How the driver meets an outage. A query that finds the server gone fails at once
+ * (ECONNREFUSED) instead of queueing; a connection that closed with an error waits
+ * `backoff(n)` seconds before its next attempt — the driver's default grows to 20 s, so a
+ * control plane would stay down up to 20 s after Postgres is back; here at most 1 s. A server
+ * that accepts TCP but does not answer is given CONNECT_TIMEOUT_S.
+ */
+export const CONNECT_TIMEOUT_S = 5;
+const RECONNECT_BACKOFF_S = (attempt: number) => Math.min(0.05 * 2 ** attempt, 1);
 
 /** A Postgres server (or Hyperdrive) connection: no migrations, nothing read from disk, so
  * this module also runs inside workerd. */
 export function connectPostgres(url: string, opts: { max?: number } = {}): Database {
-  const client = postgres(url, { max: opts.max ?? 10, onnotice: () => {} });
+  const client = postgres(url, {
+    max: opts.max ?? 10,
+    onnotice: () => {},
+    connect_timeout: CONNECT_TIMEOUT_S,
+    backoff: RECONNECT_BACKOFF_S,
+  });
   const db = drizzlePostgres(preparing(client)) as unknown as Db;
   const pubsub: PubSub = {
     // postgres.js keeps one dedicated connection for LISTEN and re-listens after a reconnect.
-    listen: async (channel, fn) => {
-      const { unlisten } = await client.listen(channel, fn);
+    listen: async (channel, fn, onListen) => {
+      const { unlisten } = await client.listen(channel, fn, onListen);
       return unlisten;
     },
     notify: async (channel, payload) => {
@@ -86,6 +106,12 @@ function preparing<T extends postgres.Sql | postgres.ReservedSql>(
  * results it does not need in the same round trip as its COMMIT. Should any statement fail,
  * Postgres answers that COMMIT with ROLLBACK, and the transaction rejects with the first
  * failure.
+ *
+ * A reserved connection whose socket has closed is the driver's again (it reconnects it for
+ * other queries), so once any statement reports the connection lost, nothing more is sent on
+ * it — no ROLLBACK: the server ended the transaction with the session — and it is not
+ * released: releasing would hand the pool a connection it already holds (porsager/postgres
+ * #1208: writing to such a connection killed the process; see scripts/patch-postgres.ts).
  */
 async function pipelinedTransaction<T>(
   sql: postgres.Sql,
@@ -94,28 +120,104 @@ async function pipelinedTransaction<T>(
 ): Promise<T> {
   const c = await sql.reserve();
   let failed: { error: unknown } | undefined;
+  let lost = false;
+  // Rejects once any statement reports the connection lost: statements the driver queued on a
+  // reserved connection behind one in flight are neither sent nor failed when it closes, so
+  // nothing on it is awaited without this beside it.
+  let onLost: (error: unknown) => void = () => {};
+  const whenLost = new Promise<never>((_, reject) => {
+    onLost = reject;
+  });
+  whenLost.catch(() => {});
+  const note = (error: unknown) => {
+    if (!lost && isConnectionLost(error)) {
+      lost = true;
+      onLost(error);
+    }
+  };
   const tx = preparing(c, (error) => {
+    note(error);
     failed ??= { error };
   });
+  const unlessLost = <R>(p: Promise<R>) => Promise.race([p, whenLost]);
   try {
     const begun = c.unsafe(`begin ${options}`).execute();
+    begun.catch(note);
     let result: T;
     try {
-      [, result] = await Promise.all([begun, fn(tx)]);
+      [, result] = await unlessLost(Promise.all([begun, fn(tx)]));
     } catch (e) {
       throw failed?.error ?? e;
     }
-    const done = await c.unsafe("commit");
+    const done = await unlessLost(c.unsafe("commit"));
     if (failed || done.command !== "COMMIT") {
       throw failed?.error ?? new Error(`transaction ended with ${done.command}`);
     }
     return result;
   } catch (e) {
+    note(e);
     // After a COMMIT answered with ROLLBACK there is no transaction left: a warning, no error.
-    await c.unsafe("rollback").catch(() => {});
+    if (!lost) await unlessLost(c.unsafe("rollback")).catch(note);
     throw e;
   } finally {
-    c.release();
+    if (!lost) c.release();
+  }
+}
+
+// What the driver and the server say when the database cannot be reached or the session was
+// ended under us: the driver's own codes, the socket's, and SQLSTATE class 08 (connection
+// exception), 57P01–57P03 (the server shutting down, crashed, or starting up) and 53300 (no
+// connection slot left).
+const LOST_CODES = new Set([
+  "CONNECTION_CLOSED",
+  "CONNECTION_DESTROYED",
+  "CONNECTION_ENDED",
+  "CONNECT_TIMEOUT",
+  "ECONNREFUSED",
+  "ECONNRESET",
+  "ECONNABORTED",
+  "EPIPE",
+  "ETIMEDOUT",
+  "EHOSTUNREACH",
+  "ENETUNREACH",
+  "ENOTFOUND",
+  "EAI_AGAIN",
+  "57P01",
+  "57P02",
+  "57P03",
+  "53300",
+]);
+
+/** Whether `err` says the database is unreachable or dropped the session (not that a query was
+ * wrong): such a request is answered 503, and may succeed when repeated. */
+export function isConnectionLost(err: unknown): boolean {
+  let e: unknown = err;
+  for (let i = 0; i < 5 && e && typeof e === "object"; i++) {
+    const code = (e as { code?: unknown }).code;
+    if (typeof code === "string" && (LOST_CODES.has(code) || code.startsWith("08"))) return true;
+    if (e instanceof AggregateError && e.errors.some(isConnectionLost)) return true;
+    e = (e as { cause?: unknown }).cause;
+  }
+  return false;
+}
+
+/**
+ * Runs `fn` again while it fails because the database is away, backing off from 100 ms to 2 s,
+ * for at most `maxMs` and until `stop()`; then the last error is thrown. For work that must be
+ * recorded and can be repeated (an agent's message: every one is idempotent to record).
+ */
+export async function retryWhileDatabaseAway<T>(
+  fn: () => Promise<T>,
+  opts: { maxMs: number; stop?: () => boolean },
+): Promise<T> {
+  const started = Date.now();
+  for (let attempt = 0; ; attempt++) {
+    try {
+      return await fn();
+    } catch (e) {
+      if (!isConnectionLost(e) || opts.stop?.() || Date.now() - started >= opts.maxMs) throw e;
+      await new Promise((r) => setTimeout(r, Math.min(100 * 2 ** attempt, 2000)));
+    }
   }
 }
 

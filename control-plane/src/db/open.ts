@@ -8,7 +8,13 @@ import { migrate as migratePglite } from "drizzle-orm/pglite/migrator";
 import { drizzle as drizzlePostgres } from "drizzle-orm/postgres-js";
 import { migrate as migratePostgres } from "drizzle-orm/postgres-js/migrator";
 import postgres from "postgres";
-import { connectPostgres, type Database, type Db } from "./client.ts";
+import {
+  CONNECT_TIMEOUT_S,
+  connectPostgres,
+  type Database,
+  type Db,
+  isConnectionLost,
+} from "./client.ts";
 
 export const MIGRATIONS_DIR = fileURLToPath(new URL("../../../migrations", import.meta.url));
 
@@ -16,14 +22,30 @@ export const MIGRATIONS_DIR = fileURLToPath(new URL("../../../migrations", impor
 // makes them apply migrations one at a time (the key is arbitrary but fixed).
 const MIGRATION_LOCK = 727_001;
 
-export async function openPostgres(url: string, opts: { max?: number } = {}): Promise<Database> {
-  const migrator = postgres(url, { max: 1, onnotice: () => {} });
-  try {
-    await migrator`select pg_advisory_lock(${MIGRATION_LOCK})`;
-    await migratePostgres(drizzlePostgres(migrator), { migrationsFolder: MIGRATIONS_DIR });
-    await migrator`select pg_advisory_unlock(${MIGRATION_LOCK})`;
-  } finally {
-    await migrator.end();
+export async function openPostgres(
+  url: string,
+  opts: { max?: number; onUnavailable?: (error: unknown, retryMs: number) => void } = {},
+): Promise<Database> {
+  // A database that is not up yet (or restarting) is waited for, not a reason to exit.
+  for (let attempt = 0; ; attempt++) {
+    const migrator = postgres(url, {
+      max: 1,
+      onnotice: () => {},
+      connect_timeout: CONNECT_TIMEOUT_S,
+    });
+    try {
+      await migrator`select pg_advisory_lock(${MIGRATION_LOCK})`;
+      await migratePostgres(drizzlePostgres(migrator), { migrationsFolder: MIGRATIONS_DIR });
+      await migrator`select pg_advisory_unlock(${MIGRATION_LOCK})`;
+      break;
+    } catch (e) {
+      if (!isConnectionLost(e) || !opts.onUnavailable) throw e;
+      const retryMs = Math.min(250 * 2 ** attempt, 5000);
+      opts.onUnavailable(e, retryMs);
+      await new Promise((r) => setTimeout(r, retryMs));
+    } finally {
+      await migrator.end({ timeout: 1 });
+    }
   }
   return connectPostgres(url, opts);
 }
@@ -36,6 +58,12 @@ export async function openPglite(dataDir: string): Promise<Database> {
   return { db: db as unknown as Db, kind: "pglite", close: () => client.close() };
 }
 
-export async function openDatabase(opts: { url?: string; pgliteDir: string }): Promise<Database> {
-  return opts.url ? openPostgres(opts.url) : openPglite(opts.pgliteDir);
+export async function openDatabase(opts: {
+  url?: string;
+  pgliteDir: string;
+  onUnavailable?: (error: unknown, retryMs: number) => void;
+}): Promise<Database> {
+  return opts.url
+    ? openPostgres(opts.url, { onUnavailable: opts.onUnavailable })
+    : openPglite(opts.pgliteDir);
 }

@@ -8,7 +8,7 @@ import {
   PROTOCOL_VERSION,
   type ServerMessage,
 } from "@offshoot/shared";
-import { transaction } from "../db/client.ts";
+import { retryWhileDatabaseAway, transaction } from "../db/client.ts";
 
 import { type Services, topics } from "../services/context.ts";
 import { hostConnected } from "../services/hosts.ts";
@@ -21,6 +21,11 @@ export interface AgentSocket {
 }
 
 const HELLO_TIMEOUT_MS = 10_000;
+/** How long a message is tried again while the database is away before the agent is asked to
+ * reconnect (and say hello, which re-sends what is pending). */
+const DATABASE_RETRY_MS = 30_000;
+/** Messages waiting to be recorded, at most, per agent (while the database is away). */
+const MAX_QUEUED = 1000;
 
 /**
  * One agent frame, parsed and checked against the protocol. A frame that is not JSON, or of
@@ -51,7 +56,8 @@ export function decodeAgentMessage(
     };
   }
   // Without a valid hello nothing else is accepted: say why now rather than time out.
-  if (type === "hello") return { ok: false, issue, close: [CLOSE.badProtocol, issue.slice(0, 120)] };
+  if (type === "hello")
+    return { ok: false, issue, close: [CLOSE.badProtocol, issue.slice(0, 120)] };
   return { ok: false, issue };
 }
 
@@ -66,6 +72,7 @@ export class AgentSession {
   private helloTimer: NodeJS.Timeout;
   /** The transport saw the socket close: nothing this session does may outlast that. */
   private gone = false;
+  private queued = 0;
 
   constructor(
     private s: () => Services,
@@ -101,8 +108,32 @@ export class AgentSession {
   }
 
   receive(text: string): void {
+    const decoded = decodeAgentMessage(text);
+    if (!decoded.ok) {
+      this.s().log("warn", "bad agent message", { host_id: this.host.id, issue: decoded.issue });
+      if (decoded.close) this.close(...decoded.close);
+      return;
+    }
+    const { msg } = decoded;
+    // Live data needs no database: it does not wait behind a message that does.
+    if (this.hello && (msg.type === "heartbeat" || msg.type === "log")) {
+      this.live(msg);
+      return;
+    }
+    if (this.queued >= MAX_QUEUED) {
+      this.close(CLOSE.resync, "too many messages waiting to be recorded; reconnect");
+      return;
+    }
+    this.queued++;
     this.chain = this.chain
-      .then(() => this.handle(text))
+      // While the database is away a message is tried again (each one is idempotent to record)
+      // rather than the agent sent away to reconnect: every agent of the fleet would, at once.
+      .then(() =>
+        retryWhileDatabaseAway(() => this.handle(msg), {
+          maxMs: DATABASE_RETRY_MS,
+          stop: () => this.gone,
+        }),
+      )
       .catch((e: unknown) => {
         // Dropping a result or a hello would leave commands pending until the next reconnect;
         // forcing that reconnect now makes the agent say hello and the re-send recover it.
@@ -111,6 +142,9 @@ export class AgentSession {
           error: String(e),
         });
         this.close(CLOSE.resync, "message could not be recorded; reconnect");
+      })
+      .finally(() => {
+        this.queued--;
       });
   }
 
@@ -123,30 +157,30 @@ export class AgentSession {
     return this.chain;
   }
 
-  private async handle(text: string): Promise<void> {
-    const decoded = decodeAgentMessage(text);
-    if (!decoded.ok) {
-      this.s().log("warn", "bad agent message", { host_id: this.host.id, issue: decoded.issue });
-      if (decoded.close) this.close(...decoded.close);
-      return;
-    }
-    const { msg } = decoded;
+  private live(msg: Extract<AgentMessage, { type: "heartbeat" | "log" }>): void {
+    if (msg.type === "heartbeat") this.hooks.onHeartbeat(this.host.id);
+    else this.hooks.onLog(this.host.id, msg);
+  }
+
+  private async handle(msg: AgentMessage): Promise<void> {
     const s = this.s();
     if (msg.type === "hello") {
       clearTimeout(this.helloTimer);
       // Its socket is gone: this session must not become the host's.
       if (this.gone) return;
-      this.hello = msg;
-      this.socket.send(
-        encode({
-          v: PROTOCOL_VERSION,
-          type: "welcome",
-          host_id: this.host.id,
-          heartbeat_ms: s.env.HEARTBEAT_MS,
-        }),
-      );
-      // Registered before reconciling, so the re-sent commands find this session.
-      this.hooks.onHello(this);
+      if (!this.hello) {
+        this.hello = msg;
+        this.socket.send(
+          encode({
+            v: PROTOCOL_VERSION,
+            type: "welcome",
+            host_id: this.host.id,
+            heartbeat_ms: s.env.HEARTBEAT_MS,
+          }),
+        );
+        // Registered before reconciling, so the re-sent commands find this session.
+        this.hooks.onHello(this);
+      }
       await hostConnected(s, this.host.id, msg, this.connectedAt);
       return;
     }
@@ -156,10 +190,8 @@ export class AgentSession {
     }
     switch (msg.type) {
       case "heartbeat":
-        this.hooks.onHeartbeat(this.host.id);
-        return;
       case "log":
-        this.hooks.onLog(this.host.id, msg);
+        this.live(msg);
         return;
       case "result":
         await s.ops.complete(this.host.id, msg);

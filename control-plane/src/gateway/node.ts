@@ -1,6 +1,7 @@
 import { randomUUID } from "node:crypto";
 import { CLOSE, type Command, type LogChunk, PROTOCOL_VERSION } from "@offshoot/shared";
 import { eq } from "drizzle-orm";
+import { isConnectionLost } from "../db/client.ts";
 import { hosts } from "../db/schema/index.ts";
 import { type Bus, type BusMessage, chunkLines } from "../services/bus.ts";
 import type { Services } from "../services/context.ts";
@@ -193,6 +194,18 @@ export class NodeGateway implements HostGateway {
         }
         return;
       }
+      case "resync":
+        // Commands announced while the bus was deaf: send what is pending to the agents here.
+        for (const [hostId, session] of this.sessions) {
+          if (!session.ready) continue;
+          this.s.ops.resendPending(hostId).catch((e: unknown) =>
+            this.s.log("error", "re-sending after a bus outage failed", {
+              host_id: hostId,
+              error: String(e),
+            }),
+          );
+        }
+        return;
       case "signal":
         return;
     }
@@ -258,6 +271,7 @@ export class NodeGateway implements HostGateway {
       for (const id of offline)
         this.sessions.get(id)?.close(CLOSE.resync, "host was marked offline");
     } catch (e) {
+      if (isConnectionLost(e)) this.s.dbHealth?.failed();
       for (const id of ids) this.beats.add(id);
       this.s.log("error", "heartbeat flush failed; will retry", { error: String(e) });
     }

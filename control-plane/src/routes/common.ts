@@ -1,9 +1,15 @@
 import { OpenAPIHono, z } from "@hono/zod-openapi";
 import { ErrorBody } from "@offshoot/shared";
-import type { Services } from "../services/context.ts";
+import type { Call, Services } from "../services/context.ts";
 
 export interface AppEnv {
-  Variables: { services: Services; tenantId: string; agentHost: { id: string; name: string } };
+  Variables: {
+    services: Services;
+    tenantId: string;
+    agentHost: { id: string; name: string };
+    /** The request's deadline and its client's signal (see requestDeadline in app.ts). */
+    call: Call;
+  };
 }
 
 /** Zod issues as one readable sentence: `name: must be lowercase…; vcpus: expected number`. */

@@ -1,5 +1,6 @@
 import { createRoute, z } from "@hono/zod-openapi";
 import { Image, NotSupportedError } from "@offshoot/shared";
+import { hostGrace } from "../services/context.ts";
 import { getImage, listImages } from "../services/images.ts";
 import { errors, type Router, security } from "./common.ts";
 
@@ -29,7 +30,7 @@ export function registerImageRoutes(app: Router) {
     async (c) => {
       const filtered = Object.keys(c.req.queries()).some((k) => /^tags\[.*\]$/.test(k));
       const s = c.var.services;
-      return c.json(filtered ? [] : await listImages(s.db, s.env.HOST_GRACE_MS), 200);
+      return c.json(filtered ? [] : await listImages(s.db, hostGrace(s)), 200);
     },
   );
 
@@ -48,7 +49,7 @@ export function registerImageRoutes(app: Router) {
     }),
     async (c) => {
       const s = c.var.services;
-      return c.json(await getImage(s.db, s.env.HOST_GRACE_MS, c.req.valid("param").name), 200);
+      return c.json(await getImage(s.db, hostGrace(s), c.req.valid("param").name), 200);
     },
   );
 

@@ -45,6 +45,9 @@ export const BusMessage = z.discriminatedUnion("t", [
     error: z.object({ code: z.string(), message: z.string() }).optional(),
   }),
   z.object({ t: z.literal("logs_cancel"), host: z.string(), stream: z.string() }),
+  /** Local only, never sent: the bus listens anew after losing its connection, and whatever
+   * was published meanwhile is lost — waiters re-check, held agents get their commands again. */
+  z.object({ t: z.literal("resync") }),
 ]);
 export type BusMessage = z.infer<typeof BusMessage>;
 export type LogChunkMsg = Extract<BusMessage, { t: "logs_chunk" }>;
@@ -74,11 +77,21 @@ export class PgBus implements Bus {
 
   static async start(pubsub: PubSub, log: Log): Promise<PgBus> {
     const bus = new PgBus(pubsub, log);
-    bus.unlisten = await pubsub.listen(CHANNEL, (payload) => bus.receive(payload));
+    let listened = 0;
+    bus.unlisten = await pubsub.listen(
+      CHANNEL,
+      (payload) => bus.receive(payload),
+      () => {
+        if (listened++ === 0) return;
+        log("info", "bus listening again; re-checking waiters and pending commands");
+        for (const h of bus.handlers) h({ t: "resync" });
+      },
+    );
     return bus;
   }
 
   publish(msg: BusMessage, orderKey?: string): void {
+    if (msg.t === "resync") return;
     const payload = JSON.stringify({ from: this.replica, ...msg });
     const send = () =>
       this.pubsub.notify(CHANNEL, payload).catch((e: unknown) =>
@@ -113,6 +126,7 @@ export class PgBus implements Bus {
     }
     if ((raw as { from?: unknown }).from === this.replica) return;
     const parsed = BusMessage.safeParse(raw);
+    if (parsed.success && parsed.data.t === "resync") return; // local only
     if (!parsed.success) {
       this.log("warn", "unreadable bus message", { issue: parsed.error.issues[0]?.message });
       return;

@@ -1,8 +1,8 @@
 import type { Hello, ObservedInstance } from "@offshoot/shared";
 import { and, asc, eq, inArray, isNull, lt, lte, notInArray, or, sql } from "drizzle-orm";
-import { now, transaction } from "../db/client.ts";
+import { isConnectionLost, now, transaction } from "../db/client.ts";
 import { events, hosts, instances, operations } from "../db/schema/index.ts";
-import { type Services, topics } from "./context.ts";
+import { hostGrace, type Services, topics } from "./context.ts";
 import { applyObserved } from "./operations.ts";
 
 /** Deletes of instances a host runs that it has no row for, pending at once per host. */
@@ -148,6 +148,25 @@ export async function recordHeartbeats(s: Services, hostIds: string[]): Promise<
     return locked;
   });
   return rows.filter((r) => r.status !== "online").map((r) => r.id);
+}
+
+/**
+ * Runs sweepSilentHosts, except within HOST_GRACE_MS of the database last failing (see
+ * DatabaseHealth): while it was away the hosts' heartbeats could not be recorded, so their age
+ * says nothing, and sweeping at once would show every instance of the fleet Unknown after each
+ * outage. Meanwhile it only checks that the database answers.
+ */
+export async function sweepUnlessDatabaseFailed(s: Services): Promise<number> {
+  try {
+    if (hostGrace(s) === null) {
+      await s.db.execute(sql`select 1`);
+      return 0;
+    }
+    return await sweepSilentHosts(s);
+  } catch (e) {
+    if (isConnectionLost(e)) s.dbHealth?.failed();
+    throw e;
+  }
 }
 
 /**

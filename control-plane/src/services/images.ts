@@ -22,7 +22,7 @@ function present(i: ImageInfo): Image {
 }
 
 /** One entry per name; where hosts disagree, the most recently imported wins. */
-export async function listImages(db: Executor, graceMs: number): Promise<Image[]> {
+export async function listImages(db: Executor, graceMs: number | null): Promise<Image[]> {
   const rows = await db.select({ images: hosts.images }).from(hosts).where(online(graceMs));
   const byName = new Map<string, ImageInfo>();
   for (const i of rows.flatMap((r) => r.images)) {
@@ -32,7 +32,7 @@ export async function listImages(db: Executor, graceMs: number): Promise<Image[]
   return [...byName.values()].sort((a, b) => a.name.localeCompare(b.name)).map(present);
 }
 
-export async function getImage(db: Executor, graceMs: number, name: string): Promise<Image> {
+export async function getImage(db: Executor, graceMs: number | null, name: string): Promise<Image> {
   const normalized = normalizeImageRef(name);
   const found = normalized && (await listImages(db, graceMs)).find((i) => i.name === normalized);
   if (!found) throw new NotFoundError(`image ${name} not found`);
@@ -49,7 +49,11 @@ export function lacksImage(host: HostRow, image: string): string | undefined {
 
 /** 404 unless some connected host can boot `image` (checked before placement, which then
  * only considers such hosts). */
-export async function requireImage(db: Executor, graceMs: number, image: string): Promise<void> {
+export async function requireImage(
+  db: Executor,
+  graceMs: number | null,
+  image: string,
+): Promise<void> {
   const candidates = await db.select().from(hosts).where(online(graceMs));
   if (candidates.length > 0 && candidates.every((h) => lacksImage(h, image))) {
     throw new NotFoundError(

@@ -29,7 +29,7 @@ import {
 } from "../db/schema/index.ts";
 import type { HostGateway } from "../gateway/host-gateway.ts";
 import type { Log } from "../log.ts";
-import { topics } from "./context.ts";
+import { type Call, timeLeft, topics } from "./context.ts";
 import type { Signals } from "./signals.ts";
 
 export interface NewOperation {
@@ -158,23 +158,28 @@ export class Operations {
 
   /** Waits for a pending operation to finish; undefined on timeout. `justSent`: the caller
    * sent it after recording it, so no result can be there before a wake-up. */
-  waitFor(id: string, timeoutMs: number, justSent = false): Promise<OperationRow | undefined> {
+  waitFor(
+    id: string,
+    timeoutMs: number,
+    justSent = false,
+    signal?: AbortSignal,
+  ): Promise<OperationRow | undefined> {
     return this.signals.until(
       topics.operation(id),
       timeoutMs,
       async () => this.recent.get(id)?.op ?? (await this.finished(id)),
-      { woken: justSent },
+      { woken: justSent, signal },
     );
   }
 
-  /** Sends a command just recorded and waits for its result; throws the host's error on
-   * failure. */
-  async run(op: OperationRow, timeoutMs: number): Promise<OperationRow> {
+  /** Sends a command just recorded and waits for its result until the call's deadline; throws
+   * the host's error on failure. */
+  async run(op: OperationRow, call: Call): Promise<OperationRow> {
     this.send(op);
-    const done = await this.waitFor(op.id, timeoutMs, true);
+    const done = await this.waitFor(op.id, timeLeft(call), true, call.signal);
     if (!done) {
       throw new TimeoutError(
-        `host did not answer ${op.kind} within ${Math.round(timeoutMs / 1000)}s; operation ${op.id} is still pending and will complete when the host answers`,
+        `host did not answer ${op.kind} in time; operation ${op.id} is still pending and will complete when the host answers`,
       );
     }
     if (done.status === "failed") throw commandError(done);

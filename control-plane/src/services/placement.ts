@@ -17,11 +17,15 @@ export interface Need {
   memoryBytes: number;
 }
 
-export const online = (graceMs: number) =>
-  and(
-    eq(hosts.status, "online"),
-    gt(hosts.lastSeenAt, sql`now() - make_interval(secs => ${graceMs / 1000})`),
-  );
+/** Connected: its agent said hello and was heard from within `graceMs` (null: status only,
+ * see hostGrace). */
+export const online = (graceMs: number | null) =>
+  graceMs === null
+    ? eq(hosts.status, "online")
+    : and(
+        eq(hosts.status, "online"),
+        gt(hosts.lastSeenAt, sql`now() - make_interval(secs => ${graceMs / 1000})`),
+      );
 
 /**
  * vCPUs and memory held on a host: resident instances, plus ones being started or restored,
@@ -72,7 +76,7 @@ const shortfall = (host: HostRow, used: Need, need: Need) =>
  */
 export async function placeInstance(
   tx: Tx,
-  graceMs: number,
+  graceMs: number | null,
   need: Need,
   hypervisor: Hypervisor | undefined,
   requires: (host: HostRow) => string | undefined,
@@ -134,7 +138,7 @@ async function usageByHost(tx: Tx, hostIds: string[]): Promise<Map<string, Need>
  * in instances/resolve.ts). */
 export async function lockOnlineHost(
   tx: Tx,
-  graceMs: number,
+  graceMs: number | null,
   hostId: string | SQL,
 ): Promise<HostRow | undefined> {
   const [host] = await selectRows(

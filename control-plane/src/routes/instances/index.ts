@@ -47,7 +47,10 @@ export function registerInstanceRoutes(app: Router) {
       },
     }),
     async (c) =>
-      c.json(await createInstance(c.var.services, c.var.tenantId, c.req.valid("json")), 201),
+      c.json(
+        await createInstance(c.var.services, c.var.tenantId, c.req.valid("json"), c.var.call),
+        201,
+      ),
   );
 
   app.openapi(
@@ -114,7 +117,7 @@ export function registerInstanceRoutes(app: Router) {
       },
     }),
     async (c) => {
-      await deleteInstance(c.var.services, c.var.tenantId, c.req.valid("param").id);
+      await deleteInstance(c.var.services, c.var.tenantId, c.req.valid("param").id, c.var.call);
       return c.body(null, 204);
     },
   );
@@ -137,7 +140,13 @@ export function registerInstanceRoutes(app: Router) {
     async (c) => {
       const body = (c.req.valid("json") as StartInstanceRequest | undefined) ?? {};
       return c.json(
-        await startInstance(c.var.services, c.var.tenantId, c.req.valid("param").id, body),
+        await startInstance(
+          c.var.services,
+          c.var.tenantId,
+          c.req.valid("param").id,
+          body,
+          c.var.call,
+        ),
         200,
       );
     },
@@ -159,7 +168,10 @@ export function registerInstanceRoutes(app: Router) {
       },
     }),
     async (c) =>
-      c.json(await stopInstance(c.var.services, c.var.tenantId, c.req.valid("param").id), 200),
+      c.json(
+        await stopInstance(c.var.services, c.var.tenantId, c.req.valid("param").id, c.var.call),
+        200,
+      ),
   );
 
   app.openapi(
@@ -183,7 +195,10 @@ export function registerInstanceRoutes(app: Router) {
       },
     }),
     async (c) =>
-      c.json(await standbyInstance(c.var.services, c.var.tenantId, c.req.valid("param").id), 200),
+      c.json(
+        await standbyInstance(c.var.services, c.var.tenantId, c.req.valid("param").id, c.var.call),
+        200,
+      ),
   );
 
   app.openapi(
@@ -202,7 +217,10 @@ export function registerInstanceRoutes(app: Router) {
       },
     }),
     async (c) =>
-      c.json(await restoreInstance(c.var.services, c.var.tenantId, c.req.valid("param").id), 200),
+      c.json(
+        await restoreInstance(c.var.services, c.var.tenantId, c.req.valid("param").id, c.var.call),
+        200,
+      ),
   );
 
   app.openapi(
@@ -230,6 +248,7 @@ export function registerInstanceRoutes(app: Router) {
           c.var.tenantId,
           c.req.valid("param").id,
           c.req.valid("json"),
+          c.var.call,
         ),
         201,
       ),
@@ -264,6 +283,7 @@ export function registerInstanceRoutes(app: Router) {
           c.req.valid("param").id,
           q.state,
           timeoutMs,
+          c.req.raw.signal,
         ),
         200,
       );

@@ -10,7 +10,7 @@ import {
 } from "@offshoot/shared";
 import { transaction } from "../../db/client.ts";
 import { instances } from "../../db/schema/index.ts";
-import type { Services } from "../context.ts";
+import { type Call, hostGrace, newCall, type Services } from "../context.ts";
 import { lacksImage, requireImage } from "../images.ts";
 import { placeInstance } from "../placement.ts";
 import { nameConflict } from "./errors.ts";
@@ -73,16 +73,17 @@ export async function createInstance(
   s: Services,
   tenantId: string,
   req: CreateInstanceRequest,
+  call: Call = newCall(s),
 ): Promise<Instance> {
   const sizes = checkCreate(req);
   const vcpus = req.vcpus ?? 2;
   const networkEnabled = req.network?.enabled ?? true;
   const volumes = req.volumes ?? [];
-  await requireImage(s.db, s.env.HOST_GRACE_MS, req.image);
+  await requireImage(s.db, hostGrace(s), req.image);
   const op = await transaction(s.db, async (tx) => {
     const { host, hypervisor } = await placeInstance(
       tx,
-      s.env.HOST_GRACE_MS,
+      hostGrace(s),
       { vcpus, memoryBytes: sizes.memoryBytes + sizes.hotplugBytes },
       req.hypervisor,
       (h) => {
@@ -131,6 +132,6 @@ export async function createInstance(
       payload: { kind: "create", instance: specOf(row) },
     });
   }).catch((e: unknown) => nameConflict(e, req.name));
-  await s.ops.run(op, s.env.COMMAND_TIMEOUT_MS);
+  await s.ops.run(op, call);
   return present(await rowAfter(s, tenantId, op.id, op.instanceId ?? ""));
 }

@@ -1,7 +1,7 @@
 import { and, eq, inArray, or } from "drizzle-orm";
 import { transaction } from "../../db/client.ts";
 import { events, hosts, instances, operations } from "../../db/schema/index.ts";
-import { type Services, topics } from "../context.ts";
+import { type Call, newCall, type Services, topics } from "../context.ts";
 import { strongestHold } from "../operations.ts";
 import { assertIdle } from "./lifecycle.ts";
 import { lockInstance } from "./resolve.ts";
@@ -19,7 +19,12 @@ const SUPERSEDED = {
  * delete waits in `operations` for the host's return, so the name is free at once and the
  * host still cleans up.
  */
-export async function deleteInstance(s: Services, tenantId: string, ref: string): Promise<void> {
+export async function deleteInstance(
+  s: Services,
+  tenantId: string,
+  ref: string,
+  call: Call = newCall(s),
+): Promise<void> {
   const { op, away, cancelled } = await transaction(s.db, async (tx) => {
     const row = await lockInstance(tx, tenantId, ref);
     const [host] = await tx
@@ -72,5 +77,5 @@ export async function deleteInstance(s: Services, tenantId: string, ref: string)
     s.ops.send(op);
     return;
   }
-  await s.ops.run(op, s.env.COMMAND_TIMEOUT_MS);
+  await s.ops.run(op, call);
 }

@@ -26,7 +26,7 @@ import {
   type OperationRow,
   operations,
 } from "../../db/schema/index.ts";
-import type { Services } from "../context.ts";
+import { type Call, hostGrace, newCall, type Services, timeLeft } from "../context.ts";
 import { commandError, insertOperations, newOperation } from "../operations.ts";
 import { admitLocked } from "../placement.ts";
 import { nameConflict } from "./errors.ts";
@@ -51,6 +51,7 @@ export async function forkInstance(
   tenantId: string,
   ref: string,
   req: ForkInstanceRequest,
+  call: Call = newCall(s),
 ): Promise<Instance> {
   const { flow, children } = await transactionEndingWith(s.db, async (tx) => {
     const {
@@ -59,7 +60,7 @@ export async function forkInstance(
       host: lockedHost,
       address,
       used,
-    } = await lockChecked(tx, s.env.HOST_GRACE_MS, tenantId, ref, {
+    } = await lockChecked(tx, hostGrace(s), tenantId, ref, {
       address: true,
       // A fork to Running needs room (target_state defaults to a Running source's state).
       ...((req.target_state ?? (req.from_running ? "Running" : undefined)) === "Running" && {
@@ -158,23 +159,26 @@ export async function forkInstance(
     return { value: { flow, children }, last: [written] };
   }).catch((e: unknown) => nameConflict(e, req.name));
 
-  let timer: NodeJS.Timeout | undefined;
+  // The flow goes on without this request: it stops waiting at its deadline or when its
+  // client goes away.
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  let stopWaiting = () => {};
   const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(
-      () =>
-        reject(
-          new TimeoutError(
-            `fork still in progress after ${Math.round(s.env.COMMAND_TIMEOUT_MS / 1000)}s (operation ${flow.id}); it will finish or roll back when the host answers`,
-          ),
+    stopWaiting = () =>
+      reject(
+        new TimeoutError(
+          `fork still in progress (operation ${flow.id}); it will finish or roll back when the host answers`,
         ),
-      s.env.COMMAND_TIMEOUT_MS,
-    );
+      );
+    timer = setTimeout(stopWaiting, timeLeft(call));
+    call.signal?.addEventListener("abort", stopWaiting);
   });
   try {
     const outcome = await Promise.race([driveFork(s, flow.id, { flow, children }), timeout]);
     if (outcome.error) throw outcome.error;
   } finally {
     clearTimeout(timer);
+    call.signal?.removeEventListener("abort", stopWaiting);
   }
   // Without from_running the host's fork was the last write; otherwise read it back.
   const target = flow.instanceId ?? "";

@@ -8,7 +8,7 @@ import {
 import type { SQL } from "drizzle-orm";
 import { issued, statement, type Tx, transactionEndingWith } from "../../db/client.ts";
 import type { InstanceRow, OperationRow } from "../../db/schema/index.ts";
-import type { Services } from "../context.ts";
+import { type Call, hostGrace, type Services } from "../context.ts";
 import { conflicts, insertOperations, newOperation, strongestHold } from "../operations.ts";
 import { admitLocked, type HostRow, lockOnlineHost, type Need, usage } from "../placement.ts";
 import { present } from "./present.ts";
@@ -51,7 +51,7 @@ export interface Checked {
  */
 export async function lockChecked(
   tx: Tx,
-  graceMs: number,
+  graceMs: number | null,
   tenantId: string,
   ref: string,
   ask: { address?: boolean; usage?: "all" | "others" } = {},
@@ -99,10 +99,11 @@ export async function runVerb(
   s: Services,
   tenantId: string,
   ref: string,
+  call: Call,
   verb: Verb,
 ): Promise<Instance> {
   const op = await transactionEndingWith(s.db, async (tx) => {
-    const { row, held, host, used } = await lockChecked(tx, s.env.HOST_GRACE_MS, tenantId, ref, {
+    const { row, held, host, used } = await lockChecked(tx, hostGrace(s), tenantId, ref, {
       ...(verb.resident && { usage: "others" }),
     });
     assertState(row, verb.name, verb.from);
@@ -122,7 +123,7 @@ export async function runVerb(
     // The operation's row goes out with the COMMIT.
     return { value: op, last: [issued(statement(tx, insertOperations([op])))] };
   });
-  await s.ops.run(op, s.env.COMMAND_TIMEOUT_MS);
+  await s.ops.run(op, call);
   return present(await rowAfter(s, tenantId, op.id, op.instanceId ?? ""));
 }
 

@@ -1,5 +1,5 @@
 import { type Instance, type StartInstanceRequest, VERB_FROM } from "@offshoot/shared";
-import type { Services } from "../context.ts";
+import { type Call, newCall, type Services } from "../context.ts";
 import { runVerb } from "./lifecycle.ts";
 
 /** POST /instances/{id}/start: boot a Stopped instance, optionally with a new entrypoint/cmd. */
@@ -8,8 +8,9 @@ export function startInstance(
   tenantId: string,
   ref: string,
   body: StartInstanceRequest,
+  call: Call = newCall(s),
 ): Promise<Instance> {
-  return runVerb(s, tenantId, ref, {
+  return runVerb(s, tenantId, ref, call, {
     name: "start",
     from: VERB_FROM.start,
     resident: true,

@@ -1,4 +1,5 @@
 import {
+  ClientGoneError,
   type InstanceState,
   InvalidRequestError,
   NotFoundError,
@@ -33,6 +34,7 @@ export async function waitForState(
   ref: string,
   state: InstanceState,
   timeoutMs: number,
+  signal?: AbortSignal,
 ): Promise<WaitForStateResponse> {
   const { id, name } = await resolveInstance(s.db, tenantId, ref);
   const read = async () => {
@@ -43,10 +45,17 @@ export async function waitForState(
     if (!row) throw new NotFoundError(`instance ${name} was deleted while waiting`);
     return row;
   };
-  const done = await s.signals.until(topics.instance(id), timeoutMs, async () => {
-    const row = await read();
-    return row.state === state || row.state === "Unknown" ? row : undefined;
-  });
+  const done = await s.signals.until(
+    topics.instance(id),
+    timeoutMs,
+    async () => {
+      const row = await read();
+      return row.state === state || row.state === "Unknown" ? row : undefined;
+    },
+    { signal },
+  );
+  // Nobody is listening any more: no last read.
+  if (signal?.aborted) throw new ClientGoneError();
   const last = done ?? (await read());
   return {
     state: last.state,
