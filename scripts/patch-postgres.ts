@@ -9,12 +9,15 @@
 //   write() sees a timer "armed" and never flushes the StartupMessage, so that connection hangs
 //   until connect_timeout on every use.
 // - A query issued between a socket's 'error' and its 'close' was never settled.
+// - release() of a reserved connection that had closed handed it to the pool as open: without
+//   the fixes above the pool's next query on it crashed the process; with them alone, every
+//   query given that connection would fail for good (index.js).
 //
-// The edits are exact text replacements in the three copies of the driver (src/ for Node's
-// import, cjs/src/ for require, cf/src/ which wrangler bundles for Workers), written against
-// one version only: any other version, or any expected text not found exactly once, is
-// refused. A marker comment on a file's first line says it is patched; re-running changes
-// nothing.
+// The edits are exact text replacements in connection.js and index.js of the driver's three
+// copies (src/ for Node's import, cjs/src/ for require, cf/src/ which wrangler bundles for
+// Workers), written against one version only: any other version, or any expected text not
+// found exactly once, is refused. A marker comment on a file's first line says it is patched;
+// re-running changes nothing.
 import { readFileSync, writeFileSync } from "node:fs";
 import { createRequire } from "node:module";
 import path from "node:path";
@@ -88,11 +91,30 @@ const CONNECTION_EDITS: Edit[] = [
   },
 ];
 
+const INDEX_EDITS: Edit[] = [
+  {
+    what: "release() of a connection that closed",
+    from: `    sql.release = () => {
+      c.reserved = null
+      onopen(c)
+    }`,
+    to: `    sql.release = () => {
+      // offshoot: a connection that closed while reserved went back to the closed queue
+      // (onclose); handing it out as open would give the pool's queries a connection without a
+      // socket, for good. A live reserved connection sits in the reserved or full queue.
+      if (c.queue !== reserved && c.queue !== full)
+        return
+      c.reserved = null
+      onopen(c)
+    }`,
+  },
+];
+
 /** Every file this script edits, relative to the package's directory, with its edits. */
-const FILES: { file: string; edits: Edit[] }[] = COPIES.map((dir) => ({
-  file: `${dir}/connection.js`,
-  edits: CONNECTION_EDITS,
-}));
+const FILES: { file: string; edits: Edit[] }[] = COPIES.flatMap((dir) => [
+  { file: `${dir}/connection.js`, edits: CONNECTION_EDITS },
+  { file: `${dir}/index.js`, edits: INDEX_EDITS },
+]);
 
 class Refusal extends Error {}
 
@@ -167,11 +189,13 @@ export function patchPostgres(): string {
     : `patch-postgres: patched postgres ${version}: ${writes.length} file(s) edited, ${already} already patched (${names})`;
 }
 
-/** True when the copy Node imports (src/connection.js) carries the patch's marker. */
+/** True when the copy Node imports (src/connection.js, src/index.js) carries the marker. */
 export function postgresDriverPatched(): boolean {
   try {
-    const text = readFileSync(path.join(packageDir(), "src/connection.js"), "utf8");
-    return text.startsWith(`${MARKER}\n`);
+    const dir = packageDir();
+    return ["src/connection.js", "src/index.js"].every((file) =>
+      readFileSync(path.join(dir, file), "utf8").startsWith(`${MARKER}\n`),
+    );
   } catch {
     return false;
   }
