@@ -9,6 +9,8 @@
 //   write() sees a timer "armed" and never flushes the StartupMessage, so that connection hangs
 //   until connect_timeout on every use.
 // - A query issued between a socket's 'error' and its 'close' was never settled.
+// - The FATAL of a backend terminated mid-query outlived the connection: the first query on the
+//   next session failed with it (57P01 on a healthy connection).
 // - release() of a reserved connection that had closed handed it to the pool as open: without
 //   the fixes above the pool's next query on it crashed the process; with them alone, every
 //   query given that connection would fail for good (index.js).
@@ -51,6 +53,17 @@ const CONNECTION_EDITS: Edit[] = [
       return (queryError(q, Errors.connection('CONNECTION_CLOSED', options)), true)
 
     if (stream)`,
+  },
+  {
+    what: "closed() keeps the session's last error",
+    from: `  async function closed(hadError) {
+`,
+    to: `  async function closed(hadError) {
+    // offshoot: the FATAL a dying backend sends during a query (57P01) is kept as errorResponse
+    // while the close rejects that query with CONNECTION_CLOSED; left set, the next session's
+    // first ReadyForQuery would reject the query that reconnected with that stale error.
+    errorResponse = null
+`,
   },
   {
     what: "nextWrite() on a null socket",
@@ -165,7 +178,9 @@ export function patchPostgres(): string {
     if (text.startsWith(`${MARKER}\n`)) {
       for (const edit of edits) {
         if (count(text, edit.to) !== 1)
-          throw new Refusal(`${file} is marked as patched but lacks the edit "${edit.what}"`);
+          throw new Refusal(
+            `${file} is marked as patched but lacks the edit "${edit.what}" (another revision of this script?): reinstall it with npm ci`,
+          );
       }
       already++;
       continue;
