@@ -14,6 +14,9 @@
 // - release() of a reserved connection that had closed handed it to the pool as open: without
 //   the fixes above the pool's next query on it crashed the process; with them alone, every
 //   query given that connection would fail for good (index.js).
+// - A reserved connection that closed left the queries queued on it (behind one in flight)
+//   pending forever, and later queries on the handle ran on whatever session the pool had
+//   reconnected it for — outside the caller's transaction (index.js).
 //
 // The edits are exact text replacements in connection.js and index.js of the driver's three
 // copies (src/ for Node's import, cjs/src/ for require, cf/src/ which wrangler bundles for
@@ -106,6 +109,36 @@ const CONNECTION_EDITS: Edit[] = [
 
 const INDEX_EDITS: Edit[] = [
   {
+    what: "reserve() outlives its connection",
+    from: `    c.reserved.release = true
+
+    const sql = Sql(handler)`,
+    to: `    c.reserved.release = true
+    // offshoot: once the connection closes under this reservation the pool owns it again and
+    // may reconnect it for other queries. Queries queued here behind one in flight were neither
+    // sent nor failed (awaited forever), and later ones would run on whatever session the pool
+    // opened next: reject both.
+    let lostWith = null
+    c.onclose = e => {
+      lostWith = e
+      while (queue.length)
+        queue.shift().reject(e)
+    }
+
+    const sql = Sql(handler)`,
+  },
+  {
+    what: "reserve()'s handler after its connection closed",
+    from: `    function handler(q) {
+      c.queue === full
+        ? queue.push(q)`,
+    to: `    function handler(q) {
+      if (lostWith)
+        return q.reject(lostWith)
+      c.queue === full
+        ? queue.push(q)`,
+  },
+  {
     what: "release() of a connection that closed",
     from: `    sql.release = () => {
       c.reserved = null
@@ -115,8 +148,9 @@ const INDEX_EDITS: Edit[] = [
       // offshoot: a connection that closed while reserved went back to the closed queue
       // (onclose); handing it out as open would give the pool's queries a connection without a
       // socket, for good. A live reserved connection sits in the reserved or full queue.
-      if (c.queue !== reserved && c.queue !== full)
+      if (lostWith || (c.queue !== reserved && c.queue !== full))
         return
+      c.onclose = null
       c.reserved = null
       onopen(c)
     }`,

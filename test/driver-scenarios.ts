@@ -98,6 +98,37 @@ const scenarios: Record<string, Scenario> = {
     }
   },
 
+  // A reserved connection with a statement queued behind one in flight (a statement with
+  // parameters is described first, and the handle holds what follows until then) when its
+  // backend is terminated; then the pool reconnects that connection for a query of its own,
+  // and the old handle is used once more.
+  async "reserved-queued"(url) {
+    const closed = closes();
+    const sql = postgres(url, { max: 1, onnotice: () => {}, onclose: closed.onclose });
+    const admin = postgres(url, { max: 1, onnotice: () => {} });
+    try {
+      const r = await sql.reserve();
+      const [row] = await r`select pg_backend_pid() as pid`;
+      const pid = Number(row?.pid);
+      const sleeping = outcome(r`select pg_sleep(${60})`);
+      const queued = outcome(r`select 1`);
+      await untilActive(admin, pid);
+      const seen = closed.next();
+      await admin`select pg_terminate_backend(${pid})`;
+      await seen;
+      const [sleep, queuedOutcome] = await Promise.all([sleeping, queued]);
+      const pool = await outcome(sql`select 1`);
+      // Unpatched, this runs on the session the pool just opened: outside any transaction of
+      // the handle's owner.
+      const after = await outcome(r`select 1`);
+      r.release();
+      const poolAgain = await outcome(sql`select 1`);
+      return { sleep, queued: queuedOutcome, pool, after, poolAgain };
+    } finally {
+      await Promise.all([sql.end({ timeout: 1 }), admin.end({ timeout: 1 })]);
+    }
+  },
+
   // The control plane's own transaction (a reserved connection, rollback on failure, release)
   // whose backend is terminated mid-statement; the pool has that one connection only.
   async "transaction-terminated"(url) {

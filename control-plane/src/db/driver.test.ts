@@ -105,6 +105,17 @@ describe("postgres.js when a connection closes (scripts/patch-postgres.ts)", () 
     });
   });
 
+  it("a reserved connection that closes fails what was queued on it, and never runs a later query on the pool's new session", async () => {
+    expect(await scenario("reserved-queued")).toEqual({
+      scenario: "reserved-queued",
+      sleep: "CONNECTION_CLOSED",
+      queued: "CONNECTION_CLOSED",
+      pool: "ok",
+      after: "CONNECTION_CLOSED",
+      poolAgain: "ok",
+    });
+  });
+
   it("a transaction whose backend is terminated mid-statement fails, and its pool's only connection serves the next statement", async () => {
     // The control plane's transaction: the rollback after the failure used to crash the
     // process; release() then handed the dead connection back to the pool as open; and the

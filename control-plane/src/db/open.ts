@@ -8,6 +8,7 @@ import { migrate as migratePglite } from "drizzle-orm/pglite/migrator";
 import { drizzle as drizzlePostgres } from "drizzle-orm/postgres-js";
 import { migrate as migratePostgres } from "drizzle-orm/postgres-js/migrator";
 import postgres from "postgres";
+import { postgresDriverPatched } from "../../../scripts/patch-postgres.ts";
 import {
   CONNECT_TIMEOUT_S,
   connectPostgres,
@@ -22,10 +23,21 @@ export const MIGRATIONS_DIR = fileURLToPath(new URL("../../../migrations", impor
 // makes them apply migrations one at a time (the key is arbitrary but fixed).
 const MIGRATION_LOCK = 727_001;
 
+/** The driver as installed must carry scripts/patch-postgres.ts's fixes: unpatched, a Postgres
+ * restart under load ends this process (porsager/postgres#1208). */
+function requirePatchedDriver(): void {
+  if (!postgresDriverPatched()) {
+    throw new Error(
+      "the postgres driver is not patched for connection loss; run `npx tsx scripts/patch-postgres.ts` (npm ci runs it)",
+    );
+  }
+}
+
 export async function openPostgres(
   url: string,
   opts: { max?: number; onUnavailable?: (error: unknown, retryMs: number) => void } = {},
 ): Promise<Database> {
+  requirePatchedDriver();
   // A database that is not up yet (or restarting) is waited for, not a reason to exit.
   for (let attempt = 0; ; attempt++) {
     const migrator = postgres(url, {
