@@ -14,6 +14,9 @@
 // - release() of a reserved connection that had closed handed it to the pool as open: without
 //   the fixes above the pool's next query on it crashed the process; with them alone, every
 //   query given that connection would fail for good (index.js).
+// - A reserve() whose request a reconnecting connection took off the pool's waiting list was
+//   never answered once that connection was ready (connection.js, index.js); a rejected one
+//   stayed on the list and was later handed a connection that nobody used again (index.js).
 // - A reserved connection that closed left the queries queued on it (behind one in flight)
 //   pending forever, and later queries on the handle ran on whatever session the pool had
 //   reconnected it for — outside the caller's transaction (index.js).
@@ -105,9 +108,75 @@ const CONNECTION_EDITS: Edit[] = [
     if (query || sent.length)
       error(Errors.connection('CONNECTION_CLOSED', options, socket))`,
   },
+  {
+    what: "a connection made for reserve() keeps its reservation",
+    from: `    , final = null
+`,
+    to: `    , final = null
+    // offshoot: the reserve() a new connection was opened for, until the connection is ready
+    // (see ReadyForQuery); a pool reconnect may have taken it out of the pool's waiting list.
+    , reserving = null
+`,
+  },
+  {
+    what: "ReadyForQuery drops a reserve() waiting for the types",
+    from: `        initial.reserve && (initial = null)`,
+    to: `        initial.reserve && (reserving = initial, initial = null)`,
+  },
+  {
+    what: "ReadyForQuery drops a reserve() without types",
+    from: `      initial && !initial.reserve && execute(initial)
+      options.shared.retries = retries = 0
+      initial = null
+      return`,
+    to: `      const waiting = initial
+      options.shared.retries = retries = 0
+      initial = null
+      if (!waiting.reserve)
+        return execute(waiting)
+      reserving = waiting`,
+  },
+  {
+    what: "a ready connection goes to its reserve()",
+    from: `      : ending
+        ? terminate()
+        : onopen(connection)
+  }`,
+    to: `      : ending
+        ? terminate()
+        : handOver()
+  }
+
+  // offshoot: a connection opened for a reserve() goes to it once ready. The driver dropped
+  // that request there, counting on the pool's waiting list to hand over the next open
+  // connection; but when a closing connection reconnects for the next waiting request it takes
+  // it off that list, and a reserve() taken so was never answered: awaited forever.
+  function handOver() {
+    const r = reserving
+    reserving = null
+    r && !r.settled ? r.reserve(connection) : onopen(connection)
+  }`,
+  },
+  {
+    what: "errored() fails a reserve() still waiting for its connection",
+    from: `    initial && (queryError(initial, err), initial = null)`,
+    to: `    initial && (queryError(initial, err), initial = null)
+    reserving && (queryError(reserving, err), reserving = null)`,
+  },
 ];
 
 const INDEX_EDITS: Edit[] = [
+  {
+    what: "a reserve() leaves the waiting list once answered",
+    from: `        const query = { reserve: resolve, reject }`,
+    to: `        // offshoot: answered once, from wherever (a connection opened for it, or one the pool
+        // hands out), and off the waiting list then: a rejected request left there would be
+        // handed a connection later, which nobody would ever use or release.
+        const query = {
+          reserve: x => (query.settled = true, queries.remove(query), resolve(x)),
+          reject: e => (query.settled = true, queries.remove(query), reject(e))
+        }`,
+  },
   {
     what: "reserve() outlives its connection",
     from: `    c.reserved.release = true

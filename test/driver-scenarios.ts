@@ -129,6 +129,63 @@ const scenarios: Record<string, Scenario> = {
     }
   },
 
+  // A reserve() waiting for the pool's only connection when that connection's backend is
+  // terminated: the pool reconnects it for the reserve(), which must then get it.
+  async "reserve-waiting"(url) {
+    const closed = closes();
+    const sql = postgres(url, { max: 1, onnotice: () => {}, onclose: closed.onclose });
+    const admin = postgres(url, { max: 1, onnotice: () => {} });
+    try {
+      const [row] = await sql`select pg_backend_pid() as pid`;
+      const pid = Number(row?.pid);
+      const busy = outcome(sql`select pg_sleep(60)`);
+      await untilActive(admin, pid);
+      let reserved: postgres.ReservedSql | undefined;
+      const waiting = sql.reserve().then((r) => {
+        reserved = r;
+      });
+      const seen = closed.next();
+      await admin`select pg_terminate_backend(${pid})`;
+      await seen;
+      const sleep = await busy;
+      // Unpatched, the reserve() is never answered: awaited until the child is killed.
+      await waiting;
+      const inside = await outcome(
+        reserved ? reserved`select 1` : Promise.reject(new Error("none")),
+      );
+      reserved?.release();
+      const pool = await outcome(sql`select 1`);
+      return { sleep, inside, pool };
+    } finally {
+      await Promise.all([sql.end({ timeout: 1 }), admin.end({ timeout: 1 })]);
+    }
+  },
+
+  // A reserve() that fails to connect (the server refuses) while a second request waits: the
+  // failed one must leave the pool's waiting list, so the connection later goes to the next.
+  async "reserve-refused"(url) {
+    const u = new URL(url);
+    let refuse = 1;
+    // The first connection attempt goes to a port nothing listens on. The socket is handed
+    // over unconnected, so the refusal arrives as its 'error' and 'close', as it does for the
+    // driver's own sockets.
+    const socket = () => net.connect(refuse-- > 0 ? 1 : Number(u.port), u.hostname);
+    const options = { socket, max: 1, onnotice: () => {} } as postgres.Options<
+      Record<string, never>
+    >;
+    const sql = postgres(url, options);
+    try {
+      const first = await outcome(sql.reserve());
+      const r = await sql.reserve();
+      const inside = await outcome(r`select 1`);
+      r.release();
+      const pool = await outcome(sql`select 1`);
+      return { first, inside, pool };
+    } finally {
+      await sql.end({ timeout: 1 });
+    }
+  },
+
   // The control plane's own transaction (a reserved connection, rollback on failure, release)
   // whose backend is terminated mid-statement; the pool has that one connection only.
   async "transaction-terminated"(url) {

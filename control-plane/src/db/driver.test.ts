@@ -116,6 +116,24 @@ describe("postgres.js when a connection closes (scripts/patch-postgres.ts)", () 
     });
   });
 
+  it("a reserve() waiting when the pool's connection closes gets that connection once it reconnects", async () => {
+    expect(await scenario("reserve-waiting")).toEqual({
+      scenario: "reserve-waiting",
+      sleep: "CONNECTION_CLOSED",
+      inside: "ok",
+      pool: "ok",
+    });
+  });
+
+  it("a reserve() that cannot connect fails, and the next one gets the connection", async () => {
+    expect(await scenario("reserve-refused")).toEqual({
+      scenario: "reserve-refused",
+      first: "ECONNREFUSED",
+      inside: "ok",
+      pool: "ok",
+    });
+  });
+
   it("a transaction whose backend is terminated mid-statement fails, and its pool's only connection serves the next statement", async () => {
     // The control plane's transaction: the rollback after the failure used to crash the
     // process; release() then handed the dead connection back to the pool as open; and the
