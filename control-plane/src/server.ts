@@ -54,7 +54,7 @@ export async function startServer(
   const ops = new Operations(db, gateway, signals, log);
   const services: Services = { db, env, gateway, signals, ops, log };
   gateway.bind(services);
-  const credentials = new Credentials(db);
+  const credentials = new Credentials(db, env.API_KEY_CACHE_MS);
 
   await ensureDefaultKey(services, env, log);
 
