@@ -223,9 +223,12 @@ describe.each(databaseBackends)("recovery and races (scripted host, %s)", (_name
     tenantId = (await seedTenant(db)).tenantId;
     host = new ScriptedHost();
     const signals = new Signals();
-    // The host heartbeats (below) ten times per grace period; a command waits long enough
-    // that only a hang runs into its timeout.
-    const env = loadEnv({ HOST_GRACE_MS: "2000", COMMAND_TIMEOUT_MS: "30000" });
+    // The host heartbeats (below) every 200 ms, so the length of the file does not matter; the
+    // grace period is long enough that neither does a stalled event loop (PGlite runs in this
+    // thread: on a loaded machine heartbeats were seen 2 s apart). Nothing here waits for a
+    // host to be found silent. A command waits long enough that only a hang runs into its
+    // timeout.
+    const env = loadEnv({ HOST_GRACE_MS: "30000", COMMAND_TIMEOUT_MS: "30000" });
     s = {
       db,
       env,
