@@ -1,6 +1,7 @@
 // Administration from the command line: `npm run admin -- <noun> <verb> [args]`.
 // Uses DATABASE_URL, or the embedded database under DATA_DIR (stop `npm start` first: the
-// embedded database serves one process at a time).
+// embedded database serves one process at a time, and says so when it is held).
+// Exit codes: 0 done, 1 failed (one line on stderr), 2 not a command (usage on stderr).
 import { parseArgs } from "node:util";
 import { asc, eq } from "drizzle-orm";
 import { openDatabase } from "./db/open.ts";
@@ -15,16 +16,42 @@ const USAGE = `usage: npm run admin -- <command>
   key list <tenant>
   key revoke <key-id>
   host create <name>              register a host (or rotate its token); prints the token once
-  host list`;
+  host list
+  help, --help, -h                this text
+Against DATABASE_URL if set, else the embedded database under DATA_DIR (default .data), which
+must not be open in another process (npm start) meanwhile.`;
+
+/** The commands, and whether each takes an argument. */
+const COMMANDS: Record<string, "arg" | null> = {
+  "tenant create": "arg",
+  "tenant list": null,
+  "key create": "arg",
+  "key list": "arg",
+  "key revoke": "arg",
+  "host create": "arg",
+  "host list": null,
+};
 
 async function main(argv: string[]): Promise<number> {
-  const { positionals, values } = parseArgs({
-    args: argv,
-    allowPositionals: true,
-    options: { name: { type: "string" } },
-  });
+  let parsed: ReturnType<typeof parse>;
+  try {
+    parsed = parse(argv);
+  } catch (e) {
+    // An unknown option or one without its value: say which, then how it is used.
+    console.error(oneLine(e));
+    console.error(USAGE);
+    return 2;
+  }
+  const { positionals, values } = parsed;
+  if (values.help || positionals[0] === "help") {
+    console.log(USAGE);
+    return 0;
+  }
   const [noun, verb, arg] = positionals;
-  if (!noun || !verb) {
+  // Checked before the database is opened: a mistyped command is told so, whatever the state
+  // of the database.
+  const takes = COMMANDS[`${noun} ${verb}`];
+  if (takes === undefined || (takes === "arg" && !arg) || positionals.length > (takes ? 3 : 2)) {
     console.error(USAGE);
     return 2;
   }
@@ -120,4 +147,29 @@ async function main(argv: string[]): Promise<number> {
   }
 }
 
-process.exitCode = await main(process.argv.slice(2));
+function parse(argv: string[]) {
+  return parseArgs({
+    args: argv,
+    allowPositionals: true,
+    options: { name: { type: "string" }, help: { type: "boolean", short: "h" } },
+  });
+}
+
+/** An error as the one line an operator needs: its message's first line, no stack. */
+function oneLine(e: unknown): string {
+  const message = e instanceof Error ? e.message : String(e);
+  return message.split("\n").find((l) => l.trim()) ?? String(e);
+}
+
+// Whatever fails — the environment, the database, a statement — is one line on stderr and exit
+// code 1; a stack trace (or, from PGlite's WASM, a page of minified source) helps no operator.
+const fail = (e: unknown) => {
+  console.error(`admin: ${oneLine(e)}`);
+  process.exit(1);
+};
+process.on("uncaughtException", fail);
+process.on("unhandledRejection", fail);
+process.exitCode = await main(process.argv.slice(2)).catch((e: unknown) => {
+  console.error(`admin: ${oneLine(e)}`);
+  return 1;
+});

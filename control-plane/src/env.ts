@@ -20,6 +20,9 @@ const Env = z.object({
   /** How often fork flows left pending (by a replica that died mid-flow, or a previous run of
    * this one) are picked up and driven on. */
   FORK_RESUME_MS: z.coerce.number().int().min(100).default(5_000),
+  /** How long an API key found valid is trusted without asking the database again: a revoked
+   * key keeps working for up to this long on a replica that has just seen it. 0: no cache. */
+  API_KEY_CACHE_MS: z.coerce.number().int().min(0).default(5_000),
 });
 export type Env = z.infer<typeof Env>;
 

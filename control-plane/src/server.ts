@@ -67,7 +67,7 @@ export async function startServer(
     dbHealth: new DatabaseHealth(),
   };
   gateway.bind(services);
-  const credentials = new Credentials(db);
+  const credentials = new Credentials(db, env.API_KEY_CACHE_MS);
 
   await ensureDefaultKey(services, env, log);
 

@@ -141,7 +141,9 @@ describe("agent", () => {
   });
 
   it("reconnects after the connection drops and delivers the result of a command still running", async () => {
-    const { cp, paths, lines } = await launch({ latencyMs: { create: 300 } });
+    // The create must still run when the agent's second hello goes out: 3 s of latency leave
+    // the reconnect (10 ms backoff) ample time even on a loaded machine.
+    const { cp, paths, lines } = await launch({ latencyMs: { create: 3_000 } });
     const first = await cp.session(1);
     await first.next("hello");
     first.welcome("host-1");
@@ -158,7 +160,7 @@ describe("agent", () => {
     expect(hello.in_flight).toEqual(["slow-1"]);
     second.welcome("host-1");
     second.command(create); // the control plane re-sends what it has no result for
-    expect(await second.next("result")).toMatchObject({
+    expect(await second.next("result", undefined, 30_000)).toMatchObject({
       command_id: "slow-1",
       ok: true,
       replayed: false,
@@ -179,7 +181,7 @@ describe("agent", () => {
     });
     onTestFinished(() => agent.stop());
 
-    await cp.session(3, 2_000);
+    await cp.session(3, 10_000);
     const refusals = lines.filter((l) => l.msg.startsWith("unauthorized"));
     expect(refusals.length).toBeGreaterThanOrEqual(2);
     expect(refusals[0]).toMatchObject({ level: "error", code: 4401, retry_ms: 80 });
@@ -194,7 +196,7 @@ describe("agent", () => {
     });
     onTestFinished(() => agent.stop());
 
-    await waitFor("two refused upgrades", () => cp.upgradesRefused() >= 2, 2_000);
+    await waitFor("two refused upgrades", () => cp.upgradesRefused() >= 2, 10_000);
     expect(lines).toContainEqual(
       expect.objectContaining({ msg: "handshake refused", status: 401 }),
     );
@@ -213,7 +215,7 @@ describe("agent", () => {
     await first.next("hello");
     first.welcome("host-1", 20); // then nothing: no messages, no pongs
 
-    await cp.session(2, 2_000);
+    await cp.session(2, 10_000);
     expect(lines).toContainEqual(
       expect.objectContaining({ level: "warn", msg: "control plane unresponsive; reconnecting" }),
     );

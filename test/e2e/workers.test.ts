@@ -85,10 +85,22 @@ describe("HostSession dropped mid-command (wrangler dev)", { timeout: 120_000 },
       await client.instances.create({ name: "ev-src", image: "alpine", vcpus: 1, size: "256MB" });
       await client.instances.standby("ev-src");
       const forking = client.instances.fork("ev-src", { name: "ev-fork", target_state: "Running" });
-      await waitFor(() => agent.execLog().some((l) => l.kind === "fork"), {
+      const forkCommand = await waitFor(() => agent.execLog().find((l) => l.kind === "fork"), {
         what: "the fork to start on the host",
       });
-      await new Promise((r) => setTimeout(r, 1500)); // the object has let go of the request
+      // The object has let go of the request (after SESSION_WAIT_MS).
+      await waitFor(
+        () =>
+          worker
+            .output()
+            .split("\n")
+            .some(
+              (l) =>
+                l.includes('"msg":"stopped waiting for a result"') &&
+                l.includes(forkCommand.command_id),
+            ),
+        { timeoutMs: 30_000, what: "the object to stop waiting for the fork's result" },
+      );
       // Evict through a test-only path of the Worker, forwarded to the host's object.
       const evict = await fetch(`${worker.url}/__test/evict/${hostId}`, { method: "POST" });
       expect(evict.status).toBe(202); // abort() throws in the object, by design

@@ -1,6 +1,7 @@
 // Opening the database on Node: migrations applied first (drizzle-kit's SQL in migrations/),
 // Postgres server or embedded PGlite. The Worker connects with db/client.ts alone.
-import { mkdirSync } from "node:fs";
+import { linkSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { PGlite } from "@electric-sql/pglite";
 import { drizzle as drizzlePglite } from "drizzle-orm/pglite";
@@ -64,10 +65,92 @@ export async function openPostgres(
 
 export async function openPglite(dataDir: string): Promise<Database> {
   mkdirSync(dataDir, { recursive: true });
-  const client = await PGlite.create(dataDir);
-  const db = drizzlePglite(client);
-  await migratePglite(db, { migrationsFolder: MIGRATIONS_DIR });
-  return { db: db as unknown as Db, kind: "pglite", close: () => client.close() };
+  const unlock = lockPglite(dataDir);
+  try {
+    const client = await PGlite.create(dataDir);
+    const db = drizzlePglite(client);
+    await migratePglite(db, { migrationsFolder: MIGRATIONS_DIR });
+    const close = async () => {
+      try {
+        await client.close();
+      } finally {
+        unlock();
+      }
+    };
+    return { db: db as unknown as Db, kind: "pglite", close };
+  } catch (e) {
+    unlock();
+    throw e;
+  }
+}
+
+/** The embedded database is held by another process (`npm start`, say). */
+export class PgliteInUseError extends Error {
+  constructor(
+    readonly dataDir: string,
+    readonly pid: number,
+  ) {
+    super(
+      `the embedded database under ${dataDir} is in use by another process (pid ${pid}; npm start?); stop it first, or set DATABASE_URL`,
+    );
+    this.name = "PgliteInUseError";
+  }
+}
+
+// PGlite serves one process at a time and does not notice a second one (its postmaster.pid
+// always says -42): two processes on its files corrupt them, or the second aborts inside its
+// WASM. So whoever opens it holds <dataDir>/offshoot.lock, which names its pid, until it
+// closes. The file is linked into place whole (no reader sees it half written); one whose
+// process is gone (kill -9) is stale and taken over.
+const LOCK_FILE = "offshoot.lock";
+
+function lockPglite(dataDir: string): () => void {
+  const file = path.join(dataDir, LOCK_FILE);
+  const mine = `${file}.${process.pid}`;
+  writeFileSync(mine, `${process.pid}\n`);
+  try {
+    for (let attempt = 0; ; attempt++) {
+      try {
+        linkSync(mine, file);
+        break;
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code !== "EEXIST" || attempt === 3) throw e;
+      }
+      const holder = lockHolder(file);
+      if (holder !== undefined && processAlive(holder)) {
+        throw new PgliteInUseError(dataDir, holder);
+      }
+      rmSync(file, { force: true }); // stale, or gone meanwhile: try again
+    }
+  } finally {
+    rmSync(mine, { force: true });
+  }
+  return () => {
+    if (lockHolder(file) === process.pid) rmSync(file, { force: true });
+  };
+}
+
+function lockHolder(file: string): number | undefined {
+  try {
+    const pid = Number.parseInt(readFileSync(file, "utf8"), 10);
+    return pid > 0 ? pid : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === "EPERM";
+  }
+  // A killed process its parent has not reaped yet still takes signals: a zombie holds nothing.
+  try {
+    return !/^\d+ \(.*\) Z/s.test(readFileSync(`/proc/${pid}/stat`, "utf8"));
+  } catch {
+    return true; // no /proc: take the signal's word
+  }
 }
 
 export async function openDatabase(opts: {

@@ -10,7 +10,7 @@ import type {
 } from "@offshoot/shared";
 import { and, eq } from "drizzle-orm";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { databaseBackends, registerHost, seedTenant } from "../../../test/harness.ts";
+import { databaseBackends, registerHost, seedTenant, waitFor } from "../../../test/harness.ts";
 import type { Db } from "../db/client.ts";
 import { hosts, instances, operations } from "../db/schema/index.ts";
 import { loadEnv } from "../env.ts";
@@ -68,6 +68,32 @@ class ScriptedHost implements HostGateway {
   private holds = new Map<string, Array<"shared" | "exclusive">>();
   /** Commands that arrived while another one held their instance against them. */
   overlaps: string[] = [];
+  private heartbeats: NodeJS.Timeout | undefined;
+  private beat: Promise<void> = Promise.resolve();
+  private heartbeatError: unknown;
+
+  /** Heartbeats every `ms` while connected, as an agent does, so that the host stays placeable
+   * however long the tests take; one that finds the host marked offline is followed by a hello
+   * (the agent's resync). */
+  startHeartbeats(ms: number): void {
+    this.heartbeats = setInterval(() => {
+      if (!this.connected) return;
+      this.beat = this.beat
+        .then(async () => {
+          if ((await recordHeartbeats(this.s, [this.hostId])).length === 0) return;
+          if (this.connected) await hostConnected(this.s, this.hostId, this.hello(), new Date());
+        })
+        .catch((e: unknown) => {
+          this.heartbeatError ??= e;
+        });
+    }, ms);
+  }
+  /** Stops heartbeating; throws what a heartbeat failed with, if one did. */
+  async stopHeartbeats(): Promise<void> {
+    clearInterval(this.heartbeats);
+    await this.beat;
+    if (this.heartbeatError) throw this.heartbeatError;
+  }
 
   async openLogs(): Promise<undefined> {
     return undefined; // logs are covered end to end with real agents
@@ -197,7 +223,12 @@ describe.each(databaseBackends)("recovery and races (scripted host, %s)", (_name
     tenantId = (await seedTenant(db)).tenantId;
     host = new ScriptedHost();
     const signals = new Signals();
-    const env = loadEnv({ HOST_GRACE_MS: "2000", COMMAND_TIMEOUT_MS: "5000" });
+    // The host heartbeats (below) every 200 ms, so the length of the file does not matter; the
+    // grace period is long enough that neither does a stalled event loop (PGlite runs in this
+    // thread: on a loaded machine heartbeats were seen 2 s apart). Nothing here waits for a
+    // host to be found silent. A command waits long enough that only a hang runs into its
+    // timeout.
+    const env = loadEnv({ HOST_GRACE_MS: "30000", COMMAND_TIMEOUT_MS: "30000" });
     s = {
       db,
       env,
@@ -209,10 +240,15 @@ describe.each(databaseBackends)("recovery and races (scripted host, %s)", (_name
     host.s = s;
     host.hostId = (await registerHost(db)).hostId;
     await hostConnected(s, host.hostId, host.hello(), new Date());
+    host.startHeartbeats(200);
   });
   afterAll(async () => {
-    await Promise.all(host.inFlight);
-    await drop();
+    try {
+      await host.stopHeartbeats();
+    } finally {
+      await Promise.all(host.inFlight);
+      await drop();
+    }
   });
 
   it("a hello racing lifecycle calls never deadlocks into a failure", async () => {
@@ -393,10 +429,20 @@ describe.each(databaseBackends)("recovery and races (scripted host, %s)", (_name
     const inst = await createInstance(s, tenantId, spec("away-a"));
     host.connected = false;
     const stop = stopInstance(s, tenantId, "away-a").catch((e: unknown) => e);
-    await new Promise((r) => setTimeout(r, 100));
+    // The stop is recorded, and waits for the host, before the host is found away.
+    await waitFor(
+      async () =>
+        (
+          await db
+            .select()
+            .from(operations)
+            .where(and(eq(operations.instanceId, inst.id), eq(operations.kind, "stop")))
+        )[0]?.status === "pending",
+      { what: "the stop to be recorded" },
+    );
     await db.update(hosts).set({ status: "offline" }).where(eq(hosts.id, host.hostId));
     await deleteInstance(s, tenantId, "away-a");
-    expect(String(await stop)).toMatch(/superseded|host/);
+    expect(String(await stop)).toMatch(/superseded by a delete while the host was away/);
     await expect(getInstance(s, tenantId, "away-a")).rejects.toThrow(/not found/);
     const ops = await db
       .select()

@@ -4,7 +4,7 @@ import { createId } from "@paralleldrive/cuid2";
 // spent inside the transaction that creates the instance. In a long-running process a few are
 // made ahead, one per turn of the event loop, and taken from here. (Not on Workers, where
 // nothing should run after a request.)
-const READY = 8;
+export const IDS_AHEAD = 8;
 const ready: string[] = [];
 let refilling = false;
 let ahead = false;
@@ -20,7 +20,7 @@ function refill(): void {
   refilling = true;
   const one = () => {
     ready.push(createId());
-    if (ready.length < READY) setImmediate(one);
+    if (ready.length < IDS_AHEAD) setImmediate(one);
     else refilling = false;
   };
   setImmediate(one);
@@ -29,6 +29,11 @@ function refill(): void {
 /** A new instance id: a CUID2, made ahead of time when the process had a moment. */
 export function newInstanceId(): string {
   const id = ready.pop() ?? createId();
-  if (ready.length < READY) refill();
+  if (ready.length < IDS_AHEAD) refill();
   return id;
+}
+
+/** How many ids are made ahead and waiting (for tests). */
+export function idsWaiting(): number {
+  return ready.length;
 }

@@ -37,6 +37,8 @@ export async function waitForState(
   signal?: AbortSignal,
 ): Promise<WaitForStateResponse> {
   const { id, name } = await resolveInstance(s.db, tenantId, ref);
+  // From here a change to the instance, on any replica, wakes this wait (tests wait for it).
+  s.log("debug", "waiting for a state", { instance_id: id, state });
   const read = async () => {
     const [row] = await s.db
       .select({ state: instances.state, stateError: instances.stateError })

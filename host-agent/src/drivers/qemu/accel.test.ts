@@ -23,7 +23,8 @@ describe("resolveAccel", () => {
     const tcg = await resolveAccel("tcg", { assets, workDir });
     const kvm = await resolveAccel("kvm", { assets, workDir });
     expect([tcg.accel, kvm.accel]).toEqual(["tcg", "kvm"]);
-    expect(tcg.ms + kvm.ms).toBeLessThan(100);
+    // Decided from the setting alone: no test boot ran, and none left files behind.
+    expect([tcg.reason, kvm.reason]).toEqual(["configured", "configured"]);
     expect(readdirSync(workDir)).toEqual([]);
   });
 
@@ -52,14 +53,15 @@ describe("resolveAccel", () => {
           : /^test boot under KVM failed: /,
       );
     }
-    // Launch + bounded wait + kill: never much past the budget.
-    expect(took).toBeLessThan(timeoutMs + 5_000);
+    // Launch + bounded wait + kill: the budget bounds it (the margin is for a loaded machine;
+    // an unbounded test boot would never end).
+    expect(took).toBeLessThan(timeoutMs + 20_000);
     // The test boot cleaned up after itself.
     expect(readdirSync(workDir)).toEqual([]);
 
-    const again = Date.now();
+    // Cached: the very same decision, no second test boot.
     expect(await resolveAccel("auto", { assets, workDir, timeoutMs })).toBe(d);
-    expect(Date.now() - again).toBeLessThan(50);
+    expect(readdirSync(workDir)).toEqual([]);
 
     // The decision is usable: a guest boots to /init with it.
     const dir = mkdtempSync(path.join(workDir, "boot-"));
@@ -151,21 +153,24 @@ describe("resolveAccel", () => {
     expect(d.accel).toBe("tcg");
     expect(d.reason).toMatch(/test boot under KVM failed: serial log .* not met within/);
     expect(took).toBeGreaterThanOrEqual(timeoutMs - 500);
-    expect(took).toBeLessThan(timeoutMs + 3_000);
+    // Cut off, not left to run: the margin is for a loaded machine.
+    expect(took).toBeLessThan(timeoutMs + 15_000);
     expect(readdirSync(workDir).filter((f) => f.startsWith("kvm-probe-"))).toEqual([]);
-  }, 30_000);
+  }, 60_000);
 
   it("a KVM test boot whose QEMU exits at once means tcg, quickly", async () => {
     const qemu = fakeKvmQemu("-no-such-option");
+    const timeoutMs = 30_000;
     const started = Date.now();
     const d = await resolveAccel("auto", {
       assets: { ...assets, qemu },
       workDir,
-      timeoutMs: 20_000,
+      timeoutMs,
       kvmDevice: qemu,
     });
     expect(d.accel).toBe("tcg");
     expect(d.reason).toMatch(/no-such-option/);
-    expect(Date.now() - started).toBeLessThan(5_000);
+    // Decided when QEMU exited, not when the test boot's budget ran out.
+    expect(Date.now() - started).toBeLessThan(timeoutMs);
   });
 });

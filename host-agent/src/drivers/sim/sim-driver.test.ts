@@ -233,14 +233,30 @@ describe("sim driver", () => {
   });
 
   it("spreads latency across steps and can be configured per kind", async () => {
-    const { driver } = await setup({ latencyMs: { create: 120 } });
+    const { driver, paths } = await setup({ latencyMs: { create: 1_000 } });
+    // An instance to stop, made without latency.
+    await new SimDriver(paths, SIM_DEFAULTS).create(spec("i1"), recordingContext("c1"));
+    const finished: string[] = [];
+    let firstStep!: () => void;
+    const stepped = new Promise<void>((resolve) => {
+      firstStep = resolve;
+    });
     const t0 = Date.now();
-    await driver.create(spec("i1"), recordingContext("c1"));
-    const createMs = Date.now() - t0;
-    const t1 = Date.now();
-    await driver.stop("i1", recordingContext("c2"));
-    expect(createMs).toBeGreaterThanOrEqual(110);
-    expect(Date.now() - t1).toBeLessThan(100);
+    let createMs = 0;
+    const creating = driver
+      .create(spec("i2"), { commandId: "c2", steps: { record: async () => firstStep() } })
+      .then(() => {
+        createMs = Date.now() - t0;
+        finished.push("create");
+      });
+    // Half-way through the create (its first of two steps is done), a stop: it has no latency
+    // of its own, so it ends before the create's second half; with the create's, it would not.
+    await stepped;
+    await driver.stop("i1", recordingContext("c3"));
+    finished.push("stop");
+    await creating;
+    expect(finished).toEqual(["stop", "create"]);
+    expect(createMs).toBeGreaterThanOrEqual(950);
   });
 
   it("emits an event when a guest exits on its own", async () => {
