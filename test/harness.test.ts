@@ -35,7 +35,7 @@ describe("integration harness", () => {
     const call = api(cp.url, apiKey);
     const health = await call("GET", "/health");
     expect(health.status).toBe(200);
-    expect(health.body).toEqual({ status: "ok" });
+    expect(health.body).toEqual({ status: "ok", database: "up" });
 
     const list = await call("GET", "/instances");
     expect(list.status).toBe(200);
@@ -67,7 +67,7 @@ describe("integration harness", () => {
       },
       { what: "/health after restart", timeoutMs: 5000 },
     );
-    expect(health.body).toEqual({ status: "ok" });
+    expect(health.body).toEqual({ status: "ok", database: "up" });
     // The tenant's key lives in the database, so it still works.
     expect((await api(url, apiKey)("GET", "/instances")).status).toBe(200);
     // Both runs said they listen, on the one port.
