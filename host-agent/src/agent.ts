@@ -260,6 +260,10 @@ class Link {
       this.logs.cancel(msg.stream_id);
       return;
     }
+    if (msg.type === "logs_ack") {
+      this.logs.ack(msg.stream_id, msg.chunks);
+      return;
+    }
     const disposition = this.commands.handle(msg);
     if (disposition === "refused") {
       this.log("warn", "command refused", { command_id: msg.id, reason: "shutting down" });

@@ -32,6 +32,9 @@ export const AGENT_LIMITS = {
   logLines: 500,
   logChunkChars: 256 * 1024,
   logLineChars: 16 * 1024,
+  /** Chunks a log stream may have sent and not yet had acknowledged (logs_ack): what a stream
+   * can hold in the control plane while its reader is slow (4 × 256 Ki characters). */
+  logWindow: 4,
   /** Free text (state_error, exit_message, error messages). */
   textChars: 4096,
   /** Capacity a host may offer. */
@@ -244,13 +247,54 @@ export type LogsRequest = z.infer<typeof LogsRequest>;
 export const LogsCancel = z.object({ v: V, type: z.literal("logs_cancel"), stream_id: z.string() });
 export type LogsCancel = z.infer<typeof LogsCancel>;
 
+/** The reader took `chunks` more chunks of a stream: the agent may send as many more. A stream
+ * starts with AGENT_LIMITS.logWindow chunks of credit, so a slow reader slows the agent's reading
+ * of the file instead of filling the control plane's memory. */
+export const LogsAck = z.object({
+  v: V,
+  type: z.literal("logs_ack"),
+  stream_id: z.string(),
+  chunks: z.number().int().positive().max(AGENT_LIMITS.logWindow),
+});
+export type LogsAck = z.infer<typeof LogsAck>;
+
 /**
  * Re-send contract: after every hello the control plane re-sends each command of that host
  * that has no recorded result, oldest first. The agent answers a command id it has finished
  * from its journal (which keeps the last 10,000 outcomes) and ignores one it is still running.
  */
-export const ServerMessage = z.union([Welcome, Command, LogsRequest, LogsCancel]);
+export const ServerMessage = z.union([Welcome, Command, LogsRequest, LogsCancel, LogsAck]);
 export type ServerMessage = z.infer<typeof ServerMessage>;
+
+/**
+ * Log lines as chunks a LogChunk may carry: lines over AGENT_LIMITS.logLineChars are cut into
+ * pieces of that length, and a chunk holds at most logLines lines and logChunkChars characters.
+ */
+export function logChunks(lines: readonly string[]): string[][] {
+  const out: string[][] = [];
+  let cur: string[] = [];
+  let size = 0;
+  const push = (line: string) => {
+    if (
+      cur.length > 0 &&
+      (cur.length >= AGENT_LIMITS.logLines || size + line.length > AGENT_LIMITS.logChunkChars)
+    ) {
+      out.push(cur);
+      cur = [];
+      size = 0;
+    }
+    cur.push(line);
+    size += line.length;
+  };
+  for (const line of lines) {
+    if (line.length <= AGENT_LIMITS.logLineChars) push(line);
+    else
+      for (let i = 0; i < line.length; i += AGENT_LIMITS.logLineChars)
+        push(line.slice(i, i + AGENT_LIMITS.logLineChars));
+  }
+  if (cur.length > 0) out.push(cur);
+  return out;
+}
 
 const clip = (text: string) =>
   text.length <= AGENT_LIMITS.textChars ? text : `${text.slice(0, AGENT_LIMITS.textChars - 1)}…`;

@@ -1,6 +1,8 @@
+import { appendFileSync } from "node:fs";
 import { and, eq } from "drizzle-orm";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { instances, operations } from "../../control-plane/src/db/schema/index.ts";
+import { agentPaths } from "../../host-agent/src/paths.ts";
 import {
   type AgentProcess,
   api,
@@ -128,6 +130,39 @@ describe("replicas", { timeout: 90_000 }, () => {
     for (const name of ["r-1-f0", "r-1-f1", "r-1-f2", "r-1"]) {
       expect((await next()("DELETE", `/instances/${name}`)).status).toBe(204);
     }
+  });
+
+  it("a log of many chunks arrives whole through every replica (credits travel back over the bus)", async () => {
+    const created = await call(0)("POST", "/instances", {
+      name: "r-log",
+      image: "alpine",
+      vcpus: 1,
+    });
+    expect(created.status, JSON.stringify(created.body)).toBe(201);
+    const row = await hostOf("r-log");
+    const agent = agents[row?.hostId === hostIds[0] ? 0 : 1];
+    // 3,000 lines of 1,000 characters: a dozen chunks, three times a stream's window.
+    const lines = Array.from(
+      { length: 3000 },
+      (_, i) => `${String(i).padStart(4, "0")} ${"z".repeat(995)}`,
+    );
+    appendFileSync(
+      agentPaths(agent?.dataDir ?? "").sim.consoleLog(row?.id ?? ""),
+      `${lines.join("\n")}\n`,
+    );
+    for (let i = 0; i < 3; i++) {
+      const res = await fetch(`${cps[i]?.url}/instances/r-log/logs?tail=3000`, {
+        headers: { authorization: `Bearer ${apiKey}` },
+      });
+      expect(res.status).toBe(200);
+      const got = (await res.text())
+        .split("\n")
+        .filter((l) => l.startsWith("data: "))
+        .map((l) => JSON.parse(l.slice(6)) as string);
+      expect(got.length, `lines through replica ${i}`).toBe(3000);
+      expect(got).toEqual(lines);
+    }
+    expect((await call(1)("DELETE", "/instances/r-log")).status).toBe(204);
   });
 
   it("kill -9 of the replica holding the agent and serving the fork: nothing lost, nothing run twice, converged", async () => {

@@ -1,4 +1,6 @@
+import { appendFileSync } from "node:fs";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { agentPaths } from "../../host-agent/src/paths.ts";
 import {
   type AgentProcess,
   hostOnline,
@@ -54,6 +56,24 @@ describe("Cloudflare Workers deployment (wrangler dev)", { timeout: 120_000 }, (
     });
     expect(res.status).toBe(200);
     expect(await res.text()).toMatch(/^data: ".*create/m);
+  });
+
+  it("streams a log of many chunks whole (the object acknowledges what its reader took)", async () => {
+    const client = hypeman(worker.url, apiKey);
+    const inst = await client.instances.create({ name: "w-log", image: "alpine", vcpus: 1 });
+    // 3,000 lines of 1,000 characters: a dozen chunks, three times a stream's window.
+    const lines = Array.from({ length: 3000 }, (_, i) => `${i} ${"w".repeat(995)}`);
+    appendFileSync(agentPaths(agent.dataDir).sim.consoleLog(inst.id), `${lines.join("\n")}\n`);
+    const res = await fetch(`${worker.url}/instances/w-log/logs?tail=3000`, {
+      headers: { authorization: `Bearer ${apiKey}` },
+    });
+    expect(res.status).toBe(200);
+    const got = (await res.text())
+      .split("\n")
+      .filter((l) => l.startsWith("data: "))
+      .map((l) => JSON.parse(l.slice(6)) as string);
+    expect(got).toEqual(lines);
+    await client.instances.delete(inst.id);
   });
 });
 

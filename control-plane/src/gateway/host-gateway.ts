@@ -2,9 +2,13 @@ import type { Command, CommandError, LogsRequest } from "@offshoot/shared";
 
 export type LogQuery = Pick<LogsRequest, "instance_id" | "source" | "tail" | "follow">;
 
-/** Where a log stream's lines go; `end` is called once, with an error if it broke off. */
+/**
+ * Where a log stream's lines go; `end` is called once, with an error if it broke off. `lines`
+ * resolves once the reader has taken them: only then may the host send more (see LogsAck), so
+ * what a stream holds in memory is bounded by AGENT_LIMITS.logWindow chunks.
+ */
 export interface LogSink {
-  lines(lines: string[]): void;
+  lines(lines: string[]): void | Promise<void>;
   end(error?: CommandError): void;
 }
 

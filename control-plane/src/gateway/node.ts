@@ -22,9 +22,11 @@ const REMOTE_LOGS_TIMEOUT_MS = 3_000;
 export class NodeGateway implements HostGateway {
   private sessions = new Map<string, AgentSession>();
   private beats = new Set<string>();
-  private logStreams = new Map<string, { hostId: string; sink: LogSink }>();
+  /** Streams from agents held here. `relayed`: read on another replica, which sends the credit
+   * for each chunk over the bus (logs_credit); otherwise this one acks once the sink took it. */
+  private logStreams = new Map<string, { hostId: string; sink: LogSink; relayed: boolean }>();
   /** Streams this replica asked another one for: acked once that replica has the agent. */
-  private remoteStreams = new Map<string, { sink: LogSink; acked(): void }>();
+  private remoteStreams = new Map<string, { hostId: string; sink: LogSink; acked(): void }>();
   private flushTimer: NodeJS.Timeout | undefined;
   private services: Services | undefined;
 
@@ -66,12 +68,25 @@ export class NodeGateway implements HostGateway {
     query: LogQuery,
     sink: LogSink,
     streamId: string = randomUUID(),
+    relayed = false,
   ): (() => void) | undefined {
     const session = this.sessions.get(hostId);
     if (!session?.ready) return undefined;
-    this.logStreams.set(streamId, { hostId, sink });
+    this.logStreams.set(streamId, { hostId, sink, relayed });
     session.sendMessage({ v: PROTOCOL_VERSION, type: "logs", stream_id: streamId, ...query });
     return () => this.cancelLocal(streamId);
+  }
+
+  /** The reader took a chunk of a stream held here: the agent may send one more. */
+  private credit(streamId: string): void {
+    const stream = this.logStreams.get(streamId);
+    if (!stream) return;
+    this.sessions.get(stream.hostId)?.sendMessage({
+      v: PROTOCOL_VERSION,
+      type: "logs_ack",
+      stream_id: streamId,
+      chunks: 1,
+    });
   }
 
   private cancelLocal(streamId: string): void {
@@ -113,6 +128,7 @@ export class NodeGateway implements HostGateway {
       }, REMOTE_LOGS_TIMEOUT_MS);
       timer.unref();
       this.remoteStreams.set(stream, {
+        hostId,
         sink,
         acked: () => {
           clearTimeout(timer);
@@ -147,12 +163,20 @@ export class NodeGateway implements HostGateway {
         const key = `logs:${msg.stream}`;
         const relay: LogSink = {
           lines: (lines) => {
-            for (const part of chunkLines(lines)) {
+            const parts = chunkLines(lines);
+            parts.forEach((part, i) => {
               bus.publish(
-                { t: "logs_chunk", stream: msg.stream, to, lines: part, done: false },
+                {
+                  t: "logs_chunk",
+                  stream: msg.stream,
+                  to,
+                  lines: part,
+                  done: false,
+                  ...(i === parts.length - 1 && { credit: true }),
+                },
                 key,
               );
-            }
+            });
           },
           end: (error) =>
             bus.publish(
@@ -167,7 +191,7 @@ export class NodeGateway implements HostGateway {
               key,
             ),
         };
-        if (this.openLocalLogs(msg.host, msg.query, relay, msg.stream)) {
+        if (this.openLocalLogs(msg.host, msg.query, relay, msg.stream, true)) {
           bus.publish({ t: "logs_ack", stream: msg.stream, to }, key);
         }
         return;
@@ -180,6 +204,9 @@ export class NodeGateway implements HostGateway {
       case "logs_cancel":
         if (this.logStreams.get(msg.stream)?.hostId === msg.host) this.cancelLocal(msg.stream);
         return;
+      case "logs_credit":
+        if (this.logStreams.get(msg.stream)?.hostId === msg.host) this.credit(msg.stream);
+        return;
       case "logs_ack":
         if (msg.to === this.bus?.replica) this.remoteStreams.get(msg.stream)?.acked();
         return;
@@ -187,7 +214,17 @@ export class NodeGateway implements HostGateway {
         if (msg.to !== this.bus?.replica) return;
         const stream = this.remoteStreams.get(msg.stream);
         if (!stream) return;
-        if (msg.lines.length > 0) stream.sink.lines(msg.lines);
+        if (msg.lines.length > 0) {
+          const taken = Promise.resolve(stream.sink.lines(msg.lines));
+          if (msg.credit) {
+            void taken.then(
+              () =>
+                this.remoteStreams.has(msg.stream) &&
+                this.bus?.publish({ t: "logs_credit", host: stream.hostId, stream: msg.stream }),
+              () => {},
+            );
+          }
+        }
         if (msg.done) {
           this.remoteStreams.delete(msg.stream);
           stream.sink.end(msg.error);
@@ -214,7 +251,15 @@ export class NodeGateway implements HostGateway {
   private onLog(hostId: string, chunk: LogChunk): void {
     const stream = this.logStreams.get(chunk.stream_id);
     if (!stream || stream.hostId !== hostId) return;
-    if (chunk.lines.length > 0) stream.sink.lines(chunk.lines);
+    if (chunk.lines.length > 0) {
+      const taken = Promise.resolve(stream.sink.lines(chunk.lines));
+      if (!stream.relayed) {
+        void taken.then(
+          () => this.credit(chunk.stream_id),
+          () => {},
+        );
+      }
+    }
     if (chunk.done) {
       this.logStreams.delete(chunk.stream_id);
       stream.sink.end(chunk.error);

@@ -42,9 +42,14 @@ export const BusMessage = z.discriminatedUnion("t", [
     to: z.string(),
     lines: z.array(z.string()),
     done: z.boolean(),
+    /** The last part of one of the agent's chunks: once it is taken, the reader's replica
+     * sends logs_credit (an agent's chunk may travel in several NOTIFYs). */
+    credit: z.boolean().optional(),
     error: z.object({ code: z.string(), message: z.string() }).optional(),
   }),
   z.object({ t: z.literal("logs_cancel"), host: z.string(), stream: z.string() }),
+  /** The reader took one of the agent's chunks: the holder passes the credit to the agent. */
+  z.object({ t: z.literal("logs_credit"), host: z.string(), stream: z.string() }),
   /** Local only, never sent: the bus listens anew after losing its connection, and whatever
    * was published meanwhile is lost — waiters re-check, held agents get their commands again. */
   z.object({ t: z.literal("resync") }),

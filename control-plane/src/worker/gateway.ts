@@ -73,7 +73,8 @@ export class WorkersGateway implements HostGateway {
             error?: { code: string; message: string };
           };
           buf = buf.slice(nl + 1);
-          if (msg.lines?.length) sink.lines(msg.lines);
+          // Read on only once the reader took these (backpressure through the object).
+          if (msg.lines?.length) await sink.lines(msg.lines);
           if (msg.done) return end(msg.error);
         }
       }

@@ -137,7 +137,23 @@ export class HostSession {
     const writer = this.logs.get(chunk.stream_id);
     if (!writer) return;
     const line = (o: unknown) => new TextEncoder().encode(`${JSON.stringify(o)}\n`);
-    if (chunk.lines.length > 0) void writer.write(line({ lines: chunk.lines })).catch(() => {});
+    if (chunk.lines.length > 0) {
+      // Taken once the reader has pulled it: then the agent may send one more (LogsAck).
+      void writer
+        .write(line({ lines: chunk.lines }))
+        .then(() => {
+          if (!this.logs.has(chunk.stream_id)) return;
+          this.agent()?.send(
+            encode({
+              v: PROTOCOL_VERSION,
+              type: "logs_ack",
+              stream_id: chunk.stream_id,
+              chunks: 1,
+            }),
+          );
+        })
+        .catch(() => {});
+    }
     if (chunk.done) {
       this.logs.delete(chunk.stream_id);
       void writer

@@ -331,15 +331,26 @@ export function registerInstanceRoutes(app: Router) {
             done();
           });
           // Writes are chained, and the end waits for them: lines and end may arrive together
-          // (a buffered or relayed stream), and the response closes when `done` resolves.
+          // (a buffered or relayed stream), and the response closes when `done` resolves. A
+          // chunk counts as taken once written, which waits for the client to read: a slow
+          // client slows the host, and holds at most the stream's window here.
           let writing = Promise.resolve();
           logs.attach({
             lines: (lines) => {
               for (const line of lines) {
                 writing = writing.then(() => stream.writeSSE({ data: JSON.stringify(line) }));
               }
+              return writing;
             },
-            end: () => void writing.then(done, done),
+            end: (error) => {
+              // A stream cut short says why, as its last event.
+              if (error) {
+                writing = writing.then(() =>
+                  stream.writeSSE({ event: "error", data: JSON.stringify(error.message) }),
+                );
+              }
+              void writing.then(done, done);
+            },
           });
         });
       }) as never;

@@ -9,24 +9,28 @@ export interface LogsQuery {
   source: LogSource;
 }
 
-/** Holds what arrives before the transport is ready to write it. */
+/** Holds what arrives before the transport is ready to write it (at most the stream's window:
+ * nothing held is acknowledged until the transport has taken it). */
 class BufferedSink implements LogSink {
   private target: LogSink | undefined;
-  private pending: Array<(t: LogSink) => void> = [];
-  lines(lines: string[]) {
-    this.deliver((t) => t.lines(lines));
+  private attached: Promise<LogSink>;
+  private onAttach: (t: LogSink) => void = () => {};
+  constructor() {
+    this.attached = new Promise((resolve) => {
+      this.onAttach = resolve;
+    });
+  }
+  lines(lines: string[]): void | Promise<void> {
+    if (this.target) return this.target.lines(lines);
+    return this.attached.then((t) => t.lines(lines));
   }
   end(error?: Parameters<LogSink["end"]>[0]) {
-    this.deliver((t) => t.end(error));
+    if (this.target) this.target.end(error);
+    else void this.attached.then((t) => t.end(error));
   }
   attach(target: LogSink) {
     this.target = target;
-    for (const f of this.pending) f(target);
-    this.pending = [];
-  }
-  private deliver(f: (t: LogSink) => void) {
-    if (this.target) f(this.target);
-    else this.pending.push(f);
+    this.onAttach(target);
   }
 }
 
