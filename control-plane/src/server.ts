@@ -28,6 +28,9 @@ export { AGENT_PATH } from "@offshoot/shared";
 import { AGENT_LIMITS, AGENT_PATH } from "@offshoot/shared";
 import { makeIdsAhead } from "./services/instances/ids.ts";
 
+/** How often a waiter re-checks the database on its own (see Signals). */
+const WAIT_POLL_MS = 5_000;
+
 export interface RunningServer {
   url: string;
   port: number;
@@ -55,7 +58,9 @@ export async function startServer(
   // Replicas sharing a Postgres server coordinate over LISTEN/NOTIFY (services/bus.ts).
   const bus = database.pubsub ? await PgBus.start(database.pubsub, log) : undefined;
   const gateway = new NodeGateway(bus);
-  const signals = new Signals(bus);
+  // Wake-ups reach every waiter in this process, and other replicas' over the bus (which wakes
+  // everyone after it lost its connection), so the poll is only a backstop.
+  const signals = new Signals(bus, WAIT_POLL_MS);
   const ops = new Operations(db, gateway, signals, log);
   const services: Services = {
     db,

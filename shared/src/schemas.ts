@@ -67,6 +67,27 @@ export const Env = z
   )
   .refine((e) => Object.keys(e).length <= 256, "at most 256 environment variables");
 
+/** What one instance may carry as env, entrypoint and cmd together (their JSON, in UTF-8 bytes):
+ * enough for any program's configuration, small enough that a listing of many instances, sent
+ * as a stream, never holds much of it at once. */
+export const MAX_INSTANCE_METADATA_BYTES = 128 * 1024;
+
+/** Refuses a request whose env, entrypoint and cmd together exceed MAX_INSTANCE_METADATA_BYTES. */
+function metadataWithinLimit(
+  r: { env?: unknown; entrypoint?: unknown; cmd?: unknown },
+  ctx: z.core.$RefinementCtx,
+) {
+  const bytes = new TextEncoder().encode(
+    JSON.stringify({ env: r.env, entrypoint: r.entrypoint, cmd: r.cmd }),
+  ).length;
+  if (bytes > MAX_INSTANCE_METADATA_BYTES) {
+    ctx.addIssue({
+      code: "custom",
+      message: `env, entrypoint and cmd together may be at most ${MAX_INSTANCE_METADATA_BYTES} bytes of JSON; these are ${bytes}`,
+    });
+  }
+}
+
 function humanString(parse: (s: string) => number, example: string) {
   return z
     .string()
@@ -133,11 +154,13 @@ export const InstanceNetwork = z
   })
   .openapi("InstanceNetwork");
 
-/** The 22 fields of the contract's Instance, with their exact JSON names. */
+/** The contract's Instance (its 22 fields, plus `expires_at`, which the official client requires), with their exact JSON names. */
 export const Instance = z
   .object({
     id: z.string().openapi({ description: "CUID2", example: "tz4a98xxat96iws9zmbrgj3a" }),
     created_at: z.string().openapi({ format: "date-time" }),
+    /** Always null: instances do not expire here (a create with `ttl` or `expires_at` is 501). */
+    expires_at: z.string().nullable().openapi({ format: "date-time" }),
     image: z.string(),
     name: z.string(),
     state: InstanceState,
@@ -206,7 +229,10 @@ export const CreateInstanceRequest = z
     auto_standby: z.unknown().optional(),
     health_check: z.unknown().optional(),
     restart_policy: z.unknown().optional(),
+    ttl: z.unknown().optional(),
+    expires_at: z.unknown().optional(),
   })
+  .superRefine(metadataWithinLimit)
   .openapi("CreateInstanceRequest");
 export type CreateInstanceRequest = z.infer<typeof CreateInstanceRequest>;
 
@@ -224,6 +250,7 @@ export const StartInstanceRequest = z
     entrypoint: z.array(z.string().max(4096)).max(256).optional(),
     cmd: z.array(z.string().max(4096)).max(256).optional(),
   })
+  .superRefine(metadataWithinLimit)
   .openapi("StartInstanceRequest");
 export type StartInstanceRequest = z.infer<typeof StartInstanceRequest>;
 

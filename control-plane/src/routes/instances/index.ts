@@ -77,10 +77,29 @@ export function registerInstanceRoutes(app: Router) {
       if (!parsedTags.success)
         throw new InvalidRequestError(`tags: ${describeIssues(parsedTags.error)}`);
       const { state } = c.req.valid("query");
-      return c.json(
-        await listInstances(c.var.services, c.var.tenantId, { state, tags: parsedTags.data }),
-        200,
-      );
+      const pages = listInstances(c.var.services, c.var.tenantId, { state, tags: parsedTags.data });
+      // The first page is read before answering, so a failure is still a proper error; the
+      // rest is sent as it is read (a failure then cuts the response short).
+      const first = await pages.next();
+      const encoder = new TextEncoder();
+      let sent = 0;
+      const body = new ReadableStream<Uint8Array>({
+        async pull(controller) {
+          const page = sent === 0 ? first : await pages.next();
+          if (page.done) {
+            controller.enqueue(encoder.encode(sent === 0 ? "[]" : "]"));
+            controller.close();
+            return;
+          }
+          const items = page.value.map((i) => JSON.stringify(i)).join(",");
+          controller.enqueue(encoder.encode(`${sent === 0 ? "[" : ","}${items}`));
+          sent += page.value.length;
+        },
+        async cancel() {
+          await pages.return(undefined);
+        },
+      });
+      return c.body(body, 200, { "content-type": "application/json" }) as never;
     },
   );
 

@@ -32,6 +32,8 @@ const UNSUPPORTED = [
   "auto_standby",
   "health_check",
   "restart_policy",
+  "ttl",
+  "expires_at",
 ] as const;
 
 export function checkCreate(req: CreateInstanceRequest) {

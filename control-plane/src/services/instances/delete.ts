@@ -25,7 +25,7 @@ export async function deleteInstance(
   ref: string,
   call: Call = newCall(s),
 ): Promise<void> {
-  const { op, away, cancelled } = await transaction(s.db, async (tx) => {
+  const { op, away, cancelled, id } = await transaction(s.db, async (tx) => {
     const row = await lockInstance(tx, tenantId, ref);
     const [host] = await tx
       .select({ status: hosts.status })
@@ -70,10 +70,11 @@ export async function deleteInstance(
         data: { operation: op.id, reason: "deleted while host away; host cleans up on return" },
       });
     }
-    return { op, away, cancelled };
+    return { op, away, cancelled, id: row.id };
   });
   for (const id of cancelled) s.signals.notify(topics.operation(id));
   if (away) {
+    s.signals.notify(topics.instance(id));
     s.ops.send(op);
     return;
   }

@@ -26,7 +26,7 @@ import {
   type OperationRow,
   operations,
 } from "../../db/schema/index.ts";
-import { type Call, hostGrace, newCall, type Services, timeLeft } from "../context.ts";
+import { type Call, hostGrace, newCall, type Services, timeLeft, topics } from "../context.ts";
 import { commandError, insertOperations, newOperation } from "../operations.ts";
 import { admitLocked } from "../placement.ts";
 import { nameConflict } from "./errors.ts";
@@ -404,6 +404,7 @@ async function runFlow(
       .where(and(eq(operations.id, flowId), eq(operations.status, "pending")));
   if (!failure) {
     await finish(s.db);
+    s.signals.notify(topics.instance(p.target_id));
     return {};
   }
   const err = failure;
@@ -422,6 +423,7 @@ async function runFlow(
       await tx.delete(instances).where(eq(instances.id, p.target_id));
     }
   });
+  s.signals.notify(topics.instance(p.target_id));
   return { error: failure };
 }
 

@@ -3,7 +3,7 @@ import type { InstanceRow } from "../../db/schema/index.ts";
 
 const iso = (d: Date | null) => (d ? d.toISOString().replace(/\.\d{3}Z$/, "Z") : null);
 
-/** A database row as the API shows it: the contract's 22 fields, sizes human-readable. */
+/** A database row as the API shows it: the contract's fields, sizes human-readable. */
 export function present(r: InstanceRow): Instance {
   return {
     id: r.id,
@@ -12,6 +12,7 @@ export function present(r: InstanceRow): Instance {
     state: r.state,
     state_error: r.state === "Unknown" ? r.stateError : null,
     created_at: iso(r.createdAt) ?? "",
+    expires_at: null,
     started_at: iso(r.startedAt),
     stopped_at: iso(r.stoppedAt),
     size: formatSize(r.memoryBytes),

@@ -57,7 +57,10 @@ export async function waitForState(
     { signal },
   );
   // Nobody is listening any more: no last read.
-  if (signal?.aborted) throw new ClientGoneError();
+  if (signal?.aborted) {
+    s.log("debug", "wait ended: its client went away", { instance_id: id });
+    throw new ClientGoneError();
+  }
   const last = done ?? (await read());
   return {
     state: last.state,
