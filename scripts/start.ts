@@ -1,12 +1,13 @@
 // `npm start`: the control plane on the embedded database (or DATABASE_URL) plus one local
 // host agent running real QEMU guests, wired together; the agent imports the repo's busybox test
 // image (scripts/oci-image.ts) so there is something to boot. AGENT_DRIVER=sim simulates the
-// hypervisor instead. Stop with Ctrl-C.
+// hypervisor instead. Stop with Ctrl-C, SIGTERM or SIGHUP: the whole tree stops (guests keep
+// running, by design, and are named on the way out).
 import { spawn } from "node:child_process";
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
-import { eq } from "drizzle-orm";
-import { hosts } from "../control-plane/src/db/schema/index.ts";
+import { and, eq, notInArray } from "drizzle-orm";
+import { hosts, instances } from "../control-plane/src/db/schema/index.ts";
 import { loadEnv } from "../control-plane/src/env.ts";
 import { jsonLog } from "../control-plane/src/log.ts";
 import { startServer } from "../control-plane/src/server.ts";
@@ -14,8 +15,15 @@ import { createHost } from "../control-plane/src/services/credentials.ts";
 import { ensureTestImage, TEST_IMAGE } from "./oci-image.ts";
 import { ensureVmAssets } from "./vm-assets.ts";
 
-const env = loadEnv();
 const log = jsonLog("start");
+let env: ReturnType<typeof loadEnv>;
+try {
+  env = loadEnv();
+} catch (e) {
+  // A wrong setting is one line, not a stack trace.
+  process.stderr.write(`offshoot: ${e instanceof Error ? e.message : String(e)}\n`);
+  process.exit(2);
+}
 const server = await startServer(env, jsonLog("control-plane"));
 const dataDir = resolve(env.DATA_DIR);
 mkdirSync(dataDir, { recursive: true });
@@ -46,24 +54,59 @@ const agent = spawn(process.execPath, ["--import", "tsx", "host-agent/src/main.t
     AGENT_HOST_NAME: "local",
     AGENT_DRIVER: driver,
     AGENT_IMAGES: images,
+    // The agent stops with this process, even one killed too hard to stop it itself.
+    AGENT_PARENT_PID: String(process.pid),
   },
 });
+const agentExited = new Promise<void>((resolve) => agent.once("exit", () => resolve()));
 let stopping = false;
-const stop = async (code: number) => {
+const stop = async (code: number, why: string) => {
   if (stopping) return;
   stopping = true;
+  log("info", "stopping", { why });
   agent.kill("SIGTERM");
+  await agentExited;
+  await sayWhatKeepsRunning().catch((e: unknown) =>
+    log("warn", "could not list the guests left running", { error: String(e) }),
+  );
   await server.close();
   process.exit(code);
 };
 agent.on("exit", (code) => {
   if (!stopping) {
     log("error", "local agent exited", { code });
-    void stop(1);
+    void stop(1, "the local agent exited");
   }
 });
-process.on("SIGINT", () => void stop(0));
-process.on("SIGTERM", () => void stop(0));
+for (const signal of ["SIGINT", "SIGTERM", "SIGHUP"] as const) {
+  process.on(signal, () => void stop(0, signal));
+}
+// `npm start` runs this under npm and a shell: a SIGTERM to npm ends those two but reaches no
+// further, so a parent that is gone means stop.
+const parent = process.ppid;
+setInterval(() => {
+  if (process.ppid !== parent) void stop(0, "the process that started this one exited");
+}, 500).unref();
+
+/** Guests outlive their agent by design (a restarted agent re-attaches to them): say which. */
+async function sayWhatKeepsRunning(): Promise<void> {
+  const [local] = await server.services.db
+    .select({ id: hosts.id })
+    .from(hosts)
+    .where(eq(hosts.name, "local"));
+  if (!local) return;
+  const running = await server.services.db
+    .select({ name: instances.name, state: instances.state })
+    .from(instances)
+    .where(
+      and(eq(instances.hostId, local.id), notInArray(instances.state, ["Stopped", "Standby"])),
+    );
+  if (running.length === 0) return;
+  log("info", "guests keep running after this exits; the next npm start re-attaches to them", {
+    guests: running.map((r) => `${r.name} (${r.state})`),
+    stop_them_first: "POST /instances/{name}/stop, or DELETE /instances/{name}",
+  });
+}
 
 // "ready" once the agent has connected, so that a request right after it finds the host.
 const spawnedAt = new Date(Date.now() - 1000); // the database's clock may be a little behind

@@ -16,6 +16,7 @@ import { type AppEnv, newRouter } from "./routes/common.ts";
 import { registerImageRoutes } from "./routes/images.ts";
 import { registerInstanceRoutes } from "./routes/instances/index.ts";
 import { referencePage } from "./routes/reference.ts";
+import { registerUnsupportedRoutes, UNSUPPORTED_PREFIXES } from "./routes/unsupported.ts";
 import { newCall, type Services } from "./services/context.ts";
 import type { Credentials } from "./services/credentials.ts";
 import { parseWaitTimeout } from "./services/instances/wait.ts";
@@ -242,13 +243,16 @@ export function createApp({ services, credentials, mountAgentEndpoint }: AppDeps
     }
   };
 
-  for (const path of ["/instances", "/instances/*", "/images", "/images/*"]) {
-    app.use(path, authed);
-    app.use(path, requestDeadline);
+  for (const prefix of ["/instances", "/images", ...UNSUPPORTED_PREFIXES]) {
+    for (const path of [prefix, `${prefix}/*`]) {
+      app.use(path, authed);
+      app.use(path, requestDeadline);
+    }
   }
 
   registerInstanceRoutes(app);
   registerImageRoutes(app);
+  registerUnsupportedRoutes(app);
   return app;
 }
 export type App = ReturnType<typeof createApp>;

@@ -17,6 +17,12 @@ const Env = z.object({
   HOST_GRACE_MS: z.coerce.number().int().min(100).default(15_000),
   /** Longest an API request waits for a host command before answering 504. */
   COMMAND_TIMEOUT_MS: z.coerce.number().int().min(100).default(120_000),
+  /** vCPUs a host may be promised per vCPU it offers: they are time-shared, as on Hypeman's and
+   * Fly's hosts. 1 = never overcommitted. */
+  VCPU_OVERCOMMIT: z.coerce.number().min(1).max(64).default(4),
+  /** Memory a host may be promised per byte it offers. Guest memory is not shared, so 1 (never
+   * overcommitted) unless an operator knows better. */
+  MEMORY_OVERCOMMIT: z.coerce.number().min(1).max(4).default(1),
   /** How often fork flows left pending (by a replica that died mid-flow, or a previous run of
    * this one) are picked up and driven on. */
   FORK_RESUME_MS: z.coerce.number().int().min(100).default(5_000),

@@ -11,7 +11,15 @@ process.on("unhandledRejection", (reason) => {
     stack: reason instanceof Error ? reason.stack : undefined,
   });
 });
-const server = await startServer(loadEnv(), log);
+let env: ReturnType<typeof loadEnv>;
+try {
+  env = loadEnv();
+} catch (e) {
+  // A wrong setting is one line, not a stack trace.
+  process.stderr.write(`offshoot: ${e instanceof Error ? e.message : String(e)}\n`);
+  process.exit(2);
+}
+const server = await startServer(env, log);
 
 let stopping = false;
 for (const sig of ["SIGTERM", "SIGINT"] as const) {

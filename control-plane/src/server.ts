@@ -1,10 +1,12 @@
 import type { Server } from "node:http";
 import type { AddressInfo } from "node:net";
 import { serve, upgradeWebSocket } from "@hono/node-server";
+import { eq } from "drizzle-orm";
 import { WebSocketServer } from "ws";
 import { createApp } from "./app.ts";
 import type { Database } from "./db/client.ts";
 import { openDatabase } from "./db/open.ts";
+import { apiKeys } from "./db/schema/index.ts";
 import type { Env } from "./env.ts";
 import { NodeGateway } from "./gateway/node.ts";
 import type { Log } from "./log.ts";
@@ -12,10 +14,12 @@ import type { Router } from "./routes/common.ts";
 import { PgBus } from "./services/bus.ts";
 import { DatabaseHealth, type Services } from "./services/context.ts";
 import {
+  BOOTSTRAP_KEY,
   Credentials,
   createApiKey,
   DEFAULT_TENANT,
   ensureTenant,
+  revokeKeysNamed,
   tenantHasKeys,
 } from "./services/credentials.ts";
 import { sweepUnlessDatabaseFailed } from "./services/hosts.ts";
@@ -160,7 +164,15 @@ export async function startServer(
 async function ensureDefaultKey(s: Services, env: Env, log: Log): Promise<void> {
   const tenantId = await ensureTenant(s.db, DEFAULT_TENANT);
   if (env.HYPEMAN_API_KEY) {
-    await createApiKey(s.db, tenantId, { secret: env.HYPEMAN_API_KEY, name: "HYPEMAN_API_KEY" });
+    // The bootstrap key is the one given now: one given to an earlier start stops working.
+    const { id } = await createApiKey(s.db, tenantId, {
+      secret: env.HYPEMAN_API_KEY,
+      name: BOOTSTRAP_KEY,
+    });
+    // Given again after another replaced it, it works again: the environment says so.
+    await s.db.update(apiKeys).set({ revokedAt: null }).where(eq(apiKeys.id, id));
+    const revoked = await revokeKeysNamed(s.db, tenantId, BOOTSTRAP_KEY, id);
+    if (revoked > 0) log("info", "revoked the previous HYPEMAN_API_KEY", { keys: revoked });
     return;
   }
   if (!(await tenantHasKeys(s.db, tenantId))) {

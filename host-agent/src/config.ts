@@ -125,6 +125,13 @@ const Env = z.object({
       }
       return z.NEVER;
     }),
+  // Stop when the process with this pid is no longer this agent's parent (`npm start` sets it,
+  // so that its agent cannot outlive it). Unset on real hosts.
+  AGENT_PARENT_PID: z.coerce
+    .number({ error: POSITIVE_INT })
+    .int(POSITIVE_INT)
+    .positive(POSITIVE_INT)
+    .optional(),
   // Sim only: where the simulated hypervisor keeps its instances (default <AGENT_DATA_DIR>/sim).
   // Its files stand in for hypervisor processes: they must outlive the agent, not the machine,
   // so a tmpfs such as /dev/shm will do, as /run does for a real hypervisor's runtime state.
@@ -167,6 +174,8 @@ export interface AgentConfig {
   hostName: string;
   driver: "sim" | "qemu";
   capacity: { vcpus: number; memory_bytes: number };
+  /** Stop when this process is no longer the agent's parent. */
+  parentPid?: number;
   sim: SimConfig;
   qemu: {
     accel: "auto" | "kvm" | "tcg";
@@ -200,6 +209,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): AgentConfig {
     hostName: e.AGENT_HOST_NAME,
     driver: e.AGENT_DRIVER,
     capacity: { vcpus: e.AGENT_VCPUS, memory_bytes: e.AGENT_MEMORY },
+    ...(e.AGENT_PARENT_PID !== undefined && { parentPid: e.AGENT_PARENT_PID }),
     sim: {
       ...(e.SIM_STATE_DIR ? { stateDir: path.resolve(e.SIM_STATE_DIR) } : {}),
       latencyMs: e.SIM_LATENCY_MS,

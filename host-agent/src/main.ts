@@ -10,12 +10,13 @@ process.stdout.on("error", (err: NodeJS.ErrnoException) => {
 });
 
 async function main(): Promise<void> {
-  const agent = await startAgent(loadConfig());
+  const config = loadConfig();
+  const agent = await startAgent(config);
   let stopping = false;
-  const shutdown = (signal: NodeJS.Signals) => {
+  const shutdown = (why: string) => {
     if (stopping) return;
     stopping = true;
-    log("info", "signal received", { signal });
+    log("info", "stopping", { why });
     agent.stop().then(
       () => process.exit(0),
       (err: unknown) => {
@@ -26,6 +27,11 @@ async function main(): Promise<void> {
   };
   process.once("SIGTERM", shutdown);
   process.once("SIGINT", shutdown);
+  if (config.parentPid !== undefined) {
+    setInterval(() => {
+      if (process.ppid !== config.parentPid) shutdown("its parent process exited");
+    }, 500).unref();
+  }
 }
 
 main().catch((err: unknown) => {

@@ -12,6 +12,9 @@ export const ERROR_STATUS = {
   name_conflict: 409,
   insufficient_resources: 409,
   conflict: 409,
+  /** The guest did not boot (the hypervisor or the guest's kernel gave up): the message carries
+   * what they said. Usually the request's doing (too little memory, a broken image). */
+  boot_failed: 422,
   internal_error: 500,
   /** The agent restarted mid-command and rolled it back (see host-agent commands.ts). */
   interrupted: 500,

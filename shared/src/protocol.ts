@@ -132,6 +132,8 @@ export const DriverCapabilities = z.object({
   volumes: z.boolean(),
   /** Instances need an image this host has imported (reported in hello's `images`). */
   images: z.boolean().default(false),
+  /** The smallest guest memory this host's guests boot with (a request for less is refused). */
+  min_memory_bytes: z.number().int().nonnegative().default(0),
 });
 export type DriverCapabilities = z.infer<typeof DriverCapabilities>;
 

@@ -252,8 +252,23 @@ describe("real VMs (QEMU) through the API", { timeout: 120_000 }, () => {
       what: "the Standby fork to count once restored",
     });
     expect(resumed).toBe(last + 1);
+    // A follower of its console ends once the guest has powered off; the stop reports how the
+    // program ended (the guest's init SIGTERMs it: 143).
+    const following = (async () => {
+      const lines: string[] = [];
+      for await (const line of await client.instances.logs("many-b", { follow: true, tail: 1 }))
+        lines.push(line);
+      return lines;
+    })();
+    const halted = await client.instances.stop("many-b");
+    expect(halted).toMatchObject({
+      state: "Stopped",
+      exit_code: 143,
+      exit_message: "killed by signal 15 (SIGTERM)",
+    });
+    const followed = await following;
+    expect(followed.join("\n")).toMatch(/OFFSHOOT-INIT \{"event":"exit","code":143/);
     // A fork from a Stopped source boots: its program starts over (a fresh count).
-    await client.instances.stop("many-b");
     const cold = await client.instances.fork("many-b", { name: "many-c", target_state: "Running" });
     expect(cold.state).toBe("Running");
     const fresh = await waitFor(async () => (await counts("many-c"))[0], {

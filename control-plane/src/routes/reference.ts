@@ -24,6 +24,13 @@ fetch("/openapi.json").then((r) => r.json()).then((doc) => {
     for (const [method, op] of Object.entries(item)) {
       html += '<h2><span class="m ' + method + '">' + method.toUpperCase() + '</span><code>' + esc(path) + '</code></h2>';
       html += '<p>' + esc(op.summary) + (op.description ? ' — ' + esc(op.description) : '') + '</p>';
+      const params = (op.parameters || []).map((p) => {
+        const s = ref(doc, p.schema) || {};
+        const kind = s.enum ? s.enum.join(" | ") : (s.type || "");
+        const dflt = s.default !== undefined ? ' (default ' + JSON.stringify(s.default) + ')' : '';
+        return '<tr><td><code>' + esc(p.name) + '</code></td><td>' + esc(p.in) + (p.required ? ', required' : '') + '</td><td>' + esc(kind + dflt) + '</td><td>' + esc(p.description || s.description) + '</td></tr>';
+      });
+      if (params.length) html += '<p>Parameters:</p><table>' + params.join("") + '</table>';
       const body = op.requestBody && op.requestBody.content["application/json"];
       if (body) html += '<p>Body:</p><pre>' + esc(JSON.stringify(ref(doc, body.schema), null, 2)) + '</pre>';
       html += '<table>' + Object.entries(op.responses).map(([code, r]) => '<tr><td><code>' + code + '</code></td><td>' + esc(r.description) + '</td></tr>').join("") + '</table>';

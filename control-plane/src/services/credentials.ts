@@ -1,5 +1,5 @@
 import { createHash, randomBytes } from "node:crypto";
-import { and, eq, isNull } from "drizzle-orm";
+import { and, eq, isNull, ne } from "drizzle-orm";
 import type { Db } from "../db/client.ts";
 import { apiKeys, hosts, tenants } from "../db/schema/index.ts";
 
@@ -8,6 +8,8 @@ export const hashSecret = (secret: string) => createHash("sha256").update(secret
 const newSecret = (prefix: string) => `${prefix}_${randomBytes(24).toString("base64url")}`;
 
 export const DEFAULT_TENANT = "default";
+/** The name of the key `HYPEMAN_API_KEY` makes at start-up. */
+export const BOOTSTRAP_KEY = "HYPEMAN_API_KEY";
 
 export async function ensureTenant(db: Db, name: string): Promise<string> {
   await db.insert(tenants).values({ name }).onConflictDoNothing({ target: tenants.name });
@@ -46,6 +48,28 @@ export async function tenantHasKeys(db: Db, tenantId: string): Promise<boolean> 
     .where(and(eq(apiKeys.tenantId, tenantId), isNull(apiKeys.revokedAt)))
     .limit(1);
   return rows.length > 0;
+}
+
+/** Revokes the tenant's keys named `name` except `keep`; returns how many. */
+export async function revokeKeysNamed(
+  db: Db,
+  tenantId: string,
+  name: string,
+  keep: string,
+): Promise<number> {
+  const rows = await db
+    .update(apiKeys)
+    .set({ revokedAt: new Date() })
+    .where(
+      and(
+        eq(apiKeys.tenantId, tenantId),
+        eq(apiKeys.name, name),
+        ne(apiKeys.id, keep),
+        isNull(apiKeys.revokedAt),
+      ),
+    )
+    .returning({ id: apiKeys.id });
+  return rows.length;
 }
 
 export async function revokeApiKey(db: Db, keyId: string): Promise<boolean> {

@@ -1,6 +1,13 @@
 // Images as the API shows them: what connected hosts reported in hello (hosts import and convert
 // images; the control plane only knows what they hold). Images are shared by every tenant.
-import { type Image, type ImageInfo, NotFoundError, normalizeImageRef } from "@offshoot/shared";
+import {
+  formatSize,
+  type Image,
+  type ImageInfo,
+  InvalidRequestError,
+  NotFoundError,
+  normalizeImageRef,
+} from "@offshoot/shared";
 import type { Executor } from "../db/client.ts";
 import { hosts } from "../db/schema/index.ts";
 import { type HostRow, online } from "./placement.ts";
@@ -47,17 +54,35 @@ export function lacksImage(host: HostRow, image: string): string | undefined {
   return `image ${image} not found on host ${host.name}`;
 }
 
-/** 404 unless some connected host can boot `image` (checked before placement, which then
- * only considers such hosts). */
-export async function requireImage(
+/** Why `host` cannot boot a guest of `memoryBytes`, or undefined if it can. */
+export function tooSmall(host: HostRow, memoryBytes: number): string | undefined {
+  const min = host.capabilities?.min_memory_bytes ?? 0;
+  return memoryBytes < min
+    ? `size ${formatSize(memoryBytes)} is below the smallest guest host ${host.name} boots (${formatSize(min)})`
+    : undefined;
+}
+
+/** 404 unless some connected host can boot `image`; 400 if every host that has it needs more
+ * memory than `memoryBytes` (checked before placement, which then only considers hosts that
+ * can). */
+export async function requireBootable(
   db: Executor,
   graceMs: number | null,
   image: string,
+  memoryBytes: number,
 ): Promise<void> {
   const candidates = await db.select().from(hosts).where(online(graceMs));
-  if (candidates.length > 0 && candidates.every((h) => lacksImage(h, image))) {
+  if (candidates.length === 0) return; // placement says no host is connected
+  const withImage = candidates.filter((h) => !lacksImage(h, image));
+  if (withImage.length === 0) {
     throw new NotFoundError(
       `image ${image} not found: no connected host has imported it (GET /images lists them)`,
+    );
+  }
+  if (withImage.every((h) => tooSmall(h, memoryBytes))) {
+    const min = Math.min(...withImage.map((h) => h.capabilities?.min_memory_bytes ?? 0));
+    throw new InvalidRequestError(
+      `size ${formatSize(memoryBytes)} is below the smallest guest the hosts boot (${formatSize(min)})`,
     );
   }
 }

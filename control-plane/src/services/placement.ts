@@ -9,6 +9,7 @@ import {
 import { and, eq, gt, inArray, ne, or, type SQL, sql } from "drizzle-orm";
 import { selectRows, type Tx } from "../db/client.ts";
 import { hosts, instances, operations } from "../db/schema/index.ts";
+import type { Env } from "../env.ts";
 
 export type HostRow = typeof hosts.$inferSelect;
 
@@ -59,14 +60,38 @@ export async function usage(tx: Tx, hostId: string | SQL, exclude?: string | SQL
   return { vcpus: Number(row?.vcpus ?? 0), memoryBytes: Number(row?.memoryBytes ?? 0) };
 }
 
-function fits(host: HostRow, used: Need, need: Need): boolean {
+/**
+ * How far a host's vCPUs and memory may be promised beyond what it has (VCPU_OVERCOMMIT,
+ * MEMORY_OVERCOMMIT). vCPUs are time-shared, so a host can run more of them than it has cores;
+ * memory is not, so by default it is promised only as far as it exists.
+ */
+export interface Overcommit {
+  vcpus: number;
+  memory: number;
+}
+
+export const overcommitOf = (env: Pick<Env, "VCPU_OVERCOMMIT" | "MEMORY_OVERCOMMIT">) => ({
+  vcpus: env.VCPU_OVERCOMMIT,
+  memory: env.MEMORY_OVERCOMMIT,
+});
+
+/** What a host may hold, overcommit included. */
+const capacity = (host: HostRow, over: Overcommit): Need => ({
+  vcpus: Math.floor(host.vcpus * over.vcpus),
+  memoryBytes: Math.floor(host.memoryBytes * over.memory),
+});
+
+function fits(host: HostRow, used: Need, need: Need, over: Overcommit): boolean {
+  const cap = capacity(host, over);
   return (
-    used.vcpus + need.vcpus <= host.vcpus && used.memoryBytes + need.memoryBytes <= host.memoryBytes
+    used.vcpus + need.vcpus <= cap.vcpus && used.memoryBytes + need.memoryBytes <= cap.memoryBytes
   );
 }
 
-const shortfall = (host: HostRow, used: Need, need: Need) =>
-  `host ${host.name} has ${host.vcpus - used.vcpus} vCPUs and ${formatSize(Math.max(0, host.memoryBytes - used.memoryBytes))} free; ${need.vcpus} vCPUs and ${formatSize(need.memoryBytes)} needed`;
+const shortfall = (host: HostRow, used: Need, need: Need, over: Overcommit) => {
+  const cap = capacity(host, over);
+  return `host ${host.name} has ${Math.max(0, cap.vcpus - used.vcpus)} vCPUs and ${formatSize(Math.max(0, cap.memoryBytes - used.memoryBytes))} free; ${need.vcpus} vCPUs and ${formatSize(need.memoryBytes)} needed`;
+};
 
 /**
  * Picks a connected host with room for `need` and locks its row for the rest of the
@@ -77,6 +102,7 @@ const shortfall = (host: HostRow, used: Need, need: Need) =>
 export async function placeInstance(
   tx: Tx,
   graceMs: number | null,
+  over: Overcommit,
   need: Need,
   hypervisor: Hypervisor | undefined,
   requires: (host: HostRow) => string | undefined,
@@ -100,12 +126,12 @@ export async function placeInstance(
   );
   const free = (h: HostRow) => h.memoryBytes - (used.get(h.id)?.memoryBytes ?? 0);
   const ranked = capable
-    .filter((h) => fits(h, used.get(h.id) ?? { vcpus: 0, memoryBytes: 0 }, need))
+    .filter((h) => fits(h, used.get(h.id) ?? { vcpus: 0, memoryBytes: 0 }, need, over))
     .sort((a, b) => free(b) - free(a));
   for (const h of ranked) {
     const [locked] = await tx.select().from(hosts).where(eq(hosts.id, h.id)).for("update");
     if (!locked) continue;
-    if (fits(locked, await usage(tx, h.id), need)) {
+    if (fits(locked, await usage(tx, h.id), need, over)) {
       const hv = hypervisor ?? locked.capabilities?.hypervisors[0];
       if (hv) return { host: locked, hypervisor: hv };
     }
@@ -113,7 +139,7 @@ export async function placeInstance(
   const best = [...capable].sort((a, b) => free(b) - free(a))[0];
   throw new InsufficientResourcesError(
     best
-      ? `no host has room: ${shortfall(best, used.get(best.id) ?? { vcpus: 0, memoryBytes: 0 }, need)}`
+      ? `no host has room: ${shortfall(best, used.get(best.id) ?? { vcpus: 0, memoryBytes: 0 }, need, over)}`
       : "no host has room",
   );
 }
@@ -157,6 +183,7 @@ export async function admitLocked(
   host: HostRow | undefined,
   hostId: string,
   need: Need | undefined,
+  over: Overcommit,
   excludeInstanceId?: string,
   used?: Need,
 ): Promise<HostRow> {
@@ -166,7 +193,9 @@ export async function admitLocked(
   }
   if (need) {
     used ??= await usage(tx, hostId, excludeInstanceId);
-    if (!fits(host, used, need)) throw new InsufficientResourcesError(shortfall(host, used, need));
+    if (!fits(host, used, need, over)) {
+      throw new InsufficientResourcesError(shortfall(host, used, need, over));
+    }
   }
   return host;
 }

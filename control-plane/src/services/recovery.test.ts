@@ -39,6 +39,7 @@ const CAPS: DriverCapabilities = {
   disk_io_limit: true,
   volumes: true,
   images: false,
+  min_memory_bytes: 0,
 };
 
 const ipNum = (ip: string) => ip.split(".").reduce((n, x) => n * 256 + Number(x), 0);

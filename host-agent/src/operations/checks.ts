@@ -3,7 +3,9 @@
 import {
   ApiError,
   type DriverCapabilities,
+  formatSize,
   type InstanceSpec,
+  InvalidRequestError,
   InvalidStateError,
   NotFoundError,
   NotSupportedError,
@@ -47,4 +49,9 @@ export function checkSpec(caps: DriverCapabilities, spec: InstanceSpec): void {
   if (spec.volumes.length > 0 && !caps.volumes) throw missing("volumes");
   if (spec.disk_io_bps !== null && !caps.disk_io_limit) throw missing("disk I/O limits");
   if (spec.hotplug_bytes > 0 && !caps.hotplug_memory) throw missing("memory hotplug");
+  if (spec.memory_bytes < caps.min_memory_bytes) {
+    throw new InvalidRequestError(
+      `size ${formatSize(spec.memory_bytes)} is below the smallest guest this host boots (${formatSize(caps.min_memory_bytes)})`,
+    );
+  }
 }

@@ -283,7 +283,22 @@ export function registerInstanceRoutes(app: Router) {
       security,
       request: {
         params: IdParam,
-        query: z.object({ state: InstanceState, timeout: z.string().max(32).optional() }),
+        query: z.object({
+          state: InstanceState.openapi({
+            param: { name: "state", in: "query" },
+            description: "The state to wait for",
+          }),
+          timeout: z
+            .string()
+            .max(32)
+            .optional()
+            .openapi({
+              param: { name: "timeout", in: "query" },
+              description:
+                'How long to wait, as a Go duration ("30s", "2m"); default "60s", at most 5m',
+              example: "60s",
+            }),
+        }),
       },
       responses: {
         200: { description: "Wait finished", content: json(WaitForStateResponse) },
@@ -320,9 +335,29 @@ export function registerInstanceRoutes(app: Router) {
       request: {
         params: IdParam,
         query: z.object({
-          tail: z.coerce.number().int().min(0).max(100_000).default(100),
-          follow: z.enum(["true", "false"]).default("false"),
-          source: LogSource.default("app"),
+          tail: z.coerce
+            .number()
+            .int()
+            .min(0)
+            .max(100_000)
+            .default(100)
+            .openapi({
+              param: { name: "tail", in: "query" },
+              description: "How many of the last lines to send first",
+            }),
+          follow: z
+            .enum(["true", "false"])
+            .default("false")
+            .openapi({
+              param: { name: "follow", in: "query" },
+              description:
+                "Keep sending lines as they are written; a guest console's stream ends once the guest is Stopped",
+            }),
+          source: LogSource.default("app").openapi({
+            param: { name: "source", in: "query" },
+            description:
+              "app: the guest's console; vmm: the hypervisor's output; hypeman: the operations run on the instance",
+          }),
         }),
       },
       responses: {

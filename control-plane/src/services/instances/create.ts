@@ -3,16 +3,18 @@ import {
   type CreateInstanceRequest,
   type Instance,
   InvalidRequestError,
+  NameConflictError,
   NotSupportedError,
   normalizeImageRef,
   parseRate,
   parseSize,
 } from "@offshoot/shared";
+import { and, eq } from "drizzle-orm";
 import { transaction } from "../../db/client.ts";
 import { instances } from "../../db/schema/index.ts";
 import { type Call, hostGrace, newCall, type Services } from "../context.ts";
-import { lacksImage, requireImage } from "../images.ts";
-import { placeInstance } from "../placement.ts";
+import { lacksImage, requireBootable, tooSmall } from "../images.ts";
+import { overcommitOf, placeInstance } from "../placement.ts";
 import { nameConflict } from "./errors.ts";
 import { newInstanceId } from "./ids.ts";
 import { present } from "./present.ts";
@@ -81,11 +83,18 @@ export async function createInstance(
   const vcpus = req.vcpus ?? 2;
   const networkEnabled = req.network?.enabled ?? true;
   const volumes = req.volumes ?? [];
-  await requireImage(s.db, hostGrace(s), req.image);
+  // Checked in Hypeman's order: the name first, then what the request needs of a host.
+  const [taken] = await s.db
+    .select({ id: instances.id })
+    .from(instances)
+    .where(and(eq(instances.tenantId, tenantId), eq(instances.name, req.name)));
+  if (taken) throw new NameConflictError(`an instance named ${req.name} already exists`);
+  await requireBootable(s.db, hostGrace(s), req.image, sizes.memoryBytes);
   const op = await transaction(s.db, async (tx) => {
     const { host, hypervisor } = await placeInstance(
       tx,
       hostGrace(s),
+      overcommitOf(s.env),
       { vcpus, memoryBytes: sizes.memoryBytes + sizes.hotplugBytes },
       req.hypervisor,
       (h) => {
@@ -95,7 +104,7 @@ export async function createInstance(
         if (sizes.diskIoBps !== null && !caps?.disk_io_limit)
           return `host ${h.name} cannot limit disk I/O`;
         if (volumes.length > 0 && !caps?.volumes) return `host ${h.name} cannot attach volumes`;
-        return lacksImage(h, req.image);
+        return tooSmall(h, sizes.memoryBytes) ?? lacksImage(h, req.image);
       },
     );
     const [row] = await tx

@@ -5,6 +5,7 @@ import {
   HostCommandError,
   type Instance,
   InvalidStateError,
+  NameConflictError,
   NotSupportedError,
   type Operation,
   TimeoutError,
@@ -28,7 +29,7 @@ import {
 } from "../../db/schema/index.ts";
 import { type Call, hostGrace, newCall, type Services, timeLeft, topics } from "../context.ts";
 import { commandError, insertOperations, newOperation } from "../operations.ts";
-import { admitLocked } from "../placement.ts";
+import { admitLocked, overcommitOf } from "../placement.ts";
 import { nameConflict } from "./errors.ts";
 import { newInstanceId } from "./ids.ts";
 import { assertIdle, lockChecked } from "./lifecycle.ts";
@@ -60,13 +61,16 @@ export async function forkInstance(
       host: lockedHost,
       address,
       used,
+      nameTaken,
     } = await lockChecked(tx, hostGrace(s), tenantId, ref, {
       address: true,
+      name: req.name,
       // A fork to Running needs room (target_state defaults to a Running source's state).
       ...((req.target_state ?? (req.from_running ? "Running" : undefined)) === "Running" && {
         usage: "all",
       }),
     });
+    if (nameTaken) throw new NameConflictError(`an instance named ${req.name} already exists`);
     const writable = src.volumes.find((v) => !v.readonly);
     if (writable) {
       throw new NotSupportedError(
@@ -92,6 +96,7 @@ export async function forkInstance(
       lockedHost,
       src.hostId,
       targetState === "Running" ? need : undefined,
+      overcommitOf(s.env),
       undefined,
       used,
     );

@@ -5,12 +5,19 @@ import {
   NotSupportedError,
   type Operation,
 } from "@offshoot/shared";
-import type { SQL } from "drizzle-orm";
+import { type SQL, sql } from "drizzle-orm";
 import { issued, statement, type Tx, transactionEndingWith } from "../../db/client.ts";
 import type { InstanceRow, OperationRow } from "../../db/schema/index.ts";
 import { type Call, hostGrace, type Services } from "../context.ts";
 import { conflicts, insertOperations, newOperation, strongestHold } from "../operations.ts";
-import { admitLocked, type HostRow, lockOnlineHost, type Need, usage } from "../placement.ts";
+import {
+  admitLocked,
+  type HostRow,
+  lockOnlineHost,
+  type Need,
+  overcommitOf,
+  usage,
+} from "../placement.ts";
 import { present } from "./present.ts";
 import { exactly, lockInstance, namesExactly, rowAfter } from "./resolve.ts";
 import { freeAddress } from "./spec.ts";
@@ -39,6 +46,8 @@ export interface Checked {
   address: string | null;
   /** What the host's instances use, asked after the host's lock (undefined: not asked). */
   used: Need | undefined;
+  /** Whether the tenant has an instance named `ask.name` (false: not asked). */
+  nameTaken: boolean;
 }
 
 /**
@@ -54,7 +63,7 @@ export async function lockChecked(
   graceMs: number | null,
   tenantId: string,
   ref: string,
-  ask: { address?: boolean; usage?: "all" | "others" } = {},
+  ask: { address?: boolean; usage?: "all" | "others"; name?: string } = {},
 ): Promise<Checked> {
   const questions = (id: string | SQL, hostId: string | SQL) =>
     Promise.all([
@@ -63,14 +72,25 @@ export async function lockChecked(
       ask.address ? freeAddress(tx, hostId) : null,
       ask.usage ? usage(tx, hostId, ask.usage === "others" ? id : undefined) : undefined,
     ]);
-  const [row, answers] = await Promise.all([
+  const [row, answers, nameTaken] = await Promise.all([
     lockInstance(tx, tenantId, ref),
     questions(exactly(tenantId, ref, "id"), exactly(tenantId, ref, "host_id")),
+    ask.name === undefined ? false : nameInUse(tx, tenantId, ask.name),
   ]);
   const [held, host, address, used] = namesExactly(row, ref)
     ? answers
     : await questions(row.id, row.hostId);
-  return { row, held, host, address, used };
+  return { row, held, host, address, used, nameTaken };
+}
+
+/** Whether the tenant has an instance named `name` (the unique index is what stops a race; this
+ * only lets the conflict be reported before other checks, as Hypeman does). */
+async function nameInUse(tx: Tx, tenantId: string, name: string): Promise<boolean> {
+  const [r] = await statement(
+    tx,
+    sql`select exists(select 1 from instances where tenant_id = ${tenantId} and name = ${name}) as taken`,
+  );
+  return r?.taken === true;
 }
 
 export function assertState(row: InstanceRow, verb: string, from: readonly InstanceState[]) {
@@ -111,7 +131,15 @@ export async function runVerb(
     const need = verb.resident
       ? { vcpus: row.vcpus, memoryBytes: row.memoryBytes + row.hotplugBytes }
       : undefined;
-    const admitted = await admitLocked(tx, host, row.hostId, need, row.id, used);
+    const admitted = await admitLocked(
+      tx,
+      host,
+      row.hostId,
+      need,
+      overcommitOf(s.env),
+      row.id,
+      used,
+    );
     verb.check?.(admitted, row);
     const op = newOperation({
       tenantId,

@@ -5,7 +5,7 @@ import { mkdir, writeFile } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
-import type { InstanceSpec, ObservedInstance } from "@offshoot/shared";
+import type { ApiError, InstanceSpec, ObservedInstance } from "@offshoot/shared";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { ensureTestImage } from "../../../../scripts/oci-image.ts";
 import { ensureVmAssets, type VmAssets } from "../../../../scripts/vm-assets.ts";
@@ -303,6 +303,20 @@ describe("QemuDriver", () => {
     // One agent per data dir: a second driver polling it would take the next test's events.
     await again.close();
   }, 240_000);
+
+  it("a guest that cannot boot fails its create with boot_failed and what QEMU and the guest said", async () => {
+    const driver = newDriver();
+    // Below what the kernel and /init need (the control plane and the agent's checks refuse this
+    // size before a driver sees it; this is the driver's own answer).
+    const err = await driver.create(spec("tiny", { memory_bytes: 48 * 1024 * 1024 }), ctx()).then(
+      () => undefined,
+      (e: unknown) => e as ApiError,
+    );
+    expect(err?.code).toBe("boot_failed");
+    expect(err?.message).toMatch(/^QEMU for tiny exited during boot: /);
+    expect(driver.capabilities().min_memory_bytes).toBeGreaterThan(48 * 1024 * 1024);
+    await driver.delete("tiny", ctx());
+  }, 120_000);
 
   it("reports a guest program's exit as a Stopped event with its code", async () => {
     const driver = newDriver();

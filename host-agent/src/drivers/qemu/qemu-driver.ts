@@ -81,6 +81,10 @@ const MAX_BANDWIDTH = 10 * 1024 * MiB;
 
 const now = () => new Date().toISOString();
 
+/** The cloud kernel and /init need about 80 MiB to boot (64 MiB panics before /init; measured
+ * under TCG); the smallest guest offered leaves room for the program. */
+export const MIN_GUEST_MEMORY = 128 * 1024 * 1024;
+
 /**
  * A guest's devices, in the order a device-state stream expects to load into: its three disks
  * — the image's rootfs, its own disk, its config disk — and its NIC when it has a MAC. /init
@@ -156,6 +160,7 @@ export class QemuDriver implements Driver {
       disk_io_limit: true,
       volumes: false,
       images: true,
+      min_memory_bytes: MIN_GUEST_MEMORY,
     };
   }
 
@@ -263,12 +268,16 @@ export class QemuDriver implements Driver {
   async stop(id: string, ctx: OpContext): Promise<ObservedInstance> {
     return this.locked(id, async () => {
       const rec = await this.load(id);
-      const out = stopped(rec, { code: null, message: null });
+      let out = stopped(rec, { code: null, message: null });
       await runSteps(ctx.steps, [
         {
           name: "shutdown",
           run: async () => {
             if (rec.pid !== null) await this.shutdown(id, rec.pid);
+            // The program's own end, when it came before the power-off (SIGTERM: 143).
+            const exit = exitEvent(await this.serialSince(id, rec.serial_offset));
+            if (exit)
+              out = stopped(rec, { code: exit.code, message: exitMessage(exit.code, exit.oom) });
             await this.dropMemory(id);
             await this.store.write(out);
             if (rec.ram_base !== null) await this.gcMemory();
@@ -790,9 +799,10 @@ export class QemuDriver implements Driver {
       const log = await this.serialSince(id, offset);
       if (found(log)) return;
       if (!isOurQemu(pid, sock)) {
+        const console = log.trim().split("\n").slice(-3).join(" | ");
         throw new ApiError(
-          "internal_error",
-          `QEMU for ${id} exited during boot: ${await this.qemuLogTail(id)}`,
+          "boot_failed",
+          `QEMU for ${id} exited during boot: ${await this.qemuLogTail(id)}${console ? `; the guest's console ended with: ${console}` : ""}`,
         );
       }
       if (Date.now() >= deadline) {

@@ -45,6 +45,7 @@ const CAPABILITIES: DriverCapabilities = {
   disk_io_limit: true,
   volumes: true,
   images: false,
+  min_memory_bytes: 64 * 1024 * 1024,
 };
 
 const now = () => new Date().toISOString();
