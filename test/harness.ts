@@ -398,7 +398,9 @@ export async function spawnControlPlane(opts: {
         HOST: "127.0.0.1",
         DATABASE_URL: opts.databaseUrl,
         HEARTBEAT_MS: "200",
-        HOST_GRACE_MS: "1500",
+        // Long enough that a loaded machine's late heartbeat never looks like a silent host;
+        // a test of silence sets its own.
+        HOST_GRACE_MS: "10000",
         COMMAND_TIMEOUT_MS: "30000",
       },
       opts.env,

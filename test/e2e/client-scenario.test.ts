@@ -30,7 +30,8 @@ describe("official @onkernel/hypeman client", () => {
       ]),
     );
     expect(Object.keys(doc.paths["/instances/{id}/fork"] ?? {})).toEqual(["post"]);
-    expect(Object.keys(doc.components.schemas.Instance?.properties ?? {}).length).toBe(22);
+    // The contract's 22 fields and expires_at, which the official client requires.
+    expect(Object.keys(doc.components.schemas.Instance?.properties ?? {}).length).toBe(23);
     const page = await fetch(`${stack.cp.url}/docs`);
     expect(page.headers.get("content-type")).toMatch(/text\/html/);
     expect(await page.text()).toContain("/openapi.json");

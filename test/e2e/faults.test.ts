@@ -118,7 +118,7 @@ describe("faults", { timeout: 180_000 }, () => {
   });
 
   it("a silent host's instances show Unknown with state_error, and converge when it returns", async () => {
-    const stack = await startStack();
+    const stack = await startStack({ cpEnv: { HOST_GRACE_MS: "3000" } });
     const call = api(stack.cp.url, stack.apiKey);
     const agent = stack.agents[0];
     if (!agent) throw new Error("no agent");

@@ -229,7 +229,12 @@ describe.each(databaseBackends)("recovery and races (scripted host, %s)", (_name
     // thread: on a loaded machine heartbeats were seen 2 s apart). Nothing here waits for a
     // host to be found silent. A command waits long enough that only a hang runs into its
     // timeout.
-    const env = loadEnv({ HOST_GRACE_MS: "30000", COMMAND_TIMEOUT_MS: "30000" });
+    // vCPUs strict: the capacity tests below count the host's own vCPUs.
+    const env = loadEnv({
+      HOST_GRACE_MS: "30000",
+      COMMAND_TIMEOUT_MS: "30000",
+      VCPU_OVERCOMMIT: "1",
+    });
     s = {
       db,
       env,
