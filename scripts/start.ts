@@ -8,7 +8,7 @@ import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { and, eq, notInArray } from "drizzle-orm";
 import { hosts, instances } from "../control-plane/src/db/schema/index.ts";
-import { loadEnv } from "../control-plane/src/env.ts";
+import { loadEnvOrExit } from "../control-plane/src/env.ts";
 import { jsonLog } from "../control-plane/src/log.ts";
 import { startServer } from "../control-plane/src/server.ts";
 import { createHost } from "../control-plane/src/services/credentials.ts";
@@ -16,14 +16,7 @@ import { ensureTestImage, TEST_IMAGE } from "./oci-image.ts";
 import { ensureVmAssets } from "./vm-assets.ts";
 
 const log = jsonLog("start");
-let env: ReturnType<typeof loadEnv>;
-try {
-  env = loadEnv();
-} catch (e) {
-  // A wrong setting is one line, not a stack trace.
-  process.stderr.write(`offshoot: ${e instanceof Error ? e.message : String(e)}\n`);
-  process.exit(2);
-}
+const env = loadEnvOrExit();
 const server = await startServer(env, jsonLog("control-plane"));
 const dataDir = resolve(env.DATA_DIR);
 mkdirSync(dataDir, { recursive: true });

@@ -610,6 +610,14 @@ export interface ApiResponse {
   headers: Headers;
 }
 
+/** The data of an SSE response's events, each parsed as the JSON it is. */
+export function sseData(text: string): unknown[] {
+  return text
+    .split("\n")
+    .filter((l) => l.startsWith("data: "))
+    .map((l) => JSON.parse(l.slice(6)) as unknown);
+}
+
 /** Raw HTTP for exact assertions; no key → no Authorization header. */
 export function api(
   cpUrl: string,

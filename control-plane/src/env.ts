@@ -32,6 +32,17 @@ const Env = z.object({
 });
 export type Env = z.infer<typeof Env>;
 
+/** loadEnv() for a process's start: a wrong setting is one line on stderr and exit code 2, not
+ * a stack trace. */
+export function loadEnvOrExit(): Env {
+  try {
+    return loadEnv();
+  } catch (e) {
+    process.stderr.write(`offshoot: ${e instanceof Error ? e.message : String(e)}\n`);
+    process.exit(2);
+  }
+}
+
 export function loadEnv(source: NodeJS.ProcessEnv = process.env): Env {
   const parsed = Env.safeParse(source);
   if (!parsed.success) {

@@ -1,4 +1,4 @@
-import { loadEnv } from "./env.ts";
+import { loadEnvOrExit } from "./env.ts";
 import { jsonLog } from "./log.ts";
 import { startServer } from "./server.ts";
 
@@ -11,15 +11,7 @@ process.on("unhandledRejection", (reason) => {
     stack: reason instanceof Error ? reason.stack : undefined,
   });
 });
-let env: ReturnType<typeof loadEnv>;
-try {
-  env = loadEnv();
-} catch (e) {
-  // A wrong setting is one line, not a stack trace.
-  process.stderr.write(`offshoot: ${e instanceof Error ? e.message : String(e)}\n`);
-  process.exit(2);
-}
-const server = await startServer(env, log);
+const server = await startServer(loadEnvOrExit(), log);
 
 let stopping = false;
 for (const sig of ["SIGTERM", "SIGINT"] as const) {

@@ -12,6 +12,7 @@ import {
   seedTenant,
   spawnAgent,
   spawnControlPlane,
+  sseData,
   type TestDatabase,
   testDatabase,
   waitFor,
@@ -155,10 +156,7 @@ describe("replicas", { timeout: 90_000 }, () => {
         headers: { authorization: `Bearer ${apiKey}` },
       });
       expect(res.status).toBe(200);
-      const got = (await res.text())
-        .split("\n")
-        .filter((l) => l.startsWith("data: "))
-        .map((l) => JSON.parse(l.slice(6)) as string);
+      const got = sseData(await res.text());
       expect(got.length, `lines through replica ${i}`).toBe(3000);
       expect(got).toEqual(lines);
     }

@@ -8,6 +8,7 @@ import {
   registerHost,
   seedTenant,
   spawnAgent,
+  sseData,
   type TestDatabase,
   testDatabase,
   waitFor,
@@ -68,10 +69,7 @@ describe("Cloudflare Workers deployment (wrangler dev)", { timeout: 120_000 }, (
       headers: { authorization: `Bearer ${apiKey}` },
     });
     expect(res.status).toBe(200);
-    const got = (await res.text())
-      .split("\n")
-      .filter((l) => l.startsWith("data: "))
-      .map((l) => JSON.parse(l.slice(6)) as string);
+    const got = sseData(await res.text());
     expect(got).toEqual(lines);
     await client.instances.delete(inst.id);
   });
