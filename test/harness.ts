@@ -598,9 +598,10 @@ export async function hostOnline(db: Db, hostId: string, timeoutMs = 15_000): Pr
   );
 }
 
-/** The official Hypeman client against the control plane, without retries. */
+/** The official Hypeman client against the control plane, without retries, and with the
+ * server's own deadlines (not the client's 60 s) deciding how long a request may take. */
 export function hypeman(cpUrl: string, apiKey: string): Hypeman {
-  return new Hypeman({ baseURL: cpUrl, apiKey, maxRetries: 0 });
+  return new Hypeman({ baseURL: cpUrl, apiKey, maxRetries: 0, timeout: 5 * 60_000 });
 }
 
 export interface ApiResponse {

@@ -120,6 +120,9 @@ describe("kill -9 of a QEMU agent mid-fork", { timeout: 600_000 }, () => {
   beforeAll(async () => {
     await ensureVmAssets();
     stack = await startStack({
+      // Guests under TCG on a loaded 2-core machine boot in tens of seconds: requests wait for
+      // them (the point is what is left after a crash, not how fast).
+      cpEnv: { COMMAND_TIMEOUT_MS: "120000" },
       agents: [
         {
           AGENT_DRIVER: "qemu",

@@ -10,13 +10,16 @@ import { type Stack, startStack } from "./env.ts";
 // Real guests through the public API: a host agent running the QEMU driver (TCG here), driven
 // by the official client. Guests run the busybox test image (scripts/oci-image.ts) on overlayfs;
 // they count on the serial console, so the logs show whether a fork carried the source's memory.
-describe("real VMs (QEMU) through the API", { timeout: 120_000 }, () => {
+describe("real VMs (QEMU) through the API", { timeout: 300_000 }, () => {
   let stack: Stack;
   let client: ReturnType<typeof hypeman>;
   beforeAll(async () => {
     await ensureVmAssets();
     const layout = ensureTestImage();
     stack = await startStack({
+      // Guests under TCG on a loaded 2-core machine boot in tens of seconds: requests wait for
+      // them (these tests are about what a fork carries over, not how fast).
+      cpEnv: { COMMAND_TIMEOUT_MS: "120000" },
       agents: [
         {
           AGENT_DRIVER: "qemu",
