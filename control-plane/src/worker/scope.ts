@@ -29,6 +29,8 @@ export function servicesFor(
     HEARTBEAT_MS: bindings.HEARTBEAT_MS,
     HOST_GRACE_MS: bindings.HOST_GRACE_MS,
     COMMAND_TIMEOUT_MS: bindings.COMMAND_TIMEOUT_MS,
+    VCPU_OVERCOMMIT: bindings.VCPU_OVERCOMMIT,
+    MEMORY_OVERCOMMIT: bindings.MEMORY_OVERCOMMIT,
   });
   const log = workerLog(component);
   const { db } = connectPostgres(bindings.HYPERDRIVE.connectionString, { max: 3 });

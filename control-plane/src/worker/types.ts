@@ -17,6 +17,8 @@ export interface Bindings {
   HEARTBEAT_MS?: string;
   HOST_GRACE_MS?: string;
   COMMAND_TIMEOUT_MS?: string;
+  VCPU_OVERCOMMIT?: string;
+  MEMORY_OVERCOMMIT?: string;
   /** How long a HostSession holds a /command request open for the agent's result (30 s). */
   SESSION_WAIT_MS?: string;
   /** "1" enables POST /__evict on a HostSession (tests: drop the object from memory now). */
