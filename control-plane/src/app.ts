@@ -24,9 +24,8 @@ import { parseWaitTimeout } from "./services/instances/wait.ts";
 type ErrorStatus = (typeof ERROR_STATUS)[keyof typeof ERROR_STATUS];
 
 /** The largest request body accepted; a larger one is refused (413) before it is read. The
- * biggest legitimate body, a create with 256 env vars of 32 KiB each, is under 9 MiB… but an
- * instance's env, entrypoint and cmd together are bounded at 256 KiB (shared/schemas.ts), so
- * 1 MiB leaves room to spare. */
+ * largest legitimate body, a create carrying all the env, entrypoint and cmd an instance may
+ * have (MAX_INSTANCE_METADATA_BYTES, 128 KiB), fits several times over. */
 export const MAX_BODY_BYTES = 1024 * 1024;
 
 /** How long past its deadline a request may run before the backstop answers for it: the verbs
