@@ -3,7 +3,7 @@
 // kernel under KVM once, bounded, and uses KVM only if /init's ready marker appears in time.
 import { accessSync, constants, existsSync, mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import path from "node:path";
-import { type Accel, killProcess, launchQemu } from "./launch.ts";
+import { type Accel, holdingOpen, killProcess, launchQemu } from "./launch.ts";
 import { initEvents, waitForSerial } from "./serial.ts";
 
 export type AccelMode = "auto" | "kvm" | "tcg";
@@ -122,7 +122,7 @@ async function kvmTestBoot(opts: AccelOptions): Promise<Probe> {
   } finally {
     if (vm) {
       killProcess(vm.pid);
-      await vm.exited;
+      await holdingOpen(vm.exited);
     }
     if (dir) rmSync(dir, { recursive: true, force: true });
   }

@@ -1,4 +1,5 @@
 // Real guests: Debian's cloud kernel under QEMU 7.2 TCG, `-machine microvm`, RAM in a file.
+import { execFile } from "node:child_process";
 import { statSync } from "node:fs";
 import { afterEach, beforeAll, describe, expect, it } from "vitest";
 import { ensureVmAssets, type VmAssets } from "../../../../scripts/vm-assets.ts";
@@ -111,5 +112,32 @@ describe("launchQemu (TCG, microvm)", () => {
     );
     expect(err).toBeInstanceOf(Error);
     expect((err as Error).message).toMatch(/no-such-device/);
+  });
+});
+
+// A process with nothing else pending ends (exit code 0) while it awaits an unref'd child's
+// exit — as an agent did, 1 start in 20, when its KVM test boot aborted before its socket was
+// open. holdingOpen keeps it alive for the wait; a bare await does not (the control case).
+describe("holdingOpen", () => {
+  const run = (wait: "holdingOpen" | "await") =>
+    new Promise<{ code: number | null; stdout: string }>((resolve) => {
+      const script = `
+        import { holdingOpen } from ${JSON.stringify(new URL("./launch.ts", import.meta.url).pathname)};
+        const p = new Promise((r) => setTimeout(r, 200).unref());
+        ${wait === "holdingOpen" ? "await holdingOpen(p);" : "await p.then(() => {});"}
+        console.log("after the wait");
+      `;
+      execFile(
+        process.execPath,
+        ["--import", "tsx", "--input-type=module", "-e", script],
+        { encoding: "utf8" },
+        (err, stdout) => resolve({ code: err ? Number(err.code) : 0, stdout }),
+      );
+    });
+
+  it("keeps a process alive while it waits on something that holds nothing open", async () => {
+    expect(await run("holdingOpen")).toEqual({ code: 0, stdout: "after the wait\n" });
+    // Without it the process is gone before the wait ends (13: a top-level await never settled).
+    expect((await run("await")).stdout).toBe("");
   });
 });

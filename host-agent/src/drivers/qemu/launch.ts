@@ -168,7 +168,7 @@ export async function launchQemu(spec: GuestSpec, opts: LaunchOptions = {}): Pro
   sub.unref();
   const pid = sub.pid;
   if (pid === undefined) {
-    const r = await exited;
+    const r = await holdingOpen(exited);
     throw new Error(`${spec.qemu} did not start (${r.exitCode ?? r.signal}): ${qemuOutput(spec)}`);
   }
   const gone = new AbortController();
@@ -189,7 +189,7 @@ export async function launchQemu(spec: GuestSpec, opts: LaunchOptions = {}): Pro
     };
   } catch (e) {
     killProcess(pid);
-    const r = await exited;
+    const r = await holdingOpen(exited);
     throw new Error(
       `QEMU (pid ${pid}) failed to start (${r.exitCode ?? r.signal}): ${(e as Error).message}; ` +
         `QEMU said: ${qemuOutput(spec)}`,
@@ -203,6 +203,21 @@ function qemuOutput(spec: GuestSpec): string {
     return readFileSync(spec.qemuLog, "utf8").trim().slice(-2000) || "(nothing)";
   } catch (e) {
     return `(cannot read ${spec.qemuLog}: ${(e as Error).message})`;
+  }
+}
+
+/**
+ * Awaits `p` with the event loop held open. A QEMU child is unref'd (guests outlive the agent),
+ * so a process with nothing else pending — an agent probing KVM at start, before its socket is
+ * open — would otherwise end, with exit code 0, while waiting for that child's exit: measured,
+ * 1 start in 20 on a host whose KVM test boot aborts at once.
+ */
+export async function holdingOpen<T>(p: Promise<T>): Promise<T> {
+  const hold = setInterval(() => {}, 60_000);
+  try {
+    return await p;
+  } finally {
+    clearInterval(hold);
   }
 }
 
