@@ -1,9 +1,9 @@
 import type { Hello, ObservedInstance } from "@offshoot/shared";
 import { and, asc, eq, inArray, isNull, lt, lte, notInArray, or, sql } from "drizzle-orm";
-import { isConnectionLost, now, transaction } from "../db/client.ts";
+import { isConnectionLost, now, statement, transaction } from "../db/client.ts";
 import { events, hosts, instances, operations } from "../db/schema/index.ts";
 import { hostGrace, type Services, topics } from "./context.ts";
-import { applyObserved } from "./operations.ts";
+import { applyObserved, insertOperations, newOperation } from "./operations.ts";
 
 /** Deletes of instances a host runs that it has no row for, pending at once per host. */
 export const MAX_ORPHAN_DELETES = 256;
@@ -71,9 +71,11 @@ export async function hostConnected(
         );
       const already = new Set(queued.map((q) => q.id));
       const room = Math.max(0, MAX_ORPHAN_DELETES - already.size);
-      for (const o of orphans.filter((x) => !already.has(x.id)).slice(0, room)) {
+      const fresh = orphans.filter((x) => !already.has(x.id)).slice(0, room);
+      // Two statements for all of them, not two per orphan.
+      for (const o of fresh) {
         deletes.push(
-          await s.ops.insert(tx, {
+          newOperation({
             tenantId: null,
             hostId,
             instanceId: null,
@@ -81,12 +83,17 @@ export async function hostConnected(
             payload: { kind: "delete", instance_id: o.id },
           }),
         );
-        await tx.insert(events).values({
-          hostId,
-          instanceId: o.id,
-          type: "host.orphan",
-          data: { state: o.state },
-        });
+      }
+      if (fresh.length > 0) {
+        await statement(tx, insertOperations(deletes));
+        await tx.insert(events).values(
+          fresh.map((o) => ({
+            hostId,
+            instanceId: o.id,
+            type: "host.orphan",
+            data: { state: o.state },
+          })),
+        );
       }
     }
     await tx

@@ -4,7 +4,7 @@ import type { Bus } from "./bus.ts";
 const TOPICS_PER_MESSAGE = 100;
 
 /** How often a waiter re-checks the database when nothing woke it, by default. */
-export const DEFAULT_POLL_MS = 1000;
+const DEFAULT_POLL_MS = 1000;
 
 /**
  * Wake-ups: "operation X finished", "instance Y changed". A waiter re-checks the database when
@@ -40,13 +40,6 @@ export class Signals {
   /** Every waiter re-checks now. */
   wakeAll(): void {
     for (const topic of [...this.waiters.keys()]) this.wake(topic);
-  }
-
-  /** Waiters now, for tests and the health endpoint. */
-  get waiting(): number {
-    let n = 0;
-    for (const set of this.waiters.values()) n += set.size;
-    return n;
   }
 
   private publish(): void {

@@ -3,19 +3,17 @@ import {
   type CreateInstanceRequest,
   type Instance,
   InvalidRequestError,
-  NameConflictError,
   NotSupportedError,
   normalizeImageRef,
   parseRate,
   parseSize,
 } from "@offshoot/shared";
-import { and, eq } from "drizzle-orm";
 import { transaction } from "../../db/client.ts";
 import { instances } from "../../db/schema/index.ts";
 import { type Call, hostGrace, newCall, type Services } from "../context.ts";
 import { lacksImage, requireBootable, tooSmall } from "../images.ts";
 import { overcommitOf, placeInstance } from "../placement.ts";
-import { nameConflict } from "./errors.ts";
+import { nameConflict, nameInUse, nameTaken } from "./errors.ts";
 import { newInstanceId } from "./ids.ts";
 import { present } from "./present.ts";
 import { rowAfter } from "./resolve.ts";
@@ -84,11 +82,7 @@ export async function createInstance(
   const networkEnabled = req.network?.enabled ?? true;
   const volumes = req.volumes ?? [];
   // Checked in Hypeman's order: the name first, then what the request needs of a host.
-  const [taken] = await s.db
-    .select({ id: instances.id })
-    .from(instances)
-    .where(and(eq(instances.tenantId, tenantId), eq(instances.name, req.name)));
-  if (taken) throw new NameConflictError(`an instance named ${req.name} already exists`);
+  if (await nameInUse(s.db, tenantId, req.name)) throw nameTaken(req.name);
   await requireBootable(s.db, hostGrace(s), req.image, sizes.memoryBytes);
   const op = await transaction(s.db, async (tx) => {
     const { host, hypervisor } = await placeInstance(

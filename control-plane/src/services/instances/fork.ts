@@ -5,7 +5,6 @@ import {
   HostCommandError,
   type Instance,
   InvalidStateError,
-  NameConflictError,
   NotSupportedError,
   type Operation,
   TimeoutError,
@@ -30,7 +29,7 @@ import {
 import { type Call, hostGrace, newCall, type Services, timeLeft, topics } from "../context.ts";
 import { commandError, insertOperations, newOperation } from "../operations.ts";
 import { admitLocked, overcommitOf } from "../placement.ts";
-import { nameConflict } from "./errors.ts";
+import { nameConflict, nameTaken } from "./errors.ts";
 import { newInstanceId } from "./ids.ts";
 import { assertIdle, lockChecked } from "./lifecycle.ts";
 import { present } from "./present.ts";
@@ -61,7 +60,7 @@ export async function forkInstance(
       host: lockedHost,
       address,
       used,
-      nameTaken,
+      nameTaken: taken,
     } = await lockChecked(tx, hostGrace(s), tenantId, ref, {
       address: true,
       name: req.name,
@@ -70,7 +69,7 @@ export async function forkInstance(
         usage: "all",
       }),
     });
-    if (nameTaken) throw new NameConflictError(`an instance named ${req.name} already exists`);
+    if (taken) throw nameTaken(req.name);
     const writable = src.volumes.find((v) => !v.readonly);
     if (writable) {
       throw new NotSupportedError(

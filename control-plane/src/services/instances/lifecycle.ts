@@ -5,7 +5,7 @@ import {
   NotSupportedError,
   type Operation,
 } from "@offshoot/shared";
-import { type SQL, sql } from "drizzle-orm";
+import type { SQL } from "drizzle-orm";
 import { issued, statement, type Tx, transactionEndingWith } from "../../db/client.ts";
 import type { InstanceRow, OperationRow } from "../../db/schema/index.ts";
 import { type Call, hostGrace, type Services } from "../context.ts";
@@ -18,6 +18,7 @@ import {
   overcommitOf,
   usage,
 } from "../placement.ts";
+import { nameInUse } from "./errors.ts";
 import { present } from "./present.ts";
 import { exactly, lockInstance, namesExactly, rowAfter } from "./resolve.ts";
 import { freeAddress } from "./spec.ts";
@@ -81,16 +82,6 @@ export async function lockChecked(
     ? answers
     : await questions(row.id, row.hostId);
   return { row, held, host, address, used, nameTaken };
-}
-
-/** Whether the tenant has an instance named `name` (the unique index is what stops a race; this
- * only lets the conflict be reported before other checks, as Hypeman does). */
-async function nameInUse(tx: Tx, tenantId: string, name: string): Promise<boolean> {
-  const [r] = await statement(
-    tx,
-    sql`select exists(select 1 from instances where tenant_id = ${tenantId} and name = ${name}) as taken`,
-  );
-  return r?.taken === true;
 }
 
 export function assertState(row: InstanceRow, verb: string, from: readonly InstanceState[]) {
