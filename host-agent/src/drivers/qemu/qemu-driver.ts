@@ -14,7 +14,7 @@
 // A guest's disks: the image's rootfs (shared, read-only), the instance's own ext4 (a qcow2 on a
 // shared blank template, then on frozen bases after forks) and a config disk /init reads at boot
 // (guestConfig). /init mounts the first two as overlayfs and runs the program there.
-import { createHash, randomBytes } from "node:crypto";
+import { randomBytes } from "node:crypto";
 import { readdirSync, readFileSync } from "node:fs";
 import { chmod, copyFile, mkdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
 import { constants as osConstants } from "node:os";
@@ -24,13 +24,12 @@ import {
   type DriverCapabilities,
   type ImageInfo,
   type InstanceSpec,
-  InvalidRequestError,
   InvalidStateError,
   NotFoundError,
   type ObservedInstance,
   type Operation,
 } from "@offshoot/shared";
-import type { ImageStore, StoredImage } from "../../images/store.ts";
+import type { ImageStore } from "../../images/store.ts";
 import { runSteps, type Step } from "../../operations/steps.ts";
 import type { AgentPaths } from "../../paths.ts";
 import type { Driver, OpContext, OpData } from "../driver.ts";
@@ -50,7 +49,16 @@ import {
   reflinkDisk,
   unfreezeDisk,
 } from "./disks.ts";
-import { type Accel, type GuestSpec, killProcess, launchQemu } from "./launch.ts";
+import {
+  guestConfig,
+  guestHostname,
+  identityOf,
+  MIN_GUEST_MEMORY,
+  macFor,
+  machineFor,
+  shellQuote,
+} from "./guest-config.ts";
+import { type Accel, type GuestSpec, guestDevices, killProcess, launchQemu } from "./launch.ts";
 import { QmpClient } from "./qmp.ts";
 import { type InitEvent, initEvents } from "./serial.ts";
 import { type Machine, type QemuRecord, QemuStore } from "./store.ts";
@@ -80,39 +88,6 @@ const STOP_TIMEOUT_MS = 10_000;
 const MAX_BANDWIDTH = 10 * 1024 * MiB;
 
 const now = () => new Date().toISOString();
-
-/** The cloud kernel and /init need about 80 MiB to boot (64 MiB panics before /init; measured
- * under TCG); the smallest guest offered leaves room for the program. */
-export const MIN_GUEST_MEMORY = 128 * 1024 * 1024;
-
-/**
- * A guest's devices, in the order a device-state stream expects to load into: its three disks
- * — the image's rootfs, its own disk, its config disk — and its NIC when it has a MAC. /init
- * finds each disk by its serial, whatever order the kernel probes them in. `diskIoBps` becomes
- * QEMU's block throttling on the guest's reads and writes of the first two.
- */
-export function guestDevices(
-  disks: { root: string; rw: string; cfg: string },
-  mac: string | null,
-  diskIoBps: number | null = null,
-): string[] {
-  const esc = (v: string) => v.replaceAll(",", ",,");
-  const limit = diskIoBps ? `,throttling.bps-total=${diskIoBps}` : "";
-  const drive = (name: string, file: string, opts: string) => [
-    "-drive",
-    `file=${esc(file)},if=none,id=${name},${opts}`,
-    "-device",
-    `virtio-blk-device,drive=${name},serial=offshoot-${name}`,
-  ];
-  return [
-    ...drive("root", disks.root, `format=raw,readonly=on${limit}`),
-    ...drive("rw", disks.rw, `format=qcow2${limit}`),
-    ...drive("cfg", disks.cfg, "format=raw,readonly=on"),
-    ...(mac === null
-      ? []
-      : ["-netdev", "user,id=net0", "-device", `virtio-net-device,netdev=net0,id=nic0,mac=${mac}`]),
-  ];
-}
 
 export class QemuDriver implements Driver {
   readonly name = "qemu";
@@ -1147,87 +1122,6 @@ function stopped(
       exit_message: exit.message,
     },
   };
-}
-
-/** What a guest's identity must be: its hostname and its NIC's MAC. */
-function identityOf(rec: QemuRecord): string {
-  return `${guestHostname(rec.spec.name)} ${rec.machine.mac ?? "-"}`;
-}
-
-function machineFor(spec: InstanceSpec): Machine {
-  return {
-    memory_mib: Math.ceil(spec.memory_bytes / MiB),
-    vcpus: spec.vcpus,
-    mac: spec.network.enabled ? macFor(spec) : null,
-  };
-}
-
-/** The spec's MAC, or a stable locally administered one derived from the id. */
-function macFor(spec: InstanceSpec): string {
-  if (spec.network.mac) {
-    if (!/^[0-9a-f]{2}(:[0-9a-f]{2}){5}$/i.test(spec.network.mac)) {
-      throw new InvalidRequestError(`invalid MAC address "${spec.network.mac}"`);
-    }
-    return spec.network.mac.toLowerCase();
-  }
-  const h = createHash("sha256").update(spec.id).digest();
-  return ["02", ...[...h.subarray(0, 5)].map((b) => b.toString(16).padStart(2, "0"))].join(":");
-}
-
-const ENV_NAME = /^[A-Za-z_][A-Za-z0-9_]*$/;
-/** The config disk is read as a block device: whole sectors. */
-const CONFIG_BLOCK = 4096;
-
-/**
- * The config disk /init sources at boot: hostname, working dir, environment and argv, every
- * value single-quoted. The program is chosen as `docker run` does: the spec's entrypoint replaces
- * the image's (and drops the image's cmd), the spec's cmd replaces the image's cmd; the spec's env
- * goes over the image's. Padded with newlines to whole blocks.
- */
-export function guestConfig(
-  spec: Pick<InstanceSpec, "name" | "entrypoint" | "cmd" | "env">,
-  image: Pick<StoredImage, "name" | "entrypoint" | "cmd" | "env" | "working_dir">,
-): string {
-  const ownEntrypoint = spec.entrypoint?.length ? spec.entrypoint : null;
-  const entrypoint = ownEntrypoint ?? image.entrypoint ?? [];
-  const cmd = spec.cmd?.length ? spec.cmd : ownEntrypoint ? [] : (image.cmd ?? []);
-  const argv = [...entrypoint, ...cmd];
-  if (argv.length === 0) {
-    throw new InvalidRequestError(
-      `image ${image.name} has no entrypoint or cmd: give the instance an entrypoint or cmd`,
-    );
-  }
-  const env = { ...image.env, ...spec.env };
-  const exports = Object.entries(env).map(([k, v]) => {
-    if (!ENV_NAME.test(k)) throw new InvalidRequestError(`invalid environment variable "${k}"`);
-    return `  export ${k}=${shellQuote(v)}`;
-  });
-  const text = [
-    `OFFSHOOT_HOSTNAME=${shellQuote(guestHostname(spec.name))}`,
-    `OFFSHOOT_WORKDIR=${shellQuote(image.working_dir || "/")}`,
-    "offshoot_env() {",
-    "  :",
-    ...exports,
-    "}",
-    `set -- ${argv.map(shellQuote).join(" ")}`,
-    "",
-  ].join("\n");
-  const size = Math.ceil(Buffer.byteLength(text) / CONFIG_BLOCK) * CONFIG_BLOCK;
-  return text + "\n".repeat(size - Buffer.byteLength(text));
-}
-
-/** The instance's name as a hostname: a DNS label. */
-export function guestHostname(name: string): string {
-  const label = name
-    .toLowerCase()
-    .replace(/[^a-z0-9-]+/g, "-")
-    .slice(0, 63)
-    .replace(/^-+|-+$/g, "");
-  return label || "offshoot";
-}
-
-export function shellQuote(s: string): string {
-  return `'${s.replaceAll("'", `'\\''`)}'`;
 }
 
 /** Hypeman's wording for a program's exit status. */
