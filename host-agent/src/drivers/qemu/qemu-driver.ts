@@ -15,7 +15,6 @@
 // shared blank template, then on frozen bases after forks) and a config disk /init reads at boot
 // (guestConfig). /init mounts the first two as overlayfs and runs the program there.
 import { randomBytes } from "node:crypto";
-import { readdirSync, readFileSync } from "node:fs";
 import { chmod, copyFile, mkdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
 import { constants as osConstants } from "node:os";
 import { setTimeout as sleep } from "node:timers/promises";
@@ -37,6 +36,7 @@ import { running } from "../observed.ts";
 import { exists, isMissing } from "../record-store.ts";
 import { rollbackOperation } from "../rollback.ts";
 import { askGuestToStop, setGuestIdentity } from "./control.ts";
+import { isOurQemu, qemuPidsFor } from "./discovery.ts";
 import {
   type CopyPath,
   canReflink,
@@ -1140,44 +1140,6 @@ function exitEvent(log: string): { code: number; oom: boolean } | undefined {
     if (e.event === "exit") return { code: e.code, oom: e.oom === true };
   }
   return undefined;
-}
-
-/** Alive, not a zombie, and QEMU with this instance's QMP socket (not a reused pid). */
-function isOurQemu(pid: number, qmpSocket: string): boolean {
-  try {
-    const stat = readProc(`/proc/${pid}/stat`);
-    const state = stat.slice(stat.lastIndexOf(")") + 2, stat.lastIndexOf(")") + 3);
-    if (state === "Z" || state === "X") return false;
-    return readProc(`/proc/${pid}/cmdline`).includes(qmpSocket);
-  } catch (e) {
-    if (isMissing(e) || (e as NodeJS.ErrnoException).code === "ESRCH") return false;
-    throw e;
-  }
-}
-
-/**
- * Every live QEMU serving this instance, found by the QMP socket on its command line. launchQemu
- * spawns QEMU, connects QMP, and only then can the caller write the pid file; an agent killed in
- * between leaves a guest neither the record nor the pid file names, which recovery must still
- * find (to discard it, or to re-adopt it).
- */
-function qemuPidsFor(qmpSocket: string): number[] {
-  const pids: number[] = [];
-  for (const name of readdirSync("/proc")) {
-    if (!/^\d+$/.test(name)) continue;
-    const pid = Number(name);
-    try {
-      if (pid !== process.pid && isOurQemu(pid, qmpSocket)) pids.push(pid);
-    } catch {
-      // A process we may not inspect is not one of our guests.
-    }
-  }
-  return pids;
-}
-
-/** Synchronous on purpose: /proc reads do not block, and callers poll in tight loops. */
-function readProc(file: string): string {
-  return readFileSync(file, "utf8");
 }
 
 async function sizeOf(file: string): Promise<number> {
