@@ -29,13 +29,14 @@ import type { InstanceSpec } from "@offshoot/shared";
 import { execa } from "execa";
 import type { OpContext } from "../host-agent/src/drivers/driver.ts";
 import { guestControl } from "../host-agent/src/drivers/qemu/control.ts";
-import { type GuestSpec, killProcess, launchQemu } from "../host-agent/src/drivers/qemu/launch.ts";
+import { guestConfig, shellQuote } from "../host-agent/src/drivers/qemu/guest-config.ts";
 import {
-  guestConfig,
+  type GuestSpec,
   guestDevices,
-  QemuDriver,
-  shellQuote,
-} from "../host-agent/src/drivers/qemu/qemu-driver.ts";
+  killProcess,
+  launchQemu,
+} from "../host-agent/src/drivers/qemu/launch.ts";
+import { QemuDriver } from "../host-agent/src/drivers/qemu/qemu-driver.ts";
 import type { QmpClient } from "../host-agent/src/drivers/qemu/qmp.ts";
 import { type QemuRecord, QemuStore } from "../host-agent/src/drivers/qemu/store.ts";
 import {

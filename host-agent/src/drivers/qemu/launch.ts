@@ -118,6 +118,34 @@ export function qemuArgs(spec: GuestSpec): string[] {
   ];
 }
 
+/**
+ * A guest's devices, in the order a device-state stream expects to load into: its three disks
+ * — the image's rootfs, its own disk, its config disk — and its NIC when it has a MAC. /init
+ * finds each disk by its serial, whatever order the kernel probes them in. `diskIoBps` becomes
+ * QEMU's block throttling on the guest's reads and writes of the first two.
+ */
+export function guestDevices(
+  disks: { root: string; rw: string; cfg: string },
+  mac: string | null,
+  diskIoBps: number | null = null,
+): string[] {
+  const limit = diskIoBps ? `,throttling.bps-total=${diskIoBps}` : "";
+  const drive = (name: string, file: string, opts: string) => [
+    "-drive",
+    `file=${optValue(file)},if=none,id=${name},${opts}`,
+    "-device",
+    `virtio-blk-device,drive=${name},serial=offshoot-${name}`,
+  ];
+  return [
+    ...drive("root", disks.root, `format=raw,readonly=on${limit}`),
+    ...drive("rw", disks.rw, `format=qcow2${limit}`),
+    ...drive("cfg", disks.cfg, "format=raw,readonly=on"),
+    ...(mac === null
+      ? []
+      : ["-netdev", "user,id=net0", "-device", `virtio-net-device,netdev=net0,id=nic0,mac=${mac}`]),
+  ];
+}
+
 export interface QemuExit {
   exitCode: number | undefined;
   signal: string | undefined;

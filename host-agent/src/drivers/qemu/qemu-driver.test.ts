@@ -15,8 +15,10 @@ import { waitFor } from "../../testing.ts";
 import type { OpContext } from "../driver.ts";
 import { guestMac } from "./control.ts";
 import { backingChain, createInstanceDisk } from "./disks.ts";
+import { exitMessage } from "./exit.ts";
+import { guestConfig, guestHostname } from "./guest-config.ts";
 import { killProcess, launchQemu } from "./launch.ts";
-import { exitMessage, guestConfig, guestHostname, QemuDriver } from "./qemu-driver.ts";
+import { QemuDriver } from "./qemu-driver.ts";
 import { QemuStore } from "./store.ts";
 import { serialCounts as serialCountsOf, testGuestSpec, testMachine } from "./testing.ts";
 

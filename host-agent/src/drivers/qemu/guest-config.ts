@@ -1,0 +1,93 @@
+// What an instance spec makes of a guest: its machine (memory, vCPUs, MAC), its hostname, and
+// the config disk /init sources at boot. Pure rules, checked before anything is made on disk.
+import { createHash } from "node:crypto";
+import { type InstanceSpec, InvalidRequestError } from "@offshoot/shared";
+import type { StoredImage } from "../../images/store.ts";
+import type { Machine, QemuRecord } from "./store.ts";
+
+const MiB = 1024 * 1024;
+
+/** The cloud kernel and /init need about 80 MiB to boot (64 MiB panics before /init; measured
+ * under TCG); the smallest guest offered leaves room for the program. */
+export const MIN_GUEST_MEMORY = 128 * 1024 * 1024;
+
+export function machineFor(spec: InstanceSpec): Machine {
+  return {
+    memory_mib: Math.ceil(spec.memory_bytes / MiB),
+    vcpus: spec.vcpus,
+    mac: spec.network.enabled ? macFor(spec) : null,
+  };
+}
+
+/** The spec's MAC, or a stable locally administered one derived from the id. */
+export function macFor(spec: InstanceSpec): string {
+  if (spec.network.mac) {
+    if (!/^[0-9a-f]{2}(:[0-9a-f]{2}){5}$/i.test(spec.network.mac)) {
+      throw new InvalidRequestError(`invalid MAC address "${spec.network.mac}"`);
+    }
+    return spec.network.mac.toLowerCase();
+  }
+  const h = createHash("sha256").update(spec.id).digest();
+  return ["02", ...[...h.subarray(0, 5)].map((b) => b.toString(16).padStart(2, "0"))].join(":");
+}
+
+/** What a guest's identity must be: its hostname and its NIC's MAC. */
+export function identityOf(rec: QemuRecord): string {
+  return `${guestHostname(rec.spec.name)} ${rec.machine.mac ?? "-"}`;
+}
+
+const ENV_NAME = /^[A-Za-z_][A-Za-z0-9_]*$/;
+/** The config disk is read as a block device: whole sectors. */
+const CONFIG_BLOCK = 4096;
+
+/**
+ * The config disk /init sources at boot: hostname, working dir, environment and argv, every
+ * value single-quoted. The program is chosen as `docker run` does: the spec's entrypoint replaces
+ * the image's (and drops the image's cmd), the spec's cmd replaces the image's cmd; the spec's env
+ * goes over the image's. Padded with newlines to whole blocks.
+ */
+export function guestConfig(
+  spec: Pick<InstanceSpec, "name" | "entrypoint" | "cmd" | "env">,
+  image: Pick<StoredImage, "name" | "entrypoint" | "cmd" | "env" | "working_dir">,
+): string {
+  const ownEntrypoint = spec.entrypoint?.length ? spec.entrypoint : null;
+  const entrypoint = ownEntrypoint ?? image.entrypoint ?? [];
+  const cmd = spec.cmd?.length ? spec.cmd : ownEntrypoint ? [] : (image.cmd ?? []);
+  const argv = [...entrypoint, ...cmd];
+  if (argv.length === 0) {
+    throw new InvalidRequestError(
+      `image ${image.name} has no entrypoint or cmd: give the instance an entrypoint or cmd`,
+    );
+  }
+  const env = { ...image.env, ...spec.env };
+  const exports = Object.entries(env).map(([k, v]) => {
+    if (!ENV_NAME.test(k)) throw new InvalidRequestError(`invalid environment variable "${k}"`);
+    return `  export ${k}=${shellQuote(v)}`;
+  });
+  const text = [
+    `OFFSHOOT_HOSTNAME=${shellQuote(guestHostname(spec.name))}`,
+    `OFFSHOOT_WORKDIR=${shellQuote(image.working_dir || "/")}`,
+    "offshoot_env() {",
+    "  :",
+    ...exports,
+    "}",
+    `set -- ${argv.map(shellQuote).join(" ")}`,
+    "",
+  ].join("\n");
+  const size = Math.ceil(Buffer.byteLength(text) / CONFIG_BLOCK) * CONFIG_BLOCK;
+  return text + "\n".repeat(size - Buffer.byteLength(text));
+}
+
+/** The instance's name as a hostname: a DNS label. */
+export function guestHostname(name: string): string {
+  const label = name
+    .toLowerCase()
+    .replace(/[^a-z0-9-]+/g, "-")
+    .slice(0, 63)
+    .replace(/^-+|-+$/g, "");
+  return label || "offshoot";
+}
+
+export function shellQuote(s: string): string {
+  return `'${s.replaceAll("'", `'\\''`)}'`;
+}

@@ -1,0 +1,62 @@
+// What the QEMU driver's verbs share: the host's paths, the instance records, the driver's
+// options, and the QMP connections open to running guests. The driver owns one and passes it to
+// the step modules (boot, stop, snapshot, fork, recovery), which hold no state of their own.
+import { InvalidStateError, NotFoundError, type ObservedInstance } from "@offshoot/shared";
+import type { ImageStore } from "../../images/store.ts";
+import type { AgentPaths } from "../../paths.ts";
+import type { CopyPath, DiskTools } from "./disks.ts";
+import type { Accel } from "./launch.ts";
+import type { QmpClient } from "./qmp.ts";
+import type { QemuRecord, QemuStore } from "./store.ts";
+
+export interface QemuDriverOptions {
+  assets: { qemu: string; kernelElf: string; initramfs: string };
+  accel: Accel;
+  /** Where instances' images come from: a create names one this host has imported. */
+  images: ImageStore;
+  qemuImg?: string;
+  /** Launch → /init's ready marker. Boot under TCG takes 3.5–5 s here (FACTS.md). */
+  bootTimeoutMs?: number;
+  /** Bound on one guest control-channel command (default 5 s). */
+  controlTimeoutMs?: number;
+  /** stop: how long a guest's program gets after SIGTERM before QEMU is quit (default 10 s). */
+  stopTimeoutMs?: number;
+  /** How often running guests' serial logs and processes are checked for an exit. */
+  pollMs?: number;
+}
+
+export interface QemuHost {
+  readonly paths: AgentPaths["qemu"];
+  readonly store: QemuStore;
+  readonly options: QemuDriverOptions;
+  readonly tools: DiskTools;
+  /** Open QMP connections, by instance id. */
+  readonly qmps: Map<string, QmpClient>;
+  /** Tells the driver's listeners of a change it observed on its own (a guest's exit). */
+  readonly emit: (instance: ObservedInstance) => void;
+  /** How the last fork and restore went (for reports and tests). */
+  readonly last: LastClone;
+  /** Whether the data dir makes reflinks: probed once, by the first fork. */
+  reflinks?: Promise<boolean>;
+}
+
+export interface LastClone {
+  /** How the last fork from Standby cloned guest memory: mapped from a frozen base, or (RAM
+   * inside the snapshot stream) copied or reflinked. */
+  copyPath: CopyPath | "frozen-base" | undefined;
+  /** How the last fork cloned the disk: a reflink (where the data dir can) or qcow2 overlays
+   * on a frozen base. */
+  diskClone: "reflink" | "overlay" | undefined;
+  /** How long the last restore took to apply the guest's identity. */
+  identityMs: number | undefined;
+}
+
+export const now = () => new Date().toISOString();
+
+/** The instance's record, for an operation that needs one. */
+export async function load(host: QemuHost, id: string): Promise<QemuRecord> {
+  const read = await host.store.read(id);
+  if (read.kind === "ok") return read.record;
+  if (read.kind === "missing") throw new NotFoundError(`instance ${id} not found on this host`);
+  throw new InvalidStateError(`instance ${id} is Unknown: state file unreadable: ${read.error}`);
+}
