@@ -39,14 +39,10 @@ import {
 import { QemuDriver } from "../host-agent/src/drivers/qemu/qemu-driver.ts";
 import type { QmpClient } from "../host-agent/src/drivers/qemu/qmp.ts";
 import { type QemuRecord, QemuStore } from "../host-agent/src/drivers/qemu/store.ts";
-import {
-  killGuestsUnder,
-  serialCounts,
-  testGuestSpec,
-} from "../host-agent/src/drivers/qemu/testing.ts";
 import { ImageStore } from "../host-agent/src/images/store.ts";
 import { type AgentPaths, agentPaths } from "../host-agent/src/paths.ts";
-import { waitFor } from "../host-agent/src/testing.ts";
+import { waitFor } from "../host-agent/testing/index.ts";
+import { killGuestsUnder, serialCounts, testGuestSpec } from "../host-agent/testing/qemu.ts";
 import { ensureTestImage } from "../scripts/oci-image.ts";
 import { ensureVmAssets, type VmAssets } from "../scripts/vm-assets.ts";
 import { mountXfsLoop, type XfsLoop } from "../scripts/xfs-loop.ts";

@@ -1,3 +1,4 @@
+// Over 400 lines: one build, read top to bottom (packages → kernel → modules → initramfs).
 // Everything a QEMU guest needs on this host, built once into a cache directory (never into git):
 // QEMU itself, Debian's cloud kernel (bzImage and the ELF vmlinux with its PVH entry, which
 // `-machine microvm` boots directly) and a busybox initramfs whose /init loads the virtio
@@ -8,25 +9,11 @@
 //
 // As a CLI, `node --import tsx scripts/vm-assets.ts` prints that JSON. The cache defaults to
 // `.data/vm-assets` at the repo root (OFFSHOOT_VM_ASSETS overrides it). A second call only reads
-// the manifest and stats a few files. Missing Debian packages are installed with apt-get (root).
+// the manifest and the init and stats a few files. Missing Debian packages are installed with
+// apt-get (root).
 //
-// Guest contract of /init. With an image (the instance's case), three virtio disks found by
-// their serial numbers:
-//   offshoot-root   the image's rootfs (ext4, read-only): overlayfs lowerdir
-//   offshoot-rw     the instance's disk (ext4): overlayfs upper and work dirs
-//   offshoot-cfg    a shell fragment that sets OFFSHOOT_HOSTNAME, OFFSHOOT_WORKDIR, defines
-//                   offshoot_env (exports the environment) and `set --` the program's argv
-// /init mounts the overlay at /newroot and runs the program there (chroot, working dir, env);
-// it stays PID 1 in the initramfs to report the exit. Without disks (launch tests), the kernel
-// command line decides:
-//   offshoot.cmd=BASE64   shell command to run (`sh -c`); without it, a counter loop prints
-//                         `OFFSHOOT-COUNT n` every second.
-//   MODULE.PARAM=VALUE    passed to that module's insmod: busybox insmod ignores module
-//                         parameters on the kernel command line.
-// Serial markers: `OFFSHOOT-INIT {"event":"ready"}` before the program starts,
-// `OFFSHOOT-INIT {"event":"exit","code":N}` after it ends (with `"oom":true` when the kernel's
-// OOM killer ended it), `OFFSHOOT-INIT {"event":"failed","message":"…"}` when the guest cannot
-// start its program at all; then the guest powers off.
+// The /init packed is host-agent/guest/init, as it is; what it prints, reads and answers is
+// host-agent/guest/protocol.ts.
 import { execFileSync, spawnSync } from "node:child_process";
 import { createHash } from "node:crypto";
 import {
@@ -96,191 +83,8 @@ const WANTED_MODULES = [
 /** Only q35/pc guests need these; a kernel without them still boots microvm guests. */
 const OPTIONAL_MODULES: ReadonlySet<string> = new Set(["virtio_pci"]);
 
-export const INIT_SCRIPT = `#!/bin/sh
-# Offshoot guest init (built by scripts/vm-assets.ts).
-export PATH=/bin:/sbin HOME=/root
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev 2>/dev/null
-mkdir -p /dev/pts /dev/shm /tmp /run
-mount -t devpts devpts /dev/pts
-# The kernel may have found no /dev/console before devtmpfs was mounted.
-exec </dev/console >/dev/console 2>&1
-marker() { echo "OFFSHOOT-INIT $1"; }
-cmdline=$(cat /proc/cmdline)
-while read -r mod; do
-  [ -n "$mod" ] || continue
-  params=""
-  for tok in $cmdline; do
-    case "$tok" in "$mod".*=*) params="$params \${tok#"$mod".}" ;; esac
-  done
-  # shellcheck disable=SC2086
-  insmod "/lib/modules/$mod.ko" $params || marker "{\\"event\\":\\"insmod_failed\\",\\"module\\":\\"$mod\\"}"
-done </etc/offshoot/modules
-cmd=""
-for tok in $cmdline; do
-  case "$tok" in offshoot.cmd=*) cmd=$(echo "\${tok#offshoot.cmd=}" | base64 -d) ;; esac
-done
-hostname offshoot
-ip link set lo up 2>/dev/null
-# The control channel: the virtio-serial port named offshoot.ctl, one command per line, one reply
-# line each (host side: host-agent/src/drivers/qemu/control.ts). While the host is not connected
-# a read returns EOF at once, hence the short sleep between reads.
-ctl_port() {
-  for p in /sys/class/virtio-ports/*; do
-    [ "$(cat "$p/name" 2>/dev/null)" = offshoot.ctl ] && { echo "/dev/\${p##*/}"; return 0; }
-  done
-  return 1
-}
-ctl_mac() {
-  # Shell builtins where possible: every fork costs a lot under TCG.
-  read -r cur 2>/dev/null </sys/class/net/eth0/address || { echo "err mac no eth0"; return; }
-  [ "$cur" = "$1" ] && { echo "ok mac $cur"; return; }
-  read -r flags </sys/class/net/eth0/flags
-  up=$((flags & 1))
-  [ "$up" = 0 ] || ip link set eth0 down
-  if out=$(ip link set eth0 address "$1" 2>&1); then
-    read -r cur </sys/class/net/eth0/address
-    echo "ok mac $cur"
-  else
-    echo "err mac" $out
-  fi
-  [ "$up" = 0 ] || ip link set eth0 up
-}
-ctl_identity() {
-  hostname "$1" 2>/dev/null || { echo "err identity hostname $1"; return; }
-  [ "$2" = - ] && { echo "ok identity $(hostname) -"; return; }
-  r=$(ctl_mac "$2")
-  case "$r" in
-    "ok mac "*) echo "ok identity $(hostname) \${r#ok mac }" ;;
-    *) echo "err identity $r" ;;
-  esac
-}
-ctl_stop() {
-  if read -r pid 2>/dev/null </run/offshoot/program.pid && kill -TERM "$pid" 2>/dev/null; then
-    echo "ok stop"
-  else
-    echo "err stop no program to stop"
-  fi
-}
-ctl_serve() {
-  tries=0
-  until dev=$(ctl_port); do
-    tries=$((tries + 1))
-    [ "$tries" -lt 100 ] || { echo "offshoot: no control port"; return 1; }
-    sleep 0.1
-  done
-  exec 3<>"$dev" || return 1
-  while :; do
-    if read -r verb arg <&3; then
-      case "$verb" in
-        "") ;;
-        ping) echo pong ;;
-        mac) ctl_mac "$arg" ;;
-        # shellcheck disable=SC2086
-        identity) ctl_identity $arg ;;
-        stop) ctl_stop ;;
-        query)
-          if [ "$arg" = mac ] && read -r cur 2>/dev/null </sys/class/net/eth0/address; then
-            echo "ok mac $cur"
-          else
-            echo "err query $arg"
-          fi
-          ;;
-        *) echo "err $verb unknown command" ;;
-      esac >&3
-    else
-      sleep 0.1
-    fi
-  done
-}
-ctl_serve </dev/null &
-fail() {
-  marker "{\\"event\\":\\"failed\\",\\"message\\":\\"$1\\"}"
-  sync
-  poweroff -f
-}
-disk() {
-  for b in /sys/block/vd*; do
-    [ "$(cat "$b/serial" 2>/dev/null)" = "$1" ] && { echo "/dev/\${b##*/}"; return 0; }
-  done
-  return 1
-}
-if root_dev=$(disk offshoot-root); then
-  rw_dev=$(disk offshoot-rw) || fail "no instance disk"
-  cfg_dev=$(disk offshoot-cfg) || fail "no config disk"
-  mkdir -p /mnt/lower /mnt/rw /newroot /run/offshoot
-  mount -t ext4 -o ro "$root_dev" /mnt/lower || fail "cannot mount the image rootfs"
-  mount -t ext4 "$rw_dev" /mnt/rw || fail "cannot mount the instance disk"
-  mkdir -p /mnt/rw/upper /mnt/rw/work
-  mount -t overlay overlay -o lowerdir=/mnt/lower,upperdir=/mnt/rw/upper,workdir=/mnt/rw/work /newroot ||
-    fail "cannot mount the overlay"
-  mount -t proc proc /newroot/proc
-  mount -t sysfs sysfs /newroot/sys
-  mount --bind /dev /newroot/dev
-  mount -t tmpfs -o mode=755 tmpfs /newroot/run
-  # This init's busybox, for the program's launch only (the image may have no shell).
-  mount --bind -o ro /bin /newroot/.offshoot
-  cat "$cfg_dev" >/run/offshoot/config.sh && . /run/offshoot/config.sh || fail "unreadable config disk"
-  hostname "$OFFSHOOT_HOSTNAME"
-  # argv[0] is looked up in the image's PATH here: busybox's own sh would run its applet of the
-  # same name instead of the image's program.
-  prog=$1
-  shift
-  case "$prog" in
-    */*) ;;
-    *)
-      search=$(offshoot_env; echo "$PATH")
-      found=""
-      IFS=:
-      for d in $search; do
-        if [ -L "/newroot$d/$prog" ] || [ -x "/newroot$d/$prog" ]; then found="$d/$prog"; break; fi
-      done
-      unset IFS
-      prog=\${found:-$prog}
-      ;;
-  esac
-  if [ -z "\${prog##*/*}" ]; then
-    (
-      offshoot_env
-      launch='mkdir -p "$1" 2>/dev/null; cd "$1" || exit 1; shift; exec "$@"'
-      exec /bin/chroot /newroot /.offshoot/sh -c "$launch" sh "$OFFSHOOT_WORKDIR" "$prog" "$@"
-    ) &
-    # One pid from here to the program (every step execs): what a graceful stop signals. It
-    # is recorded before the ready marker, so a stop right after Running finds it.
-    echo $! >/run/offshoot/program.pid
-    marker '{"event":"ready"}'
-    wait $!
-    code=$?
-  else
-    marker '{"event":"ready"}'
-    echo "offshoot: $prog: command not found"
-    code=127
-  fi
-  oom=""
-  [ "$code" = 137 ] && dmesg 2>/dev/null | grep -q "Out of memory: Killed process" && oom=',"oom":true'
-  sync
-  umount /newroot/.offshoot /newroot/run /newroot/dev /newroot/sys /newroot/proc 2>/dev/null
-  umount /newroot /mnt/rw 2>/dev/null
-  marker "{\\"event\\":\\"exit\\",\\"code\\":$code$oom}"
-  poweroff -f
-fi
-marker '{"event":"ready"}'
-if [ -n "$cmd" ]; then
-  sh -c "$cmd"
-  code=$?
-else
-  n=0
-  while :; do
-    echo "OFFSHOOT-COUNT $n"
-    n=$((n + 1))
-    sleep 1
-  done
-fi
-marker "{\\"event\\":\\"exit\\",\\"code\\":$code}"
-sync
-poweroff -f
-`;
+/** The guest's /init, packed as it is (protocol.ts beside it says what it prints and reads). */
+export const INIT_FILE = path.join(REPO_ROOT, "host-agent", "guest", "init");
 
 const log = (msg: string) => process.stderr.write(`[vm-assets] ${msg}\n`);
 
@@ -464,7 +268,13 @@ function planModules(modulesDir: string): ModulePlan {
   return { load, builtin };
 }
 
-function buildInitramfs(dir: string, modulesDir: string, plan: ModulePlan, out: string): void {
+function buildInitramfs(
+  dir: string,
+  modulesDir: string,
+  plan: ModulePlan,
+  init: string,
+  out: string,
+): void {
   const stage = path.join(dir, "initramfs.stage");
   rmSync(stage, { recursive: true, force: true });
   for (const d of [
@@ -494,7 +304,7 @@ function buildInitramfs(dir: string, modulesDir: string, plan: ModulePlan, out: 
     path.join(stage, "etc", "offshoot", "modules"),
     plan.load.map(([n]) => `${n}\n`).join(""),
   );
-  writeFileSync(path.join(stage, "init"), INIT_SCRIPT, { mode: 0o755 });
+  writeFileSync(path.join(stage, "init"), init, { mode: 0o755 });
   // A console node lets the kernel give /init its stdio; mknod needs root, devtmpfs covers the rest.
   spawnSync("mknod", ["-m", "600", path.join(stage, "dev", "console"), "c", "5", "1"]);
   const tmp = `${out}.tmp`;
@@ -563,15 +373,19 @@ function pidAlive(pid: number): boolean {
   }
 }
 
-const RECIPE = createHash("sha256")
-  .update(JSON.stringify({ v: 1, init: INIT_SCRIPT, modules: WANTED_MODULES }))
-  .digest("hex")
-  .slice(0, 16);
+/** Names the initramfs made from this init text: an edit of the init file or of the modules
+ * wanted builds a new one (and the manifest records the recipe it was built from). */
+export function initramfsRecipe(init: string): string {
+  return createHash("sha256")
+    .update(JSON.stringify({ v: 1, init, modules: WANTED_MODULES }))
+    .digest("hex")
+    .slice(0, 16);
+}
 
-function fresh(m: Manifest | undefined): m is Manifest {
+function fresh(m: Manifest | undefined, recipe: string): m is Manifest {
   return (
     m !== undefined &&
-    m.recipe === RECIPE &&
+    m.recipe === recipe &&
     [m.qemu, m.kernelElf, m.bzImage, m.initramfs].every((f) => existsSync(f))
   );
 }
@@ -579,12 +393,14 @@ function fresh(m: Manifest | undefined): m is Manifest {
 /** Makes sure the packages, kernel and initramfs exist under `dir`; quick when they do. */
 export async function ensureVmAssets(dir: string = defaultAssetsDir()): Promise<VmAssets> {
   const manifestFile = path.join(dir, "assets.json");
+  const init = readFileSync(INIT_FILE, "utf8");
+  const recipe = initramfsRecipe(init);
   const cached = readManifest(manifestFile);
-  if (fresh(cached)) return pick(cached);
+  if (fresh(cached, recipe)) return pick(cached);
   mkdirSync(dir, { recursive: true });
   return withLock(dir, () => {
     const again = readManifest(manifestFile);
-    if (fresh(again)) return pick(again);
+    if (fresh(again, recipe)) return pick(again);
     ensurePackages();
     const pkg = cloudKernelPackage();
     const kernelVersion = pkg.replace(/^linux-image-/, "");
@@ -597,15 +413,15 @@ export async function ensureVmAssets(dir: string = defaultAssetsDir()): Promise<
     if (!existsSync(kernelElf)) extractVmlinux(bzImage, kernelElf);
     const modulesDir = path.join(tree, "lib", "modules", kernelVersion);
     const plan = planModules(modulesDir);
-    const initramfs = path.join(dir, `initramfs-${kernelVersion}-${RECIPE}.cpio.gz`);
-    buildInitramfs(dir, modulesDir, plan, initramfs);
+    const initramfs = path.join(dir, `initramfs-${kernelVersion}-${recipe}.cpio.gz`);
+    buildInitramfs(dir, modulesDir, plan, init, initramfs);
     const manifest: Manifest = {
       qemu: QEMU,
       kernelElf,
       bzImage,
       initramfs,
       kernelVersion,
-      recipe: RECIPE,
+      recipe,
       modules: plan.load.map(([n]) => n),
       builtin: plan.builtin,
     };

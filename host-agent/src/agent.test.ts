@@ -1,10 +1,6 @@
 import { readdir, readFile, stat } from "node:fs/promises";
 import { CLOSE } from "@offshoot/shared";
 import { describe, expect, it, onTestFinished } from "vitest";
-import { type AgentOptions, backoffDelay, startAgent } from "./agent.ts";
-import type { SimConfig } from "./config.ts";
-import { SimDriver } from "./drivers/sim/sim-driver.ts";
-import { agentPaths } from "./paths.ts";
 import {
   agentConfig,
   command,
@@ -15,7 +11,11 @@ import {
   spec,
   tempDir,
   waitFor,
-} from "./testing.ts";
+} from "../testing/index.ts";
+import { type AgentOptions, backoffDelay, startAgent } from "./agent.ts";
+import type { SimConfig } from "./config.ts";
+import { SimDriver } from "./drivers/sim/sim-driver.ts";
+import { agentPaths } from "./paths.ts";
 
 async function launch(sim: Partial<SimConfig> = {}, options: AgentOptions = {}, autoPong = true) {
   const cp = await fakeControlPlane({ autoPong });

@@ -1,10 +1,6 @@
 import { readdir } from "node:fs/promises";
 import type { Command, Operation, Result } from "@offshoot/shared";
 import { describe, expect, it } from "vitest";
-import { Commands } from "./commands.ts";
-import { SimDriver } from "./drivers/sim/sim-driver.ts";
-import { Journal } from "./journal.ts";
-import { type AgentPaths, agentPaths } from "./paths.ts";
 import {
   command,
   memoryLogger,
@@ -13,7 +9,11 @@ import {
   spec,
   tempDir,
   waitFor,
-} from "./testing.ts";
+} from "../testing/index.ts";
+import { Commands } from "./commands.ts";
+import { SimDriver } from "./drivers/sim/sim-driver.ts";
+import { Journal } from "./journal.ts";
+import { type AgentPaths, agentPaths } from "./paths.ts";
 
 /** Starts `cmd` the way Commands would, but freezes it forever once `stopAfter` is journaled:
  * what a kill -9 at that moment leaves on disk. */

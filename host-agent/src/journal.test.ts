@@ -1,11 +1,11 @@
 import { appendFile, readFile, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { describe, expect, it } from "vitest";
+import { command, memoryLogger, SIM_DEFAULTS, spec, tempDir, waitFor } from "../testing/index.ts";
 import { Commands } from "./commands.ts";
 import { SimDriver } from "./drivers/sim/sim-driver.ts";
 import { Journal, type Outcome } from "./journal.ts";
 import { agentPaths } from "./paths.ts";
-import { command, memoryLogger, SIM_DEFAULTS, spec, tempDir, waitFor } from "./testing.ts";
 
 const ok: Outcome = { ok: true, instances: [] };
 const stopCmd = (id: string) => command(id, { kind: "stop", instance_id: "i1" });

@@ -9,10 +9,10 @@ import {
   PROTOCOL_VERSION,
 } from "@offshoot/shared";
 import { describe, expect, it } from "vitest";
+import { tempDir, waitFor } from "../testing/index.ts";
 import type { Driver } from "./drivers/driver.ts";
 import { LogStreams, MAX_LOG_STREAMS } from "./logs.ts";
 import { agentPaths } from "./paths.ts";
-import { tempDir, waitFor } from "./testing.ts";
 
 /** A driver with one instance whose console is `file`, in the state the test sets. */
 function oneInstance(file: string) {

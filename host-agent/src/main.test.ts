@@ -4,8 +4,6 @@ import { readdir, readFile } from "node:fs/promises";
 import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
 import { describe, expect, it, onTestFinished } from "vitest";
-import { SimDriver } from "./drivers/sim/sim-driver.ts";
-import { agentPaths } from "./paths.ts";
 import {
   command,
   fakeControlPlane,
@@ -15,7 +13,9 @@ import {
   spec,
   tempDir,
   waitFor,
-} from "./testing.ts";
+} from "../testing/index.ts";
+import { SimDriver } from "./drivers/sim/sim-driver.ts";
+import { agentPaths } from "./paths.ts";
 
 const REPO_ROOT = fileURLToPath(new URL("../..", import.meta.url));
 

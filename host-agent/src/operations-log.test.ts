@@ -2,8 +2,8 @@ import { readFile, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import type { Operation } from "@offshoot/shared";
 import { describe, expect, it } from "vitest";
+import { tempDir } from "../testing/index.ts";
 import { OperationsLog } from "./operations-log.ts";
-import { tempDir } from "./testing.ts";
 
 const stop = (id: string): Operation => ({ kind: "stop", instance_id: id });
 

@@ -1,9 +1,9 @@
 import { writeFile } from "node:fs/promises";
 import type { Operation } from "@offshoot/shared";
 import { describe, expect, it } from "vitest";
+import { recordingContext, SIM_DEFAULTS, spec, tempDir } from "../../testing/index.ts";
 import { SimDriver, type SimOptions } from "../drivers/sim/sim-driver.ts";
 import { agentPaths } from "../paths.ts";
-import { recordingContext, SIM_DEFAULTS, spec, tempDir } from "../testing.ts";
 import { execute } from "./index.ts";
 import { InstanceLocks } from "./locks.ts";
 

@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { recordingContext } from "../testing.ts";
+import { recordingContext } from "../../testing/index.ts";
 import { runSteps, type Step, UndoError } from "./steps.ts";
 
 function tracked(log: string[], name: string, fail?: "run" | "undo"): Step {

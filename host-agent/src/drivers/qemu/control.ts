@@ -1,15 +1,14 @@
-// The guest control channel, host side: a virtio-serial port named `offshoot.ctl` (launch.ts),
-// reached through the unix socket QEMU listens on. /init (scripts/vm-assets.ts) answers one line
-// per command:
-//   ping                      → pong
-//   mac 02:aa:bb:cc:dd:ee     → ok mac <eth0's address now> | err mac <reason>
-//   query mac                 → ok mac <eth0's address>     | err query mac
-//   identity NAME MAC|-       → ok identity <hostname> <eth0's address|->  | err identity …
-//   stop                      → ok stop (SIGTERM sent to the program) | err stop <reason>
-//   anything else             → err <verb> unknown command
-// The guest polls the port (a read returns EOF while no host is connected), so an answer takes
-// one poll interval (≤ 0.1 s) plus the command itself.
+// The guest control channel, host side: the virtio-serial port /init answers on (launch.ts adds
+// it to every guest), reached through the unix socket QEMU listens on. Its commands and replies
+// are host-agent/guest/protocol.ts.
 import net from "node:net";
+import {
+  answers,
+  controlCommand,
+  controlReply,
+  macOfReply,
+  NO_MAC,
+} from "../../../guest/protocol.ts";
 import { checkSocketPath } from "./qmp.ts";
 
 export interface ControlOptions {
@@ -27,9 +26,6 @@ export function guestControl(
   if (command.includes("\n")) throw new Error("a control command is one line");
   const timeoutMs = opts.timeoutMs ?? DEFAULT_TIMEOUT_MS;
   const verb = command.split(" ")[0] ?? "";
-  // A reply that belongs to this command; anything else is a stale line from an earlier one.
-  const answers = (line: string) =>
-    verb === "ping" ? line === "pong" : line.startsWith("ok ") || line.startsWith(`err ${verb}`);
   return new Promise((resolve, reject) => {
     const sock = net.connect(checkSocketPath(socketPath));
     let buf = "";
@@ -56,7 +52,7 @@ export function guestControl(
       for (let nl = buf.indexOf("\n"); nl >= 0; nl = buf.indexOf("\n")) {
         const line = buf.slice(0, nl).replace(/\r$/, "");
         buf = buf.slice(nl + 1);
-        if (answers(line)) return done(undefined, line);
+        if (answers(verb, line)) return done(undefined, line);
       }
     });
     sock.on("error", (e) => done(new Error(`guest control ${socketPath}: ${e.message}`)));
@@ -70,8 +66,8 @@ export async function setGuestMac(
   mac: string,
   opts: ControlOptions = {},
 ): Promise<void> {
-  const reply = await guestControl(socketPath, `mac ${mac}`, opts);
-  if (reply !== `ok mac ${mac.toLowerCase()}`) {
+  const reply = await guestControl(socketPath, controlCommand.mac(mac), opts);
+  if (reply !== controlReply.mac(mac.toLowerCase())) {
     throw new Error(`guest did not take MAC ${mac}: ${reply}`);
   }
 }
@@ -84,21 +80,23 @@ export async function setGuestIdentity(
   mac: string | null,
   opts: ControlOptions = {},
 ): Promise<void> {
-  const want = `${hostname} ${mac?.toLowerCase() ?? "-"}`;
-  const reply = await guestControl(socketPath, `identity ${want}`, opts);
-  if (reply !== `ok identity ${want}`) throw new Error(`guest did not take ${want}: ${reply}`);
+  const want = mac?.toLowerCase() ?? NO_MAC;
+  const reply = await guestControl(socketPath, controlCommand.identity(hostname, want), opts);
+  if (reply !== controlReply.identity(hostname, want)) {
+    throw new Error(`guest did not take ${hostname} ${want}: ${reply}`);
+  }
 }
 
 /** Asks the guest's init to SIGTERM its program (the guest powers off once it exits). False
  * when the guest cannot (no program, or a guest without an image). */
 export async function askGuestToStop(socketPath: string, opts: ControlOptions = {}) {
-  return (await guestControl(socketPath, "stop", opts)) === "ok stop";
+  return (await guestControl(socketPath, controlCommand.stop, opts)) === controlReply.stop;
 }
 
 /** eth0's MAC as the guest sees it. */
 export async function guestMac(socketPath: string, opts: ControlOptions = {}): Promise<string> {
-  const reply = await guestControl(socketPath, "query mac", opts);
-  const m = /^ok mac (\S+)$/.exec(reply);
-  if (!m?.[1]) throw new Error(`guest cannot tell its MAC: ${reply}`);
-  return m[1];
+  const reply = await guestControl(socketPath, controlCommand.queryMac, opts);
+  const mac = macOfReply(reply);
+  if (!mac) throw new Error(`guest cannot tell its MAC: ${reply}`);
+  return mac;
 }

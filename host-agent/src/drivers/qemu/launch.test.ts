@@ -3,10 +3,10 @@ import { execFile } from "node:child_process";
 import { statSync } from "node:fs";
 import { afterEach, beforeAll, describe, expect, it } from "vitest";
 import { ensureVmAssets, type VmAssets } from "../../../../scripts/vm-assets.ts";
+import { cleanupGuests, type GuestDir, guestDir, rssKiB } from "../../../testing/qemu.ts";
 import { guestControl } from "./control.ts";
 import { type LaunchedQemu, launchQemu, processAlive, type QemuExit } from "./launch.ts";
 import { counts, initEvents, waitForSerial } from "./serial.ts";
-import { cleanupGuests, type GuestDir, guestDir, rssKiB } from "./testing.ts";
 
 // The first run installs packages and downloads the kernel.
 const ASSETS_TIMEOUT = 5 * 60_000;

@@ -9,9 +9,14 @@ import type { ApiError, InstanceSpec, ObservedInstance } from "@offshoot/shared"
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { ensureTestImage } from "../../../../scripts/oci-image.ts";
 import { ensureVmAssets, type VmAssets } from "../../../../scripts/vm-assets.ts";
+import { waitFor } from "../../../testing/index.ts";
+import {
+  serialCounts as serialCountsOf,
+  testGuestSpec,
+  testMachine,
+} from "../../../testing/qemu.ts";
 import { ImageStore, type StoredImage } from "../../images/store.ts";
 import { type AgentPaths, agentPaths } from "../../paths.ts";
-import { waitFor } from "../../testing.ts";
 import type { OpContext } from "../driver.ts";
 import { guestMac } from "./control.ts";
 import { backingChain, createInstanceDisk } from "./disks.ts";
@@ -20,7 +25,6 @@ import { guestConfig, guestHostname } from "./guest-config.ts";
 import { killProcess, launchQemu } from "./launch.ts";
 import { QemuDriver } from "./qemu-driver.ts";
 import { QemuStore } from "./store.ts";
-import { serialCounts as serialCountsOf, testGuestSpec, testMachine } from "./testing.ts";
 
 const ASSETS_TIMEOUT = 5 * 60_000;
 

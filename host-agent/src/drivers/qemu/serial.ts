@@ -1,16 +1,12 @@
-// Reading the guest's serial log: /init (scripts/vm-assets.ts) prints one machine-readable line
-// per lifecycle event, `OFFSHOOT-INIT {"event":"ready"}` and `OFFSHOOT-INIT
-// {"event":"exit","code":N}`, and the default guest program prints `OFFSHOOT-COUNT n` each second.
+// Reading the guest's serial log: /init prints one machine-readable line per lifecycle event,
+// and a counting guest program one line a second (host-agent/guest/protocol.ts).
 import { readFile } from "node:fs/promises";
+import { COUNT_MARKER, INIT_MARKER, type InitEvent } from "../../../guest/protocol.ts";
 
-export type InitEvent =
-  | { event: "ready" }
-  | { event: "exit"; code: number; oom?: boolean }
-  | { event: "failed"; message: string }
-  | { event: "insmod_failed"; module: string };
+export type { InitEvent };
 
-const INIT_LINE = /^OFFSHOOT-INIT (\{.*\})\s*$/;
-const COUNT_LINE = /^OFFSHOOT-COUNT (\d+)\s*$/;
+const INIT_LINE = new RegExp(`^${INIT_MARKER} (\\{.*\\})\\s*$`);
+const COUNT_LINE = new RegExp(`^${COUNT_MARKER} (\\d+)\\s*$`);
 
 /** The init markers in a serial log, in order. Lines that do not parse are not markers. */
 export function initEvents(log: string): InitEvent[] {
@@ -27,7 +23,7 @@ export function initEvents(log: string): InitEvent[] {
   return out;
 }
 
-/** The `OFFSHOOT-COUNT n` values in a serial log, in order. */
+/** The counter's values (`OFFSHOOT-COUNT n`) in a serial log, in order. */
 export function counts(log: string): number[] {
   const out: number[] = [];
   for (const line of log.split(/\r?\n/)) {

@@ -7,13 +7,17 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ensureTestImage } from "../../../../scripts/oci-image.ts";
 import { ensureVmAssets, type VmAssets } from "../../../../scripts/vm-assets.ts";
 import { mountXfsLoop, type XfsLoop } from "../../../../scripts/xfs-loop.ts";
+import { waitFor } from "../../../testing/index.ts";
+import {
+  killGuestsUnder,
+  serialCounts as serialCountsOf,
+  testGuestSpec,
+} from "../../../testing/qemu.ts";
 import { ImageStore } from "../../images/store.ts";
 import { type AgentPaths, agentPaths } from "../../paths.ts";
-import { waitFor } from "../../testing.ts";
 import type { OpContext } from "../driver.ts";
 import { backingChain } from "./disks.ts";
 import { QemuDriver } from "./qemu-driver.ts";
-import { killGuestsUnder, serialCounts as serialCountsOf, testGuestSpec } from "./testing.ts";
 
 let assets: VmAssets;
 let xfs: XfsLoop | undefined;

@@ -1,8 +1,8 @@
 import { readdir, readFile, stat, writeFile } from "node:fs/promises";
 import type { ObservedInstance } from "@offshoot/shared";
 import { describe, expect, it } from "vitest";
+import { recordingContext, SIM_DEFAULTS, spec, tempDir } from "../../../testing/index.ts";
 import { agentPaths } from "../../paths.ts";
-import { recordingContext, SIM_DEFAULTS, spec, tempDir } from "../../testing.ts";
 import { SimDriver, type SimOptions } from "./sim-driver.ts";
 
 async function setup(options: Partial<SimOptions> = {}) {

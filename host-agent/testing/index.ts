@@ -1,5 +1,6 @@
-// Helpers for the agent's tests: temp dirs, bounded polling, instance specs, and a tiny control
-// plane built on `ws` that records everything the agent sends.
+// What the agent's tests share: temp dirs, bounded polling, instance specs, and a tiny control
+// plane built on `ws` that records everything the agent sends. Outside src/, which must not
+// import test code (test/imports.test.ts).
 import { mkdtemp, rm } from "node:fs/promises";
 import type { IncomingMessage } from "node:http";
 import type { AddressInfo } from "node:net";
@@ -15,9 +16,9 @@ import {
 } from "@offshoot/shared";
 import { onTestFinished } from "vitest";
 import { type WebSocket, WebSocketServer } from "ws";
-import type { AgentConfig, SimConfig } from "./config.ts";
-import type { OpContext } from "./drivers/driver.ts";
-import type { Logger, LogLevel } from "./log.ts";
+import type { AgentConfig, SimConfig } from "../src/config.ts";
+import type { OpContext } from "../src/drivers/driver.ts";
+import type { Logger, LogLevel } from "../src/log.ts";
 
 /** A fresh directory under the OS temp dir, removed when the test finishes. */
 export async function tempDir(): Promise<string> {

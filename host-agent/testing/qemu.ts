@@ -1,16 +1,21 @@
-// Helpers for tests and benchmarks that boot real QEMU guests: short temp dirs (the QMP socket
+// For tests and benchmarks that boot real QEMU guests: short temp dirs (the QMP socket
 // must fit in sun_path), a cleanup that leaves no process or directory behind, the instance spec
 // of a small test guest, and waiting on what its serial console shows.
 import { mkdtempSync, readdirSync, readFileSync, rmSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import type { InstanceSpec } from "@offshoot/shared";
-import { TEST_IMAGE } from "../../../../scripts/oci-image.ts";
-import type { VmAssets } from "../../../../scripts/vm-assets.ts";
-import type { AgentPaths } from "../../paths.ts";
-import { spec } from "../../testing.ts";
-import { type GuestSpec, killProcess, type LaunchedQemu, processAlive } from "./launch.ts";
-import { counts } from "./serial.ts";
+import { TEST_IMAGE } from "../../scripts/oci-image.ts";
+import type { VmAssets } from "../../scripts/vm-assets.ts";
+import {
+  type GuestSpec,
+  killProcess,
+  type LaunchedQemu,
+  processAlive,
+} from "../src/drivers/qemu/launch.ts";
+import { counts } from "../src/drivers/qemu/serial.ts";
+import type { AgentPaths } from "../src/paths.ts";
+import { spec } from "./index.ts";
 
 /** A 256 MiB, 1 vCPU guest of the busybox test image, with a NIC (`mac`, else derived). */
 export function testGuestSpec(
