@@ -2,6 +2,7 @@
 // the config disk /init sources at boot. Pure rules, checked before anything is made on disk.
 import { createHash } from "node:crypto";
 import { type InstanceSpec, InvalidRequestError } from "@offshoot/shared";
+import { GUEST_CONFIG } from "../../../guest/protocol.ts";
 import type { StoredImage } from "../../images/store.ts";
 import type { Machine, QemuRecord } from "./store.ts";
 
@@ -65,9 +66,9 @@ export function guestConfig(
     return `  export ${k}=${shellQuote(v)}`;
   });
   const text = [
-    `OFFSHOOT_HOSTNAME=${shellQuote(guestHostname(spec.name))}`,
-    `OFFSHOOT_WORKDIR=${shellQuote(image.working_dir || "/")}`,
-    "offshoot_env() {",
+    `${GUEST_CONFIG.hostname}=${shellQuote(guestHostname(spec.name))}`,
+    `${GUEST_CONFIG.workdir}=${shellQuote(image.working_dir || "/")}`,
+    `${GUEST_CONFIG.env}() {`,
     "  :",
     ...exports,
     "}",

@@ -6,6 +6,7 @@
 // memory-backend-file so that forks can later map a frozen copy of it (see FACTS.md).
 import { closeSync, openSync, readFileSync } from "node:fs";
 import { execa } from "execa";
+import { CMDLINE_COMMAND, CONTROL_PORT, GUEST_DISKS } from "../../../guest/protocol.ts";
 import { checkSocketPath, QmpClient } from "./qmp.ts";
 
 export type Accel = "kvm" | "tcg";
@@ -43,9 +44,6 @@ export interface GuestSpec {
   extraArgs?: readonly string[];
 }
 
-/** The virtio-serial port name /init looks for under /sys/class/virtio-ports. */
-export const CTL_PORT_NAME = "offshoot.ctl";
-
 /** x86 COMMAND_LINE_SIZE. */
 const MAX_CMDLINE = 2048;
 
@@ -63,7 +61,7 @@ export function kernelCmdline(spec: Pick<GuestSpec, "command" | "kernelArgs">): 
   ];
   // Base64 keeps the command one token: /init splits /proc/cmdline on whitespace.
   if (spec.command !== undefined)
-    args.push(`offshoot.cmd=${Buffer.from(spec.command).toString("base64")}`);
+    args.push(`${CMDLINE_COMMAND}=${Buffer.from(spec.command).toString("base64")}`);
   const line = args.join(" ");
   if (line.length >= MAX_CMDLINE) {
     throw new Error(`kernel command line is ${line.length} bytes; the limit is ${MAX_CMDLINE - 1}`);
@@ -113,7 +111,7 @@ export function qemuArgs(spec: GuestSpec): string[] {
     "-chardev",
     `socket,id=ctl,path=${optValue(checkSocketPath(spec.ctlSocket))},server=on,wait=off`,
     "-device",
-    `virtserialport,bus=vser0.0,chardev=ctl,name=${CTL_PORT_NAME}`,
+    `virtserialport,bus=vser0.0,chardev=ctl,name=${CONTROL_PORT}`,
     ...(spec.extraArgs ?? []),
   ];
 }
@@ -130,11 +128,11 @@ export function guestDevices(
   diskIoBps: number | null = null,
 ): string[] {
   const limit = diskIoBps ? `,throttling.bps-total=${diskIoBps}` : "";
-  const drive = (name: string, file: string, opts: string) => [
+  const drive = (name: keyof typeof GUEST_DISKS, file: string, opts: string) => [
     "-drive",
     `file=${optValue(file)},if=none,id=${name},${opts}`,
     "-device",
-    `virtio-blk-device,drive=${name},serial=offshoot-${name}`,
+    `virtio-blk-device,drive=${name},serial=${GUEST_DISKS[name]}`,
   ];
   return [
     ...drive("root", disks.root, `format=raw,readonly=on${limit}`),
