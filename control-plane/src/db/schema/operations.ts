@@ -1,4 +1,4 @@
-import type { CommandError, ObservedInstance, Operation } from "@offshoot/shared";
+import type { CommandError, ForkFlowPayload, ObservedInstance, Operation } from "@offshoot/shared";
 import { sql } from "drizzle-orm";
 import { index, jsonb, pgTable, text, uniqueIndex } from "drizzle-orm/pg-core";
 import { createdAt, ts } from "./columns.ts";
@@ -48,11 +48,3 @@ export const operations = pgTable(
   ],
 );
 export type OperationRow = typeof operations.$inferSelect;
-
-export interface ForkFlowPayload {
-  kind: "fork_flow";
-  source_id: string;
-  target_id: string;
-  from_running: boolean;
-  target_state: "Stopped" | "Standby" | "Running";
-}
