@@ -1,3 +1,4 @@
+// Over 400 lines: the verb and the flow it starts (re-entrant steps, rollback) read as one.
 import {
   ErrorCode,
   FORKABLE,
@@ -231,10 +232,10 @@ export function driveFork(
   return p;
 }
 
-/** Flows left pending by a previous process (or a failed request): drive them to the end. */
 /** The flows these services are driving now (a Worker's cron must wait for them). */
 export const drivingFlows = (s: Services): Promise<unknown>[] => [...drivingOf(s).values()];
 
+/** Flows left pending by a previous process (or a failed request): drive them to the end. */
 export async function resumeForks(s: Services): Promise<number> {
   const pending = await s.db
     .select({ id: operations.id })
