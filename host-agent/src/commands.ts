@@ -2,7 +2,7 @@
 // journal when re-sent. A reconnect never loses a result: the control plane re-sends what it
 // has not heard back about, and the journal answers.
 import { setTimeout as sleep } from "node:timers/promises";
-import { type Command, PROTOCOL_VERSION, type Result } from "@offshoot/shared";
+import { type Command, ErrorCode, PROTOCOL_VERSION, type Result } from "@offshoot/shared";
 import type { Driver, OpContext } from "./drivers/driver.ts";
 import type { Journal, Outcome } from "./journal.ts";
 import { errorMessage, type Logger } from "./log.ts";
@@ -10,8 +10,8 @@ import { execute, instanceIds, observe, toCommandError } from "./operations/inde
 import { InstanceLocks } from "./operations/locks.ts";
 import type { OperationsLog } from "./operations-log.ts";
 
-/** Not in shared's ErrorCode list: only the agent produces it, after a crash. */
-export const INTERRUPTED = "interrupted";
+/** The code of a command a crash cut short: only the agent reports it (see recover). */
+export const INTERRUPTED = ErrorCode.enum.interrupted;
 
 export type Disposition = "replayed" | "in_flight" | "started" | "refused";
 

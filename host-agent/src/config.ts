@@ -4,18 +4,15 @@ import os from "node:os";
 import path from "node:path";
 import {
   AGENT_PATH,
-  ERROR_STATUS,
-  type ErrorCode,
+  ErrorCode,
   normalizeImageRef,
-  type OperationKind,
+  OperationKind,
   parseSize,
 } from "@offshoot/shared";
 import { z } from "zod";
 
-const OpKind = z.enum(["create", "start", "stop", "standby", "restore", "delete", "fork"]);
-const ErrorCodeName = z.enum(Object.keys(ERROR_STATUS) as [ErrorCode, ...ErrorCode[]]);
-const LatencyPerKind = z.partialRecord(OpKind, z.number().nonnegative());
-const FailPerKind = z.partialRecord(OpKind, ErrorCodeName);
+const LatencyPerKind = z.partialRecord(OperationKind, z.number().nonnegative());
+const FailPerKind = z.partialRecord(OperationKind, ErrorCode);
 
 const POSITIVE_INT = "must be a positive integer";
 

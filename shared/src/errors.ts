@@ -1,4 +1,5 @@
 // One error shape on the wire, Hypeman's `{code, message}`, and one table from code to HTTP status.
+import { z } from "zod";
 
 export const ERROR_STATUS = {
   invalid_request: 400,
@@ -26,7 +27,11 @@ export const ERROR_STATUS = {
   timeout: 504,
 } as const;
 
-export type ErrorCode = keyof typeof ERROR_STATUS;
+type Code = keyof typeof ERROR_STATUS;
+/** The codes as a schema: for settings that name one, and to compare a code against
+ * (`ErrorCode.enum.interrupted`) rather than a bare string. */
+export const ErrorCode = z.enum(Object.keys(ERROR_STATUS) as [Code, ...Code[]]);
+export type ErrorCode = z.infer<typeof ErrorCode>;
 
 export class ApiError extends Error {
   constructor(

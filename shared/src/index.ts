@@ -1,4 +1,5 @@
 export * from "./errors.ts";
+export * from "./flows.ts";
 export * from "./images.ts";
 export * from "./protocol.ts";
 export * from "./schemas.ts";

@@ -120,6 +120,10 @@ export const Operation = z.discriminatedUnion("kind", [
 ]);
 export type Operation = z.infer<typeof Operation>;
 export type OperationKind = Operation["kind"];
+/** The kinds of host command, as a schema (settings keyed by kind). */
+export const OperationKind = z.enum(
+  Operation.options.map((o) => o.shape.kind.value) as [OperationKind, ...OperationKind[]],
+);
 
 export const DriverCapabilities = z.object({
   hypervisors: z.array(Hypervisor),
@@ -234,15 +238,21 @@ export type Command = z.infer<typeof Command>;
 export const LogSource = z.enum(["app", "vmm", "hypeman"]);
 export type LogSource = z.infer<typeof LogSource>;
 
-/** Asks for the last `tail` lines of a log and, with `follow`, the lines that come after. */
-export const LogsRequest = z.object({
-  v: V,
-  type: z.literal("logs"),
-  stream_id: z.string(),
+/** The last `tail` lines of an instance's log and, with `follow`, the lines that come after. */
+export const LogQuery = z.object({
   instance_id: z.string(),
   source: LogSource,
   tail: z.number().int().nonnegative(),
   follow: z.boolean(),
+});
+export type LogQuery = z.infer<typeof LogQuery>;
+
+/** Asks for a log stream. */
+export const LogsRequest = z.object({
+  v: V,
+  type: z.literal("logs"),
+  stream_id: z.string(),
+  ...LogQuery.shape,
 });
 export type LogsRequest = z.infer<typeof LogsRequest>;
 

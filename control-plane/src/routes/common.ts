@@ -52,6 +52,9 @@ export const errors = {
   },
 } as const;
 
+/** A JSON request or response body of `schema`. */
+export const json = <T extends z.ZodType>(schema: T) => ({ "application/json": { schema } });
+
 export const IdParam = z.object({
   id: z.string().openapi({
     param: { name: "id", in: "path" },

@@ -2,9 +2,8 @@ import { createRoute, z } from "@hono/zod-openapi";
 import { Image, NotSupportedError } from "@offshoot/shared";
 import { hostGrace } from "../services/context.ts";
 import { getImage, listImages } from "../services/images.ts";
-import { errors, type Router, security } from "./common.ts";
+import { errors, json, type Router, security } from "./common.ts";
 
-const json = <T extends z.ZodType>(schema: T) => ({ "application/json": { schema } });
 const NameParam = z.object({
   name: z.string().openapi({
     param: { name: "name", in: "path" },

@@ -5,7 +5,7 @@
 // and state are in tables, a lost message only delays a waiter until its next poll or the
 // agent's next hello.
 import { randomUUID } from "node:crypto";
-import type { CommandError } from "@offshoot/shared";
+import { CommandError, LogQuery } from "@offshoot/shared";
 import { z } from "zod";
 import type { PubSub } from "../db/client.ts";
 import type { Log } from "../log.ts";
@@ -13,13 +13,6 @@ import type { Log } from "../log.ts";
 export const CHANNEL = "offshoot";
 /** NOTIFY payloads are limited to 8000 bytes; log lines are cut into messages below this. */
 export const MAX_PAYLOAD = 7000;
-
-const LogQueryMsg = z.object({
-  instance_id: z.string(),
-  source: z.enum(["app", "vmm", "hypeman"]),
-  tail: z.number(),
-  follow: z.boolean(),
-});
 
 export const BusMessage = z.discriminatedUnion("t", [
   /** Wake-ups, batched: every topic notified in one turn of the publisher's event loop. */
@@ -31,7 +24,7 @@ export const BusMessage = z.discriminatedUnion("t", [
     t: z.literal("logs_open"),
     host: z.string(),
     stream: z.string(),
-    query: LogQueryMsg,
+    query: LogQuery,
     /** The replica that wants the lines. */
     from: z.string(),
   }),
@@ -45,7 +38,7 @@ export const BusMessage = z.discriminatedUnion("t", [
     /** The last part of one of the agent's chunks: once it is taken, the reader's replica
      * sends logs_credit (an agent's chunk may travel in several NOTIFYs). */
     credit: z.boolean().optional(),
-    error: z.object({ code: z.string(), message: z.string() }).optional(),
+    error: CommandError.optional(),
   }),
   z.object({ t: z.literal("logs_cancel"), host: z.string(), stream: z.string() }),
   /** The reader took one of the agent's chunks: the holder passes the credit to the agent. */
@@ -55,8 +48,6 @@ export const BusMessage = z.discriminatedUnion("t", [
   z.object({ t: z.literal("resync") }),
 ]);
 export type BusMessage = z.infer<typeof BusMessage>;
-export type LogChunkMsg = Extract<BusMessage, { t: "logs_chunk" }>;
-export type { CommandError };
 
 export interface Bus {
   /** This replica's id: messages addressed `to` it, and its own messages to ignore. */

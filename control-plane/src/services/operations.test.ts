@@ -1,7 +1,7 @@
 // Recording a host's result (Operations.complete, one statement with its effects), on both
 // databases the control plane runs on: a Postgres server and embedded PGlite.
 import { randomUUID } from "node:crypto";
-import type { ObservedInstance, Operation, Result } from "@offshoot/shared";
+import type { ForkFlowPayload, ObservedInstance, Operation, Result } from "@offshoot/shared";
 import { asc, eq } from "drizzle-orm";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import {
@@ -11,13 +11,7 @@ import {
   seedTenant,
 } from "../../../test/harness.ts";
 import type { Db } from "../db/client.ts";
-import {
-  events,
-  type ForkFlowPayload,
-  type InstanceRow,
-  instances,
-  operations,
-} from "../db/schema/index.ts";
+import { events, type InstanceRow, instances, operations } from "../db/schema/index.ts";
 import type { HostGateway } from "../gateway/host-gateway.ts";
 import { silentLog } from "../log.ts";
 import { Operations } from "./operations.ts";

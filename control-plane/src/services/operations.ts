@@ -2,6 +2,7 @@ import { randomUUID } from "node:crypto";
 import {
   type Command,
   type CommandError,
+  type ForkFlowPayload,
   HostCommandError,
   isErrorCode,
   type ObservedInstance,
@@ -20,13 +21,7 @@ import {
   selectRows,
   statement,
 } from "../db/client.ts";
-import {
-  type ForkFlowPayload,
-  type InstanceRow,
-  instances,
-  type OperationRow,
-  operations,
-} from "../db/schema/index.ts";
+import { type InstanceRow, instances, type OperationRow, operations } from "../db/schema/index.ts";
 import type { HostGateway } from "../gateway/host-gateway.ts";
 import type { Log } from "../log.ts";
 import { type Call, timeLeft, topics } from "./context.ts";
@@ -99,6 +94,15 @@ export function newOperation(n: NewOperation): OperationRow {
     completedAt: null,
   };
 }
+
+/**
+ * The fork flows that are a single step, the host's fork, recorded with the flow: that step's
+ * result ends the flow too, in the statement that records it (see complete). A flow from a
+ * Running source (standby, fork, restore) is ended by its driver (instances/fork.ts).
+ */
+const FORK_ENDS_FLOW = { from_running: false } as const satisfies Partial<ForkFlowPayload>;
+export const forkEndsFlow = (p: ForkFlowPayload): boolean =>
+  p.from_running === FORK_ENDS_FLOW.from_running;
 
 /** The insert of new operations' rows. */
 export const insertOperations = (rows: OperationRow[]): SQL =>
@@ -190,8 +194,7 @@ export class Operations {
    * Records a host's result: exactly once, with its effects, in one statement (its own
    * transaction). The statement claims the operation — of two copies of one result (a re-sent
    * command answered twice), only the first finds it still pending — and, only if it did:
-   * - ends the fork flow whose only step this is (a fork without from_running, see
-   *   instances/fork.ts);
+   * - ends the fork flow whose only step this is (forkEndsFlow);
    * - deletes the instance a successful delete, or a failed create or fork, leaves no trace of
    *   on the host (the host rolled a failed one back), with an event — only a row of this
    *   host: a host's answer never touches another host's instance;
@@ -214,7 +217,7 @@ export class Operations {
         update operations f set status = c.status, error = c.error, completed_at = c.completed_at
         from c
         where c.kind = 'fork' and f.id = c.parent_id and f.status = 'pending'
-          and (f.payload->>'from_running')::boolean = false
+          and f.payload @> ${JSON.stringify(FORK_ENDS_FLOW)}::jsonb
         returning f.id
       ), x as (
         select case

@@ -1,4 +1,10 @@
-import type { CommandError, ObservedInstance, Operation } from "@offshoot/shared";
+import type {
+  CommandError,
+  ForkFlowPayload,
+  ObservedInstance,
+  Operation,
+  OperationKind,
+} from "@offshoot/shared";
 import { sql } from "drizzle-orm";
 import { index, jsonb, pgTable, text, uniqueIndex } from "drizzle-orm/pg-core";
 import { createdAt, ts } from "./columns.ts";
@@ -21,7 +27,7 @@ export const operations = pgTable(
     instanceId: text("instance_id"),
     /** For forks: the source, which must not change while the fork reads it. */
     sourceInstanceId: text("source_instance_id"),
-    kind: text("kind").$type<Operation["kind"] | "fork_flow">().notNull(),
+    kind: text("kind").$type<OperationKind | ForkFlowPayload["kind"]>().notNull(),
     /** exclusive: no other operation on the instance; shared: only other shared ones. */
     lock: text("lock", { enum: ["exclusive", "shared", "none"] }).notNull(),
     status: text("status", { enum: ["pending", "succeeded", "failed"] })
@@ -48,11 +54,3 @@ export const operations = pgTable(
   ],
 );
 export type OperationRow = typeof operations.$inferSelect;
-
-export interface ForkFlowPayload {
-  kind: "fork_flow";
-  source_id: string;
-  target_id: string;
-  from_running: boolean;
-  target_state: "Stopped" | "Standby" | "Running";
-}

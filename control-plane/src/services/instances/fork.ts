@@ -1,5 +1,8 @@
+// Over 400 lines: the verb and the flow it starts (re-entrant steps, rollback) read as one.
 import {
+  ErrorCode,
   FORKABLE,
+  ForkFlowPayload,
   type ForkInstanceRequest,
   type ForkTargetState,
   HostCommandError,
@@ -20,14 +23,13 @@ import {
   transactionEndingWith,
 } from "../../db/client.ts";
 import {
-  type ForkFlowPayload,
   type InstanceRow,
   instances,
   type OperationRow,
   operations,
 } from "../../db/schema/index.ts";
 import { type Call, hostGrace, newCall, type Services, timeLeft, topics } from "../context.ts";
-import { commandError, insertOperations, newOperation } from "../operations.ts";
+import { commandError, forkEndsFlow, insertOperations, newOperation } from "../operations.ts";
 import { admitLocked, overcommitOf } from "../placement.ts";
 import { nameConflict, nameTaken } from "./errors.ts";
 import { newInstanceId } from "./ids.ts";
@@ -141,10 +143,9 @@ export async function forkInstance(
       lock: fromRunning ? "exclusive" : "shared",
       payload,
     });
-    // Without a standby first, the host's fork is the first step: record it now.
-    const children = fromRunning
-      ? []
-      : [
+    // A flow that is the host's fork alone records that step now, with the flow.
+    const children = forkEndsFlow(payload)
+      ? [
           newOperation({
             ...owned,
             parentId: flow.id,
@@ -152,7 +153,8 @@ export async function forkInstance(
             lock: "none",
             payload: forkCommand(payload, target),
           }),
-        ];
+        ]
+      : [];
     // The rows go out in one statement, with the COMMIT; a name conflict fails it.
     const written = issued(
       statement(
@@ -230,10 +232,10 @@ export function driveFork(
   return p;
 }
 
-/** Flows left pending by a previous process (or a failed request): drive them to the end. */
 /** The flows these services are driving now (a Worker's cron must wait for them). */
 export const drivingFlows = (s: Services): Promise<unknown>[] => [...drivingOf(s).values()];
 
+/** Flows left pending by a previous process (or a failed request): drive them to the end. */
 export async function resumeForks(s: Services): Promise<number> {
   const pending = await s.db
     .select({ id: operations.id })
@@ -269,7 +271,7 @@ async function runFlow(
 ): Promise<ForkOutcome> {
   const flow = known?.flow ?? (await s.ops.get(flowId));
   if (!flow) throw new Error(`fork flow ${flowId} not found`);
-  const p = flow.payload as ForkFlowPayload;
+  const p = ForkFlowPayload.parse(flow.payload);
   if (flow.status !== "pending") {
     return flow.status === "failed" ? { error: commandError(flow) } : {};
   }
@@ -339,7 +341,7 @@ async function runFlow(
       }));
       if (rs.status === "succeeded" || (await stateAfter(rs, id)) === "Running") return undefined;
       err = commandError(rs);
-      if (err.code !== "interrupted") break;
+      if (err.code !== ErrorCode.enum.interrupted) break;
     }
     return err;
   };
@@ -348,7 +350,7 @@ async function runFlow(
     (await step("delete", async () => ({ kind: "delete", instance_id: p.target_id }))).status !==
     "failed";
 
-  if (!p.from_running) {
+  if (forkEndsFlow(p)) {
     // The fork is the only step; its completion also completed the flow (operations.ts).
     const fk = await step("fork", async () => {
       throw new Error(`fork flow ${flowId} has no recorded fork step`);

@@ -1,13 +1,10 @@
-import { HostUnavailableError, type LogSource } from "@offshoot/shared";
+import { HostUnavailableError, type LogQuery } from "@offshoot/shared";
 import type { LogSink } from "../../gateway/host-gateway.ts";
 import type { Services } from "../context.ts";
 import { resolveInstance } from "./resolve.ts";
 
-export interface LogsQuery {
-  tail: number;
-  follow: boolean;
-  source: LogSource;
-}
+/** A log query of an instance the caller names (by id, name or prefix). */
+export type LogsQuery = Omit<LogQuery, "instance_id">;
 
 /** Holds what arrives before the transport is ready to write it (at most the stream's window:
  * nothing held is acknowledged until the transport has taken it). */
