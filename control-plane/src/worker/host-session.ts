@@ -1,17 +1,21 @@
 // One Durable Object per host: it holds the agent's WebSocket with the Hibernation API
 // (ctx.acceptWebSocket), so an idle object can be evicted while the agent stays connected; the
 // socket's attachment (host, connection time, whether hello arrived) is all the state that must
-// survive that. Each agent message runs the same service functions as the Node gateway, with
-// its own database client. A command in flight when the object is evicted is not lost: it is
+// survive that. Agent messages go through the same agent-message service as on Node, with the
+// object's own database client. A command in flight when the object is evicted is not lost: it is
 // recorded in Postgres, the agent's result wakes the object again and is recorded then, and the
 // agent's next hello re-sends anything still pending.
 import { CLOSE, type Command, encode, type LogChunk, PROTOCOL_VERSION } from "@offshoot/shared";
-import { transaction } from "../db/client.ts";
-import { decodeAgentMessage } from "../gateway/agent-session.ts";
 import type { HostGateway } from "../gateway/host-gateway.ts";
+import { heartbeatsReceived } from "../services/agent-messages/heartbeat.ts";
+import { hostDisconnected } from "../services/agent-messages/hello.ts";
+import {
+  type AgentLink,
+  handleAgentMessage,
+  readAgentFrame,
+} from "../services/agent-messages/index.ts";
+import { AgentMessageQueue } from "../services/agent-messages/queue.ts";
 import type { Services } from "../services/context.ts";
-import { hostConnected, hostDisconnected, recordHeartbeats } from "../services/hosts.ts";
-import { applyObserved } from "../services/operations.ts";
 import { servicesFor, workerLog } from "./scope.ts";
 import {
   type Bindings,
@@ -33,8 +37,9 @@ const COMMAND_WAIT_MS = 30_000;
 const log = workerLog("host-session");
 
 export class HostSession {
-  /** Agent messages are handled one at a time, in order (hello's reconciliation first). */
-  private chain: Promise<void> = Promise.resolve();
+  /** Agent messages are handled one at a time, in order (hello's reconciliation first). Not
+   * tried again while the database is away: a failure asks the agent to reconnect at once. */
+  private queue = new AgentMessageQueue(log, { retryMs: 0, maxQueued: Number.POSITIVE_INFINITY });
   /** Requests waiting for a result, by command id (in memory: gone with an eviction). */
   private waiting = new Map<string, () => void>();
   /** Open log streams, by stream id. */
@@ -187,68 +192,48 @@ export class HostSession {
 
   webSocketMessage(ws: CfWebSocket, message: string | ArrayBuffer): Promise<void> {
     const text = typeof message === "string" ? message : new TextDecoder().decode(message);
-    this.chain = this.chain
-      .then(() => this.handle(ws, text))
-      .catch((e: unknown) => {
-        // As on Node: a message that could not be recorded forces a reconnect and a hello.
-        log("error", "agent message failed; asking the agent to reconnect", { error: String(e) });
-        ws.close(CLOSE.resync, "message could not be recorded; reconnect");
-      });
-    return this.chain;
+    const hostId = (ws.deserializeAttachment() as Attachment | null)?.host.id;
+    return this.queue.push(
+      { hostId, close: (code, reason) => ws.close(code, reason) },
+      // The attachment is read when the message's turn comes: a hello before it may have
+      // changed it.
+      async () => {
+        const attachment = ws.deserializeAttachment() as Attachment | null;
+        if (!attachment) return;
+        const link = this.link(ws, attachment);
+        const msg = readAgentFrame(log, link, text);
+        if (msg) await handleAgentMessage(this.services(), link, msg);
+      },
+    );
   }
 
-  private async handle(ws: CfWebSocket, text: string): Promise<void> {
-    const attachment = ws.deserializeAttachment() as Attachment | null;
-    if (!attachment) return;
-    const decoded = decodeAgentMessage(text);
-    if (!decoded.ok) {
-      log("warn", "bad agent message", { host_id: attachment.host.id, issue: decoded.issue });
-      if (decoded.close) ws.close(...decoded.close);
-      return;
-    }
-    const { msg } = decoded;
+  /** The agent-message service's view of one socket of this object. */
+  private link(ws: CfWebSocket, attachment: Attachment): AgentLink {
     const hostId = attachment.host.id;
-    if (msg.type !== "hello" && !attachment.hello) {
-      ws.close(CLOSE.badProtocol, "hello first");
-      return;
-    }
-    if (msg.type === "log") {
-      this.onLog(msg);
-      return;
-    }
-    const s = this.services();
-    switch (msg.type) {
-      case "hello":
+    return {
+      hostId,
+      connectedAt: new Date(attachment.connectedAt),
+      ready: attachment.hello,
+      helloArrived: (welcome) => {
         ws.serializeAttachment({ ...attachment, hello: true } satisfies Attachment);
-        ws.send(
-          encode({
-            v: PROTOCOL_VERSION,
-            type: "welcome",
-            host_id: hostId,
-            heartbeat_ms: s.env.HEARTBEAT_MS,
-          }),
-        );
-        await hostConnected(s, hostId, msg, new Date(attachment.connectedAt));
-        return;
-      case "heartbeat": {
-        const offline = await recordHeartbeats(s, [hostId]);
-        if (offline.length > 0) ws.close(CLOSE.resync, "host was marked offline");
-        return;
-      }
-      case "result":
-        await s.ops.complete(hostId, msg);
+        ws.send(encode(welcome));
+        return true;
+      },
+      heartbeat: () =>
+        heartbeatsReceived(this.services(), [hostId], (_id, code, reason) =>
+          ws.close(code, reason),
+        ),
+      log: (chunk) => this.onLog(chunk),
+      close: (code, reason) => ws.close(code, reason),
+      resultRecorded: (commandId) => {
         log("info", "result recorded", {
           incarnation: this.incarnation,
-          command_id: msg.command_id,
-          waiting: this.waiting.has(msg.command_id),
+          command_id: commandId,
+          waiting: this.waiting.has(commandId),
         });
-        this.waiting.get(msg.command_id)?.();
-        return;
-      case "event": {
-        await transaction(s.db, (tx) => applyObserved(tx, hostId, [msg.instance], "host.event"));
-        return;
-      }
-    }
+        this.waiting.get(commandId)?.();
+      },
+    };
   }
 
   async webSocketClose(ws: CfWebSocket): Promise<void> {
@@ -264,7 +249,7 @@ export class HostSession {
     if (!attachment) return;
     // After the messages that arrived before the close: a hello still being recorded must not
     // mark the host online once this has marked it offline.
-    await this.chain;
+    await this.queue.drained();
     await hostDisconnected(this.services(), attachment.host.id, new Date(attachment.connectedAt));
   }
 
