@@ -7,7 +7,7 @@ import { AGENT_PATH } from "@offshoot/shared";
 import type { Context } from "hono";
 import { createApp } from "../app.ts";
 import type { AppEnv } from "../routes/common.ts";
-import { Credentials } from "../services/credentials.ts";
+import { bearerToken, Credentials } from "../services/credentials.ts";
 import { sweepSilentHosts } from "../services/hosts.ts";
 import { drivingFlows, resumeForks } from "../services/instances/fork.ts";
 import { SESSION_URL, sessionStub, WorkersGateway } from "./gateway.ts";
@@ -29,8 +29,8 @@ const app = createApp({
   credentials: (c) => new Credentials(c.var.services.db, 0),
   mountAgentEndpoint: (router) => {
     router.get(AGENT_PATH, async (c) => {
-      const m = /^Bearer\s+(\S+)$/i.exec(c.req.header("authorization") ?? "");
-      const host = m?.[1] ? await new Credentials(c.var.services.db).hostForToken(m[1]) : undefined;
+      const token = bearerToken(c.req.header("authorization"));
+      const host = token ? await new Credentials(c.var.services.db).hostForToken(token) : undefined;
       if (!host) return c.json({ code: "unauthorized", message: "invalid host token" }, 401);
       if (c.req.header("upgrade")?.toLowerCase() !== "websocket") {
         return c.json({ code: "invalid_request", message: "expected a WebSocket upgrade" }, 400);
