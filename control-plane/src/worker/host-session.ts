@@ -5,7 +5,7 @@
 // object's own database client. A command in flight when the object is evicted is not lost: it is
 // recorded in Postgres, the agent's result wakes the object again and is recorded then, and the
 // agent's next hello re-sends anything still pending.
-import { CLOSE, type Command, encode, type LogChunk, PROTOCOL_VERSION } from "@offshoot/shared";
+import { CLOSE, encode, type LogChunk, PROTOCOL_VERSION } from "@offshoot/shared";
 import type { HostGateway } from "../gateway/host-gateway.ts";
 import { heartbeatsReceived } from "../services/agent-messages/heartbeat.ts";
 import { hostDisconnected } from "../services/agent-messages/hello.ts";
@@ -18,6 +18,15 @@ import { AgentMessageQueue } from "../services/agent-messages/queue.ts";
 import type { Services } from "../services/context.ts";
 import { servicesFor, workerLog } from "./scope.ts";
 import {
+  type CommandOutcome,
+  HOST_HEADER,
+  invalid,
+  readBody,
+  SessionCommand,
+  SessionHost,
+  SessionLogQuery,
+} from "./session-protocol.ts";
+import {
   type Bindings,
   type CfWebSocket,
   type DurableObjectState,
@@ -26,7 +35,7 @@ import {
 } from "./types.ts";
 
 interface Attachment {
-  host: { id: string; name: string };
+  host: SessionHost;
   connectedAt: string;
   hello: boolean;
 }
@@ -61,8 +70,14 @@ export class HostSession {
   async fetch(req: Request): Promise<Response> {
     const path = new URL(req.url).pathname;
     if (path === "/connect") return this.connect(req);
-    if (path === "/command") return this.command((await req.json()) as Command);
-    if (path === "/logs") return this.openLogs((await req.json()) as Record<string, unknown>);
+    if (path === "/command") {
+      const read = await readBody(req, SessionCommand, "command");
+      return read.ok ? this.command(read.body) : read.response;
+    }
+    if (path === "/logs") {
+      const read = await readBody(req, SessionLogQuery, "log query");
+      return read.ok ? this.openLogs(read.body) : read.response;
+    }
     if (path === "/__evict" && this.bindings.SESSION_TEST_EVICT === "1") {
       // What the runtime does to an idle object, on demand: the next event gets a new instance.
       this.state.abort("evicted for a test");
@@ -71,8 +86,15 @@ export class HostSession {
   }
 
   private connect(req: Request): Response {
-    const host = JSON.parse(req.headers.get("x-offshoot-host") ?? "null") as Attachment["host"];
-    if (!host?.id) return new Response("no host", { status: 400 });
+    let raw: unknown;
+    try {
+      raw = JSON.parse(req.headers.get(HOST_HEADER) ?? "null");
+    } catch {
+      return invalid("no host", "not JSON");
+    }
+    const parsed = SessionHost.safeParse(raw);
+    if (!parsed.success) return invalid("no host", parsed.error);
+    const host = parsed.data;
     for (const old of this.state.getWebSockets()) {
       // Listed until its read loop ends: it must not be taken for the agent meanwhile.
       const a = old.deserializeAttachment() as Attachment | null;
@@ -96,10 +118,11 @@ export class HostSession {
     return best?.ws;
   }
 
-  private async command(command: Command): Promise<Response> {
+  private async command(command: SessionCommand): Promise<Response> {
+    const answer = (outcome: CommandOutcome) => new Response(outcome);
     const ws = this.agent();
     // Not connected: the command stays pending in Postgres and goes out on the next hello.
-    if (!ws) return new Response("queued");
+    if (!ws) return answer("queued");
     let timer: ReturnType<typeof setTimeout> | undefined;
     const done = new Promise<boolean>((resolve) => {
       this.waiting.set(command.id, () => resolve(true));
@@ -114,10 +137,10 @@ export class HostSession {
     this.waiting.delete(command.id);
     // The request finds the result in Postgres instead (tests wait for this line).
     if (!ok) log("info", "stopped waiting for a result", { command_id: command.id });
-    return new Response(ok ? "done" : "sent");
+    return answer(ok ? "done" : "sent");
   }
 
-  private openLogs(query: Record<string, unknown>): Response {
+  private openLogs(query: SessionLogQuery): Response {
     const ws = this.agent();
     if (!ws) return new Response("host not connected", { status: 503 });
     const streamId = crypto.randomUUID();
@@ -132,7 +155,7 @@ export class HostSession {
         );
       }
     });
-    ws.send(encode({ v: PROTOCOL_VERSION, type: "logs", stream_id: streamId, ...query } as never));
+    ws.send(encode({ v: PROTOCOL_VERSION, type: "logs", stream_id: streamId, ...query }));
     return new Response(readable as unknown as ReadableStream, {
       headers: { "content-type": "application/x-ndjson" },
     });

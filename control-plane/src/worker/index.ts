@@ -12,6 +12,7 @@ import { sweepSilentHosts } from "../services/hosts.ts";
 import { drivingFlows, resumeForks } from "../services/instances/fork.ts";
 import { SESSION_URL, sessionStub, WorkersGateway } from "./gateway.ts";
 import { servicesFor } from "./scope.ts";
+import { HOST_HEADER, type SessionHost } from "./session-protocol.ts";
 import type { Bindings, ExecutionContext } from "./types.ts";
 
 export { HostSession } from "./host-session.ts";
@@ -36,7 +37,7 @@ const app = createApp({
         return c.json({ code: "invalid_request", message: "expected a WebSocket upgrade" }, 400);
       }
       const forward = new Request(`${SESSION_URL}/connect`, c.req.raw);
-      forward.headers.set("x-offshoot-host", JSON.stringify(host));
+      forward.headers.set(HOST_HEADER, JSON.stringify(host satisfies SessionHost));
       const bindings = (c as unknown as WorkerContext).env;
       return sessionStub(bindings, host.id).fetch(forward as never) as unknown as Response;
     });
