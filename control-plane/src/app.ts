@@ -18,7 +18,7 @@ import { registerInstanceRoutes } from "./routes/instances/index.ts";
 import { referencePage } from "./routes/reference.ts";
 import { registerUnsupportedRoutes, UNSUPPORTED_PREFIXES } from "./routes/unsupported.ts";
 import { newCall, type Services } from "./services/context.ts";
-import type { Credentials } from "./services/credentials.ts";
+import { bearerToken, type Credentials } from "./services/credentials.ts";
 import { parseWaitTimeout } from "./services/instances/wait.ts";
 
 type ErrorStatus = (typeof ERROR_STATUS)[keyof typeof ERROR_STATUS];
@@ -187,14 +187,14 @@ export function createApp({ services, credentials, mountAgentEndpoint }: AppDeps
 
   // Every route below needs an API key, and everything it reads is scoped to its tenant.
   const authed = async (c: Context<AppEnv>, next: () => Promise<void>) => {
-    const m = /^Bearer\s+(\S+)\s*$/i.exec(c.req.header("authorization") ?? "");
-    const tenantId = m?.[1] ? await credentialsOf(c).tenantForKey(m[1]) : undefined;
+    const token = bearerToken(c.req.header("authorization"));
+    const tenantId = token ? await credentialsOf(c).tenantForKey(token) : undefined;
     if (!tenantId) {
       return errorResponse(
         c,
         401,
         "unauthorized",
-        m ? "invalid API key" : "missing Authorization: Bearer <API key>",
+        token ? "invalid API key" : "missing Authorization: Bearer <API key>",
       );
     }
     c.set("tenantId", tenantId);

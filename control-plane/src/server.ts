@@ -15,6 +15,7 @@ import { PgBus } from "./services/bus.ts";
 import { DatabaseHealth, type Services } from "./services/context.ts";
 import {
   BOOTSTRAP_KEY,
+  bearerToken,
   Credentials,
   createApiKey,
   DEFAULT_TENANT,
@@ -84,8 +85,8 @@ export async function startServer(
     app.get(
       AGENT_PATH,
       async (c, next) => {
-        const m = /^Bearer\s+(\S+)$/i.exec(c.req.header("authorization") ?? "");
-        const host = m?.[1] ? await credentials.hostForToken(m[1]) : undefined;
+        const token = bearerToken(c.req.header("authorization"));
+        const host = token ? await credentials.hostForToken(token) : undefined;
         if (!host) return c.json({ code: "unauthorized", message: "invalid host token" }, 401);
         c.set("agentHost", host);
         await next();

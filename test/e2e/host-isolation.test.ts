@@ -5,7 +5,7 @@ import { AGENT_LIMITS, type Instance } from "@offshoot/shared";
 import { and, count, eq, isNull } from "drizzle-orm";
 import { beforeAll, describe, expect, it } from "vitest";
 import { hosts, instances, operations } from "../../control-plane/src/db/schema/index.ts";
-import { MAX_ORPHAN_DELETES } from "../../control-plane/src/services/hosts.ts";
+import { MAX_ORPHAN_DELETES } from "../../control-plane/src/services/agent-messages/hello.ts";
 import { fakeAgent, isCommand, isWelcome } from "../fake-agent.ts";
 import { api, hostOnline, registerHost, waitFor } from "../harness.ts";
 import { type Stack, startStack } from "./env.ts";

@@ -3,9 +3,10 @@ import { CLOSE, type Command, type LogChunk, PROTOCOL_VERSION } from "@offshoot/
 import { eq } from "drizzle-orm";
 import { isConnectionLost } from "../db/client.ts";
 import { hosts } from "../db/schema/index.ts";
+import { heartbeatsReceived } from "../services/agent-messages/heartbeat.ts";
+import { hostDisconnected } from "../services/agent-messages/hello.ts";
 import { type Bus, type BusMessage, chunkLines } from "../services/bus.ts";
 import type { Services } from "../services/context.ts";
-import { hostDisconnected, recordHeartbeats } from "../services/hosts.ts";
 import { commandOf } from "../services/operations.ts";
 import { AgentSession, type AgentSocket } from "./agent-session.ts";
 import type { HostGateway, LogQuery, LogSink } from "./host-gateway.ts";
@@ -310,11 +311,9 @@ export class NodeGateway implements HostGateway {
     const ids = [...this.beats];
     this.beats.clear();
     try {
-      const offline = await recordHeartbeats(this.s, ids);
-      // Marked offline by a sweep (a stall longer than the grace period): their instances are
-      // Unknown until a hello reconciles them, so ask those agents for one.
-      for (const id of offline)
-        this.sessions.get(id)?.close(CLOSE.resync, "host was marked offline");
+      await heartbeatsReceived(this.s, ids, (id, code, reason) =>
+        this.sessions.get(id)?.close(code, reason),
+      );
     } catch (e) {
       if (isConnectionLost(e)) this.s.dbHealth?.failed();
       for (const id of ids) this.beats.add(id);

@@ -7,6 +7,11 @@ import { apiKeys, hosts, tenants } from "../db/schema/index.ts";
 export const hashSecret = (secret: string) => createHash("sha256").update(secret).digest("hex");
 const newSecret = (prefix: string) => `${prefix}_${randomBytes(24).toString("base64url")}`;
 
+/** The token of an `Authorization: Bearer <token>` header (the scheme in any case, trailing
+ * whitespace tolerated), or undefined. API keys and host tokens alike. */
+export const bearerToken = (header: string | undefined): string | undefined =>
+  /^Bearer\s+(\S+)\s*$/i.exec(header ?? "")?.[1];
+
 export const DEFAULT_TENANT = "default";
 /** The name of the key `HYPEMAN_API_KEY` makes at start-up. */
 export const BOOTSTRAP_KEY = "HYPEMAN_API_KEY";

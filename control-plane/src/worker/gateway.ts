@@ -8,6 +8,7 @@ import type { HostGateway, LogQuery, LogSink } from "../gateway/host-gateway.ts"
 import type { Log } from "../log.ts";
 import { topics } from "../services/context.ts";
 import type { Signals } from "../services/signals.ts";
+import { CommandOutcome, LogStreamLine, MAX_LOG_LINE_CHARS } from "./session-protocol.ts";
 import type { Bindings, ExecutionContext } from "./types.ts";
 
 export const SESSION_URL = "https://host-session";
@@ -28,7 +29,15 @@ export class WorkersGateway implements HostGateway {
     const delivered = sessionStub(this.bindings, hostId)
       .fetch(`${SESSION_URL}/command`, { method: "POST", body: JSON.stringify(command) })
       .then(async (res) => {
-        if ((await res.text()) === "done") this.signals.notify(topics.operation(command.id));
+        const answer = await res.text();
+        const outcome = CommandOutcome.safeParse(answer);
+        if (!outcome.success) {
+          this.log("warn", "host session refused the command", {
+            op: command.id,
+            status: res.status,
+            answer: answer.slice(0, 200),
+          });
+        } else if (outcome.data === "done") this.signals.notify(topics.operation(command.id));
       })
       .catch((e: unknown) =>
         this.log("warn", "command not handed to the host session", {
@@ -49,8 +58,12 @@ export class WorkersGateway implements HostGateway {
       method: "POST",
       body: JSON.stringify(query),
     });
-    if (res.status !== 200 || !res.body) return undefined;
-    // One JSON object per line: {lines} … then {done, error?}.
+    if (res.status !== 200 || !res.body) {
+      if (res.status === 400) {
+        this.log("warn", "host session refused the log query", { answer: await res.text() });
+      }
+      return undefined;
+    }
     const reader = (res.body as unknown as ReadableStream<Uint8Array>)
       .pipeThrough(new TextDecoderStream())
       .getReader();
@@ -61,22 +74,11 @@ export class WorkersGateway implements HostGateway {
       sink.end(error);
     };
     const pump = async () => {
-      let buf = "";
-      for (;;) {
-        const { value, done } = await reader.read();
-        if (done) break;
-        buf += value;
-        for (let nl = buf.indexOf("\n"); nl >= 0; nl = buf.indexOf("\n")) {
-          const msg = JSON.parse(buf.slice(0, nl)) as {
-            lines?: string[];
-            done?: boolean;
-            error?: { code: string; message: string };
-          };
-          buf = buf.slice(nl + 1);
-          // Read on only once the reader took these (backpressure through the object).
-          if (msg.lines?.length) await sink.lines(msg.lines);
-          if (msg.done) return end(msg.error);
-        }
+      for await (const line of ndjson(reader)) {
+        // Read on only once the reader took these (backpressure through the object).
+        if ("lines" in line) {
+          if (line.lines.length > 0) await sink.lines(line.lines);
+        } else return end(line.error);
       }
       end();
     };
@@ -87,5 +89,25 @@ export class WorkersGateway implements HostGateway {
       void reader.cancel().catch(() => {});
       end();
     };
+  }
+}
+
+/** The lines of a HostSession's log stream, each checked; a line longer than any the object
+ * writes (MAX_LOG_LINE_CHARS), or one that is not a stream line, ends the stream with an error. */
+async function* ndjson(reader: ReadableStreamDefaultReader<string>): AsyncGenerator<LogStreamLine> {
+  let buf = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buf += value;
+    for (let nl = buf.indexOf("\n"); nl >= 0; nl = buf.indexOf("\n")) {
+      const text = buf.slice(0, nl);
+      buf = buf.slice(nl + 1);
+      if (text.length > MAX_LOG_LINE_CHARS) throw new Error("log stream line too long");
+      const parsed = LogStreamLine.safeParse(JSON.parse(text));
+      if (!parsed.success) throw new Error(`malformed log stream line: ${parsed.error.message}`);
+      yield parsed.data;
+    }
+    if (buf.length > MAX_LOG_LINE_CHARS) throw new Error("log stream line too long");
   }
 }

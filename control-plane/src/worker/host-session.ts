@@ -1,18 +1,31 @@
 // One Durable Object per host: it holds the agent's WebSocket with the Hibernation API
 // (ctx.acceptWebSocket), so an idle object can be evicted while the agent stays connected; the
 // socket's attachment (host, connection time, whether hello arrived) is all the state that must
-// survive that. Each agent message runs the same service functions as the Node gateway, with
-// its own database client. A command in flight when the object is evicted is not lost: it is
+// survive that. Agent messages go through the same agent-message service as on Node, with the
+// object's own database client. A command in flight when the object is evicted is not lost: it is
 // recorded in Postgres, the agent's result wakes the object again and is recorded then, and the
 // agent's next hello re-sends anything still pending.
-import { CLOSE, type Command, encode, type LogChunk, PROTOCOL_VERSION } from "@offshoot/shared";
-import { transaction } from "../db/client.ts";
-import { decodeAgentMessage } from "../gateway/agent-session.ts";
+import { CLOSE, encode, type LogChunk, PROTOCOL_VERSION } from "@offshoot/shared";
 import type { HostGateway } from "../gateway/host-gateway.ts";
+import { heartbeatsReceived } from "../services/agent-messages/heartbeat.ts";
+import { hostDisconnected } from "../services/agent-messages/hello.ts";
+import {
+  type AgentLink,
+  handleAgentMessage,
+  readAgentFrame,
+} from "../services/agent-messages/index.ts";
+import { AgentMessageQueue } from "../services/agent-messages/queue.ts";
 import type { Services } from "../services/context.ts";
-import { hostConnected, hostDisconnected, recordHeartbeats } from "../services/hosts.ts";
-import { applyObserved } from "../services/operations.ts";
 import { servicesFor, workerLog } from "./scope.ts";
+import {
+  type CommandOutcome,
+  HOST_HEADER,
+  invalid,
+  readBody,
+  SessionCommand,
+  SessionHost,
+  SessionLogQuery,
+} from "./session-protocol.ts";
 import {
   type Bindings,
   type CfWebSocket,
@@ -22,7 +35,7 @@ import {
 } from "./types.ts";
 
 interface Attachment {
-  host: { id: string; name: string };
+  host: SessionHost;
   connectedAt: string;
   hello: boolean;
 }
@@ -33,8 +46,9 @@ const COMMAND_WAIT_MS = 30_000;
 const log = workerLog("host-session");
 
 export class HostSession {
-  /** Agent messages are handled one at a time, in order (hello's reconciliation first). */
-  private chain: Promise<void> = Promise.resolve();
+  /** Agent messages are handled one at a time, in order (hello's reconciliation first). Not
+   * tried again while the database is away: a failure asks the agent to reconnect at once. */
+  private queue = new AgentMessageQueue(log, { retryMs: 0, maxQueued: Number.POSITIVE_INFINITY });
   /** Requests waiting for a result, by command id (in memory: gone with an eviction). */
   private waiting = new Map<string, () => void>();
   /** Open log streams, by stream id. */
@@ -56,8 +70,14 @@ export class HostSession {
   async fetch(req: Request): Promise<Response> {
     const path = new URL(req.url).pathname;
     if (path === "/connect") return this.connect(req);
-    if (path === "/command") return this.command((await req.json()) as Command);
-    if (path === "/logs") return this.openLogs((await req.json()) as Record<string, unknown>);
+    if (path === "/command") {
+      const read = await readBody(req, SessionCommand, "command");
+      return read.ok ? this.command(read.body) : read.response;
+    }
+    if (path === "/logs") {
+      const read = await readBody(req, SessionLogQuery, "log query");
+      return read.ok ? this.openLogs(read.body) : read.response;
+    }
     if (path === "/__evict" && this.bindings.SESSION_TEST_EVICT === "1") {
       // What the runtime does to an idle object, on demand: the next event gets a new instance.
       this.state.abort("evicted for a test");
@@ -66,8 +86,15 @@ export class HostSession {
   }
 
   private connect(req: Request): Response {
-    const host = JSON.parse(req.headers.get("x-offshoot-host") ?? "null") as Attachment["host"];
-    if (!host?.id) return new Response("no host", { status: 400 });
+    let raw: unknown;
+    try {
+      raw = JSON.parse(req.headers.get(HOST_HEADER) ?? "null");
+    } catch {
+      return invalid("no host", "not JSON");
+    }
+    const parsed = SessionHost.safeParse(raw);
+    if (!parsed.success) return invalid("no host", parsed.error);
+    const host = parsed.data;
     for (const old of this.state.getWebSockets()) {
       // Listed until its read loop ends: it must not be taken for the agent meanwhile.
       const a = old.deserializeAttachment() as Attachment | null;
@@ -91,10 +118,11 @@ export class HostSession {
     return best?.ws;
   }
 
-  private async command(command: Command): Promise<Response> {
+  private async command(command: SessionCommand): Promise<Response> {
+    const answer = (outcome: CommandOutcome) => new Response(outcome);
     const ws = this.agent();
     // Not connected: the command stays pending in Postgres and goes out on the next hello.
-    if (!ws) return new Response("queued");
+    if (!ws) return answer("queued");
     let timer: ReturnType<typeof setTimeout> | undefined;
     const done = new Promise<boolean>((resolve) => {
       this.waiting.set(command.id, () => resolve(true));
@@ -109,10 +137,10 @@ export class HostSession {
     this.waiting.delete(command.id);
     // The request finds the result in Postgres instead (tests wait for this line).
     if (!ok) log("info", "stopped waiting for a result", { command_id: command.id });
-    return new Response(ok ? "done" : "sent");
+    return answer(ok ? "done" : "sent");
   }
 
-  private openLogs(query: Record<string, unknown>): Response {
+  private openLogs(query: SessionLogQuery): Response {
     const ws = this.agent();
     if (!ws) return new Response("host not connected", { status: 503 });
     const streamId = crypto.randomUUID();
@@ -127,7 +155,7 @@ export class HostSession {
         );
       }
     });
-    ws.send(encode({ v: PROTOCOL_VERSION, type: "logs", stream_id: streamId, ...query } as never));
+    ws.send(encode({ v: PROTOCOL_VERSION, type: "logs", stream_id: streamId, ...query }));
     return new Response(readable as unknown as ReadableStream, {
       headers: { "content-type": "application/x-ndjson" },
     });
@@ -187,68 +215,48 @@ export class HostSession {
 
   webSocketMessage(ws: CfWebSocket, message: string | ArrayBuffer): Promise<void> {
     const text = typeof message === "string" ? message : new TextDecoder().decode(message);
-    this.chain = this.chain
-      .then(() => this.handle(ws, text))
-      .catch((e: unknown) => {
-        // As on Node: a message that could not be recorded forces a reconnect and a hello.
-        log("error", "agent message failed; asking the agent to reconnect", { error: String(e) });
-        ws.close(CLOSE.resync, "message could not be recorded; reconnect");
-      });
-    return this.chain;
+    const hostId = (ws.deserializeAttachment() as Attachment | null)?.host.id;
+    return this.queue.push(
+      { hostId, close: (code, reason) => ws.close(code, reason) },
+      // The attachment is read when the message's turn comes: a hello before it may have
+      // changed it.
+      async () => {
+        const attachment = ws.deserializeAttachment() as Attachment | null;
+        if (!attachment) return;
+        const link = this.link(ws, attachment);
+        const msg = readAgentFrame(log, link, text);
+        if (msg) await handleAgentMessage(this.services(), link, msg);
+      },
+    );
   }
 
-  private async handle(ws: CfWebSocket, text: string): Promise<void> {
-    const attachment = ws.deserializeAttachment() as Attachment | null;
-    if (!attachment) return;
-    const decoded = decodeAgentMessage(text);
-    if (!decoded.ok) {
-      log("warn", "bad agent message", { host_id: attachment.host.id, issue: decoded.issue });
-      if (decoded.close) ws.close(...decoded.close);
-      return;
-    }
-    const { msg } = decoded;
+  /** The agent-message service's view of one socket of this object. */
+  private link(ws: CfWebSocket, attachment: Attachment): AgentLink {
     const hostId = attachment.host.id;
-    if (msg.type !== "hello" && !attachment.hello) {
-      ws.close(CLOSE.badProtocol, "hello first");
-      return;
-    }
-    if (msg.type === "log") {
-      this.onLog(msg);
-      return;
-    }
-    const s = this.services();
-    switch (msg.type) {
-      case "hello":
+    return {
+      hostId,
+      connectedAt: new Date(attachment.connectedAt),
+      ready: attachment.hello,
+      helloArrived: (welcome) => {
         ws.serializeAttachment({ ...attachment, hello: true } satisfies Attachment);
-        ws.send(
-          encode({
-            v: PROTOCOL_VERSION,
-            type: "welcome",
-            host_id: hostId,
-            heartbeat_ms: s.env.HEARTBEAT_MS,
-          }),
-        );
-        await hostConnected(s, hostId, msg, new Date(attachment.connectedAt));
-        return;
-      case "heartbeat": {
-        const offline = await recordHeartbeats(s, [hostId]);
-        if (offline.length > 0) ws.close(CLOSE.resync, "host was marked offline");
-        return;
-      }
-      case "result":
-        await s.ops.complete(hostId, msg);
+        ws.send(encode(welcome));
+        return true;
+      },
+      heartbeat: () =>
+        heartbeatsReceived(this.services(), [hostId], (_id, code, reason) =>
+          ws.close(code, reason),
+        ),
+      log: (chunk) => this.onLog(chunk),
+      close: (code, reason) => ws.close(code, reason),
+      resultRecorded: (commandId) => {
         log("info", "result recorded", {
           incarnation: this.incarnation,
-          command_id: msg.command_id,
-          waiting: this.waiting.has(msg.command_id),
+          command_id: commandId,
+          waiting: this.waiting.has(commandId),
         });
-        this.waiting.get(msg.command_id)?.();
-        return;
-      case "event": {
-        await transaction(s.db, (tx) => applyObserved(tx, hostId, [msg.instance], "host.event"));
-        return;
-      }
-    }
+        this.waiting.get(commandId)?.();
+      },
+    };
   }
 
   async webSocketClose(ws: CfWebSocket): Promise<void> {
@@ -264,7 +272,7 @@ export class HostSession {
     if (!attachment) return;
     // After the messages that arrived before the close: a hello still being recorded must not
     // mark the host online once this has marked it offline.
-    await this.chain;
+    await this.queue.drained();
     await hostDisconnected(this.services(), attachment.host.id, new Date(attachment.connectedAt));
   }
 

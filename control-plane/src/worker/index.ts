@@ -7,11 +7,12 @@ import { AGENT_PATH } from "@offshoot/shared";
 import type { Context } from "hono";
 import { createApp } from "../app.ts";
 import type { AppEnv } from "../routes/common.ts";
-import { Credentials } from "../services/credentials.ts";
+import { bearerToken, Credentials } from "../services/credentials.ts";
 import { sweepSilentHosts } from "../services/hosts.ts";
 import { drivingFlows, resumeForks } from "../services/instances/fork.ts";
 import { SESSION_URL, sessionStub, WorkersGateway } from "./gateway.ts";
 import { servicesFor } from "./scope.ts";
+import { HOST_HEADER, type SessionHost } from "./session-protocol.ts";
 import type { Bindings, ExecutionContext } from "./types.ts";
 
 export { HostSession } from "./host-session.ts";
@@ -29,14 +30,14 @@ const app = createApp({
   credentials: (c) => new Credentials(c.var.services.db, 0),
   mountAgentEndpoint: (router) => {
     router.get(AGENT_PATH, async (c) => {
-      const m = /^Bearer\s+(\S+)$/i.exec(c.req.header("authorization") ?? "");
-      const host = m?.[1] ? await new Credentials(c.var.services.db).hostForToken(m[1]) : undefined;
+      const token = bearerToken(c.req.header("authorization"));
+      const host = token ? await new Credentials(c.var.services.db).hostForToken(token) : undefined;
       if (!host) return c.json({ code: "unauthorized", message: "invalid host token" }, 401);
       if (c.req.header("upgrade")?.toLowerCase() !== "websocket") {
         return c.json({ code: "invalid_request", message: "expected a WebSocket upgrade" }, 400);
       }
       const forward = new Request(`${SESSION_URL}/connect`, c.req.raw);
-      forward.headers.set("x-offshoot-host", JSON.stringify(host));
+      forward.headers.set(HOST_HEADER, JSON.stringify(host satisfies SessionHost));
       const bindings = (c as unknown as WorkerContext).env;
       return sessionStub(bindings, host.id).fetch(forward as never) as unknown as Response;
     });
