@@ -2,6 +2,7 @@
 // carries `v`, so either side can refuse a version it does not speak. Both directions are
 // typed here and parsed with zod on receipt.
 import { z } from "zod";
+import { type ErrorCode, isErrorCode } from "./errors.ts";
 import { ImageInfo } from "./images.ts";
 import { ForkTargetState, Hypervisor, InstanceState, VolumeMount } from "./schemas.ts";
 
@@ -141,7 +142,15 @@ export const DriverCapabilities = z.object({
 });
 export type DriverCapabilities = z.infer<typeof DriverCapabilities>;
 
-export const CommandError = z.object({ code: z.string().max(64), message: Text });
+/** Why a command failed: one of the API's error codes. A code this side does not know (a newer
+ * agent's) is read as `internal_error`, the code kept at the front of the message. */
+export const CommandError = z
+  .object({ code: z.string().max(64), message: Text })
+  .transform((e): { code: ErrorCode; message: string } =>
+    isErrorCode(e.code)
+      ? { code: e.code, message: e.message }
+      : { code: "internal_error", message: `${e.code}: ${e.message}` },
+  );
 export type CommandError = z.infer<typeof CommandError>;
 
 // ---- agent → control plane -------------------------------------------------------------

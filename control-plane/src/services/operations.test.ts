@@ -171,7 +171,7 @@ describe.each(databaseBackends)("recording a result (%s)", (_name, open) => {
 
   it("a failed fork takes its target row with it and fails its flow", async () => {
     const { src, target, flow, fork } = await forkInFlight(false);
-    const error = { code: "internal_error", message: "disk full" };
+    const error = { code: "internal_error" as const, message: "disk full" };
     await ops.complete(
       hostId,
       result(fork, [{ id: src.id, state: "Standby", has_snapshot: true }], { ok: false, error }),

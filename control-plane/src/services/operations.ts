@@ -108,6 +108,8 @@ export const forkEndsFlow = (p: ForkFlowPayload): boolean =>
 export const insertOperations = (rows: OperationRow[]): SQL =>
   insertRows(operations, rows, { now: ["created_at"] });
 
+/** A failed operation's error as the API answers it. Rows recorded before agents' codes were
+ * checked on receipt may hold a code outside the table: read as `internal_error`, like a new one. */
 export function commandError(op: OperationRow): HostCommandError {
   const err: CommandError = op.error ?? { code: "internal_error", message: "operation failed" };
   if (isErrorCode(err.code)) return new HostCommandError(err.code, err.message);

@@ -3,7 +3,7 @@
 // socket and answers once the agent's result is recorded, so the waiting request wakes at once
 // (without that answer — an evicted object, a timeout — the request finds the result in
 // Postgres on its next poll).
-import type { Command } from "@offshoot/shared";
+import type { Command, CommandError } from "@offshoot/shared";
 import type { HostGateway, LogQuery, LogSink } from "../gateway/host-gateway.ts";
 import type { Log } from "../log.ts";
 import { topics } from "../services/context.ts";
@@ -68,7 +68,7 @@ export class WorkersGateway implements HostGateway {
       .pipeThrough(new TextDecoderStream())
       .getReader();
     let ended = false;
-    const end = (error?: { code: string; message: string }) => {
+    const end = (error?: CommandError) => {
       if (ended) return;
       ended = true;
       sink.end(error);

@@ -1,3 +1,4 @@
+import type { CommandError } from "@offshoot/shared";
 import { and, eq, inArray, or } from "drizzle-orm";
 import { transaction } from "../../db/client.ts";
 import { events, hosts, instances, operations } from "../../db/schema/index.ts";
@@ -6,7 +7,7 @@ import { strongestHold } from "../operations.ts";
 import { assertIdle } from "./lifecycle.ts";
 import { lockInstance } from "./resolve.ts";
 
-const SUPERSEDED = {
+const SUPERSEDED: CommandError = {
   code: "host_unavailable",
   message: "superseded by a delete while the host was away",
 };
