@@ -1,6 +1,4 @@
-import type { Command, CommandError, LogsRequest } from "@offshoot/shared";
-
-export type LogQuery = Pick<LogsRequest, "instance_id" | "source" | "tail" | "follow">;
+import type { Command, CommandError, LogQuery } from "@offshoot/shared";
 
 /**
  * Where a log stream's lines go; `end` is called once, with an error if it broke off. `lines`

@@ -1,5 +1,11 @@
 import { randomUUID } from "node:crypto";
-import { CLOSE, type Command, type LogChunk, PROTOCOL_VERSION } from "@offshoot/shared";
+import {
+  CLOSE,
+  type Command,
+  type LogChunk,
+  type LogQuery,
+  PROTOCOL_VERSION,
+} from "@offshoot/shared";
 import { eq } from "drizzle-orm";
 import { isConnectionLost } from "../db/client.ts";
 import { hosts } from "../db/schema/index.ts";
@@ -9,7 +15,7 @@ import { type Bus, type BusMessage, chunkLines } from "../services/bus.ts";
 import type { Services } from "../services/context.ts";
 import { commandOf } from "../services/operations.ts";
 import { AgentSession, type AgentSocket } from "./agent-session.ts";
-import type { HostGateway, LogQuery, LogSink } from "./host-gateway.ts";
+import type { HostGateway, LogSink } from "./host-gateway.ts";
 
 /** How long a replica waits for the one holding a host's agent to take a log stream. */
 const REMOTE_LOGS_TIMEOUT_MS = 3_000;

@@ -3,8 +3,8 @@
 // socket and answers once the agent's result is recorded, so the waiting request wakes at once
 // (without that answer — an evicted object, a timeout — the request finds the result in
 // Postgres on its next poll).
-import type { Command, CommandError } from "@offshoot/shared";
-import type { HostGateway, LogQuery, LogSink } from "../gateway/host-gateway.ts";
+import type { Command, CommandError, LogQuery } from "@offshoot/shared";
+import type { HostGateway, LogSink } from "../gateway/host-gateway.ts";
 import type { Log } from "../log.ts";
 import { topics } from "../services/context.ts";
 import type { Signals } from "../services/signals.ts";

@@ -1,7 +1,7 @@
 // What the Worker and a HostSession Durable Object send each other (fetch requests between the
 // two, inside the control plane: not part of the public contract). Each side parses what it
 // receives; a malformed request is answered 400 with the reason.
-import { AGENT_LIMITS, Command, CommandError, LogsRequest } from "@offshoot/shared";
+import { AGENT_LIMITS, Command, CommandError, LogQuery } from "@offshoot/shared";
 import { z } from "zod";
 
 /** /connect: the host whose token the Worker checked, in the `x-offshoot-host` header. */
@@ -20,12 +20,7 @@ export const CommandOutcome = z.enum(["queued", "sent", "done"]);
 export type CommandOutcome = z.infer<typeof CommandOutcome>;
 
 /** /logs' body: which log, and how much of it. */
-export const SessionLogQuery = LogsRequest.pick({
-  instance_id: true,
-  source: true,
-  tail: true,
-  follow: true,
-});
+export const SessionLogQuery = LogQuery;
 export type SessionLogQuery = z.infer<typeof SessionLogQuery>;
 
 /** /logs' answer is NDJSON: `{lines}` lines, then one `{done, error?}`. */

@@ -7,6 +7,7 @@ import type {
   DriverCapabilities,
   ImageInfo,
   InstanceSpec,
+  LogSource,
   ObservedInstance,
   Operation,
   OperationKind,
@@ -22,6 +23,9 @@ export interface OpContext {
   readonly commandId: string;
   readonly steps: StepRecorder;
 }
+
+/** The logs a driver keeps; `hypeman`, the operations log, is the agent's own. */
+export type DriverLogSource = Exclude<LogSource, "hypeman">;
 
 /** One operation's data as the protocol carries it, e.g. OpData<"fork">. */
 export type OpData<K extends OperationKind> = Omit<Extract<Operation, { kind: K }>, "kind">;
@@ -61,7 +65,7 @@ export interface Driver {
 
   /** Where the driver keeps a log of an instance: "app" is the guest's console, "vmm" the
    * hypervisor's output. undefined when the driver has no such log. */
-  logFile(id: string, source: "app" | "vmm"): string | undefined;
+  logFile(id: string, source: DriverLogSource): string | undefined;
 
   /** State changes the driver observes on its own (guest exited, VMM died). Returns an
    * unsubscribe function. */

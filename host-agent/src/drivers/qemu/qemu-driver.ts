@@ -14,7 +14,7 @@ import type {
   Operation,
 } from "@offshoot/shared";
 import type { AgentPaths } from "../../paths.ts";
-import type { Driver, OpContext, OpData } from "../driver.ts";
+import type { Driver, DriverLogSource, OpContext, OpData } from "../driver.ts";
 import { rollbackOperation } from "../rollback.ts";
 import { create, start } from "./boot.ts";
 import { reconcile } from "./exit.ts";
@@ -172,7 +172,7 @@ export class QemuDriver implements Driver {
     });
   }
 
-  logFile(id: string, source: "app" | "vmm"): string | undefined {
+  logFile(id: string, source: DriverLogSource): string | undefined {
     return source === "app" ? this.host.paths.serialLog(id) : this.host.paths.qemuLog(id);
   }
 

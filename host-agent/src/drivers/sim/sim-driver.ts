@@ -21,7 +21,7 @@ import {
 import type { SimLatency } from "../../config.ts";
 import { runSteps, type Step } from "../../operations/steps.ts";
 import type { AgentPaths } from "../../paths.ts";
-import type { Driver, OpContext, OpData } from "../driver.ts";
+import type { Driver, DriverLogSource, OpContext, OpData } from "../driver.ts";
 import { running } from "../observed.ts";
 import { exists } from "../record-store.ts";
 import { rollbackOperation } from "../rollback.ts";
@@ -264,7 +264,7 @@ export class SimDriver implements Driver {
   }
 
   /** The sim has a console (its state changes) but no VMM process with output of its own. */
-  logFile(id: string, source: "app" | "vmm"): string | undefined {
+  logFile(id: string, source: DriverLogSource): string | undefined {
     return source === "app" ? this.paths.sim.consoleLog(id) : undefined;
   }
 
