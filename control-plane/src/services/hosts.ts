@@ -38,7 +38,6 @@ export async function sweepSilentHosts(s: Services): Promise<number> {
       .set({
         state: "Unknown",
         stateError: sql`'host ' || (select ${hosts.name} from ${hosts} where ${hosts.id} = ${instances.hostId}) || ' has not been heard from since ' || coalesce((select to_char(${hosts.lastSeenAt} at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"') from ${hosts} where ${hosts.id} = ${instances.hostId}), 'it was registered')`,
-        version: sql`${instances.version} + 1`,
       })
       .where(
         and(inArray(instances.hostId, stale), notInArray(instances.state, ["Unknown", "Created"])),

@@ -361,7 +361,7 @@ function observedWrites(
       has_snapshot = (b.j->>'has_snapshot')::boolean,
       ${keep("exit_code", "int")}, ${keep("exit_message", "text")},
       ${keep("started_at", "timestamptz")}, ${keep("stopped_at", "timestamptz")},
-      updated_at = now(), version = i.version + 1
+      updated_at = now()
     from b where i.id = b.id
     returning i.*, b.before
   ), e as (

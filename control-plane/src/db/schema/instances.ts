@@ -53,7 +53,6 @@ export const instances = pgTable(
     stoppedAt: ts("stopped_at"),
     updatedAt: ts("updated_at").notNull().defaultNow(),
     /** Bumped on every write; writers compare it to detect a concurrent change. */
-    version: integer("version").notNull().default(1),
   },
   (t) => [
     uniqueIndex("instances_tenant_name_uq").on(t.tenantId, t.name),

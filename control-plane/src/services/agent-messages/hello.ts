@@ -59,7 +59,6 @@ export async function hostConnected(
         .set({
           state: "Unknown",
           stateError: "the host has no record of this instance",
-          version: sql`${instances.version} + 1`,
         })
         .where(inArray(instances.id, missing));
       changed.push(...missing);

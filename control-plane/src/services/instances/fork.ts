@@ -127,7 +127,6 @@ export async function forkInstance(
       startedAt: null,
       stoppedAt: null,
       updatedAt: now,
-      version: 1,
     };
     const payload: ForkFlowPayload = {
       kind: "fork_flow",
