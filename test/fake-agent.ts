@@ -46,7 +46,6 @@ export async function fakeAgent(cpUrl: string, token: string): Promise<FakeAgent
           hypervisors: ["qemu"],
           fork_from_stopped: true,
           fork_from_standby: true,
-          fork_from_running: true,
           standby: true,
           hotplug_memory: false,
           disk_io_limit: false,

@@ -56,7 +56,7 @@ describe("agent", () => {
       agent_version: "0.1.0",
       host_name: "test-host",
       driver: "sim",
-      capabilities: expect.objectContaining({ fork_from_running: false, fork_from_standby: true }),
+      capabilities: expect.objectContaining({ fork_from_stopped: true, fork_from_standby: true }),
       capacity: { vcpus: 8, memory_bytes: 16 * 1024 ** 3 },
       inventory: [expect.objectContaining({ id: "pre", state: "Running" })],
       images: [],

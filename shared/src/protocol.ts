@@ -128,9 +128,10 @@ export const OperationKind = z.enum(
 
 export const DriverCapabilities = z.object({
   hypervisors: z.array(Hypervisor),
+  /** A host forks Stopped and Standby sources; a Running one is the control plane's flow
+   * (standby, fork, restore), which needs `standby` and `fork_from_standby`. */
   fork_from_stopped: z.boolean(),
   fork_from_standby: z.boolean(),
-  fork_from_running: z.boolean(),
   standby: z.boolean(),
   hotplug_memory: z.boolean(),
   disk_io_limit: z.boolean(),

@@ -105,7 +105,6 @@ describe("a host's smallest guest", () => {
         hypervisors: ["qemu"],
         fork_from_stopped: true,
         fork_from_standby: true,
-        fork_from_running: false,
         standby: true,
         hotplug_memory: false,
         disk_io_limit: false,

@@ -35,7 +35,6 @@ const CAPS: DriverCapabilities = {
   hypervisors: ["qemu"],
   fork_from_stopped: true,
   fork_from_standby: true,
-  fork_from_running: false,
   standby: true,
   hotplug_memory: true,
   disk_io_limit: true,

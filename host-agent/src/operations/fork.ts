@@ -15,10 +15,9 @@ export async function fork(
   const supported: Partial<Record<ObservedInstance["state"], boolean>> = {
     Stopped: caps.fork_from_stopped,
     Standby: caps.fork_from_standby,
-    Running: caps.fork_from_running,
   };
   const can = supported[source.state];
-  if (can === undefined || (source.state === "Running" && !can)) {
+  if (can === undefined) {
     throw new InvalidStateError(
       `cannot fork instance ${op.source_id} in state ${source.state}: the host forks Stopped or Standby sources (a Running source is put in standby first)`,
     );

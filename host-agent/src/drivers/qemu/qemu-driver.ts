@@ -81,8 +81,6 @@ export class QemuDriver implements Driver {
       hypervisors: ["qemu"],
       fork_from_stopped: true,
       fork_from_standby: true,
-      // The control plane puts a Running source in standby, forks, and restores it.
-      fork_from_running: false,
       standby: true,
       // microvm has no memory hotplug.
       hotplug_memory: false,

@@ -38,8 +38,6 @@ const CAPABILITIES: DriverCapabilities = {
   hypervisors: ["qemu", "cloud-hypervisor", "firecracker"],
   fork_from_stopped: true,
   fork_from_standby: true,
-  // A Running source is put into standby by the control plane, forked, then restored.
-  fork_from_running: false,
   standby: true,
   hotplug_memory: true,
   disk_io_limit: true,
