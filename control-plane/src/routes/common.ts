@@ -35,7 +35,7 @@ export function newRouter() {
 export type Router = ReturnType<typeof newRouter>;
 
 const errorContent = { "application/json": { schema: ErrorBody } };
-export const errors = {
+const errors = {
   400: { description: "Invalid request", content: errorContent },
   401: { description: "Missing or invalid API key", content: errorContent },
   404: { description: "Not found", content: errorContent },
@@ -51,6 +51,12 @@ export const errors = {
     content: errorContent,
   },
 } as const;
+type ErrorStatus = keyof typeof errors;
+
+/** A route's error answers, by status: `...errorsFor(400, 404)` among its responses. */
+export function errorsFor<S extends ErrorStatus>(...statuses: S[]): Pick<typeof errors, S> {
+  return Object.fromEntries(statuses.map((s) => [s, errors[s]])) as Pick<typeof errors, S>;
+}
 
 /** A JSON request or response body of `schema`. */
 export const json = <T extends z.ZodType>(schema: T) => ({ "application/json": { schema } });

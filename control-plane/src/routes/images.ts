@@ -2,7 +2,7 @@ import { createRoute, z } from "@hono/zod-openapi";
 import { Image, NotSupportedError } from "@offshoot/shared";
 import { hostGrace } from "../services/context.ts";
 import { getImage, listImages } from "../services/images.ts";
-import { errors, json, type Router, security } from "./common.ts";
+import { errorsFor, json, type Router, security } from "./common.ts";
 
 const NameParam = z.object({
   name: z.string().openapi({
@@ -23,7 +23,7 @@ export function registerImageRoutes(app: Router) {
       security,
       responses: {
         200: { description: "Images", content: json(z.array(Image)) },
-        401: errors[401],
+        ...errorsFor(401),
       },
     }),
     async (c) => {
@@ -42,8 +42,7 @@ export function registerImageRoutes(app: Router) {
       request: { params: NameParam },
       responses: {
         200: { description: "The image", content: json(Image) },
-        401: errors[401],
-        404: errors[404],
+        ...errorsFor(401, 404),
       },
     }),
     async (c) => {
@@ -66,7 +65,7 @@ export function registerImageRoutes(app: Router) {
             : "Delete an image (not supported yet)",
         security,
         ...(method === "delete" ? { request: { params: NameParam } } : {}),
-        responses: { 401: errors[401], 501: errors[501] },
+        responses: errorsFor(401, 501),
       }),
       () => {
         throw new NotSupportedError(PULL_MESSAGE);

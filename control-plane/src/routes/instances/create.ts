@@ -1,7 +1,7 @@
 import { createRoute } from "@hono/zod-openapi";
 import { CreateInstanceRequest } from "@offshoot/shared";
 import { createInstance } from "../../services/instances/create.ts";
-import { errors, json, type Router, security } from "../common.ts";
+import { errorsFor, json, type Router, security } from "../common.ts";
 import { instanceOk } from "./common.ts";
 
 const route = createRoute({
@@ -12,10 +12,7 @@ const route = createRoute({
   request: { body: { content: json(CreateInstanceRequest), required: true } },
   responses: {
     201: instanceOk("Instance created"),
-    400: errors[400],
-    401: errors[401],
-    409: errors[409],
-    501: errors[501],
+    ...errorsFor(400, 401, 409, 501),
   },
 });
 

@@ -1,6 +1,6 @@
 import { createRoute } from "@hono/zod-openapi";
 import { deleteInstance } from "../../services/instances/delete.ts";
-import { errors, IdParam, type Router, security } from "../common.ts";
+import { errorsFor, IdParam, type Router, security } from "../common.ts";
 
 const route = createRoute({
   method: "delete",
@@ -10,9 +10,7 @@ const route = createRoute({
   request: { params: IdParam },
   responses: {
     204: { description: "Deleted" },
-    401: errors[401],
-    404: errors[404],
-    409: errors[409],
+    ...errorsFor(401, 404, 409),
   },
 });
 

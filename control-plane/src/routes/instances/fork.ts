@@ -1,7 +1,7 @@
 import { createRoute } from "@hono/zod-openapi";
 import { ForkInstanceRequest } from "@offshoot/shared";
 import { forkInstance } from "../../services/instances/fork.ts";
-import { errors, IdParam, json, type Router, security } from "../common.ts";
+import { errorsFor, IdParam, json, type Router, security } from "../common.ts";
 import { instanceOk } from "./common.ts";
 
 const route = createRoute({
@@ -12,13 +12,7 @@ const route = createRoute({
   request: { params: IdParam, body: { content: json(ForkInstanceRequest), required: true } },
   responses: {
     201: instanceOk("Forked instance created"),
-    400: errors[400],
-    401: errors[401],
-    404: errors[404],
-    409: errors[409],
-    501: errors[501],
-    503: errors[503],
-    504: errors[504],
+    ...errorsFor(400, 401, 404, 409, 501, 503, 504),
   },
 });
 

@@ -1,6 +1,6 @@
 import { createRoute } from "@hono/zod-openapi";
 import { getInstance } from "../../services/instances/get.ts";
-import { errors, IdParam, type Router, security } from "../common.ts";
+import { errorsFor, IdParam, type Router, security } from "../common.ts";
 import { instanceOk } from "./common.ts";
 
 const route = createRoute({
@@ -11,9 +11,7 @@ const route = createRoute({
   request: { params: IdParam },
   responses: {
     200: instanceOk("Instance"),
-    401: errors[401],
-    404: errors[404],
-    409: errors[409],
+    ...errorsFor(401, 404, 409),
   },
 });
 

@@ -1,7 +1,7 @@
 import { createRoute, z } from "@hono/zod-openapi";
 import { Instance, InstanceState, InvalidRequestError, Tags } from "@offshoot/shared";
 import { listInstances } from "../../services/instances/list.ts";
-import { describeIssues, errors, json, type Router, security } from "../common.ts";
+import { describeIssues, errorsFor, json, type Router, security } from "../common.ts";
 
 const route = createRoute({
   method: "get",
@@ -12,8 +12,7 @@ const route = createRoute({
   request: { query: z.object({ state: InstanceState.optional() }) },
   responses: {
     200: { description: "Instances", content: json(z.array(Instance)) },
-    400: errors[400],
-    401: errors[401],
+    ...errorsFor(400, 401),
   },
 });
 

@@ -2,7 +2,7 @@ import { createRoute, z } from "@hono/zod-openapi";
 import { LogSource } from "@offshoot/shared";
 import { streamSSE } from "hono/streaming";
 import { openLogs } from "../../services/instances/logs.ts";
-import { errors, IdParam, type Router, security } from "../common.ts";
+import { errorsFor, IdParam, type Router, security } from "../common.ts";
 
 const route = createRoute({
   method: "get",
@@ -44,10 +44,7 @@ const route = createRoute({
       description: "Log stream",
       content: { "text/event-stream": { schema: z.string() } },
     },
-    400: errors[400],
-    401: errors[401],
-    404: errors[404],
-    503: errors[503],
+    ...errorsFor(400, 401, 404, 503),
   },
 });
 

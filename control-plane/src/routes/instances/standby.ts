@@ -1,7 +1,7 @@
 import { createRoute } from "@hono/zod-openapi";
 import { StandbyInstanceRequest } from "@offshoot/shared";
 import { standbyInstance } from "../../services/instances/standby.ts";
-import { errors, IdParam, json, type Router, security } from "../common.ts";
+import { errorsFor, IdParam, json, type Router, security } from "../common.ts";
 import { instanceOk } from "./common.ts";
 
 const route = createRoute({
@@ -15,12 +15,7 @@ const route = createRoute({
   },
   responses: {
     200: instanceOk("In standby"),
-    400: errors[400],
-    401: errors[401],
-    404: errors[404],
-    409: errors[409],
-    501: errors[501],
-    503: errors[503],
+    ...errorsFor(400, 401, 404, 409, 501, 503),
   },
 });
 

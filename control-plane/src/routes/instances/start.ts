@@ -1,7 +1,7 @@
 import { createRoute } from "@hono/zod-openapi";
 import { StartInstanceRequest } from "@offshoot/shared";
 import { startInstance } from "../../services/instances/start.ts";
-import { errors, IdParam, json, type Router, security } from "../common.ts";
+import { errorsFor, IdParam, json, type Router, security } from "../common.ts";
 import { instanceOk } from "./common.ts";
 
 const route = createRoute({
@@ -12,10 +12,7 @@ const route = createRoute({
   request: { params: IdParam, body: { content: json(StartInstanceRequest), required: false } },
   responses: {
     200: instanceOk("Started"),
-    401: errors[401],
-    404: errors[404],
-    409: errors[409],
-    503: errors[503],
+    ...errorsFor(401, 404, 409, 503),
   },
 });
 

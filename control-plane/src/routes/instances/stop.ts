@@ -1,6 +1,6 @@
 import { createRoute } from "@hono/zod-openapi";
 import { stopInstance } from "../../services/instances/stop.ts";
-import { errors, IdParam, type Router, security } from "../common.ts";
+import { errorsFor, IdParam, type Router, security } from "../common.ts";
 import { instanceOk } from "./common.ts";
 
 const route = createRoute({
@@ -11,10 +11,7 @@ const route = createRoute({
   request: { params: IdParam },
   responses: {
     200: instanceOk("Stopped"),
-    401: errors[401],
-    404: errors[404],
-    409: errors[409],
-    503: errors[503],
+    ...errorsFor(401, 404, 409, 503),
   },
 });
 

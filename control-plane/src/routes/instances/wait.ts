@@ -1,7 +1,7 @@
 import { createRoute, z } from "@hono/zod-openapi";
 import { InstanceState, WaitForStateResponse } from "@offshoot/shared";
 import { parseWaitTimeout, waitForState } from "../../services/instances/wait.ts";
-import { errors, IdParam, json, type Router, security } from "../common.ts";
+import { errorsFor, IdParam, json, type Router, security } from "../common.ts";
 
 const route = createRoute({
   method: "get",
@@ -31,9 +31,7 @@ const route = createRoute({
   },
   responses: {
     200: { description: "Wait finished", content: json(WaitForStateResponse) },
-    400: errors[400],
-    401: errors[401],
-    404: errors[404],
+    ...errorsFor(400, 401, 404),
   },
 });
 
