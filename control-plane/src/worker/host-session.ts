@@ -14,7 +14,7 @@ import {
   handleAgentMessage,
   readAgentFrame,
 } from "../services/agent-messages/index.ts";
-import { AgentMessageQueue } from "../services/agent-messages/queue.ts";
+import { AgentMessageQueue, MAX_QUEUED } from "../services/agent-messages/queue.ts";
 import type { Services } from "../services/context.ts";
 import { servicesFor, workerLog } from "./scope.ts";
 import {
@@ -47,8 +47,9 @@ const log = workerLog("host-session");
 
 export class HostSession {
   /** Agent messages are handled one at a time, in order (hello's reconciliation first). Not
-   * tried again while the database is away: a failure asks the agent to reconnect at once. */
-  private queue = new AgentMessageQueue(log, { retryMs: 0, maxQueued: Number.POSITIVE_INFINITY });
+   * tried again while the database is away: a failure asks the agent to reconnect at once. As
+   * on Node, at most MAX_QUEUED wait; past that the agent is asked to reconnect. */
+  private queue = new AgentMessageQueue(log, { retryMs: 0, maxQueued: MAX_QUEUED });
   /** Requests waiting for a result, by command id (in memory: gone with an eviction). */
   private waiting = new Map<string, () => void>();
   /** Open log streams, by stream id. */
