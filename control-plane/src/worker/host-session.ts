@@ -192,9 +192,9 @@ export class HostSession {
     }
   }
 
-  /** Services whose gateway writes straight to this host's socket (hello's re-sends). */
-  /** Kept for the life of this instance: an object's events share one I/O context, so one
-   * database client serves them all (a new instance after an eviction makes a new one). */
+  /** Services whose gateway writes straight to this host's socket (hello's re-sends), kept for
+   * the life of this instance: an object's events share one I/O context, so one database client
+   * serves them all (a new instance after an eviction makes a new one). */
   private cached: Services | undefined;
 
   private services(): Services {
