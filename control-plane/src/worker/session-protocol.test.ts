@@ -15,10 +15,8 @@ describe("the HostSession's log stream", () => {
 
   it("reads lines and the end, and refuses anything else", () => {
     expect(LogStreamLine.parse({ lines: ["a"] })).toEqual({ lines: ["a"] });
-    expect(LogStreamLine.parse({ done: true, error: { code: "x", message: "y" } })).toEqual({
-      done: true,
-      error: { code: "x", message: "y" },
-    });
+    const end = { done: true, error: { code: "host_unavailable", message: "host went away" } };
+    expect(LogStreamLine.parse(end)).toEqual(end);
     expect(LogStreamLine.safeParse({ lines: "a" }).success).toBe(false);
     expect(LogStreamLine.safeParse({ done: false }).success).toBe(false);
   });
