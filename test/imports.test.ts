@@ -47,6 +47,20 @@ describe("production code", () => {
     expect(found).toEqual([]);
   });
 
+  it("imports no script but the driver patch's check", () => {
+    // scripts/ holds development and CI tools; the control plane checks at start that the
+    // Postgres driver is patched, with the patch's own code.
+    const allowed = new Set(["scripts/patch-postgres.ts"]);
+    const found = PRODUCTION.flatMap((dir) => productionFiles(dir)).flatMap((file) =>
+      specifiers(file)
+        .filter((s) => s.startsWith("."))
+        .map((s) => path.posix.join(path.posix.dirname(file), s))
+        .filter((target) => target.startsWith("scripts/") && !allowed.has(target))
+        .map((target) => `${file} imports ${target}`),
+    );
+    expect(found).toEqual([]);
+  });
+
   it("is told from test code by what an import names", () => {
     const from = "host-agent/src/drivers/qemu/launch.ts";
     for (const s of [

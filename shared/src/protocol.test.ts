@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { AgentMessage, CommandError } from "./protocol.ts";
+import { AGENT_LIMITS, AgentMessage, CommandError } from "./protocol.ts";
 
 describe("CommandError", () => {
   it("keeps a code of the API's table", () => {
@@ -14,6 +14,13 @@ describe("CommandError", () => {
       code: "internal_error",
       message: "disk_on_fire: smoke",
     });
+  });
+
+  it("keeps that message within the text bound", () => {
+    const message = "m".repeat(AGENT_LIMITS.textChars);
+    const read = CommandError.parse({ code: "disk_on_fire", message });
+    expect(read.message).toHaveLength(AGENT_LIMITS.textChars);
+    expect(read.message.startsWith("disk_on_fire: mmm")).toBe(true);
   });
 
   it("does so inside an agent's result", () => {

@@ -144,13 +144,17 @@ export const DriverCapabilities = z.object({
 export type DriverCapabilities = z.infer<typeof DriverCapabilities>;
 
 /** Why a command failed: one of the API's error codes. A code this side does not know (a newer
- * agent's) is read as `internal_error`, the code kept at the front of the message. */
+ * agent's) is read as `internal_error`, the code kept at the front of the message (which stays
+ * within AGENT_LIMITS.textChars). */
 export const CommandError = z
   .object({ code: z.string().max(64), message: Text })
   .transform((e): { code: ErrorCode; message: string } =>
     isErrorCode(e.code)
       ? { code: e.code, message: e.message }
-      : { code: "internal_error", message: `${e.code}: ${e.message}` },
+      : {
+          code: "internal_error",
+          message: `${e.code}: ${e.message}`.slice(0, AGENT_LIMITS.textChars),
+        },
   );
 export type CommandError = z.infer<typeof CommandError>;
 

@@ -11,7 +11,7 @@ import {
   type Result,
   TimeoutError,
 } from "@offshoot/shared";
-import { and, asc, eq, inArray, ne, type SQL, sql } from "drizzle-orm";
+import { and, asc, eq, inArray, ne, type SQL, type SQLWrapper, sql } from "drizzle-orm";
 import {
   type Db,
   type Executor,
@@ -102,7 +102,10 @@ export function newOperation(n: NewOperation): OperationRow {
  */
 const FORK_ENDS_FLOW = { from_running: false } as const satisfies Partial<ForkFlowPayload>;
 export const forkEndsFlow = (p: ForkFlowPayload): boolean =>
-  p.from_running === FORK_ENDS_FLOW.from_running;
+  Object.entries(FORK_ENDS_FLOW).every(([k, v]) => p[k as keyof ForkFlowPayload] === v);
+/** The same rule in SQL, over a flow's payload column. */
+export const forkEndsFlowSql = (payload: SQLWrapper): SQL =>
+  sql`${payload} @> ${JSON.stringify(FORK_ENDS_FLOW)}::jsonb`;
 
 /** The insert of new operations' rows. */
 export const insertOperations = (rows: OperationRow[]): SQL =>
@@ -219,7 +222,7 @@ export class Operations {
         update operations f set status = c.status, error = c.error, completed_at = c.completed_at
         from c
         where c.kind = 'fork' and f.id = c.parent_id and f.status = 'pending'
-          and f.payload @> ${JSON.stringify(FORK_ENDS_FLOW)}::jsonb
+          and ${forkEndsFlowSql(sql`f.payload`)}
         returning f.id
       ), x as (
         select case

@@ -6,10 +6,11 @@ import {
   NotSupportedError,
   RESIDENT,
 } from "@offshoot/shared";
-import { and, eq, gt, inArray, ne, or, type SQL, sql } from "drizzle-orm";
+import { and, eq, gt, inArray, ne, not, or, type SQL, sql } from "drizzle-orm";
 import { selectRows, type Tx } from "../db/client.ts";
 import { hosts, instances, operations } from "../db/schema/index.ts";
 import type { Env } from "../env.ts";
+import { forkEndsFlowSql } from "./operations.ts";
 
 export type HostRow = typeof hosts.$inferSelect;
 
@@ -42,7 +43,9 @@ export async function usage(tx: Tx, hostId: string | SQL, exclude?: string | SQL
       tx
         .select({ id: operations.sourceInstanceId })
         .from(operations)
-        .where(and(pending, eq(operations.kind, "fork_flow"), eq(operations.lock, "exclusive"))),
+        .where(
+          and(pending, eq(operations.kind, "fork_flow"), not(forkEndsFlowSql(operations.payload))),
+        ),
     );
   const [row] = await tx
     .select({

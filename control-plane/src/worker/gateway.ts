@@ -61,6 +61,8 @@ export class WorkersGateway implements HostGateway {
     if (res.status !== 200 || !res.body) {
       if (res.status === 400) {
         this.log("warn", "host session refused the log query", { answer: await res.text() });
+      } else {
+        await res.body?.cancel();
       }
       return undefined;
     }

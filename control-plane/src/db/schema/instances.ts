@@ -52,7 +52,6 @@ export const instances = pgTable(
     startedAt: ts("started_at"),
     stoppedAt: ts("stopped_at"),
     updatedAt: ts("updated_at").notNull().defaultNow(),
-    /** Bumped on every write; writers compare it to detect a concurrent change. */
   },
   (t) => [
     uniqueIndex("instances_tenant_name_uq").on(t.tenantId, t.name),

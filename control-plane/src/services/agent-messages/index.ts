@@ -20,7 +20,7 @@ import { resultReceived } from "./result.ts";
  * another protocol version, ends the connection (`close`); a malformed message of our version
  * is only dropped.
  */
-export function decodeAgentMessage(
+function decodeAgentMessage(
   text: string,
 ):
   | { ok: true; msg: AgentMessage }
@@ -57,7 +57,8 @@ export interface AgentLink {
   /** A hello has been accepted on this connection. */
   readonly ready: boolean;
   /** A hello arrived. The transport sends `welcome` and makes this connection the host's, or
-   * answers false when its socket is already gone: then the hello is not recorded. */
+   * answers false when its socket is already gone: then the hello is not recorded. Node's
+   * sessions welcome only a connection's first hello; the HostSession welcomes every hello. */
   helloArrived(welcome: Welcome): boolean;
   /** Heartbeats need no transaction of their own: the transport records them (batched, or
    * with heartbeatsReceived at once). */

@@ -24,7 +24,7 @@ export class AgentMessageQueue {
       maxQueued: number;
       /** Stop trying again (the socket is gone). */
       stop?: () => boolean;
-    } = { retryMs: DATABASE_RETRY_MS, maxQueued: MAX_QUEUED },
+    },
   ) {}
 
   /** Runs `handle` after every message queued before it. Resolves when it is done, whether it
