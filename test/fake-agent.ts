@@ -1,8 +1,26 @@
 // A hand-driven agent for protocol tests: a real WebSocket to the control plane with a host's
 // token, whose messages the test writes itself — what a misbehaving or hostile host could send.
-import { AGENT_PATH, type Hello, PROTOCOL_VERSION, type ServerMessage } from "@offshoot/shared";
+import {
+  AGENT_PATH,
+  type DriverCapabilities,
+  type Hello,
+  PROTOCOL_VERSION,
+  type ServerMessage,
+} from "@offshoot/shared";
 import WebSocket from "ws";
 import { waitFor } from "./harness.ts";
+
+/** What a fake agent's hello offers unless a test says otherwise. */
+export const FAKE_CAPABILITIES = {
+  hypervisors: ["qemu"],
+  fork_from_stopped: true,
+  fork_from_standby: true,
+  standby: true,
+  hotplug_memory: false,
+  disk_io_limit: false,
+  volumes: false,
+  images: false,
+} satisfies Partial<DriverCapabilities>;
 
 export interface FakeAgent {
   /** Everything the control plane sent, parsed, in order. */
@@ -42,16 +60,7 @@ export async function fakeAgent(cpUrl: string, token: string): Promise<FakeAgent
         agent_version: "0.0.0-fake",
         host_name: "fake",
         driver: "sim",
-        capabilities: {
-          hypervisors: ["qemu"],
-          fork_from_stopped: true,
-          fork_from_standby: true,
-          standby: true,
-          hotplug_memory: false,
-          disk_io_limit: false,
-          volumes: false,
-          images: false,
-        },
+        capabilities: FAKE_CAPABILITIES,
         capacity: { vcpus: 4, memory_bytes: 8 * 2 ** 30 },
         inventory: [],
         images: [],

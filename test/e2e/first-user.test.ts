@@ -4,7 +4,7 @@
 import { execFile, spawn } from "node:child_process";
 import { readdirSync, readFileSync } from "node:fs";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { fakeAgent, isWelcome } from "../fake-agent.ts";
+import { FAKE_CAPABILITIES, fakeAgent, isWelcome } from "../fake-agent.ts";
 import {
   api,
   freePort,
@@ -101,17 +101,7 @@ describe("a host's smallest guest", () => {
     const host = await registerHost(database.db);
     const agent = await fakeAgent(cp.url, host.token);
     agent.hello({
-      capabilities: {
-        hypervisors: ["qemu"],
-        fork_from_stopped: true,
-        fork_from_standby: true,
-        standby: true,
-        hotplug_memory: false,
-        disk_io_limit: false,
-        volumes: false,
-        images: false,
-        min_memory_bytes: 128 * 1024 * 1024,
-      },
+      capabilities: { ...FAKE_CAPABILITIES, min_memory_bytes: 128 * 1024 * 1024 },
     });
     await agent.next(isWelcome);
     await hostOnline(database.db, host.hostId);

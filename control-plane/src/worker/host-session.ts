@@ -5,7 +5,14 @@
 // object's own database client. A command in flight when the object is evicted is not lost: it is
 // recorded in Postgres, the agent's result wakes the object again and is recorded then, and the
 // agent's next hello re-sends anything still pending.
-import { CLOSE, encode, type LogChunk, PROTOCOL_VERSION } from "@offshoot/shared";
+import {
+  CLOSE,
+  Command,
+  encode,
+  type LogChunk,
+  LogQuery,
+  PROTOCOL_VERSION,
+} from "@offshoot/shared";
 import type { HostGateway } from "../gateway/host-gateway.ts";
 import { heartbeatsReceived } from "../services/agent-messages/heartbeat.ts";
 import { hostDisconnected } from "../services/agent-messages/hello.ts";
@@ -22,9 +29,7 @@ import {
   HOST_HEADER,
   invalid,
   readBody,
-  SessionCommand,
   SessionHost,
-  SessionLogQuery,
 } from "./session-protocol.ts";
 import {
   type Bindings,
@@ -72,11 +77,11 @@ export class HostSession {
     const path = new URL(req.url).pathname;
     if (path === "/connect") return this.connect(req);
     if (path === "/command") {
-      const read = await readBody(req, SessionCommand, "command");
+      const read = await readBody(req, Command, "command");
       return read.ok ? this.command(read.body) : read.response;
     }
     if (path === "/logs") {
-      const read = await readBody(req, SessionLogQuery, "log query");
+      const read = await readBody(req, LogQuery, "log query");
       return read.ok ? this.openLogs(read.body) : read.response;
     }
     if (path === "/__evict" && this.bindings.SESSION_TEST_EVICT === "1") {
@@ -119,7 +124,7 @@ export class HostSession {
     return best?.ws;
   }
 
-  private async command(command: SessionCommand): Promise<Response> {
+  private async command(command: Command): Promise<Response> {
     const answer = (outcome: CommandOutcome) => new Response(outcome);
     const ws = this.agent();
     // Not connected: the command stays pending in Postgres and goes out on the next hello.
@@ -141,7 +146,7 @@ export class HostSession {
     return answer(ok ? "done" : "sent");
   }
 
-  private openLogs(query: SessionLogQuery): Response {
+  private openLogs(query: LogQuery): Response {
     const ws = this.agent();
     if (!ws) return new Response("host not connected", { status: 503 });
     const streamId = crypto.randomUUID();

@@ -1,6 +1,6 @@
-import { AGENT_LIMITS } from "@offshoot/shared";
+import { AGENT_LIMITS, LogQuery } from "@offshoot/shared";
 import { describe, expect, it } from "vitest";
-import { LogStreamLine, MAX_LOG_LINE_CHARS, SessionLogQuery } from "./session-protocol.ts";
+import { LogStreamLine, MAX_LOG_LINE_CHARS } from "./session-protocol.ts";
 
 describe("the HostSession's log stream", () => {
   it("fits the largest chunk an agent may send, every character escaped, in one line", () => {
@@ -23,7 +23,7 @@ describe("the HostSession's log stream", () => {
 
   it("takes a log query and nothing of a message around it", () => {
     const query = { instance_id: "i1", source: "app", tail: 10, follow: true };
-    expect(SessionLogQuery.parse({ ...query, type: "command", stream_id: "s" })).toEqual(query);
-    expect(SessionLogQuery.safeParse({ ...query, tail: -1 }).success).toBe(false);
+    expect(LogQuery.parse({ ...query, type: "command", stream_id: "s" })).toEqual(query);
+    expect(LogQuery.safeParse({ ...query, tail: -1 }).success).toBe(false);
   });
 });

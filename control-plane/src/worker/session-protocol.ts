@@ -1,7 +1,8 @@
 // What the Worker and a HostSession Durable Object send each other (fetch requests between the
 // two, inside the control plane: not part of the public contract). Each side parses what it
-// receives; a malformed request is answered 400 with the reason.
-import { AGENT_LIMITS, Command, CommandError, LogQuery } from "@offshoot/shared";
+// receives; a malformed request is answered 400 with the reason. /command's body is a recorded
+// `Command` and /logs' body a `LogQuery`, both as shared/ defines them.
+import { AGENT_LIMITS, CommandError } from "@offshoot/shared";
 import { z } from "zod";
 
 /** /connect: the host whose token the Worker checked, in the `x-offshoot-host` header. */
@@ -9,19 +10,11 @@ export const SessionHost = z.object({ id: z.string().min(1), name: z.string() })
 export type SessionHost = z.infer<typeof SessionHost>;
 export const HOST_HEADER = "x-offshoot-host";
 
-/** /command's body: a recorded command for the agent. */
-export const SessionCommand = Command;
-export type SessionCommand = z.infer<typeof SessionCommand>;
-
 /** /command's answer (text): `done` once the agent's result is recorded; `sent` when it did
  * not come in time (the request finds it in Postgres); `queued` when no agent is connected (the
  * command goes out on its next hello). */
 export const CommandOutcome = z.enum(["queued", "sent", "done"]);
 export type CommandOutcome = z.infer<typeof CommandOutcome>;
-
-/** /logs' body: which log, and how much of it. */
-export const SessionLogQuery = LogQuery;
-export type SessionLogQuery = z.infer<typeof SessionLogQuery>;
 
 /** /logs' answer is NDJSON: `{lines}` lines, then one `{done, error?}`. */
 export const LogLines = z.object({ lines: z.array(z.string()) });
