@@ -62,6 +62,7 @@ export function spec(id: string, overrides: Partial<InstanceSpec> = {}): Instanc
       enabled: false,
       mac: null,
       ip: null,
+      subnet: null,
       bandwidth_download_bps: null,
       bandwidth_upload_bps: null,
     },

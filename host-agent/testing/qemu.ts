@@ -32,6 +32,7 @@ export function testGuestSpec(
       enabled: true,
       mac,
       ip: null,
+      subnet: null,
       bandwidth_download_bps: null,
       bandwidth_upload_bps: null,
     },

@@ -80,6 +80,9 @@ export const InstanceSpec = z.object({
     enabled: z.boolean(),
     mac: z.string().nullable(),
     ip: z.string().nullable(),
+    /** The host's guest subnet ("10.64.16.0/20"; its first address is the gateway); null when
+     * the network is disabled, or from a control plane older than guest subnets. */
+    subnet: z.string().nullable().default(null),
     bandwidth_download_bps: z.number().int().nonnegative().nullable(),
     bandwidth_upload_bps: z.number().int().nonnegative().nullable(),
   }),

@@ -1,7 +1,8 @@
 import { createHash, randomBytes } from "node:crypto";
 import { and, eq, isNull, ne } from "drizzle-orm";
-import type { Db } from "../db/client.ts";
+import { type Db, transaction } from "../db/client.ts";
 import { apiKeys, hosts, tenants } from "../db/schema/index.ts";
+import { allocateHostSubnet } from "./network.ts";
 
 // Secrets are shown once and stored only as SHA-256 hashes: a database dump reveals no key.
 export const hashSecret = (secret: string) => createHash("sha256").update(secret).digest("hex");
@@ -93,11 +94,14 @@ export async function createHost(
   opts: { token?: string } = {},
 ): Promise<{ id: string; token: string }> {
   const token = opts.token ?? newSecret("oht");
-  const [row] = await db
-    .insert(hosts)
-    .values({ name, tokenHash: hashSecret(token) })
-    .onConflictDoUpdate({ target: hosts.name, set: { tokenHash: hashSecret(token) } })
-    .returning({ id: hosts.id });
+  // A host registered again keeps its subnet (its guests' addresses are in it).
+  const [row] = await transaction(db, async (tx) =>
+    tx
+      .insert(hosts)
+      .values({ name, tokenHash: hashSecret(token), subnet: await allocateHostSubnet(tx) })
+      .onConflictDoUpdate({ target: hosts.name, set: { tokenHash: hashSecret(token) } })
+      .returning({ id: hosts.id }),
+  );
   if (!row) throw new Error(`could not register host ${name}`);
   return { id: row.id, token };
 }

@@ -1,5 +1,5 @@
 import type { DriverCapabilities, ImageInfo } from "@offshoot/shared";
-import { bigint, integer, jsonb, pgTable, text } from "drizzle-orm/pg-core";
+import { bigint, cidr, integer, jsonb, pgTable, text } from "drizzle-orm/pg-core";
 import { createdAt, id, ts } from "./columns.ts";
 
 // Hosts are shared by all tenants; the agent authenticates with a token stored hashed.
@@ -7,6 +7,9 @@ export const hosts = pgTable("hosts", {
   id: id(),
   name: text("name").notNull().unique(),
   tokenHash: text("token_hash").notNull().unique(),
+  /** The host's guest subnet (services/network.ts): no two hosts' overlap (an exclusion
+   * constraint in migration 0003, which drizzle does not model). */
+  subnet: cidr("subnet").notNull(),
   status: text("status", { enum: ["online", "offline"] })
     .notNull()
     .default("offline"),

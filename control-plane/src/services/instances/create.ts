@@ -17,7 +17,8 @@ import { nameConflict, nameInUse, nameTaken } from "./errors.ts";
 import { newInstanceId } from "./ids.ts";
 import { present } from "./present.ts";
 import { rowAfter } from "./resolve.ts";
-import { allocateIp, newMac, specOf } from "./spec.ts";
+import { allocateIp, newMac } from "../network.ts";
+import { specOf } from "./spec.ts";
 
 const MIN_MEMORY = 64 * 1024 * 1024;
 const MIN_OVERLAY = 1024 * 1024;
@@ -134,7 +135,7 @@ export async function createInstance(
       hostId: host.id,
       instanceId: row.id,
       lock: "exclusive",
-      payload: { kind: "create", instance: specOf(row) },
+      payload: { kind: "create", instance: specOf(row, host.subnet) },
     });
   }).catch((e: unknown) => nameConflict(e, req.name));
   await s.ops.run(op, call);

@@ -23,6 +23,7 @@ import {
   transactionEndingWith,
 } from "../../db/client.ts";
 import {
+  hosts,
   type InstanceRow,
   instances,
   type OperationRow,
@@ -36,7 +37,8 @@ import { newInstanceId } from "./ids.ts";
 import { assertIdle, lockChecked } from "./lifecycle.ts";
 import { present } from "./present.ts";
 import { getById, rowAfter } from "./resolve.ts";
-import { newMac, noAddress, specOf } from "./spec.ts";
+import { newMac, noAddress } from "../network.ts";
+import { specOf } from "./spec.ts";
 
 /**
  * POST /instances/{id}/fork. The rules, in the order they are checked:
@@ -150,7 +152,7 @@ export async function forkInstance(
             parentId: flow.id,
             step: "fork",
             lock: "none",
-            payload: forkCommand(payload, target),
+            payload: forkCommand(payload, target, host.subnet),
           }),
         ]
       : [];
@@ -254,11 +256,11 @@ export async function resumeForks(s: Services): Promise<number> {
 const STEP_WAIT_MS = 24 * 3600_000;
 const RESTORE_ATTEMPTS = 3;
 
-function forkCommand(p: ForkFlowPayload, target: InstanceRow): Operation {
+function forkCommand(p: ForkFlowPayload, target: InstanceRow, subnet: string): Operation {
   return {
     kind: "fork",
     source_id: p.source_id,
-    target: specOf(target),
+    target: specOf(target, subnet),
     target_state: p.target_state,
   };
 }
@@ -370,9 +372,14 @@ async function runFlow(
   } else {
     const fk = await step("fork", async () => {
       // The flow holds the target exclusively, so its row is there until the flow ends.
-      const [target] = await s.db.select().from(instances).where(eq(instances.id, p.target_id));
-      if (!target) throw new Error(`fork target ${p.target_id} vanished during its flow`);
-      return forkCommand(startLater ? { ...p, target_state: "Standby" } : p, target);
+      const [found] = await s.db
+        .select({ target: instances, subnet: hosts.subnet })
+        .from(instances)
+        .innerJoin(hosts, eq(hosts.id, instances.hostId))
+        .where(eq(instances.id, p.target_id));
+      if (!found) throw new Error(`fork target ${p.target_id} vanished during its flow`);
+      const { target, subnet } = found;
+      return forkCommand(startLater ? { ...p, target_state: "Standby" } : p, target, subnet);
     });
     if (fk.status === "failed") failure = commandError(fk);
     else forked = true;

@@ -21,7 +21,7 @@ import {
 import { nameInUse } from "./errors.ts";
 import { present } from "./present.ts";
 import { exactly, lockInstance, namesExactly, rowAfter } from "./resolve.ts";
-import { freeAddress } from "./spec.ts";
+import { freeAddress } from "../network.ts";
 
 /** Refuses when a pending operation (`held`, from strongestHold) holds the instance against
  * `want`. */
