@@ -3,7 +3,7 @@
 // image (scripts/oci-image.ts) so there is something to boot. AGENT_DRIVER=sim simulates the
 // hypervisor instead. Stop with Ctrl-C, SIGTERM or SIGHUP: the whole tree stops (guests keep
 // running, by design, and are named on the way out).
-import { spawn } from "node:child_process";
+import { execFileSync, spawn } from "node:child_process";
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { and, eq, notInArray } from "drizzle-orm";
@@ -33,9 +33,17 @@ const driver = process.env.AGENT_DRIVER ?? "qemu";
 // Real VMs need QEMU, the guest kernel and initramfs (installed and built once from Debian's
 // packages, then cached) and an image.
 let images = process.env.AGENT_IMAGES ?? "";
+// Guests' bridge, TAPs and NAT go into a network namespace of their own ("offshoot", made here
+// if missing), never into this machine's network: `ip netns exec offshoot curl http://<ip>/`
+// reaches a guest. It stays after npm start exits, with the guests that keep running.
+const netns = process.env.AGENT_NETNS ?? (driver === "qemu" ? "offshoot" : "");
 if (driver === "qemu") {
   await ensureVmAssets();
   images = [`${TEST_IMAGE}=${ensureTestImage()}`, images].filter(Boolean).join(",");
+  if (netns && !existsSync(`/run/netns/${netns}`)) {
+    execFileSync("ip", ["netns", "add", netns]);
+    execFileSync("ip", ["-n", netns, "link", "set", "lo", "up"]);
+  }
 }
 const agent = spawn(process.execPath, ["--import", "tsx", "host-agent/src/main.ts"], {
   stdio: ["ignore", "inherit", "inherit"],
@@ -47,6 +55,7 @@ const agent = spawn(process.execPath, ["--import", "tsx", "host-agent/src/main.t
     AGENT_HOST_NAME: "local",
     AGENT_DRIVER: driver,
     AGENT_IMAGES: images,
+    AGENT_NETNS: netns,
     // The agent stops with this process, even one killed too hard to stop it itself.
     AGENT_PARENT_PID: String(process.pid),
   },
@@ -120,5 +129,5 @@ log("info", "ready", {
   note:
     driver === "sim"
       ? "the local host runs the simulated driver: instances are simulated, not real VMs"
-      : `real QEMU guests; the image ${TEST_IMAGE} is imported (GET /images)`,
+      : `real QEMU guests; the image ${TEST_IMAGE} is imported (GET /images); guests' addresses are reachable inside the network namespace ${netns || "of this host"}${netns ? ` (ip netns exec ${netns} …)` : ""}`,
 });

@@ -81,6 +81,12 @@ const Env = z.object({
   AGENT_ACCEL: z.enum(["auto", "kvm", "tcg"]).default("auto"),
   // qemu: the guest kernel and initramfs, as built by scripts/vm-assets.ts (assets.json there).
   AGENT_VM_ASSETS: z.string().min(1).default(".data/vm-assets"),
+  // qemu: the network namespace guests' bridge, TAPs, NAT rules and QEMU processes live in
+  // (it must exist: `ip netns add NAME`). Empty: the agent's own namespace, as on a real host.
+  AGENT_NETNS: z
+    .string()
+    .regex(/^([A-Za-z0-9_.-]{1,64})?$/, "must be a network namespace name (letters, digits, _.-)")
+    .default(""),
   // qemu: OCI image layouts (directories or tarballs) to import at start, comma-separated, each
   // `PATH` (named by its ref.name annotation) or `NAME=PATH`.
   AGENT_IMAGES: z
@@ -178,6 +184,8 @@ export interface AgentConfig {
     accel: "auto" | "kvm" | "tcg";
     assetsDir: string;
     images: Array<{ source: string; name?: string }>;
+    /** null: the agent's own network namespace. */
+    netns: string | null;
   };
 }
 
@@ -217,6 +225,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): AgentConfig {
       accel: e.AGENT_ACCEL,
       assetsDir: path.resolve(e.AGENT_VM_ASSETS),
       images: e.AGENT_IMAGES,
+      netns: e.AGENT_NETNS || null,
     },
   };
 }

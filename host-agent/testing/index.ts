@@ -90,7 +90,7 @@ export function agentConfig(
     driver: "sim",
     capacity: { vcpus: 8, memory_bytes: 16 * 1024 ** 3 },
     sim: { ...SIM_DEFAULTS, ...sim },
-    qemu: { accel: "tcg", assetsDir: "/nonexistent", images: [] },
+    qemu: { accel: "tcg", assetsDir: "/nonexistent", images: [], netns: null },
   };
 }
 

@@ -1,3 +1,4 @@
+import { execFileSync } from "node:child_process";
 import { afterAll } from "vitest";
 import type { Db } from "../../control-plane/src/db/client.ts";
 import {
@@ -23,7 +24,9 @@ export interface Stack {
 
 /**
  * One real stack per test file: its own database on the Postgres server, a control-plane
- * process, and `agents` sim agent processes connected over WebSockets. Torn down after the file.
+ * process, and `agents` agent processes (sim unless their env says otherwise) connected over
+ * WebSockets. A QEMU agent not given AGENT_NETNS gets a network namespace of its own, made here,
+ * so that its guests' bridge and TAPs never touch the machine's network. Torn down after the file.
  */
 export async function startStack(
   opts: { agents?: Array<Record<string, string>>; cpEnv?: Record<string, string> } = {},
@@ -33,7 +36,14 @@ export async function startStack(
   const cp = await spawnControlPlane({ databaseUrl: database.url, env: opts.cpEnv });
   const agents: AgentProcess[] = [];
   const hostIds: string[] = [];
-  for (const env of opts.agents ?? [{}]) {
+  const namespaces: string[] = [];
+  for (const given of opts.agents ?? [{}]) {
+    const env = { ...given };
+    if (env.AGENT_DRIVER === "qemu" && env.AGENT_NETNS === undefined) {
+      env.AGENT_NETNS = `oft-stack-${process.pid}-${namespaces.length}`;
+      execFileSync("ip", ["netns", "add", env.AGENT_NETNS]);
+      namespaces.push(env.AGENT_NETNS);
+    }
     const { hostId, token } = await registerHost(database.database.db);
     agents.push(await spawnAgent({ cpUrl: cp.url, token, env }));
     hostIds.push(hostId);
@@ -43,6 +53,8 @@ export async function startStack(
     await Promise.all(agents.map((a) => a.stop()));
     await cp.stop();
     await database.drop();
+    // A guest still running keeps its namespace alive until it is killed; the name goes now.
+    for (const ns of namespaces) execFileSync("ip", ["netns", "del", ns]);
   });
   return { db: database.database.db, dbUrl: database.url, cp, agents, hostIds, apiKey, tenantId };
 }

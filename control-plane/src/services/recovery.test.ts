@@ -44,10 +44,12 @@ const CAPS: DriverCapabilities = {
 };
 
 const ipNum = (ip: string) => ip.split(".").reduce((n, x) => n * 256 + Number(x), 0);
-function lowestFree(used: string[]): string {
+/** The lowest address past the bridge's (`subnet`'s first) that `used` lacks. */
+function lowestFree(used: string[], subnet: string): string {
   const taken = new Set(used);
+  const base = ipNum(subnet.split("/")[0] ?? "");
   for (let i = 2; ; i++) {
-    const ip = `10.100.${i >> 8}.${i & 255}`;
+    const ip = [24, 16, 8, 0].map((s) => Math.floor((base + i) / 2 ** s) % 256).join(".");
     if (!taken.has(ip)) return ip;
   }
 }
@@ -395,7 +397,8 @@ describe.each(databaseBackends)("recovery and races (scripted host, %s)", (_name
       .where(eq(instances.hostId, host.hostId));
     const all = rows.map((r) => r.ip ?? "").sort((x, y) => ipNum(x) - ipNum(y));
     // The lowest free address: b's if nothing lower was free.
-    expect(d.network?.ip).toBe(lowestFree(all.filter((ip) => ip !== d.network?.ip)));
+    const [h] = await db.select({ subnet: hosts.subnet }).from(hosts).where(eq(hosts.id, host.hostId));
+    expect(d.network?.ip).toBe(lowestFree(all.filter((ip) => ip !== d.network?.ip), h?.subnet ?? ""));
     expect(new Set(all).size).toBe(all.length);
   });
 

@@ -3,6 +3,7 @@ import path from "node:path";
 import { z } from "zod";
 import type { AgentConfig } from "../config.ts";
 import { ImageStore } from "../images/store.ts";
+import { HostNetwork } from "../network/index.ts";
 import type { Logger } from "../log.ts";
 import type { AgentPaths } from "../paths.ts";
 import type { Driver } from "./driver.ts";
@@ -44,7 +45,12 @@ export async function createDriver(
           ms: Date.now() - started,
         });
       }
-      return new QemuDriver(paths, { assets, accel: decision.accel, images });
+      // Guests' bridge, TAPs and NAT: in AGENT_NETNS, or the agent's own namespace.
+      const network = await HostNetwork.open({ netns: config.qemu.netns });
+      const driver = new QemuDriver(paths, { assets, accel: decision.accel, images, network });
+      const adopted = await driver.adoptNetwork();
+      log("info", "guest network ready", { netns: config.qemu.netns ?? "", ...adopted });
+      return driver;
     }
   }
 }

@@ -22,6 +22,7 @@ import { qemuLogTail, serialSince } from "./exit.ts";
 import { guestConfig, identityOf, machineFor } from "./guest-config.ts";
 import { load, now, type QemuHost } from "./host.ts";
 import { type GuestSpec, guestDevices, launchQemu } from "./launch.ts";
+import { netdevOf, prepareNic } from "./nic.ts";
 import { discard, dropMemory, gcMemory, kill, makeInstanceDir } from "./processes.ts";
 import { type InitEvent, initEvents } from "./serial.ts";
 import type { QemuRecord } from "./store.ts";
@@ -105,6 +106,7 @@ export async function boot(host: QemuHost, rec: QemuRecord): Promise<QemuRecord>
   const id = rec.observed.id;
   await dropMemory(host, id);
   await writeConfig(host, rec);
+  await prepareNic(host, rec);
   const hadBase = rec.ram_base !== null;
   rec = { ...rec, ram: "file", ram_base: null };
   const offset = await sizeOf(host.paths.serialLog(id));
@@ -155,13 +157,16 @@ export function guestSpec(
 ): GuestSpec {
   const id = rec.observed.id;
   const m = rec.machine;
+  const netdev = netdevOf(host, rec);
   const devices = guestDevices(
     { root: rec.image.rootfs, rw: host.paths.diskFile(id), cfg: host.paths.configFile(id) },
-    m.mac,
+    m.mac === null || netdev === null ? null : { mac: m.mac, netdev },
     rec.spec.disk_io_bps,
   );
   return {
     qemu: host.options.assets.qemu,
+    // Its TAP is in the host network's namespace: so is its QEMU.
+    execPrefix: host.options.network?.execPrefix ?? [],
     kernel: host.options.assets.kernelElf,
     initramfs: host.options.assets.initramfs,
     accel: host.options.accel,

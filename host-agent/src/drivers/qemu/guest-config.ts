@@ -4,6 +4,7 @@ import { createHash } from "node:crypto";
 import { type InstanceSpec, InvalidRequestError } from "@offshoot/shared";
 import { GUEST_CONFIG } from "../../../guest/protocol.ts";
 import type { StoredImage } from "../../images/store.ts";
+import type { GuestIdentity } from "./control.ts";
 import type { Machine, QemuRecord } from "./store.ts";
 
 const MiB = 1024 * 1024;
@@ -32,9 +33,47 @@ export function macFor(spec: InstanceSpec): string {
   return ["02", ...[...h.subarray(0, 5)].map((b) => b.toString(16).padStart(2, "0"))].join(":");
 }
 
-/** What a guest's identity must be: its hostname and its NIC's MAC. */
+/** eth0's address ("10.64.16.5/20") and the default gateway (the subnet's first address, the
+ * host's bridge); nulls for a guest without a NIC, or a record from before guest subnets. */
+export function guestAddress(spec: Pick<InstanceSpec, "network">): {
+  address: string | null;
+  gateway: string | null;
+} {
+  const { ip, subnet } = spec.network;
+  if (!spec.network.enabled || !ip || !subnet) return { address: null, gateway: null };
+  return { address: `${ip}/${subnetGateway(subnet).prefix}`, gateway: subnetGateway(subnet).gateway };
+}
+
+/** The first address of a subnet in CIDR form (the host's bridge) and its prefix length. */
+export function subnetGateway(subnet: string): { gateway: string; prefix: number } {
+  const m = /^(\d+)\.(\d+)\.(\d+)\.(\d+)\/(\d+)$/.exec(subnet);
+  const prefix = Number(m?.[5]);
+  if (!m || !(prefix >= 8 && prefix <= 30)) throw new InvalidRequestError(`invalid subnet "${subnet}"`);
+  const base = m.slice(1, 5).reduce((n, o) => n * 256 + Number(o), 0);
+  const first = base - (base % 2 ** (32 - prefix)) + 1;
+  return { gateway: [24, 16, 8, 0].map((s) => Math.floor(first / 2 ** s) % 256).join("."), prefix };
+}
+
+/** The guest's machine id (/etc/machine-id where its image has one): 32 hex digits of its id. */
+export function machineIdOf(id: string): string {
+  return createHash("sha256").update(`machine-id:${id}`).digest("hex").slice(0, 32);
+}
+
+/** Who the guest is: hostname, NIC, address and machine id, as the control channel's identity
+ * command sets them. */
+export function identityFor(rec: QemuRecord): GuestIdentity {
+  return {
+    hostname: guestHostname(rec.spec.name),
+    mac: rec.machine.mac,
+    ...(rec.machine.mac === null ? { address: null, gateway: null } : guestAddress(rec.spec)),
+    machineId: machineIdOf(rec.observed.id),
+  };
+}
+
+/** The identity as one comparable string: what the record says the guest's memory holds. */
 export function identityOf(rec: QemuRecord): string {
-  return `${guestHostname(rec.spec.name)} ${rec.machine.mac ?? "-"}`;
+  const i = identityFor(rec);
+  return [i.hostname, i.mac ?? "-", i.address ?? "-", i.gateway ?? "-", i.machineId].join(" ");
 }
 
 const ENV_NAME = /^[A-Za-z_][A-Za-z0-9_]*$/;
@@ -42,13 +81,14 @@ const ENV_NAME = /^[A-Za-z_][A-Za-z0-9_]*$/;
 const CONFIG_BLOCK = 4096;
 
 /**
- * The config disk /init sources at boot: hostname, working dir, environment and argv, every
+ * The config disk /init sources at boot: hostname, working dir, address, gateway, machine id,
+ * environment and argv, every
  * value single-quoted. The program is chosen as `docker run` does: the spec's entrypoint replaces
  * the image's (and drops the image's cmd), the spec's cmd replaces the image's cmd; the spec's env
  * goes over the image's. Padded with newlines to whole blocks.
  */
 export function guestConfig(
-  spec: Pick<InstanceSpec, "name" | "entrypoint" | "cmd" | "env">,
+  spec: Pick<InstanceSpec, "id" | "name" | "entrypoint" | "cmd" | "env" | "network">,
   image: Pick<StoredImage, "name" | "entrypoint" | "cmd" | "env" | "working_dir">,
 ): string {
   const ownEntrypoint = spec.entrypoint?.length ? spec.entrypoint : null;
@@ -61,6 +101,7 @@ export function guestConfig(
     );
   }
   const env = { ...image.env, ...spec.env };
+  const net = guestAddress(spec);
   const exports = Object.entries(env).map(([k, v]) => {
     if (!ENV_NAME.test(k)) throw new InvalidRequestError(`invalid environment variable "${k}"`);
     return `  export ${k}=${shellQuote(v)}`;
@@ -68,6 +109,9 @@ export function guestConfig(
   const text = [
     `${GUEST_CONFIG.hostname}=${shellQuote(guestHostname(spec.name))}`,
     `${GUEST_CONFIG.workdir}=${shellQuote(image.working_dir || "/")}`,
+    `${GUEST_CONFIG.address}=${shellQuote(net.address ?? "")}`,
+    `${GUEST_CONFIG.gateway}=${shellQuote(net.gateway ?? "")}`,
+    `${GUEST_CONFIG.machineId}=${shellQuote(machineIdOf(spec.id))}`,
     `${GUEST_CONFIG.env}() {`,
     "  :",
     ...exports,

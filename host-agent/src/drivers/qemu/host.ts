@@ -3,6 +3,7 @@
 // the step modules (boot, stop, snapshot, fork, recovery), which hold no state of their own.
 import { InvalidStateError, NotFoundError, type ObservedInstance } from "@offshoot/shared";
 import type { ImageStore } from "../../images/store.ts";
+import type { HostNetwork } from "../../network/index.ts";
 import type { AgentPaths } from "../../paths.ts";
 import type { CopyPath, DiskTools } from "./disks.ts";
 import type { Accel } from "./launch.ts";
@@ -14,6 +15,8 @@ export interface QemuDriverOptions {
   accel: Accel;
   /** Where instances' images come from: a create names one this host has imported. */
   images: ImageStore;
+  /** The host's guest network (bridge, TAPs, NAT); absent: guests' NICs reach nothing (nic.ts). */
+  network?: HostNetwork;
   qemuImg?: string;
   /** Launch → /init's ready marker. Boot under TCG takes 3.5–5 s here (FACTS.md). */
   bootTimeoutMs?: number;
@@ -36,6 +39,8 @@ export interface QemuHost {
   readonly emit: (instance: ObservedInstance) => void;
   /** How the last fork and restore went (for reports and tests). */
   readonly last: LastClone;
+  /** Guest subnets whose bridge is set up, by CIDR (once per agent life; nic.ts). */
+  readonly subnets: Map<string, Promise<void>>;
   /** Whether the data dir makes reflinks: probed once, by the first fork. */
   reflinks?: Promise<boolean>;
 }

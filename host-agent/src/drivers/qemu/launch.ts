@@ -118,13 +118,14 @@ export function qemuArgs(spec: GuestSpec): string[] {
 
 /**
  * A guest's devices, in the order a device-state stream expects to load into: its three disks
- * — the image's rootfs, its own disk, its config disk — and its NIC when it has a MAC. /init
- * finds each disk by its serial, whatever order the kernel probes them in. `diskIoBps` becomes
- * QEMU's block throttling on the guest's reads and writes of the first two.
+ * — the image's rootfs, its own disk, its config disk — and its NIC when it has one (its MAC and
+ * the `-netdev` value behind it, nic.ts). /init finds each disk by its serial, whatever order
+ * the kernel probes them in. `diskIoBps` becomes QEMU's block throttling on the guest's reads
+ * and writes of the first two.
  */
 export function guestDevices(
   disks: { root: string; rw: string; cfg: string },
-  mac: string | null,
+  nic: { mac: string; netdev: string } | null,
   diskIoBps: number | null = null,
 ): string[] {
   const limit = diskIoBps ? `,throttling.bps-total=${diskIoBps}` : "";
@@ -138,9 +139,14 @@ export function guestDevices(
     ...drive("root", disks.root, `format=raw,readonly=on${limit}`),
     ...drive("rw", disks.rw, `format=qcow2${limit}`),
     ...drive("cfg", disks.cfg, "format=raw,readonly=on"),
-    ...(mac === null
+    ...(nic === null
       ? []
-      : ["-netdev", "user,id=net0", "-device", `virtio-net-device,netdev=net0,id=nic0,mac=${mac}`]),
+      : [
+          "-netdev",
+          nic.netdev,
+          "-device",
+          `virtio-net-device,netdev=net0,id=nic0,mac=${nic.mac}`,
+        ]),
   ];
 }
 

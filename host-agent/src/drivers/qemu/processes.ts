@@ -9,6 +9,7 @@ import { isOurQemu, qemuPidsFor } from "./discovery.ts";
 import { gcBases, gcMemBases } from "./disks.ts";
 import type { QemuHost } from "./host.ts";
 import { killProcess } from "./launch.ts";
+import { removeNic } from "./nic.ts";
 import { QmpClient } from "./qmp.ts";
 
 export const QUIT_TIMEOUT_MS = 10_000;
@@ -100,6 +101,7 @@ export async function discard(host: QemuHost, id: string): Promise<void> {
   for (const pid of qemuPidsFor(host.paths.qmpSocket(id))) pids.add(pid);
   for (const pid of pids) await kill(host, id, pid);
   await closeQmp(host, id);
+  await removeNic(host, id);
   await host.store.remove(id);
 }
 

@@ -125,7 +125,14 @@ describe("QemuDriver", () => {
       env: { PATH: "/bin", A: "image" },
       working_dir: "/w",
     };
-    const own = { name: "My_Box.1", entrypoint: null, cmd: null, env: {} };
+    const own = {
+      id: "box1",
+      name: "My_Box.1",
+      entrypoint: null,
+      cmd: null,
+      env: {},
+      network: testGuestSpec("box1").network,
+    };
     const text = guestConfig({ ...own, env: { A: "it's" } }, img);
     expect(text.length % 4096).toBe(0);
     expect(text).toContain("OFFSHOOT_HOSTNAME='my-box-1'");

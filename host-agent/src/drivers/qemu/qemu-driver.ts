@@ -21,6 +21,7 @@ import { reconcile } from "./exit.ts";
 import { fork } from "./fork.ts";
 import { MIN_GUEST_MEMORY } from "./guest-config.ts";
 import type { LastClone, QemuDriverOptions, QemuHost } from "./host.ts";
+import { adoptNics } from "./nic.ts";
 import { discard, gc } from "./processes.ts";
 import { converge } from "./recovery.ts";
 import { restore, standby } from "./snapshot.ts";
@@ -50,6 +51,7 @@ export class QemuDriver implements Driver {
       options,
       tools: { qemuImg: options.qemuImg ?? "/usr/bin/qemu-img" },
       qmps: new Map(),
+      subnets: new Map(),
       emit: (instance) => {
         for (const l of this.listeners) l(instance);
       },
@@ -89,6 +91,12 @@ export class QemuDriver implements Driver {
       images: true,
       min_memory_bytes: MIN_GUEST_MEMORY,
     };
+  }
+
+  /** At start: the TAPs (and bridges) of this host's instances made again or adopted as they
+   * are, and those of instances it no longer has removed. */
+  async adoptNetwork(): Promise<{ taps: number; removed: number }> {
+    return adoptNics(this.host);
   }
 
   async images(): Promise<ImageInfo[]> {

@@ -3,6 +3,7 @@
 // `file:` URI, so `exec:cat > FILE`) — then quits QEMU. Restore maps the same RAM file, loads
 // the device state with `-incoming defer`, continues, and makes sure the guest holds its own
 // identity (a fork's first restore runs on its source's memory).
+import { randomBytes } from "node:crypto";
 import { rename, rm, writeFile } from "node:fs/promises";
 import { setTimeout as sleep } from "node:timers/promises";
 import { ApiError, InvalidStateError, type ObservedInstance } from "@offshoot/shared";
@@ -14,9 +15,10 @@ import { guestSpec } from "./boot.ts";
 import { setGuestIdentity } from "./control.ts";
 import { copyMemory } from "./disks.ts";
 import { stopped } from "./exit.ts";
-import { guestHostname, identityOf, shellQuote } from "./guest-config.ts";
+import { identityFor, identityOf, shellQuote } from "./guest-config.ts";
 import { load, now, type QemuHost } from "./host.ts";
 import { launchQemu } from "./launch.ts";
+import { prepareNic } from "./nic.ts";
 import { dropMemory, gcMemory, kill, qmpFor, quit } from "./processes.ts";
 import type { QmpClient } from "./qmp.ts";
 import type { QemuRecord } from "./store.ts";
@@ -127,6 +129,7 @@ export async function resume(host: QemuHost, rec: QemuRecord): Promise<QemuRecor
   if (rec.ram === "frozen" && rec.ram_base !== null) {
     host.last.copyPath = await copyMemory(rec.ram_base, memFile);
   }
+  await prepareNic(host, live);
   const vm = await launchQemu(
     // -S: nothing runs before `cont`, so a failed restore leaves the RAM file untouched.
     guestSpec(host, live, ["-S", "-incoming", "defer"]),
@@ -183,8 +186,13 @@ export async function resume(host: QemuHost, rec: QemuRecord): Promise<QemuRecor
   return out;
 }
 
-/** Tells the guest its identity over the control channel (hostname and the NIC's MAC), unless
- * its memory already holds exactly that one (a plain restore). Returns the identity. */
+/**
+ * Tells the guest who it is over the control channel — hostname, the NIC's MAC, its address and
+ * default route (its neighbours flushed, a gratuitous ARP sent), its machine id — and reseeds its
+ * kernel RNG with 32 fresh bytes, unless its memory already holds exactly that identity (a plain
+ * restore). A fork's first restore always differs from its source, so no fork runs with its
+ * source's address or random state. Returns the identity.
+ */
 export async function applyIdentity(host: QemuHost, rec: QemuRecord): Promise<string> {
   const want = identityOf(rec);
   if (rec.guest_identity === want) {
@@ -192,12 +200,9 @@ export async function applyIdentity(host: QemuHost, rec: QemuRecord): Promise<st
     return want;
   }
   const started = Date.now();
-  await setGuestIdentity(
-    host.paths.ctlSocket(rec.observed.id),
-    guestHostname(rec.spec.name),
-    rec.machine.mac,
-    { timeoutMs: host.options.controlTimeoutMs ?? CONTROL_TIMEOUT_MS },
-  );
+  await setGuestIdentity(host.paths.ctlSocket(rec.observed.id), identityFor(rec), randomBytes(32), {
+    timeoutMs: host.options.controlTimeoutMs ?? CONTROL_TIMEOUT_MS,
+  });
   host.last.identityMs = Date.now() - started;
   return want;
 }

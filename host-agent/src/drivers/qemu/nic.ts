@@ -1,0 +1,67 @@
+// A guest's NIC, host side. A guest whose spec carries its host's subnet gets a TAP on this
+// host's bridge (host-agent/src/network/): made (or adopted, after an agent restart) before its
+// QEMU starts, its bandwidth limits applied, and removed with the instance. A guest from before
+// guest subnets, or on a driver given no host network (tests of other things), gets QEMU's
+// user-mode NIC with restrict=on: a device for the guest, no path off it.
+import type { QemuHost } from "./host.ts";
+import type { QemuRecord } from "./store.ts";
+
+/** Whether this guest's NIC is a TAP on the host's bridge. */
+function bridged(host: QemuHost, rec: QemuRecord): boolean {
+  return rec.machine.mac !== null && rec.spec.network.subnet !== null && !!host.options.network;
+}
+
+/** The `-netdev` value for the guest's NIC (null: it has none). */
+export function netdevOf(host: QemuHost, rec: QemuRecord): string | null {
+  if (rec.machine.mac === null) return null;
+  const net = host.options.network;
+  if (!bridged(host, rec) || !net) return "user,id=net0,restrict=on";
+  // No vhost: these hosts have no /dev/vhost-net (QEMU does the virtio queues itself).
+  return `tap,id=net0,ifname=${net.tapName(rec.observed.id)},script=no,downscript=no`;
+}
+
+/** Before QEMU starts: the host's bridge for the guest's subnet, and the guest's TAP with its
+ * limits. Both are idempotent; a subnet already set up this agent's life is not asked again. */
+export async function prepareNic(host: QemuHost, rec: QemuRecord): Promise<void> {
+  const net = host.options.network;
+  const subnet = rec.spec.network.subnet;
+  if (!bridged(host, rec) || !net || subnet === null) return;
+  const known = host.subnets.get(subnet);
+  const ready = known ?? net.ensureSubnet(subnet);
+  if (!known) {
+    host.subnets.set(subnet, ready);
+    ready.catch(() => host.subnets.delete(subnet));
+  }
+  await ready;
+  await net.ensureTap(rec.observed.id, {
+    downloadBps: rec.spec.network.bandwidth_download_bps,
+    uploadBps: rec.spec.network.bandwidth_upload_bps,
+  });
+}
+
+/** With the instance: its TAP (and the rules on it). */
+export async function removeNic(host: QemuHost, id: string): Promise<void> {
+  await host.options.network?.removeTap(id);
+}
+
+/** At agent start: every instance's TAP made again or adopted as it is (never a second one),
+ * and the TAPs of instances this host no longer has (a delete cut short) removed. */
+export async function adoptNics(host: QemuHost): Promise<{ taps: number; removed: number }> {
+  const net = host.options.network;
+  if (!net) return { taps: 0, removed: 0 };
+  const keep = new Set<string>();
+  for (const id of await host.store.ids()) {
+    const read = await host.store.read(id);
+    if (read.kind !== "ok") {
+      // Unreadable: its TAP, if any, is kept for whoever repairs it.
+      keep.add(net.tapName(id));
+      continue;
+    }
+    if (!bridged(host, read.record)) continue;
+    await prepareNic(host, read.record);
+    keep.add(net.tapName(id));
+  }
+  const stale = (await net.listTaps()).filter((t: string) => !keep.has(t));
+  for (const tap of stale) await net.removeTapByName(tap);
+  return { taps: keep.size, removed: stale.length };
+}

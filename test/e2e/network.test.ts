@@ -1,0 +1,194 @@
+import { type ChildProcess, execFileSync, spawn } from "node:child_process";
+import path from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { ensureTestImage, TEST_IMAGE } from "../../scripts/oci-image.ts";
+import { ensureVmAssets } from "../../scripts/vm-assets.ts";
+import { hypeman, REPO_ROOT, waitFor } from "../harness.ts";
+import { type Stack, startStack } from "./env.ts";
+
+// Guests on a real network, through the public API: a QEMU agent whose bridge, TAPs and NAT live
+// in a namespace this file creates, a "peer" namespace beyond it standing for the outside world,
+// and requests from the host side of the bridge to the addresses the API reports. Every address
+// used here exists only inside these two namespaces.
+const BUSYBOX = "/bin/busybox";
+/** The link between the agent's namespace and the peer's (TEST-NET-1, documentation range). */
+const UPLINK = { agent: "192.0.2.1", peer: "192.0.2.2", prefix: 30 };
+const PEER_PORT = 9000;
+
+// Each guest serves: 7001 its identity (hostname, a fresh kernel RNG uuid, machine id); 7002 an
+// echo (a connection held open across a fork); 7003 a relay to the peer (what the peer saw as
+// the guest's address). And it counts on the console.
+const PROGRAM = [
+  "nc -ll -p 7001 -e sh -c 'echo \"ID $(hostname) $(cat /proc/sys/kernel/random/uuid) $(cat /etc/machine-id)\"' &",
+  "nc -ll -p 7002 -e cat &",
+  `nc -ll -p 7003 -e nc -w 5 ${UPLINK.peer} ${PEER_PORT} &`,
+  'echo "NETS $(ls /sys/class/net | tr "\\n" " ")"',
+  "exec /usr/bin/count",
+].join("\n");
+
+describe("guest networking (QEMU) through the API", { timeout: 600_000 }, () => {
+  const ns = `oft-net-${process.pid}`;
+  const peerNs = `oft-peer-${process.pid}`;
+  let stack: Stack;
+  let client: ReturnType<typeof hypeman>;
+  let peer: ChildProcess | undefined;
+
+  const inNs = (name: string, args: string[], timeoutMs = 15_000) =>
+    execFileSync("ip", ["netns", "exec", name, ...args], {
+      encoding: "utf8",
+      timeout: timeoutMs,
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+  /** One request to a guest's port from the host side of its bridge; "" when refused. */
+  const ask = (ip: string, port: number) => {
+    try {
+      return inNs(ns, [BUSYBOX, "nc", "-w", "5", ip, String(port)]).trim();
+    } catch {
+      return "";
+    }
+  };
+  const identity = async (ip: string) => {
+    const line = await waitFor(() => ask(ip, 7001).match(/^ID (\S+) (\S+) (\S*)$/), {
+      timeoutMs: 60_000,
+      what: `${ip}:7001 to answer`,
+    });
+    return { hostname: line[1], uuid: line[2], machineId: line[3] };
+  };
+
+  beforeAll(async () => {
+    await ensureVmAssets();
+    const layout = ensureTestImage();
+    for (const n of [ns, peerNs]) execFileSync("ip", ["netns", "add", n]);
+    execFileSync("ip", ["-n", ns, "link", "add", "up0", "type", "veth", "peer", "name", "down0", "netns", peerNs]);
+    execFileSync("ip", ["-n", ns, "addr", "add", `${UPLINK.agent}/${UPLINK.prefix}`, "dev", "up0"]);
+    execFileSync("ip", ["-n", peerNs, "addr", "add", `${UPLINK.peer}/${UPLINK.prefix}`, "dev", "down0"]);
+    for (const [n, dev] of [[ns, "up0"], [peerNs, "down0"], [ns, "lo"], [peerNs, "lo"]] as const) {
+      execFileSync("ip", ["-n", n, "link", "set", dev, "up"]);
+    }
+    // The peer answers with the address it sees the connection come from.
+    peer = spawn(
+      "ip",
+      ["netns", "exec", peerNs, process.execPath, "-e",
+        `require("net").createServer((s) => s.end("PEER SAW " + s.remoteAddress + "\\n")).listen(${PEER_PORT})`],
+      { stdio: "ignore" },
+    );
+    stack = await startStack({
+      cpEnv: { COMMAND_TIMEOUT_MS: "180000" },
+      agents: [
+        {
+          AGENT_DRIVER: "qemu",
+          AGENT_ACCEL: "tcg",
+          AGENT_VM_ASSETS: path.join(REPO_ROOT, ".data/vm-assets"),
+          AGENT_IMAGES: layout,
+          AGENT_NETNS: ns,
+          AGENT_VCPUS: "8",
+          AGENT_MEMORY: "4GB",
+        },
+      ],
+    });
+    client = hypeman(stack.cp.url, stack.apiKey);
+  }, 300_000);
+
+  afterAll(() => {
+    peer?.kill("SIGKILL");
+    for (const n of [ns, peerNs]) {
+      try {
+        execFileSync("ip", ["netns", "del", n]);
+      } catch {
+        // not created
+      }
+    }
+  });
+
+  const create = (name: string, extra: Record<string, unknown> = {}) =>
+    client.instances.create({
+      name,
+      image: TEST_IMAGE,
+      size: "128MB",
+      vcpus: 1,
+      cmd: ["sh", "-c", PROGRAM],
+      ...extra,
+    });
+
+  it("a source and its forks from Standby and Running: three machines on the network", async () => {
+    const src = await create("src", {
+      network: { bandwidth_download: "1Gbps", bandwidth_upload: "10MB/s" },
+    });
+    expect(src.network).toMatchObject({
+      enabled: true,
+      name: "default",
+      ip: expect.stringMatching(/^10\.\d+\.\d+\.\d+$/),
+      mac: expect.stringMatching(/^02(:[0-9a-f]{2}){5}$/),
+      bandwidth_download: "125MB/s",
+      bandwidth_upload: "10MB/s",
+    });
+    const srcIp = src.network?.ip ?? "";
+    const before = await identity(srcIp);
+    expect(before.hostname).toBe("src");
+
+    // From Standby.
+    await client.instances.standby("src");
+    const cold = await client.instances.fork("src", { name: "fork-sb", target_state: "Running" });
+    const coldId = await identity(cold.network?.ip ?? "");
+    await client.instances.restore("src");
+
+    // From Running, with a connection to the source held open across it.
+    const held = spawn("ip", ["netns", "exec", ns, BUSYBOX, "nc", srcIp, "7002"], {
+      stdio: ["pipe", "pipe", "ignore"],
+    });
+    let echoed = "";
+    held.stdout.on("data", (d: Buffer) => {
+      echoed += d.toString();
+    });
+    try {
+      held.stdin.write("before\n");
+      await waitFor(() => echoed.includes("before\n"), { timeoutMs: 30_000, what: "the echo" });
+      const hot = await client.instances.fork("src", { name: "fork-run", from_running: true });
+      expect(hot.state).toBe("Running");
+      const hotId = await identity(hot.network?.ip ?? "");
+      const after = await identity(srcIp);
+      held.stdin.write("after\n");
+      await waitFor(() => echoed.includes("after\n"), {
+        timeoutMs: 30_000,
+        what: "the held connection to echo after the fork",
+      });
+
+      // Three machines: their own addresses, MACs, hostnames, machine ids and random state.
+      const all = [src, cold, hot];
+      const ips = all.map((i) => i.network?.ip);
+      const macs = all.map((i) => i.network?.mac);
+      expect(new Set(ips).size).toBe(3);
+      expect(new Set(macs).size).toBe(3);
+      expect([after.hostname, coldId.hostname, hotId.hostname]).toEqual(["src", "fork-sb", "fork-run"]);
+      expect(new Set([after.machineId, coldId.machineId, hotId.machineId]).size).toBe(3);
+      expect(new Set([before.uuid, after.uuid, coldId.uuid, hotId.uuid]).size).toBe(4);
+      // The host side's neighbour table: each address at the MAC the API reports.
+      for (const i of all) {
+        const neigh = inNs(ns, ["ip", "neigh", "show", i.network?.ip ?? ""]);
+        expect(neigh, i.name).toContain(`lladdr ${i.network?.mac}`);
+      }
+      // Egress: through the host's NAT the peer sees the agent's uplink address, not the guest's.
+      expect(ask(hot.network?.ip ?? "", 7003)).toBe(`PEER SAW ${UPLINK.agent}`);
+    } finally {
+      held.kill();
+    }
+    for (const name of ["fork-sb", "fork-run", "src"]) await client.instances.delete(name);
+    const taps = inNs(ns, ["ip", "-o", "link", "show", "type", "tun"]).trim();
+    expect(taps).toBe("");
+  });
+
+  it("network.enabled=false: no NIC in the guest, no address or MAC", async () => {
+    const off = await create("no-net", { network: { enabled: false } });
+    expect(off.network).toMatchObject({ enabled: false, ip: null, mac: null });
+    const nets = await waitFor(
+      async () => {
+        const lines: string[] = [];
+        for await (const l of await client.instances.logs("no-net", { tail: 100 })) lines.push(l);
+        return lines.find((l) => l.startsWith("NETS "));
+      },
+      { timeoutMs: 60_000, what: "the guest to list its interfaces" },
+    );
+    expect(nets.trim()).toBe("NETS lo");
+    await client.instances.delete("no-net");
+  });
+});
