@@ -29,7 +29,6 @@
 #include <net/if_arp.h>
 #include <netinet/in.h>
 #include <netpacket/packet.h>
-#include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -803,31 +802,38 @@ static int open_port(void) {
   return -1;
 }
 
-/* Writes the reply line; gives up if the host goes away or stops reading for 2 s. */
-static void send_reply(int fd) {
-  size_t len = strlen(reply);
-  reply[len++] = '\n';
-  size_t off = 0;
-  for (int waits = 0; off < len && waits < 20;) {
-    ssize_t n = write(fd, reply + off, len - off);
-    if (n > 0) {
-      off += (size_t)n;
-    } else if (n < 0 && errno == EINTR) {
-      continue;
-    } else if (n < 0 && errno == EAGAIN) {
-      struct pollfd p = {.fd = fd, .events = POLLOUT};
-      if (poll(&p, 1, 100) > 0 && (p.revents & POLLHUP)) break;
-      waits++;
-    } else {
-      break;
-    }
-  }
-}
-
 /* Waits for SIGIO (the host connected or sent data), at most a second. */
 static void wait_sigio(const sigset_t *io) {
   static const struct timespec fallback = {.tv_sec = 1};
   sigtimedwait(io, NULL, &fallback);
+}
+
+/* Writes the reply line. The host's data can arrive before virtio_console has processed the
+ * port-open message that came with it (a separate virtqueue): until then a write finds the host
+ * "disconnected" and fails with EAGAIN, so it waits for that message's SIGIO and tries again.
+ * Gives up after 2 s (the host went away, or stopped reading). */
+static void send_reply(int fd, const sigset_t *io) {
+  size_t len = strlen(reply);
+  reply[len++] = '\n';
+  size_t off = 0;
+  struct timespec now, deadline;
+  clock_gettime(CLOCK_MONOTONIC, &deadline);
+  deadline.tv_sec += 2;
+  while (off < len) {
+    ssize_t n = write(fd, reply + off, len - off);
+    if (n > 0) {
+      off += (size_t)n;
+      continue;
+    }
+    if (n < 0 && errno == EINTR) continue;
+    if (n == 0 || errno != EAGAIN) break;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    if (now.tv_sec > deadline.tv_sec ||
+        (now.tv_sec == deadline.tv_sec && now.tv_nsec >= deadline.tv_nsec))
+      break;
+    static const struct timespec slice = {.tv_nsec = 100 * 1000000L};
+    sigtimedwait(io, NULL, &slice);
+  }
 }
 
 /* The verb of an overlong line, for its err reply: its first word, bounded and printable. */
@@ -890,7 +896,7 @@ static int serve(void) {
           if (len > 0 && buf[len - 1] == '\r') len--;
           buf[len] = '\0';
           handle(buf);
-          if (reply[0]) send_reply(fd);
+          if (reply[0]) send_reply(fd, &io);
         }
         len = 0;
         skipping = 0;
@@ -898,7 +904,7 @@ static int serve(void) {
         continue;
       } else if (len == MAX_LINE) {
         overlong(buf, len);
-        send_reply(fd);
+        send_reply(fd, &io);
         skipping = 1;
         len = 0;
       } else {
