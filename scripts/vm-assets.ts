@@ -9,11 +9,12 @@
 //
 // As a CLI, `node --import tsx scripts/vm-assets.ts` prints that JSON. The cache defaults to
 // `.data/vm-assets` at the repo root (OFFSHOOT_VM_ASSETS overrides it). A second call only reads
-// the manifest and the init and stats a few files. Missing Debian packages are installed with
-// apt-get (root).
+// the manifest, the init and ctl.c and stats a few files. Missing Debian packages are installed
+// with apt-get (root).
 //
-// The /init packed is host-agent/guest/init, as it is; what it prints, reads and answers is
-// host-agent/guest/protocol.ts.
+// The /init packed is host-agent/guest/init, as it is, and beside it /bin/offshoot-ctl, compiled
+// static from host-agent/guest/ctl.c: the control channel's answering side. What they print, read
+// and answer is host-agent/guest/protocol.ts.
 import { execFileSync, spawnSync } from "node:child_process";
 import { createHash } from "node:crypto";
 import {
@@ -67,6 +68,9 @@ const PACKAGES: ReadonlyArray<readonly [pkg: string, file: string]> = [
   ["lz4", "/usr/bin/lz4"],
   ["cpio", "/usr/bin/cpio"],
   ["xfsprogs", "/usr/sbin/mkfs.xfs"],
+  // offshoot-ctl is compiled static: the compiler and glibc's static archive.
+  ["gcc", "/usr/bin/gcc"],
+  ["libc6-dev", "/usr/lib/x86_64-linux-gnu/libc.a"],
 ];
 
 /** What the guest loads; virtio_pci is for q35/pc guests, the rest for microvm too. */
@@ -85,6 +89,11 @@ const OPTIONAL_MODULES: ReadonlySet<string> = new Set(["virtio_pci"]);
 
 /** The guest's /init, packed as it is (protocol.ts beside it says what it prints and reads). */
 export const INIT_FILE = path.join(REPO_ROOT, "host-agent", "guest", "init");
+/** The control channel's guest side, compiled into the initramfs as CTL_BINARY. */
+export const CTL_SOURCE = path.join(REPO_ROOT, "host-agent", "guest", "ctl.c");
+export const CTL_BINARY = "bin/offshoot-ctl";
+/** How CTL_SOURCE is compiled: static (the initramfs has no libc), small, warnings fatal. */
+const CTL_CFLAGS = ["-static", "-Os", "-Wall", "-Wextra", "-Werror"] as const;
 
 const log = (msg: string) => process.stderr.write(`[vm-assets] ${msg}\n`);
 
@@ -273,6 +282,7 @@ function buildInitramfs(
   modulesDir: string,
   plan: ModulePlan,
   init: string,
+  ctlSource: string,
   out: string,
 ): void {
   const stage = path.join(dir, "initramfs.stage");
@@ -305,6 +315,7 @@ function buildInitramfs(
     plan.load.map(([n]) => `${n}\n`).join(""),
   );
   writeFileSync(path.join(stage, "init"), init, { mode: 0o755 });
+  compileCtl(ctlSource, path.join(stage, CTL_BINARY));
   // A console node lets the kernel give /init its stdio; mknod needs root, devtmpfs covers the rest.
   spawnSync("mknod", ["-m", "600", path.join(stage, "dev", "console"), "c", "5", "1"]);
   const tmp = `${out}.tmp`;
@@ -322,6 +333,18 @@ function buildInitramfs(
   if (r.status !== 0) throw new Error(`building the initramfs failed: ${r.stderr}`);
   renameSync(tmp, out);
   rmSync(stage, { recursive: true, force: true });
+}
+
+/** Compiles the control channel's guest side (the text of ctl.c) into `out`, stripped. */
+function compileCtl(source: string, out: string): void {
+  const src = `${out}.c`;
+  writeFileSync(src, source);
+  try {
+    run("gcc", [...CTL_CFLAGS, "-s", "-o", out, src]);
+  } finally {
+    rmSync(src, { force: true });
+  }
+  if (!isStaticElf(out)) throw new Error(`${out} is not a static executable`);
 }
 
 function readManifest(file: string): Manifest | undefined {
@@ -373,11 +396,14 @@ function pidAlive(pid: number): boolean {
   }
 }
 
-/** Names the initramfs made from this init text: an edit of the init file or of the modules
- * wanted builds a new one (and the manifest records the recipe it was built from). */
-export function initramfsRecipe(init: string): string {
+/** Names the initramfs made from this init text and ctl.c source: an edit of either, of how
+ * the source is compiled or of the modules wanted builds a new one (and the manifest records the
+ * recipe it was built from). */
+export function initramfsRecipe(init: string, ctlSource: string): string {
   return createHash("sha256")
-    .update(JSON.stringify({ v: 1, init, modules: WANTED_MODULES }))
+    .update(
+      JSON.stringify({ v: 2, init, ctl: ctlSource, cflags: CTL_CFLAGS, modules: WANTED_MODULES }),
+    )
     .digest("hex")
     .slice(0, 16);
 }
@@ -394,7 +420,8 @@ function fresh(m: Manifest | undefined, recipe: string): m is Manifest {
 export async function ensureVmAssets(dir: string = defaultAssetsDir()): Promise<VmAssets> {
   const manifestFile = path.join(dir, "assets.json");
   const init = readFileSync(INIT_FILE, "utf8");
-  const recipe = initramfsRecipe(init);
+  const ctlSource = readFileSync(CTL_SOURCE, "utf8");
+  const recipe = initramfsRecipe(init, ctlSource);
   const cached = readManifest(manifestFile);
   if (fresh(cached, recipe)) return pick(cached);
   mkdirSync(dir, { recursive: true });
@@ -414,7 +441,7 @@ export async function ensureVmAssets(dir: string = defaultAssetsDir()): Promise<
     const modulesDir = path.join(tree, "lib", "modules", kernelVersion);
     const plan = planModules(modulesDir);
     const initramfs = path.join(dir, `initramfs-${kernelVersion}-${recipe}.cpio.gz`);
-    buildInitramfs(dir, modulesDir, plan, init, initramfs);
+    buildInitramfs(dir, modulesDir, plan, init, ctlSource, initramfs);
     const manifest: Manifest = {
       qemu: QEMU,
       kernelElf,

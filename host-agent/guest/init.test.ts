@@ -1,9 +1,12 @@
-// The init script as scripts/vm-assets.ts packs it: as it is, under a name that changes with it.
+// The init script and offshoot-ctl as scripts/vm-assets.ts packs them: the init as it is, ctl.c
+// compiled static, under a name that changes with either.
 import { spawnSync } from "node:child_process";
 import { readFileSync } from "node:fs";
 import path from "node:path";
 import { beforeAll, describe, expect, it } from "vitest";
 import {
+  CTL_BINARY,
+  CTL_SOURCE,
   ensureVmAssets,
   INIT_FILE,
   initramfsRecipe,
@@ -16,10 +19,12 @@ beforeAll(async () => {
 }, 5 * 60_000);
 
 describe("the guest init in the initramfs", () => {
-  const cpio = (args: string) =>
-    spawnSync("sh", ["-c", `gzip -dc "$1" | cpio ${args} --quiet init`, "sh", assets.initramfs], {
-      maxBuffer: 1 << 20,
-    });
+  const cpio = (args: string, file = "init") =>
+    spawnSync(
+      "sh",
+      ["-c", `gzip -dc "$1" | cpio ${args} --quiet "$2"`, "sh", assets.initramfs, file],
+      { maxBuffer: 16 << 20 },
+    );
 
   it("is the init file, byte for byte, and executable", () => {
     const packed = cpio("-i --to-stdout");
@@ -28,9 +33,23 @@ describe("the guest init in the initramfs", () => {
     expect(cpio("-t -v").stdout.toString()).toMatch(/^-rwxr-xr-x /);
   });
 
-  it("names the initramfs after the init's text, so an edit builds a new one", () => {
+  it("holds offshoot-ctl, executable and static", () => {
+    const listed = cpio("-t -v", CTL_BINARY).stdout.toString();
+    expect(listed).toMatch(/^-rwxr-xr-x /);
+    const elf = cpio("-i --to-stdout", CTL_BINARY).stdout;
+    expect(elf.subarray(0, 4).toString("latin1")).toBe("\x7fELF");
+    // No PT_INTERP program header: it runs without a dynamic loader.
+    const phoff = Number(elf.readBigUInt64LE(32));
+    const [size, count] = [elf.readUInt16LE(54), elf.readUInt16LE(56)];
+    for (let i = 0; i < count; i++) expect(elf.readUInt32LE(phoff + i * size)).not.toBe(3);
+  });
+
+  it("names the initramfs after the init's text and ctl.c, so an edit of either builds anew", () => {
     const text = readFileSync(INIT_FILE, "utf8");
-    expect(path.basename(assets.initramfs)).toContain(`-${initramfsRecipe(text)}.cpio.gz`);
-    expect(initramfsRecipe(`${text}# edited\n`)).not.toBe(initramfsRecipe(text));
+    const source = readFileSync(CTL_SOURCE, "utf8");
+    const recipe = initramfsRecipe(text, source);
+    expect(path.basename(assets.initramfs)).toContain(`-${recipe}.cpio.gz`);
+    expect(initramfsRecipe(`${text}# edited\n`, source)).not.toBe(recipe);
+    expect(initramfsRecipe(text, `${source}/* edited */\n`)).not.toBe(recipe);
   });
 });

@@ -1,12 +1,14 @@
-// The init script and protocol.ts, held to each other: each name one side uses must be the
-// other's. The init is read as text; its behaviour is tested with real guests (launch.test.ts,
-// qemu-driver.test.ts).
+// The init script, ctl.c and protocol.ts, held to each other: each name one side uses must be
+// the other's. The init and ctl.c are read as text; their behaviour is tested with real guests
+// (ctl.test.ts, launch.test.ts, qemu-driver.test.ts).
 import { readFileSync } from "node:fs";
 import { describe, expect, it } from "vitest";
 import { guestConfig } from "../src/drivers/qemu/guest-config.ts";
 import { guestDevices, kernelCmdline } from "../src/drivers/qemu/launch.ts";
 import {
+  answers,
   CMDLINE_COMMAND,
+  CONTROL_MAX_LINE,
   CONTROL_PORT,
   CONTROL_VERBS,
   COUNT_MARKER,
@@ -16,19 +18,21 @@ import {
   GUEST_DISKS,
   INIT_EVENT_FIELDS,
   INIT_MARKER,
-  NO_MAC,
+  NONE,
+  netOfReply,
 } from "./protocol.ts";
 
 const init = readFileSync(new URL("./init", import.meta.url), "utf8");
+const ctl = readFileSync(new URL("./ctl.c", import.meta.url), "utf8");
 
 const all = (re: RegExp, text = init) => [...text.matchAll(re)].map((m) => m[1] ?? "");
 const sorted = (xs: Iterable<string>) => [...new Set(xs)].sort();
 
-/** The body of the init's shell function `name`, up to its closing brace at column 0. */
-function shellFunction(name: string): string {
-  const start = init.indexOf(`\n${name}() {\n`);
-  expect(start, `${name}() in the init`).toBeGreaterThanOrEqual(0);
-  return init.slice(start, init.indexOf("\n}\n", start));
+/** The body of ctl.c's function `name`, up to its closing brace at column 0. */
+function cFunction(name: string): string {
+  const start = ctl.search(new RegExp(`^(static )?\\w+ \\*?${name}\\(`, "m"));
+  expect(start, `${name}() in ctl.c`).toBeGreaterThanOrEqual(0);
+  return ctl.slice(start, ctl.indexOf("\n}\n", start));
 }
 
 describe("the guest init and protocol.ts", () => {
@@ -76,27 +80,90 @@ describe("the guest init and protocol.ts", () => {
     expect(sorted(all(/\b(offshoot\.\w+)=/g))).toEqual([CMDLINE_COMMAND]);
   });
 
-  it("answers the control verbs and replies protocol.ts names, on its port", () => {
-    expect(shellFunction("ctl_port")).toContain(`= ${CONTROL_PORT} ]`);
-    const serve = shellFunction("ctl_serve");
-    const verbs = all(/^ {8}([a-z_]+)\)/gm, serve);
+  it("runs offshoot-ctl for the control channel and the boot network, in place of shell", () => {
+    expect(init).toMatch(/^offshoot-ctl serve <\/dev\/null &$/m);
+    expect(init).toContain(
+      `offshoot-ctl net "$${GUEST_CONFIG.address}" "$${GUEST_CONFIG.gateway}"`,
+    );
+    expect(init).not.toMatch(/ctl_\w+\(\)/);
+  });
+});
+
+describe("ctl.c and protocol.ts", () => {
+  it("answers on the port protocol.ts names, with its line limit", () => {
+    expect(ctl).toContain(`#define PORT_NAME "${CONTROL_PORT}"`);
+    expect(ctl).toContain(`#define MAX_LINE ${CONTROL_MAX_LINE}`);
+  });
+
+  it("answers exactly the verbs protocol.ts names", () => {
+    const verbs = all(/strcmp\(verb, "(\w+)"\) == 0/g, cFunction("handle"));
     expect(sorted(verbs)).toEqual(sorted(CONTROL_VERBS));
-    // `query mac` is the one query; `identity NAME -` leaves the NICs alone.
-    expect(serve).toContain(`"$arg" = ${controlCommand.queryMac.split(" ")[1]} ]`);
-    expect(shellFunction("ctl_identity")).toContain(`"$2" = ${NO_MAC} ]`);
-    const echoes = (reply: string) =>
-      init.includes(`echo ${reply}`) || init.includes(`echo "${reply}`);
+    // The queries: `query mac` and `query net`.
+    const queries = all(/strcmp\(what, "(\w+)"\) == 0/g, cFunction("cmd_query"));
+    expect(sorted(queries)).toEqual(
+      sorted([controlCommand.queryMac, controlCommand.queryNet].map((q) => q.split(" ")[1] ?? "")),
+    );
+  });
+
+  it("takes identity's arguments in protocol.ts's order, NONE for a missing one", () => {
+    const line = controlCommand.identity(
+      { hostname: "h", mac: null, address: null, gateway: null, machineId: "m" },
+      "s",
+    );
+    const words = line.split(" ");
+    const body = cFunction("cmd_identity");
+    expect(body).toContain(`if (argc != ${words.length}) {`);
+    expect(words.slice(2, 5)).toEqual([NONE, NONE, NONE]);
+    // NAME MAC ADDR GW MACHINEID SEED.
+    expect(body).toContain(
+      "name = argv[1], *mac_arg = argv[2], *addr_arg = argv[3], *gw_arg = argv[4];",
+    );
+    expect(body).toContain("write_machine_id(argv[5])");
+    expect(body).toContain("parse_hex(argv[6], seed");
+    for (const arg of ["mac_arg", "addr_arg", "gw_arg"])
+      expect(body).toContain(`strcmp(${arg}, "${NONE}") != 0`);
+    expect(ctl).toContain(
+      `char mac_text[18] = "${NONE}", addr_text[INET_ADDRSTRLEN + 4] = "${NONE}";`,
+    );
+  });
+
+  it("prints the replies protocol.ts names", () => {
+    const replies = all(/(?:say|FAIL)\("([^"]*)"/g, ctl);
+    const f = "%s";
     for (const reply of [
       controlReply.pong,
       controlReply.stop,
-      controlReply.mac(""),
-      controlReply.identity("", "").trimEnd(),
+      controlReply.mac(f),
+      controlReply.identity(f, f, f),
+      controlReply.net({ mac: f, address: f, gateway: f }),
     ])
-      expect(echoes(reply), reply).toBe(true);
-    // Errors start `err <verb>`, so the host tells them from stale lines.
-    const errors = all(/echo "err ([\w$]+)/g);
-    expect(errors.length).toBeGreaterThan(0);
-    for (const verb of errors) expect([...CONTROL_VERBS, "$verb"]).toContain(verb);
+      expect(replies, reply).toContain(reply);
+    // Errors start `err <verb>`, so the host tells them from stale lines; the unknown or
+    // overlong line's own first word is printed as its verb.
+    const errors = replies.filter((r) => r.startsWith("err ")).map((r) => r.split(" ")[1]);
+    expect(errors.length).toBeGreaterThan(5);
+    for (const verb of errors) expect([...CONTROL_VERBS, "%.32s", "%s"]).toContain(verb);
+    for (const verb of CONTROL_VERBS.filter((v) => v !== "ping"))
+      expect(errors, `an err ${verb} reply`).toContain(verb);
+  });
+
+  it("tells a reply to its command from a stale line", () => {
+    expect(answers("ping", "pong")).toBe(true);
+    expect(answers("query net", "ok mac 02:00:00:00:00:01")).toBe(false);
+    expect(answers("query net", "ok net - - -")).toBe(true);
+    expect(answers("query mac", "ok mac 02:00:00:00:00:01")).toBe(true);
+    expect(answers("identity a - - - x y", "ok mac 02:00:00:00:00:01")).toBe(false);
+    expect(answers("identity a - - - x y", "ok identity a - -")).toBe(true);
+    expect(answers("identity a - - - x y", "err identity seed invalid")).toBe(true);
+    expect(answers("mac 02:00:00:00:00:01", "err machine")).toBe(false);
+    expect(answers("bogus", "err bogus unknown command")).toBe(true);
+    expect(answers("stop", "ok stop")).toBe(true);
+    expect(netOfReply("ok net 02:00:00:00:00:01 10.64.0.5/20 -")).toEqual({
+      mac: "02:00:00:00:00:01",
+      address: "10.64.0.5/20",
+      gateway: null,
+    });
+    expect(netOfReply("ok net - -")).toBeUndefined();
   });
 });
 

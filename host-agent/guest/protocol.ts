@@ -4,16 +4,17 @@
 // the initramfs as /init. It loads the virtio modules, finds its disks by their virtio serial
 // numbers (GUEST_DISKS), sources the config disk (GUEST_CONFIG), mounts the image's rootfs under
 // an overlay, runs the program there under chroot and stays PID 1 to report its exit. It prints
-// its lifecycle on the serial console (INIT_MARKER lines) and answers the control channel
-// (CONTROL_PORT) one line per command. Without disks (launch tests, the KVM probe) it runs the
+// its lifecycle on the serial console (INIT_MARKER lines). `ctl.c` beside it, compiled into the
+// initramfs as /bin/offshoot-ctl, answers the control channel (CONTROL_PORT) one line per command
+// and brings the network up at boot. Without disks (launch tests, the KVM probe) /init runs the
 // kernel command line's CMDLINE_COMMAND, or else a counter (COUNT_MARKER lines).
 //
 // Host side (host-agent/src/drivers/qemu/): the driver attaches the disks and writes the config
 // disk, launch.ts starts QEMU with the control port and the kernel command line, serial.ts reads
 // the markers from the serial log, control.ts sends commands over the port's unix socket.
 //
-// protocol.test.ts holds the init to this file: a marker, event, field, verb, reply, disk or
-// config name changed on one side alone fails it.
+// protocol.test.ts holds the init and ctl.c to this file: a marker, event, field, verb, reply,
+// disk or config name changed on one side alone fails it.
 
 /** Prefix of /init's lifecycle lines on the serial console: `OFFSHOOT-INIT <InitEvent as JSON>`. */
 export const INIT_MARKER = "OFFSHOOT-INIT";
@@ -66,6 +67,14 @@ export const GUEST_CONFIG = {
   hostname: "OFFSHOOT_HOSTNAME",
   /** Variable: the program's working dir (made if missing). */
   workdir: "OFFSHOOT_WORKDIR",
+  /** Variable: eth0's IPv4 address with its prefix length, e.g. `10.64.0.5/20`; empty: no
+   * network (eth0 stays down). */
+  address: "OFFSHOOT_ADDRESS",
+  /** Variable: the default gateway, e.g. `10.64.0.1`; empty: no default route. */
+  gateway: "OFFSHOOT_GATEWAY",
+  /** Variable: the machine id (32 lowercase hex digits), written into the image's
+   * /etc/machine-id when it has one. */
+  machineId: "OFFSHOOT_MACHINE_ID",
   /** Shell function: exports the program's environment. */
   env: "offshoot_env",
 } as const;
@@ -80,22 +89,57 @@ export const CMDLINE_COMMAND = "offshoot.cmd";
  *   ping                      → pong
  *   mac 02:aa:bb:cc:dd:ee     → ok mac <eth0's address now> | err mac <reason>
  *   query mac                 → ok mac <eth0's address>     | err query mac
- *   identity NAME MAC|-       → ok identity <hostname> <eth0's address|->  | err identity …
+ *   query net                 → ok net <eth0's MAC|-> <its ADDR/PREFIX|-> <default gateway|->
+ *   identity NAME MAC|- ADDR|- GW|- MACHINEID SEED
+ *                             → ok identity <hostname> <eth0's MAC|-> <its ADDR/PREFIX|->
+ *                               | err identity <the step that failed and why>
  *   stop                      → ok stop (SIGTERM sent to the program) | err stop <reason>
  *   anything else             → err <verb> unknown command
- * The guest polls the port every 0.1 s (a read returns EOF while no host is connected), so an
- * answer takes up to one poll interval plus the command itself.
+ * `identity` makes a fork its own machine, everything applied before the reply: the hostname;
+ * the kernel RNG fed SEED (32 bytes from the host, hex) credited in full, then reseeded; the
+ * image's /etc/machine-id (if it has one) replaced by MACHINEID; and, unless MAC is NONE (no
+ * NIC), eth0 given MAC, its IPv4 addresses replaced by ADDR (NONE: none), brought up, the
+ * default route replaced by one via GW (NONE: removed), its neighbour entries flushed and a
+ * gratuitous ARP sent for ADDR. Every argument is checked before anything changes. A line longer
+ * than CONTROL_MAX_LINE bytes is refused (`err <its first word> …`) and the guest goes on.
+ * The guest sleeps until the host connects or writes (SIGIO from virtio_console, with a 1 s
+ * fallback), so an answer costs the command itself, not a poll interval.
  */
 
-/** The port's name; /init looks for it under /sys/class/virtio-ports. */
+/** The port's name; offshoot-ctl looks for it under /sys/class/virtio-ports. */
 export const CONTROL_PORT = "offshoot.ctl";
 
-/** The first words of the commands /init answers. */
+/** The longest command line the guest takes, without its newline. */
+export const CONTROL_MAX_LINE = 512;
+
+/** The first words of the commands the guest answers. */
 export const CONTROL_VERBS = ["ping", "mac", "query", "identity", "stop"] as const;
 export type ControlVerb = (typeof CONTROL_VERBS)[number];
 
-/** `identity`'s MAC for a guest without a NIC. */
-export const NO_MAC = "-";
+/** A missing MAC (no NIC), address or gateway, in commands and replies. */
+export const NONE = "-";
+
+/** What `identity` sets; null: NONE. */
+export interface IdentityArgs {
+  hostname: string;
+  mac: string | null;
+  /** `10.64.0.5/20` */
+  address: string | null;
+  /** `10.64.0.1` */
+  gateway: string | null;
+  /** 32 lowercase hex digits. */
+  machineId: string;
+}
+
+/** eth0 as the guest reports it (`ok net`); null: NONE. */
+export interface GuestNet {
+  mac: string | null;
+  address: string | null;
+  gateway: string | null;
+}
+
+const orNone = (v: string | null) => v ?? NONE;
+const orNull = (v: string) => (v === NONE ? null : v);
 
 /** Command lines, without the newline. */
 export const controlCommand = {
@@ -103,8 +147,11 @@ export const controlCommand = {
   /** Set eth0's MAC. */
   mac: (mac: string) => `mac ${mac}`,
   queryMac: "query mac",
-  /** Set the hostname and eth0's MAC (NO_MAC: leave the NICs alone) in one round trip. */
-  identity: (hostname: string, mac: string) => `identity ${hostname} ${mac}`,
+  queryNet: "query net",
+  /** Make the guest `id` and reseed its RNG with `seedHex` (32 bytes, 64 hex digits). */
+  identity: (id: IdentityArgs, seedHex: string) =>
+    `identity ${id.hostname} ${orNone(id.mac)} ${orNone(id.address)} ${orNone(id.gateway)} ` +
+    `${id.machineId} ${seedHex}`,
   /** SIGTERM the program; the guest powers off once it exits. */
   stop: "stop",
 } as const;
@@ -114,19 +161,43 @@ export const controlReply = {
   pong: "pong",
   /** To `mac` and `query mac`: eth0's address. */
   mac: (mac: string) => `ok mac ${mac}`,
-  identity: (hostname: string, mac: string) => `ok identity ${hostname} ${mac}`,
+  /** To `query net`. */
+  net: (net: GuestNet) => `ok net ${orNone(net.mac)} ${orNone(net.address)} ${orNone(net.gateway)}`,
+  identity: (hostname: string, mac: string | null, address: string | null) =>
+    `ok identity ${hostname} ${orNone(mac)} ${orNone(address)}`,
   stop: "ok stop",
 } as const;
 
-/** Whether `line` is the reply to a command starting with `verb`; anything else is a stale line
+/** How each verb's success replies start (`query`'s: `ok ` and what it asked for). */
+const OK_REPLIES: { readonly [V in ControlVerb]: (args: string) => (line: string) => boolean } = {
+  ping: () => (line) => line === controlReply.pong,
+  mac: () => (line) => line.startsWith("ok mac "),
+  query: (what) => (line) => line.startsWith(`ok ${what} `),
+  identity: () => (line) => line.startsWith("ok identity "),
+  stop: () => (line) => line === controlReply.stop,
+};
+
+/** Whether `line` is the reply to `command` (a command line); anything else is a stale line
  * left by an earlier command. */
-export function answers(verb: string, line: string): boolean {
-  return verb === "ping"
-    ? line === controlReply.pong
-    : line.startsWith("ok ") || line.startsWith(`err ${verb}`);
+export function answers(command: string, line: string): boolean {
+  const [verb = "", what = ""] = command.split(" ");
+  if (line === `err ${verb}` || line.startsWith(`err ${verb} `)) return true;
+  const ok = Object.hasOwn(OK_REPLIES, verb) ? OK_REPLIES[verb as ControlVerb] : undefined;
+  return ok ? ok(what)(line) : false;
 }
 
 /** The address in an `ok mac` reply; undefined for any other line. */
 export function macOfReply(line: string): string | undefined {
   return /^ok mac (\S+)$/.exec(line)?.[1];
+}
+
+/** eth0's MAC, address and gateway in an `ok net` reply; undefined for any other line. */
+export function netOfReply(line: string): GuestNet | undefined {
+  const m = /^ok net (\S+) (\S+) (\S+)$/.exec(line);
+  if (!m) return undefined;
+  return {
+    mac: orNull(m[1] ?? NONE),
+    address: orNull(m[2] ?? NONE),
+    gateway: orNull(m[3] ?? NONE),
+  };
 }

@@ -9,6 +9,7 @@ import {
   askGuestToStop,
   guestControl,
   guestMac,
+  guestNet,
   setGuestIdentity,
   setGuestMac,
 } from "./control.ts";
@@ -52,22 +53,65 @@ describe("guest control channel", () => {
     expect(await guestMac(sock)).toBe("02:00:00:00:00:02");
   });
 
-  it("sets hostname and MAC in one command, and asks for a stop", async () => {
+  it("sets the identity in one command, reads the network back, and asks for a stop", async () => {
+    const id = "0123456789abcdef0123456789abcdef";
+    const seed = Buffer.alloc(32, 0xab);
+    const hex = "ab".repeat(32);
     const sock = await fakeGuest((line) => {
-      if (line === "identity fork-1 02:00:00:00:00:0a")
-        return "ok identity fork-1 02:00:00:00:00:0a\n";
-      if (line === "identity fork-2 -") return "ok identity fork-2 -\n";
-      if (line === "identity fork-3 02:00:00:00:00:0b")
-        return "ok identity other 02:00:00:00:00:0b\n";
+      if (line === `identity fork-1 02:00:00:00:00:0a 10.64.0.5/20 10.64.0.1 ${id} ${hex}`)
+        return "ok identity fork-1 02:00:00:00:00:0a 10.64.0.5/20\n";
+      if (line === `identity fork-2 - - - ${id} ${hex}`) return "ok identity fork-2 - -\n";
+      if (line.startsWith("identity fork-3 "))
+        return "ok identity fork-3 02:00:00:00:00:0b 10.64.0.9/20\n";
+      if (line.startsWith("identity fork-4 ")) return "err identity rng: Operation not permitted\n";
+      if (line === "query net") return "ok mac 02:00:00:00:00:01\nok net 02:00:00:00:00:0a - -\n";
       if (line === "stop") return "err stop no program to stop\n";
       return undefined;
     });
-    await setGuestIdentity(sock, "fork-1", "02:00:00:00:00:0A");
-    await setGuestIdentity(sock, "fork-2", null);
-    await expect(setGuestIdentity(sock, "fork-3", "02:00:00:00:00:0b")).rejects.toThrow(
-      /did not take fork-3/,
+    const identity = {
+      hostname: "fork-1",
+      mac: "02:00:00:00:00:0A",
+      address: "10.64.0.5/20",
+      gateway: "10.64.0.1",
+      machineId: id,
+    };
+    await setGuestIdentity(sock, identity, seed);
+    await setGuestIdentity(
+      sock,
+      { hostname: "fork-2", mac: null, address: null, gateway: null, machineId: id },
+      seed,
     );
+    // Another address than asked for, an error, a seed of the wrong size.
+    await expect(
+      setGuestIdentity(sock, { ...identity, hostname: "fork-3", mac: "02:00:00:00:00:0b" }, seed),
+    ).rejects.toThrow(/did not take identity fork-3 02:00:00:00:00:0b 10.64.0.5\/20: ok identity/);
+    await expect(setGuestIdentity(sock, { ...identity, hostname: "fork-4" }, seed)).rejects.toThrow(
+      /err identity rng/,
+    );
+    await expect(setGuestIdentity(sock, identity, Buffer.alloc(16))).rejects.toThrow(/32 bytes/);
+    // A stale `ok mac` line is not the answer to `query net`.
+    expect(await guestNet(sock)).toEqual({
+      mac: "02:00:00:00:00:0a",
+      address: null,
+      gateway: null,
+    });
     expect(await askGuestToStop(sock)).toBe(false);
+  });
+
+  it("keeps the seed out of a timeout's message", async () => {
+    const sock = await fakeGuest(() => undefined);
+    const identity = {
+      hostname: "quiet",
+      mac: null,
+      address: null,
+      gateway: null,
+      machineId: "0".repeat(32),
+    };
+    const err = await setGuestIdentity(sock, identity, Buffer.alloc(32, 0xcd), {
+      timeoutMs: 100,
+    }).catch((e: Error) => e);
+    expect(String(err)).toMatch(/no reply to "identity quiet …"/);
+    expect(String(err)).not.toContain("cdcd");
   });
 
   it("rejects an error, a different MAC, silence and a missing socket", async () => {

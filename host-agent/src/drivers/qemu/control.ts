@@ -7,7 +7,7 @@ import {
   controlCommand,
   controlReply,
   macOfReply,
-  NO_MAC,
+  netOfReply,
 } from "../../../guest/protocol.ts";
 import { checkSocketPath } from "./qmp.ts";
 
@@ -17,15 +17,16 @@ export interface ControlOptions {
 
 const DEFAULT_TIMEOUT_MS = 5_000;
 
-/** Sends one command line and resolves with the guest's reply line (without the newline). */
+/** Sends one command line and resolves with the guest's reply line (without the newline).
+ * `shown`: the command as errors name it (one carrying a secret names less). */
 export function guestControl(
   socketPath: string,
   command: string,
   opts: ControlOptions = {},
+  shown: string = command,
 ): Promise<string> {
   if (command.includes("\n")) throw new Error("a control command is one line");
   const timeoutMs = opts.timeoutMs ?? DEFAULT_TIMEOUT_MS;
-  const verb = command.split(" ")[0] ?? "";
   return new Promise((resolve, reject) => {
     const sock = net.connect(checkSocketPath(socketPath));
     let buf = "";
@@ -39,7 +40,7 @@ export function guestControl(
       () =>
         done(
           new Error(
-            `guest control ${socketPath}: no reply to "${command}" within ${timeoutMs} ms` +
+            `guest control ${socketPath}: no reply to "${shown}" within ${timeoutMs} ms` +
               (buf ? ` (partial: ${JSON.stringify(buf)})` : ""),
           ),
         ),
@@ -52,7 +53,7 @@ export function guestControl(
       for (let nl = buf.indexOf("\n"); nl >= 0; nl = buf.indexOf("\n")) {
         const line = buf.slice(0, nl).replace(/\r$/, "");
         buf = buf.slice(nl + 1);
-        if (answers(verb, line)) return done(undefined, line);
+        if (answers(command, line)) return done(undefined, line);
       }
     });
     sock.on("error", (e) => done(new Error(`guest control ${socketPath}: ${e.message}`)));
@@ -72,19 +73,51 @@ export async function setGuestMac(
   }
 }
 
-/** Sets hostname and (unless null: no NIC) eth0's MAC in one round trip; rejects unless the
- * guest reports exactly those. */
+export interface GuestIdentity {
+  hostname: string;
+  /** eth0's MAC; null: the guest has no NIC (network steps skipped). */
+  mac: string | null;
+  /** "10.64.0.5/20"; null: no address. */
+  address: string | null;
+  /** "10.64.0.1"; null: no default route. */
+  gateway: string | null;
+  /** 32 lowercase hex chars. */
+  machineId: string;
+}
+
+/** What the guest's RNG is fed by setGuestIdentity. */
+const SEED_BYTES = 32;
+
+/** Applies the identity and reseeds the guest RNG with `seed` (32 bytes) in one round trip;
+ * rejects unless the guest reports exactly that hostname, MAC and address. */
 export async function setGuestIdentity(
   socketPath: string,
-  hostname: string,
-  mac: string | null,
+  identity: GuestIdentity,
+  seed: Buffer,
   opts: ControlOptions = {},
 ): Promise<void> {
-  const want = mac?.toLowerCase() ?? NO_MAC;
-  const reply = await guestControl(socketPath, controlCommand.identity(hostname, want), opts);
-  if (reply !== controlReply.identity(hostname, want)) {
-    throw new Error(`guest did not take ${hostname} ${want}: ${reply}`);
+  if (seed.length !== SEED_BYTES) {
+    throw new Error(`a guest RNG seed is ${SEED_BYTES} bytes, not ${seed.length}`);
   }
+  const want = { ...identity, mac: identity.mac?.toLowerCase() ?? null };
+  const command = controlCommand.identity(want, seed.toString("hex"));
+  // The seed stays out of error messages.
+  const reply = await guestControl(socketPath, command, opts, `identity ${want.hostname} …`);
+  if (reply !== controlReply.identity(want.hostname, want.mac, want.address)) {
+    const asked = controlReply.identity(want.hostname, want.mac, want.address).slice(3);
+    throw new Error(`guest did not take ${asked}: ${reply}`);
+  }
+}
+
+/** eth0's MAC, address and gateway as the guest sees them. */
+export async function guestNet(
+  socketPath: string,
+  opts: ControlOptions = {},
+): Promise<{ mac: string | null; address: string | null; gateway: string | null }> {
+  const reply = await guestControl(socketPath, controlCommand.queryNet, opts);
+  const net = netOfReply(reply);
+  if (!net) throw new Error(`guest cannot tell its network: ${reply}`);
+  return net;
 }
 
 /** Asks the guest's init to SIGTERM its program (the guest powers off once it exits). False
