@@ -4,6 +4,7 @@ import { mkdtempSync, readFileSync, rmSync, symlinkSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { waitFor } from "../../testing/index.ts";
 import { listNetns, TestNamespaces } from "../../testing/netns.ts";
 import { HostNetwork, parseSubnet } from "./index.ts";
 import { burstBytes, MAX_RATE_BPS, MIN_BURST_BYTES, tbf } from "./rates.ts";
@@ -240,6 +241,33 @@ describe("HostNetwork in a namespace", () => {
     expect((await links()).map((l) => l.ifname)).not.toContain("oisurvivor02");
     for (const id of ["survivor01", "k3xq9example0instance01"]) await again.removeTap(id);
     expect(await again.listTaps()).toEqual([]);
+  });
+
+  it("drops bridged guest-to-guest traffic in the forward chain even without the port flag", async () => {
+    // Two stand-in guests: namespaces on veth ports of the bridge, *not* isolated, so only the
+    // forward chain's bridge → bridge rule (through br_netfilter) stands between them.
+    await net.ensureSubnet("10.213.0.0/24");
+    const guests = [await spaces.create("ga"), await spaces.create("gb")];
+    for (const [i, g] of guests.entries()) {
+      await sh("ip", "link", "add", `vg${i}`, "type", "veth", "peer", "name", "eth0", "netns", g);
+      await sh("ip", "link", "set", "dev", `vg${i}`, "master", net.bridge, "up");
+      await spaces.exec(g, ["ip", "addr", "add", `10.213.0.${10 + i}/24`, "dev", "eth0"]);
+      await spaces.exec(g, ["ip", "link", "set", "dev", "eth0", "up"]);
+    }
+    const [a, b] = guests as [string, string];
+    // The gateway answers (local traffic, not forwarded)...
+    await spaces.exec(a, ["/bin/busybox", "ping", "-c", "1", "-W", "5", "10.213.0.1"]);
+    // ...the other guest's pings reach the forward hook and are counted as dropped there.
+    const ping = spaces.spawn(a, ["/bin/busybox", "ping", "10.213.0.11"]);
+    await waitFor("a guest-to-guest drop", async () =>
+      /counter packets [1-9]\d* bytes \d+ drop comment "guest to guest"/.test(
+        (await net.ruleset()) ?? "",
+      ),
+    );
+    ping.kill("SIGKILL");
+    await ping;
+    await spaces.exec(b, ["ip", "link", "set", "dev", "eth0", "down"]);
+    for (const i of [0, 1]) await sh("ip", "link", "delete", "dev", `vg${i}`);
   });
 
   it("ensureTap without a bridge says ensureSubnet comes first", async () => {
