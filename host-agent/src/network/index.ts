@@ -19,6 +19,10 @@
 // - Every command runs through run.ts: bounded time and output, errors that carry the command
 //   and its stderr. Commands run in the namespace with nsenter, which sets up no mount
 //   namespace (unlike `ip netns exec`); QEMU starts under the same prefix (execPrefix).
+// - Calls on one TAP (and on the subnet) run one at a time within the process: two concurrent
+//   ensureTaps of an instance would otherwise both find no TAP and both make one.
+// - In the host's own namespace, a firewall whose forward policy drops (Docker's, for one) must
+//   let the bridge's traffic through; this module adds its own table and touches no other.
 
 import { ensureBridge, removeBridge } from "./bridge.ts";
 import type { NetContext } from "./context.ts";
@@ -57,6 +61,8 @@ export function netnsFromEnv(env: NodeJS.ProcessEnv = process.env): string | nul
   return v ? v : null;
 }
 
+/** Not a TAP name (those start with "ot"): the queue key of the bridge and table. */
+const SUBNET_KEY = "subnet";
 const IFNAME = /^[A-Za-z0-9_-]{1,15}$/;
 const NFT_NAME = /^[A-Za-z][A-Za-z0-9_]{0,63}$/;
 
@@ -67,6 +73,8 @@ export class HostNetwork {
   readonly execPrefix: readonly string[];
   readonly bridge: string;
   private readonly ctx: NetContext;
+  /** The last queued call per key (a TAP's name, or SUBNET_KEY). */
+  private readonly queues = new Map<string, Promise<unknown>>();
 
   private constructor(netns: string | null, ctx: NetContext) {
     this.netns = netns;
@@ -92,7 +100,8 @@ export class HostNetwork {
   /** Idempotent: the bridge up with the subnet's first host address as gateway (another subnet's
    * address is replaced), ip_forward on, and the host's nft table loaded anew. */
   async ensureSubnet(subnet: string): Promise<void> {
-    await ensureBridge(this.ctx, parseSubnet(subnet));
+    const parsed = parseSubnet(subnet);
+    await this.serial(SUBNET_KEY, () => ensureBridge(this.ctx, parsed));
   }
 
   /** The TAP name for an instance id: "ot" + its first 13 characters. */
@@ -107,17 +116,17 @@ export class HostNetwork {
     instanceId: string,
     limits: { downloadBps: number | null; uploadBps: number | null },
   ): Promise<string> {
-    return ensureTap(this.ctx, instanceId, limits);
+    return this.serial(tapName(instanceId), () => ensureTap(this.ctx, instanceId, limits));
   }
 
   /** Removes the instance's TAP and its IFB (absent is fine). */
   async removeTap(instanceId: string): Promise<void> {
-    await removeTapNamed(this.ctx, tapName(instanceId));
+    await this.removeTapNamed(tapName(instanceId));
   }
 
   /** Removes a TAP by the name listTaps gave (garbage collection of unknown instances'). */
   async removeTapNamed(tap: string): Promise<void> {
-    await removeTapNamed(this.ctx, tap);
+    await this.serial(tap, () => removeTapNamed(this.ctx, tap));
   }
 
   /** Instance-owned TAPs present (by name), for garbage collection after a crash. */
@@ -138,6 +147,21 @@ export class HostNetwork {
 
   /** Removes the bridge and the nft table (TAPs stay, detached; absent is fine). */
   async removeSubnet(): Promise<void> {
-    await removeBridge(this.ctx);
+    await this.serial(SUBNET_KEY, () => removeBridge(this.ctx));
+  }
+
+  /** Runs `fn` after every call queued before it under `key` has settled. */
+  private serial<T>(key: string, fn: () => Promise<T>): Promise<T> {
+    const prev = this.queues.get(key) ?? Promise.resolve();
+    const next = prev.then(fn, fn);
+    const settled = next.then(
+      () => {},
+      () => {},
+    );
+    this.queues.set(key, settled);
+    void settled.then(() => {
+      if (this.queues.get(key) === settled) this.queues.delete(key);
+    });
+    return next;
   }
 }

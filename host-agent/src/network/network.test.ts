@@ -193,6 +193,16 @@ describe("HostNetwork in a namespace", () => {
     expect(await net.listTaps()).toEqual([tap]);
   });
 
+  it("concurrent ensureTaps of one instance make one TAP", async () => {
+    await net.ensureSubnet("10.213.0.0/24");
+    const limits = { downloadBps: 1_000_000, uploadBps: 1_000_000 };
+    const taps = await Promise.all([1, 2, 3].map(() => net.ensureTap("racer", limits)));
+    expect(new Set(taps)).toEqual(new Set(["otracer"]));
+    expect((await links()).filter((l) => l.ifname === "otracer")).toHaveLength(1);
+    await Promise.all([net.removeTap("racer"), net.removeTap("racer")]);
+    expect(await net.listTaps()).not.toContain("otracer");
+  });
+
   it("refuses limits out of range and TAP names an id cannot make, changing nothing", async () => {
     await expect(net.ensureTap("rangecheck", { downloadBps: 0, uploadBps: null })).rejects.toThrow(
       /download limit 0 B\/s is out of range/,
