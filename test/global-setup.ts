@@ -6,10 +6,14 @@
 //    `project.provide("testDatabaseUrl")`, which test/harness.ts reads with `inject` as a fallback.
 // 2. A template database, offshoot_template, with the project's migrations applied: each test
 //    gets its own copy with `CREATE DATABASE … TEMPLATE offshoot_template` (test/harness.ts).
+// At the end: deletes the network namespaces (oft-<run>-*) a failed test file of this run left
+// behind, and stale ones of runs killed before their end.
 
+import { randomBytes } from "node:crypto";
 import postgres from "postgres";
 import type { TestProject } from "vitest/node";
 import { openPostgres } from "../control-plane/src/db/open.ts";
+import { deleteLeftoverTestNetns, TEST_RUN_ENV } from "../host-agent/testing/netns.ts";
 import { ensurePostgres, type PostgresServer } from "../scripts/postgres.ts";
 
 export const TEMPLATE_DB = "offshoot_template";
@@ -30,6 +34,8 @@ export function withDatabase(serverUrl: string, database: string): string {
 let started: PostgresServer | undefined;
 
 export async function setup(project: TestProject): Promise<void> {
+  // Names this run's network namespaces (host-agent/testing/netns.ts); workers inherit it.
+  process.env[TEST_RUN_ENV] ??= randomBytes(3).toString("hex");
   let url = process.env.TEST_DATABASE_URL;
   if (!url) {
     started = await ensurePostgres();
@@ -53,6 +59,13 @@ export async function setup(project: TestProject): Promise<void> {
 }
 
 export async function teardown(): Promise<void> {
+  const left = await deleteLeftoverTestNetns().catch((e: unknown) => {
+    process.stderr.write(`[global-setup] cannot list network namespaces: ${String(e)}\n`);
+    return [];
+  });
+  if (left.length > 0) {
+    process.stderr.write(`[global-setup] deleted leftover network namespaces: ${left.join(" ")}\n`);
+  }
   if (started) {
     await started.stop();
     started = undefined;

@@ -42,6 +42,9 @@ export interface GuestSpec {
   kernelArgs?: readonly string[];
   /** Appended to QEMU's arguments (devices, netdevs, `-incoming defer`). */
   extraArgs?: readonly string[];
+  /** Runs QEMU under this command, e.g. HostNetwork.execPrefix (nsenter into the network
+   * namespace holding the guest's TAP); it must exec QEMU so that the pid is QEMU's. */
+  execPrefix?: readonly string[];
 }
 
 /** x86 COMMAND_LINE_SIZE. */
@@ -181,7 +184,8 @@ export async function launchQemu(spec: GuestSpec, opts: LaunchOptions = {}): Pro
   const out = openSync(spec.qemuLog, "a") as 3;
   const sub = (() => {
     try {
-      return execa(spec.qemu, args, {
+      const [file, ...prefixArgs] = [...(spec.execPrefix ?? []), spec.qemu];
+      return execa(file as string, [...prefixArgs, ...args], {
         detached: true,
         cleanup: false,
         reject: false,
