@@ -394,7 +394,9 @@ async function handRestore(d: DataDir, source: string, assets: VmAssets) {
   const extra = [
     ...guestDevices(
       { root: rec.image.rootfs, rw: f("disk.qcow2"), cfg: f("config.sh") },
-      rec.machine.mac === null ? null : { mac: rec.machine.mac, netdev: "user,id=net0,restrict=on" },
+      rec.machine.mac === null
+        ? null
+        : { mac: rec.machine.mac, netdev: "user,id=net0,restrict=on" },
       rec.spec.disk_io_bps,
     ),
     "-S",

@@ -38,7 +38,7 @@ while :; do
 done
 `;
 const RECIPE = createHash("sha256")
-  .update(JSON.stringify({ v: 1, COUNT }))
+  .update(JSON.stringify({ v: 2, COUNT }))
   .digest("hex")
   .slice(0, 12);
 
@@ -87,6 +87,8 @@ export function ensureTestImage(cache: string = defaultAssetsDir()): string {
   writeFileSync(path.join(l2, "usr", "bin", "count"), COUNT, { mode: 0o755 });
   writeFileSync(path.join(l2, "etc", ".wh.motd"), "");
   writeFileSync(path.join(l2, "etc", "image-release"), "offshoot busybox test image\n");
+  // Empty, as in images made for systemd: each guest's init writes the guest's own machine id.
+  writeFileSync(path.join(l2, "etc", "machine-id"), "");
   const layers = [l1, l2].map((d) => {
     const bytes = layer(d);
     const diffId = `sha256:${sha256(gunzipSync(bytes))}`;

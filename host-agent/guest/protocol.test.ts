@@ -179,12 +179,23 @@ describe("the host side and protocol.ts", () => {
   });
 
   it("writes the config names the init reads", () => {
+    const network = {
+      enabled: true,
+      mac: "02:00:00:00:00:01",
+      ip: "10.64.16.7",
+      subnet: "10.64.16.0/20",
+      bandwidth_download_bps: null,
+      bandwidth_upload_bps: null,
+    };
     const text = guestConfig(
-      { name: "n", entrypoint: ["/bin/true"], cmd: null, env: {} },
+      { id: "i1", name: "n", entrypoint: ["/bin/true"], cmd: null, env: {}, network },
       { name: "i", entrypoint: null, cmd: null, env: {}, working_dir: "" },
     );
     expect(text).toMatch(new RegExp(`^${GUEST_CONFIG.hostname}=`, "m"));
     expect(text).toMatch(new RegExp(`^${GUEST_CONFIG.workdir}=`, "m"));
+    expect(text).toMatch(new RegExp(`^${GUEST_CONFIG.address}='10\\.64\\.16\\.7/20'$`, "m"));
+    expect(text).toMatch(new RegExp(`^${GUEST_CONFIG.gateway}='10\\.64\\.16\\.1'$`, "m"));
+    expect(text).toMatch(new RegExp(`^${GUEST_CONFIG.machineId}='[0-9a-f]{32}'$`, "m"));
     expect(text).toMatch(new RegExp(`^${GUEST_CONFIG.env}\\(\\) \\{`, "m"));
     expect(text).toMatch(/^set -- /m);
   });

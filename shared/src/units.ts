@@ -38,6 +38,10 @@ export const MAX_BYTES = Number.MAX_SAFE_INTEGER;
 
 export class UnitParseError extends Error {}
 
+/** A guest's bandwidth limits (bytes/s): 8 kbit/s, below which tc's smallest burst is over a
+ * minute of traffic, to 100 Gbit/s, above anything a TAP carries. */
+export const BANDWIDTH_LIMIT_BPS = { min: 1_000, max: 12_500_000_000 } as const;
+
 /** Exact decimal → scaled bigint; throws when the result is not a whole number. */
 function scale(num: string, multiplier: bigint, divisor: bigint, what: string): bigint {
   const [whole = "0", frac = ""] = num.split(".");

@@ -1,6 +1,6 @@
-import { execFileSync } from "node:child_process";
 import { afterAll } from "vitest";
 import type { Db } from "../../control-plane/src/db/client.ts";
+import { TestNamespaces } from "../../host-agent/testing/netns.ts";
 import {
   type AgentProcess,
   type CpProcess,
@@ -36,13 +36,11 @@ export async function startStack(
   const cp = await spawnControlPlane({ databaseUrl: database.url, env: opts.cpEnv });
   const agents: AgentProcess[] = [];
   const hostIds: string[] = [];
-  const namespaces: string[] = [];
+  const spaces = new TestNamespaces();
   for (const given of opts.agents ?? [{}]) {
     const env = { ...given };
     if (env.AGENT_DRIVER === "qemu" && env.AGENT_NETNS === undefined) {
-      env.AGENT_NETNS = `oft-stack-${process.pid}-${namespaces.length}`;
-      execFileSync("ip", ["netns", "add", env.AGENT_NETNS]);
-      namespaces.push(env.AGENT_NETNS);
+      env.AGENT_NETNS = await spaces.create("stack");
     }
     const { hostId, token } = await registerHost(database.database.db);
     agents.push(await spawnAgent({ cpUrl: cp.url, token, env }));
@@ -54,7 +52,7 @@ export async function startStack(
     await cp.stop();
     await database.drop();
     // A guest still running keeps its namespace alive until it is killed; the name goes now.
-    for (const ns of namespaces) execFileSync("ip", ["netns", "del", ns]);
+    await spaces.cleanup();
   });
   return { db: database.database.db, dbUrl: database.url, cp, agents, hostIds, apiKey, tenantId };
 }

@@ -1,54 +1,50 @@
-import { type ChildProcess, execFileSync, spawn } from "node:child_process";
+import { spawn } from "node:child_process";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { type PeerLink, TestNamespaces } from "../../host-agent/testing/netns.ts";
+import { killGuestsUnder } from "../../host-agent/testing/qemu.ts";
 import { ensureTestImage, TEST_IMAGE } from "../../scripts/oci-image.ts";
 import { ensureVmAssets } from "../../scripts/vm-assets.ts";
 import { hypeman, REPO_ROOT, waitFor } from "../harness.ts";
 import { type Stack, startStack } from "./env.ts";
 
 // Guests on a real network, through the public API: a QEMU agent whose bridge, TAPs and NAT live
-// in a namespace this file creates, a "peer" namespace beyond it standing for the outside world,
+// in a namespace this file creates, a peer namespace beyond it standing for the outside world,
 // and requests from the host side of the bridge to the addresses the API reports. Every address
-// used here exists only inside these two namespaces.
+// used here exists only inside these namespaces.
 const BUSYBOX = "/bin/busybox";
-/** The link between the agent's namespace and the peer's (TEST-NET-1, documentation range). */
-const UPLINK = { agent: "192.0.2.1", peer: "192.0.2.2", prefix: 30 };
+const PROBE = path.join(REPO_ROOT, "host-agent/testing/net-probe.mjs");
 const PEER_PORT = 9000;
 
 // Each guest serves: 7001 its identity (hostname, a fresh kernel RNG uuid, machine id); 7002 an
-// echo (a connection held open across a fork); 7003 a relay to the peer (what the peer saw as
-// the guest's address). And it counts on the console.
-const PROGRAM = [
-  "nc -ll -p 7001 -e sh -c 'echo \"ID $(hostname) $(cat /proc/sys/kernel/random/uuid) $(cat /etc/machine-id)\"' &",
-  "nc -ll -p 7002 -e cat &",
-  `nc -ll -p 7003 -e nc -w 5 ${UPLINK.peer} ${PEER_PORT} &`,
-  'echo "NETS $(ls /sys/class/net | tr "\\n" " ")"',
-  "exec /usr/bin/count",
-].join("\n");
+// echo (a connection held open across a fork); 7003 a relay to the peer, which answers with the
+// address it saw. It lists its interfaces once, then counts on the console.
+const program = (peer: string) =>
+  [
+    "nc -ll -p 7001 -e sh -c 'echo \"ID $(hostname) $(cat /proc/sys/kernel/random/uuid) $(cat /etc/machine-id 2>/dev/null)\"' &",
+    "nc -ll -p 7002 -e cat &",
+    `nc -ll -p 7003 -e sh -c 'printf "GET / HTTP/1.0\\r\\n\\r\\n" | nc -w 5 ${peer} ${PEER_PORT} | tail -n 1' &`,
+    'echo "NETS $(ls /sys/class/net | tr "\\n" " ")"',
+    "exec /usr/bin/count",
+  ].join("\n");
 
 describe("guest networking (QEMU) through the API", { timeout: 600_000 }, () => {
-  const ns = `oft-net-${process.pid}`;
-  const peerNs = `oft-peer-${process.pid}`;
+  const spaces = new TestNamespaces();
+  let ns = "";
+  let uplink: PeerLink;
   let stack: Stack;
   let client: ReturnType<typeof hypeman>;
-  let peer: ChildProcess | undefined;
 
-  const inNs = (name: string, args: string[], timeoutMs = 15_000) =>
-    execFileSync("ip", ["netns", "exec", name, ...args], {
-      encoding: "utf8",
-      timeout: timeoutMs,
-      stdio: ["ignore", "pipe", "pipe"],
-    });
-  /** One request to a guest's port from the host side of its bridge; "" when refused. */
-  const ask = (ip: string, port: number) => {
+  /** One request to a guest's port from the host side of its bridge; "" when it fails. */
+  const ask = async (ip: string, port: number) => {
     try {
-      return inNs(ns, [BUSYBOX, "nc", "-w", "5", ip, String(port)]).trim();
+      return (await spaces.exec(ns, [BUSYBOX, "nc", "-w", "5", ip, String(port)])).stdout.trim();
     } catch {
       return "";
     }
   };
   const identity = async (ip: string) => {
-    const line = await waitFor(() => ask(ip, 7001).match(/^ID (\S+) (\S+) (\S*)$/), {
+    const line = await waitFor(async () => /^ID (\S+) (\S+) (\S*)$/.exec(await ask(ip, 7001)), {
       timeoutMs: 60_000,
       what: `${ip}:7001 to answer`,
     });
@@ -58,20 +54,16 @@ describe("guest networking (QEMU) through the API", { timeout: 600_000 }, () => 
   beforeAll(async () => {
     await ensureVmAssets();
     const layout = ensureTestImage();
-    for (const n of [ns, peerNs]) execFileSync("ip", ["netns", "add", n]);
-    execFileSync("ip", ["-n", ns, "link", "add", "up0", "type", "veth", "peer", "name", "down0", "netns", peerNs]);
-    execFileSync("ip", ["-n", ns, "addr", "add", `${UPLINK.agent}/${UPLINK.prefix}`, "dev", "up0"]);
-    execFileSync("ip", ["-n", peerNs, "addr", "add", `${UPLINK.peer}/${UPLINK.prefix}`, "dev", "down0"]);
-    for (const [n, dev] of [[ns, "up0"], [peerNs, "down0"], [ns, "lo"], [peerNs, "lo"]] as const) {
-      execFileSync("ip", ["-n", n, "link", "set", dev, "up"]);
-    }
-    // The peer answers with the address it sees the connection come from.
-    peer = spawn(
-      "ip",
-      ["netns", "exec", peerNs, process.execPath, "-e",
-        `require("net").createServer((s) => s.end("PEER SAW " + s.remoteAddress + "\\n")).listen(${PEER_PORT})`],
-      { stdio: "ignore" },
-    );
+    ns = await spaces.create("net");
+    // The peer: its own namespace behind a veth (TEST-NET-1), reachable only through the NAT.
+    uplink = await spaces.peer(ns, "192.0.2");
+    const peer = spaces.spawn(uplink.peer, [process.execPath, PROBE, "serve", String(PEER_PORT)]);
+    await new Promise<void>((resolve, reject) => {
+      peer.stdout?.on("data", (d: Buffer) => {
+        if (d.toString().includes("listening")) resolve();
+      });
+      peer.catch(reject);
+    });
     stack = await startStack({
       cpEnv: { COMMAND_TIMEOUT_MS: "180000" },
       agents: [
@@ -89,15 +81,10 @@ describe("guest networking (QEMU) through the API", { timeout: 600_000 }, () => 
     client = hypeman(stack.cp.url, stack.apiKey);
   }, 300_000);
 
-  afterAll(() => {
-    peer?.kill("SIGKILL");
-    for (const n of [ns, peerNs]) {
-      try {
-        execFileSync("ip", ["netns", "del", n]);
-      } catch {
-        // not created
-      }
-    }
+  afterAll(async () => {
+    // Guests outlive their agent by design; whatever a failed test left running goes here.
+    for (const agent of stack?.agents ?? []) await killGuestsUnder(agent.dataDir);
+    await spaces.cleanup();
   });
 
   const create = (name: string, extra: Record<string, unknown> = {}) =>
@@ -106,7 +93,7 @@ describe("guest networking (QEMU) through the API", { timeout: 600_000 }, () => 
       image: TEST_IMAGE,
       size: "128MB",
       vcpus: 1,
-      cmd: ["sh", "-c", PROGRAM],
+      cmd: ["sh", "-c", program(uplink.peerAddress)],
       ...extra,
     });
 
@@ -133,7 +120,7 @@ describe("guest networking (QEMU) through the API", { timeout: 600_000 }, () => 
     await client.instances.restore("src");
 
     // From Running, with a connection to the source held open across it.
-    const held = spawn("ip", ["netns", "exec", ns, BUSYBOX, "nc", srcIp, "7002"], {
+    const held = spawn("nsenter", [`--net=/run/netns/${ns}`, "--", BUSYBOX, "nc", srcIp, "7002"], {
       stdio: ["pipe", "pipe", "ignore"],
     });
     let echoed = "";
@@ -159,22 +146,26 @@ describe("guest networking (QEMU) through the API", { timeout: 600_000 }, () => 
       const macs = all.map((i) => i.network?.mac);
       expect(new Set(ips).size).toBe(3);
       expect(new Set(macs).size).toBe(3);
-      expect([after.hostname, coldId.hostname, hotId.hostname]).toEqual(["src", "fork-sb", "fork-run"]);
+      expect([after.hostname, coldId.hostname, hotId.hostname]).toEqual([
+        "src",
+        "fork-sb",
+        "fork-run",
+      ]);
       expect(new Set([after.machineId, coldId.machineId, hotId.machineId]).size).toBe(3);
       expect(new Set([before.uuid, after.uuid, coldId.uuid, hotId.uuid]).size).toBe(4);
       // The host side's neighbour table: each address at the MAC the API reports.
       for (const i of all) {
-        const neigh = inNs(ns, ["ip", "neigh", "show", i.network?.ip ?? ""]);
+        const neigh = (await spaces.exec(ns, ["ip", "neigh", "show", i.network?.ip ?? ""])).stdout;
         expect(neigh, i.name).toContain(`lladdr ${i.network?.mac}`);
       }
       // Egress: through the host's NAT the peer sees the agent's uplink address, not the guest's.
-      expect(ask(hot.network?.ip ?? "", 7003)).toBe(`PEER SAW ${UPLINK.agent}`);
+      expect(await ask(hot.network?.ip ?? "", 7003)).toBe(`remote=${uplink.localAddress}`);
     } finally {
       held.kill();
     }
     for (const name of ["fork-sb", "fork-run", "src"]) await client.instances.delete(name);
-    const taps = inNs(ns, ["ip", "-o", "link", "show", "type", "tun"]).trim();
-    expect(taps).toBe("");
+    const taps = (await spaces.exec(ns, ["ip", "-o", "link", "show", "type", "tun"])).stdout;
+    expect(taps.trim()).toBe("");
   });
 
   it("network.enabled=false: no NIC in the guest, no address or MAC", async () => {

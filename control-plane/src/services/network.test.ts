@@ -52,10 +52,14 @@ describe.each(databaseBackends)("guest addresses (%s)", (_name, open) => {
   it("gives each host its own subnet of the pool, none overlapping", async () => {
     const ids = await Promise.all(Array.from({ length: 6 }, () => registerHost(db)));
     const subnets = await Promise.all(ids.map((h) => subnetOf(h.hostId)));
-    for (const s of subnets) expect(s).toMatch(new RegExp(`^10\\.\\d+\\.\\d+\\.0/${GUEST_SUBNET_PREFIX}$`));
+    for (const s of subnets)
+      expect(s).toMatch(new RegExp(`^10\\.\\d+\\.\\d+\\.0/${GUEST_SUBNET_PREFIX}$`));
     expect(new Set(subnets).size).toBe(subnets.length);
     // Registered again (a new token), a host keeps its subnet.
-    const [first] = await db.select().from(hosts).where(eq(hosts.id, ids[0]?.hostId ?? ""));
+    const [first] = await db
+      .select()
+      .from(hosts)
+      .where(eq(hosts.id, ids[0]?.hostId ?? ""));
     await registerHost(db, first?.name);
     expect(await subnetOf(first?.id ?? "")).toBe(subnets[0]);
   });

@@ -397,8 +397,16 @@ describe.each(databaseBackends)("recovery and races (scripted host, %s)", (_name
       .where(eq(instances.hostId, host.hostId));
     const all = rows.map((r) => r.ip ?? "").sort((x, y) => ipNum(x) - ipNum(y));
     // The lowest free address: b's if nothing lower was free.
-    const [h] = await db.select({ subnet: hosts.subnet }).from(hosts).where(eq(hosts.id, host.hostId));
-    expect(d.network?.ip).toBe(lowestFree(all.filter((ip) => ip !== d.network?.ip), h?.subnet ?? ""));
+    const [h] = await db
+      .select({ subnet: hosts.subnet })
+      .from(hosts)
+      .where(eq(hosts.id, host.hostId));
+    expect(d.network?.ip).toBe(
+      lowestFree(
+        all.filter((ip) => ip !== d.network?.ip),
+        h?.subnet ?? "",
+      ),
+    );
     expect(new Set(all).size).toBe(all.length);
   });
 

@@ -7,6 +7,7 @@
 //    IFB device, whose egress has the TBF.
 // TBF drops a packet larger than its burst: with GSO a TAP sees packets up to 64 KiB, so the
 // burst is never below that (MIN_BURST_BYTES); above it, 20 ms worth of the rate.
+import { BANDWIDTH_LIMIT_BPS } from "@offshoot/shared";
 import { deleteLink, inNetns, inNetnsOk, link, type NetContext } from "./context.ts";
 
 export interface RateLimits {
@@ -16,10 +17,9 @@ export interface RateLimits {
   uploadBps: number | null;
 }
 
-/** 8 kbit/s: below this the 64 KiB minimum burst is over a minute of traffic. */
-export const MIN_RATE_BPS = 1_000;
-/** 100 Gbit/s; far above what a TAP carries, well inside what tc's 64-bit rates accept. */
-export const MAX_RATE_BPS = 12_500_000_000;
+/** The range the API accepts (shared), well inside what tc's 64-bit rates take. */
+export const MIN_RATE_BPS = BANDWIDTH_LIMIT_BPS.min;
+export const MAX_RATE_BPS = BANDWIDTH_LIMIT_BPS.max;
 /** 64 KiB GSO packets plus their headers, and room for tc's rounding of a burst into clock
  * ticks (measured: a 65536-byte burst comes back as 65535). */
 export const MIN_BURST_BYTES = 68 * 1024;

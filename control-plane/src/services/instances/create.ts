@@ -1,6 +1,8 @@
 import {
   ApiError,
+  BANDWIDTH_LIMIT_BPS,
   type CreateInstanceRequest,
+  formatRate,
   type Instance,
   InvalidRequestError,
   NotSupportedError,
@@ -12,12 +14,12 @@ import { transaction } from "../../db/client.ts";
 import { instances } from "../../db/schema/index.ts";
 import { type Call, hostGrace, newCall, type Services } from "../context.ts";
 import { lacksImage, requireBootable, tooSmall } from "../images.ts";
+import { allocateIp, newMac } from "../network.ts";
 import { overcommitOf, placeInstance } from "../placement.ts";
 import { nameConflict, nameInUse, nameTaken } from "./errors.ts";
 import { newInstanceId } from "./ids.ts";
 import { present } from "./present.ts";
 import { rowAfter } from "./resolve.ts";
-import { allocateIp, newMac } from "../network.ts";
 import { specOf } from "./spec.ts";
 
 const MIN_MEMORY = 64 * 1024 * 1024;
@@ -66,9 +68,22 @@ export function checkCreate(req: CreateInstanceRequest) {
     overlayBytes,
     hotplugBytes: req.hotplug_size ? parseSize(req.hotplug_size) : 0,
     diskIoBps: req.disk_io_bps ? parseRate(req.disk_io_bps) : null,
-    download: req.network?.bandwidth_download ? parseRate(req.network.bandwidth_download) : null,
-    upload: req.network?.bandwidth_upload ? parseRate(req.network.bandwidth_upload) : null,
+    download: bandwidth("bandwidth_download", req.network?.bandwidth_download),
+    upload: bandwidth("bandwidth_upload", req.network?.bandwidth_upload),
   };
+}
+
+/** A bandwidth limit in bytes/s (null: none), within what hosts can enforce. */
+function bandwidth(field: string, value: string | undefined): number | null {
+  if (!value) return null;
+  const bps = parseRate(value);
+  const { min, max } = BANDWIDTH_LIMIT_BPS;
+  if (bps < min || bps > max) {
+    throw new InvalidRequestError(
+      `network.${field} must be between ${formatRate(min)} and ${formatRate(max)} (got ${value})`,
+    );
+  }
+  return bps;
 }
 
 /** POST /instances: place, record, boot on the host; 201 once the host has created it. */

@@ -30,6 +30,7 @@ import {
   operations,
 } from "../../db/schema/index.ts";
 import { type Call, hostGrace, newCall, type Services, timeLeft, topics } from "../context.ts";
+import { newMac, noAddress } from "../network.ts";
 import { commandError, forkEndsFlow, insertOperations, newOperation } from "../operations.ts";
 import { admitLocked, overcommitOf } from "../placement.ts";
 import { nameConflict, nameTaken } from "./errors.ts";
@@ -37,7 +38,6 @@ import { newInstanceId } from "./ids.ts";
 import { assertIdle, lockChecked } from "./lifecycle.ts";
 import { present } from "./present.ts";
 import { getById, rowAfter } from "./resolve.ts";
-import { newMac, noAddress } from "../network.ts";
 import { specOf } from "./spec.ts";
 
 /**

@@ -9,6 +9,7 @@ import type { SQL } from "drizzle-orm";
 import { issued, statement, type Tx, transactionEndingWith } from "../../db/client.ts";
 import type { InstanceRow, OperationRow } from "../../db/schema/index.ts";
 import { type Call, hostGrace, type Services } from "../context.ts";
+import { freeAddress } from "../network.ts";
 import { conflicts, insertOperations, newOperation, strongestHold } from "../operations.ts";
 import {
   admitLocked,
@@ -21,7 +22,6 @@ import {
 import { nameInUse } from "./errors.ts";
 import { present } from "./present.ts";
 import { exactly, lockInstance, namesExactly, rowAfter } from "./resolve.ts";
-import { freeAddress } from "../network.ts";
 
 /** Refuses when a pending operation (`held`, from strongestHold) holds the instance against
  * `want`. */

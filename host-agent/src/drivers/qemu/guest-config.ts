@@ -41,14 +41,18 @@ export function guestAddress(spec: Pick<InstanceSpec, "network">): {
 } {
   const { ip, subnet } = spec.network;
   if (!spec.network.enabled || !ip || !subnet) return { address: null, gateway: null };
-  return { address: `${ip}/${subnetGateway(subnet).prefix}`, gateway: subnetGateway(subnet).gateway };
+  return {
+    address: `${ip}/${subnetGateway(subnet).prefix}`,
+    gateway: subnetGateway(subnet).gateway,
+  };
 }
 
 /** The first address of a subnet in CIDR form (the host's bridge) and its prefix length. */
 export function subnetGateway(subnet: string): { gateway: string; prefix: number } {
   const m = /^(\d+)\.(\d+)\.(\d+)\.(\d+)\/(\d+)$/.exec(subnet);
   const prefix = Number(m?.[5]);
-  if (!m || !(prefix >= 8 && prefix <= 30)) throw new InvalidRequestError(`invalid subnet "${subnet}"`);
+  if (!m || !(prefix >= 8 && prefix <= 30))
+    throw new InvalidRequestError(`invalid subnet "${subnet}"`);
   const base = m.slice(1, 5).reduce((n, o) => n * 256 + Number(o), 0);
   const first = base - (base % 2 ** (32 - prefix)) + 1;
   return { gateway: [24, 16, 8, 0].map((s) => Math.floor(first / 2 ** s) % 256).join("."), prefix };

@@ -144,12 +144,7 @@ export function guestDevices(
     ...drive("cfg", disks.cfg, "format=raw,readonly=on"),
     ...(nic === null
       ? []
-      : [
-          "-netdev",
-          nic.netdev,
-          "-device",
-          `virtio-net-device,netdev=net0,id=nic0,mac=${nic.mac}`,
-        ]),
+      : ["-netdev", nic.netdev, "-device", `virtio-net-device,netdev=net0,id=nic0,mac=${nic.mac}`]),
   ];
 }
 

@@ -62,6 +62,6 @@ export async function adoptNics(host: QemuHost): Promise<{ taps: number; removed
     keep.add(net.tapName(id));
   }
   const stale = (await net.listTaps()).filter((t: string) => !keep.has(t));
-  for (const tap of stale) await net.removeTapByName(tap);
+  for (const tap of stale) await net.removeTapNamed(tap);
   return { taps: keep.size, removed: stale.length };
 }
