@@ -16,17 +16,34 @@ const BUSYBOX = "/bin/busybox";
 const PROBE = path.join(REPO_ROOT, "host-agent/testing/net-probe.mjs");
 const PEER_PORT = 9000;
 
-// Each guest serves: 7001 its identity (hostname, a fresh kernel RNG uuid, machine id); 7002 an
+// Each guest serves: 7001 its identity (hostname, machine id, draws from its RNG); 7002 an
 // echo (a connection held open across a fork); 7003 a relay to the peer, which answers with the
 // address it saw. It lists its interfaces once, then counts on the console.
+const IDENTITY = [
+  'printf "ID %s %s" "$(hostname)" "$(cat /etc/machine-id)"',
+  "i=0",
+  'while [ $i -lt 16 ]; do read -r u </proc/sys/kernel/random/uuid; printf " %s" $u; i=$((i + 1)); done',
+  "echo",
+].join("; ");
 const program = (peer: string) =>
   [
-    "nc -ll -p 7001 -e sh -c 'echo \"ID $(hostname) $(cat /proc/sys/kernel/random/uuid) $(cat /etc/machine-id 2>/dev/null)\"' &",
+    // The CRNG is ready from here on (a read of /dev/urandom makes the kernel gather enough).
+    "head -c 16 /dev/urandom >/dev/null",
+    // 7001: hostname, machine id, and 16 draws in a row from the kernel's CRNG (shell builtins
+    // only: no process starts between them to draw numbers of its own).
+    `nc -ll -p 7001 -e sh -c '${IDENTITY}' &`,
     "nc -ll -p 7002 -e cat &",
+    // 7004: reseed the kernel's RNG now (the init's control helper is visible at /.offshoot), so
+    // that a snapshot taken next holds a freshly keyed CRNG the kernel will not reseed on its own
+    // for a while: a fork that is not reseeded would then draw exactly its source's numbers.
+    `nc -ll -p 7004 -e sh -c '/.offshoot/offshoot-ctl do identity "$(hostname)" - - - "$(cat /etc/machine-id)" "$(head -c 32 /dev/urandom | od -An -tx1 | tr -d " \\n")"' &`,
     `nc -ll -p 7003 -e sh -c 'printf "GET / HTTP/1.0\\r\\n\\r\\n" | nc -w 5 ${peer} ${PEER_PORT} | tail -n 1' &`,
     'echo "NETS $(ls /sys/class/net | tr "\\n" " ")"',
     "exec /usr/bin/count",
   ].join("\n");
+
+/** The values two lists have in common. */
+const shared = (a: string[], b: string[]) => a.filter((v) => b.includes(v));
 
 describe("guest networking (QEMU) through the API", { timeout: 600_000 }, () => {
   const spaces = new TestNamespaces();
@@ -44,11 +61,14 @@ describe("guest networking (QEMU) through the API", { timeout: 600_000 }, () => 
     }
   };
   const identity = async (ip: string) => {
-    const line = await waitFor(async () => /^ID (\S+) (\S+) (\S*)$/.exec(await ask(ip, 7001)), {
-      timeoutMs: 60_000,
-      what: `${ip}:7001 to answer`,
-    });
-    return { hostname: line[1], uuid: line[2], machineId: line[3] };
+    const words = await waitFor(
+      async () => {
+        const w = (await ask(ip, 7001)).split(" ");
+        return w[0] === "ID" && w.length === 19 ? w : undefined;
+      },
+      { timeoutMs: 60_000, what: `${ip}:7001 to answer` },
+    );
+    return { hostname: words[1], machineId: words[2], uuids: words.slice(3) };
   };
 
   beforeAll(async () => {
@@ -113,11 +133,19 @@ describe("guest networking (QEMU) through the API", { timeout: 600_000 }, () => 
     const before = await identity(srcIp);
     expect(before.hostname).toBe("src");
 
-    // From Standby.
+    // From Standby: the fork and then its source, restored from one snapshot, each read their
+    // RNG first thing.
+    const reseedSource = async () =>
+      expect(await ask(srcIp, 7004)).toMatch(/^ok identity src - -$/);
+    await reseedSource();
     await client.instances.standby("src");
     const cold = await client.instances.fork("src", { name: "fork-sb", target_state: "Running" });
     const coldId = await identity(cold.network?.ip ?? "");
     await client.instances.restore("src");
+    const restored = await identity(srcIp);
+    // Without a reseed the two would draw one sequence, shifted by whatever else each drew
+    // since: their 16 draws would overlap.
+    expect(shared(coldId.uuids, restored.uuids)).toEqual([]);
 
     // From Running, with a connection to the source held open across it.
     const held = spawn("nsenter", [`--net=/run/netns/${ns}`, "--", BUSYBOX, "nc", srcIp, "7002"], {
@@ -130,10 +158,12 @@ describe("guest networking (QEMU) through the API", { timeout: 600_000 }, () => 
     try {
       held.stdin.write("before\n");
       await waitFor(() => echoed.includes("before\n"), { timeoutMs: 30_000, what: "the echo" });
+      await reseedSource();
       const hot = await client.instances.fork("src", { name: "fork-run", from_running: true });
       expect(hot.state).toBe("Running");
-      const hotId = await identity(hot.network?.ip ?? "");
       const after = await identity(srcIp);
+      const hotId = await identity(hot.network?.ip ?? "");
+      expect(shared(hotId.uuids, after.uuids)).toEqual([]);
       held.stdin.write("after\n");
       await waitFor(() => echoed.includes("after\n"), {
         timeoutMs: 30_000,
@@ -152,7 +182,8 @@ describe("guest networking (QEMU) through the API", { timeout: 600_000 }, () => 
         "fork-run",
       ]);
       expect(new Set([after.machineId, coldId.machineId, hotId.machineId]).size).toBe(3);
-      expect(new Set([before.uuid, after.uuid, coldId.uuid, hotId.uuid]).size).toBe(4);
+      const draws = [before, restored, after, coldId, hotId].flatMap((d) => d.uuids);
+      expect(new Set(draws).size).toBe(draws.length);
       // The host side's neighbour table: each address at the MAC the API reports.
       for (const i of all) {
         const neigh = (await spaces.exec(ns, ["ip", "neigh", "show", i.network?.ip ?? ""])).stdout;
