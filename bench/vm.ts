@@ -40,8 +40,10 @@ import { QemuDriver } from "../host-agent/src/drivers/qemu/qemu-driver.ts";
 import type { QmpClient } from "../host-agent/src/drivers/qemu/qmp.ts";
 import { type QemuRecord, QemuStore } from "../host-agent/src/drivers/qemu/store.ts";
 import { ImageStore } from "../host-agent/src/images/store.ts";
+import { HostNetwork } from "../host-agent/src/network/index.ts";
 import { type AgentPaths, agentPaths } from "../host-agent/src/paths.ts";
 import { waitFor } from "../host-agent/testing/index.ts";
+import { TestNamespaces } from "../host-agent/testing/netns.ts";
 import { killGuestsUnder, serialCounts, testGuestSpec } from "../host-agent/testing/qemu.ts";
 import { ensureTestImage } from "../scripts/oci-image.ts";
 import { ensureVmAssets, type VmAssets } from "../scripts/vm-assets.ts";
@@ -50,6 +52,7 @@ import { writeBenchPart } from "./results.ts";
 import { percentile } from "./stats.ts";
 
 const MiB = 1024 * 1024;
+const PROBE = fileURLToPath(new URL("../host-agent/testing/net-probe.mjs", import.meta.url));
 const QEMU_IMG = "/usr/bin/qemu-img";
 
 export interface VmBenchOptions {
@@ -70,6 +73,8 @@ type Mode = "driver" | "naive";
 
 interface DataDir {
   name: FsName;
+  /** The data dir's guest network: its own namespace, bridge and TAPs (ids repeat across dirs). */
+  net: BenchNet;
   /** The filesystem type as mounted (findmnt), for the report. */
   fstype: string;
   root: string;
@@ -112,9 +117,51 @@ function timedCtx(): OpContext & { marks: Array<[string, number]> } {
   };
 }
 
-/** The test guest at `mib`, with the API's default overlay size. */
-const spec = (id: string, mib: number, mac: string, cmd: string[] | null = null): InstanceSpec =>
-  testGuestSpec(id, { memory_bytes: mib * MiB, overlay_bytes: 10 * 1024 * MiB, cmd }, mac);
+/** The instance id whose TAP the hand-made restore uses. */
+const HAND = "hand";
+/** The guests' subnet in each data dir's namespace; its first address is the bridge. */
+const SUBNET = "10.64.0.0/20";
+/** The port every guest answers on (a responder its program starts before counting). */
+const PORT = 7001;
+
+interface BenchNet {
+  ns: string;
+  network: HostNetwork;
+  /** A long-lived net-probe `waiter` inside the namespace: each "IP PORT" line written is
+   * answered once a TCP connection to it brought data. */
+  probe: ReturnType<TestNamespaces["spawn"]>;
+  answers: string[];
+  /** The next guest address's offset in SUBNET. */
+  next: number;
+}
+
+/** Time until the guest at `ip` answers on PORT, from the host side of its bridge. */
+async function waitAnswer(net: BenchNet, ip: string): Promise<void> {
+  const seen = net.answers.length;
+  net.probe.stdin?.write(`${ip} ${PORT}\n`);
+  await waitFor(
+    `${ip}:${PORT} to answer`,
+    () => (net.answers.length > seen ? true : undefined),
+    60_000,
+    1,
+  );
+}
+
+/** The test guest at `mib`, with the API's default overlay size and the next address. */
+const spec = (
+  d: DataDir,
+  id: string,
+  mib: number,
+  mac: string,
+  cmd: string[] | null = null,
+): InstanceSpec => {
+  const n = d.net.next++;
+  const ip = `10.64.${n >> 8}.${n & 255}`;
+  return testGuestSpec(id, { memory_bytes: mib * MiB, overlay_bytes: 10 * 1024 * MiB, cmd }, mac, {
+    ip,
+    subnet: SUBNET,
+  });
+};
 
 const hex = (n: number) => (n & 0xff).toString(16).padStart(2, "0");
 
@@ -131,12 +178,15 @@ export async function runVmBench(opts: VmBenchOptions): Promise<string> {
   const ramBytes = new Map<string, number>();
   const dirs: DataDir[] = [];
   const ext4Root = mkdtempSync(path.join(os.tmpdir(), "obv-"));
+  // Guests' TAPs and bridges go into namespaces made here, never the machine's own network.
+  const spaces = new TestNamespaces();
   let xfs: XfsLoop | undefined;
   let cleaned = false;
   const cleanup = async () => {
     if (cleaned) return;
     cleaned = true;
     for (const d of dirs) await d.driver.close();
+    await spaces.cleanup();
     // Every guest this run started names its data dir on its command line.
     await killGuestsUnder(ext4Root);
     if (xfs) await killGuestsUnder(xfs.dir);
@@ -161,14 +211,22 @@ export async function runVmBench(opts: VmBenchOptions): Promise<string> {
       const paths = agentPaths(root);
       const images = new ImageStore(paths.imagesDir);
       await images.import(layout);
+      const ns = await spaces.create(`bench-${name}`);
+      const network = await HostNetwork.open({ netns: ns });
+      const probe = spaces.spawn(ns, [process.execPath, PROBE, "waiter"], { input: true });
+      const net: BenchNet = { ns, network, probe, answers: [], next: 10 };
+      probe.stdout?.on("data", (b: Buffer) => {
+        for (const l of b.toString().split("\n")) if (l.includes("answered")) net.answers.push(l);
+      });
       const driver = new QemuDriver(paths, {
         assets,
         accel: "tcg",
         images,
+        network,
         bootTimeoutMs: 120_000,
       });
       const fstype = execFileSync("findmnt", ["-n", "-o", "FSTYPE", "-T", root]).toString().trim();
-      dirs.push({ name, fstype, root, paths, store: new QemuStore(paths.qemu), driver });
+      dirs.push({ name, net, fstype, root, paths, store: new QemuStore(paths.qemu), driver });
     }
 
     // One source guest per data dir and size, booted once, parked in Standby between figures so
@@ -182,9 +240,9 @@ export async function runVmBench(opts: VmBenchOptions): Promise<string> {
         const cmd = [
           "sh",
           "-c",
-          `dd if=/dev/zero of=/run/fill bs=1M count=${fillMiB} 2>/dev/null; exec /usr/bin/count`,
+          `nc -ll -p ${PORT} -e echo ok & dd if=/dev/zero of=/run/fill bs=1M count=${fillMiB} 2>/dev/null; exec /usr/bin/count`,
         ];
-        await d.driver.create(spec(id, mib, `02:0b:00:${hex(i)}:00:01`, cmd), timedCtx());
+        await d.driver.create(spec(d, id, mib, `02:0b:00:${hex(i)}:00:01`, cmd), timedCtx());
         await waitFor(
           `${d.name} ${id} counting`,
           () => (serialCounts(d.paths, id).length >= 2 ? true : undefined),
@@ -210,11 +268,11 @@ export async function runVmBench(opts: VmBenchOptions): Promise<string> {
           const add = (metric: string, v: number) => samples.add(d.name, mib, metric, v);
 
           // (1) fork from Standby, the driver's way.
-          const viaDriver = await driverFork(d, spec(`f${mib}c${rep}`, mib, mac(1)), source);
+          const viaDriver = await driverFork(d, spec(d, `f${mib}c${rep}`, mib, mac(1)), source);
           for (const [k, v] of Object.entries(viaDriver)) add(`fork.driver.${k}`, v);
           await d.driver.delete(`f${mib}c${rep}`, timedCtx());
           // (4) the same with full copies.
-          const naive = await naiveFork(d, spec(`f${mib}n${rep}`, mib, mac(2)), source);
+          const naive = await naiveFork(d, spec(d, `f${mib}n${rep}`, mib, mac(2)), source);
           for (const [k, v] of Object.entries(naive)) add(`fork.naive.${k}`, v);
           await d.driver.delete(`f${mib}n${rep}`, timedCtx());
           // (2) the same snapshot restored by hand.
@@ -229,7 +287,7 @@ export async function runVmBench(opts: VmBenchOptions): Promise<string> {
             ["naive", 4],
           ] as const) {
             await sleep(500); // running, and dirtying its memory, as a live source would be
-            const target = spec(`f${mib}r${kind}x${rep}`, mib, mac(kind));
+            const target = spec(d, `f${mib}r${kind}x${rep}`, mib, mac(kind));
             const t0 = performance.now();
             await d.driver.standby(source, timedCtx());
             const t1 = performance.now();
@@ -246,6 +304,9 @@ export async function runVmBench(opts: VmBenchOptions): Promise<string> {
             if (mode === "driver") {
               const started = await d.driver.restore(target.id, timedCtx());
               if (started.state !== "Running") throw new Error(`fork ${target.id} not started`);
+              add("paused.driver.running", performance.now() - t0);
+              await waitAnswer(d.net, target.network.ip ?? "");
+              add("paused.driver.tcp", performance.now() - t0);
             }
             add(`paused.${mode}.total`, t3 - t0);
             add(`paused.${mode}.standby`, t1 - t0);
@@ -290,6 +351,8 @@ async function driverFork(d: DataDir, target: InstanceSpec, source: string) {
   const t0 = performance.now();
   const [, fork] = await d.driver.fork({ source_id: source, target, target_state: "Running" }, ctx);
   const t1 = performance.now();
+  await waitAnswer(d.net, target.network.ip ?? "");
+  const tcp = performance.now() - t0;
   if (fork.state !== "Running") throw new Error(`fork ${target.id} is ${fork.state}`);
   if (d.name === "xfs" && d.driver.lastDiskClone !== "reflink") {
     // The figures would be labelled with a path they did not take.
@@ -304,6 +367,7 @@ async function driverFork(d: DataDir, target: InstanceSpec, source: string) {
   const identity = d.driver.lastIdentityMs ?? 0;
   return {
     total: t1 - t0,
+    tcp,
     disk: at("clone-disk") - t0,
     memory: at("clone-memory") - at("clone-disk"),
     register: at("register") - at("clone-memory"),
@@ -390,13 +454,15 @@ async function handRestore(d: DataDir, source: string, assets: VmAssets) {
   // The qcow2 overlay keeps its backing file (a read-only base or the blank template).
   await copyFile(q.diskFile(source), f("disk.qcow2"));
   await copyFile(q.configFile(source), f("config.sh"));
-  // The driver's device layout, in its order: a device-state stream only loads into the same.
+  // The driver's device layout, in its order: a device-state stream only loads into the same,
+  // and into a NIC backend with the same offloads (a TAP: made here, before the clock starts).
+  const tap = await d.net.network.ensureTap(HAND, { downloadBps: null, uploadBps: null });
   const extra = [
     ...guestDevices(
       { root: rec.image.rootfs, rw: f("disk.qcow2"), cfg: f("config.sh") },
       rec.machine.mac === null
         ? null
-        : { mac: rec.machine.mac, netdev: "user,id=net0,restrict=on" },
+        : { mac: rec.machine.mac, netdev: `tap,id=net0,ifname=${tap},script=no,downscript=no` },
       rec.spec.disk_io_bps,
     ),
     "-S",
@@ -405,6 +471,7 @@ async function handRestore(d: DataDir, source: string, assets: VmAssets) {
   ];
   const guest: GuestSpec = {
     qemu: assets.qemu,
+    execPrefix: d.net.network.execPrefix,
     kernel: assets.kernelElf,
     initramfs: assets.initramfs,
     accel: "tcg",
@@ -443,6 +510,7 @@ async function handRestore(d: DataDir, source: string, assets: VmAssets) {
     // loop alive until its exit is seen.
     while (!(await Promise.race([vm.exited.then(() => true), sleep(20).then(() => false)]))) {}
     await rm(dir, { recursive: true, force: true });
+    await d.net.network.removeTap(HAND);
   }
 }
 
@@ -513,7 +581,7 @@ function report(r: ReportInput): string {
     "## Fork with real QEMU guests (QemuDriver)",
     "",
     `Produced by \`${r.command}\` (bench/vm.ts) on ${new Date().toISOString().slice(0, 10)} in ${r.elapsed.toFixed(0)} s: ${os.cpus().length} × ${cpu}, ${r.qemu}, TCG (this machine has no usable KVM), load average (1/5/15 min) ${load(r.loadBefore)} before and ${load(r.loadAfter)} after.`,
-    `Guests: microvm, 1 vCPU, the busybox test image, network on (user-mode), a 10 GiB instance disk; before counting, each guest writes ${Math.round(r.fill * 100)} % of its RAM into a tmpfs, so at the snapshot the RAM file holds ${sizes.map((mib) => `${Math.round((r.ramBytes.get(`ext4|${mib}`) ?? 0) / MiB)} MiB (${sizeName(mib)} guest)`).join(" and ")} of data; the rest is a hole.`,
+    `Guests: microvm, 1 vCPU, the busybox test image, network on (a TAP on a bridge in a network namespace of the run's own; the plain restore by hand gets a TAP too, made before its clock starts), each guest answering TCP on one port, a 10 GiB instance disk; before counting, each guest writes ${Math.round(r.fill * 100)} % of its RAM into a tmpfs, so at the snapshot the RAM file holds ${sizes.map((mib) => `${Math.round((r.ramBytes.get(`ext4|${mib}`) ?? 0) / MiB)} MiB (${sizeName(mib)} guest)`).join(" and ")} of data; the rest is a hole.`,
     `Driver-level wall times in this process (no control plane or HTTP). Medians of ${r.reps} repetitions per figure, (min–max) in ms; repetitions interleaved across data dirs and sizes; ratios are of medians from this run. Data dirs side by side: ${dirs.map((d) => `${d.name === "xfs" ? "XFS (`mkfs.xfs -m reflink=1` on a loop device, its file on ext4)" : `the default one (${d.fstype}, \`${os.tmpdir()}\`, no reflink)`}`).join(" and ")}.`,
     "",
     ...header,
@@ -528,6 +596,23 @@ function report(r: ReportInput): string {
       ({ d, mode }) =>
         `**${ratio(med(d, big, `fork.${mode}.total`), med(d, small, `fork.${mode}.total`))}**`,
       "≤ 1.2",
+    ),
+    ...sizes.map((mib) =>
+      row(
+        `(1) fork from Standby: request → the fork answers TCP on its new IP, ${sizeName(mib)}`,
+        ({ d, mode }) => (mode === "driver" ? withRange(d, mib, "fork.driver.tcp") : "–"),
+      ),
+    ),
+    ...sizes.map((mib) =>
+      row(`(3) fork from Running: request → the fork Running, ${sizeName(mib)}`, ({ d, mode }) =>
+        mode === "driver" ? withRange(d, mib, "paused.driver.running") : "–",
+      ),
+    ),
+    ...sizes.map((mib) =>
+      row(
+        `(3) fork from Running: request → the fork answers TCP on its new IP, ${sizeName(mib)}`,
+        ({ d, mode }) => (mode === "driver" ? withRange(d, mib, "paused.driver.tcp") : "–"),
+      ),
     ),
     ...sizes.map((mib) =>
       row(`(2) plain QEMU restore by hand (launch → \`cont\`), ${sizeName(mib)}`, ({ d }) =>
@@ -560,11 +645,11 @@ function report(r: ReportInput): string {
       ),
     ),
     "",
-    "(2)'s plain restore is the same measurement in both columns of a data dir (one baseline, restored from a copy of the snapshot the forks use). (3) is measured from the start of `driver.standby(source)` until `driver.restore(source)` resolved, with `driver.fork` (target Standby) between them; the fork is started after that, outside the pause — the sequence the control plane's fork flow runs for `from_running`. The naive column forks to Running (full copies) before restoring the source.",
+    "(1) and (3)'s TCP answer is timed from the request until a probe on the host side of the bridge (inside the namespace, started before the run, retrying every 2 ms) got data from the fork's own address: the fork has taken its new MAC and address, announced them, and its program runs. (2)'s plain restore is the same measurement in both columns of a data dir (one baseline, restored from a copy of the snapshot the forks use). (3) is measured from the start of `driver.standby(source)` until `driver.restore(source)` resolved, with `driver.fork` (target Standby) between them; the fork is started after that, outside the pause — the sequence the control plane's fork flow runs for `from_running`. The naive column forks to Running (full copies) before restoring the source.",
     "",
     "### Where the time goes (medians, ms)",
     "",
-    "A fork's phases, from the times the driver journals its steps: disk (ext4: freeze the source's disk into a base and put overlays on it; XFS: a reflink clone; and the config disk; naive: `qemu-img convert` of the whole chain), memory (freeze the source's RAM file into a memory base the fork maps, copy the device state; naive: `cp --reflink=never` of the RAM file), register (the record), QEMU restore (launch with `-incoming defer` → migrate-incoming → `cont`) and identity (hostname and MAC applied by the guest over the control channel; the driver's `lastIdentityMs`).",
+    "A fork's phases, from the times the driver journals its steps: disk (ext4: freeze the source's disk into a base and put overlays on it; XFS: a reflink clone; and the config disk; naive: `qemu-img convert` of the whole chain), memory (freeze the source's RAM file into a memory base the fork maps, copy the device state; naive: `cp --reflink=never` of the RAM file), register (the record), QEMU restore (launch with `-incoming defer` → migrate-incoming → `cont`) and identity (the guest's control helper applies hostname, MAC, address, route, machine id, flushes its neighbours, sends a gratuitous ARP and reseeds its RNG; the driver's `lastIdentityMs`).",
     "",
     `| phase | ${sizes.flatMap((mib) => cols.map((c) => `${sizeName(mib)} ${c.d.name === "xfs" ? "XFS" : c.d.fstype} ${c.mode === "driver" ? "driver" : "naive"}`)).join(" | ")} |`,
     `|---|${sizes.flatMap(() => cols.map(() => "---|")).join("")}`,

@@ -8,6 +8,11 @@
 //   serve PORT                   → HTTP server answering "remote=<address>"; prints
 //                                  {listening: PORT}, then one {remote} line per request
 //   connect HOST PORT            → tries a TCP connection; {connected: true} or {error}
+//   wait HOST PORT               → tries every 2 ms (each try bounded at 1 s) until a connection
+//                                  brings data: {answered: true, tries}
+//   waiter                       → the same for each "HOST PORT" line read from stdin, one at a
+//                                  time: {answered: HOST, tries} per line (a process started once,
+//                                  so that its start-up is not part of what is timed)
 import http from "node:http";
 import net from "node:net";
 
@@ -61,6 +66,37 @@ if (cmd === "get") {
     sock.destroy();
   });
   sock.once("error", (e) => out({ error: e.code ?? e.message }));
+} else if (cmd === "wait" || cmd === "waiter") {
+  const attempt = (host, port) =>
+    new Promise((resolve) => {
+      const sock = net.connect({ host, port: Number(port) });
+      const done = (ok) => {
+        clearTimeout(timer);
+        sock.destroy();
+        resolve(ok);
+      };
+      const timer = setTimeout(() => done(false), 1000);
+      sock.once("data", () => done(true));
+      sock.once("error", () => done(false));
+      sock.once("end", () => done(false));
+    });
+  const waitFor = async (host, port) => {
+    let tries = 1;
+    while (!(await attempt(host, port))) {
+      tries++;
+      await new Promise((r) => setTimeout(r, 2));
+    }
+    return tries;
+  };
+  if (cmd === "wait") {
+    out({ answered: true, tries: await waitFor(args[0], args[1]) });
+  } else {
+    const { createInterface } = await import("node:readline");
+    for await (const line of createInterface({ input: process.stdin })) {
+      const [host, port] = line.trim().split(/\s+/);
+      out({ answered: host, tries: await waitFor(host, port) });
+    }
+  }
 } else {
   process.stderr.write(`net-probe: unknown command ${cmd}\n`);
   process.exit(2);

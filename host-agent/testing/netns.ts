@@ -117,10 +117,12 @@ export class TestNamespaces {
     return runOk([...netnsArgs(ns), ...argv], opts);
   }
 
-  /** Starts a long-running process inside the namespace (killed by cleanup). */
-  spawn(ns: string, argv: readonly string[]): ResultPromise {
+  /** Starts a long-running process inside the namespace (killed by cleanup); `input: true`
+   * gives it a stdin pipe to write to. */
+  spawn(ns: string, argv: readonly string[], opts: { input?: boolean } = {}): ResultPromise {
     const [file, ...args] = [...netnsArgs(ns), ...argv];
-    const sub = execa(file as string, args, { reject: false, stdin: "ignore", buffer: false });
+    const stdin = opts.input ? "pipe" : "ignore";
+    const sub = execa(file as string, args, { reject: false, stdin, buffer: false });
     this.servers.push(sub);
     return sub;
   }

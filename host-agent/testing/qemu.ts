@@ -17,11 +17,14 @@ import { counts } from "../src/drivers/qemu/serial.ts";
 import type { AgentPaths } from "../src/paths.ts";
 import { spec } from "./index.ts";
 
-/** A 256 MiB, 1 vCPU guest of the busybox test image, with a NIC (`mac`, else derived). */
+/** A 256 MiB, 1 vCPU guest of the busybox test image, with a NIC (`mac`, else derived) and, when
+ * given, an address in a subnet (a TAP on the driver's host network; else a NIC that reaches
+ * nothing). */
 export function testGuestSpec(
   id: string,
   over: Partial<InstanceSpec> = {},
   mac: string | null = null,
+  address: { ip: string; subnet: string } | null = null,
 ): InstanceSpec {
   return spec(id, {
     name: id,
@@ -31,8 +34,8 @@ export function testGuestSpec(
     network: {
       enabled: true,
       mac,
-      ip: null,
-      subnet: null,
+      ip: address?.ip ?? null,
+      subnet: address?.subnet ?? null,
       bandwidth_download_bps: null,
       bandwidth_upload_bps: null,
     },

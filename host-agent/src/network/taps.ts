@@ -6,7 +6,7 @@
 // same. Instance ids are CUID2s, random from their second character on, so two of a host's
 // instances sharing 13 leading characters is not a practical concern. An IFB exists only while
 // its TAP does (made after it, removed before it), so a crash leaves no IFB without its TAP.
-import { allLinks, deleteLink, inNetnsOk, link, type NetContext } from "./context.ts";
+import { allLinks, deleteLink, inNetnsOk, type NetContext } from "./context.ts";
 import { applyDownload, applyUpload, checkRate, type RateLimits } from "./rates.ts";
 
 export const TAP_PREFIX = "ot";
@@ -46,24 +46,35 @@ export async function ensureTap(
   checkRate("download", limits.downloadBps);
   checkRate("upload", limits.uploadBps);
   const tap = tapName(instanceId);
-  const bridge = await link(ctx, ctx.bridge);
+  // One look at every link: the bridge must be there, the TAP may be.
+  const links = await allLinks(ctx);
+  const bridge = links.find((l) => l.ifname === ctx.bridge);
   if (bridge?.linkinfo?.info_kind !== "bridge") {
     throw new Error(`no bridge ${ctx.bridge} to attach ${tap} to: ensureSubnet comes first`);
   }
-  const existing = await link(ctx, tap);
-  if (existing) {
-    const kind = existing.linkinfo;
-    if (kind?.info_kind !== "tun" || kind.info_data?.type !== "tap") {
-      throw new Error(`${tap} exists and is not a TAP (${kind?.info_kind ?? "no kind"})`);
-    }
-  } else {
-    // vnet_hdr: QEMU's virtio-net passes offloads (GSO, checksums) through it.
-    await inNetnsOk(ctx, "ip", ["tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr"]);
-  }
   // Setting the same master again and `isolated` together is refused; separately both are
   // idempotent.
-  await inNetnsOk(ctx, "ip", ["link", "set", "dev", tap, "master", ctx.bridge, "up"]);
-  await inNetnsOk(ctx, "ip", ["link", "set", "dev", tap, "type", "bridge_slave", "isolated", "on"]);
+  const attach = [
+    `link set dev ${tap} master ${ctx.bridge} up`,
+    `link set dev ${tap} type bridge_slave isolated on`,
+  ];
+  const existing = links.find((l) => l.ifname === tap);
+  if (!existing) {
+    // A new TAP (a fork's, on its way to its first restore): made and attached by one `ip`
+    // process, and given limits only if it has any (a new TAP has none to remove). vnet_hdr:
+    // QEMU's virtio-net passes offloads (GSO, checksums) through it.
+    await inNetnsOk(ctx, "ip", ["-batch", "-"], {
+      input: [`tuntap add dev ${tap} mode tap vnet_hdr`, ...attach, ""].join("\n"),
+    });
+    if (limits.downloadBps !== null) await applyDownload(ctx, tap, limits.downloadBps);
+    if (limits.uploadBps !== null) await applyUpload(ctx, tap, ifbOf(tap), limits.uploadBps);
+    return tap;
+  }
+  const kind = existing.linkinfo;
+  if (kind?.info_kind !== "tun" || kind.info_data?.type !== "tap") {
+    throw new Error(`${tap} exists and is not a TAP (${kind?.info_kind ?? "no kind"})`);
+  }
+  await inNetnsOk(ctx, "ip", ["-batch", "-"], { input: [...attach, ""].join("\n") });
   await applyDownload(ctx, tap, limits.downloadBps);
   await applyUpload(ctx, tap, ifbOf(tap), limits.uploadBps);
   return tap;

@@ -21,6 +21,7 @@ import {
 } from "./disks.ts";
 import { guestConfig, macFor, machineFor } from "./guest-config.ts";
 import { load, now, type QemuHost } from "./host.ts";
+import { prepareNic } from "./nic.ts";
 import { discard, kill, makeInstanceDir } from "./processes.ts";
 import { resume, snapshot } from "./snapshot.ts";
 import type { Machine, QemuRecord } from "./store.ts";
@@ -52,6 +53,9 @@ export async function fork(
   host.reflinks ??= canReflink(host.paths.instancesDir);
   const reflink = await host.reflinks;
   host.last.diskClone = reflink ? "reflink" : "overlay";
+  // The target's TAP is made while its disk is cloned; its restore or boot waits for it, and
+  // undoing the fork (discard) removes it once made.
+  void prepareNic(host, f.rec).catch(() => {});
   await runSteps(ctx.steps, [
     ...diskSteps(f, reflink),
     ...memorySteps(f),

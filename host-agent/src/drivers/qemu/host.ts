@@ -41,6 +41,8 @@ export interface QemuHost {
   readonly last: LastClone;
   /** Guest subnets whose bridge is set up, by CIDR (once per agent life; nic.ts). */
   readonly subnets: Map<string, Promise<void>>;
+  /** Instances' TAPs made or adopted this agent life, with the limits they were given. */
+  readonly nics: Map<string, { key: string; ready: Promise<void> }>;
   /** Whether the data dir makes reflinks: probed once, by the first fork. */
   reflinks?: Promise<boolean>;
 }

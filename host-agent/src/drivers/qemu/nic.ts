@@ -20,27 +20,47 @@ export function netdevOf(host: QemuHost, rec: QemuRecord): string | null {
   return `tap,id=net0,ifname=${net.tapName(rec.observed.id)},script=no,downscript=no`;
 }
 
-/** Before QEMU starts: the host's bridge for the guest's subnet, and the guest's TAP with its
- * limits. Both are idempotent; a subnet already set up this agent's life is not asked again. */
-export async function prepareNic(host: QemuHost, rec: QemuRecord): Promise<void> {
+/**
+ * Before QEMU starts: the host's bridge for the guest's subnet, and the guest's TAP with its
+ * limits. Both are idempotent, and each is asked once per agent life (a fork's TAP is made while
+ * its disk is cloned, so its restore finds it ready); a failure is asked again next time.
+ */
+export function prepareNic(host: QemuHost, rec: QemuRecord): Promise<void> {
   const net = host.options.network;
   const subnet = rec.spec.network.subnet;
-  if (!bridged(host, rec) || !net || subnet === null) return;
-  const known = host.subnets.get(subnet);
-  const ready = known ?? net.ensureSubnet(subnet);
-  if (!known) {
-    host.subnets.set(subnet, ready);
-    ready.catch(() => host.subnets.delete(subnet));
-  }
-  await ready;
-  await net.ensureTap(rec.observed.id, {
+  if (!bridged(host, rec) || !net || subnet === null) return Promise.resolve();
+  const id = rec.observed.id;
+  const limits = {
     downloadBps: rec.spec.network.bandwidth_download_bps,
     uploadBps: rec.spec.network.bandwidth_upload_bps,
+  };
+  const key = JSON.stringify(limits);
+  const known = host.nics.get(id);
+  if (known?.key === key) return known.ready;
+  const ready = once(host.subnets, subnet, () => net.ensureSubnet(subnet)).then(async () => {
+    await net.ensureTap(id, limits);
   });
+  host.nics.set(id, { key, ready });
+  ready.catch(() => {
+    if (host.nics.get(id)?.ready === ready) host.nics.delete(id);
+  });
+  return ready;
 }
 
-/** With the instance: its TAP (and the rules on it). */
+/** `make()` once per key while it has not failed. */
+function once(cache: Map<string, Promise<void>>, key: string, make: () => Promise<void>) {
+  const known = cache.get(key);
+  if (known) return known;
+  const p = make();
+  cache.set(key, p);
+  p.catch(() => cache.delete(key));
+  return p;
+}
+
+/** With the instance: its TAP (and the rules on it), once any preparation of it has ended. */
 export async function removeNic(host: QemuHost, id: string): Promise<void> {
+  await host.nics.get(id)?.ready.catch(() => {});
+  host.nics.delete(id);
   await host.options.network?.removeTap(id);
 }
 

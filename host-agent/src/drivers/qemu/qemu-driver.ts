@@ -52,6 +52,7 @@ export class QemuDriver implements Driver {
       tools: { qemuImg: options.qemuImg ?? "/usr/bin/qemu-img" },
       qmps: new Map(),
       subnets: new Map(),
+      nics: new Map(),
       emit: (instance) => {
         for (const l of this.listeners) l(instance);
       },
