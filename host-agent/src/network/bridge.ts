@@ -1,7 +1,7 @@
 // The host's bridge: holds the subnet's gateway address, carries every guest's TAP, and has a
 // fixed MAC (a bridge without one takes its lowest port's, which changes as TAPs come and go
 // and leaves guests with a stale ARP entry for their gateway).
-import { deleteLink, inNetns, inNetnsOk, link, type NetContext } from "./context.ts";
+import { inNetns, inNetnsOk, link, type NetContext } from "./context.ts";
 import { loadRuleset } from "./firewall.ts";
 import type { Subnet } from "./subnet.ts";
 
@@ -47,12 +47,4 @@ export async function ensureBridge(ctx: NetContext, subnet: Subnet): Promise<voi
   // Off by default in a new namespace; NAT and forwarding need it.
   await inNetnsOk(ctx, "sysctl", ["-q", "-w", "net.ipv4.ip_forward=1"]);
   await loadRuleset(ctx, subnet);
-}
-
-/** Removes the bridge (its TAPs stay, detached) and the nft table; absent is fine. */
-export async function removeBridge(ctx: NetContext): Promise<void> {
-  await inNetns(ctx, "nft", ["delete", "table", "ip", ctx.table], {
-    tolerate: /No such file or directory/,
-  });
-  await deleteLink(ctx, ctx.bridge);
 }

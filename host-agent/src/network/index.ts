@@ -24,7 +24,7 @@
 // - In the host's own namespace, a firewall whose forward policy drops (Docker's, for one) must
 //   let the bridge's traffic through; this module adds its own table and touches no other.
 
-import { ensureBridge, removeBridge } from "./bridge.ts";
+import { ensureBridge } from "./bridge.ts";
 import type { NetContext } from "./context.ts";
 import { listRuleset } from "./firewall.ts";
 import { ensureNetns, netnsPrefix } from "./netns.ts";
@@ -53,12 +53,6 @@ export interface HostNetworkOptions {
   table?: string;
   /** Where ip, tc, nft, sysctl and nsenter are looked for (default PATH, then the sbin dirs). */
   toolDirs?: readonly string[];
-}
-
-/** AGENT_NETNS as HostNetworkOptions.netns: unset or empty is the agent's own namespace. */
-export function netnsFromEnv(env: NodeJS.ProcessEnv = process.env): string | null {
-  const v = env.AGENT_NETNS?.trim();
-  return v ? v : null;
 }
 
 /** Not a TAP name (those start with "ot"): the queue key of the bridge and table. */
@@ -143,11 +137,6 @@ export class HostNetwork {
   /** The host's nft table as `nft list table` prints it, or null when absent. */
   async ruleset(): Promise<string | null> {
     return listRuleset(this.ctx);
-  }
-
-  /** Removes the bridge and the nft table (TAPs stay, detached; absent is fine). */
-  async removeSubnet(): Promise<void> {
-    await this.serial(SUBNET_KEY, () => removeBridge(this.ctx));
   }
 
   /** Runs `fn` after every call queued before it under `key` has settled. */

@@ -4,6 +4,7 @@ import { createHash } from "node:crypto";
 import { type InstanceSpec, InvalidRequestError } from "@offshoot/shared";
 import { GUEST_CONFIG } from "../../../guest/protocol.ts";
 import type { StoredImage } from "../../images/store.ts";
+import { parseSubnet } from "../../network/subnet.ts";
 import type { GuestIdentity } from "./control.ts";
 import type { Machine, QemuRecord } from "./store.ts";
 
@@ -41,21 +42,8 @@ export function guestAddress(spec: Pick<InstanceSpec, "network">): {
 } {
   const { ip, subnet } = spec.network;
   if (!spec.network.enabled || !ip || !subnet) return { address: null, gateway: null };
-  return {
-    address: `${ip}/${subnetGateway(subnet).prefix}`,
-    gateway: subnetGateway(subnet).gateway,
-  };
-}
-
-/** The first address of a subnet in CIDR form (the host's bridge) and its prefix length. */
-export function subnetGateway(subnet: string): { gateway: string; prefix: number } {
-  const m = /^(\d+)\.(\d+)\.(\d+)\.(\d+)\/(\d+)$/.exec(subnet);
-  const prefix = Number(m?.[5]);
-  if (!m || !(prefix >= 8 && prefix <= 30))
-    throw new InvalidRequestError(`invalid subnet "${subnet}"`);
-  const base = m.slice(1, 5).reduce((n, o) => n * 256 + Number(o), 0);
-  const first = base - (base % 2 ** (32 - prefix)) + 1;
-  return { gateway: [24, 16, 8, 0].map((s) => Math.floor(first / 2 ** s) % 256).join("."), prefix };
+  const { prefixLength, gateway } = parseSubnet(subnet);
+  return { address: `${ip}/${prefixLength}`, gateway };
 }
 
 /** The guest's machine id (/etc/machine-id where its image has one): 32 hex digits of its id. */
