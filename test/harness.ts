@@ -48,8 +48,16 @@ type Cleanup = () => Promise<void>;
 const processes = new Set<ManagedProcess>();
 const databases = new Set<Cleanup>();
 const tempDirs = new Set<string>();
+const others = new Set<Cleanup>();
 
-/** Stops every process, drops every database and removes every temp dir this harness made. */
+/** Runs `fn` in the next cleanupAll(), after the processes have stopped (e.g. to delete the
+ * network namespaces a test file made for its agents). */
+export function onCleanup(fn: Cleanup): void {
+  others.add(fn);
+}
+
+/** Stops every process, drops every database and removes every temp dir this harness made,
+ * then runs what onCleanup() was given. */
 export async function cleanupAll(): Promise<void> {
   const errors: unknown[] = [];
   await Promise.all(
@@ -73,6 +81,14 @@ export async function cleanupAll(): Promise<void> {
   for (const dir of [...tempDirs]) {
     rmSync(dir, { recursive: true, force: true });
     tempDirs.delete(dir);
+  }
+  for (const fn of [...others]) {
+    others.delete(fn);
+    try {
+      await fn();
+    } catch (e) {
+      errors.push(e);
+    }
   }
   if (errors.length)
     throw new AggregateError(errors, `cleanup failed: ${errors.map(String).join("; ")}`);

@@ -15,7 +15,7 @@ describe("config", () => {
       driver: "sim",
       capacity: { vcpus: os.cpus().length, memory_bytes: os.totalmem() },
       sim: { latencyMs: 0, fail: {}, execLog: true },
-      qemu: { accel: "auto", assetsDir: path.resolve(".data/vm-assets"), images: [] },
+      qemu: { accel: "auto", assetsDir: path.resolve(".data/vm-assets"), images: [], netns: null },
     });
   });
 
@@ -74,6 +74,8 @@ describe("config", () => {
     [{ SIM_FAIL: '{"fork":"oops"}' }, "SIM_FAIL: fork: "],
     [{ AGENT_IMAGES: "Not A Ref=/x" }, 'AGENT_IMAGES: "Not A Ref" is not an image reference'],
     [{ SIM_EXEC_LOG: "yes" }, 'SIM_EXEC_LOG: must be "1", "0", "true" or "false"'],
+    [{ AGENT_NETNS: "../etc" }, "AGENT_NETNS: must be a network namespace name"],
+    [{ AGENT_NETNS: ".." }, "AGENT_NETNS: must be a network namespace name"],
   ])("names the first wrong variable: %o", (patch, message) => {
     expect(() => loadConfig({ ...base, ...patch })).toThrow(message);
   });

@@ -1,10 +1,10 @@
-import { afterAll } from "vitest";
 import type { Db } from "../../control-plane/src/db/client.ts";
 import { TestNamespaces } from "../../host-agent/testing/netns.ts";
 import {
   type AgentProcess,
   type CpProcess,
   hostOnline,
+  onCleanup,
   registerHost,
   seedTenant,
   spawnAgent,
@@ -47,12 +47,7 @@ export async function startStack(
     hostIds.push(hostId);
     await hostOnline(database.database.db, hostId);
   }
-  afterAll(async () => {
-    await Promise.all(agents.map((a) => a.stop()));
-    await cp.stop();
-    await database.drop();
-    // A guest still running keeps its namespace alive until it is killed; the name goes now.
-    await spaces.cleanup();
-  });
+  // Processes and the database go with the harness's cleanup, after the file; so does this.
+  onCleanup(() => spaces.cleanup());
   return { db: database.database.db, dbUrl: database.url, cp, agents, hostIds, apiKey, tenantId };
 }
