@@ -20,6 +20,8 @@ import {
   INIT_MARKER,
   NONE,
   netOfReply,
+  RNG_BYTES,
+  rngOfReply,
 } from "./protocol.ts";
 
 const init = readFileSync(new URL("./init", import.meta.url), "utf8");
@@ -93,16 +95,24 @@ describe("ctl.c and protocol.ts", () => {
   it("answers on the port protocol.ts names, with its line limit", () => {
     expect(ctl).toContain(`#define PORT_NAME "${CONTROL_PORT}"`);
     expect(ctl).toContain(`#define MAX_LINE ${CONTROL_MAX_LINE}`);
+    expect(ctl).toContain(`#define RNG_BYTES ${RNG_BYTES}`);
   });
 
   it("answers exactly the verbs protocol.ts names", () => {
     const verbs = all(/strcmp\(verb, "(\w+)"\) == 0/g, cFunction("handle"));
     expect(sorted(verbs)).toEqual(sorted(CONTROL_VERBS));
-    // The queries: `query mac` and `query net`.
+    // The queries: `query mac`, `query net` and `query rng`.
     const queries = all(/strcmp\(what, "(\w+)"\) == 0/g, cFunction("cmd_query"));
-    expect(sorted(queries)).toEqual(
-      sorted([controlCommand.queryMac, controlCommand.queryNet].map((q) => q.split(" ")[1] ?? "")),
-    );
+    const named = [controlCommand.queryMac, controlCommand.queryNet, controlCommand.queryRng];
+    expect(sorted(queries)).toEqual(sorted(named.map((q) => q.split(" ")[1] ?? "")));
+  });
+
+  it("draws query rng's bytes with getrandom before anything else the query does", () => {
+    const body = cFunction("cmd_query");
+    const rng = body.indexOf("query_rng();");
+    expect(rng).toBeGreaterThan(0);
+    expect(rng).toBeLessThan(body.indexOf("ioctl_sock()"));
+    expect(cFunction("query_rng")).toContain("getrandom(buf, sizeof buf, GRND_NONBLOCK)");
   });
 
   it("takes identity's arguments in protocol.ts's order, NONE for a missing one", () => {
@@ -136,6 +146,7 @@ describe("ctl.c and protocol.ts", () => {
       controlReply.mac(f),
       controlReply.identity(f, f, f),
       controlReply.net({ mac: f, address: f, gateway: f }),
+      controlReply.rng(f),
     ])
       expect(replies, reply).toContain(reply);
     // Errors start `err <verb>`, so the host tells them from stale lines; the unknown or
@@ -164,6 +175,14 @@ describe("ctl.c and protocol.ts", () => {
       gateway: null,
     });
     expect(netOfReply("ok net - -")).toBeUndefined();
+    const hex = "0123456789abcdef".repeat((2 * RNG_BYTES) / 16);
+    expect(answers(controlCommand.queryRng, controlReply.rng(hex))).toBe(true);
+    expect(answers(controlCommand.queryRng, "err query rng not ready")).toBe(true);
+    expect(answers(controlCommand.queryRng, "ok net - - -")).toBe(false);
+    expect(rngOfReply(controlReply.rng(hex))).toBe(hex);
+    expect(rngOfReply(controlReply.rng(hex.slice(2)))).toBeUndefined();
+    expect(rngOfReply(controlReply.rng(hex.toUpperCase()))).toBeUndefined();
+    expect(rngOfReply("ok rng")).toBeUndefined();
   });
 });
 

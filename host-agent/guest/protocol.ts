@@ -90,6 +90,8 @@ export const CMDLINE_COMMAND = "offshoot.cmd";
  *   mac 02:aa:bb:cc:dd:ee     → ok mac <eth0's address now> | err mac <reason>
  *   query mac                 → ok mac <eth0's address>     | err query mac
  *   query net                 → ok net <eth0's MAC|-> <its ADDR/PREFIX|-> <default gateway|->
+ *   query rng                 → ok rng <RNG_BYTES from getrandom(2), hex>
+ *                               | err query rng <reason> (`not ready`: the CRNG is not seeded yet)
  *   identity NAME MAC|- ADDR|- GW|- MACHINEID SEED
  *                             → ok identity <hostname> <eth0's MAC|-> <its ADDR/PREFIX|->
  *                               | err identity <the step that failed and why>
@@ -115,6 +117,9 @@ export const CONTROL_MAX_LINE = 512;
 /** The first words of the commands the guest answers. */
 export const CONTROL_VERBS = ["ping", "mac", "query", "identity", "stop"] as const;
 export type ControlVerb = (typeof CONTROL_VERBS)[number];
+
+/** How many bytes `query rng` draws. */
+export const RNG_BYTES = 32;
 
 /** A missing MAC (no NIC), address or gateway, in commands and replies. */
 export const NONE = "-";
@@ -148,6 +153,8 @@ export const controlCommand = {
   mac: (mac: string) => `mac ${mac}`,
   queryMac: "query mac",
   queryNet: "query net",
+  /** Draw RNG_BYTES from the guest kernel's CRNG: what tells two guests' RNGs apart. */
+  queryRng: "query rng",
   /** Make the guest `id` and reseed its RNG with `seedHex` (32 bytes, 64 hex digits). */
   identity: (id: IdentityArgs, seedHex: string) =>
     `identity ${id.hostname} ${orNone(id.mac)} ${orNone(id.address)} ${orNone(id.gateway)} ` +
@@ -163,6 +170,8 @@ export const controlReply = {
   mac: (mac: string) => `ok mac ${mac}`,
   /** To `query net`. */
   net: (net: GuestNet) => `ok net ${orNone(net.mac)} ${orNone(net.address)} ${orNone(net.gateway)}`,
+  /** To `query rng`: the bytes drawn, in lowercase hex. */
+  rng: (hex: string) => `ok rng ${hex}`,
   identity: (hostname: string, mac: string | null, address: string | null) =>
     `ok identity ${hostname} ${orNone(mac)} ${orNone(address)}`,
   stop: "ok stop",
@@ -200,4 +209,9 @@ export function netOfReply(line: string): GuestNet | undefined {
     address: orNull(m[2] ?? NONE),
     gateway: orNull(m[3] ?? NONE),
   };
+}
+
+/** The bytes drawn, in hex, in an `ok rng` reply; undefined for any other line. */
+export function rngOfReply(line: string): string | undefined {
+  return new RegExp(`^ok rng ([0-9a-f]{${2 * RNG_BYTES}})$`).exec(line)?.[1];
 }

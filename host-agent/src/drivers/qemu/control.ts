@@ -8,6 +8,7 @@ import {
   controlReply,
   macOfReply,
   netOfReply,
+  rngOfReply,
 } from "../../../guest/protocol.ts";
 import { checkSocketPath } from "./qmp.ts";
 
@@ -132,4 +133,14 @@ export async function guestMac(socketPath: string, opts: ControlOptions = {}): P
   const mac = macOfReply(reply);
   if (!mac) throw new Error(`guest cannot tell its MAC: ${reply}`);
   return mac;
+}
+
+/** RNG_BYTES (32) drawn from the guest kernel's CRNG (getrandom, never blocking); rejects when
+ * the guest cannot draw them (its CRNG not seeded yet). Two guests that return the same bytes
+ * share their RNG's state: forks of one snapshot before their identity reseeds them. */
+export async function guestRandom(socketPath: string, opts: ControlOptions = {}): Promise<Buffer> {
+  const reply = await guestControl(socketPath, controlCommand.queryRng, opts);
+  const hex = rngOfReply(reply);
+  if (hex === undefined) throw new Error(`guest cannot draw random bytes: ${reply}`);
+  return Buffer.from(hex, "hex");
 }
