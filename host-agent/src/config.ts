@@ -85,7 +85,10 @@ const Env = z.object({
   // (it must exist: `ip netns add NAME`). Empty: the agent's own namespace, as on a real host.
   AGENT_NETNS: z
     .string()
-    .regex(/^(?!\.\.?$)([A-Za-z0-9_.-]{1,64})?$/, "must be a network namespace name (letters, digits, _.-)")
+    .regex(
+      /^(?!\.\.?$)([A-Za-z0-9_.-]{1,64})?$/,
+      "must be a network namespace name (letters, digits, _.-)",
+    )
     .default(""),
   // qemu: OCI image layouts (directories or tarballs) to import at start, comma-separated, each
   // `PATH` (named by its ref.name annotation) or `NAME=PATH`.

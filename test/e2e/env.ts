@@ -1,5 +1,7 @@
 import type { Db } from "../../control-plane/src/db/client.ts";
 import { TestNamespaces } from "../../host-agent/testing/netns.ts";
+import { ensureTestImage } from "../../scripts/oci-image.ts";
+import { defaultAssetsDir } from "../../scripts/vm-assets.ts";
 import {
   type AgentProcess,
   type CpProcess,
@@ -50,4 +52,18 @@ export async function startStack(
   // Processes and the database go with the harness's cleanup, after the file; so does this.
   onCleanup(() => spaces.cleanup());
   return { db: database.database.db, dbUrl: database.url, cp, agents, hostIds, apiKey, tenantId };
+}
+
+/** A QEMU agent's environment for startStack: TCG, the built guest assets, the test image, and
+ * room for a few small guests; `over` adds to it or replaces parts. */
+export function qemuAgentEnv(over: Record<string, string> = {}): Record<string, string> {
+  return {
+    AGENT_DRIVER: "qemu",
+    AGENT_ACCEL: "tcg",
+    AGENT_VM_ASSETS: defaultAssetsDir(),
+    AGENT_IMAGES: ensureTestImage(),
+    AGENT_VCPUS: "8",
+    AGENT_MEMORY: "4GB",
+    ...over,
+  };
 }

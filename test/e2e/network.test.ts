@@ -3,10 +3,10 @@ import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type PeerLink, TestNamespaces } from "../../host-agent/testing/netns.ts";
 import { killGuestsUnder } from "../../host-agent/testing/qemu.ts";
-import { ensureTestImage, TEST_IMAGE } from "../../scripts/oci-image.ts";
+import { TEST_IMAGE } from "../../scripts/oci-image.ts";
 import { ensureVmAssets } from "../../scripts/vm-assets.ts";
 import { hypeman, REPO_ROOT, waitFor } from "../harness.ts";
-import { type Stack, startStack } from "./env.ts";
+import { qemuAgentEnv, type Stack, startStack } from "./env.ts";
 
 // Guests on a real network, through the public API: a QEMU agent whose bridge, TAPs and NAT live
 // in a namespace this file creates, a peer namespace beyond it standing for the outside world,
@@ -73,7 +73,6 @@ describe("guest networking (QEMU) through the API", { timeout: 600_000 }, () => 
 
   beforeAll(async () => {
     await ensureVmAssets();
-    const layout = ensureTestImage();
     ns = await spaces.create("net");
     // The peer: its own namespace behind a veth (TEST-NET-1), reachable only through the NAT.
     uplink = await spaces.peer(ns, "192.0.2");
@@ -86,17 +85,7 @@ describe("guest networking (QEMU) through the API", { timeout: 600_000 }, () => 
     });
     stack = await startStack({
       cpEnv: { COMMAND_TIMEOUT_MS: "180000" },
-      agents: [
-        {
-          AGENT_DRIVER: "qemu",
-          AGENT_ACCEL: "tcg",
-          AGENT_VM_ASSETS: path.join(REPO_ROOT, ".data/vm-assets"),
-          AGENT_IMAGES: layout,
-          AGENT_NETNS: ns,
-          AGENT_VCPUS: "8",
-          AGENT_MEMORY: "4GB",
-        },
-      ],
+      agents: [qemuAgentEnv({ AGENT_NETNS: ns })],
     });
     client = hypeman(stack.cp.url, stack.apiKey);
   }, 300_000);

@@ -1,10 +1,10 @@
 import { existsSync, readdirSync, readFileSync } from "node:fs";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { agentPaths } from "../../host-agent/src/paths.ts";
-import { ensureTestImage, TEST_IMAGE } from "../../scripts/oci-image.ts";
-import { defaultAssetsDir, ensureVmAssets } from "../../scripts/vm-assets.ts";
+import { TEST_IMAGE } from "../../scripts/oci-image.ts";
+import { ensureVmAssets } from "../../scripts/vm-assets.ts";
 import { type AgentProcess, api, hostOnline, hypeman, waitFor } from "../harness.ts";
-import { type Stack, startStack } from "./env.ts";
+import { qemuAgentEnv, type Stack, startStack } from "./env.ts";
 
 // kill -9 of a QEMU host agent while a fork is in flight, at several points of the fork: the
 // guests it started are re-adopted or cleaned up, the control plane converges, nothing runs
@@ -123,16 +123,7 @@ describe("kill -9 of a QEMU agent mid-fork", { timeout: 600_000 }, () => {
       // Guests under TCG on a loaded 2-core machine boot in tens of seconds: requests wait for
       // them (the point is what is left after a crash, not how fast).
       cpEnv: { COMMAND_TIMEOUT_MS: "120000" },
-      agents: [
-        {
-          AGENT_DRIVER: "qemu",
-          AGENT_ACCEL: "tcg",
-          AGENT_VM_ASSETS: defaultAssetsDir(),
-          AGENT_IMAGES: ensureTestImage(),
-          AGENT_VCPUS: "4",
-          AGENT_MEMORY: "4GB",
-        },
-      ],
+      agents: [qemuAgentEnv({ AGENT_VCPUS: "4" })],
     });
     const a = stack.agents[0];
     if (!a) throw new Error("no agent");

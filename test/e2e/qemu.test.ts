@@ -1,11 +1,10 @@
 import { readdirSync, readFileSync } from "node:fs";
-import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { agentPaths } from "../../host-agent/src/paths.ts";
-import { ensureTestImage, TEST_IMAGE } from "../../scripts/oci-image.ts";
+import { TEST_IMAGE } from "../../scripts/oci-image.ts";
 import { ensureVmAssets } from "../../scripts/vm-assets.ts";
-import { api, hypeman, REPO_ROOT, waitFor } from "../harness.ts";
-import { type Stack, startStack } from "./env.ts";
+import { api, hypeman, waitFor } from "../harness.ts";
+import { qemuAgentEnv, type Stack, startStack } from "./env.ts";
 
 // Real guests through the public API: a host agent running the QEMU driver (TCG here), driven
 // by the official client. Guests run the busybox test image (scripts/oci-image.ts) on overlayfs;
@@ -15,21 +14,11 @@ describe("real VMs (QEMU) through the API", { timeout: 300_000 }, () => {
   let client: ReturnType<typeof hypeman>;
   beforeAll(async () => {
     await ensureVmAssets();
-    const layout = ensureTestImage();
     stack = await startStack({
       // Guests under TCG on a loaded 2-core machine boot in tens of seconds: requests wait for
       // them (these tests are about what a fork carries over, not how fast).
       cpEnv: { COMMAND_TIMEOUT_MS: "120000" },
-      agents: [
-        {
-          AGENT_DRIVER: "qemu",
-          AGENT_ACCEL: "tcg",
-          AGENT_VM_ASSETS: path.join(REPO_ROOT, ".data/vm-assets"),
-          AGENT_IMAGES: layout,
-          AGENT_VCPUS: "8",
-          AGENT_MEMORY: "4GB",
-        },
-      ],
+      agents: [qemuAgentEnv()],
     });
     client = hypeman(stack.cp.url, stack.apiKey);
   }, 300_000);
