@@ -48,8 +48,11 @@ export async function createDriver(
       // Guests' bridge, TAPs and NAT: in AGENT_NETNS, or the agent's own namespace.
       const network = await HostNetwork.open({ netns: config.qemu.netns });
       const driver = new QemuDriver(paths, { assets, accel: decision.accel, images, network });
-      const adopted = await driver.adoptNetwork();
+      const { failed, ...adopted } = await driver.adoptNetwork();
       log("info", "guest network ready", { netns: config.qemu.netns ?? "", ...adopted });
+      if (failed.length > 0) {
+        log("warn", "TAPs not made again (each instance's next launch tries again)", { failed });
+      }
       return driver;
     }
   }

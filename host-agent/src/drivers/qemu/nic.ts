@@ -65,23 +65,27 @@ export async function removeNic(host: QemuHost, id: string): Promise<void> {
 }
 
 /** At agent start: every instance's TAP made again or adopted as it is (never a second one),
- * and the TAPs of instances this host no longer has (a delete cut short) removed. */
-export async function adoptNics(host: QemuHost): Promise<{ taps: number; removed: number }> {
+ * and the TAPs of instances this host no longer has (a delete cut short) removed. An instance
+ * whose TAP cannot be made now is named in `failed` (its next launch tries again); the agent
+ * starts anyway. */
+export async function adoptNics(
+  host: QemuHost,
+): Promise<{ taps: number; removed: number; failed: string[] }> {
   const net = host.options.network;
-  if (!net) return { taps: 0, removed: 0 };
+  if (!net) return { taps: 0, removed: 0, failed: [] };
   const keep = new Set<string>();
+  const failed: string[] = [];
   for (const id of await host.store.ids()) {
     const read = await host.store.read(id);
-    if (read.kind !== "ok") {
-      // Unreadable: its TAP, if any, is kept for whoever repairs it.
-      keep.add(net.tapName(id));
-      continue;
-    }
-    if (!bridged(host, read.record)) continue;
-    await prepareNic(host, read.record);
+    // An unreadable record's TAP, if any, is kept for whoever repairs it.
+    if (read.kind === "ok" && !bridged(host, read.record)) continue;
     keep.add(net.tapName(id));
+    if (read.kind !== "ok") continue;
+    await prepareNic(host, read.record).catch((e: unknown) => {
+      failed.push(`${id}: ${e instanceof Error ? e.message : String(e)}`);
+    });
   }
-  const stale = (await net.listTaps()).filter((t: string) => !keep.has(t));
+  const stale = (await net.listTaps()).filter((t) => !keep.has(t));
   for (const tap of stale) await net.removeTapNamed(tap);
-  return { taps: keep.size, removed: stale.length };
+  return { taps: keep.size, removed: stale.length, failed };
 }

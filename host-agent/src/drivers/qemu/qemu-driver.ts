@@ -96,7 +96,7 @@ export class QemuDriver implements Driver {
 
   /** At start: the TAPs (and bridges) of this host's instances made again or adopted as they
    * are, and those of instances it no longer has removed. */
-  async adoptNetwork(): Promise<{ taps: number; removed: number }> {
+  adoptNetwork(): Promise<{ taps: number; removed: number; failed: string[] }> {
     return adoptNics(this.host);
   }
 
