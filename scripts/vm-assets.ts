@@ -71,6 +71,8 @@ const PACKAGES: ReadonlyArray<readonly [pkg: string, file: string]> = [
   // offshoot-ctl is compiled static: the compiler and glibc's static archive.
   ["gcc", "/usr/bin/gcc"],
   ["libc6-dev", "/usr/lib/x86_64-linux-gnu/libc.a"],
+  // Not for building: the agent's guest network (its nftables table; ip and tc are iproute2's).
+  ["nftables", "/usr/sbin/nft"],
 ];
 
 /** What the guest loads; virtio_pci is for q35/pc guests, the rest for microvm too. */
@@ -423,6 +425,11 @@ export async function ensureVmAssets(dir: string = defaultAssetsDir()): Promise<
   const ctlSource = readFileSync(CTL_SOURCE, "utf8");
   const recipe = initramfsRecipe(init, ctlSource);
   const cached = readManifest(manifestFile);
+  // A package removed since the cache was built (or one added to the list) is installed again.
+  if (PACKAGES.some(([, file]) => !existsSync(file))) {
+    mkdirSync(dir, { recursive: true });
+    await withLock(dir, ensurePackages);
+  }
   if (fresh(cached, recipe)) return pick(cached);
   mkdirSync(dir, { recursive: true });
   return withLock(dir, () => {
