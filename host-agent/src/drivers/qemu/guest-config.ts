@@ -68,6 +68,17 @@ export function identityOf(rec: QemuRecord): string {
   return [i.hostname, i.mac ?? "-", i.address ?? "-", i.gateway ?? "-", i.machineId].join(" ");
 }
 
+/** Whether the guest's memory already holds the record's identity: identityOf(), or, for a guest
+ * an older agent booted or restored (which recorded only "hostname MAC"), that older form of the
+ * same instance's identity — so a plain restore of it sends nothing its older /init would not
+ * understand. */
+export function holdsIdentity(rec: QemuRecord): boolean {
+  const held = rec.guest_identity;
+  return (
+    held === identityOf(rec) || held === `${guestHostname(rec.spec.name)} ${rec.machine.mac ?? "-"}`
+  );
+}
+
 const ENV_NAME = /^[A-Za-z_][A-Za-z0-9_]*$/;
 /** The config disk is read as a block device: whole sectors. */
 const CONFIG_BLOCK = 4096;

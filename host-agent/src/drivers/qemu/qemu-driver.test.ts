@@ -21,10 +21,10 @@ import type { OpContext } from "../driver.ts";
 import { guestMac } from "./control.ts";
 import { backingChain, createInstanceDisk } from "./disks.ts";
 import { exitMessage } from "./exit.ts";
-import { guestConfig, guestHostname } from "./guest-config.ts";
+import { guestConfig, guestHostname, holdsIdentity, identityOf } from "./guest-config.ts";
 import { killProcess, launchQemu } from "./launch.ts";
 import { QemuDriver } from "./qemu-driver.ts";
-import { QemuStore } from "./store.ts";
+import { type QemuRecord, QemuStore } from "./store.ts";
 
 const ASSETS_TIMEOUT = 5 * 60_000;
 
@@ -113,6 +113,26 @@ async function timed<T>(name: string, p: () => Promise<T>): Promise<T> {
 }
 
 describe("QemuDriver", () => {
+  it("knows a guest holding its identity, in this agent's form or an older agent's", () => {
+    const rec = {
+      spec: testGuestSpec("idt1", { name: "Web 1" }, "02:00:00:00:0c:01", {
+        ip: "10.64.0.9",
+        subnet: "10.64.0.0/20",
+      }),
+      machine: { memory_mib: 256, vcpus: 1, mac: "02:00:00:00:0c:01" },
+      observed: { id: "idt1", state: "Standby", has_snapshot: true },
+    } as QemuRecord;
+    expect(identityOf(rec)).toMatch(
+      /^web-1 02:00:00:00:0c:01 10\.64\.0\.9\/20 10\.64\.0\.1 [0-9a-f]{32}$/,
+    );
+    expect(holdsIdentity({ ...rec, guest_identity: identityOf(rec) })).toBe(true);
+    // Booted by an agent that recorded "hostname MAC": a plain restore sends nothing.
+    expect(holdsIdentity({ ...rec, guest_identity: "web-1 02:00:00:00:0c:01" })).toBe(true);
+    // A fork still holds its source's identity, in either form.
+    expect(holdsIdentity({ ...rec, guest_identity: "src 02:00:00:00:0c:02" })).toBe(false);
+    expect(holdsIdentity({ ...rec, guest_identity: null })).toBe(false);
+  });
+
   it("formats exits like Hypeman and writes the guest's config as docker run would", () => {
     expect(exitMessage(3)).toBe("exited with code 3");
     expect(exitMessage(127)).toBe("command not found");

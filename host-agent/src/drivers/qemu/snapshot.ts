@@ -15,7 +15,7 @@ import { guestSpec } from "./boot.ts";
 import { setGuestIdentity } from "./control.ts";
 import { copyMemory } from "./disks.ts";
 import { stopped } from "./exit.ts";
-import { identityFor, identityOf, shellQuote } from "./guest-config.ts";
+import { holdsIdentity, identityFor, identityOf, shellQuote } from "./guest-config.ts";
 import { load, now, type QemuHost } from "./host.ts";
 import { launchQemu } from "./launch.ts";
 import { prepareNic } from "./nic.ts";
@@ -195,7 +195,7 @@ export async function resume(host: QemuHost, rec: QemuRecord): Promise<QemuRecor
  */
 export async function applyIdentity(host: QemuHost, rec: QemuRecord): Promise<string> {
   const want = identityOf(rec);
-  if (rec.guest_identity === want) {
+  if (holdsIdentity(rec)) {
     host.last.identityMs = 0;
     return want;
   }
