@@ -44,6 +44,8 @@ interface Outcome {
 class Load {
   readonly outcomes: Outcome[] = [];
   phase = "steady";
+  /** Requests not answered yet, by the phase they started in. */
+  private readonly pending = new Map<string, number>();
   private stopped = false;
   private done: Promise<void> = Promise.resolve();
 
@@ -63,6 +65,14 @@ class Load {
     await this.done;
   }
 
+  /** Resolves once no request started in `phase` is waiting for its answer. */
+  async settled(phase: string): Promise<void> {
+    await waitFor(() => !this.pending.get(phase), {
+      timeoutMs: 60_000,
+      what: `the requests started while ${phase} to be answered`,
+    });
+  }
+
   /** Outcomes since `from`, by status. */
   since(from: number): Outcome[] {
     return this.outcomes.slice(from);
@@ -71,12 +81,15 @@ class Load {
   private async one(what: string, method: string, path: string, body?: unknown) {
     const phase = this.phase;
     const t0 = Date.now();
+    this.pending.set(phase, (this.pending.get(phase) ?? 0) + 1);
     let r: ApiResponse;
     try {
       r = await this.call(method, path, body);
     } catch (e) {
       // The control plane did not answer at all (its process died, say).
       r = { status: 0, body: String(e), headers: new Headers() };
+    } finally {
+      this.pending.set(phase, (this.pending.get(phase) ?? 1) - 1);
     }
     this.outcomes.push({ what, status: r.status, ms: Date.now() - t0, phase, body: r.body });
     return r;
@@ -217,6 +230,9 @@ describe("Postgres outages under load", () => {
       expect(await h.json()).toEqual({ status: "unavailable", database: "down" });
     } finally {
       load.phase = "resuming";
+      // Every request made while it was down is answered before it comes back (one still
+      // waiting when it returned would be served, not refused).
+      await load.settled("down");
       await pg.resume();
     }
     const down = load.since(from).filter((o) => o.phase === "down");
