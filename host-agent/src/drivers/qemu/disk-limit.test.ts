@@ -1,0 +1,84 @@
+// disk_io_bps with a real guest (QEMU 7.2 TCG): QEMU's block throttling on the guest's disks,
+// measured by the guest itself with direct I/O (no page cache between it and the disk), reading
+// the image's disk and writing a file on its own. One guest, booted once.
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { ensureTestImage } from "../../../../scripts/oci-image.ts";
+import { ensureVmAssets } from "../../../../scripts/vm-assets.ts";
+import { waitFor } from "../../../testing/index.ts";
+import { killGuestsUnder, testGuestSpec } from "../../../testing/qemu.ts";
+import { ImageStore } from "../../images/store.ts";
+import { agentPaths } from "../../paths.ts";
+import { QemuDriver } from "./qemu-driver.ts";
+
+/** The limit set, bytes/s, and what each direction moves: about 4 s at the limit (8 MiB). */
+const LIMIT = 2_000_000;
+const BLOCKS = 128;
+const BLOCK = 64 * 1024;
+
+// The guest times each direction with /proc/uptime (centiseconds) and counts what its disk
+// moved in /sys/block/*/stat (sectors read, field 3; written, field 7): the limit is on every byte
+// the disk moves, the file system's own writes included. Disks are found by their serials, as
+// /init finds them.
+const PROGRAM = [
+  'dev() { for b in /sys/block/vd*; do [ "$(cat $b/serial)" = $1 ] && echo ${b##*/}; done; }',
+  "root=$(dev offshoot-root); rw=$(dev offshoot-rw)",
+  "up() { cut -d' ' -f1 /proc/uptime; }",
+  "sectors() { awk -v f=$2 '{ print $f }' /sys/block/$1/stat; }",
+  `t0=$(up); s0=$(sectors $root 3); dd if=/dev/$root of=/dev/null bs=${BLOCK} count=${BLOCKS} iflag=direct 2>/dev/null; t1=$(up); s1=$(sectors $root 3)`,
+  'echo "DISKIO read $t0 $t1 $((s1 - s0))"',
+  `t0=$(up); s0=$(sectors $rw 7); dd if=/dev/zero of=/root/w bs=${BLOCK} count=${BLOCKS} oflag=direct conv=fsync 2>/dev/null; t1=$(up); s1=$(sectors $rw 7)`,
+  'echo "DISKIO write $t0 $t1 $((s1 - s0))"',
+  "exec /usr/bin/count",
+].join("\n");
+
+describe("disk_io_bps", () => {
+  const root = mkdtempSync(path.join(os.tmpdir(), "odio-"));
+  const paths = agentPaths(root);
+  let driver: QemuDriver | undefined;
+
+  beforeAll(async () => {
+    const assets = await ensureVmAssets();
+    const images = new ImageStore(paths.imagesDir);
+    await images.import(ensureTestImage());
+    driver = new QemuDriver(paths, { assets, accel: "tcg", images, bootTimeoutMs: 120_000 });
+  }, 5 * 60_000);
+
+  afterAll(async () => {
+    await driver?.close();
+    await killGuestsUnder(root);
+    rmSync(root, { recursive: true, force: true });
+  }, 60_000);
+
+  it(
+    "holds a guest's direct reads and writes within ±20 % of the limit",
+    async () => {
+      const spec = testGuestSpec(
+        "dio1",
+        { disk_io_bps: LIMIT, cmd: ["sh", "-c", PROGRAM] },
+        "02:00:00:00:0d:01",
+      );
+      await driver?.create(spec, { commandId: "dio-1", steps: { record: async () => {} } });
+      const rates = await waitFor(
+        "the guest to time its reads and writes",
+        () => {
+          const log = readFileSync(paths.qemu.serialLog("dio1"), "utf8");
+          const seen = [...log.matchAll(/DISKIO (read|write) ([\d.]+) ([\d.]+)/g)];
+          if (seen.length < 2) return undefined;
+          return Object.fromEntries(
+            seen.map((m) => [m[1], (BLOCKS * BLOCK) / (Number(m[3]) - Number(m[2]))]),
+          );
+        },
+        120_000,
+        200,
+      );
+      expect(rates.read).toBeGreaterThan(LIMIT * 0.8);
+      expect(rates.read).toBeLessThan(LIMIT * 1.2);
+      expect(rates.write).toBeGreaterThan(LIMIT * 0.8);
+      expect(rates.write).toBeLessThan(LIMIT * 1.2);
+    },
+    5 * 60_000,
+  );
+});
