@@ -3,7 +3,7 @@
 // image (scripts/oci-image.ts) so there is something to boot. AGENT_DRIVER=sim simulates the
 // hypervisor instead. Stop with Ctrl-C, SIGTERM or SIGHUP: the whole tree stops (guests keep
 // running, by design, and are named on the way out).
-import { execFileSync, spawn } from "node:child_process";
+import { spawn } from "node:child_process";
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { and, eq, notInArray } from "drizzle-orm";
@@ -12,6 +12,7 @@ import { loadEnvOrExit } from "../control-plane/src/env.ts";
 import { jsonLog } from "../control-plane/src/log.ts";
 import { startServer } from "../control-plane/src/server.ts";
 import { createHost } from "../control-plane/src/services/credentials.ts";
+import { ensureNetns } from "../host-agent/src/network/netns.ts";
 import { ensureTestImage, TEST_IMAGE } from "./oci-image.ts";
 import { ensureVmAssets } from "./vm-assets.ts";
 
@@ -40,10 +41,7 @@ const netns = process.env.AGENT_NETNS ?? (driver === "qemu" ? "offshoot" : "");
 if (driver === "qemu") {
   await ensureVmAssets();
   images = [`${TEST_IMAGE}=${ensureTestImage()}`, images].filter(Boolean).join(",");
-  if (netns && !existsSync(`/run/netns/${netns}`)) {
-    execFileSync("ip", ["netns", "add", netns]);
-    execFileSync("ip", ["-n", netns, "link", "set", "lo", "up"]);
-  }
+  if (netns) await ensureNetns({ ip: "ip" }, netns, true);
 }
 const agent = spawn(process.execPath, ["--import", "tsx", "host-agent/src/main.ts"], {
   stdio: ["ignore", "inherit", "inherit"],

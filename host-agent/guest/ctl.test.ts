@@ -12,7 +12,8 @@ import {
 } from "../src/drivers/qemu/control.ts";
 import { type GuestSpec, type LaunchedQemu, launchQemu } from "../src/drivers/qemu/launch.ts";
 import { initEvents, waitForSerial } from "../src/drivers/qemu/serial.ts";
-import { cleanupGuests, type GuestDir, guestDir } from "../testing/qemu.ts";
+import { waitFor } from "../testing/index.ts";
+import { cleanupGuests, exitSignal, type GuestDir, guestDir } from "../testing/qemu.ts";
 import { CONTROL_MAX_LINE, controlCommand, RNG_BYTES } from "./protocol.ts";
 
 const BOOT_MAC = "02:00:00:00:0c:01";
@@ -42,24 +43,6 @@ let exited: AbortSignal;
 let spec: GuestSpec;
 let vm: LaunchedQemu;
 
-/** Aborts when this QEMU exits, so waits on the serial log fail fast. */
-function exitSignal(q: LaunchedQemu): AbortSignal {
-  const ac = new AbortController();
-  void q.exited.then((r) => ac.abort(new Error(`QEMU exited: ${JSON.stringify(r)}`)));
-  return ac.signal;
-}
-
-/** Polls `probe` every 20 ms until it returns a value, for up to `ms`. */
-async function until<T>(what: string, ms: number, probe: () => Promise<T | undefined>): Promise<T> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const v = await probe();
-    if (v !== undefined) return v;
-    if (Date.now() > deadline) throw new Error(`${what}: not within ${ms} ms`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-}
-
 beforeAll(async () => {
   const assets = await ensureVmAssets();
   const d = guestDir(assets);
@@ -83,8 +66,11 @@ beforeAll(async () => {
     signal: exited,
   });
   // A command sent before the guest opened its port is lost: ask until it answers.
-  await until("a first pong", 30_000, () =>
-    guestControl(ctl, controlCommand.ping, { timeoutMs: 1_000 }).catch(() => undefined),
+  await waitFor(
+    "a first pong",
+    () => guestControl(ctl, controlCommand.ping, { timeoutMs: 1_000 }).catch(() => undefined),
+    30_000,
+    20,
   );
 }, 5 * 60_000);
 
@@ -109,11 +95,16 @@ async function snapshot(q: LaunchedQemu, state: string): Promise<void> {
     capabilities: [{ capability: "x-ignore-shared", state: true }],
   });
   await q.qmp.execute("migrate", { uri: `exec:cat > ${state}` });
-  await until("the snapshot", 60_000, async () => {
-    const m = await q.qmp.execute<{ status?: string }>("query-migrate");
-    if (m.status === "failed") throw new Error("migration failed");
-    return m.status === "completed" ? true : undefined;
-  });
+  await waitFor(
+    "the snapshot",
+    async () => {
+      const m = await q.qmp.execute<{ status?: string }>("query-migrate");
+      if (m.status === "failed") throw new Error("migration failed");
+      return m.status === "completed";
+    },
+    60_000,
+    20,
+  );
   await q.qmp.execute("quit").catch(() => undefined);
   await q.exited;
 }
@@ -135,10 +126,12 @@ async function restore(state: string, shareMemory: boolean): Promise<LaunchedQem
     capabilities: [{ capability: "x-ignore-shared", state: true }],
   });
   await q.qmp.execute("migrate-incoming", { uri: `exec:cat ${state}` });
-  await until("the restore", 60_000, async () => {
-    const st = await q.qmp.execute<{ status: string }>("query-status");
-    return st.status === "paused" ? true : undefined;
-  });
+  await waitFor(
+    "the restore",
+    async () => (await q.qmp.execute<{ status: string }>("query-status")).status === "paused",
+    60_000,
+    20,
+  );
   return q;
 }
 

@@ -10,6 +10,7 @@ import {
   parseSize,
 } from "@offshoot/shared";
 import { z } from "zod";
+import { NETNS_NAME } from "./network/netns.ts";
 
 const LatencyPerKind = z.partialRecord(OperationKind, z.number().nonnegative());
 const FailPerKind = z.partialRecord(OperationKind, ErrorCode);
@@ -85,9 +86,9 @@ const Env = z.object({
   // (it must exist: `ip netns add NAME`). Empty: the agent's own namespace, as on a real host.
   AGENT_NETNS: z
     .string()
-    .regex(
-      /^(?!\.\.?$)([A-Za-z0-9_.-]{1,64})?$/,
-      "must be a network namespace name (letters, digits, _.-)",
+    .refine(
+      (v) => v === "" || NETNS_NAME.test(v),
+      "must be a network namespace name (1–64 of letters, digits, _.-, not starting with . _ -)",
     )
     .default(""),
   // qemu: OCI image layouts (directories or tarballs) to import at start, comma-separated, each

@@ -6,6 +6,7 @@ import { randomBytes } from "node:crypto";
 import { statSync } from "node:fs";
 import path from "node:path";
 import { execa, type ResultPromise } from "execa";
+import { deleteNetns, ensureNetns, netnsPrefix } from "../src/network/netns.ts";
 import { type RunOptions, type RunResult, runOk } from "../src/network/run.ts";
 
 export const TEST_NETNS_PREFIX = "oft-";
@@ -16,7 +17,9 @@ export const TEST_RUN_ENV = "OFFSHOOT_TEST_RUN";
 /** An oft-* namespace of no run of ours older than this is what a killed run left behind. */
 export const STALE_NETNS_MS = 60 * 60_000;
 
-const netnsArgs = (ns: string) => ["nsenter", `--net=/run/netns/${ns}`, "--"];
+/** The tools the namespace functions run, found in PATH. */
+const TOOLS = { ip: "ip", nsenter: "nsenter" };
+const netnsArgs = (ns: string) => netnsPrefix(TOOLS, ns);
 
 /** Names of the namespaces `ip netns list` shows. */
 export async function listNetns(): Promise<string[]> {
@@ -44,11 +47,7 @@ export async function deleteLeftoverTestNetns(run = process.env[TEST_RUN_ENV]): 
       return false;
     }
   });
-  for (const ns of left) {
-    await runOk(["ip", "netns", "delete", ns]).catch((e: unknown) => {
-      if (!/No such file/.test(String(e))) throw e;
-    });
-  }
+  for (const ns of left) await deleteNetns(TOOLS, ns);
   return left;
 }
 
@@ -78,8 +77,7 @@ export class TestNamespaces {
   /** A new namespace, oft-[run-]<tag>-<random>, with loopback up. */
   async create(tag = "t"): Promise<string> {
     const ns = this.reserve(tag);
-    await runOk(["ip", "netns", "add", ns]);
-    await runOk(["ip", "-n", ns, "link", "set", "dev", "lo", "up"]);
+    await ensureNetns(TOOLS, ns, true);
     return ns;
   }
 
@@ -133,10 +131,6 @@ export class TestNamespaces {
       s.kill("SIGKILL");
       await s;
     }
-    for (const ns of this.names.splice(0)) {
-      await runOk(["ip", "netns", "delete", ns]).catch((e: unknown) => {
-        if (!/No such file/.test(String(e))) throw e;
-      });
-    }
+    for (const ns of this.names.splice(0)) await deleteNetns(TOOLS, ns);
   }
 }

@@ -147,3 +147,10 @@ function isZombie(pid: number): boolean {
     return true;
   }
 }
+
+/** Aborts when QEMU exits, so waits on the serial log fail fast instead of timing out. */
+export function exitSignal(vm: LaunchedQemu): AbortSignal {
+  const ac = new AbortController();
+  void vm.exited.then((r) => ac.abort(new Error(`QEMU exited early: ${JSON.stringify(r)}`)));
+  return ac.signal;
+}

@@ -1,4 +1,3 @@
-import { spawn } from "node:child_process";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type PeerLink, TestNamespaces } from "../../host-agent/testing/netns.ts";
@@ -137,15 +136,13 @@ describe("guest networking (QEMU) through the API", { timeout: 600_000 }, () => 
     expect(shared(coldId.uuids, restored.uuids)).toEqual([]);
 
     // From Running, with a connection to the source held open across it.
-    const held = spawn("nsenter", [`--net=/run/netns/${ns}`, "--", BUSYBOX, "nc", srcIp, "7002"], {
-      stdio: ["pipe", "pipe", "ignore"],
-    });
+    const held = spaces.spawn(ns, [BUSYBOX, "nc", srcIp, "7002"], { input: true });
     let echoed = "";
-    held.stdout.on("data", (d: Buffer) => {
+    held.stdout?.on("data", (d: Buffer) => {
       echoed += d.toString();
     });
     try {
-      held.stdin.write("before\n");
+      held.stdin?.write("before\n");
       await waitFor(() => echoed.includes("before\n"), { timeoutMs: 30_000, what: "the echo" });
       await reseedSource();
       const hot = await client.instances.fork("src", { name: "fork-run", from_running: true });
@@ -153,7 +150,7 @@ describe("guest networking (QEMU) through the API", { timeout: 600_000 }, () => 
       const after = await identity(srcIp);
       const hotId = await identity(hot.network?.ip ?? "");
       expect(shared(hotId.uuids, after.uuids)).toEqual([]);
-      held.stdin.write("after\n");
+      held.stdin?.write("after\n");
       await waitFor(() => echoed.includes("after\n"), {
         timeoutMs: 30_000,
         what: "the held connection to echo after the fork",

@@ -9,7 +9,7 @@ import type { NetworkTools } from "./tools.ts";
 export const NETNS_DIR = "/run/netns";
 
 /** `ip netns` accepts any file name; this module keeps to a portable, shell-safe subset. */
-const NETNS_NAME = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;
+export const NETNS_NAME = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;
 
 export function checkNetnsName(name: string): string {
   if (!NETNS_NAME.test(name)) {

@@ -6,7 +6,7 @@
 // same. Instance ids are CUID2s, random from their second character on, so two of a host's
 // instances sharing 13 leading characters is not a practical concern. An IFB exists only while
 // its TAP does (made after it, removed before it), so a crash leaves no IFB without its TAP.
-import { allLinks, deleteLink, inNetnsOk, type NetContext } from "./context.ts";
+import { allLinks, deleteLink, inNetnsOk, link, type NetContext } from "./context.ts";
 import { applyDownload, applyUpload, checkRate, type RateLimits } from "./rates.ts";
 
 export const TAP_PREFIX = "ot";
@@ -46,9 +46,8 @@ export async function ensureTap(
   checkRate("download", limits.downloadBps);
   checkRate("upload", limits.uploadBps);
   const tap = tapName(instanceId);
-  // One look at every link: the bridge must be there, the TAP may be.
-  const links = await allLinks(ctx);
-  const bridge = links.find((l) => l.ifname === ctx.bridge);
+  // Each looked up by name: a listing of every link grows with the host's guests.
+  const bridge = await link(ctx, ctx.bridge);
   if (bridge?.linkinfo?.info_kind !== "bridge") {
     throw new Error(`no bridge ${ctx.bridge} to attach ${tap} to: ensureSubnet comes first`);
   }
@@ -58,7 +57,7 @@ export async function ensureTap(
     `link set dev ${tap} master ${ctx.bridge} up`,
     `link set dev ${tap} type bridge_slave isolated on`,
   ];
-  const existing = links.find((l) => l.ifname === tap);
+  const existing = await link(ctx, tap);
   if (!existing) {
     // A new TAP (a fork's, on its way to its first restore): made and attached by one `ip`
     // process, and given limits only if it has any (a new TAP has none to remove). vnet_hdr:

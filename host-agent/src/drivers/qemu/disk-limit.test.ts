@@ -23,7 +23,7 @@ const BLOCK = 64 * 1024;
 // the disk moves, the file system's own writes included. Disks are found by their serials, as
 // /init finds them.
 const PROGRAM = [
-  'dev() { for b in /sys/block/vd*; do [ "$(cat $b/serial)" = $1 ] && echo ${b##*/}; done; }',
+  'dev() { for b in /sys/block/vd*; do [ "$(cat $b/serial)" = $1 ] && basename $b; done; }',
   "root=$(dev offshoot-root); rw=$(dev offshoot-rw)",
   "up() { cut -d' ' -f1 /proc/uptime; }",
   "sectors() { awk -v f=$2 '{ print $f }' /sys/block/$1/stat; }",

@@ -3,7 +3,13 @@ import { execFile } from "node:child_process";
 import { statSync } from "node:fs";
 import { afterEach, beforeAll, describe, expect, it } from "vitest";
 import { ensureVmAssets, type VmAssets } from "../../../../scripts/vm-assets.ts";
-import { cleanupGuests, type GuestDir, guestDir, rssKiB } from "../../../testing/qemu.ts";
+import {
+  cleanupGuests,
+  exitSignal,
+  type GuestDir,
+  guestDir,
+  rssKiB,
+} from "../../../testing/qemu.ts";
 import { guestControl } from "./control.ts";
 import { type LaunchedQemu, launchQemu, processAlive, type QemuExit } from "./launch.ts";
 import { counts, initEvents, waitForSerial } from "./serial.ts";
@@ -27,13 +33,6 @@ function newDir(): GuestDir {
   const d = guestDir(assets);
   dirs.push(d);
   return d;
-}
-
-/** Aborts when QEMU exits, so waits on the serial log fail fast instead of timing out. */
-function exitSignal(vm: LaunchedQemu): AbortSignal {
-  const ac = new AbortController();
-  void vm.exited.then((r) => ac.abort(new Error(`QEMU exited early: ${JSON.stringify(r)}`)));
-  return ac.signal;
 }
 
 function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
