@@ -9,45 +9,23 @@ import path from "node:path";
 import { InvalidRequestError } from "@offshoot/shared";
 import { execa } from "execa";
 import { z } from "zod";
+import {
+  ConfigDoc,
+  type Descriptor,
+  envOf,
+  INDEX_TYPES,
+  IndexDoc,
+  layerCompression,
+  ManifestDoc,
+} from "./registry.ts";
 
-const Descriptor = z.object({
-  mediaType: z.string(),
-  digest: z.string().regex(/^sha256:[a-f0-9]{64}$/),
-  size: z.number().int().nonnegative(),
-  platform: z
-    .object({ os: z.string(), architecture: z.string(), variant: z.string().optional() })
-    .optional(),
-  annotations: z.record(z.string(), z.string()).optional(),
-});
-type Descriptor = z.infer<typeof Descriptor>;
-const Index = z.object({ manifests: z.array(Descriptor) });
-const Manifest = z.object({ config: Descriptor, layers: z.array(Descriptor) });
-const Config = z.object({
-  architecture: z.string().optional(),
-  os: z.string().optional(),
-  config: z
-    .object({
-      Env: z.array(z.string()).nullish(),
-      Entrypoint: z.array(z.string()).nullish(),
-      Cmd: z.array(z.string()).nullish(),
-      WorkingDir: z.string().nullish(),
-    })
-    .nullish(),
-});
-
-const INDEX_TYPES = new Set([
-  "application/vnd.oci.image.index.v1+json",
-  "application/vnd.docker.distribution.manifest.list.v2+json",
-]);
-const LAYER_TYPES: Record<string, "gzip" | "tar"> = {
-  "application/vnd.oci.image.layer.v1.tar+gzip": "gzip",
-  "application/vnd.oci.image.layer.v1.tar": "tar",
-  "application/vnd.docker.image.rootfs.diff.tar.gzip": "gzip",
-};
+const Index = IndexDoc;
+const Manifest = ManifestDoc;
+const Config = ConfigDoc;
 
 export interface OciLayer {
   file: string;
-  compression: "gzip" | "tar";
+  compression: "gzip" | "zstd" | "tar";
 }
 
 export interface OciImage {
@@ -107,16 +85,12 @@ async function readLayout(dir: string): Promise<OciImage> {
   }
   const layers: OciLayer[] = [];
   for (const l of manifest.layers) {
-    const compression = LAYER_TYPES[l.mediaType];
+    const compression = layerCompression(l.mediaType);
     if (!compression) throw new InvalidRequestError(`unsupported layer type ${l.mediaType}`);
     layers.push({ file: await verifiedBlob(dir, l), compression });
   }
   const c = config.config ?? {};
-  const env: Record<string, string> = {};
-  for (const kv of c.Env ?? []) {
-    const eq = kv.indexOf("=");
-    if (eq > 0) env[kv.slice(0, eq)] = kv.slice(eq + 1);
-  }
+  const env = envOf(c.Env);
   return {
     digest: entry.digest,
     platform: `${osName}/${arch}`,

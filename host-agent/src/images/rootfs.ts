@@ -73,11 +73,18 @@ async function extractConfined(layer: OciLayer, dir: string): Promise<void> {
   await mkdir(path.join(dir, tool));
   await copyFile(BUSYBOX, path.join(dir, tool, "busybox"));
   await chmod(path.join(dir, tool, "busybox"), 0o755);
+  if (layer.compression === "zstd" && (await execa("zstd", ["-V"], { reject: false })).failed) {
+    throw new InvalidRequestError("zstd layers need the zstd tool (Debian package zstd)");
+  }
   const z = layer.compression === "gzip" ? ["-z"] : [];
-  const r = await execa("chroot", [dir, `/${tool}/busybox`, "tar", "-x", ...z, "-f", "-"], {
-    inputFile: layer.file,
-    reject: false,
-  });
+  const untar = [dir, `/${tool}/busybox`, "tar", "-x", ...z, "-f", "-"];
+  // zstd (the host's, from Debian's zstd) decompresses outside; the tar stays confined.
+  const r =
+    layer.compression === "zstd"
+      ? await execa("zstd", ["-dcq", layer.file], { reject: false }).pipe("chroot", untar, {
+          reject: false,
+        })
+      : await execa("chroot", untar, { inputFile: layer.file, reject: false });
   await rm(path.join(dir, tool), { recursive: true, force: true });
   if (r.exitCode !== 0) {
     throw new InvalidRequestError(`layer ${path.basename(layer.file)} did not unpack: ${r.stderr}`);

@@ -1,18 +1,56 @@
 // The host's image cache: each imported reference points at a manifest digest, and each digest has
-// one read-only rootfs (rootfs.ts) that every instance of the image shares.
+// one read-only rootfs (rootfs.ts) that every instance of the image shares. Pulled layers are
+// kept by their own digest, so an image sharing layers with one pulled before fetches only the
+// layers it adds.
 //
-//   <dir>/refs/<sha256 of the name>.json   ImageInfo + rootfs path
+//   <dir>/refs/<sha256 of the name>.json   ImageInfo + rootfs path (images imported at start)
+//   <dir>/digests/<digest hex>.json        a pulled image: its config, layers and rootfs path
+//   <dir>/blobs/sha256/<hex>               a pulled layer, verified against its digest
 //   <dir>/rootfs/<digest hex>.ext4         built once per digest, chmod 444
 import { createHash } from "node:crypto";
 import { chmod, mkdir, readdir, readFile, rename, stat, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { ImageInfo, InvalidRequestError, NotFoundError, normalizeImageRef } from "@offshoot/shared";
 import { z } from "zod";
-import { openLayout } from "./oci.ts";
+import { type OciLayer, openLayout } from "./oci.ts";
+import {
+  DIGEST,
+  envOf,
+  layerCompression,
+  PullError,
+  parsePlatform,
+  RegistryClient,
+  type RegistryOptions,
+  splitReference,
+} from "./registry.ts";
 import { buildRootfs } from "./rootfs.ts";
 
 export const StoredImage = ImageInfo.extend({ rootfs: z.string() });
 export type StoredImage = z.infer<typeof StoredImage>;
+
+/** A pulled image as this host keeps it: by digest, with no name (names are the tenants', in
+ * the control plane). */
+export const PulledImage = ImageInfo.omit({ name: true }).extend({
+  rootfs: z.string(),
+  /** The config's User, as the image gives it ("" or absent: root). */
+  user: z.string().nullable(),
+  layers: z.array(z.string()),
+});
+export type PulledImage = z.infer<typeof PulledImage>;
+
+export type PullPhase = "pulling" | "converting";
+export interface PullProgress {
+  phase: PullPhase;
+  /** Bytes of layers fetched so far, of those this host did not already hold. */
+  bytes_done: number;
+  bytes_total: number;
+}
+
+export interface PullOptions extends RegistryOptions {
+  /** "os/arch[/variant]"; default linux/amd64. */
+  platform?: string;
+  onProgress?: (p: PullProgress) => void;
+}
 
 export class ImageStore {
   private readonly refsDir: string;
@@ -91,6 +129,141 @@ export class ImageStore {
       }
     }
     throw new NotFoundError(`image ${ref} not found on this host`);
+  }
+
+  /**
+   * Pulls `ref` from its registry: resolves it to one platform's manifest, fetches the layers
+   * this host does not hold yet (each verified against its digest while it streams), and builds
+   * the rootfs once per manifest digest. A failure leaves nothing marked ready: a layer is kept
+   * only once verified, a rootfs only once built whole.
+   */
+  async pull(ref: string, options: PullOptions = {}): Promise<PulledImage> {
+    const normalized = normalizeImageRef(ref);
+    if (!normalized) throw new PullError(`invalid image reference "${ref}"`);
+    const client = new RegistryClient(splitReference(normalized), options);
+    const resolved = await client.resolve(parsePlatform(options.platform ?? "linux/amd64"));
+    const have = await this.pulled(resolved.digest);
+    if (have) return have;
+    const layers = resolved.manifest.layers;
+    const missing: typeof layers = [];
+    for (const l of layers) {
+      if (
+        !(await stat(this.blobFile(l.digest)).catch(() => undefined)) &&
+        !missing.some((m) => m.digest === l.digest)
+      )
+        missing.push(l);
+    }
+    const progress = {
+      phase: "pulling" as PullPhase,
+      bytes_done: 0,
+      bytes_total: missing.reduce((n, l) => n + l.size, 0),
+    };
+    const report = () => options.onProgress?.({ ...progress });
+    report();
+    await mkdir(path.join(this.dir, "blobs", "sha256"), { recursive: true });
+    for (const l of missing) {
+      await this.once(`blob:${l.digest}`, async () => {
+        if (await stat(this.blobFile(l.digest)).catch(() => undefined)) return;
+        await client.download(l, this.blobFile(l.digest), (n) => {
+          progress.bytes_done += n;
+          report();
+        });
+      });
+    }
+    progress.phase = "converting";
+    report();
+    const c = resolved.config.config ?? {};
+    const rootfs = this.rootfsFile(resolved.digest);
+    const ociLayers: OciLayer[] = layers.map((l) => ({
+      file: this.blobFile(l.digest),
+      compression: layerCompression(l.mediaType) ?? "tar",
+    }));
+    const size = await this.ensureRootfs(resolved.digest, () =>
+      buildRootfs(ociLayers, `${rootfs}.stage`, rootfs),
+    );
+    const image: PulledImage = {
+      digest: resolved.digest,
+      platform: resolved.platform,
+      size_bytes: size,
+      entrypoint: c.Entrypoint ?? null,
+      cmd: c.Cmd ?? null,
+      env: envOf(c.Env),
+      working_dir: c.WorkingDir || null,
+      user: c.User || null,
+      created_at: new Date().toISOString(),
+      rootfs,
+      layers: layers.map((l) => l.digest),
+    };
+    await mkdir(path.join(this.dir, "digests"), { recursive: true });
+    const file = this.digestFile(resolved.digest);
+    await writeFile(`${file}.tmp`, JSON.stringify(image));
+    await rename(`${file}.tmp`, file);
+    return image;
+  }
+
+  /** The pulled image with this manifest digest, if this host holds it. */
+  async pulled(digest: string): Promise<PulledImage | undefined> {
+    if (!DIGEST.test(digest)) return undefined;
+    try {
+      const image = PulledImage.parse(JSON.parse(await readFile(this.digestFile(digest), "utf8")));
+      return (await stat(image.rootfs).catch(() => undefined)) ? image : undefined;
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === "ENOENT") return undefined;
+      throw e;
+    }
+  }
+
+  /** Digests of the pulled images this host holds (reported in hello, for placement). */
+  async pulledDigests(): Promise<string[]> {
+    const names = await readdir(path.join(this.dir, "digests")).catch(() => [] as string[]);
+    return names
+      .filter((n) => /^[a-f0-9]{64}\.json$/.test(n))
+      .map((n) => `sha256:${n.slice(0, 64)}`);
+  }
+
+  /**
+   * What an instance boots: the pulled image its spec pins by digest (pulled now, without
+   * credentials, if this host does not hold it yet), else the image imported under its name.
+   */
+  async forSpec(spec: { image: string; image_digest?: string | null }): Promise<StoredImage> {
+    if (!spec.image_digest) return this.get(spec.image);
+    let image = await this.pulled(spec.image_digest);
+    if (!image) {
+      const normalized = normalizeImageRef(spec.image);
+      const base = normalized?.split("@")[0];
+      if (!base) throw new NotFoundError(`image ${spec.image} not found on this host`);
+      const byDigest = `${base.replace(/:[^/:]+$/, "")}@${spec.image_digest}`;
+      try {
+        image = await this.pull(byDigest);
+      } catch (e) {
+        throw new NotFoundError(
+          `image ${spec.image} is not on this host and pulling it here failed: ${(e as Error).message}`,
+        );
+      }
+    }
+    const { user: _u, layers: _l, ...info } = image;
+    return { ...info, name: spec.image };
+  }
+
+  /** One run of `work` per key at a time, whoever asks. */
+  private readonly inFlight = new Map<string, Promise<void>>();
+  private async once(key: string, work: () => Promise<void>): Promise<void> {
+    for (let p = this.inFlight.get(key); p; p = this.inFlight.get(key)) await p.catch(() => {});
+    const run = work();
+    this.inFlight.set(key, run);
+    try {
+      await run;
+    } finally {
+      if (this.inFlight.get(key) === run) this.inFlight.delete(key);
+    }
+  }
+
+  private blobFile(digest: string): string {
+    return path.join(this.dir, "blobs", "sha256", digest.slice("sha256:".length));
+  }
+
+  private digestFile(digest: string): string {
+    return path.join(this.dir, "digests", `${digest.slice("sha256:".length)}.json`);
   }
 
   private refFile(name: string): string {
