@@ -20,9 +20,11 @@ import type { AgentConfig } from "./config.ts";
 import { claimDataDir } from "./data-dir.ts";
 import type { Driver } from "./drivers/driver.ts";
 import { createDriver } from "./drivers/index.ts";
+import { ImageStore } from "./images/store.ts";
 import { Journal } from "./journal.ts";
 import { errorMessage, type Logger, stdoutLogger } from "./log.ts";
 import { LogStreams } from "./logs.ts";
+import { ImagePulls } from "./operations/image-pull.ts";
 import { OperationsLog } from "./operations-log.ts";
 import { type AgentPaths, agentPaths } from "./paths.ts";
 
@@ -68,9 +70,10 @@ export async function startAgent(
   const release = await claimDataDir(paths);
   let journal: Journal | undefined;
   try {
-    const driver = options.driver ?? (await createDriver(config, paths, log));
+    const images = new ImageStore(paths.imagesDir);
+    const driver = options.driver ?? (await createDriver(config, paths, log, images));
     journal = await Journal.open(paths.journal, { keep: options.journalKeep });
-    const link = new Link(config, options, log, driver, journal, release, paths);
+    const link = new Link(config, options, log, driver, images, journal, release, paths);
     await link.commands.recover();
     log("info", "agent started", {
       version: AGENT_VERSION,
@@ -112,6 +115,7 @@ class Link {
     private readonly options: AgentOptions,
     private readonly log: Logger,
     private readonly driver: Driver,
+    private readonly images: ImageStore,
     private readonly journal: Journal,
     private readonly release: () => Promise<void>,
     paths: AgentPaths,
@@ -124,6 +128,8 @@ class Link {
       log,
       (result) => this.send(result),
       operationsLog,
+      // Progress is news, not record: lost while disconnected (the result is not).
+      new ImagePulls(images, config.pulls, log, (progress) => this.send(progress)),
     );
     this.logs = new LogStreams(driver, paths, operationsLog);
     // Dropped while disconnected: the next hello's inventory carries the same news.
@@ -201,6 +207,7 @@ class Link {
     try {
       const inventory = await this.driver.inventory();
       const images = await this.driver.images();
+      const image_digests = await this.images.pulledDigests();
       if (ws !== this.ws || ws.readyState !== WebSocket.OPEN) return;
       const in_flight = this.commands.inFlight();
       ws.send(
@@ -215,6 +222,7 @@ class Link {
             capacity: this.config.capacity,
             inventory,
             images,
+            image_digests,
             in_flight,
           }),
         ),

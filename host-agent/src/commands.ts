@@ -6,6 +6,7 @@ import { type Command, ErrorCode, PROTOCOL_VERSION, type Result } from "@offshoo
 import type { Driver, OpContext } from "./drivers/driver.ts";
 import type { Journal, Outcome } from "./journal.ts";
 import { errorMessage, type Logger } from "./log.ts";
+import { type ImagePulls, withoutSecrets } from "./operations/image-pull.ts";
 import { execute, instanceIds, observe, toCommandError } from "./operations/index.ts";
 import { InstanceLocks } from "./operations/locks.ts";
 import type { OperationsLog } from "./operations-log.ts";
@@ -31,6 +32,8 @@ export class Commands {
     private readonly onResult: (result: Result) => void,
     /** Where each instance's operations are noted (log source "hypeman"); none if absent. */
     private readonly operationsLog?: OperationsLog,
+    /** Runs image_pull; absent: such a command fails. */
+    private readonly pulls?: ImagePulls,
   ) {}
 
   /** Ids of commands executing now, for hello's in_flight. */
@@ -63,6 +66,10 @@ export class Commands {
       let outcome: Outcome;
       if (op.kind === "delete") {
         outcome = await execute(this.driver, this.locks, op, this.context(id));
+      } else if (op.kind === "image_pull") {
+        // Nothing to undo: a layer or rootfs is kept only once whole. Asked again, it resumes.
+        const message = "agent restarted while pulling the image; pull it again";
+        outcome = { ok: false, error: { code: INTERRUPTED, message }, instances: [] };
       } else {
         const undone = op.kind === "create" || op.kind === "fork";
         const what = `agent restarted while ${op.kind} was in progress`;
@@ -111,9 +118,19 @@ export class Commands {
     this.log("info", "command started", { command_id: id, kind: op.kind });
     let outcome: Outcome;
     try {
-      await this.journal.begin(command);
+      await this.journal.begin(withoutSecrets(command));
       this.operationsLog?.note(op, `${op.kind} started (command ${id})`);
-      outcome = await execute(this.driver, this.locks, op, this.context(id));
+      if (op.kind === "image_pull") {
+        outcome = this.pulls
+          ? await this.pulls.run(id, op)
+          : {
+              ok: false,
+              error: { code: "not_supported", message: "this agent pulls no images" },
+              instances: [],
+            };
+      } else {
+        outcome = await execute(this.driver, this.locks, op, this.context(id));
+      }
     } catch (err) {
       // Operations turn their own failures into outcomes; this is the journal failing, before
       // anything ran.

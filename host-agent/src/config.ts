@@ -44,6 +44,23 @@ function parseJson<T extends z.ZodType>(
   return z.NEVER;
 }
 
+/** A size setting ("16GB"), greater than 0; `fallback` when unset. */
+const size = (fallback: () => number) =>
+  z
+    .string()
+    .optional()
+    .transform((s, ctx) => {
+      if (s === undefined) return fallback();
+      try {
+        const bytes = parseSize(s);
+        if (bytes > 0) return bytes;
+        ctx.addIssue({ code: "custom", message: "must be greater than 0" });
+      } catch (e) {
+        ctx.addIssue({ code: "custom", message: e instanceof Error ? e.message : String(e) });
+      }
+      return z.NEVER;
+    });
+
 const Env = z.object({
   // Base URL of the control plane; the agent dials `${url}/agent/v1/connect` (http→ws, https→wss).
   // Several, comma-separated (one per replica): the agent moves to the next after a failure.
@@ -111,6 +128,32 @@ const Env = z.object({
           return { source, ...(name === undefined ? {} : { name }) };
         }),
     ),
+  // Image pulls: the largest layer accepted (compressed size, e.g. "8GB").
+  AGENT_MAX_LAYER_SIZE: size(() => 8 * 1024 ** 3),
+  // Image pulls: how long a registry may stay silent (no response, no byte) before the pull
+  // fails, in ms.
+  AGENT_REGISTRY_TIMEOUT_MS: z.coerce
+    .number({ error: POSITIVE_INT })
+    .int(POSITIVE_INT)
+    .positive(POSITIVE_INT)
+    .default(30_000),
+  // Image pulls: registries (host:port, comma-separated) reached over plain HTTP. Loopback
+  // registries always are, as in Docker.
+  AGENT_INSECURE_REGISTRIES: z
+    .string()
+    .default("")
+    .transform((s) =>
+      s
+        .split(",")
+        .map((x) => x.trim())
+        .filter(Boolean),
+    ),
+  // Image pulls run at once on this host; more wait in order (their images are "pending").
+  AGENT_PULL_CONCURRENCY: z.coerce
+    .number({ error: POSITIVE_INT })
+    .int(POSITIVE_INT)
+    .positive(POSITIVE_INT)
+    .default(2),
   // vCPUs this host offers to instances.
   AGENT_VCPUS: z.coerce
     .number({ error: POSITIVE_INT })
@@ -118,20 +161,7 @@ const Env = z.object({
     .positive(POSITIVE_INT)
     .default(os.cpus().length),
   // Memory this host offers to instances, e.g. "16GB".
-  AGENT_MEMORY: z
-    .string()
-    .optional()
-    .transform((s, ctx) => {
-      if (s === undefined) return os.totalmem();
-      try {
-        const bytes = parseSize(s);
-        if (bytes > 0) return bytes;
-        ctx.addIssue({ code: "custom", message: "must be greater than 0" });
-      } catch (e) {
-        ctx.addIssue({ code: "custom", message: e instanceof Error ? e.message : String(e) });
-      }
-      return z.NEVER;
-    }),
+  AGENT_MEMORY: size(() => os.totalmem()),
   // Stop when the process with this pid is no longer this agent's parent (`npm start` sets it,
   // so that its agent cannot outlive it). Unset on real hosts.
   AGENT_PARENT_PID: z.coerce
@@ -184,6 +214,12 @@ export interface AgentConfig {
   /** Stop when this process is no longer the agent's parent. */
   parentPid?: number;
   sim: SimConfig;
+  pulls: {
+    maxLayerBytes: number;
+    idleTimeoutMs: number;
+    insecure: string[];
+    concurrency: number;
+  };
   qemu: {
     accel: "auto" | "kvm" | "tcg";
     assetsDir: string;
@@ -224,6 +260,12 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): AgentConfig {
       latencyMs: e.SIM_LATENCY_MS,
       fail: e.SIM_FAIL,
       execLog: e.SIM_EXEC_LOG,
+    },
+    pulls: {
+      maxLayerBytes: e.AGENT_MAX_LAYER_SIZE,
+      idleTimeoutMs: e.AGENT_REGISTRY_TIMEOUT_MS,
+      insecure: e.AGENT_INSECURE_REGISTRIES,
+      concurrency: e.AGENT_PULL_CONCURRENCY,
     },
     qemu: {
       accel: e.AGENT_ACCEL,

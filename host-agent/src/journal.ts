@@ -5,12 +5,16 @@
 import { fdatasyncSync, writeSync } from "node:fs";
 import { type FileHandle, open, readFile, rename } from "node:fs/promises";
 import path from "node:path";
-import { Command, CommandError, ObservedInstance } from "@offshoot/shared";
+import { Command, CommandError, ObservedInstance, PulledImageInfo } from "@offshoot/shared";
 import { z } from "zod";
 
 /** A command's outcome: the body of its `result` message. */
 export const Outcome = z.discriminatedUnion("ok", [
-  z.object({ ok: z.literal(true), instances: z.array(ObservedInstance) }),
+  z.object({
+    ok: z.literal(true),
+    instances: z.array(ObservedInstance),
+    image: PulledImageInfo.optional(),
+  }),
   z.object({ ok: z.literal(false), error: CommandError, instances: z.array(ObservedInstance) }),
 ]);
 export type Outcome = z.infer<typeof Outcome>;

@@ -49,6 +49,7 @@ export function spec(id: string, overrides: Partial<InstanceSpec> = {}): Instanc
     id,
     name: `name-${id}`,
     image: "docker.io/library/alpine:latest",
+    image_digest: null,
     hypervisor: "cloud-hypervisor",
     vcpus: 1,
     memory_bytes: 256 * 1024 ** 2,
@@ -90,6 +91,7 @@ export function agentConfig(
     driver: "sim",
     capacity: { vcpus: 8, memory_bytes: 16 * 1024 ** 3 },
     sim: { ...SIM_DEFAULTS, ...sim },
+    pulls: { maxLayerBytes: 8 * 1024 ** 3, idleTimeoutMs: 30_000, insecure: [], concurrency: 2 },
     qemu: { accel: "tcg", assetsDir: "/nonexistent", images: [], netns: null },
   };
 }

@@ -4,6 +4,8 @@ import { z } from "zod";
 export const ERROR_STATUS = {
   invalid_request: 400,
   invalid_platform: 400,
+  /** An instance asked for an image the tenant is still pulling (or failed to pull). */
+  image_not_ready: 400,
   unauthorized: 401,
   /** A request body over the control plane's limit (MAX_BODY_BYTES). */
   payload_too_large: 413,
@@ -69,6 +71,11 @@ export class InvalidStateError extends ApiError {
 export class NameConflictError extends ApiError {
   constructor(message: string) {
     super("name_conflict", message);
+  }
+}
+export class ConflictError extends ApiError {
+  constructor(message: string) {
+    super("conflict", message);
   }
 }
 export class InsufficientResourcesError extends ApiError {

@@ -10,6 +10,7 @@ export const PROTOCOL_VERSION = 1 as const;
 /** Where agents dial in, under the control plane's base URL. */
 export const AGENT_PATH = "/agent/v1/connect";
 const V = z.literal(PROTOCOL_VERSION);
+const DIGEST = /^sha256:[a-f0-9]{64}$/;
 
 /**
  * Bounds on what crosses the agent socket. Hosts are trusted to run guests, not to size the
@@ -22,8 +23,9 @@ export const AGENT_LIMITS = {
   frameBytes: 8 * 1024 * 1024,
   /** Instances one hello may report. */
   inventory: 20_000,
-  /** Images one hello may report. */
+  /** Images one hello may report (imported ones, and digests of pulled ones). */
   images: 1_000,
+  imageDigests: 10_000,
   /** Commands one hello may list as in flight (the journal keeps 10,000 outcomes). */
   inFlight: 10_000,
   /** Instances one result may report (a fork reports two). */
@@ -67,6 +69,9 @@ export const InstanceSpec = z.object({
   id: z.string(),
   name: z.string(),
   image: z.string(),
+  /** The pulled image the instance boots (its manifest digest); null: an image the host
+   * imported, found by name. A host that does not hold the digest pulls it first. */
+  image_digest: z.string().regex(DIGEST).nullable().default(null),
   hypervisor: Hypervisor,
   vcpus: z.number().int().positive(),
   memory_bytes: z.number().int().positive(),
@@ -120,6 +125,24 @@ export const Operation = z.discriminatedUnion("kind", [
     source_id: z.string(),
     target: InstanceSpec,
     target_state: ForkTargetState,
+  }),
+  z.object({
+    kind: z.literal("image_pull"),
+    image_id: z.string(),
+    /** Normalized reference. */
+    ref: z.string().max(1024),
+    platform: z.string().max(64),
+    /** The pull was asked for with credentials. They travel only in the command the control
+     * plane sends first; a re-sent command (recorded without them) fails and asks for a new
+     * pull, as Hypeman's API says of an interrupted credentialed operation. */
+    credentialed: z.boolean(),
+    credentials: z
+      .object({
+        username: z.string().optional(),
+        password: z.string().optional(),
+        registry_token: z.string().optional(),
+      })
+      .optional(),
   }),
 ]);
 export type Operation = z.infer<typeof Operation>;
@@ -177,6 +200,8 @@ export const Hello = z.object({
   inventory: z.array(ObservedInstance).max(AGENT_LIMITS.inventory),
   /** The images this host can boot (drivers with the `images` capability). */
   images: z.array(ImageInfo).max(AGENT_LIMITS.images).default([]),
+  /** Digests of the pulled images this host holds. */
+  image_digests: z.array(z.string().regex(DIGEST)).max(AGENT_LIMITS.imageDigests).default([]),
   /** Commands the agent has journaled but not finished (still executing). */
   in_flight: z.array(Id).max(AGENT_LIMITS.inFlight),
 });
@@ -184,6 +209,18 @@ export type Hello = z.infer<typeof Hello>;
 
 export const Heartbeat = z.object({ v: V, type: z.literal("heartbeat"), sent_at: z.number() });
 export type Heartbeat = z.infer<typeof Heartbeat>;
+
+/** What a host found pulling an image (the result of image_pull). */
+export const PulledImageInfo = z.object({
+  digest: z.string().regex(DIGEST),
+  platform: z.string().max(64),
+  size_bytes: z.number().int().nonnegative(),
+  entrypoint: z.array(z.string().max(AGENT_LIMITS.textChars)).max(256).nullable(),
+  cmd: z.array(z.string().max(AGENT_LIMITS.textChars)).max(256).nullable(),
+  env: z.record(z.string().max(256), z.string().max(AGENT_LIMITS.textChars)),
+  working_dir: z.string().max(AGENT_LIMITS.textChars).nullable(),
+});
+export type PulledImageInfo = z.infer<typeof PulledImageInfo>;
 
 export const Result = z.discriminatedUnion("ok", [
   z.object({
@@ -193,6 +230,8 @@ export const Result = z.discriminatedUnion("ok", [
     ok: z.literal(true),
     /** The instances this command changed, as observed after it. */
     instances: z.array(ObservedInstance).max(AGENT_LIMITS.resultInstances),
+    /** image_pull: what was pulled. */
+    image: PulledImageInfo.optional(),
     /** Set when the answer came from the journal (a re-sent command). */
     replayed: z.boolean().optional(),
   }),
@@ -207,6 +246,18 @@ export const Result = z.discriminatedUnion("ok", [
   }),
 ]);
 export type Result = z.infer<typeof Result>;
+
+/** How far an image_pull has got (sent at most every half second, and on each phase). */
+export const ImageProgress = z.object({
+  v: V,
+  type: z.literal("image_progress"),
+  command_id: Id,
+  image_id: Id,
+  phase: z.enum(["pulling", "converting"]),
+  bytes_done: z.number().int().nonnegative(),
+  bytes_total: z.number().int().nonnegative(),
+});
+export type ImageProgress = z.infer<typeof ImageProgress>;
 
 /** A state change the host observed on its own (guest exited, VMM died, …). */
 export const Event = z.object({ v: V, type: z.literal("event"), instance: ObservedInstance });
@@ -229,7 +280,7 @@ export const LogChunk = z.object({
 });
 export type LogChunk = z.infer<typeof LogChunk>;
 
-export const AgentMessage = z.union([Hello, Heartbeat, Result, Event, LogChunk]);
+export const AgentMessage = z.union([Hello, Heartbeat, Result, Event, LogChunk, ImageProgress]);
 export type AgentMessage = z.infer<typeof AgentMessage>;
 
 // ---- control plane → agent -------------------------------------------------------------

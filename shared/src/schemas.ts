@@ -280,20 +280,56 @@ export const Health = z
   .openapi("Health");
 
 /** GET /images: an image some connected host can boot, in the reference spec's shape. */
+export const ImageStatus = z.enum(["pending", "pulling", "converting", "ready", "failed"]);
+export type ImageStatus = z.infer<typeof ImageStatus>;
+
 export const Image = z
   .object({
     name: z.string().openapi({ example: "docker.io/library/alpine:latest" }),
-    digest: z.string().openapi({ example: "sha256:…" }),
+    digest: z.string().openapi({
+      example: "sha256:…",
+      description: 'Resolved manifest digest ("" until the pull resolves it)',
+    }),
     platform: z.string().optional(),
-    status: z.enum(["pending", "pulling", "converting", "ready", "failed"]),
+    status: ImageStatus,
     queue_position: z.number().int().nullable().optional(),
     error: z.string().nullable().optional(),
     size_bytes: z.number().int().nullable().optional(),
     entrypoint: z.array(z.string()).nullable().optional(),
     cmd: z.array(z.string()).nullable().optional(),
     env: z.record(z.string(), z.string()).optional(),
+    working_dir: z.string().nullable().optional(),
     tags: z.record(z.string(), z.string()).optional(),
+    /** Not in Hypeman's schema: how far the pull has got. */
+    progress: z
+      .object({ bytes_done: z.number().int(), bytes_total: z.number().int() })
+      .nullable()
+      .optional()
+      .openapi({
+        description:
+          "Offshoot extension: compressed layer bytes fetched and to fetch (layers the host already held are not counted); null unless pulling or converting",
+      }),
     created_at: z.string().openapi({ format: "date-time" }),
   })
   .openapi("Image");
 export type Image = z.infer<typeof Image>;
+
+/** Borrowed for one pull: kept in memory for the pull only, never stored or logged. */
+export const PushCredentials = z
+  .object({
+    username: z.string().max(1024).optional(),
+    password: z.string().max(8192).optional(),
+    registry_token: z.string().max(16384).optional(),
+  })
+  .openapi("PushCredentials");
+export type PushCredentials = z.infer<typeof PushCredentials>;
+
+export const CreateImageRequest = z
+  .object({
+    name: z.string().max(1024).openapi({ example: "docker.io/library/nginx:latest" }),
+    credentials: PushCredentials.optional(),
+    platform: z.string().max(64).optional().openapi({ example: "linux/amd64" }),
+    tags: Tags.optional(),
+  })
+  .openapi("CreateImageRequest");
+export type CreateImageRequest = z.infer<typeof CreateImageRequest>;

@@ -20,6 +20,9 @@ export interface HostGateway {
   /** Delivers to the host's agent: true if it was sent from this process, false if it was
    * handed on (to the replica holding the agent) or must wait for the agent's next hello. */
   send(hostId: string, command: Command): boolean;
+  /** Whether a command sent now reaches the host as it is (with any secrets it carries), not
+   * re-read from the table by the replica holding the agent. */
+  reachesDirectly(hostId: string): boolean;
   /**
    * Streams a log from the host. Live data, not a durable command: undefined when the host's
    * agent is not connected (here or, with replicas, anywhere). Returns a function that cancels

@@ -52,6 +52,10 @@ export class NodeGateway implements HostGateway {
     return this.services;
   }
 
+  reachesDirectly(hostId: string): boolean {
+    return this.sessions.get(hostId)?.ready === true;
+  }
+
   send(hostId: string, command: Command): boolean {
     const session = this.sessions.get(hostId);
     if (session?.ready) {

@@ -1,7 +1,6 @@
 import { createRoute, z } from "@hono/zod-openapi";
-import { Image, NotSupportedError } from "@offshoot/shared";
-import { hostGrace } from "../services/context.ts";
-import { getImage, listImages } from "../services/images.ts";
+import { CreateImageRequest, Image } from "@offshoot/shared";
+import { deleteImage, getImage, listImages, pullImage } from "../services/images.ts";
 import { errorsFor, json, type Router, security } from "./common.ts";
 
 const NameParam = z.object({
@@ -10,27 +9,50 @@ const NameParam = z.object({
     description: "URL-encoded image name, e.g. docker.io%2Flibrary%2Falpine%3Alatest",
   }),
 });
-const PULL_MESSAGE =
-  "pulling images from registries is not supported yet; hosts import OCI image layouts (AGENT_IMAGES)";
+
+/** `tags[key]=value` query parameters (deepObject), as a record. */
+function tagFilter(queries: Record<string, string[]>): Record<string, string> {
+  const tags: Record<string, string> = {};
+  for (const [k, v] of Object.entries(queries)) {
+    const m = /^tags\[(.+)\]$/.exec(k);
+    if (m?.[1] && v[0] !== undefined) tags[m[1]] = v[0];
+  }
+  return tags;
+}
 
 export function registerImageRoutes(app: Router) {
   app.openapi(
     createRoute({
       method: "get",
       path: "/images",
-      summary: "List the images connected hosts can boot",
-      description: "Images carry no tags here: any `tags[key]=value` filter matches none.",
+      summary: "List images",
+      description:
+        "The tenant's images (pulled with POST /images) and the images its hosts imported at start (shared by every tenant, with no tags). `tags[key]=value` keeps images having every tag given.",
       security,
       responses: {
         200: { description: "Images", content: json(z.array(Image)) },
         ...errorsFor(401),
       },
     }),
-    async (c) => {
-      const filtered = Object.keys(c.req.queries()).some((k) => /^tags\[.*\]$/.test(k));
-      const s = c.var.services;
-      return c.json(filtered ? [] : await listImages(s.db, hostGrace(s)), 200);
-    },
+    async (c) =>
+      c.json(await listImages(c.var.services, c.var.tenantId, tagFilter(c.req.queries())), 200),
+  );
+
+  app.openapi(
+    createRoute({
+      method: "post",
+      path: "/images",
+      summary: "Pull and convert an OCI image",
+      description:
+        "Answers 202 at once; the image's `status` then moves pending → pulling → converting → ready, or to failed with `error`. Asking again for a name being pulled joins that pull (409 if with other credentials); asking for a ready or failed one pulls it again (a moved tag is followed). `credentials` go to the pulling host for this pull only and are never stored or logged: a pull interrupted by an agent restart fails and must be asked for again with them.",
+      security,
+      request: { body: { content: json(CreateImageRequest), required: true } },
+      responses: {
+        202: { description: "Pull started (or joined)", content: json(Image) },
+        ...errorsFor(400, 401, 409, 503),
+      },
+    }),
+    async (c) => c.json(await pullImage(c.var.services, c.var.tenantId, c.req.valid("json")), 202),
   );
 
   app.openapi(
@@ -45,31 +67,27 @@ export function registerImageRoutes(app: Router) {
         ...errorsFor(401, 404),
       },
     }),
-    async (c) => {
-      const s = c.var.services;
-      return c.json(await getImage(s.db, hostGrace(s), c.req.valid("param").name), 200);
-    },
+    async (c) =>
+      c.json(await getImage(c.var.services, c.var.tenantId, c.req.valid("param").name), 200),
   );
 
-  for (const [method, path] of [
-    ["post", "/images"],
-    ["delete", "/images/{name}"],
-  ] as const) {
-    app.openapi(
-      createRoute({
-        method,
-        path,
-        summary:
-          method === "post"
-            ? "Pull an image (not supported yet)"
-            : "Delete an image (not supported yet)",
-        security,
-        ...(method === "delete" ? { request: { params: NameParam } } : {}),
-        responses: errorsFor(401, 501),
-      }),
-      () => {
-        throw new NotSupportedError(PULL_MESSAGE);
+  app.openapi(
+    createRoute({
+      method: "delete",
+      path: "/images/{name}",
+      summary: "Delete an image",
+      description:
+        "Removes the tenant's image. 409 while an instance made from it exists, and for images the hosts imported. Hosts keep the layers they pulled as a cache.",
+      security,
+      request: { params: NameParam },
+      responses: {
+        204: { description: "Deleted" },
+        ...errorsFor(401, 404, 409),
       },
-    );
-  }
+    }),
+    async (c) => {
+      await deleteImage(c.var.services, c.var.tenantId, c.req.valid("param").name);
+      return c.body(null, 204);
+    },
+  );
 }

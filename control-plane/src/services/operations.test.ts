@@ -17,7 +17,11 @@ import { silentLog } from "../log.ts";
 import { Operations } from "./operations.ts";
 import { Signals } from "./signals.ts";
 
-const quiet: HostGateway = { send: () => true, openLogs: async () => undefined };
+const quiet: HostGateway = {
+  send: () => true,
+  reachesDirectly: () => true,
+  openLogs: async () => undefined,
+};
 
 describe.each(databaseBackends)("recording a result (%s)", (_name, open) => {
   let db: Db;

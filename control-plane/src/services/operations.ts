@@ -138,9 +138,15 @@ export class Operations {
   }
 
   /** Sends a host command to its agent, wherever it is connected; otherwise it goes out on
-   * the agent's next hello. */
-  send(op: OperationRow): void {
-    const sent = this.gateway.send(op.hostId, commandOf(op));
+   * the agent's next hello (without `secrets`). */
+  send(op: OperationRow, secrets?: Partial<Operation>): void {
+    const command = commandOf(op);
+    // Secrets (a pull's credentials) ride in this sending only: never in the recorded payload,
+    // so a re-sent command goes without them.
+    const sent = this.gateway.send(
+      op.hostId,
+      secrets ? { ...command, op: { ...command.op, ...secrets } as Operation } : command,
+    );
     this.log("debug", sent ? "command sent" : "command forwarded", { op: op.id, kind: op.kind });
   }
 
@@ -203,7 +209,10 @@ export class Operations {
    * - deletes the instance a successful delete, or a failed create or fork, leaves no trace of
    *   on the host (the host rolled a failed one back), with an event — only a row of this
    *   host: a host's answer never touches another host's instance;
-   * - writes the observed states onto the host's other instances (observedWrites).
+   * - writes the observed states onto the host's other instances (observedWrites);
+   * - writes an image_pull's outcome onto the image row it was for (if it still is: a newer
+   *   pull of the name, or a delete, takes the row away from it), and the pulled digest onto
+   *   the host's list.
    * A replayed answer (a re-sent command answered from the journal) is older than the
    * inventory the agent's hello just reported, so its observations are kept on the operation
    * but not applied.
@@ -211,6 +220,7 @@ export class Operations {
   async complete(hostId: string, result: Result): Promise<void> {
     const status = result.ok ? "succeeded" : "failed";
     const apply = result.replayed ? [] : result.instances;
+    const pulled = (result.ok && result.image) || null;
     const [row] = await statement(
       this.db,
       sql`with c as (
@@ -240,6 +250,27 @@ export class Operations {
           'operation', c.id,
           'reason', case when c.status = 'succeeded' then 'deleted' else c.kind || ' failed' end)
         from d, c
+      ), im as (
+        update images set
+          status = case when c.status = 'succeeded' then 'ready' else 'failed' end,
+          error = case when c.status = 'failed' then c.error->>'message' end,
+          digest = coalesce(p.j->>'digest', images.digest),
+          platform = coalesce(p.j->>'platform', images.platform),
+          size_bytes = coalesce((p.j->>'size_bytes')::bigint, images.size_bytes),
+          entrypoint = case when p.j is null then images.entrypoint else p.j->'entrypoint' end,
+          cmd = case when p.j is null then images.cmd else p.j->'cmd' end,
+          env = coalesce(p.j->'env', images.env),
+          working_dir = case when p.j is null then images.working_dir else p.j->>'working_dir' end,
+          updated_at = now()
+        from c, (select ${pulled === null ? null : JSON.stringify(pulled)}::jsonb as j) p
+        where c.kind = 'image_pull' and images.operation_id = c.id
+        returning images.id
+      ), hd as (
+        update hosts set image_digests = image_digests || jsonb_build_array(${pulled?.digest ?? null}::text)
+        from c
+        where c.kind = 'image_pull' and c.status = 'succeeded' and hosts.id = ${hostId}
+          and ${pulled?.digest ?? null}::text is not null
+          and not hosts.image_digests ? ${pulled?.digest ?? ""}::text
       ), ${observedWrites(hostId, apply, sql`'op:' || (select kind from c)`, sql`exists (select 1 from c)`, sql`(select id from x)`)}
       select (select to_jsonb(c) from c) as op,
         coalesce((select jsonb_agg(to_jsonb(u)) from u), '[]'::jsonb) as updated,

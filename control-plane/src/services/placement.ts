@@ -98,8 +98,8 @@ const shortfall = (host: HostRow, used: Need, need: Need, over: Overcommit) => {
 
 /**
  * Picks a connected host with room for `need` and locks its row for the rest of the
- * transaction, so two placements cannot both take the last slot. Prefers the host with the
- * most free memory (spreads load). Free capacity is estimated for all hosts in one query,
+ * transaction, so two placements cannot both take the last slot. Prefers `prefer`'s hosts,
+ * then the host with the most free memory (spreads load). Free capacity is estimated for all hosts in one query,
  * then re-checked under the lock of the chosen host.
  */
 export async function placeInstance(
@@ -109,6 +109,8 @@ export async function placeInstance(
   need: Need,
   hypervisor: Hypervisor | undefined,
   requires: (host: HostRow) => string | undefined,
+  /** Hosts for which this holds come first, whatever their free memory. */
+  prefer?: (host: HostRow) => boolean,
 ): Promise<{ host: HostRow; hypervisor: Hypervisor }> {
   const candidates = await tx.select().from(hosts).where(online(graceMs));
   if (candidates.length === 0) {
@@ -128,9 +130,10 @@ export async function placeInstance(
     capable.map((h) => h.id),
   );
   const free = (h: HostRow) => h.memoryBytes - (used.get(h.id)?.memoryBytes ?? 0);
+  const preferred = (h: HostRow) => Number(prefer?.(h) ?? false);
   const ranked = capable
     .filter((h) => fits(h, used.get(h.id) ?? { vcpus: 0, memoryBytes: 0 }, need, over))
-    .sort((a, b) => free(b) - free(a));
+    .sort((a, b) => preferred(b) - preferred(a) || free(b) - free(a));
   for (const h of ranked) {
     const [locked] = await tx.select().from(hosts).where(eq(hosts.id, h.id)).for("update");
     if (!locked) continue;

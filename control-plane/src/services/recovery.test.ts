@@ -58,6 +58,9 @@ type Answer = (op: Operation, id: string) => Omit<Result, "v" | "type" | "comman
 
 /** A host that answers commands with a script (default: the obvious success), in-process. */
 class ScriptedHost implements HostGateway {
+  reachesDirectly(): boolean {
+    return true;
+  }
   states = new Map<string, ObservedInstance>();
   sent: Command[] = [];
   script: Answer[] = [];
@@ -154,7 +157,9 @@ class ScriptedHost implements HostGateway {
             [op.source_id, "shared"],
             [op.target.id, "exclusive"],
           ]
-        : [[op.kind === "create" ? op.instance.id : op.instance_id, "exclusive"]];
+        : op.kind === "image_pull"
+          ? []
+          : [[op.kind === "create" ? op.instance.id : op.instance_id, "exclusive"]];
     for (const [id, mode] of wants) {
       const held = this.holds.get(id) ?? [];
       if (held.includes("exclusive") || (mode === "exclusive" && held.length > 0)) {
@@ -196,6 +201,8 @@ class ScriptedHost implements HostGateway {
             this.set(op.target.id, op.target_state),
           ],
         };
+      case "image_pull":
+        throw new Error("the scripted host pulls no images");
     }
   }
   hello(): Hello {
@@ -208,6 +215,7 @@ class ScriptedHost implements HostGateway {
       capabilities: CAPS,
       capacity: { vcpus: 64, memory_bytes: 64 * 2 ** 30 },
       inventory: [...this.states.values()],
+      image_digests: [],
       images: [],
       in_flight: [],
     };

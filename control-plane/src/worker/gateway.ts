@@ -25,6 +25,11 @@ export class WorkersGateway implements HostGateway {
     private log: Log,
   ) {}
 
+  /** The command goes to the host's HostSession as it is. */
+  reachesDirectly(_hostId: string): boolean {
+    return true;
+  }
+
   send(hostId: string, command: Command): boolean {
     const delivered = sessionStub(this.bindings, hostId)
       .fetch(`${SESSION_URL}/command`, { method: "POST", body: JSON.stringify(command) })

@@ -212,6 +212,7 @@ export class HostSession {
           ws?.send(encode(command));
           return ws !== undefined;
         },
+        reachesDirectly: () => true,
         openLogs: async () => undefined,
       }),
       "host-session",

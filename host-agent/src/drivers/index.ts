@@ -2,7 +2,7 @@ import { existsSync, readFileSync } from "node:fs";
 import path from "node:path";
 import { z } from "zod";
 import type { AgentConfig } from "../config.ts";
-import { ImageStore } from "../images/store.ts";
+import type { ImageStore } from "../images/store.ts";
 import type { Logger } from "../log.ts";
 import { HostNetwork } from "../network/index.ts";
 import type { AgentPaths } from "../paths.ts";
@@ -17,6 +17,7 @@ export async function createDriver(
   config: AgentConfig,
   paths: AgentPaths,
   log: Logger,
+  images: ImageStore,
 ): Promise<Driver> {
   switch (config.driver) {
     case "sim":
@@ -35,7 +36,6 @@ export async function createDriver(
         workDir: path.join(paths.root, "accel"),
       });
       log("info", "accelerator chosen", { ...decision });
-      const images = new ImageStore(paths.imagesDir);
       for (const { source, name } of config.qemu.images) {
         const started = Date.now();
         const image = await images.import(source, name);

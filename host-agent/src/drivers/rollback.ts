@@ -42,6 +42,8 @@ export async function rollbackOperation(
     case "delete":
       await d.remove(op.instance_id);
       return [];
+    case "image_pull":
+      return [];
     default:
       await d.converge(op.instance_id);
       return observe([op.instance_id]);

@@ -141,6 +141,7 @@ export class ImageStore {
     const normalized = normalizeImageRef(ref);
     if (!normalized) throw new PullError(`invalid image reference "${ref}"`);
     const client = new RegistryClient(splitReference(normalized), options);
+    options.onProgress?.({ phase: "pulling", bytes_done: 0, bytes_total: 0 });
     const resolved = await client.resolve(parsePlatform(options.platform ?? "linux/amd64"));
     const have = await this.pulled(resolved.digest);
     if (have) return have;

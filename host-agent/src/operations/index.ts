@@ -24,6 +24,8 @@ export function instanceIds(op: Operation): string[] {
       return [op.instance.id];
     case "fork":
       return [op.source_id, op.target.id];
+    case "image_pull":
+      return [];
     default:
       return [op.instance_id];
   }
@@ -45,6 +47,8 @@ function dispatch(driver: Driver, op: Operation, ctx: OpContext): Promise<Observ
       return deleteInstance(driver, op, ctx);
     case "fork":
       return fork(driver, op, ctx);
+    case "image_pull":
+      throw new Error("image_pull is run by the agent's image pulls, not a driver");
   }
 }
 

@@ -18,6 +18,8 @@ export const hosts = pgTable("hosts", {
   capabilities: jsonb("capabilities").$type<DriverCapabilities>(),
   /** What the host reported in its last hello: the images it can boot. */
   images: jsonb("images").$type<ImageInfo[]>().notNull().default([]),
+  /** Digests of the pulled images the host holds (hello, then each pull it finishes). */
+  imageDigests: jsonb("image_digests").$type<string[]>().notNull().default([]),
   vcpus: integer("vcpus").notNull().default(0),
   memoryBytes: bigint("memory_bytes", { mode: "number" }).notNull().default(0),
   lastSeenAt: ts("last_seen_at"),

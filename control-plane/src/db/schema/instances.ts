@@ -12,6 +12,7 @@ import {
 } from "drizzle-orm/pg-core";
 import { createdAt, ts } from "./columns.ts";
 import { hosts } from "./hosts.ts";
+import { images } from "./images.ts";
 import { tenants } from "./tenants.ts";
 
 export const instances = pgTable(
@@ -26,6 +27,11 @@ export const instances = pgTable(
       .references(() => hosts.id),
     name: text("name").notNull(),
     image: text("image").notNull(),
+    /** The tenant's pulled image's digest when the instance was created from one (null: an
+     * image its host imported, found by name). */
+    imageDigest: text("image_digest"),
+    /** The tenant's image it was created from (DELETE /images refuses while one is held). */
+    imageId: text("image_id").references(() => images.id),
     hypervisor: text("hypervisor").notNull(),
     state: text("state").$type<InstanceState>().notNull(),
     stateError: text("state_error"),

@@ -119,6 +119,7 @@ export async function hostConnected(
         agentVersion: hello.agent_version,
         capabilities: hello.capabilities,
         images: hello.images,
+        imageDigests: hello.image_digests,
         vcpus: hello.capacity.vcpus,
         memoryBytes: hello.capacity.memory_bytes,
         lastSeenAt: now,

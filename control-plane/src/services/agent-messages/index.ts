@@ -1,6 +1,6 @@
 // What an agent's messages do, whichever transport carried them (Node's sessions, the Workers
 // HostSession): a frame is decoded and checked here, then each message type has its file
-// (hello.ts, heartbeat.ts, result.ts, event.ts), and queue.ts records them in order, tried again
+// (hello.ts, heartbeat.ts, result.ts, event.ts; image_progress in ../images.ts), and queue.ts records them in order, tried again
 // while the database is away. A transport keeps only its socket, its storage and its sending.
 import {
   AgentMessage,
@@ -11,6 +11,7 @@ import {
 } from "@offshoot/shared";
 import type { Log } from "../../log.ts";
 import type { Services } from "../context.ts";
+import { imageProgress } from "../images.ts";
 import { eventReceived } from "./event.ts";
 import { hostConnected, welcome } from "./hello.ts";
 import { resultReceived } from "./result.ts";
@@ -116,6 +117,9 @@ export async function handleAgentMessage(
       return;
     case "event":
       await eventReceived(s, link.hostId, msg);
+      return;
+    case "image_progress":
+      await imageProgress(s.db, link.hostId, msg);
       return;
   }
 }

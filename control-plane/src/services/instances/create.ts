@@ -13,7 +13,7 @@ import {
 import { transaction } from "../../db/client.ts";
 import { instances } from "../../db/schema/index.ts";
 import { type Call, hostGrace, newCall, type Services } from "../context.ts";
-import { lacksImage, requireBootable, tooSmall } from "../images.ts";
+import { holdsDigest, imageForInstance, lacksImage, requireBootable, tooSmall } from "../images.ts";
 import { allocateIp, newMac } from "../network.ts";
 import { overcommitOf, placeInstance } from "../placement.ts";
 import { nameConflict, nameInUse, nameTaken } from "./errors.ts";
@@ -99,7 +99,9 @@ export async function createInstance(
   const volumes = req.volumes ?? [];
   // Checked in Hypeman's order: the name first, then what the request needs of a host.
   if (await nameInUse(s.db, tenantId, req.name)) throw nameTaken(req.name);
-  await requireBootable(s.db, hostGrace(s), req.image, sizes.memoryBytes);
+  // The tenant's own image of that name (400 image_not_ready unless pulled), else hosts'.
+  const pulled = await imageForInstance(s.db, tenantId, req.image);
+  await requireBootable(s.db, hostGrace(s), req.image, sizes.memoryBytes, !!pulled);
   const op = await transaction(s.db, async (tx) => {
     const { host, hypervisor } = await placeInstance(
       tx,
@@ -114,8 +116,10 @@ export async function createInstance(
         if (sizes.diskIoBps !== null && !caps?.disk_io_limit)
           return `host ${h.name} cannot limit disk I/O`;
         if (volumes.length > 0 && !caps?.volumes) return `host ${h.name} cannot attach volumes`;
-        return tooSmall(h, sizes.memoryBytes) ?? lacksImage(h, req.image);
+        return tooSmall(h, sizes.memoryBytes) ?? (pulled ? undefined : lacksImage(h, req.image));
       },
+      // A host that already holds the pulled image boots it without fetching it.
+      pulled?.digest ? (h) => holdsDigest(h, pulled.digest as string) : undefined,
     );
     const [row] = await tx
       .insert(instances)
@@ -125,6 +129,8 @@ export async function createInstance(
         hostId: host.id,
         name: req.name,
         image: req.image,
+        imageId: pulled?.id ?? null,
+        imageDigest: pulled?.digest ?? null,
         hypervisor,
         state: "Created",
         vcpus,

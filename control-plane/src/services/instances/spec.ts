@@ -7,6 +7,7 @@ export function specOf(r: InstanceRow, subnet: string): InstanceSpec {
     id: r.id,
     name: r.name,
     image: r.image,
+    image_digest: r.imageDigest,
     hypervisor: r.hypervisor as Hypervisor,
     vcpus: r.vcpus,
     memory_bytes: r.memoryBytes,

@@ -34,7 +34,7 @@ export async function create(
 ): Promise<ObservedInstance> {
   const id = spec.id;
   const machine = machineFor(spec);
-  const image = await host.options.images.get(spec.image);
+  const image = await host.options.images.forSpec(spec);
   guestConfig(spec, image); // refuses a spec with nothing to run before anything is made
   let rec: QemuRecord = {
     created_by: ctx.commandId,
