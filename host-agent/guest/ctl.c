@@ -7,6 +7,8 @@
  *   offshoot-ctl net [ADDR [GW]] boot-time network: lo up; with ADDR (e.g. 10.64.0.5/20) eth0
  *                                gets it and comes up, with GW the default route goes via it
  *   offshoot-ctl do COMMAND…     answer one command (its words joined by spaces) on stdout
+ *   offshoot-ctl as USER PROG…   exec PROG as the image's User ("name", "uid", "name:group",
+ *                                "uid:gid"; names from this root's /etc/passwd and /etc/group)
  *
  * Serving: the port is opened non-blocking with O_ASYNC, so virtio_console sends this process
  * SIGIO when the host connects and when data arrives. SIGIO stays blocked and is taken with
@@ -23,6 +25,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <grp.h>
 #include <limits.h>
 #include <net/ethernet.h>
 #include <net/if.h>
@@ -996,11 +999,122 @@ static int do_command(int argc, char **argv) {
   return strncmp(reply, "err ", 4) == 0;
 }
 
+/* ---- as: run the program as the image's User ----------------------------------------------- */
+
+/* Field `want` (0-based) of the line of `file` whose field 0 is `name` (or, when `by_id`, whose
+ * field 2 is `name`), copied into out. Returns 0 when found. */
+static int colon_field(const char *file, const char *name, int key, int want, char *out, size_t n) {
+  FILE *f = fopen(file, "r");
+  if (!f) return -1;
+  char line[1024];
+  int found = -1;
+  while (found < 0 && fgets(line, sizeof line, f)) {
+    line[strcspn(line, "\n")] = '\0';
+    char *fields[8] = {0};
+    int nf = 0;
+    for (char *p = line, *tok; nf < 8 && (tok = strsep(&p, ":")) != NULL;) fields[nf++] = tok;
+    if (nf > key && nf > want && strcmp(fields[key], name) == 0) {
+      snprintf(out, n, "%s", fields[want]);
+      found = 0;
+    }
+  }
+  fclose(f);
+  return found;
+}
+
+static int numeric(const char *s) {
+  if (!*s) return 0;
+  for (; *s; s++)
+    if (!isdigit((unsigned char)*s)) return 0;
+  return 1;
+}
+
+/* Supplementary groups: every /etc/group line listing `user`, plus gid. */
+static int member_groups(const char *user, gid_t gid, gid_t *out, int max) {
+  int n = 0;
+  out[n++] = gid;
+  FILE *f = fopen("/etc/group", "r");
+  if (!f || !*user) {
+    if (f) fclose(f);
+    return n;
+  }
+  char line[4096];
+  while (n < max && fgets(line, sizeof line, f)) {
+    line[strcspn(line, "\n")] = '\0';
+    char *fields[4] = {0};
+    int nf = 0;
+    for (char *p = line, *tok; nf < 4 && (tok = strsep(&p, ":")) != NULL;) fields[nf++] = tok;
+    if (nf < 4 || !numeric(fields[2])) continue;
+    for (char *p = fields[3], *m; (m = strsep(&p, ",")) != NULL;) {
+      if (strcmp(m, user) == 0 && (gid_t)strtoul(fields[2], NULL, 10) != gid) {
+        out[n++] = (gid_t)strtoul(fields[2], NULL, 10);
+        break;
+      }
+    }
+  }
+  fclose(f);
+  return n;
+}
+
+/* Resolves USER as Docker does: a name must be in /etc/passwd (its gid and home come along); a
+ * uid need not be (gid 0 then); ":group" overrides the gid. HOME is set from the passwd entry
+ * when the environment has none. */
+static int run_as(int argc, char **argv) {
+  if (argc < 4) {
+    fprintf(stderr, "usage: offshoot-ctl as USER PROG [ARGS...]\n");
+    return 2;
+  }
+  char spec[256];
+  snprintf(spec, sizeof spec, "%s", argv[2]);
+  char *group = strchr(spec, ':');
+  if (group) *group++ = '\0';
+  char field[256], name[256] = "", home[256] = "/";
+  uid_t uid;
+  gid_t gid = 0;
+  if (numeric(spec)) {
+    uid = (uid_t)strtoul(spec, NULL, 10);
+    if (colon_field("/etc/passwd", spec, 2, 0, name, sizeof name) == 0) {
+      if (colon_field("/etc/passwd", spec, 2, 3, field, sizeof field) == 0) gid = (gid_t)strtoul(field, NULL, 10);
+      colon_field("/etc/passwd", spec, 2, 5, home, sizeof home);
+    }
+  } else {
+    if (colon_field("/etc/passwd", spec, 0, 2, field, sizeof field) < 0) {
+      fprintf(stderr, "offshoot: user %s not found in the image's /etc/passwd\n", spec);
+      return 126;
+    }
+    uid = (uid_t)strtoul(field, NULL, 10);
+    snprintf(name, sizeof name, "%s", spec);
+    if (colon_field("/etc/passwd", spec, 0, 3, field, sizeof field) == 0) gid = (gid_t)strtoul(field, NULL, 10);
+    colon_field("/etc/passwd", spec, 0, 5, home, sizeof home);
+  }
+  if (group && *group) {
+    if (numeric(group)) {
+      gid = (gid_t)strtoul(group, NULL, 10);
+    } else if (colon_field("/etc/group", group, 0, 2, field, sizeof field) == 0) {
+      gid = (gid_t)strtoul(field, NULL, 10);
+    } else {
+      fprintf(stderr, "offshoot: group %s not found in the image's /etc/group\n", group);
+      return 126;
+    }
+  }
+  gid_t groups[64];
+  int ngroups = member_groups(name, gid, groups, 64);
+  if (setgroups((size_t)ngroups, groups) < 0 || setgid(gid) < 0 || setuid(uid) < 0) {
+    fprintf(stderr, "offshoot: cannot become %s: %s\n", argv[2], strerror(errno));
+    return 126;
+  }
+  if (!getenv("HOME")) setenv("HOME", *home ? home : "/", 1);
+  execvp(argv[3], argv + 3);
+  fprintf(stderr, "offshoot: %s: %s\n", argv[3], strerror(errno));
+  return errno == ENOENT ? 127 : 126;
+}
+
 int main(int argc, char **argv) {
   const char *mode = argc > 1 ? argv[1] : "";
   if (strcmp(mode, "serve") == 0 && argc == 2) return serve();
   if (strcmp(mode, "net") == 0) return boot_net(argc, argv);
   if (strcmp(mode, "do") == 0) return do_command(argc, argv);
-  fprintf(stderr, "usage: offshoot-ctl serve | net [ADDR/PREFIX [GATEWAY]] | do COMMAND...\n");
+  if (strcmp(mode, "as") == 0) return run_as(argc, argv);
+  fprintf(stderr, "usage: offshoot-ctl serve | net [ADDR/PREFIX [GATEWAY]] | do COMMAND... | as USER PROG...\n");
   return 2;
 }

@@ -67,6 +67,8 @@ export const GUEST_CONFIG = {
   hostname: "OFFSHOOT_HOSTNAME",
   /** Variable: the program's working dir (made if missing). */
   workdir: "OFFSHOOT_WORKDIR",
+  /** Variable: the image's User (`offshoot-ctl as` runs the program as it); empty: root. */
+  user: "OFFSHOOT_USER",
   /** Variable: eth0's IPv4 address with its prefix length, e.g. `10.64.0.5/20`; empty: no
    * network (eth0 stays down). */
   address: "OFFSHOOT_ADDRESS",

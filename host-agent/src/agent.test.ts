@@ -60,6 +60,7 @@ describe("agent", () => {
       capacity: { vcpus: 8, memory_bytes: 16 * 1024 ** 3 },
       inventory: [expect.objectContaining({ id: "pre", state: "Running" })],
       images: [],
+      image_digests: [],
       in_flight: [],
     });
   });

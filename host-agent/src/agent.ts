@@ -129,7 +129,13 @@ class Link {
       (result) => this.send(result),
       operationsLog,
       // Progress is news, not record: lost while disconnected (the result is not).
-      new ImagePulls(images, config.pulls, log, (progress) => this.send(progress)),
+      new ImagePulls(
+        images,
+        config.pulls,
+        log,
+        (progress) => this.send(progress),
+        () => driver.rootfsInUse(),
+      ),
     );
     this.logs = new LogStreams(driver, paths, operationsLog);
     // Dropped while disconnected: the next hello's inventory carries the same news.

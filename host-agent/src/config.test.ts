@@ -15,7 +15,13 @@ describe("config", () => {
       driver: "sim",
       capacity: { vcpus: os.cpus().length, memory_bytes: os.totalmem() },
       sim: { latencyMs: 0, fail: {}, execLog: true },
-      pulls: { maxLayerBytes: 8 * 1024 ** 3, idleTimeoutMs: 30_000, insecure: [], concurrency: 2 },
+      pulls: {
+        maxLayerBytes: 8 * 1024 ** 3,
+        idleTimeoutMs: 30_000,
+        insecure: [],
+        concurrency: 2,
+        cacheBytes: 50 * 1024 ** 3,
+      },
       qemu: { accel: "auto", assetsDir: path.resolve(".data/vm-assets"), images: [], netns: null },
     });
   });

@@ -148,6 +148,9 @@ const Env = z.object({
         .map((x) => x.trim())
         .filter(Boolean),
     ),
+  // Pulled images' layers and root filesystems kept on this host, e.g. "50GB": past it, the
+  // least recently used images no instance boots are removed after each pull.
+  AGENT_IMAGE_CACHE_SIZE: size(() => 50 * 1024 ** 3),
   // Image pulls run at once on this host; more wait in order (their images are "pending").
   AGENT_PULL_CONCURRENCY: z.coerce
     .number({ error: POSITIVE_INT })
@@ -219,6 +222,7 @@ export interface AgentConfig {
     idleTimeoutMs: number;
     insecure: string[];
     concurrency: number;
+    cacheBytes: number;
   };
   qemu: {
     accel: "auto" | "kvm" | "tcg";
@@ -266,6 +270,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): AgentConfig {
       idleTimeoutMs: e.AGENT_REGISTRY_TIMEOUT_MS,
       insecure: e.AGENT_INSECURE_REGISTRIES,
       concurrency: e.AGENT_PULL_CONCURRENCY,
+      cacheBytes: e.AGENT_IMAGE_CACHE_SIZE,
     },
     qemu: {
       accel: e.AGENT_ACCEL,

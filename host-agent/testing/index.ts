@@ -91,7 +91,13 @@ export function agentConfig(
     driver: "sim",
     capacity: { vcpus: 8, memory_bytes: 16 * 1024 ** 3 },
     sim: { ...SIM_DEFAULTS, ...sim },
-    pulls: { maxLayerBytes: 8 * 1024 ** 3, idleTimeoutMs: 30_000, insecure: [], concurrency: 2 },
+    pulls: {
+      maxLayerBytes: 8 * 1024 ** 3,
+      idleTimeoutMs: 30_000,
+      insecure: [],
+      concurrency: 2,
+      cacheBytes: 50 * 1024 ** 3,
+    },
     qemu: { accel: "tcg", assetsDir: "/nonexistent", images: [], netns: null },
   };
 }

@@ -37,6 +37,8 @@ export interface Driver {
   inventory(): Promise<ObservedInstance[]>;
   /** The images instances can be created from ([] for a driver that needs none). */
   images(): Promise<ImageInfo[]>;
+  /** Rootfs files its instances boot: the image cache never evicts these. */
+  rootfsInUse(): Promise<Set<string>>;
   /** null when the host has no such instance. */
   get(id: string): Promise<ObservedInstance | null>;
 

@@ -38,6 +38,7 @@ export interface OciImage {
   cmd: string[] | null;
   env: Record<string, string>;
   working_dir: string | null;
+  user: string | null;
   /** The ref.name annotation of the chosen index entry, if any. */
   refName: string | undefined;
 }
@@ -99,6 +100,7 @@ async function readLayout(dir: string): Promise<OciImage> {
     cmd: c.Cmd ?? null,
     env,
     working_dir: c.WorkingDir || null,
+    user: c.User || null,
     refName,
   };
 }

@@ -156,6 +156,26 @@ describe("pulling from a registry", () => {
     expect(await rootfs(got.rootfs).cat("/two")).toHaveLength(5000);
   });
 
+  it("keeps the cache within its bound: least recently used first, never an image in use", async () => {
+    const store = freshStore();
+    const a = await pushed("cache/a:v1", { layers: [base, { entries: [file("a", "a")] }] });
+    const b = await pushed("cache/b:v1", { layers: [base, { entries: [file("b", "b")] }] });
+    const pa = await store.pull(`${reg.host}/cache/a:v1`);
+    const pb = await store.pull(`${reg.host}/cache/b:v1`);
+    // Everything fits: nothing goes.
+    expect(await store.evict(1024 ** 4, new Set())).toEqual([]);
+    // A is in use, B is not: B goes, with its own layer; the shared base stays for A.
+    expect(await store.evict(0, new Set([pa.rootfs]))).toEqual([b.digest]);
+    expect(await store.pulledDigests()).toEqual([a.digest]);
+    const blobs = readdirSync(path.join(store.dir, "blobs", "sha256"));
+    expect(blobs.sort()).toEqual(a.layers.map((l) => l.digest.slice(7)).sort());
+    expect(existsSync(pb.rootfs)).toBe(false);
+    // Kept while asked to keep it; gone, layers and all, once nothing holds it.
+    expect(await store.evict(0, new Set(), a.digest)).toEqual([]);
+    expect(await store.evict(0, new Set())).toEqual([a.digest]);
+    expect(leftovers(store)).toEqual([]);
+  });
+
   it("uses credentials for a private repository, and says when they are missing or wrong", async () => {
     await pushed("secret/app:v1", { layers: [base], config: { Cmd: ["/bin/sh"] } });
     const ref = `${reg.host}/secret/app:v1`;

@@ -8,7 +8,17 @@
 //   <dir>/blobs/sha256/<hex>               a pulled layer, verified against its digest
 //   <dir>/rootfs/<digest hex>.ext4         built once per digest, chmod 444
 import { createHash } from "node:crypto";
-import { chmod, mkdir, readdir, readFile, rename, stat, writeFile } from "node:fs/promises";
+import {
+  chmod,
+  mkdir,
+  readdir,
+  readFile,
+  rename,
+  rm,
+  stat,
+  utimes,
+  writeFile,
+} from "node:fs/promises";
 import path from "node:path";
 import { ImageInfo, InvalidRequestError, NotFoundError, normalizeImageRef } from "@offshoot/shared";
 import { z } from "zod";
@@ -25,15 +35,16 @@ import {
 } from "./registry.ts";
 import { buildRootfs } from "./rootfs.ts";
 
-export const StoredImage = ImageInfo.extend({ rootfs: z.string() });
+export const StoredImage = ImageInfo.extend({
+  rootfs: z.string(),
+  /** The config's User ("name", "uid", "name:group", …); null: root. */
+  user: z.string().nullable().default(null),
+});
 export type StoredImage = z.infer<typeof StoredImage>;
 
 /** A pulled image as this host keeps it: by digest, with no name (names are the tenants', in
  * the control plane). */
-export const PulledImage = ImageInfo.omit({ name: true }).extend({
-  rootfs: z.string(),
-  /** The config's User, as the image gives it ("" or absent: root). */
-  user: z.string().nullable(),
+export const PulledImage = StoredImage.omit({ name: true }).extend({
   layers: z.array(z.string()),
 });
 export type PulledImage = z.infer<typeof PulledImage>;
@@ -87,6 +98,7 @@ export class ImageStore {
         cmd: image.cmd,
         env: image.env,
         working_dir: image.working_dir,
+        user: image.user,
         created_at: new Date().toISOString(),
         rootfs,
       };
@@ -229,6 +241,11 @@ export class ImageStore {
   async forSpec(spec: { image: string; image_digest?: string | null }): Promise<StoredImage> {
     if (!spec.image_digest) return this.get(spec.image);
     let image = await this.pulled(spec.image_digest);
+    if (image) {
+      // Recently used: the last the cache evicts.
+      const now = new Date();
+      await utimes(this.digestFile(image.digest), now, now).catch(() => {});
+    }
     if (!image) {
       const normalized = normalizeImageRef(spec.image);
       const base = normalized?.split("@")[0];
@@ -242,8 +259,57 @@ export class ImageStore {
         );
       }
     }
-    const { user: _u, layers: _l, ...info } = image;
+    const { layers: _, ...info } = image;
     return { ...info, name: spec.image };
+  }
+
+  /**
+   * Keeps the pulled images' files (rootfs and layers) within `maxBytes`: least recently used
+   * first (a boot or a pull uses one), never one in `inUse` (rootfs paths; "*": all) or
+   * `keep`. A layer goes once no image left needs it. Returns the digests evicted: an instance
+   * placed here later pulls its image again.
+   */
+  async evict(maxBytes: number, inUse: Set<string>, keep?: string): Promise<string[]> {
+    if (inUse.has("*")) return [];
+    const held = await Promise.all(
+      (await this.pulledDigests()).map(async (d) => {
+        const image = await this.pulled(d);
+        const used = await stat(this.digestFile(d)).catch(() => undefined);
+        return image ? { image, usedAt: used?.mtimeMs ?? 0 } : undefined;
+      }),
+    );
+    const images = held.filter((h) => h !== undefined).sort((a, b) => a.usedAt - b.usedAt);
+    const sizeOf = async (f: string) => (await stat(f).catch(() => undefined))?.size ?? 0;
+    const blobSizes = new Map<string, number>();
+    for (const { image } of images) {
+      for (const l of image.layers) {
+        if (!blobSizes.has(l)) blobSizes.set(l, await sizeOf(this.blobFile(l)));
+      }
+    }
+    const rootfsSizes = new Map<string, number>();
+    for (const { image } of images) rootfsSizes.set(image.digest, await sizeOf(image.rootfs));
+    const total = () => {
+      const layers = new Set(images.flatMap((i) => i.image.layers));
+      let n = 0;
+      for (const l of layers) n += blobSizes.get(l) ?? 0;
+      for (const i of images) n += rootfsSizes.get(i.image.digest) ?? 0;
+      return n;
+    };
+    const evicted: string[] = [];
+    for (let i = 0; i < images.length && total() > maxBytes; ) {
+      const { image } = images[i] as (typeof images)[number];
+      if (image.digest === keep || inUse.has(image.rootfs)) {
+        i++;
+        continue;
+      }
+      images.splice(i, 1);
+      await rm(this.digestFile(image.digest), { force: true });
+      await rm(image.rootfs, { force: true });
+      const still = new Set(images.flatMap((x) => x.image.layers));
+      for (const l of image.layers) if (!still.has(l)) await rm(this.blobFile(l), { force: true });
+      evicted.push(image.digest);
+    }
+    return evicted;
   }
 
   /** One run of `work` per key at a time, whoever asks. */

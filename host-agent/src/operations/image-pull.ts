@@ -22,6 +22,8 @@ export class ImagePulls {
     private readonly config: AgentConfig["pulls"],
     private readonly log: Logger,
     private readonly onProgress: (p: ImageProgress) => void,
+    /** Rootfs files instances boot (never evicted). */
+    private readonly inUse: () => Promise<Set<string>>,
   ) {}
 
   async run(commandId: string, op: PullOp): Promise<Outcome> {
@@ -71,6 +73,13 @@ export class ImagePulls {
         size_bytes: image.size_bytes,
         ms: Math.round(performance.now() - started),
       });
+      const evicted = await this.images
+        .evict(this.config.cacheBytes, await this.inUse(), image.digest)
+        .catch((e: unknown) => {
+          this.log("warn", "image cache not trimmed", { error: errorMessage(e) });
+          return [];
+        });
+      if (evicted.length > 0) this.log("info", "images evicted from the cache", { evicted });
       return {
         ok: true,
         instances: [],

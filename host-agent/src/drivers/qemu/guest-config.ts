@@ -92,7 +92,8 @@ const CONFIG_BLOCK = 4096;
  */
 export function guestConfig(
   spec: Pick<InstanceSpec, "id" | "name" | "entrypoint" | "cmd" | "env" | "network">,
-  image: Pick<StoredImage, "name" | "entrypoint" | "cmd" | "env" | "working_dir">,
+  image: Pick<StoredImage, "name" | "entrypoint" | "cmd" | "env" | "working_dir"> &
+    Partial<Pick<StoredImage, "user">>,
 ): string {
   const ownEntrypoint = spec.entrypoint?.length ? spec.entrypoint : null;
   const entrypoint = ownEntrypoint ?? image.entrypoint ?? [];
@@ -112,6 +113,7 @@ export function guestConfig(
   const text = [
     `${GUEST_CONFIG.hostname}=${shellQuote(guestHostname(spec.name))}`,
     `${GUEST_CONFIG.workdir}=${shellQuote(image.working_dir || "/")}`,
+    `${GUEST_CONFIG.user}=${shellQuote(image.user ?? "")}`,
     `${GUEST_CONFIG.address}=${shellQuote(net.address ?? "")}`,
     `${GUEST_CONFIG.gateway}=${shellQuote(net.gateway ?? "")}`,
     `${GUEST_CONFIG.machineId}=${shellQuote(machineIdOf(spec.id))}`,

@@ -64,6 +64,7 @@ describe("guest NICs across an agent restart", () => {
         cmd: ["/usr/bin/count"],
         env: {},
         working_dir: null,
+        user: null,
         created_at: "2026-01-01T00:00:00Z",
         rootfs: "/nonexistent",
       },

@@ -101,7 +101,18 @@ export class QemuDriver implements Driver {
   }
 
   async images(): Promise<ImageInfo[]> {
-    return (await this.host.options.images.list()).map(({ rootfs: _, ...info }) => info);
+    return (await this.host.options.images.list()).map(({ rootfs: _, user: _u, ...info }) => info);
+  }
+
+  async rootfsInUse(): Promise<Set<string>> {
+    const used = new Set<string>();
+    for (const id of await this.host.store.ids()) {
+      const r = await this.host.store.read(id);
+      // A record that cannot be read keeps nothing safe: keep every rootfs then.
+      if (r.kind === "corrupt") return new Set(["*"]);
+      if (r.kind === "ok") used.add(r.record.image.rootfs);
+    }
+    return used;
   }
 
   async inventory(): Promise<ObservedInstance[]> {

@@ -64,6 +64,10 @@ export class SimDriver implements Driver {
     return [];
   }
 
+  async rootfsInUse(): Promise<Set<string>> {
+    return new Set();
+  }
+
   capabilities(): DriverCapabilities {
     return structuredClone(CAPABILITIES);
   }
