@@ -1,6 +1,7 @@
 // `npm run bench`: control-plane benchmarks against a real Postgres server (the sim part), then
-// fork benchmarks with real QEMU guests (the VM part, bench/vm.ts), written to BENCHMARKS.md.
-// BENCH_ONLY=sim or BENCH_ONLY=vm runs one part; the other part's last figures are kept.
+// fork benchmarks with real QEMU guests (the VM part, bench/vm.ts), then image pulls and boots
+// (the images part, bench/images.ts), written to BENCHMARKS.md. BENCH_ONLY=sim, vm or images
+// runs one part; the other parts' last figures are kept.
 // Not a test: figures are reported, never asserted.
 import { execFileSync } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
@@ -17,6 +18,7 @@ import { type RunningAgent, startAgent } from "../host-agent/src/index.ts";
 import type { Logger } from "../host-agent/src/log.ts";
 import { ensurePostgres } from "../scripts/postgres.ts";
 import { spawnControlPlane } from "../test/harness.ts";
+import { runImagesBench } from "./images.ts";
 import { benchReplicas } from "./replicas.ts";
 import { writeBenchPart } from "./results.ts";
 import {
@@ -224,15 +226,19 @@ async function simBench() {
 
 async function main() {
   const only = process.env.BENCH_ONLY;
-  if (only !== undefined && only !== "sim" && only !== "vm") {
-    throw new Error(`BENCH_ONLY must be "sim" or "vm", not "${only}"`);
+  if (only !== undefined && only !== "sim" && only !== "vm" && only !== "images") {
+    throw new Error(`BENCH_ONLY must be "sim", "vm" or "images", not "${only}"`);
   }
-  if (only !== "vm") await simBench();
-  if (only !== "sim") {
-    const text = await runVmBench(
-      vmBenchOptionsFromEnv(only ? `BENCH_ONLY=${only} npm run bench` : "npm run bench"),
-    );
+  const command = only ? `BENCH_ONLY=${only} npm run bench` : "npm run bench";
+  if (only === undefined || only === "sim") await simBench();
+  if (only === undefined || only === "vm") {
+    const text = await runVmBench(vmBenchOptionsFromEnv(command));
     writeBenchPart("vm", text);
+    console.log(text);
+  }
+  if (only === undefined || only === "images") {
+    const text = await runImagesBench(command);
+    writeBenchPart("images", text);
     console.log(text);
   }
 }

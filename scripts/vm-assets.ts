@@ -73,6 +73,9 @@ const PACKAGES: ReadonlyArray<readonly [pkg: string, file: string]> = [
   ["libc6-dev", "/usr/lib/x86_64-linux-gnu/libc.a"],
   // Not for building: the agent's guest network (its nftables table; ip and tc are iproute2's).
   ["nftables", "/usr/sbin/nft"],
+  // Nor these: pulled images' zstd layers, and erofs root filesystems (AGENT_ROOTFS_FORMAT).
+  ["zstd", "/usr/bin/zstd"],
+  ["erofs-utils", "/usr/bin/mkfs.erofs"],
 ];
 
 /** What the guest loads; virtio_pci is for q35/pc guests, the rest for microvm too. */
@@ -84,10 +87,11 @@ const WANTED_MODULES = [
   "virtio_console",
   "overlay",
   "ext4",
+  "erofs",
 ] as const;
 
 /** Only q35/pc guests need these; a kernel without them still boots microvm guests. */
-const OPTIONAL_MODULES: ReadonlySet<string> = new Set(["virtio_pci"]);
+const OPTIONAL_MODULES: ReadonlySet<string> = new Set(["virtio_pci", "erofs"]);
 
 /** The guest's /init, packed as it is (protocol.ts beside it says what it prints and reads). */
 export const INIT_FILE = path.join(REPO_ROOT, "host-agent", "guest", "init");

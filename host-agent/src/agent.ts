@@ -70,7 +70,7 @@ export async function startAgent(
   const release = await claimDataDir(paths);
   let journal: Journal | undefined;
   try {
-    const images = new ImageStore(paths.imagesDir);
+    const images = new ImageStore(paths.imagesDir, config.pulls.rootfsFormat);
     const driver = options.driver ?? (await createDriver(config, paths, log, images));
     journal = await Journal.open(paths.journal, { keep: options.journalKeep });
     const link = new Link(config, options, log, driver, images, journal, release, paths);

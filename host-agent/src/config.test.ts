@@ -21,6 +21,7 @@ describe("config", () => {
         insecure: [],
         concurrency: 2,
         cacheBytes: 50 * 1024 ** 3,
+        rootfsFormat: "erofs",
       },
       qemu: { accel: "auto", assetsDir: path.resolve(".data/vm-assets"), images: [], netns: null },
     });

@@ -44,6 +44,10 @@ function parseJson<T extends z.ZodType>(
   return z.NEVER;
 }
 
+/** A whole number above 0, from the environment's text. */
+const positiveInt = () =>
+  z.coerce.number({ error: POSITIVE_INT }).int(POSITIVE_INT).positive(POSITIVE_INT);
+
 /** A size setting ("16GB"), greater than 0; `fallback` when unset. */
 const size = (fallback: () => number) =>
   z
@@ -132,11 +136,7 @@ const Env = z.object({
   AGENT_MAX_LAYER_SIZE: size(() => 8 * 1024 ** 3),
   // Image pulls: how long a registry may stay silent (no response, no byte) before the pull
   // fails, in ms.
-  AGENT_REGISTRY_TIMEOUT_MS: z.coerce
-    .number({ error: POSITIVE_INT })
-    .int(POSITIVE_INT)
-    .positive(POSITIVE_INT)
-    .default(30_000),
+  AGENT_REGISTRY_TIMEOUT_MS: positiveInt().default(30_000),
   // Image pulls: registries (host:port, comma-separated) reached over plain HTTP. Loopback
   // registries always are, as in Docker.
   AGENT_INSECURE_REGISTRIES: z
@@ -148,30 +148,22 @@ const Env = z.object({
         .map((x) => x.trim())
         .filter(Boolean),
     ),
+  // What image root filesystems are built as: "erofs" (mkfs.erofs, Debian's erofs-utils) or
+  // "ext4" (mkfs.ext4 -d). BENCHMARKS.md compares them: erofs builds faster and is smaller,
+  // boots are alike.
+  AGENT_ROOTFS_FORMAT: z.enum(["ext4", "erofs"]).default("erofs"),
   // Pulled images' layers and root filesystems kept on this host, e.g. "50GB": past it, the
   // least recently used images no instance boots are removed after each pull.
   AGENT_IMAGE_CACHE_SIZE: size(() => 50 * 1024 ** 3),
   // Image pulls run at once on this host; more wait in order (their images are "pending").
-  AGENT_PULL_CONCURRENCY: z.coerce
-    .number({ error: POSITIVE_INT })
-    .int(POSITIVE_INT)
-    .positive(POSITIVE_INT)
-    .default(2),
+  AGENT_PULL_CONCURRENCY: positiveInt().default(2),
   // vCPUs this host offers to instances.
-  AGENT_VCPUS: z.coerce
-    .number({ error: POSITIVE_INT })
-    .int(POSITIVE_INT)
-    .positive(POSITIVE_INT)
-    .default(os.cpus().length),
+  AGENT_VCPUS: positiveInt().default(os.cpus().length),
   // Memory this host offers to instances, e.g. "16GB".
   AGENT_MEMORY: size(() => os.totalmem()),
   // Stop when the process with this pid is no longer this agent's parent (`npm start` sets it,
   // so that its agent cannot outlive it). Unset on real hosts.
-  AGENT_PARENT_PID: z.coerce
-    .number({ error: POSITIVE_INT })
-    .int(POSITIVE_INT)
-    .positive(POSITIVE_INT)
-    .optional(),
+  AGENT_PARENT_PID: positiveInt().optional(),
   // Sim only: where the simulated hypervisor keeps its instances (default <AGENT_DATA_DIR>/sim).
   // Its files stand in for hypervisor processes: they must outlive the agent, not the machine,
   // so a tmpfs such as /dev/shm will do, as /run does for a real hypervisor's runtime state.
@@ -223,6 +215,7 @@ export interface AgentConfig {
     insecure: string[];
     concurrency: number;
     cacheBytes: number;
+    rootfsFormat: "ext4" | "erofs";
   };
   qemu: {
     accel: "auto" | "kvm" | "tcg";
@@ -271,6 +264,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): AgentConfig {
       insecure: e.AGENT_INSECURE_REGISTRIES,
       concurrency: e.AGENT_PULL_CONCURRENCY,
       cacheBytes: e.AGENT_IMAGE_CACHE_SIZE,
+      rootfsFormat: e.AGENT_ROOTFS_FORMAT,
     },
     qemu: {
       accel: e.AGENT_ACCEL,

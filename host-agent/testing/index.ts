@@ -97,6 +97,7 @@ export function agentConfig(
       insecure: [],
       concurrency: 2,
       cacheBytes: 50 * 1024 ** 3,
+      rootfsFormat: "ext4",
     },
     qemu: { accel: "tcg", assetsDir: "/nonexistent", images: [], netns: null },
   };

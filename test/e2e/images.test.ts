@@ -7,8 +7,8 @@ import os from "node:os";
 import path from "node:path";
 import type { Image } from "@onkernel/hypeman/resources/images";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { busyboxEntries, file, writeLayout } from "../../host-agent/testing/oci.ts";
 import { push, startRegistry, type TestRegistry } from "../../host-agent/testing/registry.ts";
+import { busyboxEntries, file, writeLayout } from "../../scripts/oci-layout.ts";
 import { api, hypeman, seedTenant, waitFor } from "../harness.ts";
 import { type Stack, startStack } from "./env.ts";
 

@@ -14,7 +14,6 @@ import {
 } from "node:fs";
 import os from "node:os";
 import path from "node:path";
-import { execa } from "execa";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import {
   busyboxEntries,
@@ -24,8 +23,9 @@ import {
   type LayerSpec,
   symlink,
   writeLayout,
-} from "../../testing/oci.ts";
+} from "../../../scripts/oci-layout.ts";
 import { push, startRegistry, type TestRegistry } from "../../testing/registry.ts";
+import { readRootfs } from "../../testing/rootfs.ts";
 import { ImageStore, type PullProgress } from "./store.ts";
 
 const work = mkdtempSync(path.join(os.tmpdir(), "pull-test-"));
@@ -53,20 +53,6 @@ async function pushed(
 }
 
 const freshStore = () => new ImageStore(mkdtempSync(path.join(work, "store-")));
-
-/** Reads a built rootfs without mounting it. */
-function rootfs(file: string) {
-  const debugfs = async (cmd: string) => (await execa("debugfs", ["-R", cmd, file])).stdout;
-  return {
-    ls: async (d: string) =>
-      (await debugfs(`ls -p ${d}`))
-        .split("\n")
-        .map((l) => l.split("/")[5])
-        .filter((x): x is string => !!x && x !== "." && x !== "..")
-        .sort(),
-    cat: (f: string) => debugfs(`cat ${f}`),
-  };
-}
 
 /** What a store holds on disk besides what a successful pull adds: nothing half-made. */
 function leftovers(store: ImageStore): string[] {
@@ -125,7 +111,7 @@ describe("pulling from a registry", () => {
       working_dir: "/app",
       user: "app",
     });
-    const fs = rootfs(got.rootfs);
+    const fs = readRootfs(got.rootfs);
     expect(await fs.ls("/etc")).toEqual(["group", "passwd"]);
     expect(await fs.ls("/srv/data")).toEqual(["new"]);
     expect(await fs.cat("/app/run.sh")).toContain("echo hello");
@@ -153,7 +139,7 @@ describe("pulling from a registry", () => {
     expect(served).toBeGreaterThanOrEqual(own);
     expect(served).toBeLessThan(own + 4096);
     expect(baseSize).toBeGreaterThan(500_000);
-    expect(await rootfs(got.rootfs).cat("/two")).toHaveLength(5000);
+    expect(await readRootfs(got.rootfs).cat("/two")).toHaveLength(5000);
   });
 
   it("keeps the cache within its bound: least recently used first, never an image in use", async () => {

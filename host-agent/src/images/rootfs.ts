@@ -1,4 +1,5 @@
-// An image's layers, applied in order with OCI whiteouts, as one read-only ext4 file: the lower
+// An image's layers, applied in order with OCI whiteouts, as one read-only file system (ext4, or
+// erofs with AGENT_ROOTFS_FORMAT=erofs; BENCHMARKS.md compares them): the lower
 // half of every guest's overlayfs (/init mounts it read-only; the instance's disk is the upper).
 // Built once per manifest digest and shared by every instance of that image.
 import { randomBytes } from "node:crypto";
@@ -13,35 +14,47 @@ const MiB = 1024 * 1024;
  * launch): made in every rootfs so mounting never writes the instance's disk. */
 const MOUNT_POINTS = ["proc", "sys", "dev", "tmp", "run", ".offshoot"];
 
-export async function buildRootfs(layers: OciLayer[], stage: string, out: string): Promise<number> {
+export type RootfsFormat = "ext4" | "erofs";
+
+export async function buildRootfs(
+  layers: OciLayer[],
+  stage: string,
+  out: string,
+  format: RootfsFormat = "erofs",
+): Promise<number> {
   await rm(stage, { recursive: true, force: true });
   await mkdir(stage, { recursive: true });
   try {
     for (const layer of layers) await applyLayer(layer, stage);
     for (const d of MOUNT_POINTS) await mkdir(path.join(stage, d), { recursive: true });
-    const { bytes, entries } = await measure(stage);
-    // Room for ext4's own metadata; the filesystem is never written after this.
-    const size = Math.ceil((bytes * 1.1 + 16 * MiB) / MiB) * MiB;
     const tmp = `${out}.partial`;
     await rm(tmp, { force: true });
-    await execa("mkfs.ext4", [
-      "-q",
-      "-F",
-      "-L",
-      "offshoot-root",
-      "-O",
-      "^has_journal",
-      "-N",
-      String(entries + 1024),
-      "-E",
-      "root_owner=0:0",
-      "-d",
-      stage,
-      tmp,
-      `${size / 1024}k`,
-    ]);
+    if (format === "erofs") {
+      // Uncompressed: the guest reads it as it would ext4, without decompressing.
+      await execa("mkfs.erofs", ["--quiet", tmp, stage]);
+    } else {
+      const { bytes, entries } = await measure(stage);
+      // Room for ext4's own metadata; the filesystem is never written after this.
+      const size = Math.ceil((bytes * 1.1 + 16 * MiB) / MiB) * MiB;
+      await execa("mkfs.ext4", [
+        "-q",
+        "-F",
+        "-L",
+        "offshoot-root",
+        "-O",
+        "^has_journal",
+        "-N",
+        String(entries + 1024),
+        "-E",
+        "root_owner=0:0",
+        "-d",
+        stage,
+        tmp,
+        `${size / 1024}k`,
+      ]);
+    }
     await execa("mv", ["-f", tmp, out]);
-    return size;
+    return (await stat(out)).size;
   } finally {
     await rm(stage, { recursive: true, force: true });
   }

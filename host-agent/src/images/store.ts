@@ -6,7 +6,7 @@
 //   <dir>/refs/<sha256 of the name>.json   ImageInfo + rootfs path (images imported at start)
 //   <dir>/digests/<digest hex>.json        a pulled image: its config, layers and rootfs path
 //   <dir>/blobs/sha256/<hex>               a pulled layer, verified against its digest
-//   <dir>/rootfs/<digest hex>.ext4         built once per digest, chmod 444
+//   <dir>/rootfs/<digest hex>.<format>     built once per digest and format, chmod 444
 import { createHash } from "node:crypto";
 import {
   chmod,
@@ -33,7 +33,7 @@ import {
   type RegistryOptions,
   splitReference,
 } from "./registry.ts";
-import { buildRootfs } from "./rootfs.ts";
+import { buildRootfs, type RootfsFormat } from "./rootfs.ts";
 
 export const StoredImage = ImageInfo.extend({
   rootfs: z.string(),
@@ -69,7 +69,11 @@ export class ImageStore {
   /** One build per digest at a time, whoever asks. */
   private readonly building = new Map<string, Promise<number>>();
 
-  constructor(readonly dir: string) {
+  constructor(
+    readonly dir: string,
+    /** What new root filesystems are built as (ones already built stay as they are). */
+    readonly format: RootfsFormat = "erofs",
+  ) {
     this.refsDir = path.join(dir, "refs");
     this.rootfsDir = path.join(dir, "rootfs");
   }
@@ -87,7 +91,7 @@ export class ImageStore {
       if (!normalized) throw new InvalidRequestError(`invalid image reference "${ref}"`);
       const rootfs = this.rootfsFile(image.digest);
       const size = await this.ensureRootfs(image.digest, () =>
-        buildRootfs(image.layers, `${rootfs}.stage`, rootfs),
+        buildRootfs(image.layers, `${rootfs}.stage`, rootfs, this.format),
       );
       const stored: StoredImage = {
         name: normalized,
@@ -192,7 +196,7 @@ export class ImageStore {
       compression: layerCompression(l.mediaType) ?? "tar",
     }));
     const size = await this.ensureRootfs(resolved.digest, () =>
-      buildRootfs(ociLayers, `${rootfs}.stage`, rootfs),
+      buildRootfs(ociLayers, `${rootfs}.stage`, rootfs, this.format),
     );
     const image: PulledImage = {
       digest: resolved.digest,
@@ -338,7 +342,7 @@ export class ImageStore {
   }
 
   private rootfsFile(digest: string): string {
-    return path.join(this.rootfsDir, `${digest.slice("sha256:".length)}.ext4`);
+    return path.join(this.rootfsDir, `${digest.slice("sha256:".length)}.${this.format}`);
   }
 
   private async ensureRootfs(digest: string, build: () => Promise<number>): Promise<number> {

@@ -1,7 +1,8 @@
-// OCI image layouts for tests, built from tar entries written here (so a test can make any entry
-// a hostile layer could hold: "../" names, absolute paths, links out of the root), with each
-// layer gzip'd, zstd'd or plain. A layout holds one image; `push` (registry.ts) sends it to a
-// registry.
+// OCI image layouts built from tar entries written here (so a test can make any entry a hostile
+// layer could hold: "../" names, absolute paths, links out of the root), with each layer gzip'd,
+// zstd'd or plain: the test image (oci-image.ts), the images tests and benchmarks push to a
+// registry (host-agent/testing/registry.ts). A layout holds one image. Deterministic: no
+// timestamps, gzip without a name or time.
 //
 //   const dir = await writeLayout(tmp, { layers: [{ entries: [file("etc/motd", "hi")] }],
 //     config: { Cmd: ["/bin/sh"] } });
@@ -78,13 +79,20 @@ export function tar(entries: TarEntry[]): Buffer {
   return Buffer.concat(blocks);
 }
 
-/** A tree's files as tar entries, in a stable order (for real binaries like busybox). */
-export function busyboxEntries(): TarEntry[] {
+/** Debian's static busybox as /bin/busybox with a symlink per applet. */
+export function busyboxBin(): TarEntry[] {
   const applets = execFileSync("/bin/busybox", ["--list"]).toString().split("\n").filter(Boolean);
   return [
     dir("bin"),
     file("bin/busybox", readFileSync("/bin/busybox"), 0o755),
     ...applets.filter((a) => a !== "busybox").map((a) => symlink(`bin/${a}`, "busybox")),
+  ];
+}
+
+/** A base layer for test images: busybox, root and an `app` user (1000:1000). */
+export function busyboxEntries(): TarEntry[] {
+  return [
+    ...busyboxBin(),
     dir("etc"),
     file("etc/passwd", "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n"),
     file("etc/group", "root:x:0:\napp:x:1000:\n"),
@@ -93,6 +101,8 @@ export function busyboxEntries(): TarEntry[] {
 
 export interface LayerSpec {
   entries: TarEntry[];
+  /** A tar made elsewhere, used instead of `entries`. */
+  tar?: Buffer;
   compression?: "gzip" | "zstd" | "tar";
 }
 
@@ -116,7 +126,13 @@ const sha256 = (b: Buffer) => createHash("sha256").update(b).digest("hex");
  * each layer's descriptor. `layers` may also be raw compressed bytes (a corrupt stream). */
 export function writeLayout(
   out: string,
-  image: { layers: LayerSpec[]; config?: ImageConfig; architecture?: string },
+  image: {
+    layers: LayerSpec[];
+    config?: ImageConfig;
+    architecture?: string;
+    /** The org.opencontainers.image.ref.name annotation of the index's entry. */
+    refName?: string;
+  },
 ): { digest: string; layers: Array<{ digest: string; size: number }> } {
   mkdirSync(path.join(out, "blobs", "sha256"), { recursive: true });
   const blob = (mediaType: string, bytes: Buffer) => {
@@ -125,7 +141,7 @@ export function writeLayout(
     return { mediaType, digest: `sha256:${hex}`, size: bytes.length };
   };
   const layers = image.layers.map((l) => {
-    const raw = tar(l.entries);
+    const raw = l.tar ?? tar(l.entries);
     const c = l.compression ?? "gzip";
     const bytes =
       c === "gzip"
