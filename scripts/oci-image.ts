@@ -27,7 +27,7 @@ while :; do
 done
 `;
 const RECIPE = createHash("sha256")
-  .update(JSON.stringify({ v: 3, COUNT }))
+  .update(JSON.stringify({ v: 4, COUNT }))
   .digest("hex")
   .slice(0, 12);
 

@@ -179,7 +179,13 @@ export function writeLayout(
     JSON.stringify({
       schemaVersion: 2,
       manifests: [
-        { ...manifest, platform: { os: "linux", architecture: image.architecture ?? "amd64" } },
+        {
+          ...manifest,
+          platform: { os: "linux", architecture: image.architecture ?? "amd64" },
+          ...(image.refName
+            ? { annotations: { "org.opencontainers.image.ref.name": image.refName } }
+            : {}),
+        },
       ],
     }),
   );

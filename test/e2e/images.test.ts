@@ -6,7 +6,9 @@ import { mkdtempSync, rmSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import type { Image } from "@onkernel/hypeman/resources/images";
+import { eq } from "drizzle-orm";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { hosts, images } from "../../control-plane/src/db/schema/index.ts";
 import { push, startRegistry, type TestRegistry } from "../../host-agent/testing/registry.ts";
 import { busyboxEntries, file, writeLayout } from "../../scripts/oci-layout.ts";
 import { api, hypeman, seedTenant, waitFor } from "../harness.ts";
@@ -182,5 +184,51 @@ describe("images pulled from a registry", { timeout: 120_000 }, () => {
       reg.signal("SIGCONT");
     }
     for (const name of names) expect((await settled(name)).status).toBe("ready");
+  });
+
+  it("starts a pull again elsewhere when the host it was on is gone, and ignores the old one's answer", async () => {
+    const name = `${reg.host}/public/moved:v1`;
+    await pushed("public/moved:v1", [{ entries: [file("moved", "m")] }]);
+    const row = async () => {
+      const [r] = await stack.db.select().from(images).where(eq(images.name, name));
+      return r;
+    };
+    reg.signal("SIGSTOP");
+    let first: string | null | undefined;
+    try {
+      expect((await call("POST", "/images", { name })).status).toBe(202);
+      const before = await row();
+      first = before?.hostId;
+      expect(first).toBeTruthy();
+      // Its host drops out (as a lost agent would be marked): asked again, the pull moves.
+      await stack.db
+        .update(hosts)
+        .set({ status: "offline" })
+        .where(eq(hosts.id, first as string));
+      expect((await call("POST", "/images", { name })).status).toBe(202);
+      const after = await row();
+      expect(after?.hostId).not.toBe(first);
+      expect(after?.operationId).not.toBe(before?.operationId);
+    } finally {
+      if (first) await stack.db.update(hosts).set({ status: "online" }).where(eq(hosts.id, first));
+      reg.signal("SIGCONT");
+    }
+    const ready = await settled(name);
+    expect(ready.status).toBe("ready");
+    // The first pull ran to its end too: its host holds the image, and the row still names the
+    // second pull, whichever answered last.
+    await waitFor(
+      async () => {
+        const [h] = await stack.db
+          .select()
+          .from(hosts)
+          .where(eq(hosts.id, first as string));
+        return h?.imageDigests.includes(ready.digest) ? h : undefined;
+      },
+      { timeoutMs: 30_000, what: "the first host to hold the image" },
+    );
+    const last = await row();
+    expect(last?.hostId).not.toBe(first);
+    expect(last?.status).toBe("ready");
   });
 });

@@ -181,7 +181,19 @@ export async function pullImage(
       .select()
       .from(images)
       .where(and(eq(images.tenantId, tenantId), eq(images.name, name)));
-    if (existing && (IN_FLIGHT as readonly string[]).includes(existing.status)) {
+    // A pull in flight on a connected host is joined; one whose host is gone starts again
+    // elsewhere (its result, should it come, is for an operation the row no longer names).
+    const inFlight =
+      existing &&
+      (IN_FLIGHT as readonly string[]).includes(existing.status) &&
+      existing.hostId !== null &&
+      (
+        await tx
+          .select({ id: hosts.id })
+          .from(hosts)
+          .where(and(eq(hosts.id, existing.hostId), online(hostGrace(s))))
+      ).length > 0;
+    if (existing && inFlight) {
       if (!sameCredentials(existing.credentialsHash, credentials)) {
         throw new ConflictError(
           `an image pull of ${name} is already in flight with different credentials`,
