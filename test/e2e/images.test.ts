@@ -8,7 +8,7 @@ import path from "node:path";
 import type { Image } from "@onkernel/hypeman/resources/images";
 import { eq } from "drizzle-orm";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { hosts, images } from "../../control-plane/src/db/schema/index.ts";
+import { hosts, images, instances } from "../../control-plane/src/db/schema/index.ts";
 import { push, startRegistry, type TestRegistry } from "../../host-agent/testing/registry.ts";
 import { busyboxEntries, file, writeLayout } from "../../scripts/oci-layout.ts";
 import { api, hypeman, seedTenant, waitFor } from "../harness.ts";
@@ -42,7 +42,9 @@ describe("images pulled from a registry", { timeout: 120_000 }, () => {
     reg = await startRegistry({ private: ["secret/app"] });
     stack = await startStack({
       // One pull at a time per host, so the queue is visible; a hung registry outlasts a test.
-      agents: [1, 2].map(() => ({
+      // The first host has more memory: placement by free memory alone would always pick it.
+      agents: ["8GB", "4GB"].map((memory) => ({
+        AGENT_MEMORY: memory,
         AGENT_PULL_CONCURRENCY: "1",
         AGENT_REGISTRY_TIMEOUT_MS: "120000",
       })),
@@ -230,5 +232,32 @@ describe("images pulled from a registry", { timeout: 120_000 }, () => {
     const last = await row();
     expect(last?.hostId).not.toBe(first);
     expect(last?.status).toBe("ready");
+  });
+
+  it("places an instance on a host that holds its image, before one with more room", async () => {
+    const busy = `${reg.host}/public/busy:v1`;
+    const mine = `${reg.host}/public/placed:v1`;
+    await pushed("public/busy:v1", [{ entries: [file("busy", "b")] }]);
+    await pushed("public/placed:v1", [{ entries: [file("placed", "p")] }]);
+    const hostOf = async (name: string) =>
+      (await stack.db.select().from(images).where(eq(images.name, name)))[0]?.hostId;
+    // The big host takes the first pull (it has the most memory) and is kept busy with it, so
+    // the second goes to the small host.
+    reg.signal("SIGSTOP");
+    try {
+      await call("POST", "/images", { name: busy });
+      await call("POST", "/images", { name: mine });
+    } finally {
+      reg.signal("SIGCONT");
+    }
+    const [big, small] = stack.hostIds;
+    expect(await hostOf(busy)).toBe(big);
+    expect(await hostOf(mine)).toBe(small);
+    expect((await settled(mine)).status).toBe("ready");
+    const inst = await client.instances.create({ name: "placed-1", image: mine, size: "1GB" });
+    const [row] = await stack.db.select().from(instances).where(eq(instances.id, inst.id));
+    expect(row?.hostId).toBe(small);
+    await client.instances.delete("placed-1");
+    expect((await settled(busy)).status).toBe("ready");
   });
 });
