@@ -1,6 +1,11 @@
-import { appendFileSync } from "node:fs";
+import { appendFileSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { sql } from "drizzle-orm";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { agentPaths } from "../../host-agent/src/paths.ts";
+import { push, startRegistry } from "../../host-agent/testing/registry.ts";
+import { file, writeLayout } from "../../scripts/oci-layout.ts";
 import {
   type AgentProcess,
   hostOnline,
@@ -49,6 +54,45 @@ describe("Cloudflare Workers deployment (wrangler dev)", { timeout: 120_000 }, (
     await clientScenario(hypeman(worker.url, apiKey)).catch((e: unknown) => {
       throw new Error(`${(e as Error).message}\nworker:\n${worker.output().slice(-4000)}`);
     });
+  });
+
+  it("pulls a private image with credentials through the Worker and its HostSession", async () => {
+    const reg = await startRegistry({ private: ["secret/app"] });
+    const work = mkdtempSync(path.join(os.tmpdir(), "workers-image-"));
+    try {
+      writeLayout(work, {
+        layers: [{ entries: [file("hello", "hi")] }],
+        config: { Cmd: ["/bin/sh"] },
+      });
+      const name = `${reg.host}/secret/app:v1`;
+      await push(work, name, reg.user);
+      const client = hypeman(worker.url, apiKey);
+      // The credentials go from the Worker to the object to the agent, and nowhere else.
+      const started = await client.images.create({ name, credentials: reg.user });
+      expect(started.status).toMatch(/pending|pulling|converting|ready/);
+      const done = await waitFor(
+        async () => {
+          const i = await client.images.get(name);
+          return i.status === "ready" || i.status === "failed" ? i : undefined;
+        },
+        { timeoutMs: 60_000, what: "the pull through the Worker" },
+      );
+      expect(done).toMatchObject({ status: "ready", cmd: ["/bin/sh"], error: null });
+      const stored = await database.database.db.execute(
+        sql`select payload::text as p from operations where kind = 'image_pull'`,
+      );
+      expect((stored as unknown as unknown[]).length).toBeGreaterThan(0);
+      for (const row of stored as unknown as Array<{ p: string }>) {
+        expect(row.p).not.toContain(reg.user.password);
+      }
+      // Nor on the host's disk: the journal records the command without them.
+      const journal = readFileSync(agentPaths(agent.dataDir).journal, "utf8");
+      expect(journal).toContain("image_pull");
+      expect(journal).not.toContain(reg.user.password);
+    } finally {
+      await reg.stop();
+      rmSync(work, { recursive: true, force: true });
+    }
   });
 
   it("streams logs from the agent through the Durable Object", async () => {
