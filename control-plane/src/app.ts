@@ -17,6 +17,7 @@ import { registerImageRoutes } from "./routes/images.ts";
 import { registerInstanceRoutes } from "./routes/instances/index.ts";
 import { referencePage } from "./routes/reference.ts";
 import { registerUnsupportedRoutes, UNSUPPORTED_PREFIXES } from "./routes/unsupported.ts";
+import { registerVolumeRoutes } from "./routes/volumes.ts";
 import { newCall, type Services } from "./services/context.ts";
 import { bearerToken, type Credentials } from "./services/credentials.ts";
 import { parseWaitTimeout } from "./services/instances/wait.ts";
@@ -242,7 +243,7 @@ export function createApp({ services, credentials, mountAgentEndpoint }: AppDeps
     }
   };
 
-  for (const prefix of ["/instances", "/images", ...UNSUPPORTED_PREFIXES]) {
+  for (const prefix of ["/instances", "/images", "/volumes", ...UNSUPPORTED_PREFIXES]) {
     for (const path of [prefix, `${prefix}/*`]) {
       app.use(path, authed);
       app.use(path, requestDeadline);
@@ -251,6 +252,7 @@ export function createApp({ services, credentials, mountAgentEndpoint }: AppDeps
 
   registerInstanceRoutes(app);
   registerImageRoutes(app);
+  registerVolumeRoutes(app);
   registerUnsupportedRoutes(app);
   return app;
 }

@@ -57,6 +57,9 @@ export const GUEST_DISKS = {
   cfg: "offshoot-cfg",
 } as const;
 
+/** A volume's disk is `offshoot-vol<n>`, n its place in the instance's volume list. */
+export const VOLUME_DISK_PREFIX = "offshoot-vol";
+
 /**
  * What the config disk defines, every value single-quoted. Besides these, the fragment ends with
  * `set -- ARGV…`: the program and its arguments (argv[0] is looked up in the PATH its
@@ -79,6 +82,9 @@ export const GUEST_CONFIG = {
   machineId: "OFFSHOOT_MACHINE_ID",
   /** Shell function: exports the program's environment. */
   env: "offshoot_env",
+  /** Shell function: calls `offshoot_volume N MODE PATH` (MODE rw, ro or overlay) for each
+   * volume, which /init defines and runs after the root is mounted. */
+  volumes: "offshoot_volumes",
 } as const;
 
 /** Kernel command line parameter of a guest without disks: `offshoot.cmd=BASE64`, a shell

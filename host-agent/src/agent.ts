@@ -24,9 +24,11 @@ import { ImageStore } from "./images/store.ts";
 import { Journal } from "./journal.ts";
 import { errorMessage, type Logger, stdoutLogger } from "./log.ts";
 import { LogStreams } from "./logs.ts";
+import { HostOps } from "./operations/host-ops.ts";
 import { ImagePulls } from "./operations/image-pull.ts";
 import { OperationsLog } from "./operations-log.ts";
 import { type AgentPaths, agentPaths } from "./paths.ts";
+import { VolumeStore } from "./volumes.ts";
 
 export const AGENT_VERSION = z
   .object({ version: z.string() })
@@ -71,9 +73,10 @@ export async function startAgent(
   let journal: Journal | undefined;
   try {
     const images = new ImageStore(paths.imagesDir, config.pulls.rootfsFormat);
-    const driver = options.driver ?? (await createDriver(config, paths, log, images));
+    const volumes = new VolumeStore(paths.volumesDir);
+    const driver = options.driver ?? (await createDriver(config, paths, log, images, volumes));
     journal = await Journal.open(paths.journal, { keep: options.journalKeep });
-    const link = new Link(config, options, log, driver, images, journal, release, paths);
+    const link = new Link(config, options, log, driver, images, volumes, journal, release, paths);
     await link.commands.recover();
     log("info", "agent started", {
       version: AGENT_VERSION,
@@ -116,6 +119,7 @@ class Link {
     private readonly log: Logger,
     private readonly driver: Driver,
     private readonly images: ImageStore,
+    volumes: VolumeStore,
     private readonly journal: Journal,
     private readonly release: () => Promise<void>,
     paths: AgentPaths,
@@ -128,13 +132,17 @@ class Link {
       log,
       (result) => this.send(result),
       operationsLog,
-      // Progress is news, not record: lost while disconnected (the result is not).
-      new ImagePulls(
-        images,
-        config.pulls,
-        log,
-        (progress) => this.send(progress),
-        () => driver.rootfsInUse(),
+      new HostOps(
+        // Progress is news, not record: lost while disconnected (the result is not).
+        new ImagePulls(
+          images,
+          config.pulls,
+          log,
+          (progress) => this.send(progress),
+          () => driver.rootfsInUse(),
+        ),
+        volumes,
+        driver,
       ),
     );
     this.logs = new LogStreams(driver, paths, operationsLog);

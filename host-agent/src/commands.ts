@@ -6,7 +6,8 @@ import { type Command, ErrorCode, PROTOCOL_VERSION, type Result } from "@offshoo
 import type { Driver, OpContext } from "./drivers/driver.ts";
 import type { Journal, Outcome } from "./journal.ts";
 import { errorMessage, type Logger } from "./log.ts";
-import { type ImagePulls, withoutSecrets } from "./operations/image-pull.ts";
+import { type HostOps, isHostOp } from "./operations/host-ops.ts";
+import { withoutSecrets } from "./operations/image-pull.ts";
 import { execute, instanceIds, observe, toCommandError } from "./operations/index.ts";
 import { InstanceLocks } from "./operations/locks.ts";
 import type { OperationsLog } from "./operations-log.ts";
@@ -32,8 +33,8 @@ export class Commands {
     private readonly onResult: (result: Result) => void,
     /** Where each instance's operations are noted (log source "hypeman"); none if absent. */
     private readonly operationsLog?: OperationsLog,
-    /** Runs image_pull; absent: such a command fails. */
-    private readonly pulls?: ImagePulls,
+    /** Runs the host's own commands (image_pull, volume_*); absent: they fail. */
+    private readonly hostOps?: HostOps,
   ) {}
 
   /** Ids of commands executing now, for hello's in_flight. */
@@ -66,6 +67,11 @@ export class Commands {
       let outcome: Outcome;
       if (op.kind === "delete") {
         outcome = await execute(this.driver, this.locks, op, this.context(id));
+      } else if (op.kind === "volume_create" || op.kind === "volume_delete") {
+        // Idempotent, like delete: run again.
+        outcome = this.hostOps
+          ? await this.hostOps.run(id, op)
+          : { ok: false, error: { code: INTERRUPTED, message: "agent restarted" }, instances: [] };
       } else if (op.kind === "image_pull") {
         // Nothing to undo: a layer or rootfs is kept only once whole. Asked again, it resumes.
         const message = "agent restarted while pulling the image; pull it again";
@@ -120,12 +126,12 @@ export class Commands {
     try {
       await this.journal.begin(withoutSecrets(command));
       this.operationsLog?.note(op, `${op.kind} started (command ${id})`);
-      if (op.kind === "image_pull") {
-        outcome = this.pulls
-          ? await this.pulls.run(id, op)
+      if (isHostOp(op)) {
+        outcome = this.hostOps
+          ? await this.hostOps.run(id, op)
           : {
               ok: false,
-              error: { code: "not_supported", message: "this agent pulls no images" },
+              error: { code: "not_supported", message: `this agent runs no ${op.kind}` },
               instances: [],
             };
       } else {

@@ -18,6 +18,8 @@ export interface AgentPaths {
   readonly operationsLogDir: string;
   /** The image cache (images/store.ts): refs and one read-only rootfs per digest. */
   readonly imagesDir: string;
+  /** Volumes (volumes.ts): one ext4 file each. */
+  readonly volumesDir: string;
   readonly sim: {
     /** One line per op the sim executed (not replayed), for tests. */
     readonly execLog: string;
@@ -81,6 +83,7 @@ export function agentPaths(root: string, simDir = path.join(root, "sim")): Agent
     operationsLogDir: path.join(root, "operations"),
     operationsLog: (id) => path.join(root, "operations", `${checkInstanceId(id)}.log`),
     imagesDir: path.join(root, "images"),
+    volumesDir: path.join(root, "volumes"),
     qemu: qemuPaths(path.join(root, "qemu")),
     sim: {
       execLog: path.join(root, "sim-exec.log"),

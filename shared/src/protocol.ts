@@ -4,7 +4,7 @@
 import { z } from "zod";
 import { type ErrorCode, isErrorCode } from "./errors.ts";
 import { ImageInfo } from "./images.ts";
-import { ForkTargetState, Hypervisor, InstanceState, VolumeMount } from "./schemas.ts";
+import { ForkTargetState, Hypervisor, InstanceState } from "./schemas.ts";
 
 export const PROTOCOL_VERSION = 1 as const;
 /** Where agents dial in, under the control plane's base URL. */
@@ -91,7 +91,18 @@ export const InstanceSpec = z.object({
     bandwidth_download_bps: z.number().int().nonnegative().nullable(),
     bandwidth_upload_bps: z.number().int().nonnegative().nullable(),
   }),
-  volumes: z.array(VolumeMount),
+  /** Attached volumes, in order; `key` names the volume's file on the host (absent in specs
+   * from before volumes were real: such a spec attaches none). */
+  volumes: z.array(
+    z.object({
+      volume_id: z.string(),
+      mount_path: z.string(),
+      readonly: z.boolean().optional(),
+      overlay: z.boolean().optional(),
+      overlay_size: z.string().optional(),
+      key: z.string().regex(/^[a-z0-9]{1,64}$/).optional(),
+    }),
+  ),
 });
 export type InstanceSpec = z.infer<typeof InstanceSpec>;
 
@@ -126,6 +137,8 @@ export const Operation = z.discriminatedUnion("kind", [
     target: InstanceSpec,
     target_state: ForkTargetState,
   }),
+  z.object({ kind: z.literal("volume_create"), key: Id, size_bytes: z.number().int().positive() }),
+  z.object({ kind: z.literal("volume_delete"), key: Id }),
   z.object({
     kind: z.literal("image_pull"),
     image_id: z.string(),

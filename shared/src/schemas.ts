@@ -139,6 +139,44 @@ export const VolumeMount = z
   .openapi("VolumeMount");
 export type VolumeMount = z.infer<typeof VolumeMount>;
 
+/** Volume ids: what a user may choose (and what is generated): no path, no spaces. */
+export const VOLUME_ID = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
+/** The largest volume a request may ask for. */
+export const MAX_VOLUME_GB = 2048;
+
+export const VolumeAttachment = z
+  .object({
+    instance_id: z.string(),
+    mount_path: z.string(),
+    readonly: z.boolean(),
+  })
+  .openapi("VolumeAttachment");
+
+export const Volume = z
+  .object({
+    id: z.string().openapi({ example: "vol-data-1" }),
+    name: z.string(),
+    size_gb: z.number().int(),
+    attachments: z.array(VolumeAttachment).optional(),
+    tags: z.record(z.string(), z.string()).optional(),
+    created_at: z.string().openapi({ format: "date-time" }),
+  })
+  .openapi("Volume");
+export type Volume = z.infer<typeof Volume>;
+
+export const CreateVolumeRequest = z
+  .object({
+    name: z.string().min(1).max(255),
+    size_gb: z.number().int().min(1).max(MAX_VOLUME_GB),
+    id: z
+      .string()
+      .regex(VOLUME_ID, "id must be 1–63 letters, digits, _ . -, starting with a letter or digit")
+      .optional(),
+    tags: Tags.optional(),
+  })
+  .openapi("CreateVolumeRequest");
+export type CreateVolumeRequest = z.infer<typeof CreateVolumeRequest>;
+
 export const InstanceGPU = z
   .object({ profile: z.string().optional(), mdev_uuid: z.string().optional() })
   .openapi("InstanceGPU");

@@ -89,6 +89,9 @@ describe("fork rules (two sim hosts)", () => {
   });
 
   it("gives the fork a new identity and inherits the source's settings", async () => {
+    expect((await call("POST", "/volumes", { id: "vol-ro", name: "ro", size_gb: 1 })).status).toBe(
+      201,
+    );
     const src = await create(call, "id-src", {
       env: { A: "1" },
       tags: { team: "x" },
@@ -153,14 +156,17 @@ describe("fork rules (two sim hosts)", () => {
     for (const n of names) expect(host.get(`${n}-f`), n).toBe(host.get(n));
   });
 
-  it("refuses a writable volume with 501 and says why; nothing written", async () => {
+  it("refuses a writable volume with 409 naming it; nothing written", async () => {
+    expect((await call("POST", "/volumes", { id: "vol-rw", name: "rw", size_gb: 1 })).status).toBe(
+      201,
+    );
     await create(call, "wv-src", { volumes: [{ volume_id: "vol-rw", mount_path: "/data" }] });
     await call("POST", "/instances/wv-src/stop");
     const before = await rowCounts(stack);
     const r = await call("POST", "/instances/wv-src/fork", { name: "wv-f" });
-    expect(r.status).toBe(501);
-    expect(r.body).toMatchObject({ code: "not_supported" });
-    expect((r.body as { message: string }).message).toMatch(/writable/);
+    expect(r.status).toBe(409);
+    expect(r.body).toMatchObject({ code: "conflict" });
+    expect((r.body as { message: string }).message).toMatch(/volume vol-rw is attached writable/);
     expect(await rowCounts(stack)).toEqual(before);
   });
 

@@ -11,7 +11,7 @@ const NameParam = z.object({
 });
 
 /** `tags[key]=value` query parameters (deepObject), as a record. */
-function tagFilter(queries: Record<string, string[]>): Record<string, string> {
+export function tagFilter(queries: Record<string, string[]>): Record<string, string> {
   const tags: Record<string, string> = {};
   for (const [k, v] of Object.entries(queries)) {
     const m = /^tags\[(.+)\]$/.exec(k);

@@ -4,7 +4,7 @@ import type { Router } from "./common.ts";
 // Routes of Hypeman's API that this control plane does not serve yet. Each answers 501
 // not_supported (after authentication, as every route), so the official client can tell "not
 // here yet" from "no such instance" (404); a path that is no route of the API stays a 404.
-// POST /images and DELETE /images/{name} are answered in images.ts.
+// Images are answered in images.ts, volumes (but for from-archive) in volumes.ts.
 const UNSUPPORTED: ReadonlyArray<readonly [method: string, path: string]> = [
   ["PATCH", "/instances/:id"],
   ["GET", "/instances/:id/stat"],
@@ -25,11 +25,7 @@ const UNSUPPORTED: ReadonlyArray<readonly [method: string, path: string]> = [
   ["GET", "/snapshots/:id"],
   ["DELETE", "/snapshots/:id"],
   ["POST", "/snapshots/:id/fork"],
-  ["GET", "/volumes"],
-  ["POST", "/volumes"],
   ["POST", "/volumes/from-archive"],
-  ["GET", "/volumes/:id"],
-  ["DELETE", "/volumes/:id"],
   ["GET", "/resources"],
   ["POST", "/resources/memory/reclaim"],
   ["GET", "/capabilities"],
@@ -60,7 +56,7 @@ const UNSUPPORTED: ReadonlyArray<readonly [method: string, path: string]> = [
 /** The first segment of every path above: these need an API key like every other route. */
 export const UNSUPPORTED_PREFIXES = [
   ...new Set(UNSUPPORTED.map(([, path]) => `/${path.split("/")[1]}`)),
-].filter((p) => p !== "/instances" && p !== "/images");
+].filter((p) => p !== "/instances" && p !== "/images" && p !== "/volumes");
 
 export function registerUnsupportedRoutes(app: Router) {
   for (const [method, path] of UNSUPPORTED) {

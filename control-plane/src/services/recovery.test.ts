@@ -157,7 +157,7 @@ class ScriptedHost implements HostGateway {
             [op.source_id, "shared"],
             [op.target.id, "exclusive"],
           ]
-        : op.kind === "image_pull"
+        : op.kind === "image_pull" || op.kind === "volume_create" || op.kind === "volume_delete"
           ? []
           : [[op.kind === "create" ? op.instance.id : op.instance_id, "exclusive"]];
     for (const [id, mode] of wants) {
@@ -202,7 +202,9 @@ class ScriptedHost implements HostGateway {
           ],
         };
       case "image_pull":
-        throw new Error("the scripted host pulls no images");
+      case "volume_create":
+      case "volume_delete":
+        throw new Error(`the scripted host runs no ${op.kind}`);
     }
   }
   hello(): Hello {

@@ -39,6 +39,8 @@ export interface Driver {
   images(): Promise<ImageInfo[]>;
   /** Rootfs files its instances boot: the image cache never evicts these. */
   rootfsInUse(): Promise<Set<string>>;
+  /** Keys of the volumes its instances attach: those are not deleted. */
+  volumesInUse(): Promise<Set<string>>;
   /** null when the host has no such instance. */
   get(id: string): Promise<ObservedInstance | null>;
 

@@ -6,6 +6,7 @@ import type { ImageStore } from "../images/store.ts";
 import type { Logger } from "../log.ts";
 import { HostNetwork } from "../network/index.ts";
 import type { AgentPaths } from "../paths.ts";
+import type { VolumeStore } from "../volumes.ts";
 import type { Driver } from "./driver.ts";
 import { resolveAccel } from "./qemu/accel.ts";
 import { QemuDriver } from "./qemu/qemu-driver.ts";
@@ -18,6 +19,7 @@ export async function createDriver(
   paths: AgentPaths,
   log: Logger,
   images: ImageStore,
+  volumes: VolumeStore,
 ): Promise<Driver> {
   switch (config.driver) {
     case "sim":
@@ -47,7 +49,13 @@ export async function createDriver(
       }
       // Guests' bridge, TAPs and NAT: in AGENT_NETNS, or the agent's own namespace.
       const network = await HostNetwork.open({ netns: config.qemu.netns });
-      const driver = new QemuDriver(paths, { assets, accel: decision.accel, images, network });
+      const driver = new QemuDriver(paths, {
+        assets,
+        accel: decision.accel,
+        images,
+        volumes,
+        network,
+      });
       const { failed, ...adopted } = await driver.adoptNetwork();
       log("info", "guest network ready", { netns: config.qemu.netns ?? "", ...adopted });
       if (failed.length > 0) {

@@ -43,6 +43,8 @@ export async function rollbackOperation(
       await d.remove(op.instance_id);
       return [];
     case "image_pull":
+    case "volume_create":
+    case "volume_delete":
       return [];
     default:
       await d.converge(op.instance_id);

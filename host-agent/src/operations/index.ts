@@ -25,6 +25,8 @@ export function instanceIds(op: Operation): string[] {
     case "fork":
       return [op.source_id, op.target.id];
     case "image_pull":
+    case "volume_create":
+    case "volume_delete":
       return [];
     default:
       return [op.instance_id];
@@ -48,7 +50,9 @@ function dispatch(driver: Driver, op: Operation, ctx: OpContext): Promise<Observ
     case "fork":
       return fork(driver, op, ctx);
     case "image_pull":
-      throw new Error("image_pull is run by the agent's image pulls, not a driver");
+    case "volume_create":
+    case "volume_delete":
+      throw new Error(`${op.kind} is run by the agent (host-ops.ts), not a driver`);
   }
 }
 

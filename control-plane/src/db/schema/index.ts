@@ -5,3 +5,4 @@ export * from "./images.ts";
 export * from "./instances.ts";
 export * from "./operations.ts";
 export * from "./tenants.ts";
+export * from "./volumes.ts";

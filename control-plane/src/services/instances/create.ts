@@ -16,6 +16,7 @@ import { type Call, hostGrace, newCall, type Services } from "../context.ts";
 import { holdsDigest, imageForInstance, lacksImage, requireBootable, tooSmall } from "../images.ts";
 import { allocateIp, newMac } from "../network.ts";
 import { overcommitOf, placeInstance } from "../placement.ts";
+import { resolveMounts } from "../volumes.ts";
 import { nameConflict, nameInUse, nameTaken } from "./errors.ts";
 import { newInstanceId } from "./ids.ts";
 import { present } from "./present.ts";
@@ -103,6 +104,8 @@ export async function createInstance(
   const pulled = await imageForInstance(s.db, tenantId, req.image);
   await requireBootable(s.db, hostGrace(s), req.image, sizes.memoryBytes, !!pulled);
   const op = await transaction(s.db, async (tx) => {
+    // Volumes first: they decide the host (and lock their rows against a second writer).
+    const attached = await resolveMounts(tx, tenantId, volumes);
     const { host, hypervisor } = await placeInstance(
       tx,
       hostGrace(s),
@@ -116,6 +119,9 @@ export async function createInstance(
         if (sizes.diskIoBps !== null && !caps?.disk_io_limit)
           return `host ${h.name} cannot limit disk I/O`;
         if (volumes.length > 0 && !caps?.volumes) return `host ${h.name} cannot attach volumes`;
+        if (attached.hostId !== null && h.id !== attached.hostId) {
+          return `the instance's volumes live on another host than ${h.name}`;
+        }
         return tooSmall(h, sizes.memoryBytes) ?? (pulled ? undefined : lacksImage(h, req.image));
       },
       // A host that already holds the pulled image boots it without fetching it.
@@ -147,7 +153,7 @@ export async function createInstance(
         mac: networkEnabled ? newMac() : null,
         bandwidthDownloadBps: sizes.download,
         bandwidthUploadBps: sizes.upload,
-        volumes,
+        volumes: attached.mounts,
       })
       .returning();
     if (!row) throw new Error("instance insert returned nothing");

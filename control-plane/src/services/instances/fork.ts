@@ -1,5 +1,6 @@
 // Over 400 lines: the verb and the flow it starts (re-entrant steps, rollback) read as one.
 import {
+  ConflictError,
   ErrorCode,
   FORKABLE,
   ForkFlowPayload,
@@ -42,7 +43,7 @@ import { specOf } from "./spec.ts";
 
 /**
  * POST /instances/{id}/fork. The rules, in the order they are checked:
- * - a writable volume cannot be shared by two instances: 501;
+ * - a writable volume cannot be shared by two instances: 409 naming it;
  * - the source must be Stopped or Standby, or Running with `from_running` (else 409);
  * - `target_state` defaults to the source's state at fork time;
  * - the fork gets a new id, its name, a new MAC and IP, `created_at` now, and inherits image,
@@ -76,8 +77,8 @@ export async function forkInstance(
     if (taken) throw nameTaken(req.name);
     const writable = src.volumes.find((v) => !v.readonly);
     if (writable) {
-      throw new NotSupportedError(
-        `cannot fork ${src.name}: volume ${writable.volume_id} is attached writable at ${writable.mount_path}, and a writable volume cannot be shared by two instances; detach it or attach it read-only`,
+      throw new ConflictError(
+        `cannot fork ${src.name}: volume ${writable.volume_id} is attached writable at ${writable.mount_path}, and a writable volume cannot be shared by two instances; attach it read-only (or with an overlay) to fork`,
       );
     }
     if (!FORKABLE.includes(src.state)) {

@@ -1,5 +1,6 @@
 import { formatRate, formatSize, type Hypervisor, type Instance } from "@offshoot/shared";
 import type { InstanceRow } from "../../db/schema/index.ts";
+import type { StoredMount } from "../volumes.ts";
 
 const iso = (d: Date | null) => (d ? d.toISOString().replace(/\.\d{3}Z$/, "Z") : null);
 
@@ -32,7 +33,8 @@ export function present(r: InstanceRow): Instance {
       }),
       ...(r.bandwidthUploadBps != null && { bandwidth_upload: formatRate(r.bandwidthUploadBps) }),
     },
-    volumes: r.volumes,
+    // The host's key for each volume is not the API's.
+    volumes: r.volumes.map(({ key: _, ...v }: StoredMount) => v),
     has_snapshot: r.hasSnapshot,
     hypervisor: r.hypervisor as Hypervisor,
     exit_code: r.exitCode,

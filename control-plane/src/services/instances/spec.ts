@@ -1,4 +1,4 @@
-import type { Hypervisor, InstanceSpec } from "@offshoot/shared";
+import { type Hypervisor, type InstanceSpec, parseSize } from "@offshoot/shared";
 import type { InstanceRow } from "../../db/schema/index.ts";
 
 /** What the host needs to run an instance, from its row and its host's guest subnet. */
@@ -12,7 +12,13 @@ export function specOf(r: InstanceRow, subnet: string): InstanceSpec {
     vcpus: r.vcpus,
     memory_bytes: r.memoryBytes,
     hotplug_bytes: r.hotplugBytes,
-    overlay_bytes: r.overlayBytes,
+    // An overlay volume's writes go to the instance's own disk: it has room for them too.
+    overlay_bytes:
+      r.overlayBytes +
+      r.volumes.reduce(
+        (n, v) => n + (v.overlay && v.overlay_size ? parseSize(v.overlay_size) : 0),
+        0,
+      ),
     disk_io_bps: r.diskIoBps,
     env: r.env,
     entrypoint: r.entrypoint,

@@ -162,6 +162,7 @@ export function guestSpec(
     { root: rec.image.rootfs, rw: host.paths.diskFile(id), cfg: host.paths.configFile(id) },
     m.mac === null || netdev === null ? null : { mac: m.mac, netdev },
     rec.spec.disk_io_bps,
+    volumeDisks(host, rec),
   );
   return {
     qemu: host.options.assets.qemu,
@@ -218,4 +219,18 @@ async function sizeOf(file: string): Promise<number> {
     if (isMissing(e)) return 0;
     throw e;
   }
+}
+
+/** The files of an instance's volumes, as its spec lists them (an overlay volume is attached
+ * read-only: its writes go to the instance's own disk). */
+export function volumeDisks(
+  host: QemuHost,
+  rec: QemuRecord,
+): Array<{ file: string; readonly: boolean }> {
+  return rec.spec.volumes.flatMap((v) => {
+    if (!v.key) return [];
+    const store = host.options.volumes;
+    if (!store) throw new InvalidStateError("this host attaches no volumes");
+    return [{ file: store.file(v.key), readonly: !!(v.readonly || v.overlay) }];
+  });
 }

@@ -91,7 +91,8 @@ const CONFIG_BLOCK = 4096;
  * goes over the image's. Padded with newlines to whole blocks.
  */
 export function guestConfig(
-  spec: Pick<InstanceSpec, "id" | "name" | "entrypoint" | "cmd" | "env" | "network">,
+  spec: Pick<InstanceSpec, "id" | "name" | "entrypoint" | "cmd" | "env" | "network"> &
+    Partial<Pick<InstanceSpec, "volumes">>,
   image: Pick<StoredImage, "name" | "entrypoint" | "cmd" | "env" | "working_dir"> &
     Partial<Pick<StoredImage, "user">>,
 ): string {
@@ -120,6 +121,16 @@ export function guestConfig(
     `${GUEST_CONFIG.env}() {`,
     "  :",
     ...exports,
+    "}",
+    `${GUEST_CONFIG.volumes}() {`,
+    "  :",
+    // Numbered as launch.ts numbers their disks: the volumes with a key, in order.
+    ...(spec.volumes ?? [])
+      .filter((v) => v.key)
+      .map(
+        (v, i) =>
+          `  offshoot_volume ${i} ${v.overlay ? "overlay" : v.readonly ? "ro" : "rw"} ${shellQuote(v.mount_path)}`,
+      ),
     "}",
     `set -- ${argv.map(shellQuote).join(" ")}`,
     "",

@@ -5,6 +5,7 @@ import { InvalidStateError, NotFoundError, type ObservedInstance } from "@offsho
 import type { ImageStore } from "../../images/store.ts";
 import type { HostNetwork } from "../../network/index.ts";
 import type { AgentPaths } from "../../paths.ts";
+import type { VolumeStore } from "../../volumes.ts";
 import type { CopyPath, DiskTools } from "./disks.ts";
 import type { Accel } from "./launch.ts";
 import type { QmpClient } from "./qmp.ts";
@@ -15,6 +16,8 @@ export interface QemuDriverOptions {
   accel: Accel;
   /** Where instances' images come from: a create names one this host has imported. */
   images: ImageStore;
+  /** Where volumes' files are; absent: this host attaches no volumes. */
+  volumes?: VolumeStore;
   /** The host's guest network (bridge, TAPs, NAT); absent: guests' NICs reach nothing (nic.ts). */
   network?: HostNetwork;
   qemuImg?: string;

@@ -6,7 +6,12 @@
 // memory-backend-file so that forks can later map a frozen copy of it (see FACTS.md).
 import { closeSync, openSync, readFileSync } from "node:fs";
 import { execa } from "execa";
-import { CMDLINE_COMMAND, CONTROL_PORT, GUEST_DISKS } from "../../../guest/protocol.ts";
+import {
+  CMDLINE_COMMAND,
+  CONTROL_PORT,
+  GUEST_DISKS,
+  VOLUME_DISK_PREFIX,
+} from "../../../guest/protocol.ts";
 import { checkSocketPath, QmpClient } from "./qmp.ts";
 
 export type Accel = "kvm" | "tcg";
@@ -121,27 +126,36 @@ export function qemuArgs(spec: GuestSpec): string[] {
 
 /**
  * A guest's devices, in the order a device-state stream expects to load into: its three disks
- * — the image's rootfs, its own disk, its config disk — and its NIC when it has one (its MAC and
- * the `-netdev` value behind it, nic.ts). /init finds each disk by its serial, whatever order
- * the kernel probes them in. `diskIoBps` becomes QEMU's block throttling on the guest's reads
- * and writes of the first two.
+ * — the image's rootfs, its own disk, its config disk — then its volumes' disks, in the order of
+ * its spec, and its NIC when it has one (its MAC and the `-netdev` value behind it, nic.ts).
+ * /init finds each disk by its serial, whatever order the kernel probes them in. `diskIoBps`
+ * becomes QEMU's block throttling on the guest's reads and writes of all but the config disk.
  */
 export function guestDevices(
   disks: { root: string; rw: string; cfg: string },
   nic: { mac: string; netdev: string } | null,
   diskIoBps: number | null = null,
+  volumes: ReadonlyArray<{ file: string; readonly: boolean }> = [],
 ): string[] {
   const limit = diskIoBps ? `,throttling.bps-total=${diskIoBps}` : "";
-  const drive = (name: keyof typeof GUEST_DISKS, file: string, opts: string) => [
+  const drive = (id: string, serial: string, file: string, opts: string) => [
     "-drive",
-    `file=${optValue(file)},if=none,id=${name},${opts}`,
+    `file=${optValue(file)},if=none,id=${id},${opts}`,
     "-device",
-    `virtio-blk-device,drive=${name},serial=${GUEST_DISKS[name]}`,
+    `virtio-blk-device,drive=${id},serial=${serial}`,
   ];
   return [
-    ...drive("root", disks.root, `format=raw,readonly=on${limit}`),
-    ...drive("rw", disks.rw, `format=qcow2${limit}`),
-    ...drive("cfg", disks.cfg, "format=raw,readonly=on"),
+    ...drive("root", GUEST_DISKS.root, disks.root, `format=raw,readonly=on${limit}`),
+    ...drive("rw", GUEST_DISKS.rw, disks.rw, `format=qcow2${limit}`),
+    ...drive("cfg", GUEST_DISKS.cfg, disks.cfg, "format=raw,readonly=on"),
+    ...volumes.flatMap((v, i) =>
+      drive(
+        `vol${i}`,
+        `${VOLUME_DISK_PREFIX}${i}`,
+        v.file,
+        `format=raw,readonly=${v.readonly ? "on" : "off"}${limit}`,
+      ),
+    ),
     ...(nic === null
       ? []
       : ["-netdev", nic.netdev, "-device", `virtio-net-device,netdev=net0,id=nic0,mac=${nic.mac}`]),

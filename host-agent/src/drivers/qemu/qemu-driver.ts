@@ -88,7 +88,7 @@ export class QemuDriver implements Driver {
       // microvm has no memory hotplug.
       hotplug_memory: false,
       disk_io_limit: true,
-      volumes: false,
+      volumes: this.host.options.volumes !== undefined,
       images: true,
       min_memory_bytes: MIN_GUEST_MEMORY,
     };
@@ -102,6 +102,16 @@ export class QemuDriver implements Driver {
 
   async images(): Promise<ImageInfo[]> {
     return (await this.host.options.images.list()).map(({ rootfs: _, user: _u, ...info }) => info);
+  }
+
+  async volumesInUse(): Promise<Set<string>> {
+    const used = new Set<string>();
+    for (const id of await this.host.store.ids()) {
+      const r = await this.host.store.read(id);
+      if (r.kind === "corrupt") throw new Error(`instance record ${id} is unreadable: ${r.error}`);
+      if (r.kind === "ok") for (const v of r.record.spec.volumes) if (v.key) used.add(v.key);
+    }
+    return used;
   }
 
   async rootfsInUse(): Promise<Set<string>> {

@@ -68,6 +68,10 @@ export class SimDriver implements Driver {
     return new Set();
   }
 
+  async volumesInUse(): Promise<Set<string>> {
+    return new Set();
+  }
+
   capabilities(): DriverCapabilities {
     return structuredClone(CAPABILITIES);
   }

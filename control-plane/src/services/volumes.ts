@@ -1,0 +1,254 @@
+// Volumes: a tenant's ext4 disks, each on one host, attached to instances there. Made and
+// removed by host commands (volume_create, volume_delete); attachments are the instances'
+// `volumes`, checked here when an instance is created:
+// - mount paths absolute, normalized, distinct, and not /, /proc, /sys, /dev or below those;
+// - a volume attached writable is attached nowhere else, and one attached anywhere is attached
+//   again only read-only (any number of read-only attachments);
+// - every volume of an instance is on one host, where the instance is then placed.
+
+import {
+  ConflictError,
+  type CreateVolumeRequest,
+  HostUnavailableError,
+  InvalidRequestError,
+  NotFoundError,
+  parseSize,
+  type Volume,
+  type VolumeMount,
+} from "@offshoot/shared";
+import { createId } from "@paralleldrive/cuid2";
+import { and, asc, eq, sql } from "drizzle-orm";
+import { type Executor, transaction } from "../db/client.ts";
+import { hosts, instances, type VolumeRow, volumes } from "../db/schema/index.ts";
+import { type Call, hostGrace, newCall, type Services } from "./context.ts";
+import { online } from "./placement.ts";
+
+const GiB = 1024 ** 3;
+const FORBIDDEN = ["/proc", "/sys", "/dev"];
+
+/** A volume mount as an instance row keeps it: the request's, plus the volume's host key. */
+export type StoredMount = VolumeMount & { key?: string };
+
+async function attachmentsOf(ex: Executor, tenantId: string, id: string) {
+  const rows = await ex
+    .select({ id: instances.id, volumes: instances.volumes })
+    .from(instances)
+    .where(
+      and(
+        eq(instances.tenantId, tenantId),
+        sql`${instances.volumes} @> ${JSON.stringify([{ volume_id: id }])}::jsonb`,
+      ),
+    );
+  return rows.flatMap((r) =>
+    r.volumes
+      .filter((v) => v.volume_id === id)
+      .map((v) => ({ instance_id: r.id, mount_path: v.mount_path, readonly: !!v.readonly })),
+  );
+}
+
+async function present(ex: Executor, v: VolumeRow): Promise<Volume> {
+  return {
+    id: v.id,
+    name: v.name,
+    size_gb: Math.round(v.sizeBytes / GiB),
+    attachments: await attachmentsOf(ex, v.tenantId, v.id),
+    tags: v.tags,
+    created_at: v.createdAt.toISOString(),
+  };
+}
+
+async function find(ex: Executor, tenantId: string, id: string): Promise<VolumeRow> {
+  const [v] = await ex
+    .select()
+    .from(volumes)
+    .where(and(eq(volumes.tenantId, tenantId), eq(volumes.id, id)));
+  if (!v) throw new NotFoundError(`volume ${id} not found`);
+  return v;
+}
+
+/** POST /volumes: made on a connected host (the one with the most memory, where instances are
+ * likeliest to fit), 201 once it exists there. */
+export async function createVolume(
+  s: Services,
+  tenantId: string,
+  req: CreateVolumeRequest,
+  call: Call = newCall(s),
+): Promise<Volume> {
+  const id = req.id ?? `vol-${createId()}`;
+  const op = await transaction(s.db, async (tx) => {
+    const [taken] = await tx
+      .select({ id: volumes.id })
+      .from(volumes)
+      .where(and(eq(volumes.tenantId, tenantId), eq(volumes.id, id)));
+    if (taken) throw new ConflictError(`volume ${id} already exists`);
+    const [host] = await tx
+      .select()
+      .from(hosts)
+      .where(and(online(hostGrace(s)), sql`(${hosts.capabilities}->>'volumes')::boolean`))
+      .orderBy(sql`${hosts.memoryBytes} desc`)
+      .limit(1);
+    if (!host) throw new HostUnavailableError("no connected host can hold volumes");
+    const key = createId();
+    await tx.insert(volumes).values({
+      key,
+      tenantId,
+      id,
+      name: req.name,
+      sizeBytes: req.size_gb * GiB,
+      tags: req.tags ?? {},
+      hostId: host.id,
+    });
+    return s.ops.insert(tx, {
+      tenantId,
+      hostId: host.id,
+      instanceId: null,
+      lock: "none",
+      payload: { kind: "volume_create", key, size_bytes: req.size_gb * GiB },
+    });
+  }).catch((e: unknown) => {
+    // Two requests for one id: the unique index answers the second.
+    if ((e as { code?: string }).code === "23505")
+      throw new ConflictError(`volume ${id} already exists`);
+    throw e;
+  });
+  try {
+    await s.ops.run(op, call);
+  } catch (e) {
+    // Not made on the host: no volume.
+    if (!(e instanceof Error) || (e as { code?: string }).code !== "timeout") {
+      await s.db.delete(volumes).where(and(eq(volumes.tenantId, tenantId), eq(volumes.id, id)));
+    }
+    throw e;
+  }
+  return present(s.db, await find(s.db, tenantId, id));
+}
+
+export async function listVolumes(
+  s: Services,
+  tenantId: string,
+  tags: Record<string, string> = {},
+): Promise<Volume[]> {
+  const rows = await s.db
+    .select()
+    .from(volumes)
+    .where(
+      and(
+        eq(volumes.tenantId, tenantId),
+        Object.keys(tags).length
+          ? sql`${volumes.tags} @> ${JSON.stringify(tags)}::jsonb`
+          : undefined,
+      ),
+    )
+    .orderBy(asc(volumes.createdAt));
+  return Promise.all(rows.map((v) => present(s.db, v)));
+}
+
+export async function getVolume(s: Services, tenantId: string, id: string): Promise<Volume> {
+  return present(s.db, await find(s.db, tenantId, id));
+}
+
+/** DELETE /volumes/{id}: 409 while attached; the file goes with it on its host. */
+export async function deleteVolume(
+  s: Services,
+  tenantId: string,
+  id: string,
+  call: Call = newCall(s),
+): Promise<void> {
+  const op = await transaction(s.db, async (tx) => {
+    const [v] = await tx
+      .select()
+      .from(volumes)
+      .where(and(eq(volumes.tenantId, tenantId), eq(volumes.id, id)))
+      .for("update");
+    if (!v) throw new NotFoundError(`volume ${id} not found`);
+    const attached = await attachmentsOf(tx, tenantId, id);
+    if (attached.length > 0) {
+      throw new ConflictError(
+        `volume ${id} is attached to ${attached.map((a) => a.instance_id).join(", ")}; delete or stop using those instances first`,
+      );
+    }
+    await tx.delete(volumes).where(eq(volumes.key, v.key));
+    return s.ops.insert(tx, {
+      tenantId,
+      hostId: v.hostId,
+      instanceId: null,
+      lock: "none",
+      payload: { kind: "volume_delete", key: v.key },
+    });
+  });
+  // The row is gone: the host removes the file when it gets the command (now, or after it
+  // reconnects).
+  s.ops.send(op);
+  void call;
+}
+
+/** A mount path as the guest will see it: absolute, without ., .. or repeated slashes. */
+function checkMountPath(p: string): string {
+  if (!p.startsWith("/")) throw new InvalidRequestError(`mount_path ${p} must be absolute`);
+  const parts = p.split("/").filter(Boolean);
+  if (parts.some((x) => x === "." || x === "..")) {
+    throw new InvalidRequestError(`mount_path ${p} must not contain . or ..`);
+  }
+  if (parts.some((x) => /[\0\n]/.test(x))) {
+    throw new InvalidRequestError(`mount_path ${p} has a character a path cannot hold`);
+  }
+  const norm = `/${parts.join("/")}`;
+  if (norm === "/") throw new InvalidRequestError("mount_path / would hide the image's root");
+  const bad = FORBIDDEN.find((f) => norm === f || norm.startsWith(`${f}/`));
+  if (bad)
+    throw new InvalidRequestError(`mount_path ${p} is under ${bad}, which the guest's kernel owns`);
+  return norm;
+}
+
+/**
+ * An instance's volume mounts, checked (see the top of this file), with each volume's key,
+ * and the host they all live on (null when there are none). Read inside the create's
+ * transaction; each volume row is locked so two creates cannot both take a writable one.
+ */
+export async function resolveMounts(
+  tx: Executor,
+  tenantId: string,
+  mounts: VolumeMount[],
+): Promise<{ mounts: StoredMount[]; hostId: string | null }> {
+  const seen = new Set<string>();
+  const out: StoredMount[] = [];
+  let hostId: string | null = null;
+  for (const m of mounts) {
+    const mountPath = checkMountPath(m.mount_path);
+    if (seen.has(mountPath)) throw new InvalidRequestError(`mount_path ${mountPath} is used twice`);
+    seen.add(mountPath);
+    if (m.overlay && m.overlay_size) parseSize(m.overlay_size);
+    const [v] = await tx
+      .select()
+      .from(volumes)
+      .where(and(eq(volumes.tenantId, tenantId), eq(volumes.id, m.volume_id)))
+      .for("update");
+    if (!v) throw new NotFoundError(`volume ${m.volume_id} not found`);
+    if (hostId !== null && v.hostId !== hostId) {
+      throw new InvalidRequestError(
+        `volumes ${mounts.map((x) => x.volume_id).join(", ")} live on different hosts; an instance attaches volumes of one host`,
+      );
+    }
+    hostId = v.hostId;
+    const readonly = !!(m.readonly || m.overlay);
+    if (out.some((o) => o.volume_id === m.volume_id && (!readonly || !o.readonly))) {
+      throw new ConflictError(
+        `volume ${m.volume_id} is attached twice, and not read-only both times`,
+      );
+    }
+    const others = await attachmentsOf(tx, tenantId, m.volume_id);
+    const writable = others.find((a) => !a.readonly);
+    if (writable) {
+      throw new ConflictError(
+        `volume ${m.volume_id} is attached writable to ${writable.instance_id}; it can be attached elsewhere only once that instance is gone`,
+      );
+    }
+    if (!readonly && others.length > 0) {
+      throw new ConflictError(
+        `volume ${m.volume_id} is attached to ${others.map((a) => a.instance_id).join(", ")}; a volume attached more than once must be read-only everywhere`,
+      );
+    }
+    out.push({ ...m, mount_path: mountPath, readonly: m.readonly ?? false, key: v.key });
+  }
+  return { mounts: out, hostId };
+}

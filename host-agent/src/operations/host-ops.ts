@@ -1,0 +1,32 @@
+// The commands that are the host's, not an instance's: pulling images and making or removing
+// volumes. They take no instance lock; each answers with an outcome like any command.
+import type { Operation } from "@offshoot/shared";
+import type { Driver } from "../drivers/driver.ts";
+import type { Outcome } from "../journal.ts";
+import type { VolumeStore } from "../volumes.ts";
+import type { ImagePulls } from "./image-pull.ts";
+import { toCommandError } from "./index.ts";
+
+export type HostOp = Extract<Operation, { kind: "image_pull" | "volume_create" | "volume_delete" }>;
+
+export const isHostOp = (op: Operation): op is HostOp =>
+  op.kind === "image_pull" || op.kind === "volume_create" || op.kind === "volume_delete";
+
+export class HostOps {
+  constructor(
+    private readonly pulls: ImagePulls,
+    private readonly volumes: VolumeStore,
+    private readonly driver: Driver,
+  ) {}
+
+  async run(commandId: string, op: HostOp): Promise<Outcome> {
+    if (op.kind === "image_pull") return this.pulls.run(commandId, op);
+    try {
+      if (op.kind === "volume_create") await this.volumes.create(op.key, op.size_bytes);
+      else await this.volumes.delete(op.key, await this.driver.volumesInUse());
+      return { ok: true, instances: [] };
+    } catch (err) {
+      return { ok: false, error: toCommandError(err), instances: [] };
+    }
+  }
+}
