@@ -1,6 +1,7 @@
 // disk_io_bps with a real guest (QEMU 7.2 TCG): QEMU's block throttling on the guest's disks,
 // measured by the guest itself with direct I/O (no page cache between it and the disk), reading
-// the image's disk and writing a file on its own. One guest, booted once.
+// the image's disk and writing a file on its own, then reading its volume's disk and writing a
+// file there. One guest, booted once.
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
@@ -11,6 +12,7 @@ import { waitFor } from "../../../testing/index.ts";
 import { killGuestsUnder, testGuestSpec } from "../../../testing/qemu.ts";
 import { ImageStore } from "../../images/store.ts";
 import { agentPaths } from "../../paths.ts";
+import { VolumeStore } from "../../volumes.ts";
 import { QemuDriver } from "./qemu-driver.ts";
 
 /** The limit set, bytes/s, and what each direction moves: about 4 s at the limit (8 MiB). */
@@ -31,6 +33,11 @@ const PROGRAM = [
   'echo "DISKIO read $t0 $t1 $((s1 - s0))"',
   `t0=$(up); s0=$(sectors $rw 7); dd if=/dev/zero of=/root/w bs=${BLOCK} count=${BLOCKS} oflag=direct conv=fsync 2>/dev/null; t1=$(up); s1=$(sectors $rw 7)`,
   'echo "DISKIO write $t0 $t1 $((s1 - s0))"',
+  "vol=$(dev offshoot-vol0)",
+  `t0=$(up); s0=$(sectors $vol 3); dd if=/dev/$vol of=/dev/null bs=${BLOCK} count=${BLOCKS} iflag=direct 2>/dev/null; t1=$(up); s1=$(sectors $vol 3)`,
+  'echo "DISKIO volread $t0 $t1 $((s1 - s0))"',
+  `t0=$(up); s0=$(sectors $vol 7); dd if=/dev/zero of=/vol/w bs=${BLOCK} count=${BLOCKS} oflag=direct conv=fsync 2>/dev/null; t1=$(up); s1=$(sectors $vol 7)`,
+  'echo "DISKIO volwrite $t0 $t1 $((s1 - s0))"',
   "exec /usr/bin/count",
 ].join("\n");
 
@@ -45,7 +52,15 @@ describe("disk_io_bps", () => {
     // QEMU's burst allowance; its ext4 one has 20 MiB.
     const images = new ImageStore(paths.imagesDir, "ext4");
     await images.import(ensureTestImage());
-    driver = new QemuDriver(paths, { assets, accel: "tcg", images, bootTimeoutMs: 120_000 });
+    const volumes = new VolumeStore(paths.volumesDir);
+    await volumes.create("dio", 64 * 1024 * 1024);
+    driver = new QemuDriver(paths, {
+      assets,
+      accel: "tcg",
+      images,
+      volumes,
+      bootTimeoutMs: 120_000,
+    });
   }, 5 * 60_000);
 
   afterAll(async () => {
@@ -59,7 +74,11 @@ describe("disk_io_bps", () => {
     async () => {
       const spec = testGuestSpec(
         "dio1",
-        { disk_io_bps: LIMIT, cmd: ["sh", "-c", PROGRAM] },
+        {
+          disk_io_bps: LIMIT,
+          cmd: ["sh", "-c", PROGRAM],
+          volumes: [{ volume_id: "vol-dio", mount_path: "/vol", key: "dio" }],
+        },
         "02:00:00:00:0d:01",
       );
       await driver?.create(spec, { commandId: "dio-1", steps: { record: async () => {} } });
@@ -67,8 +86,8 @@ describe("disk_io_bps", () => {
         "the guest to time its reads and writes",
         () => {
           const log = readFileSync(paths.qemu.serialLog("dio1"), "utf8");
-          const seen = [...log.matchAll(/DISKIO (read|write) ([\d.]+) ([\d.]+)/g)];
-          if (seen.length < 2) return undefined;
+          const seen = [...log.matchAll(/DISKIO (\w+) ([\d.]+) ([\d.]+)/g)];
+          if (seen.length < 4) return undefined;
           return Object.fromEntries(
             seen.map((m) => [m[1], (BLOCKS * BLOCK) / (Number(m[3]) - Number(m[2]))]),
           );
@@ -80,6 +99,11 @@ describe("disk_io_bps", () => {
       expect(rates.read).toBeLessThan(LIMIT * 1.2);
       expect(rates.write).toBeGreaterThan(LIMIT * 0.8);
       expect(rates.write).toBeLessThan(LIMIT * 1.2);
+      // The volume's disk is held to the same limit.
+      expect(rates.volread).toBeGreaterThan(LIMIT * 0.8);
+      expect(rates.volread).toBeLessThan(LIMIT * 1.2);
+      expect(rates.volwrite).toBeGreaterThan(LIMIT * 0.8);
+      expect(rates.volwrite).toBeLessThan(LIMIT * 1.2);
     },
     5 * 60_000,
   );
