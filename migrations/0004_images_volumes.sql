@@ -22,6 +22,13 @@ CREATE TABLE "images" (
 	"updated_at" timestamp with time zone DEFAULT now() NOT NULL
 );
 --> statement-breakpoint
+CREATE TABLE "volume_archive_chunks" (
+	"archive_id" text NOT NULL,
+	"seq" integer NOT NULL,
+	"data" "bytea" NOT NULL,
+	CONSTRAINT "volume_archive_chunks_archive_id_seq_pk" PRIMARY KEY("archive_id","seq")
+);
+--> statement-breakpoint
 CREATE TABLE "volumes" (
 	"key" text PRIMARY KEY NOT NULL,
 	"tenant_id" text NOT NULL,

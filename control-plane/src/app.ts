@@ -28,6 +28,9 @@ type ErrorStatus = (typeof ERROR_STATUS)[keyof typeof ERROR_STATUS];
  * largest legitimate body, a create carrying all the env, entrypoint and cmd an instance may
  * have (MAX_INSTANCE_METADATA_BYTES, 128 KiB), fits several times over. */
 export const MAX_BODY_BYTES = 1024 * 1024;
+/** The one route whose body is not JSON under MAX_BODY_BYTES: a volume's archive, streamed
+ * under its own bound (VOLUME_ARCHIVE_MAX_BYTES). */
+const ARCHIVE_UPLOAD = "/volumes/from-archive";
 
 /** How long past its deadline a request may run before the backstop answers for it: the verbs
  * stop waiting at the deadline themselves; this catches anything else (a database that does not
@@ -124,19 +127,18 @@ export function createApp({ services, credentials, mountAgentEndpoint }: AppDeps
     c.set("services", servicesOf(c));
     await next();
   });
-  app.use(
-    "*",
-    bodyLimit({
-      maxSize: MAX_BODY_BYTES,
-      onError: (c) =>
-        errorResponse(
-          c,
-          413,
-          "payload_too_large",
-          `request bodies are limited to ${MAX_BODY_BYTES} bytes`,
-        ),
-    }),
-  );
+  const limitBody = bodyLimit({
+    maxSize: MAX_BODY_BYTES,
+    onError: (c) =>
+      errorResponse(
+        c,
+        413,
+        "payload_too_large",
+        `request bodies are limited to ${MAX_BODY_BYTES} bytes`,
+      ),
+  });
+  // A volume's archive has its own, larger bound, counted as it streams (services/volumes.ts).
+  app.use("*", (c, next) => (c.req.path === ARCHIVE_UPLOAD ? next() : limitBody(c, next)));
 
   app.openapi(
     createRoute({
@@ -201,7 +203,8 @@ export function createApp({ services, credentials, mountAgentEndpoint }: AppDeps
     c.set("tenantId", tenantId);
     // Postgres cannot store NUL or a lone UTF-16 surrogate; refuse them here rather than
     // fail deep in a query.
-    if (c.req.method !== "GET" && c.req.method !== "DELETE") {
+    // (A volume's archive is binary, streamed, and never stored as text.)
+    if (c.req.method !== "GET" && c.req.method !== "DELETE" && c.req.path !== ARCHIVE_UPLOAD) {
       if (hasUnstorableString(await c.req.text())) {
         return errorResponse(
           c,

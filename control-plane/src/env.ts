@@ -17,6 +17,14 @@ const Env = z.object({
   HOST_GRACE_MS: z.coerce.number().int().min(100).default(15_000),
   /** Longest an API request waits for a host command before answering 504. */
   COMMAND_TIMEOUT_MS: z.coerce.number().int().min(100).default(120_000),
+  /** The largest tar.gz POST /volumes/from-archive takes, in bytes (held in Postgres until its
+   * host has unpacked it). */
+  VOLUME_ARCHIVE_MAX_BYTES: z.coerce
+    .number()
+    .int()
+    .min(1024)
+    .max(4 * 1024 ** 3)
+    .default(256 * 1024 * 1024),
   /** vCPUs a host may be promised per vCPU it offers: they are time-shared, as on Hypeman's and
    * Fly's hosts. 1 = never overcommitted. */
   VCPU_OVERCOMMIT: z.coerce.number().min(1).max(64).default(4),

@@ -22,6 +22,7 @@ import {
   netOfReply,
   RNG_BYTES,
   rngOfReply,
+  VOLUME_DISK_PREFIX,
 } from "./protocol.ts";
 
 const init = readFileSync(new URL("./init", import.meta.url), "utf8");
@@ -69,7 +70,9 @@ describe("the guest init and protocol.ts", () => {
   });
 
   it("finds the disks by the serials protocol.ts names", () => {
-    expect(sorted(all(/\bdisk (offshoot-[\w-]+)/g))).toEqual(sorted(Object.values(GUEST_DISKS)));
+    expect(sorted(all(/\bdisk (offshoot-[\w-]+)/g))).toEqual(
+      sorted([...Object.values(GUEST_DISKS), VOLUME_DISK_PREFIX]),
+    );
   });
 
   it("reads exactly the config names protocol.ts exports", () => {

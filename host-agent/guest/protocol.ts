@@ -82,9 +82,11 @@ export const GUEST_CONFIG = {
   machineId: "OFFSHOOT_MACHINE_ID",
   /** Shell function: exports the program's environment. */
   env: "offshoot_env",
-  /** Shell function: calls `offshoot_volume N MODE PATH` (MODE rw, ro or overlay) for each
-   * volume, which /init defines and runs after the root is mounted. */
+  /** Shell function: calls `volume` for each volume; /init runs it after the root is mounted. */
   volumes: "offshoot_volumes",
+  /** Shell function /init defines, called `offshoot_volume N MODE PATH`: mounts the disk
+   * `offshoot-vol<N>` at PATH, MODE rw, ro or overlay. */
+  volume: "offshoot_volume",
 } as const;
 
 /** Kernel command line parameter of a guest without disks: `offshoot.cmd=BASE64`, a shell

@@ -6,7 +6,9 @@ import { readFileSync } from "node:fs";
 import { mkdir } from "node:fs/promises";
 import {
   AGENT_LIMITS,
+  AGENT_PATH,
   type AgentMessage,
+  ARCHIVE_PATH,
   CLOSE,
   encode,
   fitAgentMessage,
@@ -143,6 +145,7 @@ class Link {
         ),
         volumes,
         driver,
+        (id) => fetchArchive(config, id),
       ),
     );
     this.logs = new LogStreams(driver, paths, operationsLog);
@@ -337,4 +340,22 @@ class Link {
     this.urlIndex++;
     this.timers.reconnect = setTimeout(() => this.connect(), delay);
   }
+}
+
+/** A volume's archive from the control plane (any of its URLs that answers), with this host's
+ * token. */
+async function fetchArchive(config: AgentConfig, id: string): Promise<AsyncIterable<Uint8Array>> {
+  let last = "no control-plane URL";
+  for (const ws of config.connectUrls) {
+    const url = ws.replace(/^ws/, "http").replace(AGENT_PATH, ARCHIVE_PATH.replace(":id", id));
+    try {
+      const res = await fetch(url, { headers: { authorization: `Bearer ${config.hostToken}` } });
+      if (res.ok && res.body) return res.body as unknown as AsyncIterable<Uint8Array>;
+      last = `${url} answered ${res.status}`;
+      await res.body?.cancel();
+    } catch (e) {
+      last = `${url}: ${errorMessage(e)}`;
+    }
+  }
+  throw new Error(`cannot fetch the volume's archive: ${last}`);
 }

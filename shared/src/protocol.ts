@@ -9,6 +9,8 @@ import { ForkTargetState, Hypervisor, InstanceState } from "./schemas.ts";
 export const PROTOCOL_VERSION = 1 as const;
 /** Where agents dial in, under the control plane's base URL. */
 export const AGENT_PATH = "/agent/v1/connect";
+/** Where an agent fetches a volume's archive (GET, its host token as Bearer), `:id` replaced. */
+export const ARCHIVE_PATH = "/agent/v1/archives/:id";
 const V = z.literal(PROTOCOL_VERSION);
 const DIGEST = /^sha256:[a-f0-9]{64}$/;
 
@@ -137,7 +139,14 @@ export const Operation = z.discriminatedUnion("kind", [
     target: InstanceSpec,
     target_state: ForkTargetState,
   }),
-  z.object({ kind: z.literal("volume_create"), key: Id, size_bytes: z.number().int().positive() }),
+  z.object({
+    kind: z.literal("volume_create"),
+    key: Id,
+    size_bytes: z.number().int().positive(),
+    /** A tar.gz to unpack into it, which the host fetches from the control plane
+     * (ARCHIVE_PATH, with its host token) and may read only while this command is pending. */
+    archive: z.object({ id: Id, bytes: z.number().int().nonnegative() }).optional(),
+  }),
   z.object({ kind: z.literal("volume_delete"), key: Id }),
   z.object({
     kind: z.literal("image_pull"),

@@ -1,13 +1,20 @@
 // Volumes through the API, with real agent processes (sim driver: the volume files are real,
 // the guests simulated): the resource, the attach rules at create, placement on the volume's
 // host, and deletes. What a guest sees on a volume is in volumes-qemu.test.ts.
+import { randomBytes } from "node:crypto";
 import { existsSync, readdirSync } from "node:fs";
-import { eq } from "drizzle-orm";
+import path from "node:path";
+import { createGzip, gzipSync } from "node:zlib";
+import { eq, sql } from "drizzle-orm";
 import { beforeAll, describe, expect, it } from "vitest";
-import { instances } from "../../control-plane/src/db/schema/index.ts";
+import { instances, volumes } from "../../control-plane/src/db/schema/index.ts";
 import { agentPaths } from "../../host-agent/src/paths.ts";
+import { readRootfs } from "../../host-agent/testing/rootfs.ts";
+import { dir, file, tar } from "../../scripts/oci-layout.ts";
 import { api, seedTenant, waitFor } from "../harness.ts";
 import { type Stack, startStack } from "./env.ts";
+
+const ARCHIVE_LIMIT = 4 * 1024 * 1024;
 
 describe("volumes", { timeout: 120_000 }, () => {
   let stack: Stack;
@@ -16,7 +23,10 @@ describe("volumes", { timeout: 120_000 }, () => {
     call("POST", "/instances", { name, image: "docker.io/library/alpine:latest", volumes });
 
   beforeAll(async () => {
-    stack = await startStack({ agents: [{ AGENT_MEMORY: "8GB" }, { AGENT_MEMORY: "4GB" }] });
+    stack = await startStack({
+      agents: [{ AGENT_MEMORY: "8GB" }, { AGENT_MEMORY: "4GB" }],
+      cpEnv: { VOLUME_ARCHIVE_MAX_BYTES: String(ARCHIVE_LIMIT) },
+    });
     call = api(stack.cp.url, stack.apiKey);
   }, 120_000);
 
@@ -144,4 +154,93 @@ describe("volumes", { timeout: 120_000 }, () => {
 
     await waitFor(() => files().length === before - 1, { what: "the volume's file to go" });
   });
+
+  describe("from an archive", () => {
+    const upload = (query: string, body: Uint8Array) =>
+      fetch(`${stack.cp.url}/volumes/from-archive?${query}`, {
+        method: "POST",
+        headers: { authorization: `Bearer ${stack.apiKey}`, "content-type": "application/gzip" },
+        body,
+      }).then(async (r) => ({
+        status: r.status,
+        body: (await r.json()) as Record<string, unknown>,
+      }));
+    const chunksLeft = async () =>
+      Number(
+        (
+          (await stack.db.execute(
+            sql`select count(*)::int as n from volume_archive_chunks`,
+          )) as unknown as Array<{ n: number }>
+        )[0]?.n,
+      );
+    /** The volume's file on whichever host holds it, read with debugfs. */
+    const volumeFile = async (id: string) => {
+      const [v] = await stack.db.select().from(volumes).where(eq(volumes.id, id));
+      const i = stack.hostIds.indexOf(v?.hostId ?? "");
+      return path.join(agentPaths(stack.agents[i]?.dataDir ?? "").volumesDir, `${v?.key}.ext4`);
+    };
+
+    it("unpacks a tar.gz into a new volume, confined to it", async () => {
+      const archive = gzipSync(
+        tar([
+          dir("app"),
+          file("app/hello", "hi from the archive\n"),
+          file("../../escape", "kept inside"),
+        ]),
+      );
+      const r = await upload("name=seeded&size_gb=1&id=vol-seeded&tags[src]=archive", archive);
+      expect(r).toMatchObject({
+        status: 201,
+        body: { id: "vol-seeded", size_gb: 1, tags: { src: "archive" } },
+      });
+      const fs = readRootfs(await volumeFile("vol-seeded"));
+      expect(await fs.cat("/app/hello")).toBe("hi from the archive");
+      expect(await fs.cat("/escape")).toBe("kept inside");
+      expect(await chunksLeft()).toBe(0);
+    });
+
+    it("refuses what is not gzip, too large, or does not fit, keeping nothing", async () => {
+      const before = ((await call("GET", "/volumes")).body as unknown[]).length;
+      const notGzip = await upload("name=x&size_gb=1", Buffer.from("plain text, not an archive"));
+      expect(notGzip).toMatchObject({ status: 400, body: { code: "invalid_request" } });
+      expect(notGzip.body.message).toMatch(/not gzip/);
+      // Incompressible bytes past the limit (the body is refused as it streams).
+      const big = gzipSync(tar([file("noise", randomBytes(ARCHIVE_LIMIT + 1024))]), { level: 0 });
+      const tooBig = await upload("name=x&size_gb=1", big);
+      expect(tooBig).toMatchObject({ status: 400 });
+      expect(tooBig.body.message).toMatch(new RegExp(`over the ${ARCHIVE_LIMIT}-byte limit`));
+      // Fits the limit compressed, not the volume unpacked: 1.1 GiB of zeros for 1 GiB.
+      const zeros = await zeroArchive(1100);
+      expect(zeros.length).toBeLessThan(ARCHIVE_LIMIT);
+      const noFit = await upload("name=x&size_gb=1&id=vol-nofit", zeros);
+      expect(noFit.status).toBe(400);
+      expect(noFit.body.message).toMatch(/do not fit in a volume/);
+      expect(((await call("GET", "/volumes")).body as unknown[]).length).toBe(before);
+      expect(await chunksLeft()).toBe(0);
+    });
+  });
 });
+
+/** A tar.gz of one file of `mib` MiB of zeros, compressed as it is made (never whole). */
+async function zeroArchive(mib: number): Promise<Buffer> {
+  const size = mib * 1024 * 1024;
+  const header = tar([file("zeros", "")]).subarray(0, 512);
+  // The same header with the file's size in it (tar's octal size field and checksum).
+  header.write(`${size.toString(8).padStart(11, "0")}\0`, 124);
+  header.write("        ", 148);
+  let sum = 0;
+  for (const b of header) sum += b;
+  header.write(`${sum.toString(8).padStart(6, "0")}\0 `, 148);
+  const gz = createGzip({ level: 9 });
+  const out: Buffer[] = [];
+  gz.on("data", (d: Buffer) => out.push(d));
+  const done = new Promise((r) => gz.on("end", r));
+  gz.write(header);
+  const zero = Buffer.alloc(1024 * 1024);
+  for (let i = 0; i < mib; i++) {
+    if (!gz.write(zero)) await new Promise((r) => gz.once("drain", r));
+  }
+  gz.end(Buffer.alloc(1024));
+  await done;
+  return Buffer.concat(out);
+}

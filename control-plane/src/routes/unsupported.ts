@@ -4,7 +4,7 @@ import type { Router } from "./common.ts";
 // Routes of Hypeman's API that this control plane does not serve yet. Each answers 501
 // not_supported (after authentication, as every route), so the official client can tell "not
 // here yet" from "no such instance" (404); a path that is no route of the API stays a 404.
-// Images are answered in images.ts, volumes (but for from-archive) in volumes.ts.
+// Images are answered in images.ts, volumes in volumes.ts.
 const UNSUPPORTED: ReadonlyArray<readonly [method: string, path: string]> = [
   ["PATCH", "/instances/:id"],
   ["GET", "/instances/:id/stat"],
@@ -25,7 +25,6 @@ const UNSUPPORTED: ReadonlyArray<readonly [method: string, path: string]> = [
   ["GET", "/snapshots/:id"],
   ["DELETE", "/snapshots/:id"],
   ["POST", "/snapshots/:id/fork"],
-  ["POST", "/volumes/from-archive"],
   ["GET", "/resources"],
   ["POST", "/resources/memory/reclaim"],
   ["GET", "/capabilities"],

@@ -19,7 +19,14 @@ import {
 import { createId } from "@paralleldrive/cuid2";
 import { and, asc, eq, sql } from "drizzle-orm";
 import { type Executor, transaction } from "../db/client.ts";
-import { hosts, instances, type VolumeRow, volumes } from "../db/schema/index.ts";
+import {
+  hosts,
+  instances,
+  operations,
+  type VolumeRow,
+  volumeArchives,
+  volumes,
+} from "../db/schema/index.ts";
 import { type Call, hostGrace, newCall, type Services } from "./context.ts";
 import { online } from "./placement.ts";
 
@@ -73,14 +80,11 @@ export async function createVolume(
   tenantId: string,
   req: CreateVolumeRequest,
   call: Call = newCall(s),
+  archive?: { id: string; bytes: number },
 ): Promise<Volume> {
   const id = req.id ?? `vol-${createId()}`;
   const op = await transaction(s.db, async (tx) => {
-    const [taken] = await tx
-      .select({ id: volumes.id })
-      .from(volumes)
-      .where(and(eq(volumes.tenantId, tenantId), eq(volumes.id, id)));
-    if (taken) throw new ConflictError(`volume ${id} already exists`);
+    await requireFreeId(tx, tenantId, id);
     const [host] = await tx
       .select()
       .from(hosts)
@@ -103,7 +107,12 @@ export async function createVolume(
       hostId: host.id,
       instanceId: null,
       lock: "none",
-      payload: { kind: "volume_create", key, size_bytes: req.size_gb * GiB },
+      payload: {
+        kind: "volume_create",
+        key,
+        size_bytes: req.size_gb * GiB,
+        ...(archive ? { archive } : {}),
+      },
     });
   }).catch((e: unknown) => {
     // Two requests for one id: the unique index answers the second.
@@ -121,6 +130,119 @@ export async function createVolume(
     throw e;
   }
   return present(s.db, await find(s.db, tenantId, id));
+}
+
+async function requireFreeId(ex: Executor, tenantId: string, id: string): Promise<void> {
+  const [taken] = await ex
+    .select({ id: volumes.id })
+    .from(volumes)
+    .where(and(eq(volumes.tenantId, tenantId), eq(volumes.id, id)));
+  if (taken) throw new ConflictError(`volume ${id} already exists`);
+}
+
+/** The largest archive POST /volumes/from-archive takes (compressed), and the pieces it is kept
+ * in until its host has unpacked it. */
+export const ARCHIVE_MAX_BYTES = 256 * 1024 * 1024;
+export const ARCHIVE_CHUNK_BYTES = 1024 * 1024;
+
+/**
+ * POST /volumes/from-archive: the body (a tar.gz) is read as it arrives into chunks in
+ * Postgres — never whole in memory — refused past `maxBytes` or when it is not gzip; then the
+ * volume is made as POST /volumes makes one, and its host fetches the archive and unpacks it
+ * into it (confined, as image layers are). The chunks go once the host has answered.
+ */
+export async function createVolumeFromArchive(
+  s: Services,
+  tenantId: string,
+  req: CreateVolumeRequest,
+  body: ReadableStream<Uint8Array> | null,
+  maxBytes = ARCHIVE_MAX_BYTES,
+): Promise<Volume> {
+  const call = newCall(s);
+  const id = req.id ?? `vol-${createId()}`;
+  await requireFreeId(s.db, tenantId, id);
+  if (!body) throw new InvalidRequestError("the request has no body: send the tar.gz as it");
+  const archiveId = createId();
+  let bytes = 0;
+  const reader = (body as unknown as AsyncIterable<Uint8Array>)[Symbol.asyncIterator]();
+  try {
+    let seq = 0;
+    let pending: Buffer[] = [];
+    let pendingBytes = 0;
+    const flush = async () => {
+      if (pendingBytes === 0) return;
+      await s.db.insert(volumeArchives).values({
+        archiveId,
+        seq: seq++,
+        data: Buffer.concat(pending),
+      });
+      pending = [];
+      pendingBytes = 0;
+    };
+    for (let r = await reader.next(); !r.done; r = await reader.next()) {
+      const b = Buffer.from(r.value);
+      if (bytes === 0 && !(b[0] === 0x1f && (b.length < 2 || b[1] === 0x8b))) {
+        throw new InvalidRequestError("the archive is not gzip (expected a tar.gz)");
+      }
+      bytes += b.length;
+      if (bytes > maxBytes) {
+        throw new InvalidRequestError(`the archive is over the ${maxBytes}-byte limit`);
+      }
+      pending.push(b);
+      pendingBytes += b.length;
+      if (pendingBytes >= ARCHIVE_CHUNK_BYTES) await flush();
+    }
+    await flush();
+    if (bytes === 0) throw new InvalidRequestError("the archive is empty");
+    return await createVolume(s, tenantId, { ...req, id }, call, { id: archiveId, bytes });
+  } catch (e) {
+    // Read on (discarding, up to the limit again) so the client is sent this answer rather
+    // than a reset while it is still sending.
+    let drained = 0;
+    try {
+      for (let r = await reader.next(); !r.done && drained <= maxBytes; r = await reader.next()) {
+        drained += r.value.length;
+      }
+    } catch {
+      // the client went away: nothing to answer
+    }
+    throw e;
+  } finally {
+    await s.db.delete(volumeArchives).where(eq(volumeArchives.archiveId, archiveId));
+  }
+}
+
+/**
+ * An archive's chunks, in order, for the host a pending volume_create sent it to (undefined
+ * for any other host, or once that command has finished): read one chunk at a time.
+ */
+export async function archiveForHost(
+  s: Services,
+  hostId: string,
+  archiveId: string,
+): Promise<AsyncIterable<Buffer> | undefined> {
+  const [op] = await s.db
+    .select({ id: operations.id })
+    .from(operations)
+    .where(
+      and(
+        eq(operations.hostId, hostId),
+        eq(operations.kind, "volume_create"),
+        eq(operations.status, "pending"),
+        sql`${operations.payload}->'archive'->>'id' = ${archiveId}`,
+      ),
+    );
+  if (!op) return undefined;
+  return (async function* () {
+    for (let seq = 0; ; seq++) {
+      const [row] = await s.db
+        .select({ data: volumeArchives.data })
+        .from(volumeArchives)
+        .where(and(eq(volumeArchives.archiveId, archiveId), eq(volumeArchives.seq, seq)));
+      if (!row) return;
+      yield Buffer.from(row.data);
+    }
+  })();
 }
 
 export async function listVolumes(

@@ -81,7 +81,9 @@ async function applyLayer(layer: OciLayer, stage: string): Promise<void> {
   }
 }
 
-async function extractConfined(layer: OciLayer, dir: string): Promise<void> {
+/** Unpacks a tar (gzip'd, zstd'd or plain) into `dir`, chrooted there: whatever names or links
+ * it holds resolve inside `dir`. Throws with tar's complaint when it does not unpack. */
+export async function extractConfined(layer: OciLayer, dir: string): Promise<void> {
   const tool = `.offshoot-untar-${randomBytes(6).toString("hex")}`;
   await mkdir(path.join(dir, tool));
   await copyFile(BUSYBOX, path.join(dir, tool, "busybox"));
@@ -144,7 +146,7 @@ async function stripWhiteouts(dir: string): Promise<void> {
   }
 }
 
-async function measure(dir: string): Promise<{ bytes: number; entries: number }> {
+export async function measure(dir: string): Promise<{ bytes: number; entries: number }> {
   let bytes = 0;
   let entries = 0;
   const walk = async (d: string): Promise<void> => {

@@ -17,13 +17,21 @@ export class HostOps {
     private readonly pulls: ImagePulls,
     private readonly volumes: VolumeStore,
     private readonly driver: Driver,
+    /** Fetches an archive the control plane holds for a volume_create. */
+    private readonly fetchArchive: (id: string) => Promise<AsyncIterable<Uint8Array>>,
   ) {}
 
   async run(commandId: string, op: HostOp): Promise<Outcome> {
     if (op.kind === "image_pull") return this.pulls.run(commandId, op);
     try {
-      if (op.kind === "volume_create") await this.volumes.create(op.key, op.size_bytes);
-      else await this.volumes.delete(op.key, await this.driver.volumesInUse());
+      if (op.kind === "volume_create") {
+        const { archive } = op;
+        await this.volumes.create(
+          op.key,
+          op.size_bytes,
+          archive && { bytes: archive.bytes, fetch: () => this.fetchArchive(archive.id) },
+        );
+      } else await this.volumes.delete(op.key, await this.driver.volumesInUse());
       return { ok: true, instances: [] };
     } catch (err) {
       return { ok: false, error: toCommandError(err), instances: [] };

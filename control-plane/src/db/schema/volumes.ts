@@ -1,4 +1,13 @@
-import { bigint, jsonb, pgTable, text, uniqueIndex } from "drizzle-orm/pg-core";
+import {
+  bigint,
+  customType,
+  integer,
+  jsonb,
+  pgTable,
+  primaryKey,
+  text,
+  uniqueIndex,
+} from "drizzle-orm/pg-core";
 import { createdAt } from "./columns.ts";
 import { hosts } from "./hosts.ts";
 import { tenants } from "./tenants.ts";
@@ -27,3 +36,17 @@ export const volumes = pgTable(
   (t) => [uniqueIndex("volumes_tenant_id_uq").on(t.tenantId, t.id)],
 );
 export type VolumeRow = typeof volumes.$inferSelect;
+
+const bytea = customType<{ data: Buffer; driverData: Buffer }>({ dataType: () => "bytea" });
+
+/** An archive uploaded for POST /volumes/from-archive, held until its host has unpacked it into
+ * the new volume (then deleted): chunks of at most ARCHIVE_CHUNK_BYTES, in order. */
+export const volumeArchives = pgTable(
+  "volume_archive_chunks",
+  {
+    archiveId: text("archive_id").notNull(),
+    seq: integer("seq").notNull(),
+    data: bytea("data").notNull(),
+  },
+  (t) => [primaryKey({ columns: [t.archiveId, t.seq] })],
+);

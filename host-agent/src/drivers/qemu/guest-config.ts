@@ -129,7 +129,7 @@ export function guestConfig(
       .filter((v) => v.key)
       .map(
         (v, i) =>
-          `  offshoot_volume ${i} ${v.overlay ? "overlay" : v.readonly ? "ro" : "rw"} ${shellQuote(v.mount_path)}`,
+          `  ${GUEST_CONFIG.volume} ${i} ${v.overlay ? "overlay" : v.readonly ? "ro" : "rw"} ${shellQuote(v.mount_path)}`,
       ),
     "}",
     `set -- ${argv.map(shellQuote).join(" ")}`,
