@@ -102,7 +102,10 @@ export const InstanceSpec = z.object({
       readonly: z.boolean().optional(),
       overlay: z.boolean().optional(),
       overlay_size: z.string().optional(),
-      key: z.string().regex(/^[a-z0-9]{1,64}$/).optional(),
+      key: z
+        .string()
+        .regex(/^[a-z0-9]{1,64}$/)
+        .optional(),
     }),
   ),
 });
