@@ -212,12 +212,22 @@ export async function startRegistry(options: RegistryOptions = {}): Promise<Test
   };
 }
 
-/** Pushes an OCI layout (its one image) to `dest` ("host:port/repo:tag") with skopeo. */
+/**
+ * Pushes an OCI layout to `dest` ("host:port/repo:tag") with skopeo: as it is (its digests
+ * kept), every image of its index (`all`), or converted to Docker's schema 2 (`v2s2`).
+ */
 export async function push(
   layoutDir: string,
   dest: string,
   creds: { username: string; password: string },
+  how: "as-is" | "all" | "v2s2" = "as-is",
 ): Promise<void> {
+  const mode =
+    how === "v2s2"
+      ? ["--format", "v2s2"]
+      : how === "all"
+        ? ["--all", "--preserve-digests"]
+        : ["--preserve-digests"];
   await execa("skopeo", [
     "--insecure-policy",
     "copy",
@@ -225,7 +235,7 @@ export async function push(
     "--dest-tls-verify=false",
     "--dest-creds",
     `${creds.username}:${creds.password}`,
-    "--preserve-digests",
+    ...mode,
     `oci:${layoutDir}`,
     `docker://${dest}`,
   ]);

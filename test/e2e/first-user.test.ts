@@ -68,7 +68,7 @@ describe("a small host and the order of checks", () => {
       ["POST", "/instances/w-0/snapshots"],
       ["GET", "/snapshots"],
       ["POST", "/snapshots/s1/fork"],
-      ["GET", "/volumes"],
+      ["POST", "/instances/w-0/volumes/vol-1"],
       ["GET", "/resources"],
       ["GET", "/capabilities"],
     ] as const) {

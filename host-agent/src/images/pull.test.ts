@@ -1,7 +1,7 @@
 // Pulls from a real registry (Debian's docker-registry on loopback, token auth): what a pulled
 // image's rootfs holds, what its config carries, which bytes are fetched, and every way a pull
 // must fail cleanly — with nothing left marked as pulled.
-import { randomBytes } from "node:crypto";
+import { createHash, randomBytes } from "node:crypto";
 import {
   existsSync,
   mkdirSync,
@@ -184,6 +184,60 @@ describe("pulling from a registry", () => {
       /nobody\/here:v1 not found in the registry \(404/,
     );
     expect(leftovers(store)).toEqual([]);
+  });
+
+  it("follows an image index to the requested platform", async () => {
+    // One layout holding two images, amd64 and arm64, and an index listing both.
+    const layout = path.join(work, `layout-${n++}`);
+    const amd = writeLayout(layout, { layers: [{ entries: [file("arch", "amd64")] }] });
+    const indexAmd = JSON.parse(readFileSync(path.join(layout, "index.json"), "utf8"));
+    const arm = writeLayout(layout, {
+      layers: [{ entries: [file("arch", "arm64")] }],
+      architecture: "arm64",
+    });
+    const indexArm = JSON.parse(readFileSync(path.join(layout, "index.json"), "utf8"));
+    // The layout's one entry is an image index (a blob) naming both platforms' manifests.
+    const nested = Buffer.from(
+      JSON.stringify({
+        schemaVersion: 2,
+        mediaType: "application/vnd.oci.image.index.v1+json",
+        manifests: [...indexAmd.manifests, ...indexArm.manifests],
+      }),
+    );
+    const hex = createHash("sha256").update(nested).digest("hex");
+    writeFileSync(path.join(layout, "blobs", "sha256", hex), nested);
+    writeFileSync(
+      path.join(layout, "index.json"),
+      JSON.stringify({
+        schemaVersion: 2,
+        manifests: [
+          {
+            mediaType: "application/vnd.oci.image.index.v1+json",
+            digest: `sha256:${hex}`,
+            size: nested.length,
+          },
+        ],
+      }),
+    );
+    await push(layout, `${reg.host}/public/multi:v1`, reg.user, "all");
+    const ref = `${reg.host}/public/multi:v1`;
+    const a = await freshStore().pull(ref);
+    expect(a).toMatchObject({ digest: amd.digest, platform: "linux/amd64" });
+    expect(await readRootfs(a.rootfs).cat("/arch")).toBe("amd64");
+    const b = await freshStore().pull(ref, { platform: "linux/arm64" });
+    expect(b).toMatchObject({ digest: arm.digest, platform: "linux/arm64" });
+    await expect(freshStore().pull(ref, { platform: "linux/s390x" })).rejects.toThrow(
+      "no linux/s390x manifest in the image index (it has linux/amd64, linux/arm64)",
+    );
+  });
+
+  it("pulls Docker schema 2 manifests as well as OCI ones", async () => {
+    const layout = path.join(work, `layout-${n++}`);
+    writeLayout(layout, { layers: [base], config: { Cmd: ["/bin/sh"], Env: ["K=v"] } });
+    await push(layout, `${reg.host}/public/docker:v1`, reg.user, "v2s2");
+    const got = await freshStore().pull(`${reg.host}/public/docker:v1`);
+    expect(got).toMatchObject({ cmd: ["/bin/sh"], env: { K: "v" }, platform: "linux/amd64" });
+    expect(await readRootfs(got.rootfs).ls("/bin")).toContain("busybox");
   });
 
   it("refuses another platform than the image's", async () => {
