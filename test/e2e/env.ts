@@ -1,4 +1,6 @@
+import { existsSync, readdirSync, readFileSync } from "node:fs";
 import type { Db } from "../../control-plane/src/db/client.ts";
+import { agentPaths } from "../../host-agent/src/paths.ts";
 import { TestNamespaces } from "../../host-agent/testing/netns.ts";
 import { ensureTestImage } from "../../scripts/oci-image.ts";
 import { defaultAssetsDir } from "../../scripts/vm-assets.ts";
@@ -66,4 +68,23 @@ export function qemuAgentEnv(over: Record<string, string> = {}): Record<string, 
     AGENT_MEMORY: "4GB",
     ...over,
   };
+}
+
+/** Kills the QEMU guests a stack's agents left running: guests outlive their agent by design,
+ * so whatever a failed test left behind goes here (after the file). */
+export function killStackGuests(stack: Stack | undefined): void {
+  for (const agent of stack?.agents ?? []) {
+    const { qemu } = agentPaths(agent.dataDir);
+    const dirs = existsSync(qemu.instancesDir)
+      ? readdirSync(qemu.instancesDir, { withFileTypes: true })
+      : [];
+    for (const id of dirs.filter((e) => e.isDirectory())) {
+      try {
+        const pid = Number(readFileSync(qemu.pidFile(id.name), "utf8"));
+        if (pid > 0) process.kill(pid, "SIGKILL");
+      } catch {
+        // no pid file or no such process: nothing running for this instance
+      }
+    }
+  }
 }

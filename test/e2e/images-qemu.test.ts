@@ -2,16 +2,15 @@
 // loopback), pulled through the API, booted as a real guest (QEMU, TCG here). The guest reports
 // on its console what it sees — files after whiteouts, env, working directory, entrypoint and
 // arguments, user — and the test reads that back through the logs.
-import { mkdtempSync, readdirSync, readFileSync, rmSync } from "node:fs";
+import { mkdtempSync, rmSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { agentPaths } from "../../host-agent/src/paths.ts";
 import { push, startRegistry, type TestRegistry } from "../../host-agent/testing/registry.ts";
 import { busyboxEntries, dir, file, writeLayout } from "../../scripts/oci-layout.ts";
 import { ensureVmAssets } from "../../scripts/vm-assets.ts";
 import { api, hypeman, seedTenant, waitFor } from "../harness.ts";
-import { qemuAgentEnv, type Stack, startStack } from "./env.ts";
+import { killStackGuests, qemuAgentEnv, type Stack, startStack } from "./env.ts";
 
 const REPORT = `#!/bin/sh
 echo "REPORT args=$* pwd=$(pwd) uid=$(id -u) gid=$(id -g) mode=$MODE path=$PATH"
@@ -38,17 +37,7 @@ describe("a pulled image booted as a real guest", { timeout: 300_000 }, () => {
   }, 300_000);
 
   afterAll(async () => {
-    for (const agent of stack?.agents ?? []) {
-      const { qemu } = agentPaths(agent.dataDir);
-      for (const id of readdirSync(qemu.instancesDir, { withFileTypes: true })) {
-        try {
-          const pid = Number(readFileSync(qemu.pidFile(id.name), "utf8"));
-          if (pid > 0) process.kill(pid, "SIGKILL");
-        } catch {
-          // nothing running for this instance
-        }
-      }
-    }
+    killStackGuests(stack);
     await reg?.stop();
     rmSync(work, { recursive: true, force: true });
   });

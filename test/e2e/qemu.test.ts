@@ -1,10 +1,8 @@
-import { readdirSync, readFileSync } from "node:fs";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { agentPaths } from "../../host-agent/src/paths.ts";
 import { TEST_IMAGE } from "../../scripts/oci-image.ts";
 import { ensureVmAssets } from "../../scripts/vm-assets.ts";
 import { api, hypeman, waitFor } from "../harness.ts";
-import { qemuAgentEnv, type Stack, startStack } from "./env.ts";
+import { killStackGuests, qemuAgentEnv, type Stack, startStack } from "./env.ts";
 
 // Real guests through the public API: a host agent running the QEMU driver (TCG here), driven
 // by the official client. Guests run the busybox test image (scripts/oci-image.ts) on overlayfs;
@@ -23,21 +21,7 @@ describe("real VMs (QEMU) through the API", { timeout: 300_000 }, () => {
     client = hypeman(stack.cp.url, stack.apiKey);
   }, 300_000);
 
-  // Guests outlive their agent by design; whatever a failed test left running goes here.
-  afterAll(() => {
-    for (const agent of stack?.agents ?? []) {
-      const { qemu } = agentPaths(agent.dataDir);
-      const dirs = readdirSync(qemu.instancesDir, { withFileTypes: true });
-      for (const id of dirs.filter((e) => e.isDirectory())) {
-        try {
-          const pid = Number(readFileSync(qemu.pidFile(id.name), "utf8"));
-          if (pid > 0) process.kill(pid, "SIGKILL");
-        } catch {
-          // no pid file or no such process: nothing running for this instance
-        }
-      }
-    }
-  });
+  afterAll(() => killStackGuests(stack));
 
   const logLines = async (name: string) => {
     const lines: string[] = [];

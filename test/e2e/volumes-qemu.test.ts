@@ -1,13 +1,11 @@
 // Volumes in real guests (QEMU, TCG here): data written to a writable volume outlives its
 // instance and is read by the next; read-only attachments share it; an overlay's writes go with
 // their instance; a fork of a guest with a read-only volume sees the same files.
-import { readdirSync, readFileSync } from "node:fs";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { agentPaths } from "../../host-agent/src/paths.ts";
 import { TEST_IMAGE } from "../../scripts/oci-image.ts";
 import { ensureVmAssets } from "../../scripts/vm-assets.ts";
 import { api, hypeman, waitFor } from "../harness.ts";
-import { qemuAgentEnv, type Stack, startStack } from "./env.ts";
+import { killStackGuests, qemuAgentEnv, type Stack, startStack } from "./env.ts";
 
 describe("volumes in real guests", { timeout: 600_000 }, () => {
   let stack: Stack;
@@ -21,19 +19,7 @@ describe("volumes in real guests", { timeout: 600_000 }, () => {
     call = api(stack.cp.url, stack.apiKey);
   }, 300_000);
 
-  afterAll(() => {
-    for (const agent of stack?.agents ?? []) {
-      const { qemu } = agentPaths(agent.dataDir);
-      for (const id of readdirSync(qemu.instancesDir, { withFileTypes: true })) {
-        try {
-          const pid = Number(readFileSync(qemu.pidFile(id.name), "utf8"));
-          if (pid > 0) process.kill(pid, "SIGKILL");
-        } catch {
-          // nothing running for this instance
-        }
-      }
-    }
-  });
+  afterAll(() => killStackGuests(stack));
 
   /** The guest's `VOL …` console lines so far. */
   const said = async (name: string) => {
