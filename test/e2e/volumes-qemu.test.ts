@@ -1,6 +1,7 @@
 // Volumes in real guests (QEMU, TCG here): data written to a writable volume outlives its
 // instance and is read by the next; read-only attachments share it; an overlay's writes go with
 // their instance; a fork of a guest with a read-only volume sees the same files.
+import type { InstanceCreateParams } from "@onkernel/hypeman/resources/instances/instances";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { TEST_IMAGE } from "../../scripts/oci-image.ts";
 import { ensureVmAssets } from "../../scripts/vm-assets.ts";
@@ -35,14 +36,13 @@ describe("volumes in real guests", { timeout: 600_000 }, () => {
       timeoutMs: 60_000,
       what: `${name} to say ${re}`,
     });
-  const boot = (name: string, volumes: unknown[], script: string) =>
+  const boot = (name: string, volumes: InstanceCreateParams["volumes"], script: string) =>
     client.instances.create({
       name,
       image: TEST_IMAGE,
       size: "256MB",
       vcpus: 1,
-      // biome-ignore lint/suspicious/noExplicitAny: the client's VolumeMount type is the spec's
-      volumes: volumes as any,
+      volumes,
       cmd: ["sh", "-c", script],
     });
   const READ =

@@ -270,12 +270,7 @@ export async function getVolume(s: Services, tenantId: string, id: string): Prom
 }
 
 /** DELETE /volumes/{id}: 409 while attached; the file goes with it on its host. */
-export async function deleteVolume(
-  s: Services,
-  tenantId: string,
-  id: string,
-  call: Call = newCall(s),
-): Promise<void> {
+export async function deleteVolume(s: Services, tenantId: string, id: string): Promise<void> {
   const op = await transaction(s.db, async (tx) => {
     const [v] = await tx
       .select()
@@ -301,7 +296,6 @@ export async function deleteVolume(
   // The row is gone: the host removes the file when it gets the command (now, or after it
   // reconnects).
   s.ops.send(op);
-  void call;
 }
 
 /** A mount path as the guest will see it: absolute, without ., .. or repeated slashes. */
