@@ -1,7 +1,7 @@
 // A real OCI registry on loopback for tests and benchmarks: Debian's `docker-registry` (the
 // Distribution registry 2.8) with its own config and storage in a temp dir, and token auth
 // from a small token service here, so pulls go through the WWW-Authenticate → token dance as
-// they do against Docker Hub. Anonymous clients may pull every repository except the private
+// they do against Docker Hub (or, with `auth: "basic"`, the registry's own htpasswd). Anonymous clients may pull every repository except the private
 // ones; the one user may pull and push everything; wrong credentials get 401 from the token
 // service. Every blob byte the registry serves is counted from its access log.
 //
@@ -31,8 +31,11 @@ export interface TestRegistry {
 }
 
 export interface RegistryOptions {
-  /** Repositories anonymous clients may not pull. */
+  /** Repositories anonymous clients may not pull (token auth). */
   private?: string[];
+  /** "token" (default): the Bearer challenge and the token service here. "basic": the
+   * registry's own htpasswd (bcrypt, made with apache2-utils' htpasswd): nothing anonymous. */
+  auth?: "token" | "basic";
 }
 
 const SERVICE = "offshoot-test-registry";
@@ -122,6 +125,23 @@ export async function startRegistry(options: RegistryOptions = {}): Promise<Test
 
   const port = await freePort();
   const storage = path.join(dir, "storage");
+  const htpasswd = path.join(dir, "htpasswd");
+  if (options.auth === "basic") {
+    writeFileSync(
+      htpasswd,
+      execFileSync("htpasswd", ["-Bbn", user.username, user.password]).toString(),
+    );
+  }
+  const auth =
+    options.auth === "basic"
+      ? ["  htpasswd:", "    realm: offshoot-test", `    path: ${htpasswd}`]
+      : [
+          "  token:",
+          `    realm: http://127.0.0.1:${tokenPort}/token`,
+          `    service: ${SERVICE}`,
+          `    issuer: ${SERVICE}`,
+          `    rootcertbundle: ${cert}`,
+        ];
   writeFileSync(
     path.join(dir, "config.yml"),
     [
@@ -139,11 +159,7 @@ export async function startRegistry(options: RegistryOptions = {}): Promise<Test
       "http:",
       `  addr: 127.0.0.1:${port}`,
       "auth:",
-      "  token:",
-      `    realm: http://127.0.0.1:${tokenPort}/token`,
-      `    service: ${SERVICE}`,
-      `    issuer: ${SERVICE}`,
-      `    rootcertbundle: ${cert}`,
+      ...auth,
       "",
     ].join("\n"),
   );

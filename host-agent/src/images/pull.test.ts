@@ -175,6 +175,23 @@ describe("pulling from a registry", () => {
     expect(got.cmd).toEqual(["/bin/sh"]);
   });
 
+  it("answers a registry's Basic challenge with the credentials given", async () => {
+    const basic = await startRegistry({ auth: "basic" });
+    try {
+      await pushed("team/app:v1", { layers: [base], config: { Cmd: ["/bin/sh"] } }, basic);
+      const ref = `${basic.host}/team/app:v1`;
+      const store = freshStore();
+      await expect(store.pull(ref)).rejects.toThrow(/requires credentials for team\/app \(401\)/);
+      await expect(
+        store.pull(ref, { credentials: { username: basic.user.username, password: "wrong" } }),
+      ).rejects.toThrow(/refused the credentials for team\/app \(401\)/);
+      expect(leftovers(store)).toEqual([]);
+      expect((await store.pull(ref, { credentials: basic.user })).cmd).toEqual(["/bin/sh"]);
+    } finally {
+      await basic.stop();
+    }
+  });
+
   it("names an unknown tag or repository as the registry's 404", async () => {
     const store = freshStore();
     await expect(store.pull(`${reg.host}/public/app:no-such-tag`)).rejects.toThrow(
