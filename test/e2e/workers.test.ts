@@ -1,11 +1,14 @@
 import { appendFileSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
-import { sql } from "drizzle-orm";
+import { gzipSync } from "node:zlib";
+import { eq, sql } from "drizzle-orm";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { volumes } from "../../control-plane/src/db/schema/index.ts";
 import { agentPaths } from "../../host-agent/src/paths.ts";
 import { push, startRegistry } from "../../host-agent/testing/registry.ts";
-import { file, writeLayout } from "../../scripts/oci-layout.ts";
+import { readRootfs } from "../../host-agent/testing/rootfs.ts";
+import { file, tar, writeLayout } from "../../scripts/oci-layout.ts";
 import {
   type AgentProcess,
   hostOnline,
@@ -93,6 +96,26 @@ describe("Cloudflare Workers deployment (wrangler dev)", { timeout: 120_000 }, (
       await reg.stop();
       rmSync(work, { recursive: true, force: true });
     }
+  });
+
+  it("makes volumes through the Worker, one from a tar.gz streamed to it", async () => {
+    const auth = { authorization: `Bearer ${apiKey}` };
+    const plain = await fetch(`${worker.url}/volumes`, {
+      method: "POST",
+      headers: { ...auth, "content-type": "application/json" },
+      body: JSON.stringify({ id: "vol-w", name: "w", size_gb: 1 }),
+    });
+    expect(plain.status).toBe(201);
+    const archive = gzipSync(tar([file("greeting", "hello from the worker")]));
+    const seeded = await fetch(`${worker.url}/volumes/from-archive?name=s&size_gb=1&id=vol-s`, {
+      method: "POST",
+      headers: { ...auth, "content-type": "application/gzip" },
+      body: archive,
+    });
+    expect(seeded.status, await seeded.clone().text()).toBe(201);
+    const [row] = await database.database.db.select().from(volumes).where(eq(volumes.id, "vol-s"));
+    const disk = path.join(agentPaths(agent.dataDir).volumesDir, `${row?.key}.ext4`);
+    expect(await readRootfs(disk).cat("/greeting")).toBe("hello from the worker");
   });
 
   it("streams logs from the agent through the Durable Object", async () => {
