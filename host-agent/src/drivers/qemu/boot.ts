@@ -198,7 +198,11 @@ async function waitForSerial(
     const log = await serialSince(host, id, offset);
     if (found(log)) return;
     if (!isOurQemu(pid, sock)) {
-      const console = log.trim().split("\n").slice(-3).join(" | ");
+      // Read again: a guest whose program ends at once writes its marker and powers off
+      // between the read above and the check.
+      const last = await serialSince(host, id, offset);
+      if (found(last)) return;
+      const console = last.trim().split("\n").slice(-3).join(" | ");
       throw new ApiError(
         "boot_failed",
         `QEMU for ${id} exited during boot: ${await qemuLogTail(host, id)}${console ? `; the guest's console ended with: ${console}` : ""}`,
