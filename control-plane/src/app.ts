@@ -1,6 +1,7 @@
 import { createRoute } from "@hono/zod-openapi";
 import {
   ApiError,
+  ARCHIVE_PATH,
   ClientGoneError,
   type ERROR_STATUS,
   Health,
@@ -8,7 +9,7 @@ import {
   UnitParseError,
 } from "@offshoot/shared";
 import { sql } from "drizzle-orm";
-import type { Context, Next } from "hono";
+import type { Context, MiddlewareHandler, Next } from "hono";
 import { bodyLimit } from "hono/body-limit";
 import { HTTPException } from "hono/http-exception";
 import { isConnectionLost, pgErrorCode } from "./db/client.ts";
@@ -69,9 +70,12 @@ export interface AppDeps {
    * connection cannot outlive the request that made them), hence the function form. */
   services: Services | ((c: Context<AppEnv>) => Services);
   credentials: Credentials | ((c: Context<AppEnv>) => Credentials);
-  /** Mounts the agents' WebSocket endpoint; differs per runtime. */
-  mountAgentEndpoint?: (app: ReturnType<typeof newRouter>) => void;
+  /** Mounts the agents' WebSocket endpoint; differs per runtime. `hostAuthed` admits a
+   * request bearing a host token (and sets `agentHost`). */
+  mountAgentEndpoint?: (app: ReturnType<typeof newRouter>, hostAuthed: HostAuthed) => void;
 }
+
+export type HostAuthed = MiddlewareHandler<AppEnv>;
 
 export function createApp({ services, credentials, mountAgentEndpoint }: AppDeps) {
   const app = newRouter();
@@ -186,7 +190,17 @@ export function createApp({ services, credentials, mountAgentEndpoint }: AppDeps
   });
   app.get("/docs", (c) => c.html(referencePage()));
 
-  mountAgentEndpoint?.(app);
+  // What agents ask of the control plane: the WebSocket, and volumes' archives.
+  const hostAuthed: HostAuthed = async (c, next) => {
+    const token = bearerToken(c.req.header("authorization"));
+    const host = token ? await credentialsOf(c).hostForToken(token) : undefined;
+    if (!host) return c.json({ code: "unauthorized", message: "invalid host token" }, 401);
+    c.set("agentHost", host);
+    await next();
+    return undefined;
+  };
+  mountAgentEndpoint?.(app, hostAuthed);
+  app.use(ARCHIVE_PATH, hostAuthed);
 
   // Every route below needs an API key, and everything it reads is scoped to its tenant.
   const authed = async (c: Context<AppEnv>, next: () => Promise<void>) => {

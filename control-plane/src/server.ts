@@ -3,7 +3,7 @@ import type { AddressInfo } from "node:net";
 import { serve, upgradeWebSocket } from "@hono/node-server";
 import { eq } from "drizzle-orm";
 import { WebSocketServer } from "ws";
-import { createApp } from "./app.ts";
+import { createApp, type HostAuthed } from "./app.ts";
 import type { Database } from "./db/client.ts";
 import { openDatabase } from "./db/open.ts";
 import { apiKeys } from "./db/schema/index.ts";
@@ -15,7 +15,6 @@ import { PgBus } from "./services/bus.ts";
 import { DatabaseHealth, type Services } from "./services/context.ts";
 import {
   BOOTSTRAP_KEY,
-  bearerToken,
   Credentials,
   createApiKey,
   DEFAULT_TENANT,
@@ -81,17 +80,10 @@ export async function startServer(
 
   await ensureDefaultKey(services, env, log);
 
-  const mountAgentEndpoint = (app: Router) => {
+  const mountAgentEndpoint = (app: Router, hostAuthed: HostAuthed) => {
     app.get(
       AGENT_PATH,
-      async (c, next) => {
-        const token = bearerToken(c.req.header("authorization"));
-        const host = token ? await credentials.hostForToken(token) : undefined;
-        if (!host) return c.json({ code: "unauthorized", message: "invalid host token" }, 401);
-        c.set("agentHost", host);
-        await next();
-        return undefined;
-      },
+      hostAuthed,
       upgradeWebSocket((c) => {
         const host = c.get("agentHost");
         let session: ReturnType<NodeGateway["open"]> | undefined;

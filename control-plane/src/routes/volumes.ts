@@ -1,6 +1,5 @@
 import { createRoute, z } from "@hono/zod-openapi";
 import { ARCHIVE_PATH, CreateVolumeRequest, MAX_VOLUME_GB, Volume } from "@offshoot/shared";
-import { bearerToken, Credentials } from "../services/credentials.ts";
 import {
   ARCHIVE_MAX_BYTES,
   archiveForHost,
@@ -92,13 +91,10 @@ export function registerVolumeRoutes(app: Router) {
     },
   );
 
-  // The host's side: its agent fetches an archive it was told to unpack (host token).
+  // The host's side: its agent fetches an archive it was told to unpack (host token, checked
+  // by app.ts's hostAuthed).
   app.get(ARCHIVE_PATH, async (c) => {
-    const s = c.var.services;
-    const token = bearerToken(c.req.header("authorization"));
-    const host = token ? await new Credentials(s.db).hostForToken(token) : undefined;
-    if (!host) return c.json({ code: "unauthorized", message: "invalid host token" }, 401);
-    const chunks = await archiveForHost(s, host.id, c.req.param("id"));
+    const chunks = await archiveForHost(c.var.services, c.get("agentHost").id, c.req.param("id"));
     if (!chunks)
       return c.json({ code: "not_found", message: "no such archive for this host" }, 404);
     const iterator = chunks[Symbol.asyncIterator]();

@@ -7,7 +7,7 @@ import { AGENT_PATH } from "@offshoot/shared";
 import type { Context } from "hono";
 import { createApp } from "../app.ts";
 import type { AppEnv } from "../routes/common.ts";
-import { bearerToken, Credentials } from "../services/credentials.ts";
+import { Credentials } from "../services/credentials.ts";
 import { sweepSilentHosts } from "../services/hosts.ts";
 import { drivingFlows, resumeForks } from "../services/instances/fork.ts";
 import { SESSION_URL, sessionStub, WorkersGateway } from "./gateway.ts";
@@ -28,11 +28,9 @@ const app = createApp({
     return scoped(wc.env, wc.executionCtx);
   },
   credentials: (c) => new Credentials(c.var.services.db, 0),
-  mountAgentEndpoint: (router) => {
-    router.get(AGENT_PATH, async (c) => {
-      const token = bearerToken(c.req.header("authorization"));
-      const host = token ? await new Credentials(c.var.services.db).hostForToken(token) : undefined;
-      if (!host) return c.json({ code: "unauthorized", message: "invalid host token" }, 401);
+  mountAgentEndpoint: (router, hostAuthed) => {
+    router.get(AGENT_PATH, hostAuthed, async (c) => {
+      const host = c.get("agentHost");
       if (c.req.header("upgrade")?.toLowerCase() !== "websocket") {
         return c.json({ code: "invalid_request", message: "expected a WebSocket upgrade" }, 400);
       }
