@@ -49,34 +49,39 @@ function octal(n: number, width: number): string {
 export function tar(entries: TarEntry[]): Buffer {
   const blocks: Buffer[] = [];
   for (const e of entries) {
-    const h = Buffer.alloc(512);
-    let name = e.name;
-    let prefix = "";
-    if (Buffer.byteLength(name) > 100) {
-      const cut = name.lastIndexOf("/", name.length - 1 - 0);
-      prefix = name.slice(0, cut);
-      name = name.slice(cut + 1);
-    }
     const data = e.type === "file" ? Buffer.from(e.data ?? "") : Buffer.alloc(0);
-    h.write(name, 0, 100);
-    h.write(octal(e.mode ?? (e.type === "dir" ? 0o755 : 0o644), 8), 100);
-    h.write(octal(e.uid ?? 0, 8), 108);
-    h.write(octal(e.gid ?? 0, 8), 116);
-    h.write(octal(data.length, 12), 124);
-    h.write(octal(0, 12), 136);
-    h.write("        ", 148);
-    h.write({ file: "0", dir: "5", symlink: "2", hardlink: "1" }[e.type], 156);
-    if (e.target) h.write(e.target, 157, 100);
-    h.write("ustar\0", 257);
-    h.write("00", 263);
-    h.write(prefix, 345, 155);
-    let sum = 0;
-    for (const b of h) sum += b;
-    h.write(`${sum.toString(8).padStart(6, "0")}\0 `, 148);
-    blocks.push(h, data, Buffer.alloc((512 - (data.length % 512)) % 512));
+    blocks.push(tarHeader(e, data.length), data, Buffer.alloc((512 - (data.length % 512)) % 512));
   }
   blocks.push(Buffer.alloc(1024));
   return Buffer.concat(blocks);
+}
+
+/** The 512-byte ustar header of `e` for a body of `size` bytes (which the caller writes). */
+export function tarHeader(e: TarEntry, size: number): Buffer {
+  const h = Buffer.alloc(512);
+  let name = e.name;
+  let prefix = "";
+  if (Buffer.byteLength(name) > 100) {
+    const cut = name.lastIndexOf("/");
+    prefix = name.slice(0, cut);
+    name = name.slice(cut + 1);
+  }
+  h.write(name, 0, 100);
+  h.write(octal(e.mode ?? (e.type === "dir" ? 0o755 : 0o644), 8), 100);
+  h.write(octal(e.uid ?? 0, 8), 108);
+  h.write(octal(e.gid ?? 0, 8), 116);
+  h.write(octal(size, 12), 124);
+  h.write(octal(0, 12), 136);
+  h.write("        ", 148);
+  h.write({ file: "0", dir: "5", symlink: "2", hardlink: "1" }[e.type], 156);
+  if (e.target) h.write(e.target, 157, 100);
+  h.write("ustar\0", 257);
+  h.write("00", 263);
+  h.write(prefix, 345, 155);
+  let sum = 0;
+  for (const b of h) sum += b;
+  h.write(`${sum.toString(8).padStart(6, "0")}\0 `, 148);
+  return h;
 }
 
 /** Debian's static busybox as /bin/busybox with a symlink per applet. */

@@ -2,11 +2,17 @@
 // journal when re-sent. A reconnect never loses a result: the control plane re-sends what it
 // has not heard back about, and the journal answers.
 import { setTimeout as sleep } from "node:timers/promises";
-import { type Command, ErrorCode, PROTOCOL_VERSION, type Result } from "@offshoot/shared";
+import {
+  type Command,
+  ErrorCode,
+  isHostOperation,
+  PROTOCOL_VERSION,
+  type Result,
+} from "@offshoot/shared";
 import type { Driver, OpContext } from "./drivers/driver.ts";
 import type { Journal, Outcome } from "./journal.ts";
 import { errorMessage, type Logger } from "./log.ts";
-import { type HostOps, isHostOp } from "./operations/host-ops.ts";
+import type { HostOps } from "./operations/host-ops.ts";
 import { withoutSecrets } from "./operations/image-pull.ts";
 import { execute, instanceIds, observe, toCommandError } from "./operations/index.ts";
 import { InstanceLocks } from "./operations/locks.ts";
@@ -126,7 +132,7 @@ export class Commands {
     try {
       await this.journal.begin(withoutSecrets(command));
       this.operationsLog?.note(op, `${op.kind} started (command ${id})`);
-      if (isHostOp(op)) {
+      if (isHostOperation(op)) {
         outcome = this.hostOps
           ? await this.hostOps.run(id, op)
           : {

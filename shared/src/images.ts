@@ -20,7 +20,8 @@ export const ImageInfo = z.object({
 });
 export type ImageInfo = z.infer<typeof ImageInfo>;
 
-const DIGEST = /^sha256:[a-f0-9]{64}$/;
+/** A sha256 content digest, as manifests and blobs are named. */
+export const DIGEST = /^sha256:[a-f0-9]{64}$/;
 // Lowercase path components separated by / ; an optional :tag and/or @digest at the end.
 const REFERENCE =
   /^(?<path>[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:\/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*)(?::(?<tag>[\w][\w.-]{0,127}))?(?:@(?<digest>sha256:[a-f0-9]{64}))?$/;

@@ -3,7 +3,7 @@
 // typed here and parsed with zod on receipt.
 import { z } from "zod";
 import { type ErrorCode, isErrorCode } from "./errors.ts";
-import { ImageInfo } from "./images.ts";
+import { DIGEST, ImageInfo } from "./images.ts";
 import { ForkTargetState, Hypervisor, InstanceState } from "./schemas.ts";
 
 export const PROTOCOL_VERSION = 1 as const;
@@ -12,7 +12,6 @@ export const AGENT_PATH = "/agent/v1/connect";
 /** Where an agent fetches a volume's archive (GET, its host token as Bearer), `:id` replaced. */
 export const ARCHIVE_PATH = "/agent/v1/archives/:id";
 const V = z.literal(PROTOCOL_VERSION);
-const DIGEST = /^sha256:[a-f0-9]{64}$/;
 
 /**
  * Bounds on what crosses the agent socket. Hosts are trusted to run guests, not to size the
@@ -171,6 +170,14 @@ export const Operation = z.discriminatedUnion("kind", [
   }),
 ]);
 export type Operation = z.infer<typeof Operation>;
+
+/** The commands that are the host's, not an instance's: they touch and lock no instance. */
+export type HostOperation = Extract<
+  Operation,
+  { kind: "image_pull" | "volume_create" | "volume_delete" }
+>;
+export const isHostOperation = (op: Operation): op is HostOperation =>
+  op.kind === "image_pull" || op.kind === "volume_create" || op.kind === "volume_delete";
 export type OperationKind = Operation["kind"];
 /** The kinds of host command, as a schema (settings keyed by kind). */
 export const OperationKind = z.enum(

@@ -10,7 +10,7 @@ import { beforeAll, describe, expect, it } from "vitest";
 import { instances, volumes } from "../../control-plane/src/db/schema/index.ts";
 import { agentPaths } from "../../host-agent/src/paths.ts";
 import { readRootfs } from "../../host-agent/testing/rootfs.ts";
-import { dir, file, tar } from "../../scripts/oci-layout.ts";
+import { dir, file, tar, tarHeader } from "../../scripts/oci-layout.ts";
 import { api, seedTenant, waitFor } from "../harness.ts";
 import { type Stack, startStack } from "./env.ts";
 
@@ -224,13 +224,7 @@ describe("volumes", { timeout: 120_000 }, () => {
 /** A tar.gz of one file of `mib` MiB of zeros, compressed as it is made (never whole). */
 async function zeroArchive(mib: number): Promise<Buffer> {
   const size = mib * 1024 * 1024;
-  const header = tar([file("zeros", "")]).subarray(0, 512);
-  // The same header with the file's size in it (tar's octal size field and checksum).
-  header.write(`${size.toString(8).padStart(11, "0")}\0`, 124);
-  header.write("        ", 148);
-  let sum = 0;
-  for (const b of header) sum += b;
-  header.write(`${sum.toString(8).padStart(6, "0")}\0 `, 148);
+  const header = tarHeader(file("zeros", ""), size);
   const gz = createGzip({ level: 9 });
   const out: Buffer[] = [];
   gz.on("data", (d: Buffer) => out.push(d));

@@ -14,6 +14,7 @@ import {
   HostUnavailableError,
   type Image,
   type ImageInfo,
+  type ImageProgress,
   InvalidRequestError,
   NotFoundError,
   normalizeImageRef,
@@ -343,17 +344,7 @@ export async function imageForInstance(
 export const holdsDigest = (host: HostRow, digest: string) => host.imageDigests.includes(digest);
 
 /** An agent's progress on a pull: written only while that pull is the row's current one. */
-export async function imageProgress(
-  ex: Executor,
-  hostId: string,
-  p: {
-    command_id: string;
-    image_id: string;
-    phase: "pulling" | "converting";
-    bytes_done: number;
-    bytes_total: number;
-  },
-): Promise<void> {
+export async function imageProgress(ex: Executor, hostId: string, p: ImageProgress): Promise<void> {
   await ex
     .update(images)
     .set({

@@ -1,12 +1,13 @@
 // Service-level tests against a real Postgres server with a scripted host: the races and
 // recovery paths that are hard to hit on purpose through processes.
-import type {
-  Command,
-  DriverCapabilities,
-  Hello,
-  ObservedInstance,
-  Operation,
-  Result,
+import {
+  type Command,
+  type DriverCapabilities,
+  type Hello,
+  isHostOperation,
+  type ObservedInstance,
+  type Operation,
+  type Result,
 } from "@offshoot/shared";
 import { and, eq } from "drizzle-orm";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -157,7 +158,7 @@ class ScriptedHost implements HostGateway {
             [op.source_id, "shared"],
             [op.target.id, "exclusive"],
           ]
-        : op.kind === "image_pull" || op.kind === "volume_create" || op.kind === "volume_delete"
+        : isHostOperation(op)
           ? []
           : [[op.kind === "create" ? op.instance.id : op.instance_id, "exclusive"]];
     for (const [id, mode] of wants) {

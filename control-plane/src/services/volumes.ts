@@ -12,13 +12,13 @@ import {
   HostUnavailableError,
   InvalidRequestError,
   NotFoundError,
-  parseSize,
+  TimeoutError,
   type Volume,
   type VolumeMount,
 } from "@offshoot/shared";
 import { createId } from "@paralleldrive/cuid2";
 import { and, asc, eq, sql } from "drizzle-orm";
-import { type Executor, transaction } from "../db/client.ts";
+import { type Executor, pgErrorCode, transaction } from "../db/client.ts";
 import {
   hosts,
   instances,
@@ -116,15 +116,17 @@ export async function createVolume(
     });
   }).catch((e: unknown) => {
     // Two requests for one id: the unique index answers the second.
-    if ((e as { code?: string }).code === "23505")
+    const { code, constraint } = pgErrorCode(e);
+    if (code === "23505" && (constraint === undefined || constraint === "volumes_tenant_id_uq")) {
       throw new ConflictError(`volume ${id} already exists`);
+    }
     throw e;
   });
   try {
     await s.ops.run(op, call);
   } catch (e) {
-    // Not made on the host: no volume.
-    if (!(e instanceof Error) || (e as { code?: string }).code !== "timeout") {
+    // Not made on the host: no volume. (Out of time, it may still be made: kept.)
+    if (!(e instanceof TimeoutError)) {
       await s.db.delete(volumes).where(and(eq(volumes.tenantId, tenantId), eq(volumes.id, id)));
     }
     throw e;
@@ -298,9 +300,9 @@ export async function deleteVolume(s: Services, tenantId: string, id: string): P
   s.ops.send(op);
 }
 
-/** A mount path as the guest will see it: absolute, without ., .. or repeated slashes. */
+/** A mount path as the guest will see it (VolumeMount has made sure it is absolute): without
+ * ., .. or repeated slashes. */
 function checkMountPath(p: string): string {
-  if (!p.startsWith("/")) throw new InvalidRequestError(`mount_path ${p} must be absolute`);
   const parts = p.split("/").filter(Boolean);
   if (parts.some((x) => x === "." || x === "..")) {
     throw new InvalidRequestError(`mount_path ${p} must not contain . or ..`);
@@ -333,7 +335,6 @@ export async function resolveMounts(
     const mountPath = checkMountPath(m.mount_path);
     if (seen.has(mountPath)) throw new InvalidRequestError(`mount_path ${mountPath} is used twice`);
     seen.add(mountPath);
-    if (m.overlay && m.overlay_size) parseSize(m.overlay_size);
     const [v] = await tx
       .select()
       .from(volumes)

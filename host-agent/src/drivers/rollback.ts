@@ -1,6 +1,6 @@
 // What an interrupted operation leaves to undo after an agent crash — the same rule for every
 // driver; each supplies the primitives.
-import type { ObservedInstance, Operation } from "@offshoot/shared";
+import { isHostOperation, type ObservedInstance, type Operation } from "@offshoot/shared";
 
 export interface RollbackPrimitives {
   get(id: string): Promise<ObservedInstance | null>;
@@ -24,6 +24,8 @@ export async function rollbackOperation(
   commandId: string,
   d: RollbackPrimitives,
 ): Promise<ObservedInstance[]> {
+  // The host's own commands touch no instance: nothing of an instance to undo.
+  if (isHostOperation(op)) return [];
   const discardIfOwn = async (id: string) => {
     if (await d.ownedBy(id, commandId)) await d.discard(id);
   };
@@ -41,10 +43,6 @@ export async function rollbackOperation(
       return observe([op.source_id, op.target.id]);
     case "delete":
       await d.remove(op.instance_id);
-      return [];
-    case "image_pull":
-    case "volume_create":
-    case "volume_delete":
       return [];
     default:
       await d.converge(op.instance_id);

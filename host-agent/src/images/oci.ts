@@ -19,10 +19,6 @@ import {
   ManifestDoc,
 } from "./registry.ts";
 
-const Index = IndexDoc;
-const Manifest = ManifestDoc;
-const Config = ConfigDoc;
-
 export interface OciLayer {
   file: string;
   compression: "gzip" | "zstd" | "tar";
@@ -71,14 +67,14 @@ async function readLayout(dir: string): Promise<OciImage> {
   if (!layout.imageLayoutVersion.startsWith("1.")) {
     throw new InvalidRequestError(`unsupported OCI layout version ${layout.imageLayoutVersion}`);
   }
-  const index = await readJson(path.join(dir, "index.json"), Index);
+  const index = await readJson(path.join(dir, "index.json"), IndexDoc);
   let entry = pickPlatform(index.manifests, dir);
   const refName = entry.annotations?.["org.opencontainers.image.ref.name"];
   while (INDEX_TYPES.has(entry.mediaType)) {
-    entry = pickPlatform((await readBlobJson(dir, entry, Index)).manifests, dir);
+    entry = pickPlatform((await readBlobJson(dir, entry, IndexDoc)).manifests, dir);
   }
-  const manifest = await readBlobJson(dir, entry, Manifest);
-  const config = await readBlobJson(dir, manifest.config, Config);
+  const manifest = await readBlobJson(dir, entry, ManifestDoc);
+  const config = await readBlobJson(dir, manifest.config, ConfigDoc);
   const arch = config.architecture ?? entry.platform?.architecture ?? "amd64";
   const osName = config.os ?? entry.platform?.os ?? "linux";
   if (osName !== "linux" || arch !== "amd64") {

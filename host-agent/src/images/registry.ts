@@ -11,6 +11,7 @@
 import { createHash } from "node:crypto";
 import { createWriteStream } from "node:fs";
 import { rename, rm } from "node:fs/promises";
+import { DIGEST } from "@offshoot/shared";
 import { z } from "zod";
 
 export interface RegistryCredentials {
@@ -42,7 +43,6 @@ export class PullError extends Error {
   }
 }
 
-export const DIGEST = /^sha256:[a-f0-9]{64}$/;
 /** Manifests, indexes and configs are small documents; anything larger is refused unread. */
 export const MAX_DOCUMENT_BYTES = 4 * 1024 * 1024;
 const MAX_REDIRECTS = 5;
@@ -395,7 +395,7 @@ export class RegistryClient {
     if (challenge.scheme === "basic") {
       if (!c.username)
         throw new PullError(`registry requires credentials for ${this.ref.repository} (401)`, 401);
-      this.authorization = `Basic ${Buffer.from(`${c.username}:${c.password ?? ""}`).toString("base64")}`;
+      this.authorization = basicAuth(c);
       return;
     }
     if (c.registry_token) {
@@ -410,7 +410,7 @@ export class RegistryClient {
     url.searchParams.set("scope", this.scope);
     const headers: Record<string, string> = {};
     if (c.username) {
-      headers.authorization = `Basic ${Buffer.from(`${c.username}:${c.password ?? ""}`).toString("base64")}`;
+      headers.authorization = basicAuth(c);
     }
     let res: Response;
     const ac = new AbortController();
@@ -444,6 +444,9 @@ export class RegistryClient {
     this.authorization = `Bearer ${token}`;
   }
 }
+
+const basicAuth = (c: RegistryCredentials) =>
+  `Basic ${Buffer.from(`${c.username}:${c.password ?? ""}`).toString("base64")}`;
 
 /** The entry of an index for `want`; a single entry with no platform is taken as it is. */
 function pickPlatform(entries: Descriptor[], want: Platform): Descriptor {

@@ -20,11 +20,16 @@ import {
   writeFile,
 } from "node:fs/promises";
 import path from "node:path";
-import { ImageInfo, InvalidRequestError, NotFoundError, normalizeImageRef } from "@offshoot/shared";
+import {
+  DIGEST,
+  ImageInfo,
+  InvalidRequestError,
+  NotFoundError,
+  normalizeImageRef,
+} from "@offshoot/shared";
 import { z } from "zod";
 import { type OciLayer, openLayout } from "./oci.ts";
 import {
-  DIGEST,
   envOf,
   layerCompression,
   PullError,

@@ -1,16 +1,11 @@
 // The commands that are the host's, not an instance's: pulling images and making or removing
 // volumes. They take no instance lock; each answers with an outcome like any command.
-import type { Operation } from "@offshoot/shared";
+import type { HostOperation } from "@offshoot/shared";
 import type { Driver } from "../drivers/driver.ts";
 import type { Outcome } from "../journal.ts";
 import type { VolumeStore } from "../volumes.ts";
 import type { ImagePulls } from "./image-pull.ts";
 import { toCommandError } from "./index.ts";
-
-export type HostOp = Extract<Operation, { kind: "image_pull" | "volume_create" | "volume_delete" }>;
-
-export const isHostOp = (op: Operation): op is HostOp =>
-  op.kind === "image_pull" || op.kind === "volume_create" || op.kind === "volume_delete";
 
 export class HostOps {
   constructor(
@@ -21,7 +16,7 @@ export class HostOps {
     private readonly fetchArchive: (id: string) => Promise<AsyncIterable<Uint8Array>>,
   ) {}
 
-  async run(commandId: string, op: HostOp): Promise<Outcome> {
+  async run(commandId: string, op: HostOperation): Promise<Outcome> {
     if (op.kind === "image_pull") return this.pulls.run(commandId, op);
     try {
       if (op.kind === "volume_create") {

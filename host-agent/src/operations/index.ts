@@ -3,6 +3,7 @@
 import {
   ApiError,
   type CommandError,
+  isHostOperation,
   type ObservedInstance,
   type Operation,
 } from "@offshoot/shared";
@@ -19,21 +20,21 @@ import { stop } from "./stop.ts";
 
 /** The instances an operation touches: what it locks and what it reports. */
 export function instanceIds(op: Operation): string[] {
+  if (isHostOperation(op)) return [];
   switch (op.kind) {
     case "create":
       return [op.instance.id];
     case "fork":
       return [op.source_id, op.target.id];
-    case "image_pull":
-    case "volume_create":
-    case "volume_delete":
-      return [];
     default:
       return [op.instance_id];
   }
 }
 
 function dispatch(driver: Driver, op: Operation, ctx: OpContext): Promise<ObservedInstance[]> {
+  if (isHostOperation(op)) {
+    throw new Error(`${op.kind} is run by the agent (host-ops.ts), not a driver`);
+  }
   switch (op.kind) {
     case "create":
       return create(driver, op, ctx);
@@ -49,10 +50,6 @@ function dispatch(driver: Driver, op: Operation, ctx: OpContext): Promise<Observ
       return deleteInstance(driver, op, ctx);
     case "fork":
       return fork(driver, op, ctx);
-    case "image_pull":
-    case "volume_create":
-    case "volume_delete":
-      throw new Error(`${op.kind} is run by the agent (host-ops.ts), not a driver`);
   }
 }
 

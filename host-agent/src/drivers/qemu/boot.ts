@@ -19,7 +19,7 @@ import { isMissing } from "../record-store.ts";
 import { isOurQemu } from "./discovery.ts";
 import { createInstanceDisk } from "./disks.ts";
 import { qemuLogTail, serialSince } from "./exit.ts";
-import { guestConfig, identityOf, machineFor } from "./guest-config.ts";
+import { attachedVolumes, guestConfig, identityOf, machineFor } from "./guest-config.ts";
 import { load, now, type QemuHost } from "./host.ts";
 import { type GuestSpec, guestDevices, launchQemu } from "./launch.ts";
 import { netdevOf, prepareNic } from "./nic.ts";
@@ -231,10 +231,9 @@ export function volumeDisks(
   host: QemuHost,
   rec: QemuRecord,
 ): Array<{ file: string; readonly: boolean }> {
-  return rec.spec.volumes.flatMap((v) => {
-    if (!v.key) return [];
-    const store = host.options.volumes;
-    if (!store) throw new InvalidStateError("this host attaches no volumes");
-    return [{ file: store.file(v.key), readonly: !!(v.readonly || v.overlay) }];
-  });
+  const volumes = attachedVolumes(rec.spec);
+  if (volumes.length === 0) return [];
+  const store = host.options.volumes;
+  if (!store) throw new InvalidStateError("this host attaches no volumes");
+  return volumes.map((v) => ({ file: store.file(v.key), readonly: !!(v.readonly || v.overlay) }));
 }

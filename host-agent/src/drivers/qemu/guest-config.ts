@@ -124,13 +124,11 @@ export function guestConfig(
     "}",
     `${GUEST_CONFIG.volumes}() {`,
     "  :",
-    // Numbered as launch.ts numbers their disks: the volumes with a key, in order.
-    ...(spec.volumes ?? [])
-      .filter((v) => v.key)
-      .map(
-        (v, i) =>
-          `  ${GUEST_CONFIG.volume} ${i} ${v.overlay ? "overlay" : v.readonly ? "ro" : "rw"} ${shellQuote(v.mount_path)}`,
-      ),
+    // Numbered as boot.ts attaches their disks.
+    ...attachedVolumes(spec).map(
+      (v, i) =>
+        `  ${GUEST_CONFIG.volume} ${i} ${v.overlay ? "overlay" : v.readonly ? "ro" : "rw"} ${shellQuote(v.mount_path)}`,
+    ),
     "}",
     `set -- ${argv.map(shellQuote).join(" ")}`,
     "",
@@ -151,4 +149,12 @@ export function guestHostname(name: string): string {
 
 export function shellQuote(s: string): string {
   return `'${s.replaceAll("'", `'\\''`)}'`;
+}
+
+/** The volumes a guest attaches, in the order of their disks `offshoot-vol<n>`: those its spec
+ * names with a host key (a spec from before volumes were real has none). */
+export function attachedVolumes(
+  spec: Partial<Pick<InstanceSpec, "volumes">>,
+): Array<InstanceSpec["volumes"][number] & { key: string }> {
+  return (spec.volumes ?? []).filter((v): v is typeof v & { key: string } => !!v.key);
 }

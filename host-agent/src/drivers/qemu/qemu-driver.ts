@@ -19,14 +19,14 @@ import { rollbackOperation } from "../rollback.ts";
 import { create, start } from "./boot.ts";
 import { reconcile } from "./exit.ts";
 import { fork } from "./fork.ts";
-import { MIN_GUEST_MEMORY } from "./guest-config.ts";
+import { attachedVolumes, MIN_GUEST_MEMORY } from "./guest-config.ts";
 import type { LastClone, QemuDriverOptions, QemuHost } from "./host.ts";
 import { adoptNics } from "./nic.ts";
 import { discard, gc } from "./processes.ts";
 import { converge } from "./recovery.ts";
 import { restore, standby } from "./snapshot.ts";
 import { stop } from "./stop.ts";
-import { QemuStore } from "./store.ts";
+import { type QemuRecord, QemuStore } from "./store.ts";
 
 export class QemuDriver implements Driver {
   readonly name = "qemu";
@@ -105,24 +105,29 @@ export class QemuDriver implements Driver {
   }
 
   async volumesInUse(): Promise<Set<string>> {
-    const used = new Set<string>();
-    for (const id of await this.host.store.ids()) {
-      const r = await this.host.store.read(id);
-      if (r.kind === "corrupt") throw new Error(`instance record ${id} is unreadable: ${r.error}`);
-      if (r.kind === "ok") for (const v of r.record.spec.volumes) if (v.key) used.add(v.key);
-    }
-    return used;
+    const { records, unreadable } = await this.records();
+    if (unreadable) throw new Error(unreadable);
+    return new Set(records.flatMap((r) => attachedVolumes(r.spec).map((v) => v.key)));
   }
 
   async rootfsInUse(): Promise<Set<string>> {
-    const used = new Set<string>();
+    const { records, unreadable } = await this.records();
+    // A record that cannot be read keeps nothing safe: keep every rootfs then.
+    if (unreadable) return new Set(["*"]);
+    return new Set(records.map((r) => r.image.rootfs));
+  }
+
+  /** Every instance record, or why one of them cannot be read. */
+  private async records(): Promise<{ records: QemuRecord[]; unreadable?: string }> {
+    const records: QemuRecord[] = [];
     for (const id of await this.host.store.ids()) {
       const r = await this.host.store.read(id);
-      // A record that cannot be read keeps nothing safe: keep every rootfs then.
-      if (r.kind === "corrupt") return new Set(["*"]);
-      if (r.kind === "ok") used.add(r.record.image.rootfs);
+      if (r.kind === "corrupt") {
+        return { records, unreadable: `instance record ${id} is unreadable: ${r.error}` };
+      }
+      if (r.kind === "ok") records.push(r.record);
     }
-    return used;
+    return { records };
   }
 
   async inventory(): Promise<ObservedInstance[]> {
