@@ -4,6 +4,7 @@
 import { createWriteStream } from "node:fs";
 import { mkdir, open, rename, rm, stat } from "node:fs/promises";
 import path from "node:path";
+import { pipeline } from "node:stream/promises";
 import { InvalidRequestError, InvalidStateError } from "@offshoot/shared";
 import { execa } from "execa";
 import { extractConfined, measure } from "./images/rootfs.ts";
@@ -79,17 +80,16 @@ async function download(
   file: string,
 ): Promise<void> {
   let got = 0;
-  const out = createWriteStream(file);
-  try {
-    for await (const chunk of await archive.fetch()) {
+  const chunks = await archive.fetch();
+  async function* checked() {
+    for await (const chunk of chunks) {
       got += chunk.length;
       if (got > archive.bytes)
         throw new InvalidRequestError("the archive is longer than announced");
-      if (!out.write(chunk)) await new Promise<void>((r) => out.once("drain", () => r()));
+      yield chunk;
     }
-  } finally {
-    await new Promise<void>((resolve) => out.end(() => resolve()));
   }
+  await pipeline(checked(), createWriteStream(file));
   if (got !== archive.bytes) {
     throw new InvalidRequestError(`the archive ended after ${got} of ${archive.bytes} bytes`);
   }

@@ -11,6 +11,7 @@
 import { createHash } from "node:crypto";
 import { createWriteStream } from "node:fs";
 import { rename, rm } from "node:fs/promises";
+import { pipeline } from "node:stream/promises";
 import { DIGEST } from "@offshoot/shared";
 import { z } from "zod";
 
@@ -232,20 +233,22 @@ export class RegistryClient {
     const partial = `${file}.partial`;
     const res = await this.get(`/blobs/${d.digest}`, "*/*");
     const hash = createHash("sha256");
-    const out = createWriteStream(partial);
     let size = 0;
-    try {
-      for await (const chunk of this.body(res, d.digest)) {
+    const body = this.body(res, d.digest);
+    async function* checked() {
+      for await (const chunk of body) {
         size += chunk.length;
-        if (size > d.size)
+        if (size > d.size) {
           throw new PullError(`blob ${d.digest} is longer than its ${d.size} bytes`);
+        }
         hash.update(chunk);
-        if (!out.write(chunk)) await new Promise<void>((r) => out.once("drain", () => r()));
         onBytes(chunk.length);
+        yield chunk;
       }
-      await new Promise<void>((resolve, reject) =>
-        out.end((e?: Error | null) => (e ? reject(e) : resolve())),
-      );
+    }
+    try {
+      // pipeline closes the file on every path, before this goes on.
+      await pipeline(checked(), createWriteStream(partial));
       if (size !== d.size) {
         throw new PullError(`blob ${d.digest} ended after ${size} of ${d.size} bytes`);
       }
@@ -254,7 +257,6 @@ export class RegistryClient {
       }
       await rename(partial, file);
     } catch (e) {
-      out.destroy();
       await rm(partial, { force: true });
       throw e;
     }
