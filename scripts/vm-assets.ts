@@ -98,6 +98,9 @@ export const INIT_FILE = path.join(REPO_ROOT, "host-agent", "guest", "init");
 /** The control channel's guest side, compiled into the initramfs as CTL_BINARY. */
 export const CTL_SOURCE = path.join(REPO_ROOT, "host-agent", "guest", "ctl.c");
 export const CTL_BINARY = "bin/offshoot-ctl";
+/** The guest agent (exec, stat), compiled into the initramfs as AGENT_BINARY. */
+export const AGENT_SOURCE = path.join(REPO_ROOT, "host-agent", "guest", "agent.c");
+export const AGENT_BINARY = "bin/offshoot-agent";
 /** How CTL_SOURCE is compiled: static (the initramfs has no libc), small, warnings fatal. */
 const CTL_CFLAGS = ["-static", "-Os", "-Wall", "-Wextra", "-Werror"] as const;
 
@@ -288,7 +291,7 @@ function buildInitramfs(
   modulesDir: string,
   plan: ModulePlan,
   init: string,
-  ctlSource: string,
+  sources: GuestSources,
   out: string,
 ): void {
   const stage = path.join(dir, "initramfs.stage");
@@ -321,7 +324,8 @@ function buildInitramfs(
     plan.load.map(([n]) => `${n}\n`).join(""),
   );
   writeFileSync(path.join(stage, "init"), init, { mode: 0o755 });
-  compileCtl(ctlSource, path.join(stage, CTL_BINARY));
+  compileGuest(sources.ctl, path.join(stage, CTL_BINARY));
+  compileGuest(sources.agent, path.join(stage, AGENT_BINARY));
   // A console node lets the kernel give /init its stdio; mknod needs root, devtmpfs covers the rest.
   spawnSync("mknod", ["-m", "600", path.join(stage, "dev", "console"), "c", "5", "1"]);
   const tmp = `${out}.tmp`;
@@ -341,8 +345,14 @@ function buildInitramfs(
   rmSync(stage, { recursive: true, force: true });
 }
 
-/** Compiles the control channel's guest side (the text of ctl.c) into `out`, stripped. */
-function compileCtl(source: string, out: string): void {
+/** The C sources compiled into the initramfs: ctl.c and agent.c, as text. */
+export interface GuestSources {
+  ctl: string;
+  agent: string;
+}
+
+/** Compiles one of the guest's C programs (its source text) into `out`, stripped. */
+function compileGuest(source: string, out: string): void {
   const src = `${out}.c`;
   writeFileSync(src, source);
   try {
@@ -402,13 +412,13 @@ function pidAlive(pid: number): boolean {
   }
 }
 
-/** Names the initramfs made from this init text and ctl.c source: an edit of either, of how
+/** Names the initramfs made from this init text and the C sources: an edit of any, of how
  * the source is compiled or of the modules wanted builds a new one (and the manifest records the
  * recipe it was built from). */
-export function initramfsRecipe(init: string, ctlSource: string): string {
+export function initramfsRecipe(init: string, sources: GuestSources): string {
   return createHash("sha256")
     .update(
-      JSON.stringify({ v: 2, init, ctl: ctlSource, cflags: CTL_CFLAGS, modules: WANTED_MODULES }),
+      JSON.stringify({ v: 3, init, ...sources, cflags: CTL_CFLAGS, modules: WANTED_MODULES }),
     )
     .digest("hex")
     .slice(0, 16);
@@ -426,8 +436,11 @@ function fresh(m: Manifest | undefined, recipe: string): m is Manifest {
 export async function ensureVmAssets(dir: string = defaultAssetsDir()): Promise<VmAssets> {
   const manifestFile = path.join(dir, "assets.json");
   const init = readFileSync(INIT_FILE, "utf8");
-  const ctlSource = readFileSync(CTL_SOURCE, "utf8");
-  const recipe = initramfsRecipe(init, ctlSource);
+  const sources: GuestSources = {
+    ctl: readFileSync(CTL_SOURCE, "utf8"),
+    agent: readFileSync(AGENT_SOURCE, "utf8"),
+  };
+  const recipe = initramfsRecipe(init, sources);
   const cached = readManifest(manifestFile);
   // A package removed since the cache was built (or one added to the list) is installed again.
   if (PACKAGES.some(([, file]) => !existsSync(file))) {
@@ -452,7 +465,7 @@ export async function ensureVmAssets(dir: string = defaultAssetsDir()): Promise<
     const modulesDir = path.join(tree, "lib", "modules", kernelVersion);
     const plan = planModules(modulesDir);
     const initramfs = path.join(dir, `initramfs-${kernelVersion}-${recipe}.cpio.gz`);
-    buildInitramfs(dir, modulesDir, plan, init, ctlSource, initramfs);
+    buildInitramfs(dir, modulesDir, plan, init, sources, initramfs);
     const manifest: Manifest = {
       qemu: QEMU,
       kernelElf,

@@ -5,6 +5,8 @@ import { readFileSync } from "node:fs";
 import path from "node:path";
 import { beforeAll, describe, expect, it } from "vitest";
 import {
+  AGENT_BINARY,
+  AGENT_SOURCE,
   CTL_BINARY,
   CTL_SOURCE,
   ensureVmAssets,
@@ -33,10 +35,10 @@ describe("the guest init in the initramfs", () => {
     expect(cpio("-t -v").stdout.toString()).toMatch(/^-rwxr-xr-x /);
   });
 
-  it("holds offshoot-ctl, executable and static", () => {
-    const listed = cpio("-t -v", CTL_BINARY).stdout.toString();
+  it.each([CTL_BINARY, AGENT_BINARY])("holds %s, executable and static", (binary) => {
+    const listed = cpio("-t -v", binary).stdout.toString();
     expect(listed).toMatch(/^-rwxr-xr-x /);
-    const elf = cpio("-i --to-stdout", CTL_BINARY).stdout;
+    const elf = cpio("-i --to-stdout", binary).stdout;
     expect(elf.subarray(0, 4).toString("latin1")).toBe("\x7fELF");
     // No PT_INTERP program header: it runs without a dynamic loader.
     const phoff = Number(elf.readBigUInt64LE(32));
@@ -44,12 +46,13 @@ describe("the guest init in the initramfs", () => {
     for (let i = 0; i < count; i++) expect(elf.readUInt32LE(phoff + i * size)).not.toBe(3);
   });
 
-  it("names the initramfs after the init's text and ctl.c, so an edit of either builds anew", () => {
+  it("names the initramfs after the init's text and the C sources, so an edit of any builds anew", () => {
     const text = readFileSync(INIT_FILE, "utf8");
-    const source = readFileSync(CTL_SOURCE, "utf8");
-    const recipe = initramfsRecipe(text, source);
+    const sources = { ctl: readFileSync(CTL_SOURCE, "utf8"), agent: readFileSync(AGENT_SOURCE, "utf8") };
+    const recipe = initramfsRecipe(text, sources);
     expect(path.basename(assets.initramfs)).toContain(`-${recipe}.cpio.gz`);
-    expect(initramfsRecipe(`${text}# edited\n`, source)).not.toBe(recipe);
-    expect(initramfsRecipe(text, `${source}/* edited */\n`)).not.toBe(recipe);
+    expect(initramfsRecipe(`${text}# edited\n`, sources)).not.toBe(recipe);
+    expect(initramfsRecipe(text, { ...sources, ctl: `${sources.ctl}/* edited */\n` })).not.toBe(recipe);
+    expect(initramfsRecipe(text, { ...sources, agent: `${sources.agent}/* edited */\n` })).not.toBe(recipe);
   });
 });

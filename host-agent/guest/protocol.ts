@@ -80,6 +80,9 @@ export const GUEST_CONFIG = {
   /** Variable: the machine id (32 lowercase hex digits), written into the image's
    * /etc/machine-id when it has one. */
   machineId: "OFFSHOOT_MACHINE_ID",
+  /** Variable: `1` starts the guest agent (/bin/offshoot-agent, agent-protocol.ts) before the
+   * program; empty: the instance was created with skip_guest_agent. */
+  agent: "OFFSHOOT_GUEST_AGENT",
   /** Shell function: exports the program's environment. */
   env: "offshoot_env",
   /** Shell function: calls `volume` for each volume; /init runs it after the root is mounted. */

@@ -51,6 +51,8 @@ export interface AgentPaths {
     qmpSocket(id: string): string;
     /** The guest control channel (virtio-serial port offshoot.ctl); same scheme as qmpSocket. */
     ctlSocket(id: string): string;
+    /** The guest agent's channel (virtio-serial port offshoot.agent); same scheme. */
+    agentSocket(id: string): string;
     /** Read-only disk images that forks' overlays share; never written after freezing. */
     readonly basesDir: string;
     baseFile(name: string): string;
@@ -113,6 +115,7 @@ function qemuPaths(dir: string): AgentPaths["qemu"] {
     pidFile: (id) => path.join(instanceDir(id), "qemu.pid"),
     qmpSocket: (id) => socketPath(instanceDir(id), "qmp"),
     ctlSocket: (id) => socketPath(instanceDir(id), "ctl"),
+    agentSocket: (id) => socketPath(instanceDir(id), "agent"),
     basesDir,
     baseFile: (name) => path.join(basesDir, checkInstanceId(name)),
     configFile: (id) => path.join(instanceDir(id), "config.sh"),

@@ -92,6 +92,8 @@ export const InstanceSpec = z.object({
     bandwidth_download_bps: z.number().int().nonnegative().nullable(),
     bandwidth_upload_bps: z.number().int().nonnegative().nullable(),
   }),
+  /** No guest agent in the guest: no exec, cp or stat. */
+  skip_guest_agent: z.boolean().default(false),
   /** Attached volumes, in order; `key` names the volume's file on the host (absent in specs
    * from before volumes were real: such a spec attaches none). */
   volumes: z.array(

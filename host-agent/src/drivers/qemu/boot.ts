@@ -177,6 +177,7 @@ export function guestSpec(
     shareMemory: rec.ram !== "base",
     qmpSocket: host.paths.qmpSocket(id),
     ctlSocket: host.paths.ctlSocket(id),
+    ...(m.agent_port && { agentSocket: host.paths.agentSocket(id) }),
     serialLog: host.paths.serialLog(id),
     qemuLog: host.paths.qemuLog(id),
     appendSerial: true,

@@ -19,6 +19,7 @@ export function machineFor(spec: InstanceSpec): Machine {
     memory_mib: Math.ceil(spec.memory_bytes / MiB),
     vcpus: spec.vcpus,
     mac: spec.network.enabled ? macFor(spec) : null,
+    agent_port: true,
   };
 }
 
@@ -92,7 +93,7 @@ const CONFIG_BLOCK = 4096;
  */
 export function guestConfig(
   spec: Pick<InstanceSpec, "id" | "name" | "entrypoint" | "cmd" | "env" | "network"> &
-    Partial<Pick<InstanceSpec, "volumes">>,
+    Partial<Pick<InstanceSpec, "volumes" | "skip_guest_agent">>,
   image: Pick<StoredImage, "name" | "entrypoint" | "cmd" | "env" | "working_dir"> &
     Partial<Pick<StoredImage, "user">>,
 ): string {
@@ -118,6 +119,7 @@ export function guestConfig(
     `${GUEST_CONFIG.address}=${shellQuote(net.address ?? "")}`,
     `${GUEST_CONFIG.gateway}=${shellQuote(net.gateway ?? "")}`,
     `${GUEST_CONFIG.machineId}=${shellQuote(machineIdOf(spec.id))}`,
+    `${GUEST_CONFIG.agent}=${spec.skip_guest_agent ? "''" : "'1'"}`,
     `${GUEST_CONFIG.env}() {`,
     "  :",
     ...exports,

@@ -12,6 +12,7 @@ import {
   GUEST_DISKS,
   VOLUME_DISK_PREFIX,
 } from "../../../guest/protocol.ts";
+import { AGENT_PORT } from "../../../guest/agent-protocol.ts";
 import { checkSocketPath, QmpClient } from "./qmp.ts";
 
 export type Accel = "kvm" | "tcg";
@@ -35,6 +36,9 @@ export interface GuestSpec {
    * `offshoot.ctl` that /init answers on (control.ts); < 108 bytes. Every guest has it, so a
    * snapshot's device layout always matches its restore's. */
   ctlSocket: string;
+  /** Unix socket for the guest agent's port (`offshoot.agent`, host-agent/guest/agent-protocol.ts);
+   * absent: no such port (a record from before it, whose snapshots lack the device). */
+  agentSocket?: string;
   /** Guest serial console (ttyS0), written by QEMU. */
   serialLog: string;
   /** QEMU's own stdout/stderr. */
@@ -120,6 +124,14 @@ export function qemuArgs(spec: GuestSpec): string[] {
     `socket,id=ctl,path=${optValue(checkSocketPath(spec.ctlSocket))},server=on,wait=off`,
     "-device",
     `virtserialport,bus=vser0.0,chardev=ctl,name=${CONTROL_PORT}`,
+    ...(spec.agentSocket
+      ? [
+          "-chardev",
+          `socket,id=agent,path=${optValue(checkSocketPath(spec.agentSocket))},server=on,wait=off`,
+          "-device",
+          `virtserialport,bus=vser0.0,chardev=agent,name=${AGENT_PORT}`,
+        ]
+      : []),
     ...(spec.extraArgs ?? []),
   ];
 }

@@ -14,6 +14,9 @@ export const Machine = z.object({
   vcpus: z.number().int().positive(),
   /** null: no NIC. */
   mac: z.string().nullable(),
+  /** The guest agent's virtio-serial port (AGENT_PORT). Absent in records from before it: such a
+   * guest restores and forks without it and has no exec until it is booted afresh. */
+  agent_port: z.boolean().default(false),
 });
 export type Machine = z.infer<typeof Machine>;
 
@@ -56,5 +59,6 @@ export class QemuStore extends RecordStore<QemuRecord> {
     await super.remove(id);
     await rm(this.paths.qmpSocket(id), { force: true });
     await rm(this.paths.ctlSocket(id), { force: true });
+    await rm(this.paths.agentSocket(id), { force: true });
   }
 }
