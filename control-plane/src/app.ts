@@ -10,6 +10,7 @@ import {
 } from "@offshoot/shared";
 import { sql } from "drizzle-orm";
 import type { Context, MiddlewareHandler, Next } from "hono";
+import type { UpgradeWebSocket } from "hono/ws";
 import { bodyLimit } from "hono/body-limit";
 import { HTTPException } from "hono/http-exception";
 import { isConnectionLost, pgErrorCode } from "./db/client.ts";
@@ -45,7 +46,14 @@ function errorResponse(c: Context<AppEnv>, status: ErrorStatus, code: string, me
   // The official client retries 409s and 5xx by default; say which answers are final. A 504
   // is final too: the operation goes on, and repeating the request would only conflict with it.
   const final = status < 500 || status === 501 || status === 504;
-  return c.json({ code, message }, status, { "x-should-retry": final ? "false" : "true" });
+  const headers: Record<string, string> = { "x-should-retry": final ? "false" : "true" };
+  // A refused WebSocket upgrade reaches the client without its body on Node (the adapter writes
+  // the status line and headers only): the error rides in headers too, as printable ASCII.
+  if (c.req.header("upgrade")?.toLowerCase() === "websocket") {
+    headers["x-error-code"] = code;
+    headers["x-error-message"] = message.replace(/[^\x20-\x7e]/g, "?").slice(0, 1024);
+  }
+  return c.json({ code, message }, status, headers);
 }
 
 /** Whether any string in a JSON text (keys included) is one Postgres cannot store. */
@@ -73,11 +81,18 @@ export interface AppDeps {
   /** Mounts the agents' WebSocket endpoint; differs per runtime. `hostAuthed` admits a
    * request bearing a host token (and sets `agentHost`). */
   mountAgentEndpoint?: (app: ReturnType<typeof newRouter>, hostAuthed: HostAuthed) => void;
+  /** The runtime's WebSocket upgrade, for exec and cp; without it they answer 400. */
+  upgradeWebSocket?: UpgradeWebSocket<unknown>;
 }
 
 export type HostAuthed = MiddlewareHandler<AppEnv>;
 
-export function createApp({ services, credentials, mountAgentEndpoint }: AppDeps) {
+export function createApp({
+  services,
+  credentials,
+  mountAgentEndpoint,
+  upgradeWebSocket,
+}: AppDeps) {
   const app = newRouter();
   const servicesOf = (c: Context<AppEnv>) =>
     typeof services === "function" ? services(c) : services;
@@ -267,7 +282,7 @@ export function createApp({ services, credentials, mountAgentEndpoint }: AppDeps
     }
   }
 
-  registerInstanceRoutes(app);
+  registerInstanceRoutes(app, upgradeWebSocket);
   registerImageRoutes(app);
   registerVolumeRoutes(app);
   registerUnsupportedRoutes(app);

@@ -2,6 +2,7 @@ import type { Server } from "node:http";
 import type { AddressInfo } from "node:net";
 import { serve, upgradeWebSocket } from "@hono/node-server";
 import { eq } from "drizzle-orm";
+import type { UpgradeWebSocket } from "hono/ws";
 import { WebSocketServer } from "ws";
 import { createApp, type HostAuthed } from "./app.ts";
 import type { Database } from "./db/client.ts";
@@ -91,11 +92,14 @@ export async function startServer(
           onOpen: (_evt, ws) => {
             session = gateway.open(host, {
               send: (text) => ws.send(text),
+              sendBinary: (frame) => ws.send(frame),
               close: (code, reason) => ws.close(code, reason),
             });
           },
-          onMessage: (evt) =>
-            session?.receive(typeof evt.data === "string" ? evt.data : String(evt.data)),
+          onMessage: (evt) => {
+            if (typeof evt.data === "string") session?.receive(evt.data);
+            else if (evt.data instanceof ArrayBuffer) session?.receiveBinary(new Uint8Array(evt.data));
+          },
           onClose: () => {
             if (session) gateway.closed(session);
           },
@@ -104,7 +108,12 @@ export async function startServer(
     );
   };
 
-  const app = createApp({ services, credentials, mountAgentEndpoint });
+  const app = createApp({
+    services,
+    credentials,
+    mountAgentEndpoint,
+    upgradeWebSocket: upgradeWebSocket as UpgradeWebSocket<unknown>,
+  });
   const wss = new WebSocketServer({ noServer: true, maxPayload: AGENT_LIMITS.frameBytes });
   const server = await new Promise<Server>((resolve) => {
     const srv = serve(

@@ -10,6 +10,7 @@ import {
   type AgentMessage,
   ARCHIVE_PATH,
   CLOSE,
+  decodeStreamData,
   encode,
   fitAgentMessage,
   PROTOCOL_VERSION,
@@ -30,6 +31,7 @@ import { HostOps } from "./operations/host-ops.ts";
 import { ImagePulls } from "./operations/image-pull.ts";
 import { OperationsLog } from "./operations-log.ts";
 import { type AgentPaths, agentPaths } from "./paths.ts";
+import { Streams } from "./streams.ts";
 import { VolumeStore } from "./volumes.ts";
 
 export const AGENT_VERSION = z
@@ -99,6 +101,7 @@ export async function startAgent(
 class Link {
   readonly commands: Commands;
   private readonly logs: LogStreams;
+  private readonly streams: Streams;
   hostId: string | null = null;
   private ws: WebSocket | null = null;
   private helloSent = false;
@@ -149,6 +152,7 @@ class Link {
       ),
     );
     this.logs = new LogStreams(driver, paths, operationsLog);
+    this.streams = new Streams(driver, log);
     // Dropped while disconnected: the next hello's inventory carries the same news.
     this.unsubscribe = driver.onEvent((instance) =>
       this.send({ v: PROTOCOL_VERSION, type: "event", instance }),
@@ -254,9 +258,14 @@ class Link {
 
   private onMessage(ws: WebSocket, data: WebSocket.RawData, isBinary: boolean): void {
     this.heard = true;
+    if (isBinary) {
+      const frame = decodeStreamData(toBytes(data));
+      if (frame) this.streams.data(frame.streamId, frame.text, frame.payload);
+      else this.log("warn", "ignoring an unreadable stream frame");
+      return;
+    }
     let parsed: ReturnType<typeof ServerMessage.safeParse>;
     try {
-      if (isBinary) throw new Error("binary frame");
       parsed = ServerMessage.safeParse(JSON.parse(data.toString()));
     } catch (err) {
       this.log("warn", "ignoring unreadable message", { error: errorMessage(err) });
@@ -275,6 +284,25 @@ class Link {
       this.silentBeats = 0;
       this.log("info", "connected", { host_id: msg.host_id, heartbeat_ms: msg.heartbeat_ms });
       this.timers.beat = setInterval(() => this.beat(ws, msg.heartbeat_ms), msg.heartbeat_ms);
+      this.streams.attach({
+        control: (m) => this.send(m),
+        data: (frame, sent) => {
+          if (ws.readyState === WebSocket.OPEN) ws.send(frame, { binary: true }, () => sent());
+        },
+        buffered: () => ws.bufferedAmount,
+      });
+      return;
+    }
+    if (msg.type === "stream_open") {
+      this.streams.open(msg);
+      return;
+    }
+    if (msg.type === "stream_credit") {
+      this.streams.credited(msg.stream_id, msg.bytes);
+      return;
+    }
+    if (msg.type === "stream_end") {
+      this.streams.cancel(msg.stream_id);
       return;
     }
     if (msg.type === "logs") {
@@ -315,6 +343,7 @@ class Link {
 
   private onClose(code: number, reason: string): void {
     this.logs.cancelAll();
+    this.streams.closeAll();
     clearTimeout(this.timers.welcome);
     clearInterval(this.timers.beat);
     this.ws = null;
@@ -358,4 +387,10 @@ async function fetchArchive(config: AgentConfig, id: string): Promise<AsyncItera
     }
   }
   throw new Error(`cannot fetch the volume's archive: ${last}`);
+}
+
+/** A ws message's bytes, however ws delivered them. */
+function toBytes(data: WebSocket.RawData): Uint8Array {
+  if (Array.isArray(data)) return Buffer.concat(data);
+  return data instanceof ArrayBuffer ? new Uint8Array(data) : data;
 }

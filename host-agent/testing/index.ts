@@ -68,6 +68,7 @@ export function spec(id: string, overrides: Partial<InstanceSpec> = {}): Instanc
       bandwidth_upload_bps: null,
     },
     volumes: [],
+    skip_guest_agent: false,
     ...overrides,
   };
 }

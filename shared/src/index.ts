@@ -5,3 +5,4 @@ export * from "./protocol.ts";
 export * from "./schemas.ts";
 export * from "./states.ts";
 export * from "./units.ts";
+export * from "./tunnel.ts";

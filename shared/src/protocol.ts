@@ -5,6 +5,7 @@ import { z } from "zod";
 import { type ErrorCode, isErrorCode } from "./errors.ts";
 import { DIGEST, ImageInfo } from "./images.ts";
 import { ForkTargetState, Hypervisor, InstanceState } from "./schemas.ts";
+import { StreamCredit, StreamId, StreamOpen } from "./tunnel.ts";
 
 export const PROTOCOL_VERSION = 1 as const;
 /** Where agents dial in, under the control plane's base URL. */
@@ -314,7 +315,27 @@ export const LogChunk = z.object({
 });
 export type LogChunk = z.infer<typeof LogChunk>;
 
-export const AgentMessage = z.union([Hello, Heartbeat, Result, Event, LogChunk, ImageProgress]);
+/** Either way: a stream (tunnel.ts) is over. From the agent, after its last message; `error` when
+ * it could not be served at all (the control plane answers the client with it). */
+export const StreamEnd = z.object({
+  v: V,
+  type: z.literal("stream_end"),
+  stream_id: StreamId,
+  reason: z.string().max(1024).optional(),
+  error: CommandError.optional(),
+});
+export type StreamEnd = z.infer<typeof StreamEnd>;
+
+export const AgentMessage = z.union([
+  Hello,
+  Heartbeat,
+  Result,
+  Event,
+  LogChunk,
+  ImageProgress,
+  StreamCredit,
+  StreamEnd,
+]);
 export type AgentMessage = z.infer<typeof AgentMessage>;
 
 // ---- control plane → agent -------------------------------------------------------------
@@ -377,7 +398,16 @@ export type LogsAck = z.infer<typeof LogsAck>;
  * that has no recorded result, oldest first. The agent answers a command id it has finished
  * from its journal (which keeps the last 10,000 outcomes) and ignores one it is still running.
  */
-export const ServerMessage = z.union([Welcome, Command, LogsRequest, LogsCancel, LogsAck]);
+export const ServerMessage = z.union([
+  Welcome,
+  Command,
+  LogsRequest,
+  LogsCancel,
+  LogsAck,
+  StreamOpen,
+  StreamCredit,
+  StreamEnd,
+]);
 export type ServerMessage = z.infer<typeof ServerMessage>;
 
 /**

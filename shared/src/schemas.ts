@@ -371,3 +371,39 @@ export const CreateImageRequest = z
   })
   .openapi("CreateImageRequest");
 export type CreateImageRequest = z.infer<typeof CreateImageRequest>;
+
+/** GET /instances/{id}/stat: a path in the guest, as Hypeman's guest agent reports it. */
+export const PathInfo = z
+  .object({
+    exists: z.boolean(),
+    is_dir: z.boolean().optional(),
+    is_file: z.boolean().optional(),
+    is_symlink: z.boolean().optional().openapi({ description: "Only set when follow_links=false" }),
+    link_target: z.string().nullable().optional(),
+    mode: z.number().int().optional().openapi({ description: "Permission bits", example: 420 }),
+    size: z.number().int().optional(),
+    error: z
+      .string()
+      .nullable()
+      .optional()
+      .openapi({ description: "Why the path could not be examined (exists is false)" }),
+  })
+  .openapi("PathInfo");
+export type PathInfo = z.infer<typeof PathInfo>;
+
+/** GET /instances/{id}/stats: what the instance's VMM costs now. */
+export const InstanceStats = z
+  .object({
+    instance_id: z.string(),
+    instance_name: z.string(),
+    cpu_seconds: z.number().openapi({ description: "CPU time of the VMM process, seconds" }),
+    memory_rss_bytes: z.number().int(),
+    memory_vms_bytes: z.number().int(),
+    network_rx_bytes: z.number().int().openapi({ description: "Bytes the guest received (its TAP)" }),
+    network_tx_bytes: z.number().int().openapi({ description: "Bytes the guest sent (its TAP)" }),
+    allocated_vcpus: z.number().int(),
+    allocated_memory_bytes: z.number().int(),
+    memory_utilization_ratio: z.number().nullable().optional(),
+  })
+  .openapi("InstanceStats");
+export type InstanceStats = z.infer<typeof InstanceStats>;

@@ -1,9 +1,13 @@
 import {
   CLOSE,
   type Command,
+  decodeStreamData,
   encode,
   type LogChunk,
   type ServerMessage,
+  type StreamCredit,
+  type StreamData,
+  type StreamEnd,
   type Welcome,
 } from "@offshoot/shared";
 import {
@@ -21,6 +25,8 @@ import type { Services } from "../services/context.ts";
 /** The minimum a transport gives a session: send a text frame, close the socket. */
 export interface AgentSocket {
   send(text: string): void;
+  /** A binary frame: a stream's message (tunnel.ts). */
+  sendBinary(frame: Uint8Array<ArrayBuffer>): void;
   close(code: number, reason: string): void;
 }
 
@@ -47,6 +53,8 @@ export class AgentSession implements AgentLink {
       onHello(session: AgentSession): void;
       onHeartbeat(hostId: string): void;
       onLog(hostId: string, chunk: LogChunk): void;
+      onStream(hostId: string, msg: StreamCredit | StreamEnd): void;
+      onStreamData(hostId: string, frame: StreamData): void;
     },
   ) {
     this.helloTimer = setTimeout(
@@ -76,6 +84,18 @@ export class AgentSession implements AgentLink {
     this.socket.send(encode(msg));
   }
 
+  sendBinary(frame: Uint8Array<ArrayBuffer>): void {
+    this.socket.sendBinary(frame);
+  }
+
+  /** A binary frame from the agent: a stream's message. */
+  receiveBinary(bytes: Uint8Array): void {
+    if (!this.helloSeen) return;
+    const frame = decodeStreamData(bytes);
+    if (frame) this.hooks.onStreamData(this.host.id, frame);
+    else this.s().log("warn", "bad stream frame", { host_id: this.host.id });
+  }
+
   close(code: number, reason: string): void {
     clearTimeout(this.helloTimer);
     this.socket.close(code, reason);
@@ -87,6 +107,8 @@ export class AgentSession implements AgentLink {
     // Live data needs no database: it does not wait behind a message that does.
     if (this.helloSeen && msg.type === "heartbeat") this.heartbeat();
     else if (this.helloSeen && msg.type === "log") this.log(msg);
+    else if (this.helloSeen && (msg.type === "stream_credit" || msg.type === "stream_end"))
+      this.stream(msg);
     else void this.queue.push(this, () => handleAgentMessage(this.s(), this, msg));
   }
 
@@ -118,5 +140,9 @@ export class AgentSession implements AgentLink {
 
   log(chunk: LogChunk): void {
     this.hooks.onLog(this.host.id, chunk);
+  }
+
+  stream(msg: StreamCredit | StreamEnd): void {
+    this.hooks.onStream(this.host.id, msg);
   }
 }

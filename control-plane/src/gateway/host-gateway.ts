@@ -1,4 +1,5 @@
 import type { Command, CommandError, LogQuery } from "@offshoot/shared";
+import type { StreamHandle, StreamRequest, StreamSink } from "./relay.ts";
 
 /**
  * Where a log stream's lines go; `end` is called once, with an error if it broke off. `lines`
@@ -29,4 +30,13 @@ export interface HostGateway {
    * the stream.
    */
   openLogs(hostId: string, query: LogQuery, sink: LogSink): Promise<(() => void) | undefined>;
+  /**
+   * Opens a stream to the host's agent (exec, stat, stats; shared/src/tunnel.ts). Live, like
+   * logs: undefined when the host's agent cannot be reached from here.
+   */
+  openStream(
+    hostId: string,
+    req: StreamRequest,
+    sink: StreamSink,
+  ): Promise<StreamHandle | undefined>;
 }

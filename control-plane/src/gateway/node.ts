@@ -5,6 +5,9 @@ import {
   type LogChunk,
   type LogQuery,
   PROTOCOL_VERSION,
+  type StreamCredit,
+  type StreamData,
+  type StreamEnd,
 } from "@offshoot/shared";
 import { eq } from "drizzle-orm";
 import { isConnectionLost } from "../db/client.ts";
@@ -16,6 +19,7 @@ import type { Services } from "../services/context.ts";
 import { commandOf } from "../services/operations.ts";
 import { AgentSession, type AgentSocket } from "./agent-session.ts";
 import type { HostGateway, LogSink } from "./host-gateway.ts";
+import { Relay, type StreamHandle, type StreamRequest, type StreamSink } from "./relay.ts";
 
 /** How long a replica waits for the one holding a host's agent to take a log stream. */
 const REMOTE_LOGS_TIMEOUT_MS = 3_000;
@@ -34,6 +38,8 @@ export class NodeGateway implements HostGateway {
   private logStreams = new Map<string, { hostId: string; sink: LogSink; relayed: boolean }>();
   /** Streams this replica asked another one for: acked once that replica has the agent. */
   private remoteStreams = new Map<string, { hostId: string; sink: LogSink; acked(): void }>();
+  /** Streams (exec, stat, stats) relayed to agents held here, by stream id. */
+  private relays = new Map<string, Relay>();
   private flushTimer: NodeJS.Timeout | undefined;
   private services: Services | undefined;
 
@@ -72,6 +78,52 @@ export class NodeGateway implements HostGateway {
     sink: LogSink,
   ): Promise<(() => void) | undefined> {
     return this.openLocalLogs(hostId, query, sink) ?? this.openRemoteLogs(hostId, query, sink);
+  }
+
+  async openStream(
+    hostId: string,
+    req: StreamRequest,
+    sink: StreamSink,
+  ): Promise<StreamHandle | undefined> {
+    const session = this.sessions.get(hostId);
+    if (!session?.ready) return undefined;
+    const id = randomUUID();
+    const relay = new Relay(
+      id,
+      hostId,
+      { control: (m) => session.sendMessage(m), data: (f) => session.sendBinary(f) },
+      {
+        message: (text, payload) => sink.message(text, payload),
+        end: (reason, error) => {
+          this.relays.delete(id);
+          sink.end(reason, error);
+        },
+      },
+    );
+    this.relays.set(id, relay);
+    relay.start(req);
+    return {
+      send: (text, payload) => relay.send(text, payload),
+      close: () => {
+        this.relays.delete(id);
+        relay.close();
+      },
+    };
+  }
+
+  private onStream(hostId: string, msg: StreamCredit | StreamEnd): void {
+    const relay = this.relays.get(msg.stream_id);
+    if (!relay || relay.hostId !== hostId) return;
+    if (msg.type === "stream_credit") relay.credited(msg.bytes);
+    else {
+      this.relays.delete(msg.stream_id);
+      relay.ended(msg.reason, msg.error);
+    }
+  }
+
+  private onStreamData(hostId: string, frame: StreamData): void {
+    const relay = this.relays.get(frame.streamId);
+    if (relay?.hostId === hostId) relay.fromAgent(frame.text, frame.payload);
   }
 
   private openLocalLogs(
@@ -290,6 +342,8 @@ export class NodeGateway implements HostGateway {
       },
       onHeartbeat: (hostId) => this.beats.add(hostId),
       onLog: (hostId, chunk) => this.onLog(hostId, chunk),
+      onStream: (hostId, msg) => this.onStream(hostId, msg),
+      onStreamData: (hostId, frame) => this.onStreamData(hostId, frame),
     });
     return session;
   }
@@ -305,6 +359,7 @@ export class NodeGateway implements HostGateway {
       this.logStreams.delete(id);
       stream.sink.end({ code: "host_unavailable", message: "the host disconnected" });
     }
+    this.endRelays(session.host.id, "the host disconnected");
     this.s.log("info", "host disconnected", { host_id: session.host.id });
     drained
       .then(() => hostDisconnected(this.s, session.host.id, session.connectedAt))
@@ -314,6 +369,15 @@ export class NodeGateway implements HostGateway {
           error: String(e),
         }),
       );
+  }
+
+  /** Every stream of the host (or all) ends with host_unavailable. */
+  private endRelays(hostId: string | undefined, message: string): void {
+    for (const [id, relay] of this.relays) {
+      if (hostId !== undefined && relay.hostId !== hostId) continue;
+      this.relays.delete(id);
+      relay.ended(undefined, { code: "host_unavailable", message });
+    }
   }
 
   private async flushHeartbeats(): Promise<void> {
@@ -336,6 +400,7 @@ export class NodeGateway implements HostGateway {
     for (const session of this.sessions.values())
       session.close(CLOSE.shuttingDown, "control plane shutting down");
     this.sessions.clear();
+    this.endRelays(undefined, "the control plane is shutting down");
     // Streams relayed to other replicas end now, not never.
     for (const [id, stream] of this.logStreams) {
       this.logStreams.delete(id);

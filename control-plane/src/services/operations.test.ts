@@ -21,6 +21,7 @@ const quiet: HostGateway = {
   send: () => true,
   reachesDirectly: () => true,
   openLogs: async () => undefined,
+  openStream: async () => undefined,
 };
 
 describe.each(databaseBackends)("recording a result (%s)", (_name, open) => {

@@ -103,6 +103,10 @@ class ScriptedHost implements HostGateway {
     if (this.heartbeatError) throw this.heartbeatError;
   }
 
+  async openStream(): Promise<undefined> {
+    return undefined;
+  }
+
   async openLogs(): Promise<undefined> {
     return undefined; // logs are covered end to end with real agents
   }

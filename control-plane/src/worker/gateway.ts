@@ -5,6 +5,7 @@
 // Postgres on its next poll).
 import type { Command, CommandError, LogQuery } from "@offshoot/shared";
 import type { HostGateway, LogSink } from "../gateway/host-gateway.ts";
+import type { StreamHandle } from "../gateway/relay.ts";
 import type { Log } from "../log.ts";
 import { topics } from "../services/context.ts";
 import type { Signals } from "../services/signals.ts";
@@ -52,6 +53,11 @@ export class WorkersGateway implements HostGateway {
       );
     this.ctx.waitUntil(delivered);
     return true;
+  }
+
+  /** Not yet carried through the HostSession: no stream reaches a host from Workers. */
+  async openStream(): Promise<StreamHandle | undefined> {
+    return undefined;
   }
 
   async openLogs(

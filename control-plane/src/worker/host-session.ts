@@ -214,6 +214,7 @@ export class HostSession {
         },
         reachesDirectly: () => true,
         openLogs: async () => undefined,
+        openStream: async () => undefined,
       }),
       "host-session",
     );
@@ -254,6 +255,8 @@ export class HostSession {
           ws.close(code, reason),
         ),
       log: (chunk) => this.onLog(chunk),
+      // Streams are not carried through the object yet: none is ever opened on its socket.
+      stream: () => {},
       close: (code, reason) => ws.close(code, reason),
       resultRecorded: (commandId) => {
         log("info", "result recorded", {

@@ -11,7 +11,9 @@ import type {
   ObservedInstance,
   Operation,
   OperationKind,
+  VmmStats,
 } from "@offshoot/shared";
+import type { Guest } from "../guest/link.ts";
 
 /** Journals a completed step before the operation moves on, so a crash can be undone. */
 export interface StepRecorder {
@@ -66,6 +68,11 @@ export interface Driver {
     op: Operation,
     ctx: { commandId: string; steps: readonly string[] },
   ): Promise<ObservedInstance[]>;
+
+  /** The running guest's agent, greeted (waiting up to `waitMs` for it): exec and stat. */
+  guest(id: string, waitMs: number): Promise<Guest>;
+  /** What the running instance's VMM costs. */
+  stats(id: string): Promise<VmmStats>;
 
   /** Where the driver keeps a log of an instance: "app" is the guest's console, "vmm" the
    * hypervisor's output. undefined when the driver has no such log. */

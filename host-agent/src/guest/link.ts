@@ -4,6 +4,7 @@
 // snapshotting or forking); every session still open then ends with the reason.
 import { randomBytes } from "node:crypto";
 import net from "node:net";
+import type { PathInfo } from "@offshoot/shared";
 import {
   decodeFields,
   encodeFields,
@@ -47,23 +48,32 @@ export interface SessionHandlers {
   end(end: ExecEnd): void;
 }
 
-export interface PathInfo {
-  exists: boolean;
-  is_dir?: boolean;
-  is_file?: boolean;
-  is_symlink?: boolean;
-  link_target?: string | null;
-  mode?: number;
-  size?: number;
-  error?: string | null;
-}
 
 export class GuestLinkError extends Error {}
+
+/** A command running in a guest. */
+export interface Session {
+  /** Queues stdin; resolves once the guest has room for it (write no more before). */
+  write(data: Buffer): Promise<void>;
+  /** Ends the command's stdin once what was written has gone in. */
+  closeStdin(): void;
+  resize(rows: number, cols: number): void;
+  /** The owner passed on `bytes` of output: the guest may send that many more. */
+  credit(bytes: number): void;
+  /** Ends the session: its processes are killed. No `end` follows. */
+  kill(): void;
+}
+
+/** What runs commands in a guest and answers stat: its agent (GuestLink), or a simulation. */
+export interface Guest {
+  exec(req: ExecRequest, handlers: SessionHandlers): Session;
+  stat(path: string, followLinks: boolean): Promise<PathInfo>;
+}
 
 /** How long a guest has to answer the link's hello. */
 const HELLO_TIMEOUT_MS = 5_000;
 
-export class GuestSession {
+export class GuestSession implements Session {
   private stdinCredit = IN_WINDOW;
   private pending: Buffer[] = [];
   private pendingBytes = 0;
@@ -149,9 +159,9 @@ export class GuestSession {
   }
 }
 
-export class GuestLink {
+export class GuestLink implements Guest {
   private sock: net.Socket | undefined;
-  private buf = Buffer.alloc(0);
+  private buf: Buffer = Buffer.alloc(0);
   private synced = false;
   private sessions = new Map<number, GuestSession>();
   private stats = new Map<number, (info: PathInfo) => void>();
@@ -159,6 +169,8 @@ export class GuestLink {
   private closedWith: string | undefined;
   readonly ready: Promise<void>;
   private onClose: Array<() => void> = [];
+  /** A reset's expected answer and its resolver. */
+  private resetting: { expected: Buffer; done: () => void } | undefined;
 
   /** Connects and says hello; `ready` rejects when the guest does not answer in time. */
   constructor(socketPath: string, helloTimeoutMs = HELLO_TIMEOUT_MS) {
@@ -250,6 +262,35 @@ export class GuestLink {
     });
   }
 
+  /** Has the guest end every session (it kills their processes) and waits for it to confirm,
+   * at most `timeoutMs`. Sessions open on this side end with `reason`. */
+  async reset(timeoutMs = 2_000, reason = "the session was ended"): Promise<void> {
+    if (this.closed) return;
+    for (const s of this.sessions.values()) {
+      s.finish();
+      s.handlers.end({ code: 127, error: reason });
+    }
+    this.sessions.clear();
+    const nonce = randomBytes(16).toString("hex");
+    const expected = Buffer.from(HELLO_TEXT + nonce);
+    await new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.resetting = undefined;
+        reject(new GuestLinkError("the guest agent did not confirm the reset"));
+      }, timeoutMs);
+      this.resetting = {
+        expected,
+        done: () => {
+          clearTimeout(timer);
+          this.resetting = undefined;
+          resolve();
+        },
+      };
+      this.whenClosed(() => this.resetting?.done());
+      this.send(HOST.hello, 0, Buffer.from(nonce));
+    });
+  }
+
   /** Ends every session with `reason` and closes the channel. */
   close(reason: string): void {
     if (this.closedWith !== undefined) return;
@@ -316,6 +357,10 @@ export class GuestLink {
         this.sessions.delete(id);
         s.finish();
         s.handlers.end(exitOf(decodeFields(payload)));
+        return;
+      }
+      case GUEST.hello: {
+        if (this.resetting?.expected.equals(payload)) this.resetting.done();
         return;
       }
       case GUEST.stat: {

@@ -45,6 +45,8 @@ export const instances = pgTable(
     entrypoint: jsonb("entrypoint").$type<string[]>(),
     cmd: jsonb("cmd").$type<string[]>(),
     networkEnabled: boolean("network_enabled").notNull(),
+    /** Created with skip_guest_agent: no exec, cp or stat. */
+    skipGuestAgent: boolean("skip_guest_agent").notNull().default(false),
     ip: text("ip"),
     mac: text("mac"),
     bandwidthDownloadBps: bigint("bandwidth_download_bps", { mode: "number" }),

@@ -1,4 +1,6 @@
+import type { UpgradeWebSocket } from "hono/ws";
 import type { Router } from "../common.ts";
+import { registerInstanceExec } from "./exec.ts";
 import { registerCreateInstance } from "./create.ts";
 import { registerDeleteInstance } from "./delete.ts";
 import { registerForkInstance } from "./fork.ts";
@@ -8,12 +10,13 @@ import { registerInstanceLogs } from "./logs.ts";
 import { registerRestoreInstance } from "./restore.ts";
 import { registerStandbyInstance } from "./standby.ts";
 import { registerStartInstance } from "./start.ts";
+import { registerInstanceStat } from "./stat.ts";
 import { registerStopInstance } from "./stop.ts";
 import { registerWaitForState } from "./wait.ts";
 
 // One file per operation, each a thin transport: validate, call one service verb, return.
 // Errors are mapped in app.ts. The order here is the order of paths in /openapi.json.
-export function registerInstanceRoutes(app: Router) {
+export function registerInstanceRoutes(app: Router, upgrade?: UpgradeWebSocket<unknown>) {
   registerCreateInstance(app);
   registerListInstances(app);
   registerGetInstance(app);
@@ -25,4 +28,6 @@ export function registerInstanceRoutes(app: Router) {
   registerForkInstance(app);
   registerWaitForState(app);
   registerInstanceLogs(app);
+  registerInstanceStat(app);
+  registerInstanceExec(app, upgrade);
 }

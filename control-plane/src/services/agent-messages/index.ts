@@ -7,6 +7,8 @@ import {
   CLOSE,
   type LogChunk,
   PROTOCOL_VERSION,
+  type StreamCredit,
+  type StreamEnd,
   type Welcome,
 } from "@offshoot/shared";
 import type { Log } from "../../log.ts";
@@ -66,6 +68,8 @@ export interface AgentLink {
   heartbeat(): void | Promise<void>;
   /** Log chunks are live data for the stream's reader, never recorded. */
   log(chunk: LogChunk): void;
+  /** A stream's credit or end (tunnel.ts): live data too. */
+  stream(msg: StreamCredit | StreamEnd): void;
   close(code: number, reason: string): void;
   /** A result was recorded: a request waiting on this transport for it may answer. */
   resultRecorded?(commandId: string): void;
@@ -120,6 +124,10 @@ export async function handleAgentMessage(
       return;
     case "image_progress":
       await imageProgress(s.db, link.hostId, msg);
+      return;
+    case "stream_credit":
+    case "stream_end":
+      link.stream(msg);
       return;
   }
 }

@@ -149,6 +149,7 @@ export async function createInstance(
         entrypoint: req.entrypoint ?? null,
         cmd: req.cmd ?? null,
         networkEnabled,
+        skipGuestAgent: req.skip_guest_agent ?? false,
         ip: networkEnabled ? await allocateIp(tx, host.id) : null,
         mac: networkEnabled ? newMac() : null,
         bandwidthDownloadBps: sizes.download,

@@ -32,5 +32,6 @@ export function specOf(r: InstanceRow, subnet: string): InstanceSpec {
       bandwidth_upload_bps: r.bandwidthUploadBps,
     },
     volumes: r.volumes,
+    skip_guest_agent: r.skipGuestAgent,
   };
 }

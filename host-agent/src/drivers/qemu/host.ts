@@ -2,6 +2,7 @@
 // options, and the QMP connections open to running guests. The driver owns one and passes it to
 // the step modules (boot, stop, snapshot, fork, recovery), which hold no state of their own.
 import { InvalidStateError, NotFoundError, type ObservedInstance } from "@offshoot/shared";
+import type { GuestLink } from "../../guest/link.ts";
 import type { ImageStore } from "../../images/store.ts";
 import type { HostNetwork } from "../../network/index.ts";
 import type { AgentPaths } from "../../paths.ts";
@@ -46,6 +47,8 @@ export interface QemuHost {
   readonly subnets: Map<string, Promise<void>>;
   /** Instances' TAPs made or adopted this agent life, with the limits they were given. */
   readonly nics: Map<string, { key: string; ready: Promise<void> }>;
+  /** Guest agents' channels open now, by instance id (guest.ts). */
+  readonly links: Map<string, GuestLink>;
   /** Whether the data dir makes reflinks: probed once, by the first fork. */
   reflinks?: Promise<boolean>;
 }

@@ -45,6 +45,7 @@ describe("guest NICs across an agent restart", () => {
       qmps: new Map(),
       subnets: new Map(),
       nics: new Map(),
+      links: new Map(),
       emit: () => {},
       last: { copyPath: undefined, diskClone: undefined, identityMs: undefined },
     };
@@ -68,7 +69,7 @@ describe("guest NICs across an agent restart", () => {
         created_at: "2026-01-01T00:00:00Z",
         rootfs: "/nonexistent",
       },
-      machine: { memory_mib: 256, vcpus: 1, mac: "02:00:00:00:10:01" },
+      machine: { memory_mib: 256, vcpus: 1, mac: "02:00:00:00:10:01", agent_port: true },
       observed: { id, state: "Stopped", has_snapshot: false, state_error: null },
       pid: null,
       ram: "file",

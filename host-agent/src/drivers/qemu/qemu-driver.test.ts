@@ -433,7 +433,7 @@ describe("QemuDriver without booting", () => {
       created_by: "seed",
       spec: spec(id, over),
       image,
-      machine: { memory_mib: 256, vcpus: 1, mac: null },
+      machine: { memory_mib: 256, vcpus: 1, mac: null, agent_port: true },
       pid: null,
       serial_offset: 0,
       ram: "file",

@@ -12,13 +12,16 @@ import type {
   InstanceSpec,
   ObservedInstance,
   Operation,
+  VmmStats,
 } from "@offshoot/shared";
 import type { AgentPaths } from "../../paths.ts";
+import type { Guest } from "../../guest/link.ts";
 import type { Driver, DriverLogSource, OpContext, OpData } from "../driver.ts";
 import { rollbackOperation } from "../rollback.ts";
 import { create, start } from "./boot.ts";
 import { reconcile } from "./exit.ts";
 import { fork } from "./fork.ts";
+import { endGuestSessions, guestLink, vmmStats } from "./guest.ts";
 import { attachedVolumes, MIN_GUEST_MEMORY } from "./guest-config.ts";
 import type { LastClone, QemuDriverOptions, QemuHost } from "./host.ts";
 import { adoptNics } from "./nic.ts";
@@ -53,6 +56,7 @@ export class QemuDriver implements Driver {
       qmps: new Map(),
       subnets: new Map(),
       nics: new Map(),
+      links: new Map(),
       emit: (instance) => {
         for (const l of this.listeners) l(instance);
       },
@@ -164,11 +168,25 @@ export class QemuDriver implements Driver {
   }
 
   stop(id: string, ctx: OpContext): Promise<ObservedInstance> {
-    return this.locked(id, () => stop(this.host, id, ctx));
+    return this.locked(id, async () => {
+      await endGuestSessions(this.host, id, "the instance is stopping");
+      return stop(this.host, id, ctx);
+    });
   }
 
   standby(id: string, ctx: OpContext): Promise<ObservedInstance> {
-    return this.locked(id, () => standby(this.host, id, ctx));
+    return this.locked(id, async () => {
+      await endGuestSessions(this.host, id, "the instance is going to standby");
+      return standby(this.host, id, ctx);
+    });
+  }
+
+  guest(id: string, waitMs: number): Promise<Guest> {
+    return guestLink(this.host, id, waitMs);
+  }
+
+  stats(id: string): Promise<VmmStats> {
+    return vmmStats(this.host, id);
   }
 
   restore(id: string, ctx: OpContext): Promise<ObservedInstance> {
@@ -177,6 +195,7 @@ export class QemuDriver implements Driver {
 
   async delete(id: string, ctx: OpContext): Promise<void> {
     await this.locked(id, async () => {
+      await endGuestSessions(this.host, id, "the instance is being deleted");
       await discard(this.host, id);
       await gc(this.host);
       await ctx.steps.record("delete");
@@ -217,6 +236,8 @@ export class QemuDriver implements Driver {
   async close(): Promise<void> {
     clearInterval(this.poller);
     this.listeners.clear();
+    for (const link of this.host.links.values()) link.close("the host agent is shutting down");
+    this.host.links.clear();
     const clients = [...this.host.qmps.values()];
     this.host.qmps.clear();
     await Promise.all(clients.map((c) => c.close()));

@@ -8,6 +8,7 @@ import { appendFileSync, copyFileSync, mkdirSync, rmSync, writeFileSync } from "
 import { setTimeout as sleep } from "node:timers/promises";
 import {
   ApiError,
+  ConflictError,
   type DriverCapabilities,
   type ErrorCode,
   type ImageInfo,
@@ -17,14 +18,17 @@ import {
   type ObservedInstance,
   type Operation,
   type OperationKind,
+  type VmmStats,
 } from "@offshoot/shared";
 import type { SimLatency } from "../../config.ts";
 import { runSteps, type Step } from "../../operations/steps.ts";
 import type { AgentPaths } from "../../paths.ts";
+import type { Guest } from "../../guest/link.ts";
 import type { Driver, DriverLogSource, OpContext, OpData } from "../driver.ts";
 import { running } from "../observed.ts";
 import { exists } from "../record-store.ts";
 import { rollbackOperation } from "../rollback.ts";
+import { SimGuest } from "./sim-guest.ts";
 import { type SimRecord, SimStore } from "./store.ts";
 
 export interface SimOptions {
@@ -267,6 +271,29 @@ export class SimDriver implements Driver {
       remove: (id) => this.store.remove(id),
       converge: (id) => this.converge(id),
     });
+  }
+
+  async guest(id: string): Promise<Guest> {
+    const rec = await this.load(id);
+    if (rec.observed.state !== "Running")
+      throw new InvalidStateError(`instance ${id} is ${rec.observed.state}, not Running`);
+    if (rec.spec.skip_guest_agent)
+      throw new ConflictError(`instance ${rec.spec.name} was created with skip_guest_agent`);
+    return new SimGuest(rec.spec.name);
+  }
+
+  /** Made-up figures from the spec: the sim has no VMM process. */
+  async stats(id: string): Promise<VmmStats> {
+    const rec = await this.load(id);
+    if (rec.observed.state !== "Running")
+      throw new InvalidStateError(`instance ${id} is ${rec.observed.state}, not Running`);
+    return {
+      cpu_seconds: 0,
+      memory_rss_bytes: rec.spec.memory_bytes,
+      memory_vms_bytes: rec.spec.memory_bytes,
+      network_rx_bytes: 0,
+      network_tx_bytes: 0,
+    };
   }
 
   /** The sim has a console (its state changes) but no VMM process with output of its own. */

@@ -1,0 +1,126 @@
+// GET /instances/{id}/exec: Hypeman's exec protocol over a WebSocket (shared/src/tunnel.ts names
+// its messages). The checks answer in HTTP before the upgrade (404, 409, 503); after it, the
+// control plane relays messages between the client and the stream on the host's agent, which
+// speaks the protocol with the guest. The client is read only as fast as the agent takes its
+// input, and the agent sends only as fast as the client's socket takes the output.
+import { InvalidRequestError } from "@offshoot/shared";
+import type { Context, Next } from "hono";
+import type { UpgradeWebSocket, WSEvents } from "hono/ws";
+import type { StreamHandle } from "../../gateway/relay.ts";
+import type { InstanceRow } from "../../db/schema/index.ts";
+import type { Services } from "../../services/context.ts";
+import { guestTarget, openGuestStream } from "../../services/instances/guest.ts";
+import type { AppEnv, Router } from "../common.ts";
+
+/** What a runtime's socket offers beyond Hono's: Node's `ws` says when a message has gone and
+ * can stop reading; elsewhere a message counts as gone once handed to the socket. */
+interface RawSocket {
+  send?(data: unknown, cb: (err?: Error) => void): void;
+  pause?(): void;
+  resume?(): void;
+}
+
+/** WebSocket close reasons are at most 123 bytes. */
+const closeReason = (s: string) => {
+  const b = new TextEncoder().encode(s);
+  return b.length <= 123 ? s : new TextDecoder().decode(b.subarray(0, 120)).replace(/\uFFFD$/, "");
+};
+
+/** The relay between a client's socket and a stream of `kind` on the instance's host. */
+export function relayEvents(
+  s: Services,
+  row: InstanceRow,
+  kind: "exec" | "cp",
+): WSEvents<unknown> {
+  let handle: StreamHandle | undefined;
+  let closed = false;
+  /** Client messages on their way to the agent, in order; the client is not read while any
+   * waits for the agent's credit. */
+  let pending: Promise<void> = Promise.resolve();
+  let waiting = 0;
+  let opened: (h: StreamHandle | undefined) => void = () => {};
+  const ready = new Promise<StreamHandle | undefined>((r) => {
+    opened = r;
+  });
+  return {
+    onOpen: (_evt, ws) => {
+      const raw = ws.raw as RawSocket | undefined;
+      openGuestStream(s, row, kind, {
+        message: (text, payload) =>
+          new Promise<void>((resolve) => {
+            if (ws.readyState !== 1) return resolve();
+            const data = text ? new TextDecoder().decode(payload) : payload;
+            if (raw?.send) raw.send(data, () => resolve());
+            else {
+              ws.send(data as string);
+              resolve();
+            }
+          }),
+        end: (reason, error) => {
+          if (ws.readyState !== 1) return;
+          if (error) {
+            if (kind === "exec") {
+              ws.send(new TextEncoder().encode(`Error: ${error.message}\r\n`));
+              ws.send(JSON.stringify({ exitCode: 127 }));
+            } else {
+              ws.send(JSON.stringify({ type: "error", message: error.message }));
+            }
+            ws.close(1011, closeReason(error.message));
+          } else ws.close(1000, closeReason(reason ?? ""));
+        },
+      }).then(
+        (h) => {
+          handle = h;
+          opened(h);
+          if (closed) h.close();
+        },
+        (e: unknown) => {
+          opened(undefined);
+          const message = e instanceof Error ? e.message : String(e);
+          if (ws.readyState === 1) {
+            if (kind === "exec") {
+              ws.send(new TextEncoder().encode(`Error: ${message}\r\n`));
+              ws.send(JSON.stringify({ exitCode: 127 }));
+            }
+            ws.close(1011, closeReason(message));
+          }
+        },
+      );
+    },
+    onMessage: (evt, ws) => {
+      const raw = ws.raw as RawSocket | undefined;
+      const text = typeof evt.data === "string";
+      const payload =
+        typeof evt.data === "string"
+          ? new TextEncoder().encode(evt.data)
+          : new Uint8Array(evt.data as ArrayBuffer);
+      if (waiting++ === 0) raw?.pause?.();
+      pending = pending
+        .then(() => ready)
+        .then((h) => h?.send(text, payload))
+        .catch((e: unknown) => {
+          ws.close(1009, closeReason(e instanceof Error ? e.message : String(e)));
+        })
+        .finally(() => {
+          if (--waiting === 0) raw?.resume?.();
+        });
+    },
+    onClose: () => {
+      closed = true;
+      handle?.close();
+    },
+  };
+}
+
+export function registerInstanceExec(app: Router, upgrade: UpgradeWebSocket<unknown> | undefined) {
+  app.get("/instances/:id/exec", async (c: Context<AppEnv>, next: Next) => {
+    const row = await guestTarget(c.var.services, c.var.tenantId, c.req.param("id") ?? "", {
+      needsAgent: true,
+    });
+    if (!upgrade || c.req.header("upgrade")?.toLowerCase() !== "websocket") {
+      throw new InvalidRequestError("exec is a WebSocket: connect with Upgrade: websocket");
+    }
+    const res = await upgrade(() => relayEvents(c.var.services, row, "exec"))(c, next);
+    return res ?? c.body(null, 500);
+  });
+}

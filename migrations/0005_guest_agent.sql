@@ -1,0 +1,1 @@
+ALTER TABLE "instances" ADD COLUMN "skip_guest_agent" boolean DEFAULT false NOT NULL;
