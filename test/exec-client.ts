@@ -26,7 +26,16 @@ export interface ExecOptions {
 
 /** The socket for an instance's exec, authenticated with the API key. */
 export function execSocket(cpUrl: string, apiKey: string, instance: string): WebSocket {
-  const url = new URL(`/instances/${encodeURIComponent(instance)}/exec`, cpUrl);
+  return guestSocket(cpUrl, apiKey, instance, "exec");
+}
+
+/** The socket for an instance's cp. */
+export function cpSocket(cpUrl: string, apiKey: string, instance: string): WebSocket {
+  return guestSocket(cpUrl, apiKey, instance, "cp");
+}
+
+function guestSocket(cpUrl: string, apiKey: string, instance: string, kind: string): WebSocket {
+  const url = new URL(`/instances/${encodeURIComponent(instance)}/${kind}`, cpUrl);
   url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
   return new WebSocket(url, { headers: { authorization: `Bearer ${apiKey}` } });
 }

@@ -12,7 +12,10 @@
  * One thread, one ppoll loop over the port and every session's pipes. SIGIO (the host connected)
  * and SIGCHLD (a command ended) stay blocked except inside ppoll, so none is lost between checks.
  * While the host is disconnected the port reports POLLHUP and reads return EOF, so it is left out
- * of the poll then and SIGIO (or a one second timeout) says when to look again.
+ * of the poll then and SIGIO (or a one second timeout) says when to look again. A disconnect is
+ * acted on only after LOST_GRACE_MS: the host's first bytes can arrive before virtio_console has
+ * processed the port-open message sent with them, and until then the port looks disconnected
+ * (reads EOF once the data is read, writes EAGAIN), though the answer must still go out.
  *
  * Memory is bounded: at most MAX_SESSIONS sessions; a session reads its command's output only
  * while the host has granted it credit (OUT_WINDOW to start) and the port's queue has room; the
@@ -73,6 +76,9 @@ struct session {
 
 static struct session sessions[MAX_SESSIONS];
 static int port = -1, connected = 0;
+/* When the host was seen gone (ms); 0: connected, or its sessions already ended. */
+static long long lost_at = 0;
+#define LOST_GRACE_MS 2000
 static unsigned char outq[OUTQ_BYTES];
 static size_t outlen = 0;
 /* One byte more than a frame: a payload is NUL-terminated in place while it is handled. */
@@ -566,16 +572,19 @@ static void read_port(void) {
   for (;;) {
     ssize_t n = read(port, inq + inqlen, sizeof inq - 1 - inqlen);
     if (n == 0) {
-      if (connected) reset_all();
+      if (connected) lost_at = now_ms();
       connected = 0;
-      inqlen = 0;
       return;
     }
     if (n < 0) {
-      if (errno == EAGAIN) connected = 1;
+      if (errno == EAGAIN) {
+        connected = 1;
+        lost_at = 0;
+      }
       return;
     }
     connected = 1;
+    lost_at = 0;
     inqlen += (size_t)n;
     size_t off = 0;
     while (inqlen - off >= HDR) {
@@ -719,19 +728,23 @@ int main(int argc, char **argv) {
         nfds++;
       }
     }
-    if (connected && outlen) flush_port();
-    if (!connected) outlen = 0;
+    if (!connected && lost_at && now - lost_at >= LOST_GRACE_MS) {
+      reset_all();
+      inqlen = 0;
+      lost_at = 0;
+    }
+    /* Tried while the port looks disconnected too: it may only be the port-open message late. */
+    if (outlen) flush_port();
     if (connected) {
       fds[nfds] = (struct pollfd){.fd = port, .events = POLLIN | (outlen ? POLLOUT : 0)};
       nfds++;
     }
-    if (connected && outlen && wait > 100) wait = 100;
+    if ((outlen || lost_at) && wait > 100) wait = 100;
     struct timespec ts = {.tv_sec = wait / 1000, .tv_nsec = (wait % 1000) * 1000000L};
     int r = ppoll(fds, (nfds_t)nfds, &ts, &waiting);
     if (r > 0 && connected && (fds[nfds - 1].revents & POLLHUP)) {
-      reset_all();
       connected = 0;
-      inqlen = 0;
+      lost_at = now_ms();
     }
   }
 }

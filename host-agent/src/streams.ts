@@ -5,6 +5,8 @@
 // out, so a stream holds at most the guest's window (OUT_WINDOW) on this host.
 import {
   type AgentMessage,
+  CpEnd,
+  CpStart,
   encodeStreamData,
   ExecCloseStdin,
   ExecResize,
@@ -16,6 +18,7 @@ import {
 } from "@offshoot/shared";
 import type { Driver } from "./drivers/driver.ts";
 import type { Session } from "./guest/link.ts";
+import { escapes, TAR_END, TarReader, tarHeader, tarPadding } from "./guest/tar.ts";
 import { errorMessage, type Logger } from "./log.ts";
 
 /** What the streams need of the socket. */
@@ -36,6 +39,8 @@ interface Message {
   payload: Uint8Array;
   /** Called once it is on the socket (credit back to the guest). */
   sent?: () => void;
+  /** Empty: not sent, only its `sent` called in its turn. */
+  skipEmpty?: boolean;
 }
 
 const utf8 = new TextEncoder();
@@ -64,6 +69,7 @@ abstract class Stream {
         text: m.text,
         payload: m.payload.subarray(i, i + STREAM_LIMITS.messageBytes),
         ...(last && m.sent && { sent: m.sent }),
+        ...(m.skipEmpty && { skipEmpty: true }),
       });
       if (last) break;
     }
@@ -185,6 +191,266 @@ class ExecStream extends Stream {
   }
 }
 
+/** The guest's own busybox (its /init's, mounted read-only at /.offshoot in every guest): cp's
+ * commands work whatever the image holds. */
+const GUEST_TOOLS = { PATH: "/.offshoot" };
+/** What a failed guest command's stderr may fill of its error message. */
+const MAX_STDERR = 4096;
+
+const CP_TO_FILE = [
+  'if [ -d "$1" ]; then echo "$1 is a directory" >&2; exit 1; fi',
+  'mkdir -p "$(dirname "$1")" && cat > "$1" && chmod "$2" "$1" &&',
+  '{ [ "$3" = 0 ] || [ "$4" = 0 ] || chown "$3:$4" "$1"; }',
+].join("\n");
+const CP_TO_DIR = 'mkdir -p "$1" && chmod "$2" "$1" && { [ "$3" = 0 ] || [ "$4" = 0 ] || chown "$3:$4" "$1"; }';
+const CP_TO_ARCHIVE = 'mkdir -p "$1" && tar -x -C "$1"';
+const CP_FROM = (follow: boolean) =>
+  `[ -e "$1" ] || [ -L "$1" ] || { echo "$1: no such file or directory" >&2; exit 1; }\ntar -c${follow ? "h" : ""} -C "$(dirname "$1")" "$(basename "$1")"`;
+
+/** cp (Hypeman's protocol, see CpStart): the guest's busybox moves the bytes; this side speaks
+ * the protocol, and checks a client's archive before any of it reaches the guest. */
+class CpStream extends Stream {
+  private session: Session | undefined;
+  private begun = false;
+  private start: CpStart | undefined;
+  private early: Array<[boolean, Uint8Array]> = [];
+  private stderr = "";
+  private received = 0;
+  private failed = false;
+  /** to + archive: the client's archive, read and written anew for the guest. */
+  private archive: { reader: TarReader; out: Buffer[]; symlinks: Set<string> } | undefined;
+  /** from: the guest's archive, read into headers and data. */
+  private reader: TarReader | undefined;
+  private entryOpen = false;
+
+  constructor(
+    id: string,
+    open: StreamOpen,
+    tunnel: Streams,
+    private driver: Driver,
+  ) {
+    super(id, open, tunnel);
+  }
+
+  receive(textual: boolean, payload: Uint8Array): void {
+    if (!this.begun) {
+      this.begun = true;
+      this.begin(textual, payload);
+      return;
+    }
+    const session = this.session;
+    if (!session) {
+      this.early.push([textual, payload]);
+      return;
+    }
+    if (this.start?.direction !== "to" || this.failed) {
+      this.tunnel.credit(this, payload.length);
+      return;
+    }
+    if (textual) {
+      this.tunnel.credit(this, payload.length);
+      let end = false;
+      try {
+        end = CpEnd.safeParse(JSON.parse(Buffer.from(payload).toString("utf8"))).success;
+      } catch {
+        end = false;
+      }
+      if (!end) return this.fail("expected binary data or {\"type\":\"end\"}");
+      if (this.archive) {
+        try {
+          this.archive.reader.close();
+        } catch (e) {
+          return this.fail(errorMessage(e));
+        }
+        void session.write(Buffer.concat(this.archive.out.splice(0)));
+      }
+      session.closeStdin();
+      return;
+    }
+    this.received += payload.length;
+    let bytes = Buffer.from(payload);
+    if (this.archive) {
+      try {
+        this.archive.reader.push(bytes);
+      } catch (e) {
+        return this.fail(errorMessage(e));
+      }
+      bytes = Buffer.concat(this.archive.out.splice(0));
+    }
+    void session.write(bytes).then(() => this.tunnel.credit(this, payload.length));
+  }
+
+  private begin(textual: boolean, payload: Uint8Array): void {
+    this.tunnel.credit(this, payload.length);
+    let start: CpStart;
+    try {
+      if (!textual) throw new Error("first message must be JSON text");
+      const parsed = CpStart.safeParse(JSON.parse(Buffer.from(payload).toString("utf8")));
+      if (!parsed.success) throw new Error(`invalid request: ${parsed.error.issues[0]?.path.join(".")} ${parsed.error.issues[0]?.message}`);
+      start = parsed.data;
+    } catch (e) {
+      this.send(text(JSON.stringify({ type: "error", message: errorMessage(e) })));
+      this.finish("bad request");
+      return;
+    }
+    this.start = start;
+    const to = start.direction === "to";
+    const mode = (start.mode || (start.is_dir ? 0o755 : 0o644)).toString(8);
+    const script = !to
+      ? CP_FROM(start.follow_links)
+      : start.archive
+        ? CP_TO_ARCHIVE
+        : start.is_dir
+          ? CP_TO_DIR
+          : CP_TO_FILE;
+    if (to && start.archive) this.archive = this.archiveChecker();
+    if (!to && !start.archive) this.reader = this.guestArchiveReader();
+    this.driver
+      .guest(this.open.instance_id, DEFAULT_AGENT_WAIT_MS)
+      .then((guest) => {
+        if (this.ended) return;
+        this.session = guest.exec(
+          {
+            command: ["sh", "-c", script, "sh", start.guest_path, mode, String(start.uid), String(start.gid)],
+            env: GUEST_TOOLS,
+            cwd: "/",
+            tty: false,
+            rows: 0,
+            cols: 0,
+            timeout: 0,
+          },
+          {
+            output: (data, which) => this.output(data, which),
+            end: (end) => this.ended_(end.code, end.error),
+          },
+        );
+        // A directory has no data: the client's end may never matter, stdin ends now.
+        if (to && start.is_dir && !start.archive) this.session.closeStdin();
+        for (const [t, p] of this.early.splice(0)) this.receive(t, p);
+      })
+      .catch((e: unknown) => {
+        this.send(text(JSON.stringify({ type: "error", message: errorMessage(e) })));
+        this.finish("failed");
+      });
+  }
+
+  private output(data: Buffer, which: "stdout" | "stderr"): void {
+    const session = this.session;
+    const credit = () => session?.credit(data.length);
+    if (which === "stderr") {
+      this.stderr = (this.stderr + data.toString("utf8")).slice(0, MAX_STDERR);
+      credit();
+      return;
+    }
+    if (this.start?.direction !== "from" || this.failed) return credit();
+    if (!this.reader) {
+      // archive: the guest's tar as it is.
+      this.send({ text: false, payload: data, sent: credit });
+      return;
+    }
+    try {
+      this.reader.push(data);
+    } catch (e) {
+      credit();
+      return this.fail(errorMessage(e));
+    }
+    // Credit once what this chunk made has gone (an empty message when it made nothing).
+    this.send({ text: false, payload: new Uint8Array(0), sent: credit, skipEmpty: true });
+  }
+
+  private ended_(code: number, error: string | undefined): void {
+    if (this.failed) return this.finish("failed");
+    const problem = error ?? (code !== 0 ? this.stderr.trim() || `exit code ${code}` : undefined);
+    const dir = this.start?.direction;
+    if (dir === "to") {
+      this.send(
+        text(
+          JSON.stringify({
+            type: "result",
+            success: problem === undefined,
+            ...(problem === undefined ? { bytes_written: this.received } : { error: problem }),
+          }),
+        ),
+      );
+    } else if (problem !== undefined) {
+      this.send(text(JSON.stringify({ type: "error", message: problem, path: this.start?.guest_path })));
+    } else if (this.reader) {
+      if (this.entryOpen) this.send(text(JSON.stringify({ type: "end", final: true })));
+    } else {
+      this.send(text(JSON.stringify({ type: "end", final: true })));
+    }
+    this.finish(problem === undefined ? "copied" : "failed");
+  }
+
+  private fail(message: string): void {
+    if (this.failed) return;
+    this.failed = true;
+    this.session?.kill();
+    this.send(text(JSON.stringify({ type: this.start?.direction === "to" ? "result" : "error", ...(this.start?.direction === "to" ? { success: false, error: message } : { message }) })));
+    this.finish("failed");
+  }
+
+  /** from: each entry of the guest's archive as a header, its data, and an end. */
+  private guestArchiveReader(): TarReader {
+    return new TarReader({
+      entry: (e) => {
+        if (this.entryOpen) this.send(text(JSON.stringify({ type: "end", final: false })));
+        this.entryOpen = true;
+        this.send(
+          text(
+            JSON.stringify({
+              type: "header",
+              path: e.path,
+              mode: e.mode & 0o777,
+              is_dir: e.type === "dir",
+              ...(e.type === "symlink" && { is_symlink: true, link_target: e.linkTarget }),
+              size: e.size,
+              mtime: e.mtime,
+              uid: e.uid,
+              gid: e.gid,
+            }),
+          ),
+        );
+      },
+      data: (chunk) => this.send({ text: false, payload: Buffer.from(chunk) }),
+      end: () => {},
+    });
+  }
+
+  /** to + archive: every entry checked (no absolute path, no "..", nothing through a symlink of
+   * the archive's own, no devices), then written anew for the guest's tar. */
+  private archiveChecker(): { reader: TarReader; out: Buffer[]; symlinks: Set<string> } {
+    const out: Buffer[] = [];
+    const symlinks = new Set<string>();
+    let left = 0;
+    let entrySize = 0;
+    const reader = new TarReader({
+      entry: (e) => {
+        const why =
+          escapes(e.path, symlinks) ??
+          (e.type === "hardlink" ? escapes(e.linkTarget, symlinks) : undefined) ??
+          (e.type === "other" ? "not a file, directory or link" : undefined);
+        if (why) throw new Error(`archive entry ${JSON.stringify(e.path)} refused: ${why}`);
+        const path = e.path.split("/").filter((p) => p !== "" && p !== ".").join("/");
+        if (e.type === "symlink") symlinks.add(path);
+        out.push(tarHeader({ ...e, path }));
+        left = entrySize = e.type === "file" ? e.size : 0;
+      },
+      data: (chunk) => {
+        out.push(Buffer.from(chunk));
+        left -= chunk.length;
+        if (left === 0) out.push(tarPadding(entrySize));
+      },
+      end: () => out.push(TAR_END),
+    });
+    return { reader, out, symlinks };
+  }
+
+  cancel(): void {
+    this.session?.kill();
+  }
+}
+
 /** stat and stats: one JSON answer. */
 class QueryStream extends Stream {
   constructor(id: string, open: StreamOpen, tunnel: Streams, driver: Driver) {
@@ -259,18 +525,9 @@ export class Streams {
     const stream =
       msg.kind === "exec"
         ? new ExecStream(msg.stream_id, msg, this, this.driver)
-        : msg.kind === "stat" || msg.kind === "stats"
-          ? new QueryStream(msg.stream_id, msg, this, this.driver)
-          : undefined;
-    if (!stream) {
-      socket.control({
-        v: PROTOCOL_VERSION,
-        type: "stream_end",
-        stream_id: msg.stream_id,
-        error: { code: "not_supported", message: `streams of kind ${msg.kind} are not served here` },
-      });
-      return;
-    }
+        : msg.kind === "cp"
+          ? new CpStream(msg.stream_id, msg, this, this.driver)
+          : new QueryStream(msg.stream_id, msg, this, this.driver);
     this.streams.set(msg.stream_id, stream);
   }
 
@@ -345,6 +602,15 @@ export class Streams {
     else this.flushWaiters.set(stream, fn);
   }
 
+  private flushed(s: Stream): void {
+    if (s.queue.length > 0) return;
+    const waiter = this.flushWaiters.get(s);
+    if (waiter) {
+      this.flushWaiters.delete(s);
+      waiter();
+    }
+  }
+
   /** @internal Sends what credit and the socket's buffer allow, one message per stream in
    * turn, so a bulk stream does not starve the others. */
   pump(): void {
@@ -361,6 +627,11 @@ export class Streams {
           s.queue.shift();
           s.credit -= m.payload.length;
           progress = true;
+          if (m.skipEmpty && m.payload.length === 0) {
+            m.sent?.();
+            this.flushed(s);
+            continue;
+          }
           socket.data(
             encodeStreamData({ streamId: s.id, text: m.text, payload: m.payload }),
             () => {
@@ -368,13 +639,7 @@ export class Streams {
               this.pump();
             },
           );
-          if (s.queue.length === 0) {
-            const waiter = this.flushWaiters.get(s);
-            if (waiter) {
-              this.flushWaiters.delete(s);
-              waiter();
-            }
-          }
+          this.flushed(s);
           if (socket.buffered() >= STREAM_LIMITS.socketBufferBytes) break;
         }
       }

@@ -134,3 +134,29 @@ export const VmmStats = z.object({
   network_tx_bytes: z.number().int().nonnegative(),
 });
 export type VmmStats = z.infer<typeof VmmStats>;
+
+// ---- Hypeman's cp protocol (GET /instances/{id}/cp, a WebSocket) ------------------------------
+
+/**
+ * The client's first message. `to`: binary messages of the file's bytes, then
+ * `{"type":"end"}`; the answer is `{"type":"result","success":…,"bytes_written":N,"error":…}`.
+ * `from`: for each entry a `{"type":"header",…}`, its bytes as binary messages, then
+ * `{"type":"end","final":bool}`; `{"type":"error","message":…}` ends a failed copy. An extension,
+ * `archive: "tar"`, copies a whole tree as one tar stream instead: into `guest_path` (a directory,
+ * made if missing) for `to`; of `guest_path` for `from`, ending `{"type":"end","final":true}`.
+ */
+export const CpStart = z.object({
+  direction: z.enum(["to", "from"]),
+  guest_path: z.string().min(1).max(4096),
+  is_dir: z.boolean().default(false),
+  mode: z.number().int().min(0).max(0o7777).default(0),
+  follow_links: z.boolean().default(false),
+  src_basename: z.string().max(255).optional(),
+  uid: z.number().int().nonnegative().default(0),
+  gid: z.number().int().nonnegative().default(0),
+  archive: z.literal("tar").optional(),
+});
+export type CpStart = z.infer<typeof CpStart>;
+
+/** What ends a `to` copy's data. */
+export const CpEnd = z.object({ type: z.literal("end") });

@@ -7,7 +7,6 @@ import type { Router } from "./common.ts";
 // Images are answered in images.ts, volumes in volumes.ts.
 const UNSUPPORTED: ReadonlyArray<readonly [method: string, path: string]> = [
   ["PATCH", "/instances/:id"],
-  ["GET", "/instances/:id/cp"],
   ["POST", "/instances/:id/snapshots"],
   ["POST", "/instances/:id/snapshots/:snapshot/restore"],
   ["GET", "/instances/:id/snapshot-schedule"],

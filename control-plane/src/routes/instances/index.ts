@@ -1,6 +1,6 @@
 import type { UpgradeWebSocket } from "hono/ws";
 import type { Router } from "../common.ts";
-import { registerInstanceExec } from "./exec.ts";
+import { registerInstanceStreams } from "./streams.ts";
 import { registerCreateInstance } from "./create.ts";
 import { registerDeleteInstance } from "./delete.ts";
 import { registerForkInstance } from "./fork.ts";
@@ -29,5 +29,5 @@ export function registerInstanceRoutes(app: Router, upgrade?: UpgradeWebSocket<u
   registerWaitForState(app);
   registerInstanceLogs(app);
   registerInstanceStat(app);
-  registerInstanceExec(app, upgrade);
+  registerInstanceStreams(app, upgrade);
 }

@@ -1,5 +1,5 @@
-// GET /instances/{id}/exec: Hypeman's exec protocol over a WebSocket (shared/src/tunnel.ts names
-// its messages). The checks answer in HTTP before the upgrade (404, 409, 503); after it, the
+// GET /instances/{id}/exec and /cp: Hypeman's exec and cp protocols over a WebSocket
+// (shared/src/tunnel.ts names their messages). The checks answer in HTTP before the upgrade (404, 409, 503); after it, the
 // control plane relays messages between the client and the stream on the host's agent, which
 // speaks the protocol with the guest. The client is read only as fast as the agent takes its
 // input, and the agent sends only as fast as the client's socket takes the output.
@@ -112,15 +112,21 @@ export function relayEvents(
   };
 }
 
-export function registerInstanceExec(app: Router, upgrade: UpgradeWebSocket<unknown> | undefined) {
-  app.get("/instances/:id/exec", async (c: Context<AppEnv>, next: Next) => {
-    const row = await guestTarget(c.var.services, c.var.tenantId, c.req.param("id") ?? "", {
-      needsAgent: true,
+/** GET /instances/{id}/exec and /cp. */
+export function registerInstanceStreams(
+  app: Router,
+  upgrade: UpgradeWebSocket<unknown> | undefined,
+) {
+  for (const kind of ["exec", "cp"] as const) {
+    app.get(`/instances/:id/${kind}`, async (c: Context<AppEnv>, next: Next) => {
+      const row = await guestTarget(c.var.services, c.var.tenantId, c.req.param("id") ?? "", {
+        needsAgent: true,
+      });
+      if (!upgrade || c.req.header("upgrade")?.toLowerCase() !== "websocket") {
+        throw new InvalidRequestError(`${kind} is a WebSocket: connect with Upgrade: websocket`);
+      }
+      const res = await upgrade(() => relayEvents(c.var.services, row, kind))(c, next);
+      return res ?? c.body(null, 500);
     });
-    if (!upgrade || c.req.header("upgrade")?.toLowerCase() !== "websocket") {
-      throw new InvalidRequestError("exec is a WebSocket: connect with Upgrade: websocket");
-    }
-    const res = await upgrade(() => relayEvents(c.var.services, row, "exec"))(c, next);
-    return res ?? c.body(null, 500);
-  });
+  }
 }
