@@ -24,6 +24,21 @@ import {
   rngOfReply,
   VOLUME_DISK_PREFIX,
 } from "./protocol.ts";
+import {
+  AGENT_PORT,
+  EXIT_FIELDS,
+  GUEST,
+  HEADER_BYTES,
+  HELLO_TEXT,
+  HOST,
+  IN_WINDOW,
+  MAX_PAYLOAD,
+  MAX_SESSIONS,
+  OPEN_FIELDS,
+  OUT_WINDOW,
+  STAT_FIELDS,
+  TIMEOUT_EXIT_CODE,
+} from "./agent-protocol.ts";
 
 const init = readFileSync(new URL("./init", import.meta.url), "utf8");
 const ctl = readFileSync(new URL("./ctl.c", import.meta.url), "utf8");
@@ -222,3 +237,56 @@ describe("the host side and protocol.ts", () => {
     expect(text).toMatch(/^set -- /m);
   });
 });
+
+describe("the guest agent (agent.c) and agent-protocol.ts", () => {
+  const agent = readFileSync(new URL("./agent.c", import.meta.url), "utf8");
+  const define = (name: string) => new RegExp(`^#define ${name} (.+)$`, "m").exec(agent)?.[1];
+  const cEnum = (prefix: "H" | "G") =>
+    Object.fromEntries(
+      [...agent.matchAll(new RegExp(`\\b${prefix}_([A-Z]+) = (\\d+)`, "g"))].map((m) => [
+        (m[1] ?? "").toLowerCase(),
+        Number(m[2]),
+      ]),
+    );
+
+  it("uses the port, sizes and windows agent-protocol.ts names", () => {
+    expect(define("PORT_NAME")).toBe(JSON.stringify(AGENT_PORT));
+    expect(define("HDR")).toBe(String(HEADER_BYTES));
+    expect(define("MAX_PAYLOAD")).toBe(String(MAX_PAYLOAD));
+    expect(define("OUT_WINDOW")).toBe(`(${OUT_WINDOW / 1024} * 1024)`);
+    expect(define("IN_WINDOW")).toBe(`(${IN_WINDOW / 1024} * 1024)`);
+    expect(define("MAX_SESSIONS")).toBe(String(MAX_SESSIONS));
+    expect(define("HELLO_TEXT")).toBe(JSON.stringify(HELLO_TEXT));
+    expect(agent).toContain(`code = ${TIMEOUT_EXIT_CODE};`);
+  });
+
+  it("numbers the frames as agent-protocol.ts does, both ways", () => {
+    expect(cEnum("H")).toEqual(HOST);
+    expect(cEnum("G")).toEqual(GUEST);
+  });
+
+  it("reads and writes the fields agent-protocol.ts tags", () => {
+    const parsed = [...cFunctionOf(agent, "parse_request").matchAll(/case '(.)':/g)].map((m) => m[1]);
+    expect(sorted(parsed as string[])).toEqual(sorted(Object.values(OPEN_FIELDS)));
+    const exitTags = [...cFunctionOf(agent, "end_session").matchAll(/field[f]?\(&f, '(.)'/g)].map((m) => m[1]);
+    expect(sorted(exitTags as string[])).toEqual(sorted(Object.values(EXIT_FIELDS)));
+    const statTags = [...cFunctionOf(agent, "do_stat").matchAll(/field[f]?\(&f, '(.)'/g)].map((m) => m[1]);
+    expect(sorted(statTags as string[])).toEqual(sorted(Object.values(STAT_FIELDS)));
+  });
+
+  it("is started by the init, in the image's root, when the config asks for it", () => {
+    expect(init).toContain(`if [ -n "$${GUEST_CONFIG.agent}" ]; then`);
+    expect(init).toContain('exec /bin/chroot /newroot /.offshoot/offshoot-agent "$OFFSHOOT_WORKDIR"');
+    const on = guestConfig(
+      { id: "i", name: "n", entrypoint: ["/bin/true"], cmd: null, env: {}, network: { enabled: false, mac: null, ip: null, subnet: null, bandwidth_download_bps: null, bandwidth_upload_bps: null } },
+      { name: "img", entrypoint: null, cmd: null, env: {}, working_dir: "/" },
+    );
+    expect(on).toContain(`${GUEST_CONFIG.agent}='1'`);
+  });
+});
+
+function cFunctionOf(source: string, name: string): string {
+  const start = source.search(new RegExp(`^(static )?\\w+ \\*?${name}\\(`, "m"));
+  expect(start, `${name}()`).toBeGreaterThanOrEqual(0);
+  return source.slice(start, source.indexOf("\n}\n", start));
+}
