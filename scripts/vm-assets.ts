@@ -417,9 +417,7 @@ function pidAlive(pid: number): boolean {
  * recipe it was built from). */
 export function initramfsRecipe(init: string, sources: GuestSources): string {
   return createHash("sha256")
-    .update(
-      JSON.stringify({ v: 3, init, ...sources, cflags: CTL_CFLAGS, modules: WANTED_MODULES }),
-    )
+    .update(JSON.stringify({ v: 3, init, ...sources, cflags: CTL_CFLAGS, modules: WANTED_MODULES }))
     .digest("hex")
     .slice(0, 16);
 }

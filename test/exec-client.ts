@@ -65,7 +65,12 @@ export function execOnce(
         const code = res.headers["x-error-code"];
         const message = res.headers["x-error-message"];
         const error = body || (code ? JSON.stringify({ code, message }) : "");
-        reject(Object.assign(new Error(`HTTP ${res.statusCode}: ${error}`), { status: res.statusCode, body: error }));
+        reject(
+          Object.assign(new Error(`HTTP ${res.statusCode}: ${error}`), {
+            status: res.statusCode,
+            body: error,
+          }),
+        );
       });
     });
     ws.on("error", reject);

@@ -10,9 +10,9 @@ import {
 } from "@offshoot/shared";
 import { sql } from "drizzle-orm";
 import type { Context, MiddlewareHandler, Next } from "hono";
-import type { UpgradeWebSocket } from "hono/ws";
 import { bodyLimit } from "hono/body-limit";
 import { HTTPException } from "hono/http-exception";
+import type { UpgradeWebSocket } from "hono/ws";
 import { isConnectionLost, pgErrorCode } from "./db/client.ts";
 import { type AppEnv, newRouter } from "./routes/common.ts";
 import { registerImageRoutes } from "./routes/images.ts";

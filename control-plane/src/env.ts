@@ -37,6 +37,10 @@ const Env = z.object({
   /** How long an API key found valid is trusted without asking the database again: a revoked
    * key keeps working for up to this long on a replica that has just seen it. 0: no cache. */
   API_KEY_CACHE_MS: z.coerce.number().int().min(0).default(5_000),
+  /** Where other replicas reach this one for a stream to an agent held here (exec, cp, stat;
+   * the hop endpoint, /internal/v1/stream-hop). Unset: http://127.0.0.1:PORT, which serves
+   * replicas on one machine. */
+  REPLICA_URL: z.string().url().optional(),
 });
 export type Env = z.infer<typeof Env>;
 

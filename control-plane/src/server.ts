@@ -9,13 +9,14 @@ import type { Database } from "./db/client.ts";
 import { openDatabase } from "./db/open.ts";
 import { apiKeys } from "./db/schema/index.ts";
 import type { Env } from "./env.ts";
-import { NodeGateway } from "./gateway/node.ts";
+import { HOP_PATH, NodeGateway } from "./gateway/node.ts";
 import type { Log } from "./log.ts";
 import type { Router } from "./routes/common.ts";
 import { PgBus } from "./services/bus.ts";
 import { DatabaseHealth, type Services } from "./services/context.ts";
 import {
   BOOTSTRAP_KEY,
+  bearerToken,
   Credentials,
   createApiKey,
   DEFAULT_TENANT,
@@ -98,7 +99,8 @@ export async function startServer(
           },
           onMessage: (evt) => {
             if (typeof evt.data === "string") session?.receive(evt.data);
-            else if (evt.data instanceof ArrayBuffer) session?.receiveBinary(new Uint8Array(evt.data));
+            else if (evt.data instanceof ArrayBuffer)
+              session?.receiveBinary(new Uint8Array(evt.data));
           },
           onClose: () => {
             if (session) gateway.closed(session);
@@ -106,6 +108,23 @@ export async function startServer(
         };
       }),
     );
+    // Other replicas' streams to the agents held here: a one-time token from the bus.
+    app.get(HOP_PATH, async (c, next) => {
+      const hostId = gateway.takeHopToken(bearerToken(c.req.header("authorization")) ?? "");
+      if (!hostId) return c.json({ code: "unauthorized", message: "invalid hop token" }, 401);
+      let hop: ReturnType<NodeGateway["serveHop"]> | undefined;
+      const res = await upgradeWebSocket(() => ({
+        onOpen: (_evt, ws) => {
+          hop = gateway.serveHop(hostId, {
+            send: (d) => ws.send(d),
+            close: (code, reason) => ws.close(code, reason),
+          });
+        },
+        onMessage: (evt) => hop?.receive(evt.data as string | ArrayBuffer),
+        onClose: () => hop?.closed(),
+      }))(c, next);
+      return res ?? c.body(null, 500);
+    });
   };
 
   const app = createApp({
@@ -141,6 +160,7 @@ export async function startServer(
   await resumeForks(services);
 
   const url = `http://127.0.0.1:${port}`;
+  gateway.setHopUrl(env.REPLICA_URL ?? url);
   log("info", "listening", { url, port, database: database.kind });
   return {
     url,

@@ -48,11 +48,18 @@ describe("the guest init in the initramfs", () => {
 
   it("names the initramfs after the init's text and the C sources, so an edit of any builds anew", () => {
     const text = readFileSync(INIT_FILE, "utf8");
-    const sources = { ctl: readFileSync(CTL_SOURCE, "utf8"), agent: readFileSync(AGENT_SOURCE, "utf8") };
+    const sources = {
+      ctl: readFileSync(CTL_SOURCE, "utf8"),
+      agent: readFileSync(AGENT_SOURCE, "utf8"),
+    };
     const recipe = initramfsRecipe(text, sources);
     expect(path.basename(assets.initramfs)).toContain(`-${recipe}.cpio.gz`);
     expect(initramfsRecipe(`${text}# edited\n`, sources)).not.toBe(recipe);
-    expect(initramfsRecipe(text, { ...sources, ctl: `${sources.ctl}/* edited */\n` })).not.toBe(recipe);
-    expect(initramfsRecipe(text, { ...sources, agent: `${sources.agent}/* edited */\n` })).not.toBe(recipe);
+    expect(initramfsRecipe(text, { ...sources, ctl: `${sources.ctl}/* edited */\n` })).not.toBe(
+      recipe,
+    );
+    expect(initramfsRecipe(text, { ...sources, agent: `${sources.agent}/* edited */\n` })).not.toBe(
+      recipe,
+    );
   });
 });

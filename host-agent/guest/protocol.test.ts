@@ -6,6 +6,21 @@ import { describe, expect, it } from "vitest";
 import { guestConfig } from "../src/drivers/qemu/guest-config.ts";
 import { guestDevices, kernelCmdline } from "../src/drivers/qemu/launch.ts";
 import {
+  AGENT_PORT,
+  EXIT_FIELDS,
+  GUEST,
+  HEADER_BYTES,
+  HELLO_TEXT,
+  HOST,
+  IN_WINDOW,
+  MAX_PAYLOAD,
+  MAX_SESSIONS,
+  OPEN_FIELDS,
+  OUT_WINDOW,
+  STAT_FIELDS,
+  TIMEOUT_EXIT_CODE,
+} from "./agent-protocol.ts";
+import {
   answers,
   CMDLINE_COMMAND,
   CONTROL_MAX_LINE,
@@ -24,21 +39,6 @@ import {
   rngOfReply,
   VOLUME_DISK_PREFIX,
 } from "./protocol.ts";
-import {
-  AGENT_PORT,
-  EXIT_FIELDS,
-  GUEST,
-  HEADER_BYTES,
-  HELLO_TEXT,
-  HOST,
-  IN_WINDOW,
-  MAX_PAYLOAD,
-  MAX_SESSIONS,
-  OPEN_FIELDS,
-  OUT_WINDOW,
-  STAT_FIELDS,
-  TIMEOUT_EXIT_CODE,
-} from "./agent-protocol.ts";
 
 const init = readFileSync(new URL("./init", import.meta.url), "utf8");
 const ctl = readFileSync(new URL("./ctl.c", import.meta.url), "utf8");
@@ -266,19 +266,41 @@ describe("the guest agent (agent.c) and agent-protocol.ts", () => {
   });
 
   it("reads and writes the fields agent-protocol.ts tags", () => {
-    const parsed = [...cFunctionOf(agent, "parse_request").matchAll(/case '(.)':/g)].map((m) => m[1]);
+    const parsed = [...cFunctionOf(agent, "parse_request").matchAll(/case '(.)':/g)].map(
+      (m) => m[1],
+    );
     expect(sorted(parsed as string[])).toEqual(sorted(Object.values(OPEN_FIELDS)));
-    const exitTags = [...cFunctionOf(agent, "end_session").matchAll(/field[f]?\(&f, '(.)'/g)].map((m) => m[1]);
+    const exitTags = [...cFunctionOf(agent, "end_session").matchAll(/field[f]?\(&f, '(.)'/g)].map(
+      (m) => m[1],
+    );
     expect(sorted(exitTags as string[])).toEqual(sorted(Object.values(EXIT_FIELDS)));
-    const statTags = [...cFunctionOf(agent, "do_stat").matchAll(/field[f]?\(&f, '(.)'/g)].map((m) => m[1]);
+    const statTags = [...cFunctionOf(agent, "do_stat").matchAll(/field[f]?\(&f, '(.)'/g)].map(
+      (m) => m[1],
+    );
     expect(sorted(statTags as string[])).toEqual(sorted(Object.values(STAT_FIELDS)));
   });
 
   it("is started by the init, in the image's root, when the config asks for it", () => {
     expect(init).toContain(`if [ -n "$${GUEST_CONFIG.agent}" ]; then`);
-    expect(init).toContain('exec /bin/chroot /newroot /.offshoot/offshoot-agent "$OFFSHOOT_WORKDIR"');
+    expect(init).toContain(
+      'exec /bin/chroot /newroot /.offshoot/offshoot-agent "$OFFSHOOT_WORKDIR"',
+    );
     const on = guestConfig(
-      { id: "i", name: "n", entrypoint: ["/bin/true"], cmd: null, env: {}, network: { enabled: false, mac: null, ip: null, subnet: null, bandwidth_download_bps: null, bandwidth_upload_bps: null } },
+      {
+        id: "i",
+        name: "n",
+        entrypoint: ["/bin/true"],
+        cmd: null,
+        env: {},
+        network: {
+          enabled: false,
+          mac: null,
+          ip: null,
+          subnet: null,
+          bandwidth_download_bps: null,
+          bandwidth_upload_bps: null,
+        },
+      },
       { name: "img", entrypoint: null, cmd: null, env: {}, working_dir: "/" },
     );
     expect(on).toContain(`${GUEST_CONFIG.agent}='1'`);

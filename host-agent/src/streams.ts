@@ -7,10 +7,10 @@ import {
   type AgentMessage,
   CpEnd,
   CpStart,
-  encodeStreamData,
   ExecCloseStdin,
   ExecResize,
   ExecStart,
+  encodeStreamData,
   execExit,
   PROTOCOL_VERSION,
   STREAM_LIMITS,
@@ -171,7 +171,8 @@ class ExecStream extends Stream {
               });
             },
             end: (end) => {
-              if (end.error) this.send({ text: false, payload: utf8.encode(`Error: ${end.error}\r\n`) });
+              if (end.error)
+                this.send({ text: false, payload: utf8.encode(`Error: ${end.error}\r\n`) });
               this.send(text(execExit(end.code)));
               this.finish(end.timedOut ? "timed out" : "exited");
             },
@@ -202,7 +203,8 @@ const CP_TO_FILE = [
   'mkdir -p "$(dirname "$1")" && cat > "$1" && chmod "$2" "$1" &&',
   '{ [ "$3" = 0 ] || [ "$4" = 0 ] || chown "$3:$4" "$1"; }',
 ].join("\n");
-const CP_TO_DIR = 'mkdir -p "$1" && chmod "$2" "$1" && { [ "$3" = 0 ] || [ "$4" = 0 ] || chown "$3:$4" "$1"; }';
+const CP_TO_DIR =
+  'mkdir -p "$1" && chmod "$2" "$1" && { [ "$3" = 0 ] || [ "$4" = 0 ] || chown "$3:$4" "$1"; }';
 const CP_TO_ARCHIVE = 'mkdir -p "$1" && tar -x -C "$1"';
 const CP_FROM = (follow: boolean) =>
   `[ -e "$1" ] || [ -L "$1" ] || { echo "$1: no such file or directory" >&2; exit 1; }\ntar -c${follow ? "h" : ""} -C "$(dirname "$1")" "$(basename "$1")"`;
@@ -255,12 +257,16 @@ class CpStream extends Stream {
       } catch {
         end = false;
       }
-      if (!end) return this.fail("expected binary data or {\"type\":\"end\"}");
+      if (!end) {
+        this.fail('expected binary data or {"type":"end"}');
+        return;
+      }
       if (this.archive) {
         try {
           this.archive.reader.close();
         } catch (e) {
-          return this.fail(errorMessage(e));
+          this.fail(errorMessage(e));
+          return;
         }
         void session.write(Buffer.concat(this.archive.out.splice(0)));
       }
@@ -273,7 +279,8 @@ class CpStream extends Stream {
       try {
         this.archive.reader.push(bytes);
       } catch (e) {
-        return this.fail(errorMessage(e));
+        this.fail(errorMessage(e));
+        return;
       }
       bytes = Buffer.concat(this.archive.out.splice(0));
     }
@@ -286,7 +293,10 @@ class CpStream extends Stream {
     try {
       if (!textual) throw new Error("first message must be JSON text");
       const parsed = CpStart.safeParse(JSON.parse(Buffer.from(payload).toString("utf8")));
-      if (!parsed.success) throw new Error(`invalid request: ${parsed.error.issues[0]?.path.join(".")} ${parsed.error.issues[0]?.message}`);
+      if (!parsed.success)
+        throw new Error(
+          `invalid request: ${parsed.error.issues[0]?.path.join(".")} ${parsed.error.issues[0]?.message}`,
+        );
       start = parsed.data;
     } catch (e) {
       this.send(text(JSON.stringify({ type: "error", message: errorMessage(e) })));
@@ -311,7 +321,16 @@ class CpStream extends Stream {
         if (this.ended) return;
         this.session = guest.exec(
           {
-            command: ["sh", "-c", script, "sh", start.guest_path, mode, String(start.uid), String(start.gid)],
+            command: [
+              "sh",
+              "-c",
+              script,
+              "sh",
+              start.guest_path,
+              mode,
+              String(start.uid),
+              String(start.gid),
+            ],
             env: GUEST_TOOLS,
             cwd: "/",
             tty: false,
@@ -342,7 +361,10 @@ class CpStream extends Stream {
       credit();
       return;
     }
-    if (this.start?.direction !== "from" || this.failed) return credit();
+    if (this.start?.direction !== "from" || this.failed) {
+      credit();
+      return;
+    }
     if (!this.reader) {
       // archive: the guest's tar as it is.
       this.send({ text: false, payload: data, sent: credit });
@@ -352,14 +374,18 @@ class CpStream extends Stream {
       this.reader.push(data);
     } catch (e) {
       credit();
-      return this.fail(errorMessage(e));
+      this.fail(errorMessage(e));
+      return;
     }
     // Credit once what this chunk made has gone (an empty message when it made nothing).
     this.send({ text: false, payload: new Uint8Array(0), sent: credit, skipEmpty: true });
   }
 
   private ended_(code: number, error: string | undefined): void {
-    if (this.failed) return this.finish("failed");
+    if (this.failed) {
+      this.finish("failed");
+      return;
+    }
     const problem = error ?? (code !== 0 ? this.stderr.trim() || `exit code ${code}` : undefined);
     const dir = this.start?.direction;
     if (dir === "to") {
@@ -373,7 +399,9 @@ class CpStream extends Stream {
         ),
       );
     } else if (problem !== undefined) {
-      this.send(text(JSON.stringify({ type: "error", message: problem, path: this.start?.guest_path })));
+      this.send(
+        text(JSON.stringify({ type: "error", message: problem, path: this.start?.guest_path })),
+      );
     } else if (this.reader) {
       if (this.entryOpen) this.send(text(JSON.stringify({ type: "end", final: true })));
     } else {
@@ -386,7 +414,14 @@ class CpStream extends Stream {
     if (this.failed) return;
     this.failed = true;
     this.session?.kill();
-    this.send(text(JSON.stringify({ type: this.start?.direction === "to" ? "result" : "error", ...(this.start?.direction === "to" ? { success: false, error: message } : { message }) })));
+    this.send(
+      text(
+        JSON.stringify({
+          type: this.start?.direction === "to" ? "result" : "error",
+          ...(this.start?.direction === "to" ? { success: false, error: message } : { message }),
+        }),
+      ),
+    );
     this.finish("failed");
   }
 
@@ -431,7 +466,10 @@ class CpStream extends Stream {
           (e.type === "hardlink" ? escapes(e.linkTarget, symlinks) : undefined) ??
           (e.type === "other" ? "not a file, directory or link" : undefined);
         if (why) throw new Error(`archive entry ${JSON.stringify(e.path)} refused: ${why}`);
-        const path = e.path.split("/").filter((p) => p !== "" && p !== ".").join("/");
+        const path = e.path
+          .split("/")
+          .filter((p) => p !== "" && p !== ".")
+          .join("/");
         if (e.type === "symlink") symlinks.add(path);
         out.push(tarHeader({ ...e, path }));
         left = entrySize = e.type === "file" ? e.size : 0;

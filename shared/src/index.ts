@@ -4,5 +4,5 @@ export * from "./images.ts";
 export * from "./protocol.ts";
 export * from "./schemas.ts";
 export * from "./states.ts";
-export * from "./units.ts";
 export * from "./tunnel.ts";
+export * from "./units.ts";

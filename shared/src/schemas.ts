@@ -399,7 +399,10 @@ export const InstanceStats = z
     cpu_seconds: z.number().openapi({ description: "CPU time of the VMM process, seconds" }),
     memory_rss_bytes: z.number().int(),
     memory_vms_bytes: z.number().int(),
-    network_rx_bytes: z.number().int().openapi({ description: "Bytes the guest received (its TAP)" }),
+    network_rx_bytes: z
+      .number()
+      .int()
+      .openapi({ description: "Bytes the guest received (its TAP)" }),
     network_tx_bytes: z.number().int().openapi({ description: "Bytes the guest sent (its TAP)" }),
     allocated_vcpus: z.number().int(),
     allocated_memory_bytes: z.number().int(),

@@ -41,9 +41,7 @@ export const StreamOpen = z.object({
   stream_id: StreamId,
   instance_id: z.string().max(64),
   kind: StreamKind,
-  query: z
-    .object({ path: z.string().max(4096), follow_links: z.boolean() })
-    .optional(),
+  query: z.object({ path: z.string().max(4096), follow_links: z.boolean() }).optional(),
 });
 export type StreamOpen = z.infer<typeof StreamOpen>;
 
@@ -55,7 +53,6 @@ export const StreamCredit = z.object({
   bytes: z.number().int().positive().max(STREAM_LIMITS.window),
 });
 export type StreamCredit = z.infer<typeof StreamCredit>;
-
 
 /** A stream's message in a binary WebSocket frame: [flags u8][id length u8][id][payload]. */
 export interface StreamData {
@@ -93,12 +90,22 @@ export function decodeStreamData(frame: Uint8Array): StreamData | undefined {
 
 /** The client's first message: a JSON text frame. */
 export const ExecStart = z.object({
-  command: z.array(z.string().max(64 * 1024)).max(1024).default([]),
+  command: z
+    .array(z.string().max(64 * 1024))
+    .max(1024)
+    .default([]),
   tty: z.boolean().default(false),
-  env: z.record(z.string().regex(/^[A-Za-z_][A-Za-z0-9_]*$/), z.string().max(32 * 1024)).default({}),
+  env: z
+    .record(z.string().regex(/^[A-Za-z_][A-Za-z0-9_]*$/), z.string().max(32 * 1024))
+    .default({}),
   cwd: z.string().max(4096).default(""),
   /** Seconds; 0: none. */
-  timeout: z.number().int().nonnegative().max(86_400 * 7).default(0),
+  timeout: z
+    .number()
+    .int()
+    .nonnegative()
+    .max(86_400 * 7)
+    .default(0),
   /** Seconds to wait for the guest agent to answer. */
   wait_for_agent: z.number().int().nonnegative().max(300).default(0),
   rows: z.number().int().nonnegative().max(0xffff).default(0),

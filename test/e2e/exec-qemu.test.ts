@@ -23,8 +23,11 @@ const PROGRAM =
 describe("exec, stat and stats in real guests", { timeout: 300_000 }, () => {
   let stack: Stack;
   let client: ReturnType<typeof hypeman>;
-  const run = (instance: string, start: Record<string, unknown>, opts?: Parameters<typeof execOnce>[4]) =>
-    execOnce(stack.cp.url, stack.apiKey, instance, start, opts);
+  const run = (
+    instance: string,
+    start: Record<string, unknown>,
+    opts?: Parameters<typeof execOnce>[4],
+  ) => execOnce(stack.cp.url, stack.apiKey, instance, start, opts);
   const sh = async (instance: string, script: string) => {
     const r = await run(instance, { command: ["sh", "-c", script] });
     expect(r.exitCode, `${script}: ${r.output}`).toBe(0);
@@ -61,7 +64,11 @@ describe("exec, stat and stats in real guests", { timeout: 300_000 }, () => {
     });
     expect(env.output.toString()).toContain("hi /etc\n");
     expect(env.output.toString()).toContain("oops\n");
-    const cat = await run("gx", { command: ["cat"] }, { stdin: ["piped ", "through\n"], closeStdin: true });
+    const cat = await run(
+      "gx",
+      { command: ["cat"] },
+      { stdin: ["piped ", "through\n"], closeStdin: true },
+    );
     expect(cat).toMatchObject({ exitCode: 0 });
     expect(cat.output.toString()).toBe("piped through\n");
     const missing = await run("gx", { command: ["no-such-program"] });
@@ -122,7 +129,9 @@ describe("exec, stat and stats in real guests", { timeout: 300_000 }, () => {
       latencies.push(performance.now() - t0);
       expect(r.exitCode).toBe(0);
     }
-    console.log(`exec true beside a stalled 100 MB stream: ${latencies.map((l) => l.toFixed(0)).join(", ")} ms`);
+    console.log(
+      `exec true beside a stalled 100 MB stream: ${latencies.map((l) => l.toFixed(0)).join(", ")} ms`,
+    );
     // The stalled stream did not run on: what it may hold is bounded by the windows and buffers.
     expect(exitCode).toBeUndefined();
     ws.resume();
@@ -133,13 +142,31 @@ describe("exec, stat and stats in real guests", { timeout: 300_000 }, () => {
   });
 
   it("stats a path as the guest sees it", async () => {
-    await sh("gx", "mkdir -p /root/d && printf 12345 > /root/d/f && chmod 640 /root/d/f && ln -sf /root/d/f /root/l");
+    await sh(
+      "gx",
+      "mkdir -p /root/d && printf 12345 > /root/d/f && chmod 640 /root/d/f && ln -sf /root/d/f /root/l",
+    );
     const seen = (await sh("gx", "stat -c '%a %s' /root/d/f")).trim().split(" ");
     const file = await client.instances.stat("gx", { path: "/root/d/f" });
-    expect(file).toMatchObject({ exists: true, is_file: true, is_dir: false, mode: Number.parseInt(seen[0] ?? "", 8), size: Number(seen[1]) });
-    expect(await client.instances.stat("gx", { path: "/root/l" })).toMatchObject({ exists: true, is_symlink: true, link_target: "/root/d/f" });
-    expect(await client.instances.stat("gx", { path: "/root/l", follow_links: true })).toMatchObject({ exists: true, is_file: true, size: 5 });
-    expect(await client.instances.stat("gx", { path: "/root/d" })).toMatchObject({ exists: true, is_dir: true });
+    expect(file).toMatchObject({
+      exists: true,
+      is_file: true,
+      is_dir: false,
+      mode: Number.parseInt(seen[0] ?? "", 8),
+      size: Number(seen[1]),
+    });
+    expect(await client.instances.stat("gx", { path: "/root/l" })).toMatchObject({
+      exists: true,
+      is_symlink: true,
+      link_target: "/root/d/f",
+    });
+    expect(
+      await client.instances.stat("gx", { path: "/root/l", follow_links: true }),
+    ).toMatchObject({ exists: true, is_file: true, size: 5 });
+    expect(await client.instances.stat("gx", { path: "/root/d" })).toMatchObject({
+      exists: true,
+      is_dir: true,
+    });
     expect(await client.instances.stat("gx", { path: "/nowhere" })).toEqual({ exists: false });
   });
 
@@ -156,7 +183,12 @@ describe("exec, stat and stats in real guests", { timeout: 300_000 }, () => {
     const before = proc();
     const stats = await client.instances.stats("gx");
     const after = proc();
-    expect(stats).toMatchObject({ instance_id: gx.id, instance_name: "gx", allocated_vcpus: 1, allocated_memory_bytes: 256 * MiB });
+    expect(stats).toMatchObject({
+      instance_id: gx.id,
+      instance_name: "gx",
+      allocated_vcpus: 1,
+      allocated_memory_bytes: 256 * MiB,
+    });
     expect(stats.cpu_seconds).toBeGreaterThan(0);
     expect(stats.memory_rss_bytes).toBeGreaterThanOrEqual(Math.min(before.rss, after.rss) * 0.9);
     expect(stats.memory_rss_bytes).toBeLessThanOrEqual(Math.max(before.rss, after.rss) * 1.1);
@@ -173,12 +205,18 @@ describe("exec, stat and stats in real guests", { timeout: 300_000 }, () => {
     mkdirSync(path.join(src, "tree", "sub"), { recursive: true });
     writeFileSync(path.join(src, "tree", "a.txt"), "alpha\n", { mode: 0o640 });
     writeFileSync(path.join(src, "tree", "sub", "b.bin"), randomBytes(300_000), { mode: 0o600 });
-    await cpToInstance(cfg, { instanceId: "gx", srcPath: path.join(src, "tree"), dstPath: "/root/in" });
+    await cpToInstance(cfg, {
+      instanceId: "gx",
+      srcPath: path.join(src, "tree"),
+      dstPath: "/root/in",
+    });
     expect(await sh("gx", "cd /root/in && stat -c '%n %a %s' a.txt sub sub/b.bin")).toBe(
       "a.txt 640 6\nsub 755 4096\nsub/b.bin 600 300000\n",
     );
     expect(await sh("gx", "md5sum /root/in/sub/b.bin | cut -d' ' -f1")).toBe(
-      `${createHash("md5").update(readFileSync(path.join(src, "tree", "sub", "b.bin"))).digest("hex")}\n`,
+      `${createHash("md5")
+        .update(readFileSync(path.join(src, "tree", "sub", "b.bin")))
+        .digest("hex")}\n`,
     );
     // Out again, with a relative symlink made in the guest.
     await sh("gx", "ln -s a.txt /root/in/link && chmod 700 /root/in/sub");
@@ -188,7 +226,9 @@ describe("exec, stat and stats in real guests", { timeout: 300_000 }, () => {
     expect(readFileSync(path.join(out, "a.txt"), "utf8")).toBe("alpha\n");
     expect(statSync(path.join(out, "a.txt")).mode & 0o777).toBe(0o640);
     expect(statSync(path.join(out, "sub", "b.bin")).mode & 0o777).toBe(0o600);
-    expect(readFileSync(path.join(out, "sub", "b.bin"))).toEqual(readFileSync(path.join(src, "tree", "sub", "b.bin")));
+    expect(readFileSync(path.join(out, "sub", "b.bin"))).toEqual(
+      readFileSync(path.join(src, "tree", "sub", "b.bin")),
+    );
     expect(readlinkSync(path.join(out, "link"))).toBe("a.txt");
   });
 
@@ -209,12 +249,20 @@ describe("exec, stat and stats in real guests", { timeout: 300_000 }, () => {
   };
 
   it("copies a tree as one tar archive both ways, symlinks and modes kept", async () => {
-    await sh("gx", "mkdir -p /root/t/d && printf x > /root/t/d/f && chmod 604 /root/t/d/f && ln -s d/f /root/t/l");
+    await sh(
+      "gx",
+      "mkdir -p /root/t/d && printf x > /root/t/d/f && chmod 604 /root/t/d/f && ln -s d/f /root/t/l",
+    );
     const out = await cp({ direction: "from", guest_path: "/root/t", archive: "tar" });
     expect(out.texts.at(-1)).toEqual({ type: "end", final: true });
-    const back = await cp({ direction: "to", guest_path: "/root/t2", archive: "tar" }, [out.data, JSON.stringify({ type: "end" })]);
+    const back = await cp({ direction: "to", guest_path: "/root/t2", archive: "tar" }, [
+      out.data,
+      JSON.stringify({ type: "end" }),
+    ]);
     expect(back.texts).toEqual([{ type: "result", success: true, bytes_written: out.data.length }]);
-    expect(await sh("gx", "cd /root/t2/t && stat -c '%n %a' d/f && readlink l && cat l")).toBe("d/f 604\nd/f\nx");
+    expect(await sh("gx", "cd /root/t2/t && stat -c '%n %a' d/f && readlink l && cat l")).toBe(
+      "d/f 604\nd/f\nx",
+    );
   });
 
   it("refuses an archive entry that would land outside the target, and writes nothing there", async () => {
@@ -225,17 +273,31 @@ describe("exec, stat and stats in real guests", { timeout: 300_000 }, () => {
       ["hardlink", [{ name: "hl", type: "hardlink", target: "../../etc/passwd" }]],
     ];
     for (const [what, entries] of attacks) {
-      const r = await cp({ direction: "to", guest_path: "/root/target", archive: "tar" }, [tar(entries), JSON.stringify({ type: "end" })]);
-      expect(r.texts, what).toEqual([{ type: "result", success: false, error: expect.stringMatching(/refused/) }]);
+      const r = await cp({ direction: "to", guest_path: "/root/target", archive: "tar" }, [
+        tar(entries),
+        JSON.stringify({ type: "end" }),
+      ]);
+      expect(r.texts, what).toEqual([
+        { type: "result", success: false, error: expect.stringMatching(/refused/) },
+      ]);
     }
-    expect(await sh("gx", "ls /root/escaped.txt /escaped-abs.txt /root/escaped-link.txt /root/target/hl 2>&1 | grep -c 'No such file' || true")).toBe("4\n");
+    expect(
+      await sh(
+        "gx",
+        "ls /root/escaped.txt /escaped-abs.txt /root/escaped-link.txt /root/target/hl 2>&1 | grep -c 'No such file' || true",
+      ),
+    ).toBe("4\n");
     // Nothing but what the archives held before their bad entries, if anything.
     expect(await sh("gx", "ls -A /root/target 2>/dev/null || true")).toMatch(/^(ok\.txt\n)?$/);
   });
 
   it("execs in a fork made from Running: the source's files, its own hostname and address", async () => {
     await sh("gx", "echo from-source > /root/carried");
-    const fork = await client.instances.fork("gx", { name: "gx-fork", from_running: true, target_state: "Running" });
+    const fork = await client.instances.fork("gx", {
+      name: "gx-fork",
+      from_running: true,
+      target_state: "Running",
+    });
     const out = await sh("gx-fork", "cat /root/carried; hostname; ip -4 -o addr show eth0");
     expect(out).toContain("from-source\n");
     expect(out).toContain("gx-fork\n");

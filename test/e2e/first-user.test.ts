@@ -63,8 +63,7 @@ describe("a small host and the order of checks", () => {
   it("answers 501 for Hypeman routes not served yet, 404 for no route at all, 401 first", async () => {
     for (const [method, p] of [
       ["PATCH", "/instances/w-0"],
-      ["GET", "/instances/w-0/stats"],
-      ["GET", "/instances/w-0/stat?path=/"],
+      ["GET", "/instances/w-0/auto-standby/status"],
       ["POST", "/instances/w-0/snapshots"],
       ["GET", "/snapshots"],
       ["POST", "/snapshots/s1/fork"],

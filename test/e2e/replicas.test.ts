@@ -3,6 +3,7 @@ import { and, eq } from "drizzle-orm";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { instances, operations } from "../../control-plane/src/db/schema/index.ts";
 import { agentPaths } from "../../host-agent/src/paths.ts";
+import { execOnce } from "../exec-client.ts";
 import {
   type AgentProcess,
   api,
@@ -161,6 +162,38 @@ describe("replicas", { timeout: 90_000 }, () => {
       expect(got).toEqual(lines);
     }
     expect((await call(1)("DELETE", "/instances/r-log")).status).toBe(204);
+  });
+
+  it("execs, stats and copies through every replica: streams hop to the one holding the agent", async () => {
+    const created = await call(0)("POST", "/instances", {
+      name: "r-exec",
+      image: "alpine",
+      vcpus: 1,
+    });
+    expect(created.status, JSON.stringify(created.body)).toBe(201);
+    for (let i = 0; i < 3; i++) {
+      const url = cps[i]?.url ?? "";
+      const echo = await execOnce(url, apiKey, "r-exec", { command: ["echo", `via ${i}`] });
+      expect(echo, `exec through replica ${i}`).toMatchObject({ exitCode: 0, closeCode: 1000 });
+      expect(echo.output.toString()).toBe(`via ${i}\n`);
+      // 3 MiB through a stream window of 256 KiB: credit travels back across the hop.
+      const big = await execOnce(url, apiKey, "r-exec", {
+        command: ["yes", String(3 * 1024 * 1024)],
+      });
+      expect(big.exitCode).toBe(0);
+      expect(big.output.length).toBe(3 * 1024 * 1024);
+      const cat = await execOnce(
+        url,
+        apiKey,
+        "r-exec",
+        { command: ["cat"] },
+        { stdin: ["in ", "out"], closeStdin: true },
+      );
+      expect(cat.output.toString()).toBe("in out");
+      const stat = await call(i)("GET", "/instances/r-exec/stat?path=/etc");
+      expect(stat.body).toMatchObject({ exists: true, is_dir: true });
+    }
+    expect((await call(1)("DELETE", "/instances/r-exec")).status).toBe(204);
   });
 
   it("kill -9 of the replica holding the agent and serving the fork: nothing lost, nothing run twice, converged", async () => {

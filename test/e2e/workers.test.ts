@@ -9,6 +9,7 @@ import { agentPaths } from "../../host-agent/src/paths.ts";
 import { push, startRegistry } from "../../host-agent/testing/registry.ts";
 import { readRootfs } from "../../host-agent/testing/rootfs.ts";
 import { file, tar, writeLayout } from "../../scripts/oci-layout.ts";
+import { execOnce } from "../exec-client.ts";
 import {
   type AgentProcess,
   hostOnline,
@@ -139,6 +140,42 @@ describe("Cloudflare Workers deployment (wrangler dev)", { timeout: 120_000 }, (
     const got = sseData(await res.text());
     expect(got).toEqual(lines);
     await client.instances.delete(inst.id);
+  });
+
+  it("execs, stats a path and stats through the Worker and the object", async () => {
+    const client = hypeman(worker.url, apiKey);
+    await client.instances.create({ name: "w-exec", image: "alpine", vcpus: 1, size: "256MB" });
+    const echo = await execOnce(worker.url, apiKey, "w-exec", {
+      command: ["echo", "through workers"],
+    }).catch((e: unknown) => {
+      throw new Error(`${(e as Error).message}\nworker:\n${worker.output().slice(-4000)}`);
+    });
+    expect(echo).toMatchObject({ exitCode: 0, closeCode: 1000 });
+    expect(echo.output.toString()).toBe("through workers\n");
+    // 2 MiB through windows of 256 KiB: credit travels back from the Worker to the object.
+    const big = await execOnce(worker.url, apiKey, "w-exec", {
+      command: ["yes", String(2 * 1024 * 1024)],
+    });
+    expect(big.exitCode).toBe(0);
+    expect(big.output.length).toBe(2 * 1024 * 1024);
+    const cat = await execOnce(
+      worker.url,
+      apiKey,
+      "w-exec",
+      { command: ["cat"] },
+      { stdin: ["a", "b"], closeStdin: true },
+    );
+    expect(cat.output.toString()).toBe("ab");
+    expect(await client.instances.stat("w-exec", { path: "/etc" })).toMatchObject({
+      exists: true,
+      is_dir: true,
+    });
+    expect(await client.instances.stats("w-exec")).toMatchObject({
+      instance_name: "w-exec",
+      allocated_vcpus: 1,
+    });
+    await client.instances.stop("w-exec");
+    await expect(execOnce(worker.url, apiKey, "w-exec", {})).rejects.toMatchObject({ status: 409 });
   });
 });
 

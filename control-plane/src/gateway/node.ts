@@ -1,5 +1,6 @@
-import { randomUUID } from "node:crypto";
+import { randomBytes, randomUUID } from "node:crypto";
 import {
+  AGENT_LIMITS,
   CLOSE,
   type Command,
   type LogChunk,
@@ -10,6 +11,7 @@ import {
   type StreamEnd,
 } from "@offshoot/shared";
 import { eq } from "drizzle-orm";
+import WebSocket from "ws";
 import { isConnectionLost } from "../db/client.ts";
 import { hosts } from "../db/schema/index.ts";
 import { heartbeatsReceived } from "../services/agent-messages/heartbeat.ts";
@@ -20,9 +22,15 @@ import { commandOf } from "../services/operations.ts";
 import { AgentSession, type AgentSocket } from "./agent-session.ts";
 import type { HostGateway, LogSink } from "./host-gateway.ts";
 import { Relay, type StreamHandle, type StreamRequest, type StreamSink } from "./relay.ts";
+import { openHop, serveHop } from "./stream-hop.ts";
 
-/** How long a replica waits for the one holding a host's agent to take a log stream. */
+/** How long a replica waits for the one holding a host's agent to take a log stream (or to say
+ * where to open a stream). */
 const REMOTE_LOGS_TIMEOUT_MS = 3_000;
+/** Where replicas connect to each other for a stream (stream-hop.ts). */
+export const HOP_PATH = "/internal/v1/stream-hop";
+/** How long a hop's one-time token is good for. */
+const HOP_TOKEN_MS = 10_000;
 
 /**
  * The Node gateway: agent sessions held in this process. With a bus (replicas sharing one
@@ -40,6 +48,11 @@ export class NodeGateway implements HostGateway {
   private remoteStreams = new Map<string, { hostId: string; sink: LogSink; acked(): void }>();
   /** Streams (exec, stat, stats) relayed to agents held here, by stream id. */
   private relays = new Map<string, Relay>();
+  /** This replica's hop endpoint, the one-time tokens it issued for it, and the answers it
+   * waits for from other replicas (stream_here). */
+  private hopUrl: string | undefined;
+  private hopTokens = new Map<string, { hostId: string; expires: number }>();
+  private hopWaits = new Map<string, (at: { url: string; token: string }) => void>();
   private flushTimer: NodeJS.Timeout | undefined;
   private services: Services | undefined;
 
@@ -85,6 +98,81 @@ export class NodeGateway implements HostGateway {
     req: StreamRequest,
     sink: StreamSink,
   ): Promise<StreamHandle | undefined> {
+    return this.openLocalStream(hostId, req, sink) ?? this.openRemoteStream(hostId, req, sink);
+  }
+
+  /** Where other replicas reach this one's hop endpoint (HOP_PATH); without it, streams to
+   * agents held here are not served to them. */
+  setHopUrl(url: string): void {
+    this.hopUrl = url;
+  }
+
+  /** The host a hop's one-time token was issued for (and the token spent), if any. */
+  takeHopToken(token: string): string | undefined {
+    const t = this.hopTokens.get(token);
+    this.hopTokens.delete(token);
+    return t && t.expires > Date.now() ? t.hostId : undefined;
+  }
+
+  /** A stream through the replica holding the host's agent: it says where (over the bus), and
+   * this replica connects to it there (stream-hop.ts). */
+  private async openRemoteStream(
+    hostId: string,
+    req: StreamRequest,
+    sink: StreamSink,
+  ): Promise<StreamHandle | undefined> {
+    const bus = this.bus;
+    if (!bus) return undefined;
+    const [host] = await this.s.db
+      .select({ status: hosts.status })
+      .from(hosts)
+      .where(eq(hosts.id, hostId));
+    if (host?.status !== "online") return undefined;
+    const stream = randomUUID();
+    const where = await new Promise<{ url: string; token: string } | undefined>((resolve) => {
+      const timer = setTimeout(() => {
+        this.hopWaits.delete(stream);
+        resolve(undefined);
+      }, REMOTE_LOGS_TIMEOUT_MS);
+      timer.unref();
+      this.hopWaits.set(stream, (at) => {
+        clearTimeout(timer);
+        this.hopWaits.delete(stream);
+        resolve(at);
+      });
+      bus.publish({ t: "stream_where", host: hostId, stream, from: bus.replica });
+    });
+    if (!where) return undefined;
+    const ws = new WebSocket(new URL(HOP_PATH, where.url.replace(/^http/, "ws")), {
+      headers: { authorization: `Bearer ${where.token}` },
+      handshakeTimeout: REMOTE_LOGS_TIMEOUT_MS,
+      maxPayload: AGENT_LIMITS.frameBytes,
+    });
+    const opened = await new Promise<boolean>((resolve) => {
+      ws.once("open", () => resolve(true));
+      ws.once("error", () => resolve(false));
+    });
+    if (!opened) return undefined;
+    const hop = openHop(
+      { send: (d) => ws.send(d), close: (code, reason) => ws.close(code, reason) },
+      hostId,
+      req,
+      sink,
+    );
+    ws.on("message", (data, isBinary) => {
+      const bytes = Array.isArray(data) ? Buffer.concat(data) : Buffer.from(data as ArrayBuffer);
+      hop.receive(isBinary ? new Uint8Array(bytes) : bytes.toString("utf8"));
+    });
+    ws.on("close", () => hop.closed());
+    ws.on("error", () => {});
+    return hop;
+  }
+
+  private openLocalStream(
+    hostId: string,
+    req: StreamRequest,
+    sink: StreamSink,
+  ): StreamHandle | undefined {
     const session = this.sessions.get(hostId);
     if (!session?.ready) return undefined;
     const id = randomUUID();
@@ -109,6 +197,11 @@ export class NodeGateway implements HostGateway {
         relay.close();
       },
     };
+  }
+
+  /** Serves a hop another replica opened with a token for `hostId` (server.ts upgrades it). */
+  serveHop(hostId: string, socket: Parameters<typeof serveHop>[0]) {
+    return serveHop(socket, async (req, sink) => this.openLocalStream(hostId, req, sink));
   }
 
   private onStream(hostId: string, msg: StreamCredit | StreamEnd): void {
@@ -294,6 +387,26 @@ export class NodeGateway implements HostGateway {
         }
         return;
       }
+      case "stream_where": {
+        const bus = this.bus;
+        if (!bus || !this.hopUrl || !this.sessions.get(msg.host)?.ready) return;
+        const token = randomBytes(32).toString("hex");
+        const now = Date.now();
+        for (const [t, v] of this.hopTokens) if (v.expires <= now) this.hopTokens.delete(t);
+        this.hopTokens.set(token, { hostId: msg.host, expires: now + HOP_TOKEN_MS });
+        bus.publish({
+          t: "stream_here",
+          stream: msg.stream,
+          to: msg.from,
+          url: this.hopUrl,
+          token,
+        });
+        return;
+      }
+      case "stream_here":
+        if (msg.to === this.bus?.replica)
+          this.hopWaits.get(msg.stream)?.({ url: msg.url, token: msg.token });
+        return;
       case "resync":
         // Commands announced while the bus was deaf: send what is pending to the agents here.
         for (const [hostId, session] of this.sessions) {

@@ -59,7 +59,9 @@ export class Relay implements StreamHandle {
 
   async send(text: boolean, payload: Uint8Array): Promise<void> {
     if (text && payload.length > STREAM_LIMITS.messageBytes) {
-      throw new TextTooLongError(`text messages are limited to ${STREAM_LIMITS.messageBytes} bytes`);
+      throw new TextTooLongError(
+        `text messages are limited to ${STREAM_LIMITS.messageBytes} bytes`,
+      );
     }
     for (let i = 0; i < payload.length || i === 0; i += STREAM_LIMITS.messageBytes) {
       const part = payload.subarray(i, i + STREAM_LIMITS.messageBytes);

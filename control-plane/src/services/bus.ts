@@ -43,6 +43,22 @@ export const BusMessage = z.discriminatedUnion("t", [
   z.object({ t: z.literal("logs_cancel"), host: z.string(), stream: z.string() }),
   /** The reader took one of the agent's chunks: the holder passes the credit to the agent. */
   z.object({ t: z.literal("logs_credit"), host: z.string(), stream: z.string() }),
+  /** A replica has a client for a stream to `host`: the replica holding its agent answers
+   * where to connect (stream_here). */
+  z.object({
+    t: z.literal("stream_where"),
+    host: z.string(),
+    stream: z.string(),
+    from: z.string(),
+  }),
+  /** The holder's hop endpoint and a one-time token for this stream (valid a few seconds). */
+  z.object({
+    t: z.literal("stream_here"),
+    stream: z.string(),
+    to: z.string(),
+    url: z.string(),
+    token: z.string(),
+  }),
   /** Local only, never sent: the bus listens anew after losing its connection, and whatever
    * was published meanwhile is lost — waiters re-check, held agents get their commands again. */
   z.object({ t: z.literal("resync") }),

@@ -5,12 +5,13 @@
 // Postgres on its next poll).
 import type { Command, CommandError, LogQuery } from "@offshoot/shared";
 import type { HostGateway, LogSink } from "../gateway/host-gateway.ts";
-import type { StreamHandle } from "../gateway/relay.ts";
+import type { StreamHandle, StreamRequest, StreamSink } from "../gateway/relay.ts";
+import { openHop } from "../gateway/stream-hop.ts";
 import type { Log } from "../log.ts";
 import { topics } from "../services/context.ts";
 import type { Signals } from "../services/signals.ts";
 import { CommandOutcome, LogStreamLine, MAX_LOG_LINE_CHARS } from "./session-protocol.ts";
-import type { Bindings, ExecutionContext } from "./types.ts";
+import type { Bindings, CfWebSocket, ExecutionContext } from "./types.ts";
 
 export const SESSION_URL = "https://host-session";
 
@@ -55,9 +56,31 @@ export class WorkersGateway implements HostGateway {
     return true;
   }
 
-  /** Not yet carried through the HostSession: no stream reaches a host from Workers. */
-  async openStream(): Promise<StreamHandle | undefined> {
-    return undefined;
+  /** A hop (stream-hop.ts) to the host's HostSession, which relays to the agent's socket. */
+  async openStream(
+    hostId: string,
+    req: StreamRequest,
+    sink: StreamSink,
+  ): Promise<StreamHandle | undefined> {
+    const res = await sessionStub(this.bindings, hostId).fetch(`${SESSION_URL}/stream`, {
+      headers: { upgrade: "websocket" },
+    });
+    const ws = (res as unknown as { webSocket?: CfWebSocket | null }).webSocket;
+    if (!ws) {
+      await res.body?.cancel();
+      return undefined;
+    }
+    ws.accept();
+    const hop = openHop(
+      { send: (d) => ws.send(d), close: (code, reason) => ws.close(code, reason) },
+      hostId,
+      req,
+      sink,
+    );
+    ws.addEventListener("message", (e) => hop.receive(e.data as string | ArrayBuffer));
+    ws.addEventListener("close", () => hop.closed());
+    ws.addEventListener("error", () => hop.closed());
+    return hop;
   }
 
   async openLogs(

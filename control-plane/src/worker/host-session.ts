@@ -8,12 +8,17 @@
 import {
   CLOSE,
   Command,
+  decodeStreamData,
   encode,
   type LogChunk,
   LogQuery,
   PROTOCOL_VERSION,
+  StreamCredit,
+  StreamEnd,
 } from "@offshoot/shared";
 import type { HostGateway } from "../gateway/host-gateway.ts";
+import { Relay, type StreamHandle, type StreamRequest, type StreamSink } from "../gateway/relay.ts";
+import { serveHop } from "../gateway/stream-hop.ts";
 import { heartbeatsReceived } from "../services/agent-messages/heartbeat.ts";
 import { hostDisconnected } from "../services/agent-messages/hello.ts";
 import {
@@ -59,6 +64,9 @@ export class HostSession {
   private waiting = new Map<string, () => void>();
   /** Open log streams, by stream id. */
   private logs = new Map<string, WritableStreamDefaultWriter<Uint8Array>>();
+  /** Open streams (exec, cp, stat, stats) on the agent's socket, by stream id. Each keeps this
+   * object in memory while its hop socket from the Worker is open (accepted, not hibernatable). */
+  private relays = new Map<string, Relay>();
 
   /** This instance of the object: a new one after every eviction (hibernation). */
   private readonly incarnation = crypto.randomUUID();
@@ -80,6 +88,7 @@ export class HostSession {
       const read = await readBody(req, Command, "command");
       return read.ok ? this.command(read.body) : read.response;
     }
+    if (path === "/stream") return this.stream(req);
     if (path === "/logs") {
       const read = await readBody(req, LogQuery, "log query");
       return read.ok ? this.openLogs(read.body) : read.response;
@@ -167,6 +176,67 @@ export class HostSession {
     });
   }
 
+  /** A hop from the Worker (stream-hop.ts) for one stream to this host's agent. */
+  private stream(req: Request): Response {
+    if (req.headers.get("upgrade")?.toLowerCase() !== "websocket") {
+      return new Response("expected a WebSocket upgrade", { status: 400 });
+    }
+    if (!this.agent()) return new Response("host not connected", { status: 503 });
+    const pair = new WebSocketPair();
+    const ws = pair[1];
+    ws.accept();
+    const hop = serveHop(
+      { send: (d) => ws.send(d), close: (code, reason) => ws.close(code, reason) },
+      async (open, sink) => this.openAgentStream(open, sink),
+    );
+    ws.addEventListener("message", (e) => hop.receive(e.data as string | ArrayBuffer));
+    ws.addEventListener("close", () => hop.closed());
+    ws.addEventListener("error", () => hop.closed());
+    return upgraded(pair[0]);
+  }
+
+  private openAgentStream(open: StreamRequest, sink: StreamSink): StreamHandle | undefined {
+    const agent = this.agent();
+    const hostId = (agent?.deserializeAttachment() as Attachment | null)?.host.id;
+    if (!agent || !hostId) return undefined;
+    const id = crypto.randomUUID();
+    const relay = new Relay(
+      id,
+      hostId,
+      {
+        control: (m) => this.agent()?.send(encode(m)),
+        data: (frame) => this.agent()?.send(frame),
+      },
+      {
+        message: (text, payload) => sink.message(text, payload),
+        end: (reason, error) => {
+          this.relays.delete(id);
+          sink.end(reason, error);
+        },
+      },
+    );
+    this.relays.set(id, relay);
+    relay.start(open);
+    return {
+      send: (text, payload) => relay.send(text, payload),
+      close: () => {
+        this.relays.delete(id);
+        relay.close();
+      },
+    };
+  }
+
+  /** A stream's credit or end from the agent. */
+  private onStream(msg: StreamCredit | StreamEnd): void {
+    const relay = this.relays.get(msg.stream_id);
+    if (!relay) return;
+    if (msg.type === "stream_credit") relay.credited(msg.bytes);
+    else {
+      this.relays.delete(msg.stream_id);
+      relay.ended(msg.reason, msg.error);
+    }
+  }
+
   private onLog(chunk: LogChunk): void {
     const writer = this.logs.get(chunk.stream_id);
     if (!writer) return;
@@ -222,7 +292,18 @@ export class HostSession {
   }
 
   webSocketMessage(ws: CfWebSocket, message: string | ArrayBuffer): Promise<void> {
-    const text = typeof message === "string" ? message : new TextDecoder().decode(message);
+    // A stream's data is live: it does not wait behind messages that need the database.
+    if (typeof message !== "string") {
+      const frame = decodeStreamData(new Uint8Array(message));
+      if (frame) this.relays.get(frame.streamId)?.fromAgent(frame.text, frame.payload);
+      return Promise.resolve();
+    }
+    const live = streamControl(message);
+    if (live) {
+      this.onStream(live);
+      return Promise.resolve();
+    }
+    const text = message;
     const hostId = (ws.deserializeAttachment() as Attachment | null)?.host.id;
     return this.queue.push(
       { hostId, close: (code, reason) => ws.close(code, reason) },
@@ -255,8 +336,7 @@ export class HostSession {
           ws.close(code, reason),
         ),
       log: (chunk) => this.onLog(chunk),
-      // Streams are not carried through the object yet: none is ever opened on its socket.
-      stream: () => {},
+      stream: (msg) => this.onStream(msg),
       close: (code, reason) => ws.close(code, reason),
       resultRecorded: (commandId) => {
         log("info", "result recorded", {
@@ -278,6 +358,10 @@ export class HostSession {
         void writer.abort("the host disconnected").catch(() => {});
       }
       this.logs.clear();
+      for (const relay of this.relays.values()) {
+        relay.ended(undefined, { code: "host_unavailable", message: "the host disconnected" });
+      }
+      this.relays.clear();
     }
     if (!attachment) return;
     // After the messages that arrived before the close: a hello still being recorded must not
@@ -288,5 +372,20 @@ export class HostSession {
 
   async webSocketError(ws: CfWebSocket): Promise<void> {
     await this.webSocketClose(ws);
+  }
+}
+
+/** A stream_credit or stream_end from the agent, told apart cheaply from messages that need the
+ * database; undefined for anything else. */
+function streamControl(text: string): StreamCredit | StreamEnd | undefined {
+  if (!text.includes('"type":"stream_')) return undefined;
+  try {
+    const raw: unknown = JSON.parse(text);
+    const credit = StreamCredit.safeParse(raw);
+    if (credit.success) return credit.data;
+    const end = StreamEnd.safeParse(raw);
+    return end.success ? end.data : undefined;
+  } catch {
+    return undefined;
   }
 }

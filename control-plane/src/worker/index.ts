@@ -5,6 +5,8 @@
 // cron trigger. Migrations are applied from Node beforehand (`npm run db:migrate`).
 import { AGENT_PATH } from "@offshoot/shared";
 import type { Context } from "hono";
+import { upgradeWebSocket } from "hono/cloudflare-workers";
+import type { UpgradeWebSocket } from "hono/ws";
 import { createApp } from "../app.ts";
 import type { AppEnv } from "../routes/common.ts";
 import { Credentials } from "../services/credentials.ts";
@@ -28,6 +30,7 @@ const app = createApp({
     return scoped(wc.env, wc.executionCtx);
   },
   credentials: (c) => new Credentials(c.var.services.db, 0),
+  upgradeWebSocket: upgradeWebSocket as UpgradeWebSocket<unknown>,
   mountAgentEndpoint: (router, hostAuthed) => {
     router.get(AGENT_PATH, hostAuthed, async (c) => {
       const host = c.get("agentHost");

@@ -7,9 +7,9 @@ import net from "node:net";
 import type { PathInfo } from "@offshoot/shared";
 import {
   decodeFields,
+  EXIT_FIELDS,
   encodeFields,
   encodeFrame,
-  EXIT_FIELDS,
   type Fields,
   GUEST,
   HEADER_BYTES,
@@ -47,7 +47,6 @@ export interface SessionHandlers {
   output(data: Buffer, stream: "stdout" | "stderr"): void;
   end(end: ExecEnd): void;
 }
-
 
 export class GuestLinkError extends Error {}
 

@@ -34,7 +34,9 @@ describe("tar reader", () => {
     for (const chunk of [1, 7, 512, 100_000]) {
       const { entries, ended } = read(archive, chunk);
       expect(ended).toBe(true);
-      expect(entries.map((e) => [e.path, e.type, e.mode, e.size, e.linkTarget, e.data.length])).toEqual([
+      expect(
+        entries.map((e) => [e.path, e.type, e.mode, e.size, e.linkTarget, e.data.length]),
+      ).toEqual([
         ["t", "dir", expect.any(Number), 0, "", 0],
         ["t/l", "symlink", 0o777, 0, `${long}/f`, 0],
         [`t/${long}`, "dir", expect.any(Number), 0, "", 0],
@@ -47,15 +49,36 @@ describe("tar reader", () => {
     const long = `d/${"p".repeat(120)}`;
     const archive = Buffer.concat([
       tarHeader({ path: "d", type: "dir", mode: 0o750, uid: 0, gid: 0, size: 0, linkTarget: "" }),
-      tarHeader({ path: long, type: "file", mode: 0o600, uid: 1000, gid: 1000, size: 3, linkTarget: "" }),
+      tarHeader({
+        path: long,
+        type: "file",
+        mode: 0o600,
+        uid: 1000,
+        gid: 1000,
+        size: 3,
+        linkTarget: "",
+      }),
       Buffer.from("abc"),
       tarPadding(3),
-      tarHeader({ path: "d/l", type: "symlink", mode: 0o777, uid: 0, gid: 0, size: 0, linkTarget: "x".repeat(130) }),
+      tarHeader({
+        path: "d/l",
+        type: "symlink",
+        mode: 0o777,
+        uid: 0,
+        gid: 0,
+        size: 0,
+        linkTarget: "x".repeat(130),
+      }),
       TAR_END,
     ]);
     const dir = await tempDir();
     writeFileSync(path.join(dir, "a.tar"), archive);
-    const listing = execFileSync("tar", ["-tv", "--numeric-owner", "-f", path.join(dir, "a.tar")]).toString();
+    const listing = execFileSync("tar", [
+      "-tv",
+      "--numeric-owner",
+      "-f",
+      path.join(dir, "a.tar"),
+    ]).toString();
     expect(listing).toMatch(/^drwxr-x--- 0\/0 .* d\/$/m);
     expect(listing).toMatch(new RegExp(`^-rw------- 1000/1000 +3 .* ${long}$`, "m"));
     expect(listing).toMatch(new RegExp(`^lrwxrwxrwx 0/0 .* d/l -> ${"x".repeat(130)}$`, "m"));
@@ -72,9 +95,9 @@ describe("tar reader", () => {
     expect(() => reader.close()).toThrow(/ends inside an entry/);
     const bad = Buffer.from(whole.subarray(0, 512));
     bad[0] = 0x41;
-    expect(() => new TarReader({ entry: () => {}, data: () => {}, end: () => {} }).push(bad)).toThrow(
-      /checksum/,
-    );
+    expect(() =>
+      new TarReader({ entry: () => {}, data: () => {}, end: () => {} }).push(bad),
+    ).toThrow(/checksum/);
   });
 });
 

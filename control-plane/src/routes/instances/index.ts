@@ -1,6 +1,5 @@
 import type { UpgradeWebSocket } from "hono/ws";
 import type { Router } from "../common.ts";
-import { registerInstanceStreams } from "./streams.ts";
 import { registerCreateInstance } from "./create.ts";
 import { registerDeleteInstance } from "./delete.ts";
 import { registerForkInstance } from "./fork.ts";
@@ -12,6 +11,7 @@ import { registerStandbyInstance } from "./standby.ts";
 import { registerStartInstance } from "./start.ts";
 import { registerInstanceStat } from "./stat.ts";
 import { registerStopInstance } from "./stop.ts";
+import { registerInstanceStreams } from "./streams.ts";
 import { registerWaitForState } from "./wait.ts";
 
 // One file per operation, each a thin transport: validate, call one service verb, return.

@@ -5,19 +5,26 @@
 // input, and the agent sends only as fast as the client's socket takes the output.
 import { InvalidRequestError } from "@offshoot/shared";
 import type { Context, Next } from "hono";
-import type { UpgradeWebSocket, WSEvents } from "hono/ws";
-import type { StreamHandle } from "../../gateway/relay.ts";
+import type { UpgradeWebSocket, WSContext, WSEvents } from "hono/ws";
 import type { InstanceRow } from "../../db/schema/index.ts";
+import type { StreamHandle } from "../../gateway/relay.ts";
 import type { Services } from "../../services/context.ts";
 import { guestTarget, openGuestStream } from "../../services/instances/guest.ts";
 import type { AppEnv, Router } from "../common.ts";
 
-/** What a runtime's socket offers beyond Hono's: Node's `ws` says when a message has gone and
- * can stop reading; elsewhere a message counts as gone once handed to the socket. */
-interface RawSocket {
-  send?(data: unknown, cb: (err?: Error) => void): void;
-  pause?(): void;
-  resume?(): void;
+/** What Node's `ws` offers beyond Hono's socket: it says when a message has gone, and can stop
+ * reading. On Workers a message counts as gone once handed to the socket, and nothing pauses. */
+interface NodeSocket {
+  send(data: unknown, cb: (err?: Error) => void): void;
+  pause(): void;
+  resume(): void;
+}
+
+function nodeSocket(raw: unknown): NodeSocket | undefined {
+  const r = raw as Partial<NodeSocket> | undefined;
+  return typeof r?.pause === "function" && typeof r.resume === "function"
+    ? (r as NodeSocket)
+    : undefined;
 }
 
 /** WebSocket close reasons are at most 123 bytes. */
@@ -27,11 +34,7 @@ const closeReason = (s: string) => {
 };
 
 /** The relay between a client's socket and a stream of `kind` on the instance's host. */
-export function relayEvents(
-  s: Services,
-  row: InstanceRow,
-  kind: "exec" | "cp",
-): WSEvents<unknown> {
+export function relayEvents(s: Services, row: InstanceRow, kind: "exec" | "cp"): WSEvents<unknown> {
   let handle: StreamHandle | undefined;
   let closed = false;
   /** Client messages on their way to the agent, in order; the client is not read while any
@@ -42,59 +45,67 @@ export function relayEvents(
   const ready = new Promise<StreamHandle | undefined>((r) => {
     opened = r;
   });
-  return {
-    onOpen: (_evt, ws) => {
-      const raw = ws.raw as RawSocket | undefined;
-      openGuestStream(s, row, kind, {
-        message: (text, payload) =>
-          new Promise<void>((resolve) => {
-            if (ws.readyState !== 1) return resolve();
-            const data = text ? new TextDecoder().decode(payload) : payload;
-            if (raw?.send) raw.send(data, () => resolve());
-            else {
-              ws.send(data as string);
-              resolve();
-            }
-          }),
-        end: (reason, error) => {
-          if (ws.readyState !== 1) return;
-          if (error) {
-            if (kind === "exec") {
-              ws.send(new TextEncoder().encode(`Error: ${error.message}\r\n`));
-              ws.send(JSON.stringify({ exitCode: 127 }));
-            } else {
-              ws.send(JSON.stringify({ type: "error", message: error.message }));
-            }
-            ws.close(1011, closeReason(error.message));
-          } else ws.close(1000, closeReason(reason ?? ""));
-        },
-      }).then(
-        (h) => {
-          handle = h;
-          opened(h);
-          if (closed) h.close();
-        },
-        (e: unknown) => {
-          opened(undefined);
-          const message = e instanceof Error ? e.message : String(e);
-          if (ws.readyState === 1) {
-            if (kind === "exec") {
-              ws.send(new TextEncoder().encode(`Error: ${message}\r\n`));
-              ws.send(JSON.stringify({ exitCode: 127 }));
-            }
-            ws.close(1011, closeReason(message));
+  let started = false;
+  /** Opens the stream: at the socket's open on Node; at its first message on Workers, whose
+   * adapter has no open event (its socket is open from the start). */
+  const start = (ws: WSContext<unknown>) => {
+    if (started) return;
+    started = true;
+    const node = nodeSocket(ws.raw);
+    openGuestStream(s, row, kind, {
+      message: (text, payload) =>
+        new Promise<void>((resolve) => {
+          if (ws.readyState !== 1) return resolve();
+          const data = text ? new TextDecoder().decode(payload) : payload;
+          if (node) node.send(data, () => resolve());
+          else {
+            // Workers: no word of when it has gone; taken as gone.
+            ws.send(data as string);
+            resolve();
           }
-        },
-      );
-    },
+        }),
+      end: (reason, error) => {
+        if (ws.readyState !== 1) return;
+        if (error) {
+          if (kind === "exec") {
+            ws.send(new TextEncoder().encode(`Error: ${error.message}\r\n`));
+            ws.send(JSON.stringify({ exitCode: 127 }));
+          } else {
+            ws.send(JSON.stringify({ type: "error", message: error.message }));
+          }
+          ws.close(1011, closeReason(error.message));
+        } else ws.close(1000, closeReason(reason ?? ""));
+      },
+    }).then(
+      (h) => {
+        handle = h;
+        opened(h);
+        if (closed) h.close();
+      },
+      (e: unknown) => {
+        opened(undefined);
+        const message = e instanceof Error ? e.message : String(e);
+        if (ws.readyState === 1) {
+          if (kind === "exec") {
+            ws.send(new TextEncoder().encode(`Error: ${message}\r\n`));
+            ws.send(JSON.stringify({ exitCode: 127 }));
+          }
+          ws.close(1011, closeReason(message));
+        }
+      },
+    );
+  };
+  return {
+    onOpen: (_evt, ws) => start(ws),
     onMessage: (evt, ws) => {
-      const raw = ws.raw as RawSocket | undefined;
+      start(ws);
+      const raw = nodeSocket(ws.raw);
       const text = typeof evt.data === "string";
       const payload =
         typeof evt.data === "string"
           ? new TextEncoder().encode(evt.data)
           : new Uint8Array(evt.data as ArrayBuffer);
-      if (waiting++ === 0) raw?.pause?.();
+      if (waiting++ === 0) raw?.pause();
       pending = pending
         .then(() => ready)
         .then((h) => h?.send(text, payload))
@@ -102,7 +113,7 @@ export function relayEvents(
           ws.close(1009, closeReason(e instanceof Error ? e.message : String(e)));
         })
         .finally(() => {
-          if (--waiting === 0) raw?.resume?.();
+          if (--waiting === 0) raw?.resume();
         });
     },
     onClose: () => {

@@ -1,6 +1,8 @@
 // Inside an instance: exec, stat and stats go to its host's agent as streams (shared/src/tunnel.ts)
 // through the gateway. The checks come first, before any stream (or WebSocket) is opened: the
 // instance is the caller's, it is Running, and it has a guest agent.
+
+import type { InstanceStats } from "@offshoot/shared";
 import {
   ApiError,
   ConflictError,
@@ -12,9 +14,8 @@ import {
   TimeoutError,
   VmmStats,
 } from "@offshoot/shared";
-import type { InstanceStats } from "@offshoot/shared";
-import type { StreamHandle, StreamSink } from "../../gateway/relay.ts";
 import type { InstanceRow } from "../../db/schema/index.ts";
+import type { StreamHandle, StreamSink } from "../../gateway/relay.ts";
 import type { Services } from "../context.ts";
 import { resolveInstance } from "./resolve.ts";
 

@@ -59,7 +59,9 @@ export async function vmmStats(host: QemuHost, id: string): Promise<VmmStats> {
   const rec = await load(host, id);
   const pid = rec.pid;
   if (rec.observed.state !== "Running" || pid === null || !isOurQemu(pid, host.paths.qmpSocket(id)))
-    throw new InvalidStateError(`instance ${id} is ${rec.observed.state}: it has no VMM to measure`);
+    throw new InvalidStateError(
+      `instance ${id} is ${rec.observed.state}: it has no VMM to measure`,
+    );
   const [stat, statm, netdev] = await Promise.all([
     readFile(`/proc/${pid}/stat`, "utf8"),
     readFile(`/proc/${pid}/statm`, "utf8"),

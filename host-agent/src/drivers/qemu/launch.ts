@@ -6,13 +6,13 @@
 // memory-backend-file so that forks can later map a frozen copy of it (see FACTS.md).
 import { closeSync, openSync, readFileSync } from "node:fs";
 import { execa } from "execa";
+import { AGENT_PORT } from "../../../guest/agent-protocol.ts";
 import {
   CMDLINE_COMMAND,
   CONTROL_PORT,
   GUEST_DISKS,
   VOLUME_DISK_PREFIX,
 } from "../../../guest/protocol.ts";
-import { AGENT_PORT } from "../../../guest/agent-protocol.ts";
 import { checkSocketPath, QmpClient } from "./qmp.ts";
 
 export type Accel = "kvm" | "tcg";

@@ -14,8 +14,8 @@ import type {
   Operation,
   VmmStats,
 } from "@offshoot/shared";
-import type { AgentPaths } from "../../paths.ts";
 import type { Guest } from "../../guest/link.ts";
+import type { AgentPaths } from "../../paths.ts";
 import type { Driver, DriverLogSource, OpContext, OpData } from "../driver.ts";
 import { rollbackOperation } from "../rollback.ts";
 import { create, start } from "./boot.ts";

@@ -21,9 +21,9 @@ import {
   type VmmStats,
 } from "@offshoot/shared";
 import type { SimLatency } from "../../config.ts";
+import type { Guest } from "../../guest/link.ts";
 import { runSteps, type Step } from "../../operations/steps.ts";
 import type { AgentPaths } from "../../paths.ts";
-import type { Guest } from "../../guest/link.ts";
 import type { Driver, DriverLogSource, OpContext, OpData } from "../driver.ts";
 import { running } from "../observed.ts";
 import { exists } from "../record-store.ts";

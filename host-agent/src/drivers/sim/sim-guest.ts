@@ -5,18 +5,19 @@
 // in a VM: the QEMU tests are.
 import type { PathInfo } from "@offshoot/shared";
 import { MAX_PAYLOAD, OUT_WINDOW, TIMEOUT_EXIT_CODE } from "../../../guest/agent-protocol.ts";
-import type {
-  ExecEnd,
-  ExecRequest,
-  Guest,
-  Session,
-  SessionHandlers,
-} from "../../guest/link.ts";
+import type { ExecEnd, ExecRequest, Guest, Session, SessionHandlers } from "../../guest/link.ts";
 
 /** Directories and files the simulated guest has. */
 const FILES: Record<string, PathInfo> = {
   "/": { exists: true, is_dir: true, is_file: false, is_symlink: false, mode: 0o755, size: 4096 },
-  "/etc": { exists: true, is_dir: true, is_file: false, is_symlink: false, mode: 0o755, size: 4096 },
+  "/etc": {
+    exists: true,
+    is_dir: true,
+    is_file: false,
+    is_symlink: false,
+    mode: 0o755,
+    size: 4096,
+  },
   "/etc/hostname": {
     exists: true,
     is_dir: false,
@@ -60,7 +61,10 @@ class SimSession implements Session {
   ) {
     if (req.timeout > 0) {
       this.timers.push(
-        setTimeout(() => this.finish({ code: TIMEOUT_EXIT_CODE, timedOut: true }), req.timeout * 1000),
+        setTimeout(
+          () => this.finish({ code: TIMEOUT_EXIT_CODE, timedOut: true }),
+          req.timeout * 1000,
+        ),
       );
     }
     queueMicrotask(() => void this.run());
