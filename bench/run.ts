@@ -1,7 +1,8 @@
 // `npm run bench`: control-plane benchmarks against a real Postgres server (the sim part), then
 // fork benchmarks with real QEMU guests (the VM part, bench/vm.ts), then image pulls and boots
-// (the images part, bench/images.ts), written to BENCHMARKS.md. BENCH_ONLY=sim, vm or images
-// runs one part; the other parts' last figures are kept.
+// (the images part, bench/images.ts), then exec and cp in a real guest (bench/exec.ts), written
+// to BENCHMARKS.md. BENCH_ONLY=sim, vm, images or exec runs one part; the other parts' last
+// figures are kept.
 // Not a test: figures are reported, never asserted.
 import { execFileSync } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
@@ -18,6 +19,7 @@ import { type RunningAgent, startAgent } from "../host-agent/src/index.ts";
 import type { Logger } from "../host-agent/src/log.ts";
 import { ensurePostgres } from "../scripts/postgres.ts";
 import { spawnControlPlane } from "../test/harness.ts";
+import { runExecBench } from "./exec.ts";
 import { runImagesBench } from "./images.ts";
 import { benchReplicas } from "./replicas.ts";
 import { writeBenchPart } from "./results.ts";
@@ -226,8 +228,8 @@ async function simBench() {
 
 async function main() {
   const only = process.env.BENCH_ONLY;
-  if (only !== undefined && only !== "sim" && only !== "vm" && only !== "images") {
-    throw new Error(`BENCH_ONLY must be "sim", "vm" or "images", not "${only}"`);
+  if (only !== undefined && !["sim", "vm", "images", "exec"].includes(only)) {
+    throw new Error(`BENCH_ONLY must be "sim", "vm", "images" or "exec", not "${only}"`);
   }
   const command = only ? `BENCH_ONLY=${only} npm run bench` : "npm run bench";
   if (only === undefined || only === "sim") await simBench();
@@ -239,6 +241,11 @@ async function main() {
   if (only === undefined || only === "images") {
     const text = await runImagesBench(command);
     writeBenchPart("images", text);
+    console.log(text);
+  }
+  if (only === undefined || only === "exec") {
+    const text = await runExecBench(command);
+    writeBenchPart("exec", text);
     console.log(text);
   }
 }

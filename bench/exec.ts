@@ -1,0 +1,165 @@
+// Exec and cp benchmarks with a real QEMU guest (TCG): a control-plane process, a QEMU agent
+// process connected to it over its WebSocket, one guest. `BENCH_ONLY=exec npm run bench`.
+// Figures are reported, never asserted.
+//
+// (1) exec round trip of `true`: a WebSocket client through the control plane (client → control
+//     plane → the agent's socket → the guest agent's port and back), against a direct
+//     connection to the guest agent from the host (what the agent itself does), interleaved;
+// (2) 100 MiB copied into and out of the guest with the official client's cpToInstance and
+//     cpFromInstance through the control plane, against the same bytes through a direct
+//     connection (`cat` in the guest), interleaved.
+import { randomBytes } from "node:crypto";
+import { mkdtempSync, rmSync, statSync, writeFileSync } from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { cpFromInstance, cpToInstance } from "@onkernel/hypeman/lib/cp";
+import { GuestLink } from "../host-agent/src/guest/link.ts";
+import { agentPaths } from "../host-agent/src/paths.ts";
+import { TestNamespaces } from "../host-agent/testing/netns.ts";
+import { killGuestsUnder } from "../host-agent/testing/qemu.ts";
+import { TEST_IMAGE } from "../scripts/oci-image.ts";
+import { ensurePostgres } from "../scripts/postgres.ts";
+import { ensureVmAssets } from "../scripts/vm-assets.ts";
+import { qemuAgentEnv } from "../test/e2e/env.ts";
+import { execOnce } from "../test/exec-client.ts";
+import { spawnAgent, spawnControlPlane } from "../test/harness.ts";
+import { benchDatabase, http, waitOnline } from "./sim-stack.ts";
+import { percentile } from "./stats.ts";
+
+const ROUND_TRIPS = Number(process.env.BENCH_EXEC_N ?? 200);
+const WARMUP = 10;
+const COPY_BYTES = 100 * 1024 * 1024;
+const COPY_RUNS = 2;
+
+const ms = (x: number) => `${x.toFixed(1)} ms`;
+const rate = (bytes: number, msTaken: number) =>
+  `${(bytes / 1024 / 1024 / (msTaken / 1000)).toFixed(1)} MiB/s`;
+
+/** One command through a direct connection to the guest agent, to its end. */
+function direct(
+  link: GuestLink,
+  command: string[],
+  stdin?: Buffer,
+): Promise<{ code: number; bytes: number }> {
+  return new Promise((resolve) => {
+    let bytes = 0;
+    const session = link.exec(
+      { command, env: {}, cwd: null, tty: false, rows: 0, cols: 0, timeout: 0 },
+      {
+        output: (data) => {
+          bytes += data.length;
+          session.credit(data.length);
+        },
+        end: (e) => resolve({ code: e.code, bytes }),
+      },
+    );
+    if (stdin) {
+      void (async () => {
+        for (let i = 0; i < stdin.length; i += 1024 * 1024) {
+          await session.write(stdin.subarray(i, i + 1024 * 1024));
+        }
+        session.closeStdin();
+      })();
+    }
+  });
+}
+
+async function timed<T>(fn: () => Promise<T>): Promise<[number, T]> {
+  const t0 = performance.now();
+  const out = await fn();
+  return [performance.now() - t0, out];
+}
+
+export async function runExecBench(command: string): Promise<string> {
+  await ensureVmAssets();
+  const pg = process.env.BENCH_DATABASE_URL ? undefined : await ensurePostgres({ durable: true });
+  const serverUrl = process.env.BENCH_DATABASE_URL ?? pg?.url ?? "";
+  const log = (m: string) => console.error(`[bench:exec] ${m}`);
+  const spaces = new TestNamespaces();
+  const work = mkdtempSync(path.join(os.tmpdir(), "bench-exec-"));
+  const db = await benchDatabase(serverUrl, "bench_exec");
+  const cp = await spawnControlPlane({ databaseUrl: db.url });
+  const agent = await spawnAgent({
+    cpUrl: cp.url,
+    token: db.token,
+    env: qemuAgentEnv({ AGENT_NETNS: await spaces.create("bench") }),
+  });
+  try {
+    await waitOnline(cp.url, db.key);
+    const created = await http(cp.url, db.key, "POST", "/instances", {
+      name: "bx",
+      image: TEST_IMAGE,
+      size: "256MB",
+      vcpus: 1,
+      overlay_size: "1GB",
+    });
+    const id = String(created?.id);
+    const link = new GuestLink(agentPaths(agent.dataDir).qemu.agentSocket(id));
+    await link.ready;
+    log("guest running");
+
+    // (1) round trips, interleaved
+    const viaCp: number[] = [];
+    const viaLink: number[] = [];
+    for (let i = 0; i < ROUND_TRIPS + WARMUP; i++) {
+      const [a, r] = await timed(() => execOnce(cp.url, db.key, "bx", { command: ["true"] }));
+      const [b, d] = await timed(() => direct(link, ["true"]));
+      if (r.exitCode !== 0 || d.code !== 0) throw new Error("`true` failed");
+      if (i >= WARMUP) {
+        viaCp.push(a);
+        viaLink.push(b);
+      }
+    }
+    log("round trips done");
+
+    // (2) 100 MiB in and out, interleaved
+    const local = path.join(work, "big");
+    const bytes = randomBytes(COPY_BYTES);
+    writeFileSync(local, bytes);
+    const cfg = { baseURL: cp.url, apiKey: db.key };
+    const copies = { cpIn: [] as number[], cpOut: [] as number[], linkIn: [] as number[], linkOut: [] as number[] };
+    for (let run = 0; run < COPY_RUNS; run++) {
+      const [cpIn] = await timed(() => cpToInstance(cfg, { instanceId: "bx", srcPath: local, dstPath: "/root/big" }));
+      const out = path.join(work, `out-${run}`);
+      const [cpOut] = await timed(() => cpFromInstance(cfg, { instanceId: "bx", srcPath: "/root/big", dstPath: out }));
+      if (statSync(path.join(out, "big")).size !== COPY_BYTES) throw new Error("cp from: short copy");
+      rmSync(out, { recursive: true, force: true });
+      const [linkIn, wrote] = await timed(() => direct(link, ["sh", "-c", "cat > /root/big2"], bytes));
+      const [linkOut, read] = await timed(() => direct(link, ["cat", "/root/big2"]));
+      if (wrote.code !== 0 || read.bytes !== COPY_BYTES) throw new Error("direct copy failed");
+      copies.cpIn.push(cpIn);
+      copies.cpOut.push(cpOut);
+      copies.linkIn.push(linkIn);
+      copies.linkOut.push(linkOut);
+      log(`copy run ${run + 1} done`);
+    }
+    link.close("done");
+
+    const p = (xs: number[], q: number) => percentile(xs, q);
+    const med = (xs: number[]) => percentile(xs, 50);
+    return [
+      "### Exec and cp (QEMU guest, TCG)",
+      "",
+      `\`${command}\`, ${new Date().toISOString().slice(0, 10)}. One guest (256 MiB, 1 vCPU); the control plane and a QEMU agent are processes on this machine, the client is the benchmark process. Interleaved, side by side.`,
+      "",
+      "| exec `true`, round trip | p50 | p99 | n |",
+      "|---|---|---|---|",
+      `| through the control plane (WebSocket client → control plane → agent socket → guest) | ${ms(p(viaCp, 50))} | ${ms(p(viaCp, 99))} | ${viaCp.length} |`,
+      `| direct to the guest agent (from the host) | ${ms(p(viaLink, 50))} | ${ms(p(viaLink, 99))} | ${viaLink.length} |`,
+      "",
+      `| 100 MiB | through the control plane (official client's cp) | direct to the guest agent (\`cat\`) | ratio |`,
+      "|---|---|---|---|",
+      `| into the guest | ${rate(COPY_BYTES, med(copies.cpIn))} | ${rate(COPY_BYTES, med(copies.linkIn))} | ${(med(copies.linkIn) / med(copies.cpIn)).toFixed(2)} |`,
+      `| out of the guest | ${rate(COPY_BYTES, med(copies.cpOut))} | ${rate(COPY_BYTES, med(copies.linkOut))} | ${(med(copies.linkOut) / med(copies.cpOut)).toFixed(2)} |`,
+      "",
+      `Medians of ${COPY_RUNS} runs each.`,
+    ].join("\n");
+  } finally {
+    await agent.stop();
+    await cp.stop();
+    await killGuestsUnder(agent.dataDir);
+    await spaces.cleanup();
+    rmSync(work, { recursive: true, force: true });
+    await pg?.stop();
+  }
+}
