@@ -4,7 +4,8 @@
 //
 // (1) exec round trip of `true`: a WebSocket client through the control plane (client → control
 //     plane → the agent's socket → the guest agent's port and back), against a direct
-//     connection to the guest agent from the host (what the agent itself does), interleaved;
+//     connection to the guest agent from the host (what the agent itself does), interleaved —
+//     on two guests alike, since a guest's agent port takes one connection at a time;
 // (2) 100 MiB copied into and out of the guest with the official client's cpToInstance and
 //     cpFromInstance through the control plane, against the same bytes through a direct
 //     connection (`cat` in the guest), interleaved.
@@ -23,7 +24,7 @@ import { ensureVmAssets } from "../scripts/vm-assets.ts";
 import { qemuAgentEnv } from "../test/e2e/env.ts";
 import { execOnce } from "../test/exec-client.ts";
 import { spawnAgent, spawnControlPlane } from "../test/harness.ts";
-import { benchDatabase, http, waitOnline } from "./sim-stack.ts";
+import { benchDatabase, http } from "./sim-stack.ts";
 import { percentile } from "./stats.ts";
 
 const ROUND_TRIPS = Number(process.env.BENCH_EXEC_N ?? 200);
@@ -85,16 +86,27 @@ export async function runExecBench(command: string): Promise<string> {
     env: qemuAgentEnv({ AGENT_NETNS: await spaces.create("bench") }),
   });
   try {
-    await waitOnline(cp.url, db.key);
-    const created = await http(cp.url, db.key, "POST", "/instances", {
-      name: "bx",
-      image: TEST_IMAGE,
-      size: "256MB",
-      vcpus: 1,
-      overlay_size: "1GB",
-    });
-    const id = String(created?.id);
-    const link = new GuestLink(agentPaths(agent.dataDir).qemu.agentSocket(id));
+    // Two guests alike: "bx" is reached through the control plane, "by" directly (a guest's
+    // agent port takes one connection at a time, and the agent holds bx's).
+    const create = async (name: string) => {
+      for (let tries = 0; ; tries++) {
+        // Refused until the agent is online with its image.
+        const created = await http(cp.url, db.key, "POST", "/instances", {
+          name,
+          image: TEST_IMAGE,
+          size: "256MB",
+          vcpus: 1,
+          overlay_size: "1GB",
+        }).catch((e: unknown) => {
+          if (tries > 150) throw e;
+          return new Promise<undefined>((r) => setTimeout(() => r(undefined), 200));
+        });
+        if (created) return String(created.id);
+      }
+    };
+    await create("bx");
+    const directId = await create("by");
+    const link = new GuestLink(agentPaths(agent.dataDir).qemu.agentSocket(directId));
     await link.ready;
     log("guest running");
 
@@ -117,14 +129,31 @@ export async function runExecBench(command: string): Promise<string> {
     const bytes = randomBytes(COPY_BYTES);
     writeFileSync(local, bytes);
     const cfg = { baseURL: cp.url, apiKey: db.key };
-    const copies = { cpIn: [] as number[], cpOut: [] as number[], linkIn: [] as number[], linkOut: [] as number[] };
+    const copies = {
+      cpIn: [] as number[],
+      cpOut: [] as number[],
+      linkIn: [] as number[],
+      linkOut: [] as number[],
+    };
     for (let run = 0; run < COPY_RUNS; run++) {
-      const [cpIn] = await timed(() => cpToInstance(cfg, { instanceId: "bx", srcPath: local, dstPath: "/root/big" }));
+      const [cpIn] = await timed(() =>
+        cpToInstance(cfg, { instanceId: "bx", srcPath: local, dstPath: "/root/big" }),
+      );
       const out = path.join(work, `out-${run}`);
-      const [cpOut] = await timed(() => cpFromInstance(cfg, { instanceId: "bx", srcPath: "/root/big", dstPath: out }));
-      if (statSync(path.join(out, "big")).size !== COPY_BYTES) throw new Error("cp from: short copy");
+      const [cpOut] = await timed(() =>
+        cpFromInstance(cfg, { instanceId: "bx", srcPath: "/root/big", dstPath: out }).catch(
+          (e: unknown) => {
+            log(`cp from failed: ${e}\nagent:\n${agent.output().slice(-4000)}`);
+            throw e;
+          },
+        ),
+      );
+      if (statSync(path.join(out, "big")).size !== COPY_BYTES)
+        throw new Error("cp from: short copy");
       rmSync(out, { recursive: true, force: true });
-      const [linkIn, wrote] = await timed(() => direct(link, ["sh", "-c", "cat > /root/big2"], bytes));
+      const [linkIn, wrote] = await timed(() =>
+        direct(link, ["sh", "-c", "cat > /root/big2"], bytes),
+      );
       const [linkOut, read] = await timed(() => direct(link, ["cat", "/root/big2"]));
       if (wrote.code !== 0 || read.bytes !== COPY_BYTES) throw new Error("direct copy failed");
       copies.cpIn.push(cpIn);
@@ -140,7 +169,7 @@ export async function runExecBench(command: string): Promise<string> {
     return [
       "### Exec and cp (QEMU guest, TCG)",
       "",
-      `\`${command}\`, ${new Date().toISOString().slice(0, 10)}. One guest (256 MiB, 1 vCPU); the control plane and a QEMU agent are processes on this machine, the client is the benchmark process. Interleaved, side by side.`,
+      `\`${command}\`, ${new Date().toISOString().slice(0, 10)}. Two guests alike (256 MiB, 1 vCPU), one reached through the control plane, one directly (a guest's agent port takes one connection at a time); the control plane and a QEMU agent are processes on this machine, the client is the benchmark process. Interleaved, side by side.`,
       "",
       "| exec `true`, round trip | p50 | p99 | n |",
       "|---|---|---|---|",

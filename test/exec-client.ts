@@ -34,10 +34,13 @@ export function cpSocket(cpUrl: string, apiKey: string, instance: string): WebSo
   return guestSocket(cpUrl, apiKey, instance, "cp");
 }
 
+/** `instance` empty: `cpUrl` is the socket's whole URL, and `apiKey` empty: no header. */
 function guestSocket(cpUrl: string, apiKey: string, instance: string, kind: string): WebSocket {
-  const url = new URL(`/instances/${encodeURIComponent(instance)}/${kind}`, cpUrl);
+  const url = instance
+    ? new URL(`/instances/${encodeURIComponent(instance)}/${kind}`, cpUrl)
+    : new URL(cpUrl);
   url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
-  return new WebSocket(url, { headers: { authorization: `Bearer ${apiKey}` } });
+  return new WebSocket(url, apiKey ? { headers: { authorization: `Bearer ${apiKey}` } } : {});
 }
 
 /** Runs one exec to its end. Rejects on an HTTP answer instead of an upgrade (with its status

@@ -5,6 +5,7 @@ import {
   ClientGoneError,
   type ERROR_STATUS,
   Health,
+  StreamToken,
   TimeoutError,
   UnitParseError,
 } from "@offshoot/shared";
@@ -33,6 +34,8 @@ export const MAX_BODY_BYTES = 1024 * 1024;
 /** The one route whose body is not JSON under MAX_BODY_BYTES: a volume's archive, streamed
  * under its own bound (VOLUME_ARCHIVE_MAX_BYTES). */
 const ARCHIVE_UPLOAD = "/volumes/from-archive";
+/** The WebSocket routes a stream token may open. */
+const STREAM_PATH = /^\/instances\/[^/]+\/(exec|cp)$/;
 
 /** How long past its deadline a request may run before the backstop answers for it: the verbs
  * stop waiting at the deadline themselves; this catches anything else (a database that does not
@@ -220,7 +223,18 @@ export function createApp({
   // Every route below needs an API key, and everything it reads is scoped to its tenant.
   const authed = async (c: Context<AppEnv>, next: () => Promise<void>) => {
     const token = bearerToken(c.req.header("authorization"));
-    const tenantId = token ? await credentialsOf(c).tenantForKey(token) : undefined;
+    // A browser's exec or cp WebSocket carries a stream token (POST /auth/stream-token) instead.
+    const streamToken =
+      !token &&
+      STREAM_PATH.test(c.req.path) &&
+      c.req.header("upgrade")?.toLowerCase() === "websocket"
+        ? c.req.query("token")
+        : undefined;
+    const tenantId = token
+      ? await credentialsOf(c).tenantForKey(token)
+      : streamToken
+        ? await credentialsOf(c).tenantForStreamToken(streamToken)
+        : undefined;
     if (!tenantId) {
       return errorResponse(
         c,
@@ -275,12 +289,31 @@ export function createApp({
     }
   };
 
-  for (const prefix of ["/instances", "/images", "/volumes", ...UNSUPPORTED_PREFIXES]) {
+  for (const prefix of ["/instances", "/images", "/volumes", "/auth", ...UNSUPPORTED_PREFIXES]) {
     for (const path of [prefix, `${prefix}/*`]) {
       app.use(path, authed);
       app.use(path, requestDeadline);
     }
   }
+
+  app.openapi(
+    createRoute({
+      method: "post",
+      path: "/auth/stream-token",
+      summary: "Issue a stream token",
+      description:
+        "A single-use token, good for 60 s, that opens one exec or cp WebSocket as `?token=` in place of the API key: browsers cannot set the Authorization header on a WebSocket.",
+      security: [{ bearerAuth: [] }],
+      responses: {
+        201: {
+          description: "The token",
+          content: { "application/json": { schema: StreamToken } },
+        },
+        401: { description: "Missing or invalid API key" },
+      },
+    }),
+    async (c) => c.json(await credentialsOf(c).issueStreamToken(c.var.tenantId), 201),
+  );
 
   registerInstanceRoutes(app, upgradeWebSocket);
   registerImageRoutes(app);

@@ -46,11 +46,12 @@ const ctl = readFileSync(new URL("./ctl.c", import.meta.url), "utf8");
 const all = (re: RegExp, text = init) => [...text.matchAll(re)].map((m) => m[1] ?? "");
 const sorted = (xs: Iterable<string>) => [...new Set(xs)].sort();
 
-/** The body of ctl.c's function `name`, up to its closing brace at column 0. */
-function cFunction(name: string): string {
-  const start = ctl.search(new RegExp(`^(static )?\\w+ \\*?${name}\\(`, "m"));
-  expect(start, `${name}() in ctl.c`).toBeGreaterThanOrEqual(0);
-  return ctl.slice(start, ctl.indexOf("\n}\n", start));
+/** The body of a C function `name` in `source` (ctl.c by default), up to its closing brace at
+ * column 0. */
+function cFunction(name: string, source = ctl): string {
+  const start = source.search(new RegExp(`^(static )?\\w+ \\*?${name}\\(`, "m"));
+  expect(start, `${name}()`).toBeGreaterThanOrEqual(0);
+  return source.slice(start, source.indexOf("\n}\n", start));
 }
 
 describe("the guest init and protocol.ts", () => {
@@ -266,15 +267,13 @@ describe("the guest agent (agent.c) and agent-protocol.ts", () => {
   });
 
   it("reads and writes the fields agent-protocol.ts tags", () => {
-    const parsed = [...cFunctionOf(agent, "parse_request").matchAll(/case '(.)':/g)].map(
-      (m) => m[1],
-    );
+    const parsed = [...cFunction("parse_request", agent).matchAll(/case '(.)':/g)].map((m) => m[1]);
     expect(sorted(parsed as string[])).toEqual(sorted(Object.values(OPEN_FIELDS)));
-    const exitTags = [...cFunctionOf(agent, "end_session").matchAll(/field[f]?\(&f, '(.)'/g)].map(
+    const exitTags = [...cFunction("end_session", agent).matchAll(/field[f]?\(&f, '(.)'/g)].map(
       (m) => m[1],
     );
     expect(sorted(exitTags as string[])).toEqual(sorted(Object.values(EXIT_FIELDS)));
-    const statTags = [...cFunctionOf(agent, "do_stat").matchAll(/field[f]?\(&f, '(.)'/g)].map(
+    const statTags = [...cFunction("do_stat", agent).matchAll(/field[f]?\(&f, '(.)'/g)].map(
       (m) => m[1],
     );
     expect(sorted(statTags as string[])).toEqual(sorted(Object.values(STAT_FIELDS)));
@@ -306,9 +305,3 @@ describe("the guest agent (agent.c) and agent-protocol.ts", () => {
     expect(on).toContain(`${GUEST_CONFIG.agent}='1'`);
   });
 });
-
-function cFunctionOf(source: string, name: string): string {
-  const start = source.search(new RegExp(`^(static )?\\w+ \\*?${name}\\(`, "m"));
-  expect(start, `${name}()`).toBeGreaterThanOrEqual(0);
-  return source.slice(start, source.indexOf("\n}\n", start));
-}

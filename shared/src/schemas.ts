@@ -410,3 +410,8 @@ export const InstanceStats = z
   })
   .openapi("InstanceStats");
 export type InstanceStats = z.infer<typeof InstanceStats>;
+
+/** POST /auth/stream-token: a single-use token opening one exec or cp WebSocket (`?token=`). */
+export const StreamToken = z
+  .object({ token: z.string(), expires_at: z.string() })
+  .openapi("StreamToken");

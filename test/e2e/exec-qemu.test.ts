@@ -106,6 +106,25 @@ describe("exec, stat and stats in real guests", { timeout: 300_000 }, () => {
     expect(await sh("gx", "ps -o args | grep -c '^sleep 30[01]' || true")).toBe("0\n");
   });
 
+  it("kills what a command started when its client goes away", async () => {
+    const ws = execSocket(stack.cp.url, stack.apiKey, "gx");
+    let out = "";
+    ws.on("message", (d, binary) => {
+      if (binary) out += d.toString();
+    });
+    await new Promise((r) => ws.on("open", r));
+    ws.send(JSON.stringify({ command: ["sh", "-c", "sleep 302 & echo started; wait"] }));
+    await waitFor(() => out.includes("started"), {
+      what: "the command to start",
+      timeoutMs: 60_000,
+    });
+    ws.close();
+    await waitFor(
+      async () => (await sh("gx", "ps -o args | grep -c '^sleep 302' || true")) === "0\n",
+      { what: "the command's processes to be gone", timeoutMs: 30_000 },
+    );
+  });
+
   it("streams 100 MB to a stalled reader while a second exec on the host stays responsive", async () => {
     const total = 100 * MiB;
     let received = 0;
@@ -239,7 +258,12 @@ describe("exec, stat and stats in real guests", { timeout: 300_000 }, () => {
     const data: Buffer[] = [];
     ws.on("message", (d, binary) => {
       if (binary) data.push(d as Buffer);
-      else texts.push(JSON.parse(d.toString()) as Record<string, unknown>);
+      else {
+        const msg = JSON.parse(d.toString()) as Record<string, unknown>;
+        texts.push(msg);
+        // The last message: the client closes (the server leaves that to it).
+        if (msg.type === "result" || msg.type === "error" || msg.final === true) ws.close();
+      }
     });
     await new Promise((r) => ws.on("open", r));
     ws.send(JSON.stringify(start));

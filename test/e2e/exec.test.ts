@@ -96,4 +96,40 @@ describe("exec, stat and stats (sim guest)", () => {
     expect((await call("GET", "/instances/ex-stopped/stats")).status).toBe(409);
     expect((await call("GET", "/instances/ex-1/stat")).status).toBe(400);
   });
+
+  it("opens a WebSocket with a single-use stream token in place of the API key (for browsers)", async () => {
+    const issued = await api(stack.cp.url, stack.apiKey)("POST", "/auth/stream-token");
+    expect(issued.status).toBe(201);
+    const { token, expires_at } = issued.body as { token: string; expires_at: string };
+    expect(Date.parse(expires_at) - Date.now()).toBeGreaterThan(30_000);
+    const url = `${stack.cp.url}/instances/ex-1/exec?token=${encodeURIComponent(token)}`;
+    const r = await execOnce(url, "", "", { command: ["echo", "browser"] });
+    expect(r.output.toString()).toBe("browser\n");
+    // Spent: the same token is refused, and so is one on any other route.
+    await expect(execOnce(url, "", "", { command: ["true"] })).rejects.toMatchObject({
+      status: 401,
+    });
+    const other = await api(stack.cp.url, stack.apiKey)("POST", "/auth/stream-token");
+    const list = await fetch(
+      `${stack.cp.url}/instances?token=${(other.body as { token: string }).token}`,
+    );
+    expect(list.status).toBe(401);
+  });
+
+  it("ends a running exec with a reason when the host's agent goes away", async () => {
+    let killed: Promise<void> | undefined;
+    // Output flowing: the stream is live end to end when the agent is killed.
+    const r = await run(
+      { command: ["yes", String(1024 ** 3)] },
+      {
+        onOutput: () => {
+          killed ??= stack.agents[0]?.kill("SIGKILL");
+        },
+      },
+    );
+    await killed;
+    expect(r.output.toString()).toMatch(/Error: the host disconnected\r\n$/);
+    expect(r.exitCode).toBe(127);
+    expect(r.closeCode).toBe(1011);
+  });
 });

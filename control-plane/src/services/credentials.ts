@@ -1,11 +1,14 @@
 import { createHash, randomBytes } from "node:crypto";
-import { and, eq, isNull, ne } from "drizzle-orm";
+import { and, eq, gt, isNull, lt, ne } from "drizzle-orm";
 import { type Db, transaction } from "../db/client.ts";
-import { apiKeys, hosts, tenants } from "../db/schema/index.ts";
+import { apiKeys, hosts, streamTokens, tenants } from "../db/schema/index.ts";
 import { allocateHostSubnet } from "./network.ts";
 
 // Secrets are shown once and stored only as SHA-256 hashes: a database dump reveals no key.
 export const hashSecret = (secret: string) => createHash("sha256").update(secret).digest("hex");
+
+/** How long a stream token (issueStreamToken) opens a WebSocket. */
+export const STREAM_TOKEN_TTL_MS = 60_000;
 const newSecret = (prefix: string) => `${prefix}_${randomBytes(24).toString("base64url")}`;
 
 /** The token of an `Authorization: Bearer <token>` header (the scheme in any case, trailing
@@ -138,6 +141,29 @@ export class Credentials {
     if (this.keys.size > 10_000) this.keys.clear();
     this.keys.set(hash, { value: row.tenantId, expires: Date.now() + this.ttlMs });
     return row.tenantId;
+  }
+
+  /** A short-lived, single-use token opening one exec or cp WebSocket for `tenantId` (for
+   * browsers, which cannot send the API key on a WebSocket). Expired ones are removed here. */
+  async issueStreamToken(tenantId: string): Promise<{ token: string; expires_at: string }> {
+    const token = `ost_${randomBytes(24).toString("base64url")}`;
+    const expiresAt = new Date(Date.now() + STREAM_TOKEN_TTL_MS);
+    await this.db.delete(streamTokens).where(lt(streamTokens.expiresAt, new Date()));
+    await this.db
+      .insert(streamTokens)
+      .values({ tokenHash: hashSecret(token), tenantId, expiresAt });
+    return { token, expires_at: expiresAt.toISOString() };
+  }
+
+  /** The tenant of a stream token still valid; the token is spent. */
+  async tenantForStreamToken(token: string): Promise<string | undefined> {
+    const [row] = await this.db
+      .delete(streamTokens)
+      .where(
+        and(eq(streamTokens.tokenHash, hashSecret(token)), gt(streamTokens.expiresAt, new Date())),
+      )
+      .returning({ tenantId: streamTokens.tenantId });
+    return row?.tenantId;
   }
 
   async hostForToken(token: string): Promise<{ id: string; name: string } | undefined> {

@@ -27,6 +27,9 @@ function nodeSocket(raw: unknown): NodeSocket | undefined {
     : undefined;
 }
 
+/** How long a finished cp's socket waits for its client to close it. */
+const CP_CLOSE_GRACE_MS = 30_000;
+
 /** WebSocket close reasons are at most 123 bytes. */
 const closeReason = (s: string) => {
   const b = new TextEncoder().encode(s);
@@ -46,6 +49,7 @@ export function relayEvents(s: Services, row: InstanceRow, kind: "exec" | "cp"):
     opened = r;
   });
   let started = false;
+  let closer: ReturnType<typeof setTimeout> | undefined;
   /** Opens the stream: at the socket's open on Node; at its first message on Workers, whose
    * adapter has no open event (its socket is open from the start). */
   const start = (ws: WSContext<unknown>) => {
@@ -74,6 +78,11 @@ export function relayEvents(s: Services, row: InstanceRow, kind: "exec" | "cp"):
             ws.send(JSON.stringify({ type: "error", message: error.message }));
           }
           ws.close(1011, closeReason(error.message));
+        } else if (kind === "cp") {
+          // The client closes a finished copy itself, once its last file is written (the
+          // official client's cpFromInstance fails a copy whose socket closes before that);
+          // past CP_CLOSE_GRACE_MS it is closed for it.
+          closer = setTimeout(() => ws.close(1000, closeReason(reason ?? "")), CP_CLOSE_GRACE_MS);
         } else ws.close(1000, closeReason(reason ?? ""));
       },
     }).then(
@@ -118,6 +127,7 @@ export function relayEvents(s: Services, row: InstanceRow, kind: "exec" | "cp"):
     },
     onClose: () => {
       closed = true;
+      clearTimeout(closer);
       handle?.close();
     },
   };
