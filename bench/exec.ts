@@ -176,7 +176,7 @@ export async function runExecBench(command: string): Promise<string> {
       `| through the control plane (WebSocket client → control plane → agent socket → guest) | ${ms(p(viaCp, 50))} | ${ms(p(viaCp, 99))} | ${viaCp.length} |`,
       `| direct to the guest agent (from the host) | ${ms(p(viaLink, 50))} | ${ms(p(viaLink, 99))} | ${viaLink.length} |`,
       "",
-      `| 100 MiB | through the control plane (official client's cp) | direct to the guest agent (\`cat\`) | ratio |`,
+      `| 100 MiB | through the control plane (official client's cp) | direct to the guest agent (\`cat\`) | through ÷ direct |`,
       "|---|---|---|---|",
       `| into the guest | ${rate(COPY_BYTES, med(copies.cpIn))} | ${rate(COPY_BYTES, med(copies.linkIn))} | ${(med(copies.linkIn) / med(copies.cpIn)).toFixed(2)} |`,
       `| out of the guest | ${rate(COPY_BYTES, med(copies.cpOut))} | ${rate(COPY_BYTES, med(copies.linkOut))} | ${(med(copies.linkOut) / med(copies.cpOut)).toFixed(2)} |`,
