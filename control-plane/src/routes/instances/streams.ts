@@ -50,6 +50,16 @@ export function relayEvents(s: Services, row: InstanceRow, kind: "exec" | "cp"):
   });
   let started = false;
   let closer: ReturnType<typeof setTimeout> | undefined;
+  /** The stream could not be opened or broke off: said in the protocol's own terms (exec:
+   * `Error: …` and exit code 127, as Hypeman does; cp: an error message), then closed. */
+  const fail = (ws: WSContext<unknown>, message: string) => {
+    if (ws.readyState !== 1) return;
+    if (kind === "exec") {
+      ws.send(new TextEncoder().encode(`Error: ${message}\r\n`));
+      ws.send(JSON.stringify({ exitCode: 127 }));
+    } else ws.send(JSON.stringify({ type: "error", message }));
+    ws.close(1011, closeReason(message));
+  };
   /** Opens the stream: at the socket's open on Node; at its first message on Workers, whose
    * adapter has no open event (its socket is open from the start). */
   const start = (ws: WSContext<unknown>) => {
@@ -70,15 +80,8 @@ export function relayEvents(s: Services, row: InstanceRow, kind: "exec" | "cp"):
         }),
       end: (reason, error) => {
         if (ws.readyState !== 1) return;
-        if (error) {
-          if (kind === "exec") {
-            ws.send(new TextEncoder().encode(`Error: ${error.message}\r\n`));
-            ws.send(JSON.stringify({ exitCode: 127 }));
-          } else {
-            ws.send(JSON.stringify({ type: "error", message: error.message }));
-          }
-          ws.close(1011, closeReason(error.message));
-        } else if (kind === "cp") {
+        if (error) fail(ws, error.message);
+        else if (kind === "cp") {
           // The client closes a finished copy itself, once its last file is written (the
           // official client's cpFromInstance fails a copy whose socket closes before that);
           // past CP_CLOSE_GRACE_MS it is closed for it.
@@ -93,14 +96,7 @@ export function relayEvents(s: Services, row: InstanceRow, kind: "exec" | "cp"):
       },
       (e: unknown) => {
         opened(undefined);
-        const message = e instanceof Error ? e.message : String(e);
-        if (ws.readyState === 1) {
-          if (kind === "exec") {
-            ws.send(new TextEncoder().encode(`Error: ${message}\r\n`));
-            ws.send(JSON.stringify({ exitCode: 127 }));
-          }
-          ws.close(1011, closeReason(message));
-        }
+        fail(ws, e instanceof Error ? e.message : String(e));
       },
     );
   };
