@@ -122,7 +122,9 @@ export async function boot(host: QemuHost, rec: QemuRecord): Promise<QemuRecord>
         (e): e is Extract<InitEvent, { event: "failed" }> => e.event === "failed",
       );
       if (failed) throw new ApiError("internal_error", `guest init failed: ${failed.message}`);
-      return events.some((e) => e.event === "ready");
+      // An exit says the program ran, even when a kernel message on the console cut the ready
+      // line short (an OOM kill right after the program starts prints many).
+      return events.some((e) => e.event === "ready" || e.event === "exit");
     });
   } catch (e) {
     await kill(host, id, vm.pid);
