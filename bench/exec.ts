@@ -8,13 +8,19 @@
 //     on two guests alike, since a guest's agent port takes one connection at a time;
 // (2) 100 MiB copied into and out of the guest with the official client's cpToInstance and
 //     cpFromInstance through the control plane, against the same bytes through a direct
-//     connection (`cat` in the guest), interleaved.
+//     connection (`cat` in the guest), interleaved;
+// (3) with the sim driver's simulated guest (no VM: the relays alone), two replicas and the
+//     Worker: exec round trips and 3 MiB of output through the replica holding the agent,
+//     through the other one (a hop), and through the Worker; and 3 MiB of log lines through
+//     each replica, the other one's relayed over Postgres NOTIFY (how logs cross replicas), to
+//     weigh a hop against a NOTIFY relay for bulk data.
 import { randomBytes } from "node:crypto";
-import { mkdtempSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { appendFileSync, mkdtempSync, rmSync, statSync, writeFileSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { cpFromInstance, cpToInstance } from "@onkernel/hypeman/lib/cp";
 import { GuestLink } from "../host-agent/src/guest/link.ts";
+import { startAgent } from "../host-agent/src/index.ts";
 import { agentPaths } from "../host-agent/src/paths.ts";
 import { TestNamespaces } from "../host-agent/testing/netns.ts";
 import { killGuestsUnder } from "../host-agent/testing/qemu.ts";
@@ -24,7 +30,8 @@ import { ensureVmAssets } from "../scripts/vm-assets.ts";
 import { qemuAgentEnv } from "../test/e2e/env.ts";
 import { execOnce } from "../test/exec-client.ts";
 import { spawnAgent, spawnControlPlane } from "../test/harness.ts";
-import { benchDatabase, http } from "./sim-stack.ts";
+import { wranglerDev } from "../test/wrangler.ts";
+import { benchDatabase, http, simAgentConfig, waitOnline } from "./sim-stack.ts";
 import { percentile } from "./stats.ts";
 
 const ROUND_TRIPS = Number(process.env.BENCH_EXEC_N ?? 200);
@@ -163,6 +170,7 @@ export async function runExecBench(command: string): Promise<string> {
       log(`copy run ${run + 1} done`);
     }
     link.close("done");
+    const relays = await benchRelays(serverUrl, work, log);
 
     const p = (xs: number[], q: number) => percentile(xs, q);
     const med = (xs: number[]) => percentile(xs, 50);
@@ -182,6 +190,7 @@ export async function runExecBench(command: string): Promise<string> {
       `| out of the guest | ${rate(COPY_BYTES, med(copies.cpOut))} | ${rate(COPY_BYTES, med(copies.linkOut))} | ${(med(copies.linkOut) / med(copies.cpOut)).toFixed(2)} |`,
       "",
       `Medians of ${COPY_RUNS} runs each.`,
+      relays,
     ].join("\n");
   } finally {
     await agent.stop();
@@ -191,4 +200,116 @@ export async function runExecBench(command: string): Promise<string> {
     rmSync(work, { recursive: true, force: true });
     await pg?.stop();
   }
+}
+
+const RELAY_TRIPS = Number(process.env.BENCH_RELAY_N ?? 200);
+const RELAY_BYTES = 3 * 1024 * 1024;
+const RELAY_RUNS = 3;
+
+/** (3): the relays, with the sim's simulated guest. */
+async function benchRelays(serverUrl: string, root: string, log: (m: string) => void) {
+  const db = await benchDatabase(serverUrl, "bench_relays");
+  const env = { HEARTBEAT_MS: "5000", HOST_GRACE_MS: "15000" };
+  const a = await spawnControlPlane({ databaseUrl: db.url, env });
+  const b = await spawnControlPlane({ databaseUrl: db.url, env });
+  const cfg = simAgentConfig(a.url, db.token, path.join(root, "relay-agent"), "bench-host");
+  const agent = await startAgent(cfg, { log: () => {} });
+  const trips = { a: [] as number[], b: [] as number[], w: [] as number[] };
+  const bulk = {
+    execA: [] as number[],
+    execB: [] as number[],
+    logA: [] as number[],
+    logB: [] as number[],
+  };
+  try {
+    await waitOnline(a.url, db.key);
+    const inst = await http(a.url, db.key, "POST", "/instances", {
+      name: "rs",
+      image: "alpine",
+      vcpus: 1,
+      size: "256MB",
+    });
+    for (let i = 0; i < RELAY_TRIPS + WARMUP; i++) {
+      const [ta] = await timed(() => execOnce(a.url, db.key, "rs", { command: ["true"] }));
+      const [tb] = await timed(() => execOnce(b.url, db.key, "rs", { command: ["true"] }));
+      if (i >= WARMUP) {
+        trips.a.push(ta);
+        trips.b.push(tb);
+      }
+    }
+    // 1 KiB console lines, as many bytes as the exec output.
+    const line = "x".repeat(1023);
+    appendFileSync(
+      agentPaths(cfg.dataDir, cfg.sim.stateDir).sim.consoleLog(String(inst?.id)),
+      `${Array.from({ length: RELAY_BYTES / 1024 }, () => line).join("\n")}\n`,
+    );
+    const logs = async (base: string) => {
+      const res = await fetch(`${base}/instances/rs/logs?tail=${RELAY_BYTES / 1024}`, {
+        headers: { authorization: `Bearer ${db.key}` },
+      });
+      const text = await res.text();
+      if (text.length < RELAY_BYTES) throw new Error(`logs: ${text.length} characters`);
+    };
+    for (let run = 0; run < RELAY_RUNS; run++) {
+      for (const [key, base] of [
+        ["execA", a.url],
+        ["execB", b.url],
+      ] as const) {
+        const [t, r] = await timed(() =>
+          execOnce(base, db.key, "rs", { command: ["yes", String(RELAY_BYTES)] }),
+        );
+        if (r.output.length !== RELAY_BYTES) throw new Error("exec output short");
+        bulk[key].push(t);
+      }
+      bulk.logA.push((await timed(() => logs(a.url)))[0]);
+      bulk.logB.push((await timed(() => logs(b.url)))[0]);
+    }
+    log("relays through replicas done");
+  } finally {
+    await agent.stop();
+    await a.stop();
+    await b.stop();
+  }
+  const wdb = await benchDatabase(serverUrl, "bench_relays_workers");
+  const worker = await wranglerDev(wdb.url, env);
+  const wagent = await startAgent(
+    simAgentConfig(worker.url, wdb.token, path.join(root, "relay-wagent"), "bench-host"),
+    { log: () => {} },
+  );
+  try {
+    await waitOnline(worker.url, wdb.key);
+    await http(worker.url, wdb.key, "POST", "/instances", {
+      name: "rs",
+      image: "alpine",
+      vcpus: 1,
+      size: "256MB",
+    });
+    for (let i = 0; i < RELAY_TRIPS + WARMUP; i++) {
+      const [t] = await timed(() => execOnce(worker.url, wdb.key, "rs", { command: ["true"] }));
+      if (i >= WARMUP) trips.w.push(t);
+    }
+    log("relays through the Worker done");
+  } finally {
+    await wagent.stop();
+    await worker.stop();
+  }
+  const p = (xs: number[], q: number) => percentile(xs, q);
+  const mbps = (xs: number[]) => rate(RELAY_BYTES, percentile(xs, 50));
+  return [
+    "",
+    "#### The relays (sim driver's simulated guest: no VM)",
+    "",
+    `Two Node replicas on one Postgres server, one sim agent connected to A; then the Worker under \`wrangler dev\`. Exec round trips interleaved A/B (${RELAY_TRIPS} each after ${WARMUP} warm-up), then ${RELAY_TRIPS} through the Worker; ${RELAY_BYTES / 1024 / 1024} MiB transfers, medians of ${RELAY_RUNS}.`,
+    "",
+    "| exec `true`, round trip | p50 | p99 |",
+    "|---|---|---|",
+    `| through the agent's replica (A) | ${ms(p(trips.a, 50))} | ${ms(p(trips.a, 99))} |`,
+    `| through the other replica (B: a hop to A) | ${ms(p(trips.b, 50))} | ${ms(p(trips.b, 99))} |`,
+    `| through the Worker (a hop to the HostSession) | ${ms(p(trips.w, 50))} | ${ms(p(trips.w, 99))} |`,
+    "",
+    `| ${RELAY_BYTES / 1024 / 1024} MiB to the client | through A | through B |`,
+    "|---|---|---|",
+    `| exec output (B: the hop, a WebSocket to A) | ${mbps(bulk.execA)} | ${mbps(bulk.execB)} |`,
+    `| log lines (B: relayed over NOTIFY, as logs cross replicas) | ${mbps(bulk.logA)} | ${mbps(bulk.logB)} |`,
+  ].join("\n");
 }
