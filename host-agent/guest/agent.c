@@ -283,7 +283,7 @@ static int spawn(struct session *s, struct request *r, char *error, size_t errle
     return -1;
   }
   r->argv[r->argc] = NULL;
-  int report[2], in[2] = {-1, -1}, out[2] = {-1, -1}, err[2] = {-1, -1}, master = -1;
+  int report[2] = {-1, -1}, in[2] = {-1, -1}, out[2] = {-1, -1}, err[2] = {-1, -1}, master = -1;
   char *slave = NULL;
   if (pipe2(report, O_CLOEXEC) < 0) goto sys;
   if (r->tty) {
@@ -331,22 +331,16 @@ static int spawn(struct session *s, struct request *r, char *error, size_t errle
   free(envp);
   free(slave);
   slave = NULL;
-  close(report[1]);
+  close_fd(&report[1]);
   /* The child closes it by exec (CLOEXEC) or writes why it could not. */
   ssize_t n;
   do n = read(report[0], error, errlen - 1);
   while (n < 0 && errno == EINTR);
-  close(report[0]);
+  close_fd(&report[0]);
   if (n > 0) {
     error[n] = '\0';
     waitpid(pid, NULL, 0);
-    close_fd(&master);
-    for (int i = 0; i < 2; i++) {
-      close_fd(&in[i]);
-      close_fd(&out[i]);
-      close_fd(&err[i]);
-    }
-    return -1;
+    goto fail;
   }
   s->pid = pid;
   s->tty = r->tty;
@@ -369,9 +363,11 @@ static int spawn(struct session *s, struct request *r, char *error, size_t errle
   return 0;
 sys:
   snprintf(error, errlen, "cannot start the command: %s", strerror(errno));
+fail:
   free(slave);
   close_fd(&master);
   for (int i = 0; i < 2; i++) {
+    close_fd(&report[i]);
     close_fd(&in[i]);
     close_fd(&out[i]);
     close_fd(&err[i]);

@@ -5,6 +5,7 @@ import { readFileSync } from "node:fs";
 import { describe, expect, it } from "vitest";
 import { guestConfig } from "../src/drivers/qemu/guest-config.ts";
 import { guestDevices, kernelCmdline } from "../src/drivers/qemu/launch.ts";
+import { spec } from "../testing/index.ts";
 import {
   AGENT_PORT,
   EXIT_FIELDS,
@@ -284,24 +285,13 @@ describe("the guest agent (agent.c) and agent-protocol.ts", () => {
     expect(init).toContain(
       'exec /bin/chroot /newroot /.offshoot/offshoot-agent "$OFFSHOOT_WORKDIR"',
     );
-    const on = guestConfig(
-      {
-        id: "i",
-        name: "n",
-        entrypoint: ["/bin/true"],
-        cmd: null,
-        env: {},
-        network: {
-          enabled: false,
-          mac: null,
-          ip: null,
-          subnet: null,
-          bandwidth_download_bps: null,
-          bandwidth_upload_bps: null,
-        },
-      },
-      { name: "img", entrypoint: null, cmd: null, env: {}, working_dir: "/" },
+    const image = { name: "img", entrypoint: null, cmd: null, env: {}, working_dir: "/" };
+    const on = guestConfig(spec("i", { entrypoint: ["/bin/true"] }), image);
+    const off = guestConfig(
+      spec("i", { entrypoint: ["/bin/true"], skip_guest_agent: true }),
+      image,
     );
+    expect(off).toContain(`${GUEST_CONFIG.agent}=''`);
     expect(on).toContain(`${GUEST_CONFIG.agent}='1'`);
   });
 });

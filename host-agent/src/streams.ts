@@ -16,8 +16,9 @@ import {
   STREAM_LIMITS,
   type StreamOpen,
 } from "@offshoot/shared";
+import type { z } from "zod";
 import type { Driver } from "./drivers/driver.ts";
-import type { Session } from "./guest/link.ts";
+import type { Guest, Session } from "./guest/link.ts";
 import { escapes, TAR_END, TarReader, tarHeader, tarPadding } from "./guest/tar.ts";
 import { errorMessage, type Logger } from "./log.ts";
 
@@ -89,11 +90,14 @@ abstract class Stream {
   abstract cancel(): void;
 }
 
-class ExecStream extends Stream {
-  private session: Session | undefined;
-  private starting = false;
-  /** Input that arrived while the session started (within the stream's window: it is credited
-   * only once the session has taken it). */
+/**
+ * A stream that runs one command in the guest (exec, cp), begun by the client's first message: a
+ * JSON text of the protocol's start schema. Input that arrives while the guest is reached waits
+ * here, within the stream's window (it is credited only once the session has taken it).
+ */
+abstract class CommandStream<S> extends Stream {
+  protected session: Session | undefined;
+  private begun = false;
   private early: Array<[boolean, Uint8Array]> = [];
 
   constructor(
@@ -101,23 +105,113 @@ class ExecStream extends Stream {
     open: StreamOpen,
     tunnel: Streams,
     private driver: Driver,
+    private schema: z.ZodType<S>,
   ) {
     super(id, open, tunnel);
   }
 
+  /** What a start the schema refuses is called, in the protocol's words. */
+  protected abstract invalid(error: z.ZodError): string;
+  /** The first message was not a start: said as the protocol says it, before the stream ends. */
+  protected abstract refuse(message: string): void;
+  /** How long to wait for the guest's agent. */
+  protected waitMs(_start: S): number {
+    return DEFAULT_AGENT_WAIT_MS;
+  }
+  /** Starts the session in the guest. */
+  protected abstract launch(start: S, guest: Guest): Session;
+  /** The guest could not be reached: said, and the stream ended. */
+  protected abstract unreachable(message: string): void;
+  /** A client message once the session runs. */
+  protected abstract input(session: Session, textual: boolean, payload: Uint8Array): void;
+
   receive(textual: boolean, payload: Uint8Array): void {
-    if (!this.session && !this.starting) {
-      this.start(textual, payload);
+    if (!this.begun) {
+      this.begun = true;
+      this.begin(textual, payload);
+    } else if (!this.session) this.early.push([textual, payload]);
+    else this.input(this.session, textual, payload);
+  }
+
+  private begin(textual: boolean, payload: Uint8Array): void {
+    this.tunnel.credit(this, payload.length);
+    let start: S;
+    try {
+      if (!textual) throw new Error("first message must be JSON text");
+      const parsed = this.schema.safeParse(JSON.parse(Buffer.from(payload).toString("utf8")));
+      if (!parsed.success) throw new Error(this.invalid(parsed.error));
+      start = parsed.data;
+    } catch (e) {
+      this.refuse(errorMessage(e));
+      this.finish("bad request");
       return;
     }
-    const session = this.session;
-    if (!session) {
-      this.early.push([textual, payload]);
-      return;
-    }
+    this.driver
+      .guest(this.open.instance_id, this.waitMs(start))
+      .then((guest) => {
+        if (this.ended) return;
+        this.session = this.launch(start, guest);
+        for (const [t, p] of this.early.splice(0)) this.receive(t, p);
+      })
+      .catch((e: unknown) => this.unreachable(errorMessage(e)));
+  }
+
+  cancel(): void {
+    this.session?.kill();
+  }
+}
+
+class ExecStream extends CommandStream<ExecStart> {
+  constructor(id: string, open: StreamOpen, tunnel: Streams, driver: Driver) {
+    super(id, open, tunnel, driver, ExecStart);
+  }
+
+  protected invalid(error: z.ZodError): string {
+    return `invalid JSON: ${error.issues[0]?.message}`;
+  }
+
+  protected refuse(message: string): void {
+    this.send(text(JSON.stringify({ error: message })));
+  }
+
+  protected override waitMs(start: ExecStart): number {
+    return start.wait_for_agent > 0 ? start.wait_for_agent * 1000 : DEFAULT_AGENT_WAIT_MS;
+  }
+
+  protected launch(start: ExecStart, guest: Guest): Session {
+    const session = guest.exec(
+      {
+        command: start.command.length > 0 ? start.command : ["/bin/sh"],
+        env: start.env,
+        cwd: start.cwd || null,
+        tty: start.tty,
+        rows: start.rows,
+        cols: start.cols,
+        timeout: start.timeout,
+      },
+      {
+        output: (data) =>
+          this.send({ text: false, payload: data, sent: () => session.credit(data.length) }),
+        end: (end) => {
+          if (end.error)
+            this.send({ text: false, payload: utf8.encode(`Error: ${end.error}\r\n`) });
+          this.send(text(execExit(end.code)));
+          this.finish(end.timedOut ? "timed out" : "exited");
+        },
+      },
+    );
+    return session;
+  }
+
+  protected unreachable(message: string): void {
+    this.send({ text: false, payload: utf8.encode(`Error: ${message}\r\n`) });
+    this.send(text(execExit(127)));
+    this.finish("failed");
+  }
+
+  protected input(session: Session, textual: boolean, payload: Uint8Array): void {
     if (textual) {
-      const s = Buffer.from(payload).toString("utf8");
-      const control = controlOf(s);
+      const control = controlOf(Buffer.from(payload).toString("utf8"));
       if (control?.kind === "resize") {
         session.resize(control.rows, control.cols);
         this.tunnel.credit(this, payload.length);
@@ -130,65 +224,6 @@ class ExecStream extends Stream {
       }
     }
     void session.write(Buffer.from(payload)).then(() => this.tunnel.credit(this, payload.length));
-  }
-
-  private start(textual: boolean, payload: Uint8Array): void {
-    this.starting = true;
-    this.tunnel.credit(this, payload.length);
-    let start: ExecStart;
-    try {
-      if (!textual) throw new Error("first message must be JSON text");
-      const parsed = ExecStart.safeParse(JSON.parse(Buffer.from(payload).toString("utf8")));
-      if (!parsed.success) throw new Error(`invalid JSON: ${parsed.error.issues[0]?.message}`);
-      start = parsed.data;
-    } catch (e) {
-      this.send(text(JSON.stringify({ error: errorMessage(e) })));
-      this.finish("bad request");
-      return;
-    }
-    const waitMs = start.wait_for_agent > 0 ? start.wait_for_agent * 1000 : DEFAULT_AGENT_WAIT_MS;
-    this.driver
-      .guest(this.open.instance_id, waitMs)
-      .then((guest) => {
-        if (this.ended) return;
-        this.session = guest.exec(
-          {
-            command: start.command.length > 0 ? start.command : ["/bin/sh"],
-            env: start.env,
-            cwd: start.cwd || null,
-            tty: start.tty,
-            rows: start.rows,
-            cols: start.cols,
-            timeout: start.timeout,
-          },
-          {
-            output: (data) => {
-              const session = this.session;
-              this.send({
-                text: false,
-                payload: data,
-                sent: () => session?.credit(data.length),
-              });
-            },
-            end: (end) => {
-              if (end.error)
-                this.send({ text: false, payload: utf8.encode(`Error: ${end.error}\r\n`) });
-              this.send(text(execExit(end.code)));
-              this.finish(end.timedOut ? "timed out" : "exited");
-            },
-          },
-        );
-        for (const [t, p] of this.early.splice(0)) this.receive(t, p);
-      })
-      .catch((e: unknown) => {
-        this.send({ text: false, payload: utf8.encode(`Error: ${errorMessage(e)}\r\n`) });
-        this.send(text(execExit(127)));
-        this.finish("failed");
-      });
-  }
-
-  cancel(): void {
-    this.session?.kill();
   }
 }
 
@@ -211,11 +246,8 @@ const CP_FROM = (follow: boolean) =>
 
 /** cp (Hypeman's protocol, see CpStart): the guest's busybox moves the bytes; this side speaks
  * the protocol, and checks a client's archive before any of it reaches the guest. */
-class CpStream extends Stream {
-  private session: Session | undefined;
-  private begun = false;
+class CpStream extends CommandStream<CpStart> {
   private start: CpStart | undefined;
-  private early: Array<[boolean, Uint8Array]> = [];
   private stderr = "";
   private received = 0;
   private failed = false;
@@ -225,26 +257,25 @@ class CpStream extends Stream {
   private reader: TarReader | undefined;
   private entryOpen = false;
 
-  constructor(
-    id: string,
-    open: StreamOpen,
-    tunnel: Streams,
-    private driver: Driver,
-  ) {
-    super(id, open, tunnel);
+  constructor(id: string, open: StreamOpen, tunnel: Streams, driver: Driver) {
+    super(id, open, tunnel, driver, CpStart);
   }
 
-  receive(textual: boolean, payload: Uint8Array): void {
-    if (!this.begun) {
-      this.begun = true;
-      this.begin(textual, payload);
-      return;
-    }
-    const session = this.session;
-    if (!session) {
-      this.early.push([textual, payload]);
-      return;
-    }
+  protected invalid(error: z.ZodError): string {
+    const issue = error.issues[0];
+    return `invalid request: ${issue?.path.join(".")} ${issue?.message}`;
+  }
+
+  protected refuse(message: string): void {
+    this.send(text(JSON.stringify({ type: "error", message })));
+  }
+
+  protected unreachable(message: string): void {
+    this.send(text(JSON.stringify({ type: "error", message })));
+    this.finish("failed");
+  }
+
+  protected input(session: Session, textual: boolean, payload: Uint8Array): void {
     if (this.start?.direction !== "to" || this.failed) {
       this.tunnel.credit(this, payload.length);
       return;
@@ -287,22 +318,7 @@ class CpStream extends Stream {
     void session.write(bytes).then(() => this.tunnel.credit(this, payload.length));
   }
 
-  private begin(textual: boolean, payload: Uint8Array): void {
-    this.tunnel.credit(this, payload.length);
-    let start: CpStart;
-    try {
-      if (!textual) throw new Error("first message must be JSON text");
-      const parsed = CpStart.safeParse(JSON.parse(Buffer.from(payload).toString("utf8")));
-      if (!parsed.success)
-        throw new Error(
-          `invalid request: ${parsed.error.issues[0]?.path.join(".")} ${parsed.error.issues[0]?.message}`,
-        );
-      start = parsed.data;
-    } catch (e) {
-      this.send(text(JSON.stringify({ type: "error", message: errorMessage(e) })));
-      this.finish("bad request");
-      return;
-    }
+  protected launch(start: CpStart, guest: Guest): Session {
     this.start = start;
     const to = start.direction === "to";
     const mode = (start.mode || (start.is_dir ? 0o755 : 0o644)).toString(8);
@@ -315,42 +331,33 @@ class CpStream extends Stream {
           : CP_TO_FILE;
     if (to && start.archive) this.archive = this.archiveChecker();
     if (!to && !start.archive) this.reader = this.guestArchiveReader();
-    this.driver
-      .guest(this.open.instance_id, DEFAULT_AGENT_WAIT_MS)
-      .then((guest) => {
-        if (this.ended) return;
-        this.session = guest.exec(
-          {
-            command: [
-              "sh",
-              "-c",
-              script,
-              "sh",
-              start.guest_path,
-              mode,
-              String(start.uid),
-              String(start.gid),
-            ],
-            env: GUEST_TOOLS,
-            cwd: "/",
-            tty: false,
-            rows: 0,
-            cols: 0,
-            timeout: 0,
-          },
-          {
-            output: (data, which) => this.output(data, which),
-            end: (end) => this.ended_(end.code, end.error),
-          },
-        );
-        // A directory has no data: the client's end may never matter, stdin ends now.
-        if (to && start.is_dir && !start.archive) this.session.closeStdin();
-        for (const [t, p] of this.early.splice(0)) this.receive(t, p);
-      })
-      .catch((e: unknown) => {
-        this.send(text(JSON.stringify({ type: "error", message: errorMessage(e) })));
-        this.finish("failed");
-      });
+    const session = guest.exec(
+      {
+        command: [
+          "sh",
+          "-c",
+          script,
+          "sh",
+          start.guest_path,
+          mode,
+          String(start.uid),
+          String(start.gid),
+        ],
+        env: GUEST_TOOLS,
+        cwd: "/",
+        tty: false,
+        rows: 0,
+        cols: 0,
+        timeout: 0,
+      },
+      {
+        output: (data, which) => this.output(data, which),
+        end: (end) => this.ended_(end.code, end.error),
+      },
+    );
+    // A directory has no data: the client's end may never matter, stdin ends now.
+    if (to && start.is_dir && !start.archive) session.closeStdin();
+    return session;
   }
 
   private output(data: Buffer, which: "stdout" | "stderr"): void {
@@ -482,10 +489,6 @@ class CpStream extends Stream {
       end: () => out.push(TAR_END),
     });
     return { reader, out, symlinks };
-  }
-
-  cancel(): void {
-    this.session?.kill();
   }
 }
 

@@ -6,9 +6,6 @@ import {
   type LogChunk,
   type LogQuery,
   PROTOCOL_VERSION,
-  type StreamCredit,
-  type StreamData,
-  type StreamEnd,
 } from "@offshoot/shared";
 import { eq } from "drizzle-orm";
 import WebSocket from "ws";
@@ -21,7 +18,7 @@ import type { Services } from "../services/context.ts";
 import { commandOf } from "../services/operations.ts";
 import { AgentSession, type AgentSocket } from "./agent-session.ts";
 import type { HostGateway, LogSink } from "./host-gateway.ts";
-import { Relay, type StreamHandle, type StreamRequest, type StreamSink } from "./relay.ts";
+import { Relays, type StreamHandle, type StreamRequest, type StreamSink } from "./relay.ts";
 import { openHop, serveHop } from "./stream-hop.ts";
 
 /** How long a replica waits for the one holding a host's agent to take a log stream (or to say
@@ -47,7 +44,7 @@ export class NodeGateway implements HostGateway {
   /** Streams this replica asked another one for: acked once that replica has the agent. */
   private remoteStreams = new Map<string, { hostId: string; sink: LogSink; acked(): void }>();
   /** Streams (exec, stat, stats) relayed to agents held here, by stream id. */
-  private relays = new Map<string, Relay>();
+  private relays = new Relays();
   /** This replica's hop endpoint, the one-time tokens it issued for it, and the answers it
    * waits for from other replicas (stream_here). */
   private hopUrl: string | undefined;
@@ -122,12 +119,7 @@ export class NodeGateway implements HostGateway {
     sink: StreamSink,
   ): Promise<StreamHandle | undefined> {
     const bus = this.bus;
-    if (!bus) return undefined;
-    const [host] = await this.s.db
-      .select({ status: hosts.status })
-      .from(hosts)
-      .where(eq(hosts.id, hostId));
-    if (host?.status !== "online") return undefined;
+    if (!bus || !(await this.online(hostId))) return undefined;
     const stream = randomUUID();
     const where = await new Promise<{ url: string; token: string } | undefined>((resolve) => {
       const timer = setTimeout(() => {
@@ -175,48 +167,17 @@ export class NodeGateway implements HostGateway {
   ): StreamHandle | undefined {
     const session = this.sessions.get(hostId);
     if (!session?.ready) return undefined;
-    const id = randomUUID();
-    const relay = new Relay(
-      id,
+    return this.relays.open(
       hostId,
       { control: (m) => session.sendMessage(m), data: (f) => session.sendBinary(f) },
-      {
-        message: (text, payload) => sink.message(text, payload),
-        end: (reason, error) => {
-          this.relays.delete(id);
-          sink.end(reason, error);
-        },
-      },
+      req,
+      sink,
     );
-    this.relays.set(id, relay);
-    relay.start(req);
-    return {
-      send: (text, payload) => relay.send(text, payload),
-      close: () => {
-        this.relays.delete(id);
-        relay.close();
-      },
-    };
   }
 
   /** Serves a hop another replica opened with a token for `hostId` (server.ts upgrades it). */
   serveHop(hostId: string, socket: Parameters<typeof serveHop>[0]) {
     return serveHop(socket, async (req, sink) => this.openLocalStream(hostId, req, sink));
-  }
-
-  private onStream(hostId: string, msg: StreamCredit | StreamEnd): void {
-    const relay = this.relays.get(msg.stream_id);
-    if (!relay || relay.hostId !== hostId) return;
-    if (msg.type === "stream_credit") relay.credited(msg.bytes);
-    else {
-      this.relays.delete(msg.stream_id);
-      relay.ended(msg.reason, msg.error);
-    }
-  }
-
-  private onStreamData(hostId: string, frame: StreamData): void {
-    const relay = this.relays.get(frame.streamId);
-    if (relay?.hostId === hostId) relay.fromAgent(frame.text, frame.payload);
   }
 
   private openLocalLogs(
@@ -256,6 +217,15 @@ export class NodeGateway implements HostGateway {
     });
   }
 
+  /** Whether the host is connected somewhere: only then is there a replica to ask for it. */
+  private async online(hostId: string): Promise<boolean> {
+    const [host] = await this.s.db
+      .select({ status: hosts.status })
+      .from(hosts)
+      .where(eq(hosts.id, hostId));
+    return host?.status === "online";
+  }
+
   /** Asks the replica holding the host's agent to stream; undefined if none answers. */
   private async openRemoteLogs(
     hostId: string,
@@ -263,13 +233,7 @@ export class NodeGateway implements HostGateway {
     sink: LogSink,
   ): Promise<(() => void) | undefined> {
     const bus = this.bus;
-    if (!bus) return undefined;
-    // Only a connected host has a replica to ask.
-    const [host] = await this.s.db
-      .select({ status: hosts.status })
-      .from(hosts)
-      .where(eq(hosts.id, hostId));
-    if (host?.status !== "online") return undefined;
+    if (!bus || !(await this.online(hostId))) return undefined;
     const stream = randomUUID();
     const cancel = () => {
       if (this.remoteStreams.delete(stream))
@@ -455,8 +419,8 @@ export class NodeGateway implements HostGateway {
       },
       onHeartbeat: (hostId) => this.beats.add(hostId),
       onLog: (hostId, chunk) => this.onLog(hostId, chunk),
-      onStream: (hostId, msg) => this.onStream(hostId, msg),
-      onStreamData: (hostId, frame) => this.onStreamData(hostId, frame),
+      onStream: (hostId, msg) => this.relays.control(hostId, msg),
+      onStreamData: (hostId, frame) => this.relays.data(hostId, frame),
     });
     return session;
   }
@@ -472,7 +436,7 @@ export class NodeGateway implements HostGateway {
       this.logStreams.delete(id);
       stream.sink.end({ code: "host_unavailable", message: "the host disconnected" });
     }
-    this.endRelays(session.host.id, "the host disconnected");
+    this.relays.endAll(session.host.id, "the host disconnected");
     this.s.log("info", "host disconnected", { host_id: session.host.id });
     drained
       .then(() => hostDisconnected(this.s, session.host.id, session.connectedAt))
@@ -482,15 +446,6 @@ export class NodeGateway implements HostGateway {
           error: String(e),
         }),
       );
-  }
-
-  /** Every stream of the host (or all) ends with host_unavailable. */
-  private endRelays(hostId: string | undefined, message: string): void {
-    for (const [id, relay] of this.relays) {
-      if (hostId !== undefined && relay.hostId !== hostId) continue;
-      this.relays.delete(id);
-      relay.ended(undefined, { code: "host_unavailable", message });
-    }
   }
 
   private async flushHeartbeats(): Promise<void> {
@@ -513,7 +468,7 @@ export class NodeGateway implements HostGateway {
     for (const session of this.sessions.values())
       session.close(CLOSE.shuttingDown, "control plane shutting down");
     this.sessions.clear();
-    this.endRelays(undefined, "the control plane is shutting down");
+    this.relays.endAll(undefined, "the control plane is shutting down");
     // Streams relayed to other replicas end now, not never.
     for (const [id, stream] of this.logStreams) {
       this.logStreams.delete(id);

@@ -8,6 +8,9 @@ import {
   PROTOCOL_VERSION,
   type ServerMessage,
   STREAM_LIMITS,
+  StreamCredit,
+  type StreamData,
+  StreamEnd,
   type StreamOpen,
 } from "@offshoot/shared";
 
@@ -120,4 +123,76 @@ export class Relay implements StreamHandle {
     this.done = true;
     for (const w of this.waiters.splice(0)) w();
   }
+}
+
+/** The streams relayed to agents' sockets held by one process (the Node gateway's, a
+ * HostSession's), by stream id: what opens them, and where the agent's stream messages go. */
+export class Relays {
+  private relays = new Map<string, Relay>();
+
+  /** A stream to `hostId` through `wire` (that host's agent socket). */
+  open(hostId: string, wire: AgentWire, req: StreamRequest, sink: StreamSink): StreamHandle {
+    const id = crypto.randomUUID();
+    const relay = new Relay(id, hostId, wire, {
+      message: (text, payload) => sink.message(text, payload),
+      end: (reason, error) => {
+        this.relays.delete(id);
+        sink.end(reason, error);
+      },
+    });
+    this.relays.set(id, relay);
+    relay.start(req);
+    return {
+      send: (text, payload) => relay.send(text, payload),
+      close: () => {
+        this.relays.delete(id);
+        relay.close();
+      },
+    };
+  }
+
+  /** A stream's credit or end from `hostId`'s agent (another host's stream ids are not its). */
+  control(hostId: string, msg: StreamCredit | StreamEnd): void {
+    const relay = this.relays.get(msg.stream_id);
+    if (relay?.hostId !== hostId) return;
+    if (msg.type === "stream_credit") relay.credited(msg.bytes);
+    else {
+      this.relays.delete(msg.stream_id);
+      relay.ended(msg.reason, msg.error);
+    }
+  }
+
+  /** A stream's message from `hostId`'s agent. */
+  data(hostId: string, frame: StreamData): void {
+    const relay = this.relays.get(frame.streamId);
+    if (relay?.hostId === hostId) relay.fromAgent(frame.text, frame.payload);
+  }
+
+  /** Every stream of the host (or all) ends with host_unavailable. */
+  endAll(hostId: string | undefined, message: string): void {
+    for (const [id, relay] of this.relays) {
+      if (hostId !== undefined && relay.hostId !== hostId) continue;
+      this.relays.delete(id);
+      relay.ended(undefined, { code: "host_unavailable", message });
+    }
+  }
+}
+
+/** A stream_credit or stream_end in an agent's (or a hop's) text message, told apart cheaply
+ * from the others; undefined for anything else. */
+export function streamControl(text: string): StreamCredit | StreamEnd | undefined {
+  if (!text.includes('"type":"stream_')) return undefined;
+  try {
+    return streamControlOf(JSON.parse(text));
+  } catch {
+    return undefined;
+  }
+}
+
+/** The same, of a message already parsed. */
+export function streamControlOf(raw: unknown): StreamCredit | StreamEnd | undefined {
+  const credit = StreamCredit.safeParse(raw);
+  if (credit.success) return credit.data;
+  const end = StreamEnd.safeParse(raw);
+  return end.success ? end.data : undefined;
 }

@@ -9,12 +9,17 @@ import {
   encodeStreamData,
   PROTOCOL_VERSION,
   STREAM_LIMITS,
-  StreamCredit,
-  StreamEnd,
+  type StreamEnd,
   StreamOpen,
 } from "@offshoot/shared";
-import { z } from "zod";
-import { Relay, type StreamHandle, type StreamRequest, type StreamSink } from "./relay.ts";
+import {
+  Relay,
+  type StreamHandle,
+  type StreamRequest,
+  type StreamSink,
+  streamControl,
+  streamControlOf,
+} from "./relay.ts";
 
 /** A WebSocket as both runtimes offer one. */
 export interface HopSocket {
@@ -24,8 +29,6 @@ export interface HopSocket {
 
 /** The stream id used on a hop: it carries one stream. */
 const HOP_STREAM = "hop";
-
-const HopControl = z.union([StreamCredit, StreamEnd]);
 
 /** The near side: a stream to `hostId` through `socket` (already open). Feed it the socket's
  * messages (`receive`) and its close (`closed`). */
@@ -56,7 +59,7 @@ export function openHop(
     },
     receive: (data) => {
       if (typeof data === "string") {
-        const msg = parseControl(data);
+        const msg = streamControl(data);
         if (msg?.type === "stream_credit") relay.credited(msg.bytes);
         else if (msg?.type === "stream_end") relay.ended(msg.reason, msg.error);
         return;
@@ -145,10 +148,10 @@ export function serveHop(
           });
           return;
         }
-        const msg = HopControl.safeParse(raw);
-        if (!msg.success) return;
-        if (msg.data.type === "stream_credit") {
-          credit += msg.data.bytes;
+        const msg = streamControlOf(raw);
+        if (!msg) return;
+        if (msg.type === "stream_credit") {
+          credit += msg.bytes;
           settle();
         } else {
           ended = true;
@@ -183,13 +186,4 @@ export function serveHop(
       for (const d of delivering.splice(0)) d.done();
     },
   };
-}
-
-function parseControl(text: string): z.infer<typeof HopControl> | undefined {
-  try {
-    const parsed = HopControl.safeParse(JSON.parse(text));
-    return parsed.success ? parsed.data : undefined;
-  } catch {
-    return undefined;
-  }
 }

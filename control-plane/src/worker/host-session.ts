@@ -13,11 +13,15 @@ import {
   type LogChunk,
   LogQuery,
   PROTOCOL_VERSION,
-  StreamCredit,
-  StreamEnd,
 } from "@offshoot/shared";
 import type { HostGateway } from "../gateway/host-gateway.ts";
-import { Relay, type StreamHandle, type StreamRequest, type StreamSink } from "../gateway/relay.ts";
+import {
+  Relays,
+  type StreamHandle,
+  type StreamRequest,
+  type StreamSink,
+  streamControl,
+} from "../gateway/relay.ts";
 import { serveHop } from "../gateway/stream-hop.ts";
 import { heartbeatsReceived } from "../services/agent-messages/heartbeat.ts";
 import { hostDisconnected } from "../services/agent-messages/hello.ts";
@@ -66,7 +70,7 @@ export class HostSession {
   private logs = new Map<string, WritableStreamDefaultWriter<Uint8Array>>();
   /** Open streams (exec, cp, stat, stats) on the agent's socket, by stream id. Each keeps this
    * object in memory while its hop socket from the Worker is open (accepted, not hibernatable). */
-  private relays = new Map<string, Relay>();
+  private relays = new Relays();
 
   /** This instance of the object: a new one after every eviction (hibernation). */
   private readonly incarnation = crypto.randomUUID();
@@ -199,42 +203,15 @@ export class HostSession {
     const agent = this.agent();
     const hostId = (agent?.deserializeAttachment() as Attachment | null)?.host.id;
     if (!agent || !hostId) return undefined;
-    const id = crypto.randomUUID();
-    const relay = new Relay(
-      id,
+    return this.relays.open(
       hostId,
       {
         control: (m) => this.agent()?.send(encode(m)),
         data: (frame) => this.agent()?.send(frame),
       },
-      {
-        message: (text, payload) => sink.message(text, payload),
-        end: (reason, error) => {
-          this.relays.delete(id);
-          sink.end(reason, error);
-        },
-      },
+      open,
+      sink,
     );
-    this.relays.set(id, relay);
-    relay.start(open);
-    return {
-      send: (text, payload) => relay.send(text, payload),
-      close: () => {
-        this.relays.delete(id);
-        relay.close();
-      },
-    };
-  }
-
-  /** A stream's credit or end from the agent. */
-  private onStream(msg: StreamCredit | StreamEnd): void {
-    const relay = this.relays.get(msg.stream_id);
-    if (!relay) return;
-    if (msg.type === "stream_credit") relay.credited(msg.bytes);
-    else {
-      this.relays.delete(msg.stream_id);
-      relay.ended(msg.reason, msg.error);
-    }
   }
 
   private onLog(chunk: LogChunk): void {
@@ -293,18 +270,18 @@ export class HostSession {
 
   webSocketMessage(ws: CfWebSocket, message: string | ArrayBuffer): Promise<void> {
     // A stream's data is live: it does not wait behind messages that need the database.
+    const hostId = (ws.deserializeAttachment() as Attachment | null)?.host.id;
     if (typeof message !== "string") {
       const frame = decodeStreamData(new Uint8Array(message));
-      if (frame) this.relays.get(frame.streamId)?.fromAgent(frame.text, frame.payload);
+      if (frame && hostId) this.relays.data(hostId, frame);
       return Promise.resolve();
     }
     const live = streamControl(message);
     if (live) {
-      this.onStream(live);
+      if (hostId) this.relays.control(hostId, live);
       return Promise.resolve();
     }
     const text = message;
-    const hostId = (ws.deserializeAttachment() as Attachment | null)?.host.id;
     return this.queue.push(
       { hostId, close: (code, reason) => ws.close(code, reason) },
       // The attachment is read when the message's turn comes: a hello before it may have
@@ -336,7 +313,7 @@ export class HostSession {
           ws.close(code, reason),
         ),
       log: (chunk) => this.onLog(chunk),
-      stream: (msg) => this.onStream(msg),
+      stream: (msg) => this.relays.control(hostId, msg),
       close: (code, reason) => ws.close(code, reason),
       resultRecorded: (commandId) => {
         log("info", "result recorded", {
@@ -358,10 +335,7 @@ export class HostSession {
         void writer.abort("the host disconnected").catch(() => {});
       }
       this.logs.clear();
-      for (const relay of this.relays.values()) {
-        relay.ended(undefined, { code: "host_unavailable", message: "the host disconnected" });
-      }
-      this.relays.clear();
+      this.relays.endAll(undefined, "the host disconnected");
     }
     if (!attachment) return;
     // After the messages that arrived before the close: a hello still being recorded must not
@@ -372,20 +346,5 @@ export class HostSession {
 
   async webSocketError(ws: CfWebSocket): Promise<void> {
     await this.webSocketClose(ws);
-  }
-}
-
-/** A stream_credit or stream_end from the agent, told apart cheaply from messages that need the
- * database; undefined for anything else. */
-function streamControl(text: string): StreamCredit | StreamEnd | undefined {
-  if (!text.includes('"type":"stream_')) return undefined;
-  try {
-    const raw: unknown = JSON.parse(text);
-    const credit = StreamCredit.safeParse(raw);
-    if (credit.success) return credit.data;
-    const end = StreamEnd.safeParse(raw);
-    return end.success ? end.data : undefined;
-  } catch {
-    return undefined;
   }
 }
