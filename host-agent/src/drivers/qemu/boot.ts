@@ -12,6 +12,7 @@ import {
   InvalidStateError,
   type ObservedInstance,
 } from "@offshoot/shared";
+import { INIT_MARKER } from "../../../guest/protocol.ts";
 import { runSteps } from "../../operations/steps.ts";
 import type { OpContext, OpData } from "../driver.ts";
 import { running } from "../observed.ts";
@@ -213,7 +214,16 @@ async function waitForSerial(
     }
     if (Date.now() >= deadline) {
       const tail = log.trim().split("\n").slice(-3).join(" | ");
-      throw new ApiError("timeout", `instance ${id} not ready within ${timeoutMs} ms: ${tail}`);
+      // Any line that mentions a marker, readable or not, says how far the guest's init got.
+      const marks = log
+        .split("\n")
+        .filter((l) => l.includes(INIT_MARKER))
+        .slice(-3)
+        .join(" | ");
+      throw new ApiError(
+        "timeout",
+        `instance ${id} not ready within ${timeoutMs} ms: ${tail}${marks ? `; its init's lines: ${marks}` : ""}`,
+      );
     }
     await sleep(100);
   }

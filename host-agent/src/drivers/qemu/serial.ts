@@ -5,19 +5,21 @@ import { COUNT_MARKER, INIT_MARKER, type InitEvent } from "../../../guest/protoc
 
 export type { InitEvent };
 
-const INIT_LINE = new RegExp(`^${INIT_MARKER} (\\{.*\\})\\s*$`);
+/** A marker anywhere in a line: the console is shared with the program, the guest agent and the
+ * kernel, and another writer's text can land on the marker's line before or after it. */
+const INIT_MARK = new RegExp(`${INIT_MARKER} (\\{[^{}]*\\})`, "g");
 const COUNT_LINE = new RegExp(`^${COUNT_MARKER} (\\d+)\\s*$`);
 
 /** The init markers in a serial log, in order. Lines that do not parse are not markers. */
 export function initEvents(log: string): InitEvent[] {
   const out: InitEvent[] = [];
   for (const line of log.split(/\r?\n/)) {
-    const m = INIT_LINE.exec(line);
-    if (!m?.[1]) continue;
-    try {
-      out.push(JSON.parse(m[1]) as InitEvent);
-    } catch {
-      // A marker cut short by a kernel message on the same console line; not an event.
+    for (const m of line.matchAll(INIT_MARK)) {
+      try {
+        out.push(JSON.parse(m[1] ?? "") as InitEvent);
+      } catch {
+        // A marker cut short by a kernel message in its middle; not an event.
+      }
     }
   }
   return out;
