@@ -242,6 +242,14 @@ describe("exec, stat and stats in real guests", { timeout: 300_000 }, () => {
     const dst = tempDir("cp-dst-");
     await cpFromInstance(cfg, { instanceId: "gx", srcPath: "/root/in", dstPath: dst });
     const out = path.join(dst, "in");
+    // The client resolves at the copy's final marker without waiting for the file streams it
+    // is still flushing (when the last entry is a link or a directory): wait for them.
+    await waitFor(
+      () =>
+        readFileSync(path.join(out, "a.txt"), "utf8") === "alpha\n" &&
+        statSync(path.join(out, "sub", "b.bin")).size === 300_000,
+      { what: "the client's files to be written", timeoutMs: 10_000 },
+    );
     expect(readFileSync(path.join(out, "a.txt"), "utf8")).toBe("alpha\n");
     expect(statSync(path.join(out, "a.txt")).mode & 0o777).toBe(0o640);
     expect(statSync(path.join(out, "sub", "b.bin")).mode & 0o777).toBe(0o600);
