@@ -404,6 +404,7 @@ async function naiveFork(d: DataDir, target: InstanceSpec, source: string) {
     serial_offset: 0,
     ram: "file",
     ram_base: null,
+    disk_base: null,
     guest_identity: null,
     observed: {
       id,

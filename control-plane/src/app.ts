@@ -19,6 +19,7 @@ import { type AppEnv, newRouter } from "./routes/common.ts";
 import { registerImageRoutes } from "./routes/images.ts";
 import { registerInstanceRoutes } from "./routes/instances/index.ts";
 import { referencePage } from "./routes/reference.ts";
+import { registerSnapshotRoutes } from "./routes/snapshots.ts";
 import { registerUnsupportedRoutes, UNSUPPORTED_PREFIXES } from "./routes/unsupported.ts";
 import { registerVolumeRoutes } from "./routes/volumes.ts";
 import { newCall, type Services } from "./services/context.ts";
@@ -289,7 +290,8 @@ export function createApp({
     }
   };
 
-  for (const prefix of ["/instances", "/images", "/volumes", "/auth", ...UNSUPPORTED_PREFIXES]) {
+  const prefixes = ["/instances", "/images", "/volumes", "/snapshots", "/auth"];
+  for (const prefix of new Set([...prefixes, ...UNSUPPORTED_PREFIXES])) {
     for (const path of [prefix, `${prefix}/*`]) {
       app.use(path, authed);
       app.use(path, requestDeadline);
@@ -318,6 +320,7 @@ export function createApp({
   registerInstanceRoutes(app, upgradeWebSocket);
   registerImageRoutes(app);
   registerVolumeRoutes(app);
+  registerSnapshotRoutes(app);
   registerUnsupportedRoutes(app);
   return app;
 }

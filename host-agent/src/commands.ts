@@ -73,7 +73,11 @@ export class Commands {
       let outcome: Outcome;
       if (op.kind === "delete") {
         outcome = await execute(this.driver, this.locks, op, this.context(id));
-      } else if (op.kind === "volume_create" || op.kind === "volume_delete") {
+      } else if (
+        op.kind === "volume_create" ||
+        op.kind === "volume_delete" ||
+        op.kind === "snapshot_delete"
+      ) {
         // Idempotent, like delete: run again.
         outcome = this.hostOps
           ? await this.hostOps.run(id, op)
@@ -83,7 +87,7 @@ export class Commands {
         const message = "agent restarted while pulling the image; pull it again";
         outcome = { ok: false, error: { code: INTERRUPTED, message }, instances: [] };
       } else {
-        const undone = op.kind === "create" || op.kind === "fork";
+        const undone = op.kind === "create" || op.kind === "fork" || op.kind === "snapshot_create";
         const what = `agent restarted while ${op.kind} was in progress`;
         try {
           const instances = await this.driver.rollback(op, { commandId: id, steps });

@@ -5,7 +5,13 @@
 import { fdatasyncSync, writeSync } from "node:fs";
 import { type FileHandle, open, readFile, rename } from "node:fs/promises";
 import path from "node:path";
-import { Command, CommandError, ObservedInstance, PulledImageInfo } from "@offshoot/shared";
+import {
+  Command,
+  CommandError,
+  ObservedInstance,
+  PulledImageInfo,
+  SnapshotInfo,
+} from "@offshoot/shared";
 import { z } from "zod";
 
 /** A command's outcome: the body of its `result` message. */
@@ -14,6 +20,7 @@ export const Outcome = z.discriminatedUnion("ok", [
     ok: z.literal(true),
     instances: z.array(ObservedInstance),
     image: PulledImageInfo.optional(),
+    snapshot: SnapshotInfo.optional(),
   }),
   z.object({ ok: z.literal(false), error: CommandError, instances: z.array(ObservedInstance) }),
 ]);

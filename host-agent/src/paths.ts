@@ -20,6 +20,13 @@ export interface AgentPaths {
   readonly imagesDir: string;
   /** Volumes (volumes.ts): one ext4 file each. */
   readonly volumesDir: string;
+  /** Snapshots: the same layout as instances, each snapshot a record with its files. */
+  readonly simSnapshots: AgentPaths["sim"];
+  readonly qemuSnapshots: AgentPaths["qemu"];
+  /** While a snapshot is restored into an instance: its new files, made beside the old. */
+  readonly qemuRestoring: AgentPaths["qemu"];
+  /** While a snapshot is restored into an instance: its old files, until the new are in place. */
+  readonly qemuReplaced: AgentPaths["qemu"];
   readonly sim: {
     /** One line per op the sim executed (not replayed), for tests. */
     readonly execLog: string;
@@ -76,8 +83,7 @@ export function checkInstanceId(id: string): string {
 
 /** `simDir`: where the sim keeps its instances; `<root>/sim` unless configured. */
 export function agentPaths(root: string, simDir = path.join(root, "sim")): AgentPaths {
-  const instancesDir = path.join(simDir, "instances");
-  const instanceDir = (id: string) => path.join(instancesDir, checkInstanceId(id));
+  const qemuDir = path.join(root, "qemu");
   return {
     root,
     journal: path.join(root, "journal.jsonl"),
@@ -86,21 +92,32 @@ export function agentPaths(root: string, simDir = path.join(root, "sim")): Agent
     operationsLog: (id) => path.join(root, "operations", `${checkInstanceId(id)}.log`),
     imagesDir: path.join(root, "images"),
     volumesDir: path.join(root, "volumes"),
-    qemu: qemuPaths(path.join(root, "qemu")),
-    sim: {
-      execLog: path.join(root, "sim-exec.log"),
-      instancesDir,
-      instanceDir,
-      stateFile: (id) => path.join(instanceDir(id), "state.json"),
-      diskFile: (id) => path.join(instanceDir(id), "disk.img"),
-      snapshotFile: (id) => path.join(instanceDir(id), "snapshot.bin"),
-      consoleLog: (id) => path.join(instanceDir(id), "console.log"),
-    },
+    qemu: qemuPaths(qemuDir, "instances"),
+    qemuSnapshots: qemuPaths(qemuDir, "snapshots"),
+    qemuRestoring: qemuPaths(qemuDir, "restoring"),
+    qemuReplaced: qemuPaths(qemuDir, "replaced"),
+    sim: simPaths(root, simDir, "instances"),
+    simSnapshots: simPaths(root, simDir, "snapshots"),
   };
 }
 
-function qemuPaths(dir: string): AgentPaths["qemu"] {
-  const instancesDir = path.join(dir, "instances");
+function simPaths(root: string, simDir: string, sub: string): AgentPaths["sim"] {
+  const instancesDir = path.join(simDir, sub);
+  const instanceDir = (id: string) => path.join(instancesDir, checkInstanceId(id));
+  return {
+    execLog: path.join(root, "sim-exec.log"),
+    instancesDir,
+    instanceDir,
+    stateFile: (id) => path.join(instanceDir(id), "state.json"),
+    diskFile: (id) => path.join(instanceDir(id), "disk.img"),
+    snapshotFile: (id) => path.join(instanceDir(id), "snapshot.bin"),
+    consoleLog: (id) => path.join(instanceDir(id), "console.log"),
+  };
+}
+
+/** `sub`: the directory of records ("instances", "snapshots", …); bases are shared by all. */
+function qemuPaths(dir: string, sub: string): AgentPaths["qemu"] {
+  const instancesDir = path.join(dir, sub);
   const instanceDir = (id: string) => path.join(instancesDir, checkInstanceId(id));
   const basesDir = path.join(dir, "bases");
   return {

@@ -4,7 +4,7 @@
 import { z } from "zod";
 import { type ErrorCode, isErrorCode } from "./errors.ts";
 import { DIGEST, ImageInfo } from "./images.ts";
-import { ForkTargetState, Hypervisor, InstanceState } from "./schemas.ts";
+import { ForkTargetState, Hypervisor, InstanceState, SnapshotKind } from "./schemas.ts";
 import { StreamCredit, StreamId, StreamOpen } from "./tunnel.ts";
 
 export const PROTOCOL_VERSION = 1 as const;
@@ -126,6 +126,13 @@ export const ObservedInstance = z.object({
 });
 export type ObservedInstance = z.infer<typeof ObservedInstance>;
 
+/** A snapshot as its host holds it. */
+export const SnapshotInfo = z.object({
+  id: Id,
+  size_bytes: z.number().int().nonnegative(),
+});
+export type SnapshotInfo = z.infer<typeof SnapshotInfo>;
+
 export const Operation = z.discriminatedUnion("kind", [
   z.object({ kind: z.literal("create"), instance: InstanceSpec }),
   z.object({
@@ -143,7 +150,26 @@ export const Operation = z.discriminatedUnion("kind", [
     source_id: z.string(),
     target: InstanceSpec,
     target_state: ForkTargetState,
+    /** source_id names a snapshot of this host, not an instance. */
+    from_snapshot: z.boolean().optional(),
   }),
+  /** Captures a Stopped (kind Stopped) or Standby (kind Standby) instance as a snapshot of its
+   * own; the instance is left as it was. */
+  z.object({
+    kind: z.literal("snapshot_create"),
+    instance_id: z.string(),
+    snapshot_id: Id,
+    snapshot_kind: SnapshotKind,
+  }),
+  /** Puts a Stopped or Standby instance back to a snapshot, then brings it to target_state. */
+  z.object({
+    kind: z.literal("snapshot_restore"),
+    instance_id: z.string(),
+    snapshot_id: Id,
+    target_state: ForkTargetState,
+  }),
+  /** Removes a snapshot's files (idempotent); forks made from it keep theirs. */
+  z.object({ kind: z.literal("snapshot_delete"), snapshot_id: Id }),
   z.object({
     kind: z.literal("volume_create"),
     key: Id,
@@ -177,10 +203,13 @@ export type Operation = z.infer<typeof Operation>;
 /** The commands that are the host's, not an instance's: they touch and lock no instance. */
 export type HostOperation = Extract<
   Operation,
-  { kind: "image_pull" | "volume_create" | "volume_delete" }
+  { kind: "image_pull" | "volume_create" | "volume_delete" | "snapshot_delete" }
 >;
 export const isHostOperation = (op: Operation): op is HostOperation =>
-  op.kind === "image_pull" || op.kind === "volume_create" || op.kind === "volume_delete";
+  op.kind === "image_pull" ||
+  op.kind === "volume_create" ||
+  op.kind === "volume_delete" ||
+  op.kind === "snapshot_delete";
 export type OperationKind = Operation["kind"];
 /** The kinds of host command, as a schema (settings keyed by kind). */
 export const OperationKind = z.enum(
@@ -267,6 +296,8 @@ export const Result = z.discriminatedUnion("ok", [
     instances: z.array(ObservedInstance).max(AGENT_LIMITS.resultInstances),
     /** image_pull: what was pulled. */
     image: PulledImageInfo.optional(),
+    /** snapshot_create: what was captured. */
+    snapshot: SnapshotInfo.optional(),
     /** Set when the answer came from the journal (a re-sent command). */
     replayed: z.boolean().optional(),
   }),

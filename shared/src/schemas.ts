@@ -415,3 +415,78 @@ export type InstanceStats = z.infer<typeof InstanceStats>;
 export const StreamToken = z
   .object({ token: z.string(), expires_at: z.string() })
   .openapi("StreamToken");
+
+// ---- snapshots ----------------------------------------------------------------------------
+
+export const SnapshotKind = z.enum(["Standby", "Stopped"]).openapi("SnapshotKind");
+export type SnapshotKind = z.infer<typeof SnapshotKind>;
+
+export const SnapshotCompressionConfig = z
+  .object({
+    enabled: z.boolean(),
+    algorithm: z.enum(["zstd", "lz4"]).optional(),
+    level: z.number().int().min(0).max(19).optional(),
+  })
+  .superRefine((c, ctx) => {
+    if (!c.enabled || c.level === undefined) return;
+    const [lo, hi] = (c.algorithm ?? "zstd") === "zstd" ? [1, 19] : [0, 9];
+    if (c.level < lo || c.level > hi) {
+      ctx.addIssue({
+        code: "custom",
+        path: ["level"],
+        message: `${c.algorithm ?? "zstd"} level must be ${lo}-${hi}`,
+      });
+    }
+  })
+  .openapi("SnapshotCompressionConfig");
+export type SnapshotCompressionConfig = z.infer<typeof SnapshotCompressionConfig>;
+
+export const Snapshot = z
+  .object({
+    id: z.string(),
+    name: z.string().nullable().optional(),
+    kind: SnapshotKind,
+    tags: z.record(z.string(), z.string()).optional(),
+    source_instance_id: z.string(),
+    source_instance_name: z.string(),
+    source_hypervisor: Hypervisor,
+    created_at: z.string().openapi({ format: "date-time" }),
+    size_bytes: z.number().int().openapi({
+      description:
+        "Bytes the snapshot's files hold on its host: memory, device state and disk (blocks shared with its source or its forks are counted too)",
+    }),
+    compression_state: z.enum(["none", "compressing", "compressed", "error"]).optional(),
+    compression_error: z.string().nullable().optional(),
+    compression: SnapshotCompressionConfig.optional(),
+    compressed_size_bytes: z.number().int().nullable().optional(),
+    uncompressed_size_bytes: z.number().int().nullable().optional(),
+  })
+  .openapi("Snapshot");
+export type Snapshot = z.infer<typeof Snapshot>;
+
+export const CreateSnapshotRequest = z
+  .object({
+    kind: SnapshotKind,
+    name: InstanceName.optional(),
+    tags: Tags.optional(),
+    compression: SnapshotCompressionConfig.optional(),
+  })
+  .openapi("CreateSnapshotRequest");
+export type CreateSnapshotRequest = z.infer<typeof CreateSnapshotRequest>;
+
+export const ForkSnapshotRequest = z
+  .object({
+    name: InstanceName,
+    target_state: ForkTargetState.optional(),
+    target_hypervisor: Hypervisor.optional(),
+  })
+  .openapi("ForkSnapshotRequest");
+export type ForkSnapshotRequest = z.infer<typeof ForkSnapshotRequest>;
+
+export const RestoreSnapshotRequest = z
+  .object({
+    target_state: ForkTargetState.optional(),
+    target_hypervisor: Hypervisor.optional(),
+  })
+  .openapi("RestoreSnapshotRequest");
+export type RestoreSnapshotRequest = z.infer<typeof RestoreSnapshotRequest>;

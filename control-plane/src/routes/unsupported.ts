@@ -4,11 +4,9 @@ import type { Router } from "./common.ts";
 // Routes of Hypeman's API that this control plane does not serve yet. Each answers 501
 // not_supported (after authentication, as every route), so the official client can tell "not
 // here yet" from "no such instance" (404); a path that is no route of the API stays a 404.
-// Images are answered in images.ts, volumes in volumes.ts.
+// Images are answered in images.ts, volumes in volumes.ts, snapshots in snapshots.ts.
 const UNSUPPORTED: ReadonlyArray<readonly [method: string, path: string]> = [
   ["PATCH", "/instances/:id"],
-  ["POST", "/instances/:id/snapshots"],
-  ["POST", "/instances/:id/snapshots/:snapshot/restore"],
   ["GET", "/instances/:id/snapshot-schedule"],
   ["PUT", "/instances/:id/snapshot-schedule"],
   ["DELETE", "/instances/:id/snapshot-schedule"],
@@ -17,10 +15,6 @@ const UNSUPPORTED: ReadonlyArray<readonly [method: string, path: string]> = [
   ["GET", "/instances/:id/auto-standby/status"],
   ["POST", "/instances/:id/auto-standby/hold"],
   ["POST", "/images/:name/tag"],
-  ["GET", "/snapshots"],
-  ["GET", "/snapshots/:id"],
-  ["DELETE", "/snapshots/:id"],
-  ["POST", "/snapshots/:id/fork"],
   ["GET", "/resources"],
   ["POST", "/resources/memory/reclaim"],
   ["GET", "/capabilities"],

@@ -212,7 +212,9 @@ export class Operations {
    * - writes the observed states onto the host's other instances (observedWrites);
    * - writes an image_pull's outcome onto the image row it was for (if it still is: a newer
    *   pull of the name, or a delete, takes the row away from it), and the pulled digest onto
-   *   the host's list.
+   *   the host's list;
+   * - makes a captured snapshot ready (with its size) and removes a failed one; removes a
+   *   deleted snapshot, and lists again one whose delete failed.
    * A replayed answer (a re-sent command answered from the journal) is older than the
    * inventory the agent's hello just reported, so its observations are kept on the operation
    * but not applied.
@@ -221,6 +223,7 @@ export class Operations {
     const status = result.ok ? "succeeded" : "failed";
     const apply = result.replayed ? [] : result.instances;
     const pulled = (result.ok && result.image) || null;
+    const captured = (result.ok && result.snapshot) || null;
     const [row] = await statement(
       this.db,
       sql`with c as (
@@ -271,6 +274,18 @@ export class Operations {
         where c.kind = 'image_pull' and c.status = 'succeeded' and hosts.id = ${hostId}
           and ${pulled?.digest ?? null}::text is not null
           and not hosts.image_digests ? ${pulled?.digest ?? ""}::text
+      ), sr as (
+        update snapshots set status = 'ready',
+          size_bytes = coalesce(${captured?.size_bytes ?? null}::bigint, snapshots.size_bytes)
+        from c
+        where snapshots.id = c.payload->>'snapshot_id' and snapshots.host_id = ${hostId}
+          and ((c.kind = 'snapshot_create' and c.status = 'succeeded')
+            or (c.kind = 'snapshot_delete' and c.status = 'failed'))
+      ), sd as (
+        delete from snapshots using c
+        where snapshots.id = c.payload->>'snapshot_id' and snapshots.host_id = ${hostId}
+          and ((c.kind = 'snapshot_create' and c.status = 'failed')
+            or (c.kind = 'snapshot_delete' and c.status = 'succeeded'))
       ), ${observedWrites(hostId, apply, sql`'op:' || (select kind from c)`, sql`exists (select 1 from c)`, sql`(select id from x)`)}
       select (select to_jsonb(c) from c) as op,
         coalesce((select jsonb_agg(to_jsonb(u)) from u), '[]'::jsonb) as updated,

@@ -209,6 +209,9 @@ class ScriptedHost implements HostGateway {
       case "image_pull":
       case "volume_create":
       case "volume_delete":
+      case "snapshot_create":
+      case "snapshot_restore":
+      case "snapshot_delete":
         throw new Error(`the scripted host runs no ${op.kind}`);
     }
   }

@@ -11,6 +11,7 @@ import type {
   ObservedInstance,
   Operation,
   OperationKind,
+  SnapshotInfo,
   VmmStats,
 } from "@offshoot/shared";
 import type { Guest } from "../guest/link.ts";
@@ -61,6 +62,19 @@ export interface Driver {
   /** Clones a Stopped or Standby source into `target` and brings it to `target_state`.
    * The source is left as it was. Resolves [source, target]. */
   fork(op: OpData<"fork">, ctx: OpContext): Promise<[ObservedInstance, ObservedInstance]>;
+
+  /** Captures a Stopped (kind Stopped) or Standby (kind Standby) instance as a snapshot that
+   * shares its files copy-on-write; the instance is left as it was. `fork` with
+   * `from_snapshot` forks from it. */
+  snapshotCreate(
+    op: OpData<"snapshot_create">,
+    ctx: OpContext,
+  ): Promise<{ instance: ObservedInstance; snapshot: SnapshotInfo }>;
+  /** Puts a Stopped or Standby instance back to a snapshot (its disk, and its memory for a
+   * Standby one), then brings it to `target_state`. */
+  snapshotRestore(op: OpData<"snapshot_restore">, ctx: OpContext): Promise<ObservedInstance>;
+  /** Removes a snapshot's files; idempotent. Forks made from it keep working. */
+  snapshotDelete(id: string): Promise<void>;
 
   /** After a crash: undoes what an interrupted operation did (it recorded `steps`, and may have
    * been part-way through the next one), then returns the involved instances as observed. */

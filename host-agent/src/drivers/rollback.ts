@@ -12,6 +12,10 @@ export interface RollbackPrimitives {
   remove(id: string): Promise<void>;
   /** Makes the record say what the host actually shows. */
   converge(id: string): Promise<void>;
+  /** Removes a half-made snapshot if this command made it. */
+  discardSnapshot(id: string, commandId: string): Promise<void>;
+  /** Settles an interrupted snapshot restore: the instance's old files or its new ones, whole. */
+  settleRestore(id: string): Promise<void>;
 }
 
 /**
@@ -44,6 +48,14 @@ export async function rollbackOperation(
     case "delete":
       await d.remove(op.instance_id);
       return [];
+    case "snapshot_create":
+      await d.discardSnapshot(op.snapshot_id, commandId);
+      await d.converge(op.instance_id);
+      return observe([op.instance_id]);
+    case "snapshot_restore":
+      await d.settleRestore(op.instance_id);
+      await d.converge(op.instance_id);
+      return observe([op.instance_id]);
     default:
       await d.converge(op.instance_id);
       return observe([op.instance_id]);

@@ -11,6 +11,9 @@ export async function fork(
 ): Promise<ObservedInstance[]> {
   const caps = driver.capabilities();
   checkSpec(caps, op.target);
+  await requireAbsent(driver, op.target.id);
+  // A snapshot holds still by itself: the driver reads it from its snapshots.
+  if (op.from_snapshot) return driver.fork(op, ctx);
   const source = await requireInstance(driver, op.source_id);
   const supported: Partial<Record<ObservedInstance["state"], boolean>> = {
     Stopped: caps.fork_from_stopped,
@@ -24,6 +27,5 @@ export async function fork(
   }
   if (!can)
     throw new NotSupportedError(`the ${driver.name} driver cannot fork a ${source.state} instance`);
-  await requireAbsent(driver, op.target.id);
   return driver.fork(op, ctx);
 }

@@ -26,6 +26,8 @@ export class HostOps {
           op.size_bytes,
           archive && { bytes: archive.bytes, fetch: () => this.fetchArchive(archive.id) },
         );
+      } else if (op.kind === "snapshot_delete") {
+        await this.driver.snapshotDelete(op.snapshot_id);
       } else await this.volumes.delete(op.key, await this.driver.volumesInUse());
       return { ok: true, instances: [] };
     } catch (err) {

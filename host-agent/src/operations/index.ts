@@ -14,6 +14,7 @@ import { deleteInstance } from "./delete.ts";
 import { fork } from "./fork.ts";
 import type { InstanceLocks } from "./locks.ts";
 import { restore } from "./restore.ts";
+import { snapshotCreate, snapshotRestore } from "./snapshots.ts";
 import { standby } from "./standby.ts";
 import { start } from "./start.ts";
 import { stop } from "./stop.ts";
@@ -26,12 +27,28 @@ export function instanceIds(op: Operation): string[] {
       return [op.instance.id];
     case "fork":
       return [op.source_id, op.target.id];
+    // The snapshot's id is locked with the instance's; it names no instance, so it is never
+    // reported as one.
+    case "snapshot_create":
+    case "snapshot_restore":
+      return [op.instance_id, op.snapshot_id];
     default:
       return [op.instance_id];
   }
 }
 
-function dispatch(driver: Driver, op: Operation, ctx: OpContext): Promise<ObservedInstance[]> {
+type Done = Omit<Extract<Outcome, { ok: true }>, "ok">;
+
+async function dispatch(driver: Driver, op: Operation, ctx: OpContext): Promise<Done> {
+  if (op.kind === "snapshot_create") return snapshotCreate(driver, op, ctx);
+  return { instances: await dispatchInstances(driver, op, ctx) };
+}
+
+function dispatchInstances(
+  driver: Driver,
+  op: Operation,
+  ctx: OpContext,
+): Promise<ObservedInstance[]> {
   if (isHostOperation(op)) {
     throw new Error(`${op.kind} is run by the agent (host-ops.ts), not a driver`);
   }
@@ -50,6 +67,10 @@ function dispatch(driver: Driver, op: Operation, ctx: OpContext): Promise<Observ
       return deleteInstance(driver, op, ctx);
     case "fork":
       return fork(driver, op, ctx);
+    case "snapshot_restore":
+      return snapshotRestore(driver, op, ctx);
+    case "snapshot_create":
+      throw new Error("snapshot_create answers with its snapshot (dispatch)");
   }
 }
 
@@ -77,7 +98,7 @@ export async function execute(
   const ids = instanceIds(op);
   return locks.run(ids, async () => {
     try {
-      return { ok: true, instances: await dispatch(driver, op, ctx) };
+      return { ok: true, ...(await dispatch(driver, op, ctx)) };
     } catch (err) {
       return { ok: false, error: toCommandError(err), instances: await observe(driver, ids) };
     }

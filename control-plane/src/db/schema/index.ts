@@ -4,6 +4,7 @@ export * from "./hosts.ts";
 export * from "./images.ts";
 export * from "./instances.ts";
 export * from "./operations.ts";
+export * from "./snapshots.ts";
 export * from "./stream-tokens.ts";
 export * from "./tenants.ts";
 export * from "./volumes.ts";

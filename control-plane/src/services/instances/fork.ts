@@ -29,6 +29,7 @@ import {
   instances,
   type OperationRow,
   operations,
+  snapshots,
 } from "../../db/schema/index.ts";
 import { type Call, hostGrace, newCall, type Services, timeLeft, topics } from "../context.ts";
 import { newMac, noAddress } from "../network.ts";
@@ -166,16 +167,42 @@ export async function forkInstance(
     );
     return { value: { flow, children }, last: [written] };
   }).catch((e: unknown) => nameConflict(e, req.name));
+  return forkResult(s, tenantId, flow, children, call);
+}
 
-  // The flow goes on without this request: it stops waiting at its deadline or when its
-  // client goes away.
+/** Waits for a fork flow recorded by this request and answers its fork. */
+export async function forkResult(
+  s: Services,
+  tenantId: string,
+  flow: OperationRow,
+  children: OperationRow[],
+  call: Call,
+): Promise<Instance> {
+  await awaitFlow(s, flow, children, call, "fork");
+  // Without from_running the host's fork was the last write; otherwise read it back.
+  const target = flow.instanceId ?? "";
+  const last = children[0];
+  return present(
+    await (last ? rowAfter(s, tenantId, last.id, target) : getById(s.db, tenantId, target)),
+  );
+}
+
+/** Drives a flow this request recorded until it ends, throwing its error. The flow goes on
+ * without this request: it stops waiting at its deadline or when its client goes away. */
+export async function awaitFlow(
+  s: Services,
+  flow: OperationRow,
+  children: OperationRow[],
+  call: Call,
+  what: string,
+): Promise<void> {
   let timer: ReturnType<typeof setTimeout> | undefined;
   let stopWaiting = () => {};
   const timeout = new Promise<never>((_, reject) => {
     stopWaiting = () =>
       reject(
         new TimeoutError(
-          `fork still in progress (operation ${flow.id}); it will finish or roll back when the host answers`,
+          `${what} still in progress (operation ${flow.id}); it will finish or roll back when the host answers`,
         ),
       );
     timer = setTimeout(stopWaiting, timeLeft(call));
@@ -188,12 +215,6 @@ export async function forkInstance(
     clearTimeout(timer);
     call.signal?.removeEventListener("abort", stopWaiting);
   }
-  // Without from_running the host's fork was the last write; otherwise read it back.
-  const target = flow.instanceId ?? "";
-  const last = children[0];
-  return present(
-    await (last ? rowAfter(s, tenantId, last.id, target) : getById(s.db, tenantId, target)),
-  );
 }
 
 interface ForkOutcome {
@@ -257,12 +278,13 @@ export async function resumeForks(s: Services): Promise<number> {
 const STEP_WAIT_MS = 24 * 3600_000;
 const RESTORE_ATTEMPTS = 3;
 
-function forkCommand(p: ForkFlowPayload, target: InstanceRow, subnet: string): Operation {
+export function forkCommand(p: ForkFlowPayload, target: InstanceRow, subnet: string): Operation {
   return {
     kind: "fork",
     source_id: p.source_id,
     target: specOf(target, subnet),
     target_state: p.target_state,
+    ...(p.from_snapshot && { from_snapshot: true }),
   };
 }
 
@@ -349,8 +371,13 @@ async function runFlow(
   };
   /** Deletes the fork again; false if even that failed (its row is then kept, see below). */
   const rollBackFork = async () =>
-    (await step("delete", async () => ({ kind: "delete", instance_id: p.target_id }))).status !==
-    "failed";
+    (
+      await step("delete", async () =>
+        p.snapshot
+          ? { kind: "snapshot_delete", snapshot_id: p.target_id }
+          : { kind: "delete", instance_id: p.target_id },
+      )
+    ).status !== "failed";
 
   if (forkEndsFlow(p)) {
     // The fork is the only step; its completion also completed the flow (operations.ts).
@@ -364,7 +391,7 @@ async function runFlow(
   // start the fork. A fork meant to run is made in Standby first and started only after the
   // source runs again: the source's pause covers the snapshot and the file clones, not the
   // fork's own restore.
-  const startLater = p.target_state === "Running";
+  const startLater = p.target_state === "Running" && !p.snapshot;
   let failure: HostCommandError | undefined;
   let forked = false;
   const sb = await step("standby", async () => ({ kind: "standby", instance_id: p.source_id }));
@@ -372,6 +399,14 @@ async function runFlow(
     failure = prefixed(commandError(sb), "putting the source into standby failed: ");
   } else {
     const fk = await step("fork", async () => {
+      if (p.snapshot) {
+        return {
+          kind: "snapshot_create",
+          instance_id: p.source_id,
+          snapshot_id: p.target_id,
+          snapshot_kind: "Standby",
+        };
+      }
       // The flow holds the target exclusively, so its row is there until the flow ends.
       const [found] = await s.db
         .select({ target: instances, subnet: hosts.subnet })
@@ -423,7 +458,10 @@ async function runFlow(
   const err = failure;
   await transaction(s.db, async (tx) => {
     await finish(tx);
-    if (rollbackFailed) {
+    if (p.snapshot) {
+      // A snapshot the host could not delete again stays listed, to be deleted.
+      if (!rollbackFailed) await tx.delete(snapshots).where(eq(snapshots.id, p.target_id));
+    } else if (rollbackFailed) {
       // The host still has the fork: keep its row (and its address) so it can be deleted.
       await tx
         .update(instances)

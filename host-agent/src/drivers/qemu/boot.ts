@@ -47,6 +47,7 @@ export async function create(
     serial_offset: 0,
     ram: "file",
     ram_base: null,
+    disk_base: null,
     guest_identity: null,
   };
   await runSteps(ctx.steps, [

@@ -111,8 +111,22 @@ export async function unfreezeDisk(disk: string, base: string): Promise<void> {
   await rename(base, disk);
 }
 
-/** Removes bases no instance's disk chain uses any more. */
-export async function gcBases(tools: DiskTools, paths: AgentPaths["qemu"]): Promise<string[]> {
+/** Where disks are: instances' and snapshots' directories. A record's `disk_base` (a
+ * snapshot's disk, frozen) is in use as long as the record is. */
+export interface DiskHolders {
+  readonly layout: Pick<AgentPaths["qemu"], "instancesDir" | "diskFile">;
+  readonly store: {
+    ids(): Promise<string[]>;
+    read(id: string): Promise<{ kind: string; record?: { disk_base: string | null } }>;
+  };
+}
+
+/** Removes bases no instance's or snapshot's disk chain uses any more. */
+export async function gcBases(
+  tools: DiskTools,
+  paths: AgentPaths["qemu"],
+  holders: readonly DiskHolders[],
+): Promise<string[]> {
   let bases: string[];
   try {
     bases = (await readdir(paths.basesDir)).map((n) => paths.baseFile(n));
@@ -121,19 +135,28 @@ export async function gcBases(tools: DiskTools, paths: AgentPaths["qemu"]): Prom
     throw e;
   }
   if (bases.length === 0) return [];
-  let ids: string[] = [];
-  try {
-    ids = await readdir(paths.instancesDir);
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException).code !== "ENOENT") throw e;
-  }
   const used = new Set<string>();
-  for (const id of ids) {
+  for (const { layout, store } of holders) {
+    let ids: string[] = [];
     try {
-      for (const f of await backingChain(tools, paths.diskFile(id))) used.add(f);
-    } catch {
-      // No disk (a half-made instance) or unreadable: an unreadable chain must keep every base.
-      if (await exists(paths.diskFile(id))) return [];
+      ids = await readdir(layout.instancesDir);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== "ENOENT") throw e;
+    }
+    for (const id of ids) {
+      const read = await store.read(id);
+      if (read.kind === "corrupt") return [];
+      const pinned = read.record?.disk_base;
+      if (pinned) {
+        for (const f of await backingChain(tools, pinned).catch(() => [pinned])) used.add(f);
+      }
+      try {
+        for (const f of await backingChain(tools, layout.diskFile(id))) used.add(f);
+      } catch {
+        // No disk (a half-made instance, a snapshot holding a base) or unreadable: an
+        // unreadable chain must keep every base.
+        if (await exists(layout.diskFile(id))) return [];
+      }
     }
   }
   const removed = bases.filter((b) => !used.has(b));
@@ -141,13 +164,14 @@ export async function gcBases(tools: DiskTools, paths: AgentPaths["qemu"]): Prom
   return removed;
 }
 
-/** Removes memory bases no instance record refers to. An unreadable record keeps them all. */
+/** Removes memory bases no instance or snapshot record refers to. An unreadable record keeps
+ * them all. */
 export async function gcMemBases(
   paths: AgentPaths["qemu"],
-  store: {
+  stores: readonly {
     ids(): Promise<string[]>;
     read(id: string): Promise<{ kind: string; record?: { ram_base: string | null } }>;
-  },
+  }[],
 ): Promise<string[]> {
   let bases: string[];
   try {
@@ -158,10 +182,12 @@ export async function gcMemBases(
   }
   if (bases.length === 0) return [];
   const used = new Set<string>();
-  for (const id of await store.ids()) {
-    const read = await store.read(id);
-    if (read.kind === "corrupt") return [];
-    if (read.record?.ram_base) used.add(read.record.ram_base);
+  for (const store of stores) {
+    for (const id of await store.ids()) {
+      const read = await store.read(id);
+      if (read.kind === "corrupt") return [];
+      if (read.record?.ram_base) used.add(read.record.ram_base);
+    }
   }
   const removed = bases.filter((b) => !used.has(b));
   for (const b of removed) await rm(b, { force: true });

@@ -27,42 +27,67 @@ import { resume, snapshot } from "./snapshot.ts";
 import type { Machine, QemuRecord } from "./store.ts";
 
 /** A fork under way: what its steps read, and the target's record as they have made it. */
-interface Fork {
+export interface Fork {
+  /** Where the target goes (instances, snapshots, or a restore's new files). */
   readonly host: QemuHost;
+  /** Where the source is (instances or snapshots). */
+  readonly from: QemuHost;
   readonly source: QemuRecord;
   /** The target starts from the source's snapshot (a Standby source, a target not Stopped). */
   readonly withMemory: boolean;
   rec: QemuRecord;
 }
 
-export async function fork(
+export function fork(
   host: QemuHost,
   op: OpData<"fork">,
   ctx: OpContext,
 ): Promise<[ObservedInstance, ObservedInstance]> {
+  return forkBetween(op.from_snapshot ? host.views.snapshots : host, host, op, ctx);
+}
+
+/**
+ * Clones `op.source_id` of `from` into `op.target` of `to`. Instance to instance is a fork;
+ * instance to snapshots is a snapshot's capture (target_state its kind: nothing boots);
+ * snapshots to instances is a fork from a snapshot; `nic: false` leaves the target's TAP to
+ * whoever moves it into place (a snapshot restore).
+ */
+export async function forkBetween(
+  from: QemuHost,
+  host: QemuHost,
+  op: OpData<"fork">,
+  ctx: OpContext,
+  { nic = host.paths === host.views.instances.paths } = {},
+): Promise<[ObservedInstance, ObservedInstance]> {
   const { source_id, target_state } = op;
-  const source = await load(host, source_id);
-  const from = source.observed.state;
-  if (from !== "Stopped" && from !== "Standby") {
+  const source = await load(from, source_id);
+  const state = source.observed.state;
+  if (state !== "Stopped" && state !== "Standby") {
     throw new InvalidStateError(
-      `cannot fork instance ${source_id} in state ${from}: the qemu driver forks Stopped or Standby sources`,
+      `cannot fork instance ${source_id} in state ${state}: the qemu driver forks Stopped or Standby sources`,
     );
   }
-  const withMemory = from === "Standby" && target_state !== "Stopped";
-  const f: Fork = { host, source, withMemory, rec: targetRecord(op, source, withMemory, ctx) };
+  const withMemory = state === "Standby" && target_state !== "Stopped";
+  const f: Fork = {
+    host,
+    from,
+    source,
+    withMemory,
+    rec: targetRecord(op, source, withMemory, ctx),
+  };
   host.reflinks ??= canReflink(host.paths.instancesDir);
-  const reflink = await host.reflinks;
+  const reflink = (await host.reflinks) && source.disk_base === null;
   host.last.diskClone = reflink ? "reflink" : "overlay";
   // The target's TAP is made while its disk is cloned; its restore or boot waits for it, and
   // undoing the fork (discard) removes it once made.
-  void prepareNic(host, f.rec).catch(() => {});
+  if (nic) void prepareNic(host, f.rec).catch(() => {});
   await runSteps(ctx.steps, [
     ...diskSteps(f, reflink),
     ...memorySteps(f),
     { name: "register", run: () => host.store.write(f.rec) },
     ...targetStateSteps(f, target_state),
   ]);
-  return [(await load(host, source_id)).observed, f.rec.observed];
+  return [(await load(from, source_id)).observed, f.rec.observed];
 }
 
 /** The target's record as registered: Stopped, or Standby on the source's snapshot. */
@@ -95,6 +120,7 @@ function targetRecord(
     // frozen memory base (set by the freeze-memory step).
     ram: withMemory && source.ram === "stream" ? "stream" : "file",
     ram_base: null,
+    disk_base: null,
     guest_identity: withMemory ? source.guest_identity : null,
     observed: {
       id: target.id,
@@ -109,14 +135,17 @@ function targetRecord(
   };
 }
 
-/** The target's disk (and its config disk): a reflink clone, or an overlay on a frozen base. */
+/** The target's disk (and its config disk): a reflink clone, or an overlay on a frozen base. A
+ * snapshot's disk, in overlay mode, is the frozen base itself (it is never written): a fork
+ * from it overlays that base directly, and a snapshot keeps no overlay of its own. */
 function diskSteps(f: Fork, reflink: boolean): Step[] {
   const { host, source } = f;
   const id = f.rec.observed.id;
-  const sourceDisk = host.paths.diskFile(source.observed.id);
-  let base = "";
+  const sourceDisk = f.from.paths.diskFile(source.observed.id);
+  let base = source.disk_base ?? "";
+  const toSnapshot = host.paths === host.views.snapshots.paths;
   const steps: Step[] = [];
-  if (!reflink) {
+  if (!reflink && source.disk_base === null) {
     steps.push({
       name: "freeze-disk",
       run: async () => {
@@ -130,6 +159,7 @@ function diskSteps(f: Fork, reflink: boolean): Step[] {
     run: async () => {
       await makeInstanceDir(host, id);
       if (reflink) await reflinkDisk(sourceDisk, host.paths.diskFile(id));
+      else if (toSnapshot) f.rec = { ...f.rec, disk_base: base };
       else {
         const bytes = Math.max(f.rec.spec.overlay_bytes, source.spec.overlay_bytes);
         await createOverlay(host.tools, host.paths.diskFile(id), base, bytes);
@@ -143,28 +173,28 @@ function diskSteps(f: Fork, reflink: boolean): Step[] {
 
 /** From a snapshot: the memory base the target maps, and the source's device state. */
 function memorySteps(f: Fork): Step[] {
-  const { host, source } = f;
+  const { host, source, from } = f;
   if (!f.withMemory) return [];
   const steps: Step[] = [];
   if (source.ram !== "stream") {
     steps.push({
       name: "freeze-memory",
       run: async () => {
-        const base = await freezeMemory(host, source);
+        const base = await freezeMemory(from, source);
         f.rec = { ...f.rec, ram: "base", ram_base: base };
       },
-      undo: () => unfreezeMemory(host, source),
+      undo: () => unfreezeMemory(from, source),
     });
   }
   steps.push({
     name: "clone-memory",
     run: async () => {
       // Device state only (~60 KB), unless the snapshot carries the RAM in its stream.
-      const from = host.paths.devStateFile(source.observed.id);
+      const src = from.paths.devStateFile(source.observed.id);
       const to = host.paths.devStateFile(f.rec.observed.id);
-      if (source.ram === "stream") host.last.copyPath = await copyMemory(from, to);
+      if (source.ram === "stream") host.last.copyPath = await copyMemory(src, to);
       else {
-        await copyFile(from, to);
+        await copyFile(src, to);
         host.last.copyPath = "frozen-base";
       }
     },
@@ -173,7 +203,7 @@ function memorySteps(f: Fork): Step[] {
 }
 
 /** From the registered target (Stopped, or Standby on a snapshot) to the target state. */
-function targetStateSteps(f: Fork, targetState: OpData<"fork">["target_state"]): Step[] {
+export function targetStateSteps(f: Fork, targetState: OpData<"fork">["target_state"]): Step[] {
   const { host, withMemory } = f;
   if (targetState === "Running") {
     return [

@@ -51,6 +51,9 @@ export interface QemuHost {
   readonly links: Map<string, GuestLink>;
   /** Whether the data dir makes reflinks: probed once, by the first fork. */
   reflinks?: Promise<boolean>;
+  /** The same host over each directory of records: instances (the host itself), snapshots, and
+   * a snapshot restore's new and old files. */
+  readonly views: Record<"instances" | "snapshots" | "restoring" | "replaced", QemuHost>;
 }
 
 export interface LastClone {

@@ -32,7 +32,7 @@ describe("guest NICs across an agent restart", () => {
   /** A driver's shared state as a fresh agent has it: records on disk, nothing prepared. */
   const freshHost = async (): Promise<QemuHost> => {
     const paths = agentPaths(root).qemu;
-    return {
+    const host: QemuHost = {
       paths,
       store: new QemuStore(paths),
       options: {
@@ -48,7 +48,10 @@ describe("guest NICs across an agent restart", () => {
       links: new Map(),
       emit: () => {},
       last: { copyPath: undefined, diskClone: undefined, identityMs: undefined },
+      views: {} as QemuHost["views"],
     };
+    host.views.instances = host;
+    return host;
   };
   const record = (id: string, ip: string, downloadBps: number | null): QemuRecord => {
     const spec = testGuestSpec(id, {}, "02:00:00:00:10:01", { ip, subnet: SUBNET });
@@ -74,6 +77,7 @@ describe("guest NICs across an agent restart", () => {
       pid: null,
       ram: "file",
       ram_base: null,
+      disk_base: null,
       guest_identity: null,
       serial_offset: 0,
     };

@@ -101,19 +101,31 @@ export async function discard(host: QemuHost, id: string): Promise<void> {
   for (const pid of qemuPidsFor(host.paths.qmpSocket(id))) pids.add(pid);
   for (const pid of pids) await kill(host, id, pid);
   await closeQmp(host, id);
-  await removeNic(host, id);
+  // A snapshot has no TAP; a restore's new files share their instance's.
+  if (host.paths === host.views.instances.paths) await removeNic(host, id);
   await host.store.remove(id);
 }
 
 /** Removes disk and memory bases no instance refers to any more (after a delete: the only
  * thing that shortens disk chains; reading them costs a `qemu-img` per instance). */
 export async function gc(host: QemuHost): Promise<void> {
-  await gcBases(host.tools, host.paths);
+  await gcBases(host.tools, host.paths, holders(host));
   await gcMemory(host);
 }
 
 /** Removes memory bases no record refers to (a guest stopped, snapshotted or restored off
  * one; disk chains are untouched then). */
 export async function gcMemory(host: QemuHost): Promise<void> {
-  await gcMemBases(host.paths, host.store);
+  await gcMemBases(
+    host.paths,
+    holders(host).map((h) => h.store),
+  );
 }
+
+/** Every directory of records whose files may use a base: a restore's files in either place
+ * hold theirs until it is settled. */
+const holders = (host: QemuHost) =>
+  (["instances", "snapshots", "restoring", "replaced"] as const).map((k) => ({
+    layout: host.views[k].paths,
+    store: host.views[k].store,
+  }));

@@ -438,6 +438,7 @@ describe("QemuDriver without booting", () => {
       serial_offset: 0,
       ram: "file",
       ram_base: null,
+      disk_base: null,
       guest_identity: null,
       observed: { id, state: "Stopped", has_snapshot: false, stopped_at: new Date().toISOString() },
     });

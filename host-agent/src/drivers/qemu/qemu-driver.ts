@@ -12,6 +12,7 @@ import type {
   InstanceSpec,
   ObservedInstance,
   Operation,
+  SnapshotInfo,
   VmmStats,
 } from "@offshoot/shared";
 import type { Guest } from "../../guest/link.ts";
@@ -28,6 +29,7 @@ import { adoptNics } from "./nic.ts";
 import { discard, gc } from "./processes.ts";
 import { converge } from "./recovery.ts";
 import { restore, standby } from "./snapshot.ts";
+import { settleRestore, snapshotCreate, snapshotDelete, snapshotRestore } from "./snapshots.ts";
 import { stop } from "./stop.ts";
 import { type QemuRecord, QemuStore } from "./store.ts";
 
@@ -48,6 +50,7 @@ export class QemuDriver implements Driver {
 
   constructor(agentPaths: AgentPaths, options: QemuDriverOptions) {
     const paths = agentPaths.qemu;
+    const views = {} as QemuHost["views"];
     this.host = {
       paths,
       store: new QemuStore(paths),
@@ -61,7 +64,19 @@ export class QemuDriver implements Driver {
         for (const l of this.listeners) l(instance);
       },
       last: this.last,
+      views,
     };
+    const over = (p: AgentPaths["qemu"]): QemuHost => ({
+      ...this.host,
+      paths: p,
+      store: new QemuStore(p),
+    });
+    Object.assign(views, {
+      instances: this.host,
+      snapshots: over(agentPaths.qemuSnapshots),
+      restoring: over(agentPaths.qemuRestoring),
+      replaced: over(agentPaths.qemuReplaced),
+    });
     this.poller = setInterval(() => void this.poll(), options.pollMs ?? 500);
     this.poller.unref();
   }
@@ -202,6 +217,25 @@ export class QemuDriver implements Driver {
     });
   }
 
+  snapshotCreate(
+    op: OpData<"snapshot_create">,
+    ctx: OpContext,
+  ): Promise<{ instance: ObservedInstance; snapshot: SnapshotInfo }> {
+    return this.locked(op.instance_id, () =>
+      this.locked(op.snapshot_id, () => snapshotCreate(this.host, op, ctx)),
+    );
+  }
+
+  snapshotRestore(op: OpData<"snapshot_restore">, ctx: OpContext): Promise<ObservedInstance> {
+    return this.locked(op.instance_id, () =>
+      this.locked(op.snapshot_id, () => snapshotRestore(this.host, op, ctx)),
+    );
+  }
+
+  snapshotDelete(id: string): Promise<void> {
+    return this.locked(id, () => snapshotDelete(this.host, id));
+  }
+
   fork(op: OpData<"fork">, ctx: OpContext): Promise<[ObservedInstance, ObservedInstance]> {
     return this.locked(op.source_id, () =>
       this.locked(op.target.id, () => fork(this.host, op, ctx)),
@@ -221,6 +255,15 @@ export class QemuDriver implements Driver {
         await gc(this.host);
       },
       converge: (id) => converge(this.host, id),
+      discardSnapshot: async (id, commandId) => {
+        if (await this.host.views.snapshots.store.ownedBy(id, commandId)) {
+          await snapshotDelete(this.host, id);
+        }
+      },
+      settleRestore: async (id) => {
+        await settleRestore(this.host, id);
+        await gc(this.host);
+      },
     });
   }
 

@@ -41,6 +41,9 @@ export const QemuRecord = z.object({
    */
   ram: z.enum(["file", "base", "frozen", "stream"]).default("file"),
   ram_base: z.string().nullable().default(null),
+  /** A snapshot's disk where the data dir makes no reflinks: the frozen base it was captured as
+   * (it has no overlay of its own); forks from it put their overlays on this base. */
+  disk_base: z.string().nullable().default(null),
   /** The identity ("hostname MAC|-") the guest's memory holds: set at boot and by every
    * identity command; a fork's is its source's until its first restore applies its own. */
   guest_identity: z.string().nullable().default(null),

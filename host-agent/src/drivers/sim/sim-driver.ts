@@ -4,7 +4,7 @@
 // Its files are a line or two each, so it uses synchronous calls: a few microseconds in the
 // kernel instead of a trip through libuv's thread pool per call, which was most of a zero-latency
 // sim operation's time.
-import { appendFileSync, copyFileSync, mkdirSync, rmSync, writeFileSync } from "node:fs";
+import { appendFileSync, copyFileSync, mkdirSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { setTimeout as sleep } from "node:timers/promises";
 import {
   ApiError,
@@ -18,6 +18,7 @@ import {
   type ObservedInstance,
   type Operation,
   type OperationKind,
+  type SnapshotInfo,
   type VmmStats,
 } from "@offshoot/shared";
 import type { SimLatency } from "../../config.ts";
@@ -55,6 +56,8 @@ const now = () => new Date().toISOString();
 export class SimDriver implements Driver {
   readonly name = "sim";
   private readonly store: SimStore;
+  /** Snapshots: records like instances', with a copy of the disk (and memory) files. */
+  private readonly snaps: SimStore;
   private readonly listeners = new Set<(instance: ObservedInstance) => void>();
 
   constructor(
@@ -62,6 +65,7 @@ export class SimDriver implements Driver {
     private readonly options: SimOptions,
   ) {
     this.store = new SimStore(paths.sim);
+    this.snaps = new SimStore(paths.simSnapshots);
   }
 
   async images(): Promise<ImageInfo[]> {
@@ -188,7 +192,8 @@ export class SimDriver implements Driver {
   async fork(op: OpData<"fork">, ctx: OpContext): Promise<[ObservedInstance, ObservedInstance]> {
     const { source_id, target, target_state } = op;
     await this.executed(ctx, "fork", target.id, { source_id });
-    const source = await this.load(source_id);
+    const srcPaths = op.from_snapshot ? this.paths.simSnapshots : this.paths.sim;
+    const source = await this.load(source_id, op.from_snapshot ? this.snaps : this.store);
     const from = source.observed.state;
     if (from !== "Stopped" && from !== "Standby") {
       throw new InvalidStateError(
@@ -206,9 +211,7 @@ export class SimDriver implements Driver {
       {
         name: "clone-disk",
         run: () =>
-          this.makeInstanceDir(target.id, (f) =>
-            copyFileSync(this.paths.sim.diskFile(source_id), f),
-          ),
+          this.makeInstanceDir(target.id, (f) => copyFileSync(srcPaths.diskFile(source_id), f)),
         undo: () => this.store.remove(target.id),
       },
     ];
@@ -216,10 +219,7 @@ export class SimDriver implements Driver {
       steps.push({
         name: "clone-snapshot",
         run: async () =>
-          copyFileSync(
-            this.paths.sim.snapshotFile(source_id),
-            this.paths.sim.snapshotFile(target.id),
-          ),
+          copyFileSync(srcPaths.snapshotFile(source_id), this.paths.sim.snapshotFile(target.id)),
       });
     }
     const registered: ObservedInstance = {
@@ -263,6 +263,75 @@ export class SimDriver implements Driver {
     return [source.observed, forked];
   }
 
+  async snapshotCreate(
+    op: OpData<"snapshot_create">,
+    ctx: OpContext,
+  ): Promise<{ instance: ObservedInstance; snapshot: SnapshotInfo }> {
+    const { instance_id, snapshot_id: id, snapshot_kind } = op;
+    await this.executed(ctx, "snapshot_create", instance_id, { snapshot_id: id });
+    const rec = await this.load(instance_id);
+    const to = this.paths.simSnapshots;
+    const files = [this.paths.sim.diskFile(instance_id)];
+    if (snapshot_kind === "Standby") files.push(this.paths.sim.snapshotFile(instance_id));
+    await this.run("snapshot_create", ctx, [
+      {
+        name: "clone",
+        run: async () => {
+          mkdirSync(to.instancesDir, { recursive: true });
+          mkdirSync(to.instanceDir(id));
+          copyFileSync(files[0] ?? "", to.diskFile(id));
+          if (files[1]) copyFileSync(files[1], to.snapshotFile(id));
+        },
+        undo: () => this.snaps.remove(id),
+      },
+      {
+        name: "register",
+        run: () =>
+          this.snaps.write({
+            created_by: ctx.commandId,
+            spec: { ...rec.spec, id },
+            observed: { ...rec.observed, id },
+          }),
+      },
+    ]);
+    const size_bytes = files.reduce((n, f) => n + statSync(f).size, 0);
+    return { instance: rec.observed, snapshot: { id, size_bytes } };
+  }
+
+  async snapshotRestore(op: OpData<"snapshot_restore">, ctx: OpContext): Promise<ObservedInstance> {
+    const { instance_id: id, snapshot_id, target_state } = op;
+    await this.executed(ctx, "snapshot_restore", id, { snapshot_id });
+    const rec = await this.load(id);
+    const snap = await this.load(snapshot_id, this.snaps);
+    const from = this.paths.simSnapshots;
+    const withMemory = snap.observed.state === "Standby";
+    const memory = this.paths.sim.snapshotFile(id);
+    const observed: ObservedInstance =
+      target_state === "Running"
+        ? { ...running(id), started_at: now() }
+        : target_state === "Standby"
+          ? { ...rec.observed, state: "Standby", has_snapshot: true }
+          : { ...rec.observed, state: "Stopped", has_snapshot: false, stopped_at: now() };
+    await this.run("snapshot_restore", ctx, [
+      {
+        name: "replace-files",
+        run: async () => {
+          copyFileSync(from.diskFile(snapshot_id), this.paths.sim.diskFile(id));
+          rmSync(memory, { force: true });
+          if (withMemory) copyFileSync(from.snapshotFile(snapshot_id), memory);
+          if (target_state === "Standby" && !withMemory) writeFileSync(memory, `memory of ${id}\n`);
+          if (target_state !== "Standby") rmSync(memory, { force: true });
+        },
+      },
+      this.setState("register", rec, { ...observed, exit_code: null, exit_message: null }),
+    ]);
+    return this.require(id);
+  }
+
+  async snapshotDelete(id: string): Promise<void> {
+    await this.snaps.remove(id);
+  }
+
   rollback(op: Operation, ctx: { commandId: string; steps: readonly string[] }) {
     return rollbackOperation(op, ctx.commandId, {
       get: (id) => this.get(id),
@@ -270,6 +339,11 @@ export class SimDriver implements Driver {
       discard: (id) => this.store.remove(id),
       remove: (id) => this.store.remove(id),
       converge: (id) => this.converge(id),
+      discardSnapshot: async (id, commandId) => {
+        if (await this.snaps.ownedBy(id, commandId)) await this.snaps.remove(id);
+      },
+      // The sim's restore replaces files in place: what is there stands.
+      settleRestore: async () => {},
     });
   }
 
@@ -394,11 +468,12 @@ export class SimDriver implements Driver {
     };
   }
 
-  private async load(id: string): Promise<SimRecord> {
-    const read = await this.store.read(id);
+  private async load(id: string, store = this.store): Promise<SimRecord> {
+    const what = store === this.snaps ? "snapshot" : "instance";
+    const read = await store.read(id);
     if (read.kind === "ok") return read.record;
-    if (read.kind === "missing") throw new NotFoundError(`instance ${id} not found on this host`);
-    throw new InvalidStateError(`instance ${id} is Unknown: state file unreadable: ${read.error}`);
+    if (read.kind === "missing") throw new NotFoundError(`${what} ${id} not found on this host`);
+    throw new InvalidStateError(`${what} ${id} is unreadable: ${read.error}`);
   }
 
   private async require(id: string): Promise<ObservedInstance> {
