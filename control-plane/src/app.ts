@@ -19,7 +19,7 @@ import { type AppEnv, newRouter } from "./routes/common.ts";
 import { registerImageRoutes } from "./routes/images.ts";
 import { registerInstanceRoutes } from "./routes/instances/index.ts";
 import { referencePage } from "./routes/reference.ts";
-import { registerSnapshotRoutes } from "./routes/snapshots.ts";
+import { registerScheduleRoutes, registerSnapshotRoutes } from "./routes/snapshots.ts";
 import { registerUnsupportedRoutes, UNSUPPORTED_PREFIXES } from "./routes/unsupported.ts";
 import { registerVolumeRoutes } from "./routes/volumes.ts";
 import { newCall, type Services } from "./services/context.ts";
@@ -321,6 +321,7 @@ export function createApp({
   registerImageRoutes(app);
   registerVolumeRoutes(app);
   registerSnapshotRoutes(app);
+  registerScheduleRoutes(app);
   registerUnsupportedRoutes(app);
   return app;
 }

@@ -34,6 +34,11 @@ const Env = z.object({
   /** How often fork flows left pending (by a replica that died mid-flow, or a previous run of
    * this one) are picked up and driven on. */
   FORK_RESUME_MS: z.coerce.number().int().min(100).default(5_000),
+  /** How long one minute of a snapshot schedule lasts (interval, max_age): 60,000 in
+   * production; tests shorten it to see schedules run within seconds. */
+  SNAPSHOT_SCHEDULE_MINUTE_MS: z.coerce.number().int().min(1).max(60_000).default(60_000),
+  /** How often each Node replica looks for due snapshot schedules (Workers: the cron's minute). */
+  SNAPSHOT_SCHEDULE_TICK_MS: z.coerce.number().int().min(50).default(5_000),
   /** How long an API key found valid is trusted without asking the database again: a revoked
    * key keeps working for up to this long on a replica that has just seen it. 0: no cache. */
   API_KEY_CACHE_MS: z.coerce.number().int().min(0).default(5_000),

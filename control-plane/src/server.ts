@@ -27,6 +27,7 @@ import {
 import { sweepUnlessDatabaseFailed } from "./services/hosts.ts";
 import { resumeForks } from "./services/instances/fork.ts";
 import { Operations } from "./services/operations.ts";
+import { startScheduleRunner } from "./services/schedules.ts";
 import { Signals } from "./services/signals.ts";
 
 export { AGENT_PATH } from "@offshoot/shared";
@@ -142,7 +143,8 @@ export async function startServer(
   });
   const port = (server.address() as AddressInfo).port;
 
-  // Background loops: hosts gone silent → Unknown; fork flows left by a previous process.
+  // Background loops: hosts gone silent → Unknown; fork flows left by a previous process;
+  // snapshot schedules due.
   const sweeper = setInterval(
     () =>
       void sweepUnlessDatabaseFailed(services).catch((e: unknown) =>
@@ -158,6 +160,7 @@ export async function startServer(
     env.FORK_RESUME_MS,
   );
   await resumeForks(services);
+  const stopSchedules = startScheduleRunner(services, env.SNAPSHOT_SCHEDULE_TICK_MS);
 
   const url = `http://127.0.0.1:${port}`;
   gateway.setHopUrl(env.REPLICA_URL ?? url);
@@ -170,6 +173,7 @@ export async function startServer(
     close: async () => {
       clearInterval(sweeper);
       clearInterval(resumer);
+      stopSchedules();
       await gateway.close();
       await bus?.close();
       for (const client of wss.clients) client.terminate();

@@ -490,3 +490,52 @@ export const RestoreSnapshotRequest = z
   })
   .openapi("RestoreSnapshotRequest");
 export type RestoreSnapshotRequest = z.infer<typeof RestoreSnapshotRequest>;
+
+/** A Go duration ("24h", "1m30s"), checked when parsed by the service. */
+const GoDuration = z
+  .string()
+  .max(32)
+  .regex(/^(\d+(\.\d+)?(ms|s|m|h))+$/, 'expected a duration like "30m", "24h" or "1h30m"');
+
+export const SnapshotScheduleRetention = z
+  .object({
+    max_count: z.number().int().min(0).max(10_000).optional(),
+    max_age: GoDuration.optional(),
+  })
+  .openapi("SnapshotScheduleRetention");
+export type SnapshotScheduleRetention = z.infer<typeof SnapshotScheduleRetention>;
+
+export const SetSnapshotScheduleRequest = z
+  .object({
+    interval: GoDuration,
+    name_prefix: z
+      .string()
+      .max(47, "name_prefix must be at most 47 characters")
+      .regex(
+        NAME_PATTERN,
+        "name_prefix must be lowercase letters, digits and dashes, and cannot start or end with a dash",
+      )
+      .nullable()
+      .optional(),
+    metadata: Tags.optional(),
+    retention: SnapshotScheduleRetention,
+  })
+  .openapi("SetSnapshotScheduleRequest");
+export type SetSnapshotScheduleRequest = z.infer<typeof SetSnapshotScheduleRequest>;
+
+export const SnapshotSchedule = z
+  .object({
+    instance_id: z.string(),
+    interval: z.string(),
+    name_prefix: z.string().nullable().optional(),
+    metadata: z.record(z.string(), z.string()).optional(),
+    retention: SnapshotScheduleRetention,
+    next_run_at: z.string().openapi({ format: "date-time" }),
+    last_run_at: z.string().nullable().optional().openapi({ format: "date-time" }),
+    last_snapshot_id: z.string().nullable().optional(),
+    last_error: z.string().nullable().optional(),
+    created_at: z.string().openapi({ format: "date-time" }),
+    updated_at: z.string().openapi({ format: "date-time" }),
+  })
+  .openapi("SnapshotSchedule");
+export type SnapshotSchedule = z.infer<typeof SnapshotSchedule>;

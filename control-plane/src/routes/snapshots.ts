@@ -3,9 +3,12 @@ import {
   CreateSnapshotRequest,
   ForkSnapshotRequest,
   RestoreSnapshotRequest,
+  SetSnapshotScheduleRequest,
   Snapshot,
   SnapshotKind,
+  SnapshotSchedule,
 } from "@offshoot/shared";
+import { deleteSchedule, getSchedule, setSchedule } from "../services/schedules.ts";
 import {
   createSnapshot,
   deleteSnapshot,
@@ -184,6 +187,72 @@ export function registerSnapshotRoutes(app: Router) {
         ),
         200,
       );
+    },
+  );
+}
+
+export function registerScheduleRoutes(app: Router) {
+  app.openapi(
+    createRoute({
+      method: "get",
+      path: "/instances/{id}/snapshot-schedule",
+      summary: "Get an instance's snapshot schedule",
+      security,
+      request: { params: IdParam },
+      responses: {
+        200: { description: "The schedule", content: json(SnapshotSchedule) },
+        ...errorsFor(401, 404),
+      },
+    }),
+    async (c) =>
+      c.json(await getSchedule(c.var.services, c.var.tenantId, c.req.valid("param").id), 200),
+  );
+
+  app.openapi(
+    createRoute({
+      method: "put",
+      path: "/instances/{id}/snapshot-schedule",
+      summary: "Create or replace an instance's snapshot schedule",
+      description:
+        "Each run takes a Standby snapshot of a Running or Standby instance (a brief pause) and a Stopped one of a Stopped instance, named `<name_prefix or scheduled>-<due time, UTC>`, then deletes the instance's scheduled snapshots beyond retention.max_count (newest kept) or older than retention.max_age. Exactly one run per due time across all control-plane replicas; runs missed while none was up are made up by one run. interval is at least 1m; changing it starts a new cadence (first run one interval from now), changing only the rest keeps the next run.",
+      security,
+      request: {
+        params: IdParam,
+        body: { content: json(SetSnapshotScheduleRequest), required: true },
+      },
+      responses: {
+        200: { description: "The schedule", content: json(SnapshotSchedule) },
+        ...errorsFor(400, 401, 404),
+      },
+    }),
+    async (c) =>
+      c.json(
+        await setSchedule(
+          c.var.services,
+          c.var.tenantId,
+          c.req.valid("param").id,
+          c.req.valid("json"),
+        ),
+        200,
+      ),
+  );
+
+  app.openapi(
+    createRoute({
+      method: "delete",
+      path: "/instances/{id}/snapshot-schedule",
+      summary: "Delete an instance's snapshot schedule",
+      description: "Its snapshots stay.",
+      security,
+      request: { params: IdParam },
+      responses: {
+        204: { description: "Deleted" },
+        ...errorsFor(401, 404),
+      },
+    }),
+    async (c) => {
+      await deleteSchedule(c.var.services, c.var.tenantId, c.req.valid("param").id);
+      return c.body(null, 204);
     },
   );
 }

@@ -7,9 +7,6 @@ import type { Router } from "./common.ts";
 // Images are answered in images.ts, volumes in volumes.ts, snapshots in snapshots.ts.
 const UNSUPPORTED: ReadonlyArray<readonly [method: string, path: string]> = [
   ["PATCH", "/instances/:id"],
-  ["GET", "/instances/:id/snapshot-schedule"],
-  ["PUT", "/instances/:id/snapshot-schedule"],
-  ["DELETE", "/instances/:id/snapshot-schedule"],
   ["POST", "/instances/:id/volumes/:volume"],
   ["DELETE", "/instances/:id/volumes/:volume"],
   ["GET", "/instances/:id/auto-standby/status"],

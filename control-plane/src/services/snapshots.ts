@@ -88,6 +88,7 @@ export async function createSnapshot(
   ref: string,
   req: CreateSnapshotRequest,
   call: Call = newCall(s),
+  { scheduled = false } = {},
 ): Promise<Snapshot> {
   if (req.compression?.enabled) {
     throw new NotSupportedError("snapshot compression is not implemented by this control plane");
@@ -128,6 +129,7 @@ export async function createSnapshot(
       status: "creating",
       sizeBytes: 0,
       operationId: null,
+      scheduled,
       createdAt: new Date(),
     };
     const owned = { tenantId, hostId: src.hostId, instanceId: null, sourceInstanceId: src.id };

@@ -12,6 +12,7 @@ import type { AppEnv } from "../routes/common.ts";
 import { Credentials } from "../services/credentials.ts";
 import { sweepSilentHosts } from "../services/hosts.ts";
 import { drivingFlows, resumeForks } from "../services/instances/fork.ts";
+import { runDueSchedules } from "../services/schedules.ts";
 import { SESSION_URL, sessionStub, WorkersGateway } from "./gateway.ts";
 import { servicesFor } from "./scope.ts";
 import { HOST_HEADER, type SessionHost } from "./session-protocol.ts";
@@ -59,11 +60,17 @@ export default {
     }
     return app.fetch(req, env, ctx as never);
   },
-  /** Cron: hosts gone silent → Unknown; fork flows whose request died are driven on. */
+  /** Cron: hosts gone silent → Unknown; fork flows whose request died are driven on; snapshot
+   * schedules due are run. */
   async scheduled(_event: unknown, env: Bindings, ctx: ExecutionContext) {
     const s = scoped(env, ctx);
     await sweepSilentHosts(s);
     await resumeForks(s);
+    ctx.waitUntil(
+      runDueSchedules(s).catch((e: unknown) =>
+        s.log("error", "schedule runner failed", { error: String(e) }),
+      ),
+    );
     ctx.waitUntil(Promise.allSettled(drivingFlows(s)));
   },
 };

@@ -1,8 +1,8 @@
 import { sql } from "drizzle-orm";
-import { bigint, index, jsonb, pgTable, text, uniqueIndex } from "drizzle-orm/pg-core";
-import { createdAt } from "./columns.ts";
+import { bigint, boolean, index, jsonb, pgTable, text, uniqueIndex } from "drizzle-orm/pg-core";
+import { createdAt, ts } from "./columns.ts";
 import { hosts } from "./hosts.ts";
-import type { InstanceRow } from "./instances.ts";
+import { type InstanceRow, instances } from "./instances.ts";
 import { tenants } from "./tenants.ts";
 
 /**
@@ -34,6 +34,8 @@ export const snapshots = pgTable(
     sizeBytes: bigint("size_bytes", { mode: "number" }).notNull().default(0),
     /** The capture's operation (its flow for a Running source). */
     operationId: text("operation_id"),
+    /** Taken by the instance's schedule: its retention applies. */
+    scheduled: boolean("scheduled").notNull().default(false),
     createdAt: createdAt(),
   },
   (t) => [
@@ -45,3 +47,37 @@ export const snapshots = pgTable(
   ],
 );
 export type SnapshotRow = typeof snapshots.$inferSelect;
+
+/**
+ * An instance's snapshot schedule (at most one). `next_run_at` is claimed by one UPDATE that
+ * moves it on (services/schedules.ts), so of any number of replicas and Worker crons exactly
+ * one runs each due time; the run after an outage is the next one due, not every one missed.
+ */
+export const snapshotSchedules = pgTable(
+  "snapshot_schedules",
+  {
+    /** The schedule goes with its instance. */
+    instanceId: text("instance_id")
+      .primaryKey()
+      .references(() => instances.id, { onDelete: "cascade" }),
+    tenantId: text("tenant_id")
+      .notNull()
+      .references(() => tenants.id, { onDelete: "cascade" }),
+    /** As given (Go duration), and in milliseconds. */
+    interval: text("interval").notNull(),
+    intervalMs: bigint("interval_ms", { mode: "number" }).notNull(),
+    namePrefix: text("name_prefix"),
+    metadata: jsonb("metadata").$type<Record<string, string>>().notNull().default({}),
+    maxCount: bigint("max_count", { mode: "number" }),
+    maxAge: text("max_age"),
+    maxAgeMs: bigint("max_age_ms", { mode: "number" }),
+    nextRunAt: ts("next_run_at").notNull(),
+    lastRunAt: ts("last_run_at"),
+    lastSnapshotId: text("last_snapshot_id"),
+    lastError: text("last_error"),
+    createdAt: createdAt(),
+    updatedAt: ts("updated_at").notNull(),
+  },
+  (t) => [index("snapshot_schedules_due_idx").on(t.nextRunAt)],
+);
+export type SnapshotScheduleRow = typeof snapshotSchedules.$inferSelect;
