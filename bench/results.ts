@@ -4,11 +4,11 @@
 // losing the other's last figures.
 import { existsSync, readFileSync, writeFileSync } from "node:fs";
 
-export type BenchPart = "sim" | "vm" | "images" | "exec";
+export type BenchPart = "sim" | "vm" | "images" | "exec" | "snapshots";
 
 const START = "<!-- bench:start (written by npm run bench) -->";
 const END = "<!-- bench:end -->";
-const PARTS: readonly BenchPart[] = ["sim", "vm", "images", "exec"];
+const PARTS: readonly BenchPart[] = ["sim", "vm", "images", "exec", "snapshots"];
 const partStart = (p: BenchPart) => `<!-- bench:${p}:start -->`;
 const partEnd = (p: BenchPart) => `<!-- bench:${p}:end -->`;
 

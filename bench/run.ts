@@ -1,8 +1,9 @@
 // `npm run bench`: control-plane benchmarks against a real Postgres server (the sim part), then
 // fork benchmarks with real QEMU guests (the VM part, bench/vm.ts), then image pulls and boots
-// (the images part, bench/images.ts), then exec and cp in a real guest (bench/exec.ts), written
-// to BENCHMARKS.md. BENCH_ONLY=sim, vm, images or exec runs one part; the other parts' last
-// figures are kept.
+// (the images part, bench/images.ts), then exec and cp in a real guest (bench/exec.ts), then
+// snapshots' fan-out and density (bench/snapshots.ts), written to BENCHMARKS.md.
+// BENCH_ONLY=sim, vm, images, exec or snapshots runs one part; the other parts' last figures
+// are kept.
 // Not a test: figures are reported, never asserted.
 import { execFileSync } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
@@ -31,6 +32,7 @@ import {
   standbySource,
   waitOnline,
 } from "./sim-stack.ts";
+import { runSnapshotsBench } from "./snapshots.ts";
 import { fmt, summary } from "./stats.ts";
 import { runVmBench, vmBenchOptionsFromEnv } from "./vm.ts";
 
@@ -228,8 +230,10 @@ async function simBench() {
 
 async function main() {
   const only = process.env.BENCH_ONLY;
-  if (only !== undefined && !["sim", "vm", "images", "exec"].includes(only)) {
-    throw new Error(`BENCH_ONLY must be "sim", "vm", "images" or "exec", not "${only}"`);
+  if (only !== undefined && !["sim", "vm", "images", "exec", "snapshots"].includes(only)) {
+    throw new Error(
+      `BENCH_ONLY must be "sim", "vm", "images", "exec" or "snapshots", not "${only}"`,
+    );
   }
   const command = only ? `BENCH_ONLY=${only} npm run bench` : "npm run bench";
   if (only === undefined || only === "sim") await simBench();
@@ -246,6 +250,11 @@ async function main() {
   if (only === undefined || only === "exec") {
     const text = await runExecBench(command);
     writeBenchPart("exec", text);
+    console.log(text);
+  }
+  if (only === undefined || only === "snapshots") {
+    const text = await runSnapshotsBench(command);
+    writeBenchPart("snapshots", text);
     console.log(text);
   }
 }

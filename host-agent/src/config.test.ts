@@ -23,7 +23,13 @@ describe("config", () => {
         cacheBytes: 50 * 1024 ** 3,
         rootfsFormat: "erofs",
       },
-      qemu: { accel: "auto", assetsDir: path.resolve(".data/vm-assets"), images: [], netns: null },
+      qemu: {
+        accel: "auto",
+        assetsDir: path.resolve(".data/vm-assets"),
+        images: [],
+        netns: null,
+        launchConcurrency: 16,
+      },
     });
   });
 

@@ -157,6 +157,11 @@ const Env = z.object({
   AGENT_IMAGE_CACHE_SIZE: size(() => 50 * 1024 ** 3),
   // Image pulls run at once on this host; more wait in order (their images are "pending").
   AGENT_PULL_CONCURRENCY: positiveInt().default(2),
+  // QEMU: guests launched at once (boots, restores, forks brought to Running); more wait in
+  // order. Most of a restore is waiting for the guest to confirm its identity, so this is well
+  // above the cores (BENCHMARKS.md: 25 forks of a snapshot took 44 s two at a time, 12 s all at
+  // once); it bounds a burst that would starve every launch.
+  AGENT_LAUNCH_CONCURRENCY: positiveInt().default(16),
   // vCPUs this host offers to instances.
   AGENT_VCPUS: positiveInt().default(os.cpus().length),
   // Memory this host offers to instances, e.g. "16GB".
@@ -223,6 +228,7 @@ export interface AgentConfig {
     images: Array<{ source: string; name?: string }>;
     /** null: the agent's own network namespace. */
     netns: string | null;
+    launchConcurrency: number;
   };
 }
 
@@ -271,6 +277,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): AgentConfig {
       assetsDir: path.resolve(e.AGENT_VM_ASSETS),
       images: e.AGENT_IMAGES,
       netns: e.AGENT_NETNS || null,
+      launchConcurrency: e.AGENT_LAUNCH_CONCURRENCY,
     },
   };
 }

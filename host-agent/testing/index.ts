@@ -100,7 +100,13 @@ export function agentConfig(
       cacheBytes: 50 * 1024 ** 3,
       rootfsFormat: "ext4",
     },
-    qemu: { accel: "tcg", assetsDir: "/nonexistent", images: [], netns: null },
+    qemu: {
+      accel: "tcg",
+      assetsDir: "/nonexistent",
+      images: [],
+      netns: null,
+      launchConcurrency: 2,
+    },
   };
 }
 

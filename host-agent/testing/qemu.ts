@@ -113,10 +113,9 @@ export function rssKiB(pid: number): number | undefined {
   return m?.[1] ? Number(m[1]) : undefined;
 }
 
-/** SIGKILLs every QEMU whose command line names a path under `dir` (a test's or benchmark's own
- * temp dir, so only guests it started): what a failed run left behind. Returns their pids. */
-export async function killGuestsUnder(dir: string): Promise<number[]> {
-  const killed: number[] = [];
+/** The QEMU processes whose command line names a path under `dir`. */
+export function guestPidsUnder(dir: string): number[] {
+  const pids: number[] = [];
   for (const name of readdirSync("/proc")) {
     if (!/^\d+$/.test(name)) continue;
     let cmdline: string;
@@ -126,8 +125,58 @@ export async function killGuestsUnder(dir: string): Promise<number[]> {
       continue; // gone meanwhile
     }
     const args = cmdline.split("\0");
-    if (!args[0]?.includes("qemu-system") || !args.some((a) => a.includes(dir))) continue;
-    const pid = Number(name);
+    if (args[0]?.includes("qemu-system") && args.some((a) => a.includes(dir))) {
+      pids.push(Number(name));
+    }
+  }
+  return pids;
+}
+
+/** The summed proportional set size of `pids` (shared pages divided among their mappers):
+ * what they cost the host together. */
+export function pssOf(pids: readonly number[]): number {
+  let bytes = 0;
+  for (const pid of pids) {
+    try {
+      const m = /^Pss:\s+(\d+) kB/m.exec(readFileSync(`/proc/${pid}/smaps_rollup`, "utf8"));
+      bytes += Number(m?.[1] ?? 0) * 1024;
+    } catch {
+      // gone meanwhile
+    }
+  }
+  return bytes;
+}
+
+/** CPU seconds `pids` have used (user + system). */
+export function cpuSecondsOf(pids: readonly number[]): number {
+  let ticks = 0;
+  for (const pid of pids) {
+    try {
+      const f = readFileSync(`/proc/${pid}/stat`, "utf8").split(") ")[1]?.split(" ") ?? [];
+      ticks += Number(f[11] ?? 0) + Number(f[12] ?? 0);
+    } catch {
+      // gone meanwhile
+    }
+  }
+  return ticks / 100;
+}
+
+/** This machine's MemAvailable, bytes. */
+export function memAvailable(): number {
+  const m = /MemAvailable:\s+(\d+) kB/.exec(readFileSync("/proc/meminfo", "utf8"));
+  return Number(m?.[1] ?? 0) * 1024;
+}
+
+/** A test guest's program that fills 40 % of 256 MiB (a 100 MiB file of random bytes in its page
+ * cache), says so, then idles (a sleep an hour long, again and again). */
+export const FILL_PROGRAM =
+  "head -c 104857600 /dev/urandom > /root/fill && sync && echo OFFSHOOT-FILLED && while :; do sleep 3600; done";
+
+/** SIGKILLs every QEMU whose command line names a path under `dir` (a test's or benchmark's own
+ * temp dir, so only guests it started): what a failed run left behind. Returns their pids. */
+export async function killGuestsUnder(dir: string): Promise<number[]> {
+  const killed: number[] = [];
+  for (const pid of guestPidsUnder(dir)) {
     killProcess(pid);
     killed.push(pid);
   }

@@ -1,4 +1,10 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import {
+  FILL_PROGRAM,
+  guestPidsUnder,
+  memAvailable,
+  pssOf,
+} from "../../host-agent/testing/qemu.ts";
 import { TEST_IMAGE } from "../../scripts/oci-image.ts";
 import { ensureVmAssets } from "../../scripts/vm-assets.ts";
 import { hypeman, waitFor } from "../harness.ts";
@@ -118,5 +124,51 @@ describe("snapshots of real VMs (QEMU)", { timeout: 300_000 }, () => {
       await client.instances.delete(name);
     }
     await client.snapshots.delete(own.id);
+  });
+
+  // The small versions of BENCHMARKS.md's fan-out and density: forks of one snapshot requested
+  // at once all run; ten forks of a guest that filled 40 % of its RAM, running side by side,
+  // cost the host a fraction of ten copies of that memory.
+  it("runs six forks of one snapshot requested at once, and ten live forks share its memory", async () => {
+    await client.instances.create({
+      name: "filled",
+      image: TEST_IMAGE,
+      size: "256MB",
+      vcpus: 1,
+      cmd: ["sh", "-c", FILL_PROGRAM],
+    });
+    await waitFor(
+      async () => {
+        for await (const l of await client.instances.logs("filled", { tail: 50 })) {
+          if (l.includes("OFFSHOOT-FILLED")) return true;
+        }
+        return false;
+      },
+      { timeoutMs: 120_000, intervalMs: 250, what: "the guest to fill its memory" },
+    );
+    const snap = await client.instances.snapshots.create("filled", { kind: "Standby" });
+    await client.instances.delete("filled");
+
+    const burst = await Promise.all(
+      Array.from({ length: 6 }, (_, i) => client.snapshots.fork(snap.id, { name: `fan-${i}` })),
+    );
+    expect(burst.map((f) => f.state)).toEqual(Array(6).fill("Running"));
+    for (let i = 6; i < 10; i++) {
+      expect((await client.snapshots.fork(snap.id, { name: `fan-${i}` })).state).toBe("Running");
+    }
+
+    // Each fork's memory is the snapshot's file, mapped copy-on-write: the ten together hold a
+    // little more than one guest's touched memory, not ten times it.
+    const pids = guestPidsUnder(stack.agents[0]?.dataDir ?? "/nonexistent");
+    expect(pids).toHaveLength(10);
+    const pss = pssOf(pids);
+    const MiB = 1024 * 1024;
+    expect(pss).toBeGreaterThan(100 * MiB); // the filled pages are there, once
+    expect(pss).toBeLessThan(10 * 256 * MiB * 0.4); // ten copies of the filled 40 % would be 1 GiB
+    console.log(
+      `ten forks: summed PSS ${(pss / MiB).toFixed(0)} MiB; MemAvailable ${(memAvailable() / MiB).toFixed(0)} MiB`,
+    );
+    for (let i = 0; i < 10; i++) await client.instances.delete(`fan-${i}`);
+    await client.snapshots.delete(snap.id);
   });
 });

@@ -55,6 +55,7 @@ export async function createDriver(
         images,
         volumes,
         network,
+        launchConcurrency: config.qemu.launchConcurrency,
       });
       const { failed, ...adopted } = await driver.adoptNetwork();
       log("info", "guest network ready", { netns: config.qemu.netns ?? "", ...adopted });

@@ -7,6 +7,7 @@ import type { AgentConfig } from "../config.ts";
 import type { ImageStore, PullProgress } from "../images/store.ts";
 import type { Outcome } from "../journal.ts";
 import { errorMessage, type Logger } from "../log.ts";
+import { Slots } from "../slots.ts";
 
 type PullOp = Extract<Operation, { kind: "image_pull" }>;
 
@@ -14,8 +15,7 @@ const SEND_EVERY_MS = 500;
 const LOG_EVERY_MS = 5_000;
 
 export class ImagePulls {
-  private active = 0;
-  private readonly waiting: Array<() => void> = [];
+  private readonly slots: Slots;
 
   constructor(
     private readonly images: ImageStore,
@@ -24,7 +24,9 @@ export class ImagePulls {
     private readonly onProgress: (p: ImageProgress) => void,
     /** Rootfs files instances boot (never evicted). */
     private readonly inUse: () => Promise<Set<string>>,
-  ) {}
+  ) {
+    this.slots = new Slots(config.concurrency);
+  }
 
   async run(commandId: string, op: PullOp): Promise<Outcome> {
     if (op.credentialed && !op.credentials) {
@@ -33,7 +35,10 @@ export class ImagePulls {
         "the pull was interrupted and its credentials are not kept: pull the image again with its credentials",
       );
     }
-    await this.slot();
+    return this.slots.run(() => this.pull(commandId, op));
+  }
+
+  private async pull(commandId: string, op: PullOp): Promise<Outcome> {
     const started = performance.now();
     let sentAt = 0;
     let loggedAt = 0;
@@ -95,18 +100,7 @@ export class ImagePulls {
       };
     } catch (err) {
       return failed("invalid_request", errorMessage(err));
-    } finally {
-      this.active--;
-      this.waiting.shift()?.();
     }
-  }
-
-  /** Waits for one of the `concurrency` slots, in arrival order. */
-  private async slot(): Promise<void> {
-    if (this.active >= this.config.concurrency) {
-      await new Promise<void>((resolve) => this.waiting.push(resolve));
-    }
-    this.active++;
   }
 }
 

@@ -26,7 +26,8 @@ export function instanceIds(op: Operation): string[] {
     case "create":
       return [op.instance.id];
     case "fork":
-      return [op.source_id, op.target.id];
+      // A snapshot holds still by itself: forks of one run side by side.
+      return op.from_snapshot ? [op.target.id] : [op.source_id, op.target.id];
     // The snapshot's id is locked with the instance's; it names no instance, so it is never
     // reported as one.
     case "snapshot_create":

@@ -103,8 +103,13 @@ export async function start(
   return rec.observed;
 }
 
-/** Cold boot with a fresh RAM file; resolves once /init's ready marker is on the serial. */
-export async function boot(host: QemuHost, rec: QemuRecord): Promise<QemuRecord> {
+/** Cold boot with a fresh RAM file; resolves once /init's ready marker is on the serial. Waits
+ * for a launch slot first (host.launches). */
+export function boot(host: QemuHost, rec: QemuRecord): Promise<QemuRecord> {
+  return host.launches.run(() => bootNow(host, rec));
+}
+
+async function bootNow(host: QemuHost, rec: QemuRecord): Promise<QemuRecord> {
   const id = rec.observed.id;
   await dropMemory(host, id);
   await writeConfig(host, rec);

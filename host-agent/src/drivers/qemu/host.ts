@@ -6,6 +6,7 @@ import type { GuestLink } from "../../guest/link.ts";
 import type { ImageStore } from "../../images/store.ts";
 import type { HostNetwork } from "../../network/index.ts";
 import type { AgentPaths } from "../../paths.ts";
+import type { Slots } from "../../slots.ts";
 import type { VolumeStore } from "../../volumes.ts";
 import type { CopyPath, DiskTools } from "./disks.ts";
 import type { Accel } from "./launch.ts";
@@ -24,12 +25,15 @@ export interface QemuDriverOptions {
   qemuImg?: string;
   /** Launch → /init's ready marker. Boot under TCG takes 3.5–5 s here (FACTS.md). */
   bootTimeoutMs?: number;
-  /** Bound on one guest control-channel command (default 5 s). */
+  /** Bound on the identity command after a restore (default 30 s). */
   controlTimeoutMs?: number;
   /** stop: how long a guest's program gets after SIGTERM before QEMU is quit (default 10 s). */
   stopTimeoutMs?: number;
   /** How often running guests' serial logs and processes are checked for an exit. */
   pollMs?: number;
+  /** Guests launched at once (default 2): a boot until its ready marker, a restore until the
+   * guest has confirmed its identity. */
+  launchConcurrency?: number;
 }
 
 export interface QemuHost {
@@ -49,6 +53,8 @@ export interface QemuHost {
   readonly nics: Map<string, { key: string; ready: Promise<void> }>;
   /** Guest agents' channels open now, by instance id (guest.ts). */
   readonly links: Map<string, GuestLink>;
+  /** Launches under way, bounded (options.launchConcurrency). */
+  readonly launches: Slots;
   /** Whether the data dir makes reflinks: probed once, by the first fork. */
   reflinks?: Promise<boolean>;
   /** The same host over each directory of records: instances (the host itself), snapshots, and

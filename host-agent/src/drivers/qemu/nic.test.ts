@@ -10,6 +10,7 @@ import { TestNamespaces } from "../../../testing/netns.ts";
 import { testGuestSpec } from "../../../testing/qemu.ts";
 import { HostNetwork } from "../../network/index.ts";
 import { agentPaths } from "../../paths.ts";
+import { Slots } from "../../slots.ts";
 import type { QemuHost } from "./host.ts";
 import { adoptNics, prepareNic, removeNic } from "./nic.ts";
 import { type QemuRecord, QemuStore } from "./store.ts";
@@ -49,6 +50,7 @@ describe("guest NICs across an agent restart", () => {
       emit: () => {},
       last: { copyPath: undefined, diskClone: undefined, identityMs: undefined },
       views: {} as QemuHost["views"],
+      launches: new Slots(2),
     };
     host.views.instances = host;
     return host;

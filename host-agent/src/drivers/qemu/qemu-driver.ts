@@ -17,6 +17,7 @@ import type {
 } from "@offshoot/shared";
 import type { Guest } from "../../guest/link.ts";
 import type { AgentPaths } from "../../paths.ts";
+import { Slots } from "../../slots.ts";
 import type { Driver, DriverLogSource, OpContext, OpData } from "../driver.ts";
 import { rollbackOperation } from "../rollback.ts";
 import { create, start } from "./boot.ts";
@@ -65,6 +66,7 @@ export class QemuDriver implements Driver {
       },
       last: this.last,
       views,
+      launches: new Slots(options.launchConcurrency ?? 2),
     };
     const over = (p: AgentPaths["qemu"]): QemuHost => ({
       ...this.host,
@@ -237,9 +239,10 @@ export class QemuDriver implements Driver {
   }
 
   fork(op: OpData<"fork">, ctx: OpContext): Promise<[ObservedInstance, ObservedInstance]> {
-    return this.locked(op.source_id, () =>
-      this.locked(op.target.id, () => fork(this.host, op, ctx)),
-    );
+    const target = () => this.locked(op.target.id, () => fork(this.host, op, ctx));
+    // A snapshot is never written: its forks run side by side (its delete is refused by the
+    // control plane while they are pending).
+    return op.from_snapshot ? target() : this.locked(op.source_id, target);
   }
 
   rollback(

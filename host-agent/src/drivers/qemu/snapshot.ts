@@ -25,7 +25,9 @@ import type { QemuRecord } from "./store.ts";
 
 const MiB = 1024 * 1024;
 const MIGRATE_TIMEOUT_MS = 60_000;
-const CONTROL_TIMEOUT_MS = 5_000;
+/** The identity command's bound: the guest answers in milliseconds when it gets CPU, but a host
+ * running dozens of guests under TCG (a fan-out of forks) was measured at over 5 s. */
+const CONTROL_TIMEOUT_MS = 30_000;
 /** 7.2's default of 32 MiB/s would throttle the device-state stream for nothing. */
 const MAX_BANDWIDTH = 10 * 1024 * MiB;
 
@@ -117,8 +119,13 @@ export async function snapshot(
 }
 
 /** Standby → Running: map the same RAM file, load the device state, continue. The guest
- * resumes where it was paused; the snapshot is consumed (has_snapshot false once Running). */
-export async function resume(host: QemuHost, rec: QemuRecord): Promise<QemuRecord> {
+ * resumes where it was paused; the snapshot is consumed (has_snapshot false once Running).
+ * Waits for a launch slot first (host.launches). */
+export function resume(host: QemuHost, rec: QemuRecord): Promise<QemuRecord> {
+  return host.launches.run(() => resumeNow(host, rec));
+}
+
+async function resumeNow(host: QemuHost, rec: QemuRecord): Promise<QemuRecord> {
   const id = rec.observed.id;
   const devState = host.paths.devStateFile(id);
   const memFile = host.paths.memFile(id);
