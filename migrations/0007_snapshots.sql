@@ -34,6 +34,9 @@ CREATE TABLE "snapshots" (
 	"created_at" timestamp with time zone DEFAULT now() NOT NULL
 );
 --> statement-breakpoint
+ALTER TABLE "hosts" ADD COLUMN "memory_available_bytes" bigint;--> statement-breakpoint
+ALTER TABLE "hosts" ADD COLUMN "memory_reported_at" timestamp with time zone;--> statement-breakpoint
+ALTER TABLE "instances" ADD COLUMN "memory_charge_bytes" bigint;--> statement-breakpoint
 ALTER TABLE "snapshot_schedules" ADD CONSTRAINT "snapshot_schedules_instance_id_instances_id_fk" FOREIGN KEY ("instance_id") REFERENCES "public"."instances"("id") ON DELETE cascade ON UPDATE no action;--> statement-breakpoint
 ALTER TABLE "snapshot_schedules" ADD CONSTRAINT "snapshot_schedules_tenant_id_tenants_id_fk" FOREIGN KEY ("tenant_id") REFERENCES "public"."tenants"("id") ON DELETE cascade ON UPDATE no action;--> statement-breakpoint
 ALTER TABLE "snapshots" ADD CONSTRAINT "snapshots_tenant_id_tenants_id_fk" FOREIGN KEY ("tenant_id") REFERENCES "public"."tenants"("id") ON DELETE cascade ON UPDATE no action;--> statement-breakpoint

@@ -13,6 +13,7 @@ import {
   decodeStreamData,
   encode,
   fitAgentMessage,
+  MEMORY_REPORT_MS,
   PROTOCOL_VERSION,
   ServerMessage,
 } from "@offshoot/shared";
@@ -339,13 +340,24 @@ class Link {
     }
     this.send({ v: PROTOCOL_VERSION, type: "heartbeat", sent_at: Date.now() });
     ws.ping();
+    if (this.driver.memoryReport && Date.now() - this.memoryReportedAt >= MEMORY_REPORT_MS) {
+      this.memoryReportedAt = Date.now();
+      this.driver
+        .memoryReport()
+        .then((r) => this.send({ v: PROTOCOL_VERSION, type: "memory", ...r }))
+        .catch((e: unknown) =>
+          this.log("warn", "memory report failed", { error: errorMessage(e) }),
+        );
+    }
   }
+  private memoryReportedAt = 0;
 
   private onClose(code: number, reason: string): void {
     this.logs.cancelAll();
     this.streams.closeAll();
     clearTimeout(this.timers.welcome);
     clearInterval(this.timers.beat);
+    this.memoryReportedAt = 0; // the next connection hears it at once
     this.ws = null;
     this.helloSent = false;
     if (this.stopping) return;

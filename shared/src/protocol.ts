@@ -357,9 +357,27 @@ export const StreamEnd = z.object({
 });
 export type StreamEnd = z.infer<typeof StreamEnd>;
 
+/**
+ * What guests' memory really costs the host, every MEMORY_REPORT_MS from an agent whose driver
+ * can tell: the host's MemAvailable, and for each Running guest whose RAM maps a memory base
+ * shared with others (a fork of a snapshot or of a Standby instance) the bytes only it holds.
+ * A guest not listed costs its nominal size.
+ */
+export const MemoryReport = z.object({
+  v: V,
+  type: z.literal("memory"),
+  available_bytes: z.number().int().nonnegative(),
+  charges: z
+    .array(z.object({ id: Id, bytes: z.number().int().nonnegative() }))
+    .max(AGENT_LIMITS.inventory),
+});
+export type MemoryReport = z.infer<typeof MemoryReport>;
+export const MEMORY_REPORT_MS = 10_000;
+
 export const AgentMessage = z.union([
   Hello,
   Heartbeat,
+  MemoryReport,
   Result,
   Event,
   LogChunk,

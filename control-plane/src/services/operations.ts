@@ -408,6 +408,7 @@ function observedWrites(
       state_error = case when b.j->>'state' = 'Unknown'
         then coalesce(b.j->>'state_error', 'host reported Unknown') end,
       has_snapshot = (b.j->>'has_snapshot')::boolean,
+      memory_charge_bytes = case when b.j->>'state' = i.state then i.memory_charge_bytes end,
       ${keep("exit_code", "int")}, ${keep("exit_message", "text")},
       ${keep("started_at", "timestamptz")}, ${keep("stopped_at", "timestamptz")},
       updated_at = now()

@@ -14,6 +14,10 @@ import { forkEndsFlowSql } from "./operations.ts";
 
 export type HostRow = typeof hosts.$inferSelect;
 
+/** What an instance's memory counts for on its host: what the host reported it costs, else its
+ * size (see usage). */
+const charged = sql`coalesce(${instances.memoryChargeBytes}, ${instances.memoryBytes} + ${instances.hotplugBytes})`;
+
 export interface Need {
   vcpus: number;
   memoryBytes: number;
@@ -31,7 +35,9 @@ export const online = (graceMs: number | null) =>
 
 /**
  * vCPUs and memory held on a host: resident instances, plus ones being started or restored,
- * plus sources of from_running forks (in Standby for a moment, and restored after).
+ * plus sources of from_running forks (in Standby for a moment, and restored after). A guest's
+ * memory counts what its host last reported it costs (memory_charge_bytes: the private pages of
+ * a fork mapping a shared memory base), else its size.
  */
 export async function usage(tx: Tx, hostId: string | SQL, exclude?: string | SQL): Promise<Need> {
   const pending = and(eq(operations.hostId, hostId), eq(operations.status, "pending"));
@@ -50,7 +56,7 @@ export async function usage(tx: Tx, hostId: string | SQL, exclude?: string | SQL
   const [row] = await tx
     .select({
       vcpus: sql<string>`coalesce(sum(${instances.vcpus}), 0)`,
-      memoryBytes: sql<string>`coalesce(sum(${instances.memoryBytes} + ${instances.hotplugBytes}), 0)`,
+      memoryBytes: sql<string>`coalesce(sum(${charged}), 0)`,
     })
     .from(instances)
     .where(
@@ -84,17 +90,26 @@ const capacity = (host: HostRow, over: Overcommit): Need => ({
   memoryBytes: Math.floor(host.memoryBytes * over.memory),
 });
 
-function fits(host: HostRow, used: Need, need: Need, over: Overcommit): boolean {
+/** Why `need` does not fit on the host, or undefined when it does: what its instances are
+ * charged against what it offers (overcommit included), and — whatever the charges say — the
+ * memory the host last reported available, less a reserve: a host that is truly full refuses. */
+function shortfall(host: HostRow, used: Need, need: Need, over: Overcommit): string | undefined {
   const cap = capacity(host, over);
-  return (
-    used.vcpus + need.vcpus <= cap.vcpus && used.memoryBytes + need.memoryBytes <= cap.memoryBytes
-  );
+  if (
+    used.vcpus + need.vcpus > cap.vcpus ||
+    used.memoryBytes + need.memoryBytes > cap.memoryBytes
+  ) {
+    return `host ${host.name} has ${Math.max(0, cap.vcpus - used.vcpus)} vCPUs and ${formatSize(Math.max(0, cap.memoryBytes - used.memoryBytes))} free; ${need.vcpus} vCPUs and ${formatSize(need.memoryBytes)} needed`;
+  }
+  const avail = availableNow(host);
+  if (avail !== null && need.memoryBytes > 0 && avail - reserveOf(host) < need.memoryBytes) {
+    return `host ${host.name} has ${formatSize(Math.max(0, avail))} of memory available and keeps ${formatSize(reserveOf(host))} in reserve; ${formatSize(need.memoryBytes)} needed`;
+  }
+  return undefined;
 }
 
-const shortfall = (host: HostRow, used: Need, need: Need, over: Overcommit) => {
-  const cap = capacity(host, over);
-  return `host ${host.name} has ${Math.max(0, cap.vcpus - used.vcpus)} vCPUs and ${formatSize(Math.max(0, cap.memoryBytes - used.memoryBytes))} free; ${need.vcpus} vCPUs and ${formatSize(need.memoryBytes)} needed`;
-};
+const fits = (host: HostRow, used: Need, need: Need, over: Overcommit) =>
+  shortfall(host, used, need, over) === undefined;
 
 /**
  * Picks a connected host with room for `need` and locks its row for the rest of the
@@ -145,7 +160,7 @@ export async function placeInstance(
   const best = [...capable].sort((a, b) => free(b) - free(a))[0];
   throw new InsufficientResourcesError(
     best
-      ? `no host has room: ${shortfall(best, used.get(best.id) ?? { vcpus: 0, memoryBytes: 0 }, need, over)}`
+      ? `no host has room: ${shortfall(best, used.get(best.id) ?? { vcpus: 0, memoryBytes: 0 }, need, over) ?? "it filled meanwhile"}`
       : "no host has room",
   );
 }
@@ -156,7 +171,7 @@ async function usageByHost(tx: Tx, hostIds: string[]): Promise<Map<string, Need>
     .select({
       hostId: instances.hostId,
       vcpus: sql<string>`sum(${instances.vcpus})`,
-      memoryBytes: sql<string>`sum(${instances.memoryBytes} + ${instances.hotplugBytes})`,
+      memoryBytes: sql<string>`sum(${charged})`,
     })
     .from(instances)
     .where(and(inArray(instances.hostId, hostIds), inArray(instances.state, [...RESIDENT])))
@@ -199,9 +214,21 @@ export async function admitLocked(
   }
   if (need) {
     used ??= await usage(tx, hostId, excludeInstanceId);
-    if (!fits(host, used, need, over)) {
-      throw new InsufficientResourcesError(shortfall(host, used, need, over));
-    }
+    const short = shortfall(host, used, need, over);
+    if (short) throw new InsufficientResourcesError(short);
   }
   return host;
 }
+
+/** A memory report older than this is not trusted for the host's floor. */
+const MEMORY_REPORT_FRESH_MS = 60_000;
+
+/** What the host last said it has available, if it said so lately. */
+function availableNow(host: HostRow): number | null {
+  if (host.memoryAvailableBytes === null || host.memoryReportedAt === null) return null;
+  if (Date.now() - new Date(host.memoryReportedAt).getTime() > MEMORY_REPORT_FRESH_MS) return null;
+  return host.memoryAvailableBytes;
+}
+
+/** Memory a host keeps free whatever the charges say: 5 % of what it offers, at least 256 MiB. */
+const reserveOf = (host: HostRow) => Math.max(256 * 1024 * 1024, Math.floor(host.memoryBytes / 20));

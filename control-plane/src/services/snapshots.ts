@@ -332,6 +332,7 @@ export async function forkSnapshot(
       ip,
       mac: src.networkEnabled ? newMac() : null,
       hasSnapshot: false,
+      memoryChargeBytes: null,
       exitCode: null,
       exitMessage: null,
       forkedFrom: src.id,

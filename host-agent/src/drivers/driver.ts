@@ -88,6 +88,10 @@ export interface Driver {
   /** What the running instance's VMM costs. */
   stats(id: string): Promise<VmmStats>;
 
+  /** What guests' memory really costs this host (MemoryReport): undefined for a driver with no
+   * real guests. */
+  memoryReport?(): Promise<{ available_bytes: number; charges: { id: string; bytes: number }[] }>;
+
   /** Where the driver keeps a log of an instance: "app" is the guest's console, "vmm" the
    * hypervisor's output. undefined when the driver has no such log. */
   logFile(id: string, source: DriverLogSource): string | undefined;

@@ -23,6 +23,9 @@ export const hosts = pgTable("hosts", {
   vcpus: integer("vcpus").notNull().default(0),
   memoryBytes: bigint("memory_bytes", { mode: "number" }).notNull().default(0),
   lastSeenAt: ts("last_seen_at"),
+  /** The host's MemAvailable as its last memory report said (agent MemoryReport), and when. */
+  memoryAvailableBytes: bigint("memory_available_bytes", { mode: "number" }),
+  memoryReportedAt: ts("memory_reported_at"),
   connectedAt: ts("connected_at"),
   createdAt: createdAt(),
 });

@@ -37,6 +37,9 @@ export const instances = pgTable(
     stateError: text("state_error"),
     vcpus: integer("vcpus").notNull(),
     memoryBytes: bigint("memory_bytes", { mode: "number" }).notNull(),
+    /** What the guest's memory really costs its host, when its host says it shares memory (a
+     * fork mapping a shared base: its private pages); null: its size. Placement counts this. */
+    memoryChargeBytes: bigint("memory_charge_bytes", { mode: "number" }),
     hotplugBytes: bigint("hotplug_bytes", { mode: "number" }).notNull().default(0),
     overlayBytes: bigint("overlay_bytes", { mode: "number" }).notNull(),
     diskIoBps: bigint("disk_io_bps", { mode: "number" }),

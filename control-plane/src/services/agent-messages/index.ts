@@ -2,6 +2,7 @@
 // HostSession): a frame is decoded and checked here, then each message type has its file
 // (hello.ts, heartbeat.ts, result.ts, event.ts; image_progress in ../images.ts), and queue.ts records them in order, tried again
 // while the database is away. A transport keeps only its socket, its storage and its sending.
+
 import {
   AgentMessage,
   CLOSE,
@@ -16,6 +17,7 @@ import type { Services } from "../context.ts";
 import { imageProgress } from "../images.ts";
 import { eventReceived } from "./event.ts";
 import { hostConnected, welcome } from "./hello.ts";
+import { memoryReported } from "./memory.ts";
 import { resultReceived } from "./result.ts";
 
 /**
@@ -111,6 +113,9 @@ export async function handleAgentMessage(
   switch (msg.type) {
     case "heartbeat":
       await link.heartbeat();
+      return;
+    case "memory":
+      await memoryReported(s, link.hostId, msg);
       return;
     case "log":
       link.log(msg);

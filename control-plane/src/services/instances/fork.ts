@@ -124,6 +124,7 @@ export async function forkInstance(
       ip,
       mac: src.networkEnabled ? newMac() : null,
       hasSnapshot: false,
+      memoryChargeBytes: null,
       exitCode: null,
       exitMessage: null,
       forkedFrom: src.id,

@@ -1,6 +1,7 @@
 // An instance's QEMU process and its files: QMP connections, quitting and killing, removing an
 // instance whole, and collecting the bases no instance uses any more. No locks, no step journal:
 // the verbs that call these add those.
+import { readFileSync } from "node:fs";
 import { mkdir, readFile, rm } from "node:fs/promises";
 import { setTimeout as sleep } from "node:timers/promises";
 import { ApiError } from "@offshoot/shared";
@@ -129,3 +130,22 @@ const holders = (host: QemuHost) =>
     layout: host.views[k].paths,
     store: host.views[k].store,
   }));
+
+/** A process's private pages (Private_Clean + Private_Dirty), bytes; undefined once it is gone. */
+export function privateBytes(pid: number): number | undefined {
+  let text: string;
+  try {
+    text = readFileSync(`/proc/${pid}/smaps_rollup`, "utf8");
+  } catch {
+    return undefined;
+  }
+  let kb = 0;
+  for (const m of text.matchAll(/^Private_(?:Clean|Dirty):\s+(\d+) kB/gm)) kb += Number(m[1]);
+  return kb * 1024;
+}
+
+/** The kernel's estimate of memory available for new work (MemAvailable), bytes. */
+export function memAvailableBytes(): number {
+  const m = /^MemAvailable:\s+(\d+) kB/m.exec(readFileSync("/proc/meminfo", "utf8"));
+  return Number(m?.[1] ?? 0) * 1024;
+}

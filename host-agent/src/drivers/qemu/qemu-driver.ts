@@ -27,7 +27,7 @@ import { endGuestSessions, guestLink, vmmStats } from "./guest.ts";
 import { attachedVolumes, MIN_GUEST_MEMORY } from "./guest-config.ts";
 import type { LastClone, QemuDriverOptions, QemuHost } from "./host.ts";
 import { adoptNics } from "./nic.ts";
-import { discard, gc } from "./processes.ts";
+import { discard, gc, memAvailableBytes, privateBytes } from "./processes.ts";
 import { converge } from "./recovery.ts";
 import { restore, standby } from "./snapshot.ts";
 import { settleRestore, snapshotCreate, snapshotDelete, snapshotRestore } from "./snapshots.ts";
@@ -268,6 +268,24 @@ export class QemuDriver implements Driver {
         await gc(this.host);
       },
     });
+  }
+
+  /** The host's MemAvailable, and what each Running guest mapping a shared memory base holds
+   * alone: its QEMU's private pages (the pages its guest wrote since the fork, and QEMU's own
+   * heap and translation cache). A guest with its own RAM file is left out: it is charged its
+   * size, which its file may grow to. */
+  async memoryReport(): Promise<{
+    available_bytes: number;
+    charges: { id: string; bytes: number }[];
+  }> {
+    const { records } = await this.records();
+    const charges: { id: string; bytes: number }[] = [];
+    for (const r of records) {
+      if (r.pid === null || r.ram !== "base" || r.observed.state !== "Running") continue;
+      const bytes = privateBytes(r.pid);
+      if (bytes !== undefined) charges.push({ id: r.observed.id, bytes });
+    }
+    return { available_bytes: memAvailableBytes(), charges };
   }
 
   logFile(id: string, source: DriverLogSource): string | undefined {
