@@ -94,3 +94,27 @@ export async function clientScenario(client: ReturnType<typeof hypeman>): Promis
     ConflictError,
   );
 }
+
+/** Snapshots in brief, for every deployment: a Standby snapshot of a Running instance (the
+ * from_running flow), a fork of it, a restore of its source, the snapshot's delete. */
+export async function snapshotScenario(client: ReturnType<typeof hypeman>): Promise<void> {
+  const src = await client.instances.create({ name: "snap-src", image: "alpine", size: "256MB" });
+  const snap = await client.instances.snapshots.create(src.id, {
+    kind: "Standby",
+    name: "first",
+    tags: { via: "scenario" },
+  });
+  expect(snap).toMatchObject({ kind: "Standby", name: "first", source_instance_id: src.id });
+  expect((await client.instances.get(src.id)).state).toBe("Running");
+  expect((await client.snapshots.list({ tags: { via: "scenario" } })).map((s) => s.id)).toEqual([
+    snap.id,
+  ]);
+  const fork = await client.snapshots.fork(snap.id, { name: "snap-fork" });
+  expect(fork.state).toBe("Running");
+  await client.instances.stop(src.id);
+  expect((await client.instances.snapshots.restore(snap.id, { id: src.id })).state).toBe("Running");
+  await client.snapshots.delete(snap.id);
+  await expect(client.snapshots.get(snap.id)).rejects.toBeInstanceOf(NotFoundError);
+  expect((await client.instances.get(fork.id)).state).toBe("Running");
+  for (const id of [fork.id, src.id]) await client.instances.delete(id);
+}

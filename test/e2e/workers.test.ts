@@ -23,7 +23,7 @@ import {
   waitFor,
 } from "../harness.ts";
 import { type Wrangler, wranglerDev } from "../wrangler.ts";
-import { clientScenario } from "./scenarios.ts";
+import { clientScenario, snapshotScenario } from "./scenarios.ts";
 
 // The Workers deployment, run locally: `wrangler dev` (workerd) with the Hyperdrive binding
 // pointed at the test's Postgres database, a real sim agent connecting to its HostSession
@@ -59,6 +59,11 @@ describe("Cloudflare Workers deployment (wrangler dev)", { timeout: 120_000 }, (
       throw new Error(`${(e as Error).message}\nworker:\n${worker.output().slice(-4000)}`);
     });
   });
+
+  it("captures, forks, restores and deletes a snapshot through the Worker", () =>
+    snapshotScenario(hypeman(worker.url, apiKey)).catch((e: unknown) => {
+      throw new Error(`${String(e)}\n--- wrangler output ---\n${worker.output()}`);
+    }));
 
   it("pulls a private image with credentials through the Worker and its HostSession", async () => {
     const reg = await startRegistry({ private: ["secret/app"] });

@@ -4,7 +4,7 @@
 // target gets its own overlay on the same base. Bases are removed only when no disk's backing
 // chain mentions them (gcBases).
 import { randomBytes } from "node:crypto";
-import { chmod, link, mkdir, readdir, rename, rm } from "node:fs/promises";
+import { chmod, link, mkdir, open, readdir, rename, rm } from "node:fs/promises";
 import path from "node:path";
 import { execa } from "execa";
 import type { AgentPaths } from "../../paths.ts";
@@ -65,11 +65,44 @@ export async function createOverlay(
   ]);
 }
 
-/** Every file in the image's backing chain, itself first. -U: a running QEMU holds a lock. */
-export async function backingChain(tools: DiskTools, file: string): Promise<string[]> {
-  const r = await execa(tools.qemuImg, ["info", "-U", "--output=json", "--backing-chain", file]);
-  const chain = JSON.parse(r.stdout) as Array<{ filename: string }>;
-  return chain.map((i) => i.filename);
+/** Longest backing chain followed (a loop in corrupt headers ends here). */
+const MAX_CHAIN = 64;
+const QCOW2_MAGIC = 0x514649fb;
+
+/**
+ * Every file in the image's backing chain, itself first, read from the qcow2 headers; a file
+ * that is not qcow2 (the raw empty template) ends the chain. Read in-process: collecting bases
+ * reads every disk's chain after each delete, and one `qemu-img info` process per disk made
+ * deletes on a host of 80 guests take minutes under load.
+ */
+export async function backingChain(file: string): Promise<string[]> {
+  const chain: string[] = [];
+  for (let cur: string | undefined = file; cur !== undefined; cur = await backingOf(cur)) {
+    if (chain.length >= MAX_CHAIN)
+      throw new Error(`${file}: backing chain longer than ${MAX_CHAIN}`);
+    chain.push(cur);
+  }
+  return chain;
+}
+
+/** The backing file a qcow2 header names (version 2 and 3 alike: offset at 8, size at 16). */
+async function backingOf(file: string): Promise<string | undefined> {
+  const fh = await open(file, "r");
+  try {
+    const head = Buffer.alloc(20);
+    const { bytesRead } = await fh.read(head, 0, head.length, 0);
+    if (bytesRead < head.length || head.readUInt32BE(0) !== QCOW2_MAGIC) return undefined;
+    const offset = head.readBigUInt64BE(8);
+    const size = head.readUInt32BE(16);
+    if (offset === 0n || size === 0) return undefined;
+    if (size > 1023) throw new Error(`${file}: backing file name of ${size} bytes`);
+    const name = Buffer.alloc(size);
+    await fh.read(name, 0, size, Number(offset));
+    const backing = name.toString("utf8");
+    return path.isAbsolute(backing) ? backing : path.resolve(path.dirname(file), backing);
+  } finally {
+    await fh.close();
+  }
 }
 
 /**
@@ -123,7 +156,6 @@ export interface DiskHolders {
 
 /** Removes bases no instance's or snapshot's disk chain uses any more. */
 export async function gcBases(
-  tools: DiskTools,
   paths: AgentPaths["qemu"],
   holders: readonly DiskHolders[],
 ): Promise<string[]> {
@@ -148,10 +180,10 @@ export async function gcBases(
       if (read.kind === "corrupt") return [];
       const pinned = read.record?.disk_base;
       if (pinned) {
-        for (const f of await backingChain(tools, pinned).catch(() => [pinned])) used.add(f);
+        for (const f of await backingChain(pinned).catch(() => [pinned])) used.add(f);
       }
       try {
-        for (const f of await backingChain(tools, layout.diskFile(id))) used.add(f);
+        for (const f of await backingChain(layout.diskFile(id))) used.add(f);
       } catch {
         // No disk (a half-made instance, a snapshot holding a base) or unreadable: an
         // unreadable chain must keep every base.

@@ -110,7 +110,7 @@ export async function discard(host: QemuHost, id: string): Promise<void> {
 /** Removes disk and memory bases no instance refers to any more (after a delete: the only
  * thing that shortens disk chains; reading them costs a `qemu-img` per instance). */
 export async function gc(host: QemuHost): Promise<void> {
-  await gcBases(host.tools, host.paths, holders(host));
+  await gcBases(host.paths, holders(host));
   await gcMemory(host);
 }
 

@@ -6,6 +6,7 @@ import os from "node:os";
 import path from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import type { ApiError, InstanceSpec, ObservedInstance } from "@offshoot/shared";
+import { execa } from "execa";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { ensureTestImage } from "../../../../scripts/oci-image.ts";
 import { ensureVmAssets, type VmAssets } from "../../../../scripts/vm-assets.ts";
@@ -443,7 +444,6 @@ describe("QemuDriver without booting", () => {
       observed: { id, state: "Stopped", has_snapshot: false, stopped_at: new Date().toISOString() },
     });
   }
-  const qemuImg = { qemuImg: "/usr/bin/qemu-img" };
 
   it("forks a Stopped source onto a frozen base; rollback and delete clean up", async () => {
     const driver = newDriver();
@@ -454,8 +454,21 @@ describe("QemuDriver without booting", () => {
     );
     expect(src.state).toBe("Stopped");
     expect(tgt).toMatchObject({ id: "coldfork", state: "Stopped", has_snapshot: false });
-    const srcChain = await backingChain(qemuImg, paths.qemu.diskFile("cold"));
-    const tgtChain = await backingChain(qemuImg, paths.qemu.diskFile("coldfork"));
+    const srcChain = await backingChain(paths.qemu.diskFile("cold"));
+    const tgtChain = await backingChain(paths.qemu.diskFile("coldfork"));
+    // Read from the headers as qemu-img reads them.
+    const byQemuImg = JSON.parse(
+      (
+        await execa("qemu-img", [
+          "info",
+          "-U",
+          "--output=json",
+          "--backing-chain",
+          paths.qemu.diskFile("coldfork"),
+        ])
+      ).stdout,
+    ) as Array<{ filename: string }>;
+    expect(tgtChain).toEqual(byQemuImg.map((i) => i.filename));
     // Both are overlays on the same frozen base, which neither writes.
     expect(srcChain).toHaveLength(3); // overlay → frozen base → blank ext4
     expect(tgtChain[1]).toBe(srcChain[1]);

@@ -83,10 +83,7 @@ describe("QemuDriver on XFS with reflink", () => {
     expect(driver.lastDiskClone).toBe("reflink");
     const bases = existsSync(paths.qemu.basesDir) ? readdirSync(paths.qemu.basesDir) : [];
     expect(bases).toEqual([]);
-    const chain = await backingChain(
-      { qemuImg: "/usr/bin/qemu-img" },
-      paths.qemu.diskFile("xfork"),
-    );
+    const chain = await backingChain(paths.qemu.diskFile("xfork"));
     expect(chain).toHaveLength(2); // the fork's disk → the blank ext4 template
     expect(sharedExtents(paths.qemu.diskFile("xfork"))).toBeGreaterThan(0);
     // Memory is never copied: both map the one frozen RAM file.
