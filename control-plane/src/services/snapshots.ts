@@ -29,21 +29,15 @@ import {
   type Tx,
   transactionEndingWith,
 } from "../db/client.ts";
-import {
-  type InstanceRow,
-  instances,
-  type OperationRow,
-  type SnapshotRow,
-  snapshots,
-} from "../db/schema/index.ts";
+import { type OperationRow, type SnapshotRow, snapshots } from "../db/schema/index.ts";
 import { type Call, hostGrace, newCall, type Services } from "./context.ts";
 import { nameConflict, nameInUse, nameTaken } from "./instances/errors.ts";
-import { awaitFlow, forkCommand, forkResult } from "./instances/fork.ts";
+import { awaitFlow, forkResult, forkTarget, recordForkFlow } from "./instances/fork.ts";
 import { newInstanceId } from "./instances/ids.ts";
 import { assertIdle, lockChecked } from "./instances/lifecycle.ts";
 import { present } from "./instances/present.ts";
 import { rowAfter } from "./instances/resolve.ts";
-import { freeAddress, newMac, noAddress } from "./network.ts";
+import { freeAddress, noAddress } from "./network.ts";
 import { insertOperations, newOperation, strongestHold } from "./operations.ts";
 import { admitLocked, lockOnlineHost, overcommitOf, usage } from "./placement.ts";
 
@@ -320,53 +314,21 @@ export async function forkSnapshot(
     );
     const ip = src.networkEnabled ? await freeAddress(tx, snap.hostId) : null;
     if (src.networkEnabled && !ip) throw noAddress(host.name);
-    const now = new Date();
-    const target: InstanceRow = {
-      ...src,
-      id: newInstanceId(),
-      tenantId,
-      hostId: snap.hostId,
-      name: req.name,
-      state: "Created",
-      stateError: null,
-      ip,
-      mac: src.networkEnabled ? newMac() : null,
-      hasSnapshot: false,
-      memoryChargeBytes: null,
-      exitCode: null,
-      exitMessage: null,
-      forkedFrom: src.id,
-      createdAt: now,
-      startedAt: null,
-      stoppedAt: null,
-      updatedAt: now,
-    };
-    const payload = {
-      kind: "fork_flow" as const,
-      source_id: snap.id,
-      target_id: target.id,
-      from_running: false,
-      target_state: targetState,
-      from_snapshot: true,
-    };
-    const owned = { tenantId, hostId: snap.hostId, instanceId: target.id };
-    const flow = newOperation({ ...owned, sourceInstanceId: snap.id, lock: "shared", payload });
-    const children = [
-      newOperation({
-        ...owned,
-        parentId: flow.id,
-        step: "fork",
-        lock: "none",
-        payload: forkCommand(payload, target, host.subnet),
-      }),
-    ];
-    const written = issued(
-      statement(
-        tx,
-        sql`with i as (${insertRows(instances, [target])}) ${insertOperations([flow, ...children])}`,
-      ),
+    const target = { ...forkTarget(src, req.name, ip), tenantId, hostId: snap.hostId };
+    return recordForkFlow(
+      tx,
+      target,
+      {
+        kind: "fork_flow",
+        source_id: snap.id,
+        target_id: target.id,
+        from_running: false,
+        target_state: targetState,
+        from_snapshot: true,
+      },
+      "shared",
+      host.subnet,
     );
-    return { value: { flow, children }, last: [written] };
   }).catch((e: unknown) => nameConflict(e, req.name));
   return forkResult(s, tenantId, flow, children, call);
 }

@@ -20,6 +20,7 @@ import {
   issued,
   pgErrorCode,
   statement,
+  type Tx,
   transaction,
   transactionEndingWith,
 } from "../../db/client.ts";
@@ -114,61 +115,78 @@ export async function forkInstance(
         `host ${host.name} (${host.driver}) cannot fork a ${src.state} instance to ${targetState}`,
       );
     }
-    const now = new Date();
-    const target: InstanceRow = {
-      ...src,
-      id: newInstanceId(),
-      name: req.name,
-      state: "Created",
-      stateError: null,
-      ip,
-      mac: src.networkEnabled ? newMac() : null,
-      hasSnapshot: false,
-      memoryChargeBytes: null,
-      exitCode: null,
-      exitMessage: null,
-      forkedFrom: src.id,
-      createdAt: now,
-      startedAt: null,
-      stoppedAt: null,
-      updatedAt: now,
-    };
-    const payload: ForkFlowPayload = {
-      kind: "fork_flow",
-      source_id: src.id,
-      target_id: target.id,
-      from_running: fromRunning,
-      target_state: targetState,
-    };
-    const owned = { tenantId, hostId: src.hostId, instanceId: target.id };
-    const flow = newOperation({
-      ...owned,
-      sourceInstanceId: src.id,
-      lock: fromRunning ? "exclusive" : "shared",
-      payload,
-    });
-    // A flow that is the host's fork alone records that step now, with the flow.
-    const children = forkEndsFlow(payload)
-      ? [
-          newOperation({
-            ...owned,
-            parentId: flow.id,
-            step: "fork",
-            lock: "none",
-            payload: forkCommand(payload, target, host.subnet),
-          }),
-        ]
-      : [];
-    // The rows go out in one statement, with the COMMIT; a name conflict fails it.
-    const written = issued(
-      statement(
-        tx,
-        sql`with i as (${insertRows(instances, [target])}) ${insertOperations([flow, ...children])}`,
-      ),
+    const target = forkTarget(src, req.name, ip);
+    return recordForkFlow(
+      tx,
+      target,
+      {
+        kind: "fork_flow",
+        source_id: src.id,
+        target_id: target.id,
+        from_running: fromRunning,
+        target_state: targetState,
+      },
+      fromRunning ? "exclusive" : "shared",
+      host.subnet,
     );
-    return { value: { flow, children }, last: [written] };
   }).catch((e: unknown) => nameConflict(e, req.name));
   return forkResult(s, tenantId, flow, children, call);
+}
+
+/** A fork's row: its source's settings (image, env, sizes, limits, tags, volumes) with a new id,
+ * its name, a new MAC and the address given, Created now. */
+export function forkTarget(src: InstanceRow, name: string, ip: string | null): InstanceRow {
+  const now = new Date();
+  return {
+    ...src,
+    id: newInstanceId(),
+    name,
+    state: "Created",
+    stateError: null,
+    ip,
+    mac: src.networkEnabled ? newMac() : null,
+    hasSnapshot: false,
+    memoryChargeBytes: null,
+    exitCode: null,
+    exitMessage: null,
+    forkedFrom: src.id,
+    createdAt: now,
+    startedAt: null,
+    stoppedAt: null,
+    updatedAt: now,
+  };
+}
+
+/** Records a fork flow holding its source (`payload.source_id`) in `lock` mode, with its
+ * target's row and — for a flow that is the host's fork alone — that step. The rows go out in
+ * one statement, with the COMMIT; a name conflict fails it. */
+export function recordForkFlow(
+  tx: Tx,
+  target: InstanceRow,
+  payload: ForkFlowPayload,
+  lock: "exclusive" | "shared",
+  subnet: string,
+) {
+  const owned = { tenantId: target.tenantId, hostId: target.hostId, instanceId: target.id };
+  const flow = newOperation({ ...owned, sourceInstanceId: payload.source_id, lock, payload });
+  const children = forkEndsFlow(payload)
+    ? [
+        newOperation({
+          ...owned,
+          parentId: flow.id,
+          step: "fork",
+          lock: "none",
+          payload: forkCommand(payload, target, subnet),
+        }),
+      ]
+    : [];
+  const written = issued(
+    statement(
+      tx,
+      sql`with i as (${insertRows(instances, [target])}) ${insertOperations([flow, ...children])}`,
+    ),
+  );
+  return { value: { flow, children }, last: [written] };
 }
 
 /** Waits for a fork flow recorded by this request and answers its fork. */
