@@ -64,9 +64,8 @@ describe("a small host and the order of checks", () => {
     for (const [method, p] of [
       ["PATCH", "/instances/w-0"],
       ["GET", "/instances/w-0/auto-standby/status"],
-      ["POST", "/instances/w-0/snapshots"],
-      ["GET", "/snapshots"],
-      ["POST", "/snapshots/s1/fork"],
+      ["POST", "/images/alpine/tag"],
+      ["GET", "/builds"],
       ["POST", "/instances/w-0/volumes/vol-1"],
       ["GET", "/resources"],
       ["GET", "/capabilities"],
