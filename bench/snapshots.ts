@@ -14,17 +14,21 @@ import { APIError } from "@onkernel/hypeman";
 import { TestNamespaces } from "../host-agent/testing/netns.ts";
 import {
   cpuSecondsOf,
-  FILL_PROGRAM,
   guestPidsUnder,
   killGuestsUnder,
   memAvailable,
   pssOf,
 } from "../host-agent/testing/qemu.ts";
-import { TEST_IMAGE } from "../scripts/oci-image.ts";
 import { ensurePostgres } from "../scripts/postgres.ts";
 import { ensureVmAssets } from "../scripts/vm-assets.ts";
 import { qemuAgentEnv } from "../test/e2e/env.ts";
-import { hypeman, spawnAgent, spawnControlPlane, waitFor } from "../test/harness.ts";
+import {
+  createFilledGuest,
+  hypeman,
+  spawnAgent,
+  spawnControlPlane,
+  waitFor,
+} from "../test/harness.ts";
 import { benchDatabase } from "./sim-stack.ts";
 import { percentile } from "./stats.ts";
 
@@ -67,22 +71,7 @@ export async function runSnapshotsBench(command: string): Promise<string> {
       timeoutMs: 60_000,
       what: "the host's image",
     });
-    await client.instances.create({
-      name: "src",
-      image: TEST_IMAGE,
-      size: "256MB",
-      vcpus: 1,
-      cmd: ["sh", "-c", FILL_PROGRAM],
-    });
-    await waitFor(
-      async () => {
-        for await (const l of await client.instances.logs("src", { tail: 100 })) {
-          if (l.includes("OFFSHOOT-FILLED")) return true;
-        }
-        return false;
-      },
-      { timeoutMs: 300_000, intervalMs: 500, what: "the source to fill its memory" },
-    );
+    await createFilledGuest(client, "src", 300_000);
     const snap = await client.instances.snapshots.create("src", { kind: "Standby" });
     await client.instances.stop("src");
     log(`snapshot ${snap.id}: ${mib(snap.size_bytes)}`);

@@ -30,6 +30,8 @@ import {
   createHost,
   ensureTenant,
 } from "../control-plane/src/services/credentials.ts";
+import { FILL_PROGRAM } from "../host-agent/testing/qemu.ts";
+import { TEST_IMAGE } from "../scripts/oci-image.ts";
 import { freePort } from "../scripts/postgres.ts";
 import { TEMPLATE_DB, withDatabase } from "./global-setup.ts";
 
@@ -618,6 +620,41 @@ export async function hostOnline(db: Db, hostId: string, timeoutMs = 15_000): Pr
  * server's own deadlines (not the client's 60 s) deciding how long a request may take. */
 export function hypeman(cpUrl: string, apiKey: string): Hypeman {
   return new Hypeman({ baseURL: cpUrl, apiKey, maxRetries: 0, timeout: 5 * 60_000 });
+}
+
+/** A guest's console log (`app`), its last 10,000 lines, through the API. */
+export async function consoleLines(client: Hypeman, name: string): Promise<string[]> {
+  const lines: string[] = [];
+  for await (const line of await client.instances.logs(name, { tail: 10_000 })) lines.push(line);
+  return lines;
+}
+
+/** The counts a test-image guest printed (`OFFSHOOT-COUNT n`), oldest first. */
+export async function consoleCounts(client: Hypeman, name: string): Promise<number[]> {
+  return (await consoleLines(client, name)).flatMap((l) => {
+    const m = /OFFSHOOT-COUNT (\d+)/.exec(l);
+    return m ? [Number(m[1])] : [];
+  });
+}
+
+/** Creates a 256 MiB guest of the test image running FILL_PROGRAM and waits until it has filled
+ * 40 % of its RAM. */
+export async function createFilledGuest(
+  client: Hypeman,
+  name: string,
+  timeoutMs: number,
+): Promise<void> {
+  await client.instances.create({
+    name,
+    image: TEST_IMAGE,
+    size: "256MB",
+    vcpus: 1,
+    cmd: ["sh", "-c", FILL_PROGRAM],
+  });
+  await waitFor(
+    async () => (await consoleLines(client, name)).some((l) => l.includes("OFFSHOOT-FILLED")),
+    { timeoutMs, intervalMs: 250, what: `${name} to fill its memory` },
+  );
 }
 
 export interface ApiResponse {

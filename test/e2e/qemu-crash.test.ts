@@ -3,7 +3,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { agentPaths } from "../../host-agent/src/paths.ts";
 import { TEST_IMAGE } from "../../scripts/oci-image.ts";
 import { ensureVmAssets } from "../../scripts/vm-assets.ts";
-import { type AgentProcess, api, hostOnline, hypeman, waitFor } from "../harness.ts";
+import { type AgentProcess, api, consoleCounts, hostOnline, hypeman, waitFor } from "../harness.ts";
 import { qemuAgentEnv, type Stack, startStack } from "./env.ts";
 
 // kill -9 of a QEMU host agent while a fork is in flight, at several points of the fork: the
@@ -144,14 +144,7 @@ describe("kill -9 of a QEMU agent mid-fork", { timeout: 600_000 }, () => {
     }
   });
 
-  const counts = async (name: string) => {
-    const lines: string[] = [];
-    for await (const line of await client.instances.logs(name, { tail: 10_000 })) lines.push(line);
-    return lines.flatMap((l) => {
-      const m = /OFFSHOOT-COUNT (\d+)/.exec(l);
-      return m ? [Number(m[1])] : [];
-    });
-  };
+  const counts = (name: string) => consoleCounts(client, name);
 
   /** What does not match "the host runs exactly what the API lists": empty once converged. */
   const divergence = async (): Promise<string[]> => {

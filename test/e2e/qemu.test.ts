@@ -1,7 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { TEST_IMAGE } from "../../scripts/oci-image.ts";
 import { ensureVmAssets } from "../../scripts/vm-assets.ts";
-import { api, hypeman, waitFor } from "../harness.ts";
+import { api, consoleCounts, consoleLines, hypeman, waitFor } from "../harness.ts";
 import { killStackGuests, qemuAgentEnv, type Stack, startStack } from "./env.ts";
 
 // Real guests through the public API: a host agent running the QEMU driver (TCG here), driven
@@ -23,16 +23,8 @@ describe("real VMs (QEMU) through the API", { timeout: 300_000 }, () => {
 
   afterAll(() => killStackGuests(stack));
 
-  const logLines = async (name: string) => {
-    const lines: string[] = [];
-    for await (const line of await client.instances.logs(name, { tail: 10_000 })) lines.push(line);
-    return lines;
-  };
-  const counts = async (name: string) =>
-    (await logLines(name)).flatMap((l) => {
-      const m = /OFFSHOOT-COUNT (\d+)/.exec(l);
-      return m ? [Number(m[1])] : [];
-    });
+  const logLines = (name: string) => consoleLines(client, name);
+  const counts = (name: string) => consoleCounts(client, name);
   /** The FILES lines: what the guest saw in /root, oldest first. */
   const listings = async (name: string) =>
     (await logLines(name)).flatMap((l) => {

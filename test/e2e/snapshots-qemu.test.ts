@@ -1,13 +1,8 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import {
-  FILL_PROGRAM,
-  guestPidsUnder,
-  memAvailable,
-  pssOf,
-} from "../../host-agent/testing/qemu.ts";
+import { guestPidsUnder, memAvailable, pssOf } from "../../host-agent/testing/qemu.ts";
 import { TEST_IMAGE } from "../../scripts/oci-image.ts";
 import { ensureVmAssets } from "../../scripts/vm-assets.ts";
-import { hypeman, waitFor } from "../harness.ts";
+import { consoleCounts, createFilledGuest, hypeman, waitFor } from "../harness.ts";
 import { killStackGuests, qemuAgentEnv, type Stack, startStack } from "./env.ts";
 
 // Snapshots of real guests (QEMU under TCG) through the official client. The test image counts
@@ -27,14 +22,7 @@ describe("snapshots of real VMs (QEMU)", { timeout: 300_000 }, () => {
 
   afterAll(() => killStackGuests(stack));
 
-  const counts = async (name: string) => {
-    const out: number[] = [];
-    for await (const line of await client.instances.logs(name, { tail: 10_000 })) {
-      const m = /OFFSHOOT-COUNT (\d+)/.exec(line);
-      if (m) out.push(Number(m[1]));
-    }
-    return out;
-  };
+  const counts = (name: string) => consoleCounts(client, name);
   const last = async (name: string) => (await counts(name)).at(-1) ?? -1;
   /** Waits until `name` has counted past `n`; returns its counts. */
   const countsPast = (name: string, n: number, what: string) =>
@@ -130,22 +118,7 @@ describe("snapshots of real VMs (QEMU)", { timeout: 300_000 }, () => {
   // at once all run; ten forks of a guest that filled 40 % of its RAM, running side by side,
   // cost the host a fraction of ten copies of that memory.
   it("runs six forks of one snapshot requested at once, and ten live forks share its memory", async () => {
-    await client.instances.create({
-      name: "filled",
-      image: TEST_IMAGE,
-      size: "256MB",
-      vcpus: 1,
-      cmd: ["sh", "-c", FILL_PROGRAM],
-    });
-    await waitFor(
-      async () => {
-        for await (const l of await client.instances.logs("filled", { tail: 50 })) {
-          if (l.includes("OFFSHOOT-FILLED")) return true;
-        }
-        return false;
-      },
-      { timeoutMs: 120_000, intervalMs: 250, what: "the guest to fill its memory" },
-    );
+    await createFilledGuest(client, "filled", 120_000);
     const snap = await client.instances.snapshots.create("filled", { kind: "Standby" });
     await client.instances.delete("filled");
 
