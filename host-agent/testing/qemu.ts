@@ -161,11 +161,8 @@ export function cpuSecondsOf(pids: readonly number[]): number {
   return ticks / 100;
 }
 
-/** This machine's MemAvailable, bytes. */
-export function memAvailable(): number {
-  const m = /MemAvailable:\s+(\d+) kB/.exec(readFileSync("/proc/meminfo", "utf8"));
-  return Number(m?.[1] ?? 0) * 1024;
-}
+/** This machine's MemAvailable, bytes (what the QEMU driver reports). */
+export { memAvailableBytes as memAvailable } from "../src/drivers/qemu/processes.ts";
 
 /** A test guest's program that fills 40 % of 256 MiB (a 100 MiB file of random bytes in its page
  * cache), says so, then idles (a sleep an hour long, again and again). */

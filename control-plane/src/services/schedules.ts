@@ -29,13 +29,9 @@ const MIN_INTERVAL_MS = 60_000;
 /** A schedule duration in milliseconds of this deployment's clock: SNAPSHOT_SCHEDULE_MINUTE_MS
  * is how long a minute of a schedule lasts (60,000 unless a test shortens it). */
 function scaled(s: Services, duration: string, what: string): number {
-  let ms: number;
-  try {
-    ms = parseDuration(duration);
-  } catch (e) {
-    throw new InvalidRequestError(`${what}: ${(e as Error).message}`);
-  }
-  return Math.round((ms * s.env.SNAPSHOT_SCHEDULE_MINUTE_MS) / 60_000);
+  return Math.round(
+    (parseDurationOr400(duration, what) * s.env.SNAPSHOT_SCHEDULE_MINUTE_MS) / 60_000,
+  );
 }
 
 const iso = (d: Date | null) => (d ? d.toISOString() : null);

@@ -39,7 +39,7 @@ import { present } from "./instances/present.ts";
 import { rowAfter } from "./instances/resolve.ts";
 import { freeAddress, noAddress } from "./network.ts";
 import { insertOperations, newOperation, strongestHold } from "./operations.ts";
-import { admitLocked, lockOnlineHost, overcommitOf, usage } from "./placement.ts";
+import { admitLocked, lockOnlineHost, overcommitOf } from "./placement.ts";
 
 export function presentSnapshot(r: SnapshotRow): Snapshot {
   return {
@@ -309,8 +309,6 @@ export async function forkSnapshot(
       snap.hostId,
       targetState === "Running" ? need : undefined,
       overcommitOf(s.env),
-      undefined,
-      targetState === "Running" ? await usage(tx, snap.hostId) : undefined,
     );
     const ip = src.networkEnabled ? await freeAddress(tx, snap.hostId) : null;
     if (src.networkEnabled && !ip) throw noAddress(host.name);
@@ -348,12 +346,16 @@ export async function restoreSnapshot(
 ): Promise<Instance> {
   const op = await transactionEndingWith(s.db, async (tx) => {
     const snap = await lockSnapshot(tx, tenantId, snapshotId, "share");
+    // Room is asked for only when the instance will run.
+    const targetState = targetOf(snap, req.target_state);
     const {
       row,
       held,
       host: lockedHost,
       used,
-    } = await lockChecked(tx, hostGrace(s), tenantId, ref, { usage: "others" });
+    } = await lockChecked(tx, hostGrace(s), tenantId, ref, {
+      ...(targetState === "Running" && { usage: "others" }),
+    });
     if (snap.sourceInstanceId !== row.id) {
       throw new InvalidRequestError(
         `snapshot ${snapshotId} was taken of instance ${snap.sourceInstanceName}, not ${row.name}; fork it instead`,
@@ -366,7 +368,6 @@ export async function restoreSnapshot(
       );
     }
     assertIdle(row, "exclusive", held);
-    const targetState = targetOf(snap, req.target_state);
     await admitLocked(
       tx,
       lockedHost,

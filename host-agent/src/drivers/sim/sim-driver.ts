@@ -473,7 +473,7 @@ export class SimDriver implements Driver {
     const read = await store.read(id);
     if (read.kind === "ok") return read.record;
     if (read.kind === "missing") throw new NotFoundError(`${what} ${id} not found on this host`);
-    throw new InvalidStateError(`${what} ${id} is unreadable: ${read.error}`);
+    throw new InvalidStateError(`${what} ${id} is Unknown: state file unreadable: ${read.error}`);
   }
 
   private async require(id: string): Promise<ObservedInstance> {
