@@ -405,6 +405,7 @@ async function naiveFork(d: DataDir, target: InstanceSpec, source: string) {
     ram: "file",
     ram_base: null,
     disk_base: null,
+    compressed: null,
     guest_identity: null,
     observed: {
       id,

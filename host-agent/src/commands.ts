@@ -76,7 +76,8 @@ export class Commands {
       } else if (
         op.kind === "volume_create" ||
         op.kind === "volume_delete" ||
-        op.kind === "snapshot_delete"
+        op.kind === "snapshot_delete" ||
+        op.kind === "snapshot_compress"
       ) {
         // Idempotent, like delete: run again.
         outcome = this.hostOps

@@ -4,7 +4,13 @@
 import { z } from "zod";
 import { type ErrorCode, isErrorCode } from "./errors.ts";
 import { DIGEST, ImageInfo } from "./images.ts";
-import { ForkTargetState, Hypervisor, InstanceState, SnapshotKind } from "./schemas.ts";
+import {
+  ForkTargetState,
+  Hypervisor,
+  InstanceState,
+  SnapshotCompression,
+  SnapshotKind,
+} from "./schemas.ts";
 import { StreamCredit, StreamId, StreamOpen } from "./tunnel.ts";
 
 export const PROTOCOL_VERSION = 1 as const;
@@ -130,6 +136,9 @@ export type ObservedInstance = z.infer<typeof ObservedInstance>;
 export const SnapshotInfo = z.object({
   id: Id,
   size_bytes: z.number().int().nonnegative(),
+  /** snapshot_compress: the memory payload's bytes compressed, and as the guest sees them. */
+  compressed_size_bytes: z.number().int().nonnegative().optional(),
+  uncompressed_size_bytes: z.number().int().nonnegative().optional(),
 });
 export type SnapshotInfo = z.infer<typeof SnapshotInfo>;
 
@@ -170,6 +179,14 @@ export const Operation = z.discriminatedUnion("kind", [
   }),
   /** Removes a snapshot's files (idempotent); forks made from it keep theirs. */
   z.object({ kind: z.literal("snapshot_delete"), snapshot_id: Id }),
+  /** Keeps a Standby snapshot's memory compressed at rest (idempotent). Forks and restores
+   * from it decompress it once, into a copy they share while any of them uses it. */
+  z.object({
+    kind: z.literal("snapshot_compress"),
+    snapshot_id: Id,
+    algorithm: SnapshotCompression,
+    level: z.number().int().min(0).max(19),
+  }),
   z.object({
     kind: z.literal("volume_create"),
     key: Id,
@@ -203,13 +220,21 @@ export type Operation = z.infer<typeof Operation>;
 /** The commands that are the host's, not an instance's: they touch and lock no instance. */
 export type HostOperation = Extract<
   Operation,
-  { kind: "image_pull" | "volume_create" | "volume_delete" | "snapshot_delete" }
+  {
+    kind:
+      | "image_pull"
+      | "volume_create"
+      | "volume_delete"
+      | "snapshot_delete"
+      | "snapshot_compress";
+  }
 >;
 export const isHostOperation = (op: Operation): op is HostOperation =>
   op.kind === "image_pull" ||
   op.kind === "volume_create" ||
   op.kind === "volume_delete" ||
-  op.kind === "snapshot_delete";
+  op.kind === "snapshot_delete" ||
+  op.kind === "snapshot_compress";
 export type OperationKind = Operation["kind"];
 /** The kinds of host command, as a schema (settings keyed by kind). */
 export const OperationKind = z.enum(
@@ -228,6 +253,8 @@ export const DriverCapabilities = z.object({
   volumes: z.boolean(),
   /** Instances need an image this host has imported (reported in hello's `images`). */
   images: z.boolean().default(false),
+  /** Standby snapshots' memory can be kept compressed (snapshot_compress). */
+  snapshot_compression: z.boolean().default(false),
   /** The smallest guest memory this host's guests boot with (a request for less is refused). */
   min_memory_bytes: z.number().int().nonnegative().default(0),
 });

@@ -421,20 +421,32 @@ export const StreamToken = z
 export const SnapshotKind = z.enum(["Standby", "Stopped"]).openapi("SnapshotKind");
 export type SnapshotKind = z.infer<typeof SnapshotKind>;
 
+export const SnapshotCompression = z.enum(["zstd", "lz4"]);
+export type SnapshotCompression = z.infer<typeof SnapshotCompression>;
+/** Levels by algorithm (Hypeman's ranges) and the level used when none is given. */
+export const COMPRESSION_LEVELS: Record<
+  SnapshotCompression,
+  { min: number; max: number; default: number }
+> = {
+  zstd: { min: 1, max: 19, default: 1 },
+  lz4: { min: 0, max: 9, default: 0 },
+};
+
 export const SnapshotCompressionConfig = z
   .object({
     enabled: z.boolean(),
-    algorithm: z.enum(["zstd", "lz4"]).optional(),
+    algorithm: SnapshotCompression.optional(),
     level: z.number().int().min(0).max(19).optional(),
   })
   .superRefine((c, ctx) => {
     if (!c.enabled || c.level === undefined) return;
-    const [lo, hi] = (c.algorithm ?? "zstd") === "zstd" ? [1, 19] : [0, 9];
-    if (c.level < lo || c.level > hi) {
+    const algorithm = c.algorithm ?? "zstd";
+    const { min, max } = COMPRESSION_LEVELS[algorithm];
+    if (c.level < min || c.level > max) {
       ctx.addIssue({
         code: "custom",
         path: ["level"],
-        message: `${c.algorithm ?? "zstd"} level must be ${lo}-${hi}`,
+        message: `${algorithm} level must be ${min}-${max}`,
       });
     }
   })

@@ -1,4 +1,6 @@
+import { existsSync, readdirSync } from "node:fs";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { agentPaths } from "../../host-agent/src/paths.ts";
 import { guestPidsUnder, memAvailable, pssOf } from "../../host-agent/testing/qemu.ts";
 import { TEST_IMAGE } from "../../scripts/oci-image.ts";
 import { ensureVmAssets } from "../../scripts/vm-assets.ts";
@@ -112,6 +114,76 @@ describe("snapshots of real VMs (QEMU)", { timeout: 300_000 }, () => {
       await client.instances.delete(name);
     }
     await client.snapshots.delete(own.id);
+  });
+
+  it("keeps a snapshot's memory compressed at rest and decompresses it once for its forks", async () => {
+    const memBases = agentPaths(stack.agents[0]?.dataDir ?? "/nonexistent").qemu.memBasesDir;
+    const bases = () => (existsSync(memBases) ? readdirSync(memBases) : []);
+    await client.instances.create({ name: "packed", image: TEST_IMAGE, size: "256MB", vcpus: 1 });
+    await countsPast("packed", 2, "the guest to count");
+    const before = await last("packed");
+    const asked = await client.instances.snapshots.create("packed", {
+      kind: "Standby",
+      compression: { enabled: true, algorithm: "zstd", level: 3 },
+    });
+    const after = await last("packed");
+    // The source restored onto its own copy: only the snapshot holds the memory base.
+    expect(bases()).toHaveLength(1);
+    const snap = await waitFor(
+      async () => {
+        const s = await client.snapshots.get(asked.id);
+        if (s.compression_state === "error") throw new Error(s.compression_error ?? "error");
+        return s.compression_state === "compressed" && s;
+      },
+      { timeoutMs: 60_000, what: "the snapshot compressed" },
+    );
+    const MiB = 1024 * 1024;
+    expect(snap.uncompressed_size_bytes).toBe(256 * MiB);
+    expect(snap.compressed_size_bytes).toBeGreaterThan(0);
+    expect(snap.compressed_size_bytes ?? Infinity).toBeLessThan(asked.size_bytes);
+    expect(snap.size_bytes).toBeLessThan(asked.size_bytes);
+    // At rest the compressed file is all: the uncompressed base is gone.
+    expect(bases()).toEqual([]);
+
+    // Two forks at once: one decompressed copy, mapped by both, each continuing the
+    // snapshot's count.
+    await Promise.all(
+      ["packed-1", "packed-2"].map((name) => client.snapshots.fork(snap.id, { name })),
+    );
+    expect(bases()).toHaveLength(1);
+    for (const name of ["packed-1", "packed-2"]) {
+      const c = await countsPast(name, -1, `${name} to count`);
+      expect(c[0]).toBeGreaterThanOrEqual(before);
+      expect(c[0]).toBeLessThanOrEqual(after + 1);
+    }
+    // A fork in Standby keeps its memory in its own stream; a compressed snapshot of it holds
+    // that stream compressed, and a fork of that one continues the fork's count.
+    await client.instances.standby("packed-1");
+    const parkedAt = await last("packed-1");
+    const inner = await client.instances.snapshots.create("packed-1", {
+      kind: "Standby",
+      compression: { enabled: true, algorithm: "lz4" },
+    });
+    await waitFor(
+      async () => (await client.snapshots.get(inner.id)).compression_state === "compressed",
+      { timeoutMs: 60_000, what: "the fork's snapshot compressed" },
+    );
+    await client.snapshots.fork(inner.id, { name: "packed-3" });
+    const c3 = await countsPast("packed-3", -1, "the fork's fork to count");
+    expect(c3[0]).toBeGreaterThanOrEqual(parkedAt);
+    expect(c3[0]).toBeLessThanOrEqual(parkedAt + 1);
+    await client.instances.delete("packed-3");
+    await client.snapshots.delete(inner.id);
+
+    // Once no fork maps it, the copy goes and the snapshot is back to its compressed file.
+    await client.instances.delete("packed-1");
+    expect(bases()).toHaveLength(1);
+    await client.instances.delete("packed-2");
+    expect(bases()).toEqual([]);
+    expect((await client.snapshots.get(snap.id)).compression_state).toBe("compressed");
+
+    await client.instances.delete("packed");
+    await client.snapshots.delete(snap.id);
   });
 
   // The small versions of BENCHMARKS.md's fan-out and density: forks of one snapshot requested

@@ -1,6 +1,6 @@
 import { APIError, ConflictError, NotFoundError } from "@onkernel/hypeman";
 import { beforeAll, describe, expect, it } from "vitest";
-import { hypeman, seedTenant } from "../harness.ts";
+import { hypeman, seedTenant, waitFor } from "../harness.ts";
 import { type Stack, startStack } from "./env.ts";
 
 // Snapshots through the official client, unmodified, against real processes (control plane,
@@ -153,6 +153,59 @@ describe("snapshots through the official client", () => {
     expect((await client.instances.standby(fork.id)).state).toBe("Standby");
     expect((await client.instances.restore(fork.id)).state).toBe("Running");
     expect((await client.instances.stop(second.id)).state).toBe("Stopped");
+  });
+
+  it("keeps a Standby snapshot's memory compressed, and forks and restores from it", async () => {
+    const src = await create("packed-src");
+    const asked = await client.instances.snapshots.create(src.id, {
+      kind: "Standby",
+      compression: { enabled: true, algorithm: "lz4" },
+    });
+    expect(asked.compression).toEqual({ enabled: true, algorithm: "lz4", level: 0 });
+    expect(["compressing", "compressed"]).toContain(asked.compression_state);
+    const packed = await waitFor(
+      async () => {
+        const s = await client.snapshots.get(asked.id);
+        return s.compression_state === "compressed" && s;
+      },
+      { what: "the snapshot compressed" },
+    );
+    expect(packed.compression_error ?? null).toBeNull();
+    expect(packed.uncompressed_size_bytes).toBeGreaterThan(0);
+    expect(packed.compressed_size_bytes).toBeGreaterThan(0);
+    const fork = await client.snapshots.fork(packed.id, { name: "packed-fork" });
+    expect(fork.state).toBe("Running");
+    await client.instances.standby(src.id);
+    const back = await client.instances.snapshots.restore(packed.id, { id: src.id });
+    expect(back.state).toBe("Running");
+    // zstd at level 1 when no algorithm or level is given.
+    const plain = await client.instances.snapshots.create(src.id, {
+      kind: "Standby",
+      compression: { enabled: true },
+    });
+    expect(plain.compression).toEqual({ enabled: true, algorithm: "zstd", level: 1 });
+  });
+
+  it("refuses compression a snapshot cannot have, writing nothing", async () => {
+    const src = await create("packed-bad");
+    const before = await client.snapshots.list({ source_instance_id: src.id });
+    for (const compression of [
+      { enabled: true, algorithm: "zstd" as const, level: 20 },
+      { enabled: true, algorithm: "lz4" as const, level: 10 },
+      { enabled: true, algorithm: "zstd" as const, level: 0 },
+    ]) {
+      await expect(
+        client.instances.snapshots.create(src.id, { kind: "Standby", compression }),
+      ).rejects.toMatchObject({ status: 400 });
+    }
+    await client.instances.stop(src.id);
+    await expect(
+      client.instances.snapshots.create(src.id, {
+        kind: "Stopped",
+        compression: { enabled: true },
+      }),
+    ).rejects.toMatchObject({ status: 400, error: { code: "invalid_request" } });
+    expect(await client.snapshots.list({ source_instance_id: src.id })).toEqual(before);
   });
 
   it("keeps each tenant's snapshots to itself", async () => {

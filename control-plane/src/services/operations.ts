@@ -214,7 +214,9 @@ export class Operations {
    *   pull of the name, or a delete, takes the row away from it), and the pulled digest onto
    *   the host's list;
    * - makes a captured snapshot ready (with its size) and removes a failed one; removes a
-   *   deleted snapshot, and lists again one whose delete failed.
+   *   deleted snapshot, and lists again one whose delete failed;
+   * - records a snapshot's compression (its sizes, or its error), and issues it for a captured
+   *   snapshot that asked for it (sent once recorded; re-sent on reconnect like any other).
    * A replayed answer (a re-sent command answered from the journal) is older than the
    * inventory the agent's hello just reported, so its observations are kept on the operation
    * but not applied.
@@ -281,6 +283,28 @@ export class Operations {
         where snapshots.id = c.payload->>'snapshot_id' and snapshots.host_id = ${hostId}
           and ((c.kind = 'snapshot_create' and c.status = 'succeeded')
             or (c.kind = 'snapshot_delete' and c.status = 'failed'))
+      ), sc as (
+        insert into operations (id, tenant_id, host_id, instance_id, source_instance_id, lock, kind,
+          status, payload, created_at)
+        select gen_random_uuid()::text, s.tenant_id, s.host_id, null, s.id, 'shared',
+          'snapshot_compress', 'pending',
+          jsonb_build_object('kind', 'snapshot_compress', 'snapshot_id', s.id,
+            'algorithm', s.compression->'algorithm', 'level', s.compression->'level'),
+          now()
+        from c join snapshots s on s.id = c.payload->>'snapshot_id'
+        where c.kind = 'snapshot_create' and c.status = 'succeeded'
+          and s.host_id = ${hostId} and s.compression is not null
+        returning *
+      ), sz as (
+        update snapshots set
+          compression_state = case when c.status = 'succeeded' then 'compressed' else 'error' end,
+          compression_error = case when c.status = 'failed' then c.error->>'message' end,
+          compressed_size_bytes = ${captured?.compressed_size_bytes ?? null}::bigint,
+          uncompressed_size_bytes = ${captured?.uncompressed_size_bytes ?? null}::bigint,
+          size_bytes = coalesce(${captured?.size_bytes ?? null}::bigint, snapshots.size_bytes)
+        from c
+        where c.kind = 'snapshot_compress' and snapshots.id = c.payload->>'snapshot_id'
+          and snapshots.host_id = ${hostId}
       ), sd as (
         delete from snapshots using c
         where snapshots.id = c.payload->>'snapshot_id' and snapshots.host_id = ${hostId}
@@ -288,6 +312,7 @@ export class Operations {
             or (c.kind = 'snapshot_delete' and c.status = 'succeeded'))
       ), ${observedWrites(hostId, apply, sql`'op:' || (select kind from c)`, sql`exists (select 1 from c)`, sql`(select id from x)`)}
       select (select to_jsonb(c) from c) as op,
+        coalesce((select jsonb_agg(to_jsonb(sc)) from sc), '[]'::jsonb) as next,
         coalesce((select jsonb_agg(to_jsonb(u)) from u), '[]'::jsonb) as updated,
         coalesce((select jsonb_agg(d.id) from d), '[]'::jsonb) as dropped`,
     );
@@ -298,6 +323,10 @@ export class Operations {
       rowFromJson(instances, r),
     );
     this.remember(done, updated);
+    // What the result starts: a compression of the snapshot just captured.
+    for (const r of fromJsonb(row?.next) as Record<string, unknown>[]) {
+      this.send(rowFromJson(operations, r));
+    }
     this.signals.notify(topics.operation(result.command_id));
     for (const r of updated) this.signals.notify(topics.instance(r.id));
     for (const id of fromJsonb(row?.dropped) as string[]) this.signals.notify(topics.instance(id));

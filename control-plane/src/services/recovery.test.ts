@@ -42,6 +42,7 @@ const CAPS: DriverCapabilities = {
   volumes: true,
   images: false,
   min_memory_bytes: 0,
+  snapshot_compression: false,
 };
 
 const ipNum = (ip: string) => ip.split(".").reduce((n, x) => n * 256 + Number(x), 0);
@@ -212,6 +213,7 @@ class ScriptedHost implements HostGateway {
       case "snapshot_create":
       case "snapshot_restore":
       case "snapshot_delete":
+      case "snapshot_compress":
         throw new Error(`the scripted host runs no ${op.kind}`);
     }
   }

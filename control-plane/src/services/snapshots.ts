@@ -4,6 +4,7 @@
 // from_running flow with a snapshot as its target (standby, capture, restore); a Stopped or
 // Standby one is one host command. Rows are listed once their host has made them ("ready").
 import {
+  COMPRESSION_LEVELS,
   ConflictError,
   type CreateSnapshotRequest,
   type ForkSnapshotRequest,
@@ -29,7 +30,12 @@ import {
   type Tx,
   transactionEndingWith,
 } from "../db/client.ts";
-import { type OperationRow, type SnapshotRow, snapshots } from "../db/schema/index.ts";
+import {
+  type OperationRow,
+  type ResolvedCompression,
+  type SnapshotRow,
+  snapshots,
+} from "../db/schema/index.ts";
 import { type Call, hostGrace, newCall, type Services } from "./context.ts";
 import { nameConflict, nameInUse, nameTaken } from "./instances/errors.ts";
 import { awaitFlow, forkResult, forkTarget, recordForkFlow } from "./instances/fork.ts";
@@ -52,11 +58,26 @@ export function presentSnapshot(r: SnapshotRow): Snapshot {
     source_hypervisor: r.sourceHypervisor as Snapshot["source_hypervisor"],
     created_at: r.createdAt.toISOString(),
     size_bytes: r.sizeBytes,
-    compression_state: "none",
-    compression_error: null,
-    compressed_size_bytes: null,
-    uncompressed_size_bytes: null,
+    compression_state: r.compressionState,
+    compression_error: r.compressionError,
+    ...(r.compression && { compression: r.compression }),
+    compressed_size_bytes: r.compressedSizeBytes,
+    uncompressed_size_bytes: r.uncompressedSizeBytes,
   };
+}
+
+/** The compression a snapshot asked for, algorithm and level filled in; null for none. Only a
+ * Standby snapshot has memory to compress. */
+function compressionOf(req: CreateSnapshotRequest): ResolvedCompression | null {
+  const c = req.compression;
+  if (!c?.enabled) return null;
+  if (req.kind !== "Standby") {
+    throw new InvalidRequestError(
+      "compression applies to Standby snapshots: a Stopped snapshot holds no memory",
+    );
+  }
+  const algorithm = c.algorithm ?? "zstd";
+  return { enabled: true, algorithm, level: c.level ?? COMPRESSION_LEVELS[algorithm].default };
 }
 
 const notFound = (id: string) => new NotFoundError(`snapshot ${id} not found`);
@@ -84,9 +105,7 @@ export async function createSnapshot(
   call: Call = newCall(s),
   { scheduled = false } = {},
 ): Promise<Snapshot> {
-  if (req.compression?.enabled) {
-    throw new NotSupportedError("snapshot compression is not implemented by this control plane");
-  }
+  const compression = compressionOf(req);
   const { snap, op, flow } = await transactionEndingWith(s.db, async (tx) => {
     const { row: src, held, host: lockedHost } = await lockChecked(tx, hostGrace(s), tenantId, ref);
     const allowed: Record<SnapshotKind, readonly string[]> = {
@@ -109,6 +128,11 @@ export async function createSnapshot(
         `host ${host.name} (${host.driver}) cannot take a ${req.kind} snapshot`,
       );
     }
+    if (compression && !caps?.snapshot_compression) {
+      throw new NotSupportedError(
+        `host ${host.name} (${host.driver}) cannot compress snapshots (it lacks zstd and lz4)`,
+      );
+    }
     const snap: SnapshotRow = {
       id: newInstanceId(),
       tenantId,
@@ -124,6 +148,11 @@ export async function createSnapshot(
       sizeBytes: 0,
       operationId: null,
       scheduled,
+      compression,
+      compressionState: compression ? "compressing" : "none",
+      compressionError: null,
+      compressedSizeBytes: null,
+      uncompressedSizeBytes: null,
       createdAt: new Date(),
     };
     const owned = { tenantId, hostId: src.hostId, instanceId: null, sourceInstanceId: src.id };

@@ -75,6 +75,9 @@ export interface Driver {
   snapshotRestore(op: OpData<"snapshot_restore">, ctx: OpContext): Promise<ObservedInstance>;
   /** Removes a snapshot's files; idempotent. Forks made from it keep working. */
   snapshotDelete(id: string): Promise<void>;
+  /** Keeps a Standby snapshot's memory compressed at rest (capability snapshot_compression);
+   * idempotent. Forks and restores from it keep working. */
+  snapshotCompress(op: OpData<"snapshot_compress">): Promise<SnapshotInfo>;
 
   /** After a crash: undoes what an interrupted operation did (it recorded `steps`, and may have
    * been part-way through the next one), then returns the involved instances as observed. */

@@ -1,5 +1,6 @@
-// The commands that are the host's, not an instance's: pulling images and making or removing
-// volumes. They take no instance lock; each answers with an outcome like any command.
+// The commands that are the host's, not an instance's: pulling images, making or removing
+// volumes, and removing or compressing snapshots. They take no instance lock; each answers
+// with an outcome like any command.
 import type { HostOperation } from "@offshoot/shared";
 import type { Driver } from "../drivers/driver.ts";
 import type { Outcome } from "../journal.ts";
@@ -28,6 +29,8 @@ export class HostOps {
         );
       } else if (op.kind === "snapshot_delete") {
         await this.driver.snapshotDelete(op.snapshot_id);
+      } else if (op.kind === "snapshot_compress") {
+        return { ok: true, instances: [], snapshot: await this.driver.snapshotCompress(op) };
       } else await this.volumes.delete(op.key, await this.driver.volumesInUse());
       return { ok: true, instances: [] };
     } catch (err) {

@@ -1,9 +1,16 @@
+import type { SnapshotCompression } from "@offshoot/shared";
 import { sql } from "drizzle-orm";
 import { bigint, boolean, index, jsonb, pgTable, text, uniqueIndex } from "drizzle-orm/pg-core";
 import { createdAt, ts } from "./columns.ts";
 import { hosts } from "./hosts.ts";
 import { type InstanceRow, instances } from "./instances.ts";
 import { tenants } from "./tenants.ts";
+
+export interface ResolvedCompression {
+  enabled: true;
+  algorithm: SnapshotCompression;
+  level: number;
+}
 
 /**
  * A tenant's snapshot: files on its source's host (forks from it are placed there). `source`
@@ -36,6 +43,17 @@ export const snapshots = pgTable(
     operationId: text("operation_id"),
     /** Taken by the instance's schedule: its retention applies. */
     scheduled: boolean("scheduled").notNull().default(false),
+    /** How its memory is kept compressed (algorithm and level resolved), or null. */
+    compression: jsonb("compression").$type<ResolvedCompression>(),
+    /** none; compressing (its snapshot_compress is pending); compressed; error. */
+    compressionState: text("compression_state", {
+      enum: ["none", "compressing", "compressed", "error"],
+    })
+      .notNull()
+      .default("none"),
+    compressionError: text("compression_error"),
+    compressedSizeBytes: bigint("compressed_size_bytes", { mode: "number" }),
+    uncompressedSizeBytes: bigint("uncompressed_size_bytes", { mode: "number" }),
     createdAt: createdAt(),
   },
   (t) => [

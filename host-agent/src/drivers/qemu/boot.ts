@@ -48,6 +48,7 @@ export async function create(
     ram: "file",
     ram_base: null,
     disk_base: null,
+    compressed: null,
     guest_identity: null,
   };
   await runSteps(ctx.steps, [

@@ -11,6 +11,7 @@ import { runSteps, type Step } from "../../operations/steps.ts";
 import type { OpContext, OpData } from "../driver.ts";
 import { exists } from "../record-store.ts";
 import { boot, writeConfig } from "./boot.ts";
+import { thaw } from "./compression.ts";
 import {
   canReflink,
   copyMemory,
@@ -68,6 +69,25 @@ export async function forkBetween(
     );
   }
   const withMemory = state === "Standby" && target_state !== "Stopped";
+  // A snapshot kept compressed is read from its decompressed copy, made by the first reader.
+  const thawed = withMemory ? await thaw(from, source) : { rec: source, done: () => {} };
+  try {
+    return await forkThawed(from, host, op, ctx, thawed.rec, withMemory, nic);
+  } finally {
+    thawed.done();
+  }
+}
+
+async function forkThawed(
+  from: QemuHost,
+  host: QemuHost,
+  op: OpData<"fork">,
+  ctx: OpContext,
+  source: QemuRecord,
+  withMemory: boolean,
+  nic: boolean,
+): Promise<[ObservedInstance, ObservedInstance]> {
+  const { source_id, target_state } = op;
   const f: Fork = {
     host,
     from,
@@ -121,6 +141,7 @@ function targetRecord(
     ram: withMemory && source.ram === "stream" ? "stream" : "file",
     ram_base: null,
     disk_base: null,
+    compressed: null,
     guest_identity: withMemory ? source.guest_identity : null,
     observed: {
       id: target.id,

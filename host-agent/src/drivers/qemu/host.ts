@@ -5,6 +5,7 @@ import { InvalidStateError, NotFoundError, type ObservedInstance } from "@offsho
 import type { GuestLink } from "../../guest/link.ts";
 import type { ImageStore } from "../../images/store.ts";
 import type { HostNetwork } from "../../network/index.ts";
+import type { InstanceLocks } from "../../operations/locks.ts";
 import type { AgentPaths } from "../../paths.ts";
 import type { Slots } from "../../slots.ts";
 import type { VolumeStore } from "../../volumes.ts";
@@ -55,6 +56,10 @@ export interface QemuHost {
   readonly links: Map<string, GuestLink>;
   /** Launches under way, bounded (options.launchConcurrency). */
   readonly launches: Slots;
+  /** Compressed snapshots' payloads: thawing, recording and releasing one hold its id. */
+  readonly payloads: InstanceLocks;
+  /** Forks and restores under way from each compressed snapshot's thawed copy (compression.ts). */
+  readonly thawUsers: Map<string, number>;
   /** Whether the data dir makes reflinks: probed once, by the first fork. */
   reflinks?: Promise<boolean>;
   /** The same host over each directory of records: instances (the host itself), snapshots, and

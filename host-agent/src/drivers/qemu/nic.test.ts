@@ -9,6 +9,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { TestNamespaces } from "../../../testing/netns.ts";
 import { testGuestSpec } from "../../../testing/qemu.ts";
 import { HostNetwork } from "../../network/index.ts";
+import { InstanceLocks } from "../../operations/locks.ts";
 import { agentPaths } from "../../paths.ts";
 import { Slots } from "../../slots.ts";
 import type { QemuHost } from "./host.ts";
@@ -51,6 +52,8 @@ describe("guest NICs across an agent restart", () => {
       last: { copyPath: undefined, diskClone: undefined, identityMs: undefined },
       views: {} as QemuHost["views"],
       launches: new Slots(2),
+      payloads: new InstanceLocks(),
+      thawUsers: new Map(),
     };
     host.views.instances = host;
     return host;
@@ -80,6 +83,7 @@ describe("guest NICs across an agent restart", () => {
       ram: "file",
       ram_base: null,
       disk_base: null,
+      compressed: null,
       guest_identity: null,
       serial_offset: 0,
     };

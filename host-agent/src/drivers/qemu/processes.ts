@@ -6,6 +6,7 @@ import { mkdir, readFile, rm } from "node:fs/promises";
 import { setTimeout as sleep } from "node:timers/promises";
 import { ApiError } from "@offshoot/shared";
 import { isMissing } from "../record-store.ts";
+import { releaseThawed } from "./compression.ts";
 import { isOurQemu, qemuPidsFor } from "./discovery.ts";
 import { gcBases, gcMemBases } from "./disks.ts";
 import type { QemuHost } from "./host.ts";
@@ -115,12 +116,12 @@ export async function gc(host: QemuHost): Promise<void> {
 }
 
 /** Removes memory bases no record refers to (a guest stopped, snapshotted or restored off
- * one; disk chains are untouched then). */
+ * one; disk chains are untouched then), after compressed snapshots have given up the copies no
+ * fork uses any more. */
 export async function gcMemory(host: QemuHost): Promise<void> {
-  await gcMemBases(
-    host.paths,
-    holders(host).map((h) => h.store),
-  );
+  const stores = holders(host).map((h) => h.store);
+  await releaseThawed(host, stores);
+  await gcMemBases(host.paths, stores);
 }
 
 /** Every directory of records whose files may use a base: a restore's files in either place

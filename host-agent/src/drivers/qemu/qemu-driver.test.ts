@@ -440,6 +440,7 @@ describe("QemuDriver without booting", () => {
       ram: "file",
       ram_base: null,
       disk_base: null,
+      compressed: null,
       guest_identity: null,
       observed: { id, state: "Stopped", has_snapshot: false, stopped_at: new Date().toISOString() },
     });

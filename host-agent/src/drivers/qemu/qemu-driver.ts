@@ -15,12 +15,15 @@ import type {
   SnapshotInfo,
   VmmStats,
 } from "@offshoot/shared";
+import { compressorsInstalled } from "../../compressors.ts";
 import type { Guest } from "../../guest/link.ts";
+import { InstanceLocks } from "../../operations/locks.ts";
 import type { AgentPaths } from "../../paths.ts";
 import { Slots } from "../../slots.ts";
 import type { Driver, DriverLogSource, OpContext, OpData } from "../driver.ts";
 import { rollbackOperation } from "../rollback.ts";
 import { create, start } from "./boot.ts";
+import { snapshotCompress } from "./compression.ts";
 import { reconcile } from "./exit.ts";
 import { fork } from "./fork.ts";
 import { endGuestSessions, guestLink, vmmStats } from "./guest.ts";
@@ -48,6 +51,7 @@ export class QemuDriver implements Driver {
   private readonly operating = new Map<string, number>();
   private readonly poller: NodeJS.Timeout;
   private polling = false;
+  private readonly compressors = compressorsInstalled();
 
   constructor(agentPaths: AgentPaths, options: QemuDriverOptions) {
     const paths = agentPaths.qemu;
@@ -67,6 +71,8 @@ export class QemuDriver implements Driver {
       last: this.last,
       views,
       launches: new Slots(options.launchConcurrency ?? 2),
+      payloads: new InstanceLocks(),
+      thawUsers: new Map(),
     };
     const over = (p: AgentPaths["qemu"]): QemuHost => ({
       ...this.host,
@@ -112,6 +118,7 @@ export class QemuDriver implements Driver {
       volumes: this.host.options.volumes !== undefined,
       images: true,
       min_memory_bytes: MIN_GUEST_MEMORY,
+      snapshot_compression: this.compressors,
     };
   }
 
@@ -236,6 +243,10 @@ export class QemuDriver implements Driver {
 
   snapshotDelete(id: string): Promise<void> {
     return this.locked(id, () => snapshotDelete(this.host, id));
+  }
+
+  snapshotCompress(op: OpData<"snapshot_compress">): Promise<SnapshotInfo> {
+    return this.locked(op.snapshot_id, () => snapshotCompress(this.host, op, () => gc(this.host)));
   }
 
   fork(op: OpData<"fork">, ctx: OpContext): Promise<[ObservedInstance, ObservedInstance]> {

@@ -10,6 +10,7 @@ import type { ObservedInstance, SnapshotInfo } from "@offshoot/shared";
 import { runSteps } from "../../operations/steps.ts";
 import type { OpContext, OpData } from "../driver.ts";
 import { exists, isMissing } from "../record-store.ts";
+import { snapshotBytes } from "./compression.ts";
 import { forkBetween, targetStateSteps } from "./fork.ts";
 import { load, type QemuHost } from "./host.ts";
 import { discard, gc } from "./processes.ts";
@@ -33,28 +34,10 @@ export async function snapshotCreate(
     ctx,
   );
   const snap = await load(snaps, op.snapshot_id);
-  return { instance, snapshot: { id: op.snapshot_id, size_bytes: await sizeOf(snaps, snap) } };
-}
-
-/** Bytes the snapshot's files hold on disk (allocated blocks, so a sparse memory file counts
- * what the guest touched): memory, device state, disk. Blocks it shares are counted too. */
-async function sizeOf(snaps: QemuHost, snap: QemuRecord): Promise<number> {
-  const id = snap.observed.id;
-  const files = [
-    snap.ram_base,
-    snaps.paths.devStateFile(id),
-    snap.disk_base ?? snaps.paths.diskFile(id),
-  ];
-  let bytes = 0;
-  for (const f of files) {
-    if (f === null) continue;
-    try {
-      bytes += (await stat(f)).blocks * 512;
-    } catch (e) {
-      if (!isMissing(e)) throw e;
-    }
-  }
-  return bytes;
+  return {
+    instance,
+    snapshot: { id: op.snapshot_id, size_bytes: await snapshotBytes(snaps, snap) },
+  };
 }
 
 /**

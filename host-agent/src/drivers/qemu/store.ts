@@ -1,7 +1,7 @@
 // One JSON record per QEMU instance, beside its disk and RAM file. The QEMU process outlives the
 // agent; the record (pid, QMP socket by path) is how a restarted agent finds it again.
 import { rm } from "node:fs/promises";
-import { InstanceSpec, ObservedInstance } from "@offshoot/shared";
+import { InstanceSpec, ObservedInstance, SnapshotCompression } from "@offshoot/shared";
 import { z } from "zod";
 import { StoredImage } from "../../images/store.ts";
 import type { AgentPaths } from "../../paths.ts";
@@ -44,6 +44,18 @@ export const QemuRecord = z.object({
   /** A snapshot's disk where the data dir makes no reflinks: the frozen base it was captured as
    * (it has no overlay of its own); forks from it put their overlays on this base. */
   disk_base: z.string().nullable().default(null),
+  /** A Standby snapshot whose memory is kept compressed (compression.ts): the compressed file
+   * and its sizes. While forks use it, ram_base (or the stream) is its decompressed copy. */
+  compressed: z
+    .object({
+      file: z.string(),
+      algorithm: SnapshotCompression,
+      level: z.number().int(),
+      compressed_bytes: z.number().int().nonnegative(),
+      uncompressed_bytes: z.number().int().nonnegative(),
+    })
+    .nullable()
+    .default(null),
   /** The identity ("hostname MAC|-") the guest's memory holds: set at boot and by every
    * identity command; a fork's is its source's until its first restore applies its own. */
   guest_identity: z.string().nullable().default(null),

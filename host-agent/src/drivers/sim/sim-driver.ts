@@ -4,7 +4,16 @@
 // Its files are a line or two each, so it uses synchronous calls: a few microseconds in the
 // kernel instead of a trip through libuv's thread pool per call, which was most of a zero-latency
 // sim operation's time.
-import { appendFileSync, copyFileSync, mkdirSync, rmSync, statSync, writeFileSync } from "node:fs";
+import {
+  appendFileSync,
+  copyFileSync,
+  existsSync,
+  mkdirSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+} from "node:fs";
 import { setTimeout as sleep } from "node:timers/promises";
 import {
   ApiError,
@@ -21,6 +30,12 @@ import {
   type SnapshotInfo,
   type VmmStats,
 } from "@offshoot/shared";
+import {
+  COMPRESSED_EXT,
+  compressFile,
+  compressorsInstalled,
+  decompressFile,
+} from "../../compressors.ts";
 import type { SimLatency } from "../../config.ts";
 import type { Guest } from "../../guest/link.ts";
 import { runSteps, type Step } from "../../operations/steps.ts";
@@ -49,6 +64,7 @@ const CAPABILITIES: DriverCapabilities = {
   volumes: true,
   images: false,
   min_memory_bytes: 64 * 1024 * 1024,
+  snapshot_compression: false,
 };
 
 const now = () => new Date().toISOString();
@@ -59,6 +75,7 @@ export class SimDriver implements Driver {
   /** Snapshots: records like instances', with a copy of the disk (and memory) files. */
   private readonly snaps: SimStore;
   private readonly listeners = new Set<(instance: ObservedInstance) => void>();
+  private readonly compressors = compressorsInstalled();
 
   constructor(
     private readonly paths: AgentPaths,
@@ -81,7 +98,7 @@ export class SimDriver implements Driver {
   }
 
   capabilities(): DriverCapabilities {
-    return structuredClone(CAPABILITIES);
+    return { ...structuredClone(CAPABILITIES), snapshot_compression: this.compressors };
   }
 
   async inventory(): Promise<ObservedInstance[]> {
@@ -201,6 +218,7 @@ export class SimDriver implements Driver {
       );
     }
     const withSnapshot = from === "Standby" && target_state !== "Stopped";
+    if (withSnapshot && op.from_snapshot) await this.thawSnapshot(source_id);
     // The fork's state as last written (the sim holds the source still while it forks).
     let forked: ObservedInstance | undefined;
     const own = async (observed: ObservedInstance) => {
@@ -305,6 +323,7 @@ export class SimDriver implements Driver {
     const snap = await this.load(snapshot_id, this.snaps);
     const from = this.paths.simSnapshots;
     const withMemory = snap.observed.state === "Standby";
+    if (withMemory) await this.thawSnapshot(snapshot_id);
     const memory = this.paths.sim.snapshotFile(id);
     const observed: ObservedInstance =
       target_state === "Running"
@@ -330,6 +349,42 @@ export class SimDriver implements Driver {
 
   async snapshotDelete(id: string): Promise<void> {
     await this.snaps.remove(id);
+  }
+
+  /** The sim's snapshot memory (a small file) is compressed by the same programs as a real
+   * host's; a fork or restore decompresses it again (thawSnapshot) and keeps that copy. */
+  async snapshotCompress(op: OpData<"snapshot_compress">): Promise<SnapshotInfo> {
+    const { snapshot_id: id, algorithm, level } = op;
+    const snap = await this.load(id, this.snaps);
+    const to = this.paths.simSnapshots;
+    const memory = to.snapshotFile(id);
+    const packed = `${memory}.${COMPRESSED_EXT[algorithm]}`;
+    if (snap.observed.state !== "Standby") {
+      throw new InvalidStateError(`snapshot ${id} holds no memory to compress`);
+    }
+    if (!existsSync(packed)) {
+      const uncompressed = statSync(memory).size;
+      await compressFile(algorithm, level, memory, packed);
+      writeFileSync(`${packed}.size`, String(uncompressed));
+      rmSync(memory);
+    }
+    const compressed = statSync(packed).size;
+    return {
+      id,
+      size_bytes: statSync(to.diskFile(id)).size + compressed,
+      compressed_size_bytes: compressed,
+      uncompressed_size_bytes: Number(readFileSync(`${packed}.size`, "utf8")),
+    };
+  }
+
+  /** A compressed sim snapshot's memory file, decompressed again if it is not there. */
+  private async thawSnapshot(id: string): Promise<void> {
+    const memory = this.paths.simSnapshots.snapshotFile(id);
+    if (existsSync(memory)) return;
+    for (const algorithm of ["zstd", "lz4"] as const) {
+      const packed = `${memory}.${COMPRESSED_EXT[algorithm]}`;
+      if (existsSync(packed)) await decompressFile(algorithm, packed, memory);
+    }
   }
 
   rollback(op: Operation, ctx: { commandId: string; steps: readonly string[] }) {
