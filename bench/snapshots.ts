@@ -9,7 +9,9 @@
 // (2) density: forks of the snapshot to Running, kept running and idle, one after another,
 //     until the host's admission refuses one or BENCH_DENSITY (100) run; the host's
 //     MemAvailable before and after, the QEMU processes' summed PSS, and the memory each
-//     extra fork costs.
+//     extra fork costs;
+// (3) compression: compressed snapshots of the same source by each algorithm: time to
+//     compressed, sizes, and a fork from each beside a fork from the uncompressed one.
 import { APIError } from "@onkernel/hypeman";
 import { TestNamespaces } from "../host-agent/testing/netns.ts";
 import {
@@ -73,8 +75,9 @@ export async function runSnapshotsBench(command: string): Promise<string> {
     });
     await createFilledGuest(client, "src", 300_000);
     const snap = await client.instances.snapshots.create("src", { kind: "Standby" });
-    await client.instances.stop("src");
     log(`snapshot ${snap.id}: ${mib(snap.size_bytes)}`);
+    const packed = await compressionBench(client, snap.id, log);
+    await client.instances.stop("src");
 
     // (1) fan-out
     const fork = async (name: string) => {
@@ -159,6 +162,15 @@ export async function runSnapshotsBench(command: string): Promise<string> {
       `| summed PSS of the ${pss.processes} QEMU processes | ${mib(pss.bytes)} (${mib(pss.bytes / Math.max(1, pss.processes))} each) |`,
       `| CPU the idle forks use (over 10 s) | ${idleCores.toFixed(2)} cores (${((idleCores / Math.max(1, live.length)) * 100).toFixed(1)} % of a core each) |`,
       ...(failed.length ? ["", `Fan-out failures: ${failed.slice(0, 3).join("; ")}`] : []),
+      "",
+      `Compression: more Standby snapshots of the same running guest, each asked to be compressed; the time from the request to \`compression_state: compressed\`, the memory payload's sizes, and forks to Running from each compressed snapshot (each deleted before the next, so each decompresses) beside forks from the uncompressed snapshot, alternated, ${PACKED_FORKS} of each, medians.`,
+      "",
+      "| algorithm, level | capture + compress | payload | compressed | ratio | fork from it | fork from the uncompressed snapshot |",
+      "|---|---|---|---|---|---|---|",
+      ...packed.map(
+        (p) =>
+          `| ${p.algorithm} ${p.level} | ${ms(p.compressMs)} | ${mib(p.uncompressed)} | ${mib(p.compressed)} | ${(p.uncompressed / p.compressed).toFixed(2)} | ${ms(p.forkMs)} | ${ms(p.plainForkMs)} |`,
+      ),
     );
   } finally {
     await killGuestsUnder(agent.dataDir);
@@ -168,4 +180,64 @@ export async function runSnapshotsBench(command: string): Promise<string> {
     await pg?.stop();
   }
   return lines.join("\n");
+}
+
+const PACKED_FORKS = 3;
+const COMPRESSIONS = [
+  { algorithm: "lz4", level: 0 },
+  { algorithm: "zstd", level: 1 },
+  { algorithm: "zstd", level: 3 },
+] as const;
+
+/** (3) compression: for each algorithm, a compressed Standby snapshot of the running source,
+ * how long until it is compressed, its sizes, and forks from it beside forks from `plain`. */
+async function compressionBench(
+  client: ReturnType<typeof hypeman>,
+  plain: string,
+  log: (m: string) => void,
+) {
+  const forkMs = async (snapshot: string, name: string) => {
+    const t0 = performance.now();
+    const f = await client.snapshots.fork(snapshot, { name });
+    const took = performance.now() - t0;
+    if (f.state !== "Running") throw new Error(`${name} is ${f.state}`);
+    await client.instances.delete(f.id);
+    return took;
+  };
+  const rows = [];
+  for (const { algorithm, level } of COMPRESSIONS) {
+    const t0 = performance.now();
+    const asked = await client.instances.snapshots.create("src", {
+      kind: "Standby",
+      compression: { enabled: true, algorithm, level },
+    });
+    const done = await waitFor(
+      async () => {
+        const s = await client.snapshots.get(asked.id);
+        if (s.compression_state === "error") throw new Error(s.compression_error ?? "error");
+        return s.compression_state === "compressed" && s;
+      },
+      { timeoutMs: 600_000, intervalMs: 20, what: `${algorithm} ${level} compression` },
+    );
+    const compressMs = performance.now() - t0;
+    const fromIt: number[] = [];
+    const fromPlain: number[] = [];
+    for (let i = 0; i < PACKED_FORKS; i++) {
+      fromIt.push(await forkMs(done.id, `packed-${algorithm}-${level}-${i}`));
+      fromPlain.push(await forkMs(plain, `plain-${algorithm}-${level}-${i}`));
+    }
+    const row = {
+      algorithm,
+      level,
+      compressMs,
+      uncompressed: done.uncompressed_size_bytes ?? 0,
+      compressed: done.compressed_size_bytes ?? 0,
+      forkMs: percentile(fromIt, 50),
+      plainForkMs: percentile(fromPlain, 50),
+    };
+    log(`compression ${JSON.stringify(row)}`);
+    rows.push(row);
+    await client.snapshots.delete(done.id);
+  }
+  return rows;
 }
