@@ -230,6 +230,7 @@ class Link {
       const inventory = await this.driver.inventory();
       const images = await this.driver.images();
       const image_digests = await this.images.pulledDigests();
+      const snapshots = await this.driver.snapshotIds();
       if (ws !== this.ws || ws.readyState !== WebSocket.OPEN) return;
       const in_flight = this.commands.inFlight();
       ws.send(
@@ -246,6 +247,7 @@ class Link {
             images,
             image_digests,
             in_flight,
+            snapshots,
           }),
         ),
       );

@@ -295,6 +295,8 @@ export const Hello = z.object({
   image_digests: z.array(z.string().regex(DIGEST)).max(AGENT_LIMITS.imageDigests).default([]),
   /** Commands the agent has journaled but not finished (still executing). */
   in_flight: z.array(Id).max(AGENT_LIMITS.inFlight),
+  /** The snapshots this host holds, by id (absent from older agents: nothing is reconciled). */
+  snapshots: z.array(Id).max(AGENT_LIMITS.inventory).optional(),
 });
 export type Hello = z.infer<typeof Hello>;
 

@@ -1,11 +1,18 @@
 // Hosts are trusted to run guests, not with the rest of the fleet: a host's messages apply to
 // its own instances only, and what a hello may claim is bounded. A hand-driven agent with a
 // valid token of a second host plays the hostile host.
+import { existsSync } from "node:fs";
 import { AGENT_LIMITS, type Instance } from "@offshoot/shared";
 import { and, count, eq, isNull } from "drizzle-orm";
 import { beforeAll, describe, expect, it } from "vitest";
-import { hosts, instances, operations } from "../../control-plane/src/db/schema/index.ts";
+import {
+  hosts,
+  instances,
+  operations,
+  snapshots,
+} from "../../control-plane/src/db/schema/index.ts";
 import { MAX_ORPHAN_DELETES } from "../../control-plane/src/services/agent-messages/hello.ts";
+import { agentPaths } from "../../host-agent/src/paths.ts";
 import { fakeAgent, isCommand, isWelcome } from "../fake-agent.ts";
 import { api, hostOnline, registerHost, waitFor } from "../harness.ts";
 import { type Stack, startStack } from "./env.ts";
@@ -146,6 +153,37 @@ describe("a host touches only its own instances", () => {
       await agent.closed;
     }
     expect(await pendingDeletes()).toBe(MAX_ORPHAN_DELETES);
+  });
+
+  it("removes the snapshots a host holds that no row of its own names, and only those", async () => {
+    const owner = stack.agents[0];
+    if (!owner) throw new Error("no agent");
+    const snapDir = (id: string) => agentPaths(owner.dataDir).simSnapshots.instanceDir(id);
+    const take = async () => {
+      const r = await call("POST", `/instances/${victim.id}/snapshots`, { kind: "Stopped" });
+      expect(r.status, JSON.stringify(r.body)).toBe(201);
+      return (r.body as { id: string }).id;
+    };
+    await call("POST", `/instances/${victim.id}/stop`);
+    const [kept, lost] = [await take(), await take()];
+    expect(existsSync(snapDir(lost))).toBe(true);
+
+    // Another host claiming A's snapshot is told to delete its own copy, nothing of A's.
+    const b = await registerHost(stack.db);
+    const fake = await fakeAgent(stack.cp.url, b.token);
+    fake.hello({ snapshots: [kept] });
+    expect((await fake.next(isCommand)).op).toEqual({ kind: "snapshot_delete", snapshot_id: kept });
+    fake.close();
+
+    // A snapshot whose row is gone (as a deleted tenant's rows go) is removed from its host on
+    // the host's next hello; the one with a row stays and still forks.
+    await stack.db.delete(snapshots).where(eq(snapshots.id, lost));
+    await owner.restart();
+    await hostOnline(stack.db, stack.hostIds[0] ?? "");
+    await waitFor(() => !existsSync(snapDir(lost)), { what: "the orphan snapshot removed" });
+    expect(existsSync(snapDir(kept))).toBe(true);
+    const fork = await call("POST", `/snapshots/${kept}/fork`, { name: "kept-fork" });
+    expect(fork.status, JSON.stringify(fork.body)).toBe(201);
   });
 
   it("a socket closed while its hello is being recorded leaves the host offline", async () => {

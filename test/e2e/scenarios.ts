@@ -1,6 +1,6 @@
 import { ConflictError, NotFoundError } from "@onkernel/hypeman";
 import { expect } from "vitest";
-import type { hypeman } from "../harness.ts";
+import { type hypeman, waitFor } from "../harness.ts";
 
 /**
  * The whole instance lifecycle through the official Hypeman client, unmodified: create, get by
@@ -103,6 +103,7 @@ export async function snapshotScenario(client: ReturnType<typeof hypeman>): Prom
     kind: "Standby",
     name: "first",
     tags: { via: "scenario" },
+    compression: { enabled: true, algorithm: "zstd", level: 2 },
   });
   expect(snap).toMatchObject({ kind: "Standby", name: "first", source_instance_id: src.id });
   expect((await client.instances.get(src.id)).state).toBe("Running");
@@ -113,6 +114,15 @@ export async function snapshotScenario(client: ReturnType<typeof hypeman>): Prom
   expect(fork.state).toBe("Running");
   await client.instances.stop(src.id);
   expect((await client.instances.snapshots.restore(snap.id, { id: src.id })).state).toBe("Running");
+  // Its compression was issued by whoever recorded the capture, and is recorded in turn.
+  const packed = await waitFor(
+    async () => {
+      const s = await client.snapshots.get(snap.id);
+      return s.compression_state === "compressed" && s;
+    },
+    { what: "the snapshot compressed" },
+  );
+  expect(packed.compression).toEqual({ enabled: true, algorithm: "zstd", level: 2 });
   await client.snapshots.delete(snap.id);
   await expect(client.snapshots.get(snap.id)).rejects.toBeInstanceOf(NotFoundError);
   expect((await client.instances.get(fork.id)).state).toBe("Running");

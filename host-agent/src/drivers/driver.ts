@@ -38,6 +38,8 @@ export interface Driver {
   capabilities(): DriverCapabilities;
   /** Every instance on this host, including ones the control plane may not know (orphans). */
   inventory(): Promise<ObservedInstance[]>;
+  /** The ids of the snapshots this host holds. */
+  snapshotIds(): Promise<string[]>;
   /** The images instances can be created from ([] for a driver that needs none). */
   images(): Promise<ImageInfo[]>;
   /** Rootfs files its instances boot: the image cache never evicts these. */

@@ -1,6 +1,7 @@
 // hello: the agent's full report on (re)connecting. What it offers is recorded on the host row,
 // our rows are reconciled with what it actually runs (the host is the source of truth for
-// that), and every command still pending for it is sent again.
+// that), what it holds that no row names is deleted on it, and every command still pending for
+// it is sent again.
 import {
   type Hello,
   type ObservedInstance,
@@ -8,12 +9,13 @@ import {
   type Welcome,
 } from "@offshoot/shared";
 import { and, eq, inArray, isNull, lte, or, sql } from "drizzle-orm";
-import { now, statement, transaction } from "../../db/client.ts";
-import { events, hosts, instances, operations } from "../../db/schema/index.ts";
+import { now, statement, type Tx, transaction } from "../../db/client.ts";
+import { events, hosts, instances, operations, snapshots } from "../../db/schema/index.ts";
 import { type Services, topics } from "../context.ts";
 import { applyObserved, insertOperations, newOperation } from "../operations.ts";
 
-/** Deletes of instances a host runs that it has no row for, pending at once per host. */
+/** Deletes of instances a host runs that it has no row for, pending at once per host; as many
+ * again of snapshots it holds that it has no row for. */
 export const MAX_ORPHAN_DELETES = 256;
 
 /** The answer to a hello: the host's id and how often it must send a heartbeat. */
@@ -36,7 +38,7 @@ export async function hostConnected(
   connectedAt: Date,
 ): Promise<void> {
   const seen = new Map(hello.inventory.map((o) => [o.id, o]));
-  const { changed, orphans, unheeded } = await transaction(s.db, async (tx) => {
+  const { changed, orphans, unheeded, lostSnapshots } = await transaction(s.db, async (tx) => {
     // Lock order everywhere: instance rows (by id) before host rows; the host row is last here.
     const rows = await tx
       .select({ id: instances.id, state: instances.state })
@@ -111,6 +113,7 @@ export async function hostConnected(
         );
       }
     }
+    const lostSnapshots = hello.snapshots ? await orphanSnapshots(tx, hostId, hello.snapshots) : [];
     await tx
       .update(hosts)
       .set({
@@ -126,7 +129,7 @@ export async function hostConnected(
         connectedAt,
       })
       .where(eq(hosts.id, hostId));
-    return { changed, orphans: deletes, unheeded: orphans.length };
+    return { changed, orphans: deletes, unheeded: orphans.length, lostSnapshots };
   });
   for (const id of changed) s.signals.notify(topics.instance(id));
   const resent = await s.ops.resendPending(hostId);
@@ -136,6 +139,7 @@ export async function hostConnected(
     resent,
     orphans: unheeded,
     orphan_deletes: orphans.length,
+    orphan_snapshot_deletes: lostSnapshots.length,
   });
 }
 
@@ -152,4 +156,46 @@ export async function hostDisconnected(
     .where(
       and(eq(hosts.id, hostId), or(isNull(hosts.connectedAt), lte(hosts.connectedAt, connectedAt))),
     );
+}
+
+/**
+ * Snapshots the host holds that no row of this host names (a snapshot row goes before its
+ * capture is sent, and goes away only when its host has deleted it, its capture failed, or its
+ * tenant was deleted): each gets a snapshot_delete, at most MAX_ORPHAN_DELETES pending per host.
+ * Returns the ids it queued.
+ */
+async function orphanSnapshots(tx: Tx, hostId: string, held: readonly string[]): Promise<string[]> {
+  if (held.length === 0) return [];
+  const [rows, queued] = await Promise.all([
+    tx
+      .select({ id: snapshots.id })
+      .from(snapshots)
+      .where(and(eq(snapshots.hostId, hostId), inArray(snapshots.id, [...held]))),
+    tx
+      .select({ id: sql<string>`${operations.payload}->>'snapshot_id'` })
+      .from(operations)
+      .where(
+        and(
+          eq(operations.hostId, hostId),
+          eq(operations.status, "pending"),
+          eq(operations.kind, "snapshot_delete"),
+        ),
+      ),
+  ]);
+  const known = new Set([...rows, ...queued].map((r) => r.id));
+  const room = Math.max(0, MAX_ORPHAN_DELETES - queued.length);
+  const fresh = held.filter((id) => !known.has(id)).slice(0, room);
+  if (fresh.length > 0) {
+    const ops = fresh.map((id) =>
+      newOperation({
+        tenantId: null,
+        hostId,
+        instanceId: null,
+        lock: "none",
+        payload: { kind: "snapshot_delete", snapshot_id: id },
+      }),
+    );
+    await statement(tx, insertOperations(ops));
+  }
+  return fresh;
 }

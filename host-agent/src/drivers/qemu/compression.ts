@@ -9,7 +9,7 @@
 // meanwhile maps that one copy. When no fork maps it and none is being made, it is released
 // (releaseThawed, run by base collection), and the snapshot is back to its compressed file.
 import { randomBytes } from "node:crypto";
-import { mkdir, rm, stat } from "node:fs/promises";
+import { mkdir, rename, rm, stat } from "node:fs/promises";
 import path from "node:path";
 import { InvalidStateError, type SnapshotInfo } from "@offshoot/shared";
 import { COMPRESSED_EXT, compressFile, decompressFile } from "../../compressors.ts";
@@ -127,19 +127,23 @@ async function thawLocked(snaps: QemuHost, id: string): Promise<QemuRecord> {
     await decompressFile(packed.algorithm, packed.file, snaps.paths.devStateFile(id));
     return rec;
   }
-  // A new memory base: a crash before the record names it leaves a file base collection removes.
+  // A new memory base, decompressed beside the record (base collection removes any file of the
+  // bases' directory no record names) and named by the record before it is moved there: after a
+  // crash between the two, the next reader finds no file and decompresses again.
+  const thawed = path.join(snaps.paths.instanceDir(id), "memory.thawed");
+  await decompressFile(packed.algorithm, packed.file, thawed, 0o444);
   const base = snaps.paths.memBaseFile(randomBytes(8).toString("hex"));
   await mkdir(snaps.paths.memBasesDir, { recursive: true });
-  await decompressFile(packed.algorithm, packed.file, base, 0o444);
   const next: QemuRecord = { ...rec, ram_base: base };
   await snaps.store.write(next);
+  await rename(thawed, base);
   return next;
 }
 
 /**
  * Compressed snapshots give up their uncompressed payload once nothing else uses it: no record
- * but theirs names the memory base (the stream is never shared) and no fork from them is being
- * made. Base collection then removes the base.
+ * but compressed snapshots' names the memory base (the stream is never shared) and no fork from
+ * them is being made. Base collection then removes the base.
  */
 export async function releaseThawed(
   host: QemuHost,
@@ -147,15 +151,15 @@ export async function releaseThawed(
 ): Promise<void> {
   const snaps = host.views.snapshots;
   const packed: QemuRecord[] = [];
-  const mapped = new Map<string, number>();
+  const mapped = new Set<string>();
   for (const store of stores) {
     for (const id of await store.ids()) {
       const read = await store.read(id);
       if (read.kind === "corrupt") return;
       const r = read.kind === "ok" ? read.record : null;
       if (r === null) continue;
-      if (r.ram_base) mapped.set(r.ram_base, (mapped.get(r.ram_base) ?? 0) + 1);
       if (store === snaps.store && r.compressed !== null) packed.push(r);
+      else if (r.ram_base) mapped.add(r.ram_base);
     }
   }
   for (const snap of packed) {
@@ -165,7 +169,7 @@ export async function releaseThawed(
       await host.payloads.run([id], async () => {
         if (!host.thawUsers.has(id)) await rm(snaps.paths.devStateFile(id), { force: true });
       });
-    } else if (snap.ram_base !== null && mapped.get(snap.ram_base) === 1) {
+    } else if (snap.ram_base !== null && !mapped.has(snap.ram_base)) {
       await host.payloads.run([id], async () => {
         const now = await load(snaps, id);
         if (host.thawUsers.has(id) || now.ram_base !== snap.ram_base) return;

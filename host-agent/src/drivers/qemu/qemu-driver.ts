@@ -163,6 +163,10 @@ export class QemuDriver implements Driver {
     return found.filter((i): i is ObservedInstance => i !== null);
   }
 
+  snapshotIds(): Promise<string[]> {
+    return this.host.views.snapshots.store.ids();
+  }
+
   async get(id: string): Promise<ObservedInstance | null> {
     const read = await this.host.store.read(id);
     if (read.kind === "missing") return null;

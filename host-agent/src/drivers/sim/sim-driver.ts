@@ -106,6 +106,10 @@ export class SimDriver implements Driver {
     return found.filter((i): i is ObservedInstance => i !== null);
   }
 
+  snapshotIds(): Promise<string[]> {
+    return this.snaps.ids();
+  }
+
   async get(id: string): Promise<ObservedInstance | null> {
     const read = await this.store.read(id);
     if (read.kind === "ok") return read.record.observed;
