@@ -42,7 +42,12 @@ describe("agent", () => {
   it("dials the control plane with its token and says hello with inventory and capacity", async () => {
     const cp = await fakeControlPlane();
     const dir = await tempDir();
-    await new SimDriver(agentPaths(dir), SIM_DEFAULTS).create(spec("pre"), recordingContext("old"));
+    const sim = new SimDriver(agentPaths(dir), SIM_DEFAULTS);
+    await sim.create(spec("pre"), recordingContext("old"));
+    await sim.snapshotCreate(
+      { instance_id: "pre", snapshot_id: "presnap", snapshot_kind: "Stopped" },
+      recordingContext("snap"),
+    );
     const agent = await startAgent(agentConfig(dir, cp.url), { log: memoryLogger().log });
     onTestFinished(() => agent.stop());
 
@@ -62,6 +67,7 @@ describe("agent", () => {
       images: [],
       image_digests: [],
       in_flight: [],
+      snapshots: ["presnap"],
     });
   });
 
