@@ -1,4 +1,5 @@
 import { existsSync, readdirSync, readFileSync } from "node:fs";
+import { afterEach } from "vitest";
 import type { Db } from "../../control-plane/src/db/client.ts";
 import { agentPaths } from "../../host-agent/src/paths.ts";
 import { TestNamespaces } from "../../host-agent/testing/netns.ts";
@@ -87,4 +88,19 @@ export function killStackGuests(stack: Stack | undefined): void {
       }
     }
   }
+}
+
+/** The output a failed test's stack printed last, per process (its control plane's, each
+ * agent's), written to the test's output so that a CI log shows what they said. */
+export function printStackOnFailure(stack: () => Stack | undefined, chars = 20_000): void {
+  afterEach((ctx) => {
+    const s = stack();
+    if (ctx.task.result?.state !== "fail" || !s) return;
+    for (const [name, p] of [
+      ["control plane", s.cp],
+      ...s.agents.map((a, i) => [`agent ${i}`, a] as const),
+    ] as const) {
+      console.log(`--- ${name}, last ${chars} characters of output:\n${p.output().slice(-chars)}`);
+    }
+  });
 }

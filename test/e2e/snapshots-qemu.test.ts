@@ -5,7 +5,13 @@ import { guestPidsUnder, memAvailable, pssOf } from "../../host-agent/testing/qe
 import { TEST_IMAGE } from "../../scripts/oci-image.ts";
 import { ensureVmAssets } from "../../scripts/vm-assets.ts";
 import { consoleCounts, createFilledGuest, hypeman, waitFor } from "../harness.ts";
-import { killStackGuests, qemuAgentEnv, type Stack, startStack } from "./env.ts";
+import {
+  killStackGuests,
+  printStackOnFailure,
+  qemuAgentEnv,
+  type Stack,
+  startStack,
+} from "./env.ts";
 
 // Snapshots of real guests (QEMU under TCG) through the official client. The test image counts
 // on its console once a second, so a guest's log shows whose memory it runs on: a fork of a
@@ -23,6 +29,7 @@ describe("snapshots of real VMs (QEMU)", { timeout: 300_000 }, () => {
   }, 300_000);
 
   afterAll(() => killStackGuests(stack));
+  printStackOnFailure(() => stack);
 
   const counts = (name: string) => consoleCounts(client, name);
   const last = async (name: string) => (await counts(name)).at(-1) ?? -1;
