@@ -73,45 +73,17 @@ export async function hostConnected(
     // A host may claim any ids it likes: deletes already pending are not made again, and at
     // most MAX_ORPHAN_DELETES are pending per host (the rest follow on later hellos).
     const orphans = hello.inventory.filter((o) => !rowIds.has(o.id) && !pending.has(o.id));
-    const deletes = [];
-    if (orphans.length > 0) {
-      const queued = await tx
-        .select({ id: sql<string>`${operations.payload}->>'instance_id'` })
-        .from(operations)
-        .where(
-          and(
-            eq(operations.hostId, hostId),
-            eq(operations.status, "pending"),
-            eq(operations.kind, "delete"),
-            isNull(operations.instanceId),
-          ),
-        );
-      const already = new Set(queued.map((q) => q.id));
-      const room = Math.max(0, MAX_ORPHAN_DELETES - already.size);
-      const fresh = orphans.filter((x) => !already.has(x.id)).slice(0, room);
-      // Two statements for all of them, not two per orphan.
-      for (const o of fresh) {
-        deletes.push(
-          newOperation({
-            tenantId: null,
-            hostId,
-            instanceId: null,
-            lock: "none",
-            payload: { kind: "delete", instance_id: o.id },
-          }),
-        );
-      }
-      if (fresh.length > 0) {
-        await statement(tx, insertOperations(deletes));
-        await tx.insert(events).values(
-          fresh.map((o) => ({
-            hostId,
-            instanceId: o.id,
-            type: "host.orphan",
-            data: { state: o.state },
-          })),
-        );
-      }
+    const states = new Map(orphans.map((o) => [o.id, o.state]));
+    const deletes = await queueOrphanDeletes(tx, hostId, "delete", [...states.keys()]);
+    if (deletes.length > 0) {
+      await tx.insert(events).values(
+        deletes.map((id) => ({
+          hostId,
+          instanceId: id,
+          type: "host.orphan",
+          data: { state: states.get(id) },
+        })),
+      );
     }
     const lostSnapshots = hello.snapshots ? await orphanSnapshots(tx, hostId, hello.snapshots) : [];
     await tx
@@ -161,41 +133,59 @@ export async function hostDisconnected(
 /**
  * Snapshots the host holds that no row of this host names (a snapshot row goes before its
  * capture is sent, and goes away only when its host has deleted it, its capture failed, or its
- * tenant was deleted): each gets a snapshot_delete, at most MAX_ORPHAN_DELETES pending per host.
- * Returns the ids it queued.
+ * tenant was deleted): each gets a snapshot_delete. Returns the ids queued.
  */
 async function orphanSnapshots(tx: Tx, hostId: string, held: readonly string[]): Promise<string[]> {
   if (held.length === 0) return [];
-  const [rows, queued] = await Promise.all([
-    tx
-      .select({ id: snapshots.id })
-      .from(snapshots)
-      .where(and(eq(snapshots.hostId, hostId), inArray(snapshots.id, [...held]))),
-    tx
-      .select({ id: sql<string>`${operations.payload}->>'snapshot_id'` })
-      .from(operations)
-      .where(
-        and(
-          eq(operations.hostId, hostId),
-          eq(operations.status, "pending"),
-          eq(operations.kind, "snapshot_delete"),
-        ),
+  const rows = await tx
+    .select({ id: snapshots.id })
+    .from(snapshots)
+    .where(and(eq(snapshots.hostId, hostId), inArray(snapshots.id, [...held])));
+  const known = new Set(rows.map((r) => r.id));
+  return queueOrphanDeletes(
+    tx,
+    hostId,
+    "snapshot_delete",
+    held.filter((id) => !known.has(id)),
+  );
+}
+
+/**
+ * A host's own delete (`delete` of an instance, `snapshot_delete`) of each id, except those
+ * already pending, at most MAX_ORPHAN_DELETES pending per host and kind (the rest follow on
+ * later hellos), in one statement. Returns the ids queued.
+ */
+async function queueOrphanDeletes(
+  tx: Tx,
+  hostId: string,
+  kind: "delete" | "snapshot_delete",
+  ids: readonly string[],
+): Promise<string[]> {
+  if (ids.length === 0) return [];
+  const key = sql.raw(kind === "delete" ? "'instance_id'" : "'snapshot_id'");
+  const queued = await tx
+    .select({ id: sql<string>`${operations.payload}->>${key}` })
+    .from(operations)
+    .where(
+      and(
+        eq(operations.hostId, hostId),
+        eq(operations.status, "pending"),
+        eq(operations.kind, kind),
+        isNull(operations.instanceId),
       ),
-  ]);
-  const known = new Set([...rows, ...queued].map((r) => r.id));
-  const room = Math.max(0, MAX_ORPHAN_DELETES - queued.length);
-  const fresh = held.filter((id) => !known.has(id)).slice(0, room);
-  if (fresh.length > 0) {
-    const ops = fresh.map((id) =>
-      newOperation({
-        tenantId: null,
-        hostId,
-        instanceId: null,
-        lock: "none",
-        payload: { kind: "snapshot_delete", snapshot_id: id },
-      }),
     );
-    await statement(tx, insertOperations(ops));
-  }
+  const already = new Set(queued.map((q) => q.id));
+  const room = Math.max(0, MAX_ORPHAN_DELETES - already.size);
+  const fresh = ids.filter((id) => !already.has(id)).slice(0, room);
+  const ops = fresh.map((id) =>
+    newOperation({
+      tenantId: null,
+      hostId,
+      instanceId: null,
+      lock: "none",
+      payload: kind === "delete" ? { kind, instance_id: id } : { kind, snapshot_id: id },
+    }),
+  );
+  if (ops.length > 0) await statement(tx, insertOperations(ops));
   return fresh;
 }
