@@ -16,6 +16,7 @@ import { HTTPException } from "hono/http-exception";
 import type { UpgradeWebSocket } from "hono/ws";
 import { isConnectionLost, pgErrorCode } from "./db/client.ts";
 import { type AppEnv, newRouter } from "./routes/common.ts";
+import { registerEventRoutes } from "./routes/events.ts";
 import { registerImageRoutes } from "./routes/images.ts";
 import { registerInstanceRoutes } from "./routes/instances/index.ts";
 import { referencePage } from "./routes/reference.ts";
@@ -290,7 +291,7 @@ export function createApp({
     }
   };
 
-  const prefixes = ["/instances", "/images", "/volumes", "/snapshots", "/auth"];
+  const prefixes = ["/instances", "/images", "/volumes", "/snapshots", "/events", "/auth"];
   for (const prefix of new Set([...prefixes, ...UNSUPPORTED_PREFIXES])) {
     for (const path of [prefix, `${prefix}/*`]) {
       app.use(path, authed);
@@ -321,6 +322,7 @@ export function createApp({
   registerImageRoutes(app);
   registerVolumeRoutes(app);
   registerSnapshotRoutes(app);
+  registerEventRoutes(app);
   registerScheduleRoutes(app);
   registerUnsupportedRoutes(app);
   return app;

@@ -10,6 +10,8 @@ export const ERROR_STATUS = {
   /** A request body over the control plane's limit (MAX_BODY_BYTES). */
   payload_too_large: 413,
   not_found: 404,
+  /** More of something at once than the control plane allows a tenant (its event streams). */
+  too_many_requests: 429,
   ambiguous: 409,
   invalid_state: 409,
   name_conflict: 409,

@@ -551,3 +551,24 @@ export const SnapshotSchedule = z
   })
   .openapi("SnapshotSchedule");
 export type SnapshotSchedule = z.infer<typeof SnapshotSchedule>;
+
+// ---- events ---------------------------------------------------------------------------------
+
+export const TenantEvent = z
+  .object({
+    id: z.number().int().openapi({ description: "Increasing; resume after it with Last-Event-ID" }),
+    type: z.string().openapi({
+      description:
+        "instance.created, instance.state (data: from, to, cause), instance.deleted (data: reason)",
+      example: "instance.state",
+    }),
+    instance_id: z.string().nullable(),
+    created_at: z.string().openapi({ format: "date-time" }),
+    data: z.record(z.string(), z.unknown()),
+    instance: Instance.nullable().optional().openapi({
+      description:
+        "The instance as it is when the event is sent (not as it was then); null once it is deleted",
+    }),
+  })
+  .openapi("Event");
+export type TenantEvent = z.infer<typeof TenantEvent>;

@@ -43,6 +43,7 @@ const errors = {
     description: "Conflict: invalid state, name taken, ambiguous id or no capacity",
     content: errorContent,
   },
+  429: { description: "Too many at once", content: errorContent },
   500: { description: "Internal error", content: errorContent },
   501: { description: "Not supported", content: errorContent },
   503: { description: "The instance's host is not connected", content: errorContent },

@@ -41,6 +41,8 @@ export const hostGrace = (s: Pick<Services, "env" | "dbHealth">): number | null 
 export const topics = {
   operation: (id: string) => `op:${id}`,
   instance: (id: string) => `instance:${id}`,
+  /** A tenant's event stream (GET /events). */
+  events: (tenantId: string) => `events:${tenantId}`,
 };
 
 /**

@@ -329,6 +329,7 @@ export class Operations {
     }
     this.signals.notify(topics.operation(result.command_id));
     for (const r of updated) this.signals.notify(topics.instance(r.id));
+    for (const t of new Set(updated.map((r) => r.tenantId))) this.signals.notify(topics.events(t));
     for (const id of fromJsonb(row?.dropped) as string[]) this.signals.notify(topics.instance(id));
   }
 

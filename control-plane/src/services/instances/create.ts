@@ -10,9 +10,10 @@ import {
   parseRate,
   parseSize,
 } from "@offshoot/shared";
-import { transaction } from "../../db/client.ts";
+import { statement, transaction } from "../../db/client.ts";
 import { instances } from "../../db/schema/index.ts";
 import { type Call, hostGrace, newCall, type Services } from "../context.ts";
+import { insertCreatedEvent } from "../events.ts";
 import { holdsDigest, imageForInstance, lacksImage, requireBootable, tooSmall } from "../images.ts";
 import { allocateIp, newMac } from "../network.ts";
 import { overcommitOf, placeInstance } from "../placement.ts";
@@ -158,6 +159,7 @@ export async function createInstance(
       })
       .returning();
     if (!row) throw new Error("instance insert returned nothing");
+    await statement(tx, insertCreatedEvent(row));
     return s.ops.insert(tx, {
       tenantId,
       hostId: host.id,

@@ -33,6 +33,7 @@ import {
   snapshots,
 } from "../../db/schema/index.ts";
 import { type Call, hostGrace, newCall, type Services, timeLeft, topics } from "../context.ts";
+import { insertCreatedEvent } from "../events.ts";
 import { newMac, noAddress } from "../network.ts";
 import { commandError, forkEndsFlow, insertOperations, newOperation } from "../operations.ts";
 import { admitLocked, overcommitOf } from "../placement.ts";
@@ -183,7 +184,7 @@ export function recordForkFlow(
   const written = issued(
     statement(
       tx,
-      sql`with i as (${insertRows(instances, [target])}) ${insertOperations([flow, ...children])}`,
+      sql`with i as (${insertRows(instances, [target])}), e as (${insertCreatedEvent(target)}) ${insertOperations([flow, ...children])}`,
     ),
   );
   return { value: { flow, children }, last: [written] };
