@@ -18,10 +18,11 @@ import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
+import type { TenantEvent } from "@offshoot/shared";
 import { Hypeman } from "@onkernel/hypeman";
 import { eq } from "drizzle-orm";
 import postgres from "postgres";
-import { afterAll, inject } from "vitest";
+import { afterAll, expect, inject } from "vitest";
 import type { Database, Db } from "../control-plane/src/db/client.ts";
 import { openPglite, openPostgres } from "../control-plane/src/db/open.ts";
 import { hosts, type instances } from "../control-plane/src/db/schema/index.ts";
@@ -697,4 +698,58 @@ export function api(
     }
     return { status: res.status, body: parsed, headers: res.headers };
   };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Event streams
+
+interface Frame {
+  id: string | undefined;
+  event: string | undefined;
+  data: string;
+}
+
+/** An open GET /events stream, read event by event (keepalive comments skipped). */
+export async function openEvents(url: string, key: string, headers: Record<string, string> = {}) {
+  const abort = new AbortController();
+  const res = await fetch(`${url}/events`, {
+    headers: { authorization: `Bearer ${key}`, ...headers },
+    signal: abort.signal,
+  });
+  const reader = res.body?.getReader();
+  const decoder = new TextDecoder();
+  let buffered = "";
+  const next = async (): Promise<TenantEvent> => {
+    for (;;) {
+      const end = buffered.indexOf("\n\n");
+      if (end >= 0) {
+        const block = buffered.slice(0, end);
+        buffered = buffered.slice(end + 2);
+        const frame: Frame = { id: undefined, event: undefined, data: "" };
+        for (const line of block.split("\n")) {
+          if (line.startsWith("id:")) frame.id = line.slice(3).trim();
+          else if (line.startsWith("event:")) frame.event = line.slice(6).trim();
+          else if (line.startsWith("data:")) frame.data += line.slice(5).trim();
+        }
+        if (frame.data === "") continue; // a keepalive comment
+        const e = JSON.parse(frame.data) as TenantEvent;
+        expect(frame.event).toBe(e.type);
+        expect(frame.id).toBe(String(e.id));
+        return e;
+      }
+      const chunk = await reader?.read();
+      if (!chunk || chunk.done) throw new Error("the event stream ended");
+      buffered += decoder.decode(chunk.value, { stream: true });
+    }
+  };
+  /** Events until one satisfies `last` (included). */
+  const until = async (last: (e: TenantEvent) => boolean) => {
+    const seen: TenantEvent[] = [];
+    for (;;) {
+      const e = await next();
+      seen.push(e);
+      if (last(e)) return seen;
+    }
+  };
+  return { status: res.status, res, next, until, close: () => abort.abort() };
 }

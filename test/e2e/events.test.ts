@@ -1,62 +1,10 @@
 // GET /events through real processes (control plane, sim agent, Postgres server): a tenant's
 // stream carries its instances' creation, every change of state and deletion, in order, with the
 // instance as it is; another tenant's stream carries none of it; Last-Event-ID resumes it.
-import type { TenantEvent } from "@offshoot/shared";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { EVENT_STREAMS_PER_TENANT } from "../../control-plane/src/services/events.ts";
-import { api, seedTenant, waitFor } from "../harness.ts";
+import { api, openEvents, seedTenant, waitFor } from "../harness.ts";
 import { type Stack, startStack } from "./env.ts";
-
-interface Frame {
-  id: string | undefined;
-  event: string | undefined;
-  data: string;
-}
-
-/** An open event stream, read frame by frame. */
-async function openEvents(url: string, key: string, headers: Record<string, string> = {}) {
-  const abort = new AbortController();
-  const res = await fetch(`${url}/events`, {
-    headers: { authorization: `Bearer ${key}`, ...headers },
-    signal: abort.signal,
-  });
-  const reader = res.body?.getReader();
-  const decoder = new TextDecoder();
-  let buffered = "";
-  const next = async (): Promise<TenantEvent> => {
-    for (;;) {
-      const end = buffered.indexOf("\n\n");
-      if (end >= 0) {
-        const block = buffered.slice(0, end);
-        buffered = buffered.slice(end + 2);
-        const frame: Frame = { id: undefined, event: undefined, data: "" };
-        for (const line of block.split("\n")) {
-          if (line.startsWith("id:")) frame.id = line.slice(3).trim();
-          else if (line.startsWith("event:")) frame.event = line.slice(6).trim();
-          else if (line.startsWith("data:")) frame.data += line.slice(5).trim();
-        }
-        if (frame.data === "") continue; // a keepalive comment
-        const e = JSON.parse(frame.data) as TenantEvent;
-        expect(frame.event).toBe(e.type);
-        expect(frame.id).toBe(String(e.id));
-        return e;
-      }
-      const chunk = await reader?.read();
-      if (!chunk || chunk.done) throw new Error("the event stream ended");
-      buffered += decoder.decode(chunk.value, { stream: true });
-    }
-  };
-  /** Events until one satisfies `last` (included). */
-  const until = async (last: (e: TenantEvent) => boolean) => {
-    const seen: TenantEvent[] = [];
-    for (;;) {
-      const e = await next();
-      seen.push(e);
-      if (last(e)) return seen;
-    }
-  };
-  return { status: res.status, res, next, until, close: () => abort.abort() };
-}
 
 describe("GET /events", () => {
   let stack: Stack;

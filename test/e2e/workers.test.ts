@@ -14,6 +14,7 @@ import {
   type AgentProcess,
   hostOnline,
   hypeman,
+  openEvents,
   registerHost,
   seedTenant,
   spawnAgent,
@@ -58,6 +59,24 @@ describe("Cloudflare Workers deployment (wrangler dev)", { timeout: 120_000 }, (
     await clientScenario(hypeman(worker.url, apiKey)).catch((e: unknown) => {
       throw new Error(`${(e as Error).message}\nworker:\n${worker.output().slice(-4000)}`);
     });
+  });
+
+  it("streams the tenant's events through the Worker", async () => {
+    const events = await openEvents(worker.url, apiKey);
+    try {
+      expect(events.status).toBe(200);
+      const made = await hypeman(worker.url, apiKey).instances.create({
+        name: "evented",
+        image: "alpine",
+      });
+      const seen = await events.until(
+        (e) => e.instance_id === made.id && e.type === "instance.state" && e.data.to === "Running",
+      );
+      expect(seen.find((e) => e.instance_id === made.id)?.type).toBe("instance.created");
+      await hypeman(worker.url, apiKey).instances.delete(made.id);
+    } finally {
+      events.close();
+    }
   });
 
   it("captures, forks, restores and deletes a snapshot through the Worker", () =>

@@ -1,4 +1,5 @@
 import { createRoute, z } from "@hono/zod-openapi";
+import { TenantEvent } from "@offshoot/shared";
 import { streamSSE } from "hono/streaming";
 import { topics } from "../services/context.ts";
 import { eventsAfter, newestEventId, openEventStream } from "../services/events.ts";
@@ -39,6 +40,8 @@ const route = createRoute({
 const lastEventId = z.coerce.number().int().min(0);
 
 export function registerEventRoutes(app: Router) {
+  // Each event's data: listed as a schema of its own, since the stream's body is text.
+  app.openAPIRegistry.register("Event", TenantEvent);
   app.openapi(route, async (c) => {
     const s = c.var.services;
     const tenantId = c.var.tenantId;
