@@ -219,6 +219,10 @@ export const Instance = z
     tags: z.record(z.string(), z.string()).optional(),
     vcpus: z.number().int().optional(),
     volumes: z.array(VolumeMount).optional(),
+    forked_from: z.string().nullable().optional().openapi({
+      description:
+        "The id of the instance this one was forked from (for a fork of a snapshot, the snapshot's source), null for one created; an extension of Hypeman's Instance",
+    }),
   })
   .openapi("Instance");
 export type Instance = z.infer<typeof Instance>;

@@ -30,8 +30,11 @@ describe("official @onkernel/hypeman client", () => {
       ]),
     );
     expect(Object.keys(doc.paths["/instances/{id}/fork"] ?? {})).toEqual(["post"]);
-    // The contract's 22 fields and expires_at, which the official client requires.
-    expect(Object.keys(doc.components.schemas.Instance?.properties ?? {}).length).toBe(23);
+    // The contract's 22 fields, expires_at, which the official client requires, and one
+    // extension: forked_from.
+    const fields = Object.keys(doc.components.schemas.Instance?.properties ?? {});
+    expect(fields.length).toBe(24);
+    expect(fields).toContain("forked_from");
     const page = await fetch(`${stack.cp.url}/docs`);
     expect(page.headers.get("content-type")).toMatch(/text\/html/);
     expect(await page.text()).toContain("/openapi.json");

@@ -34,6 +34,9 @@ describe("GET /events", () => {
     const fork = await call("POST", "/instances/ev-1/fork", { name: "ev-2", from_running: true });
     expect(fork.status, JSON.stringify(fork.body)).toBe(201);
     const forkId = (fork.body as { id: string }).id;
+    // Lineage, an extension of Hypeman's Instance: a fork names its source, a create nothing.
+    expect(fork.body).toMatchObject({ forked_from: (made.body as { id: string }).id });
+    expect(made.body).toMatchObject({ forked_from: null });
     expect((await call("POST", "/instances/ev-2/stop")).status).toBe(200);
     expect((await call("DELETE", "/instances/ev-2")).status).toBe(204);
 

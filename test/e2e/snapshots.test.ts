@@ -141,6 +141,8 @@ describe("snapshots through the official client", () => {
     const src = await create("gone-src");
     const snap = await client.instances.snapshots.create(src.id, { kind: "Standby" });
     const fork = await client.snapshots.fork(snap.id, { name: "gone-fork" });
+    // A fork of a snapshot names the snapshot's source as where it came from.
+    expect((fork as { forked_from?: string | null }).forked_from).toBe(src.id);
     await client.instances.delete(src.id);
     // The snapshot outlives its source: it is still listed and forkable.
     const second = await client.snapshots.fork(snap.id, { name: "gone-fork-2" });

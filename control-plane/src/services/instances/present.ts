@@ -23,6 +23,7 @@ export function present(r: InstanceRow): Instance {
     ...(r.diskIoBps != null && { disk_io_bps: formatRate(r.diskIoBps) }),
     env: r.env,
     tags: r.tags,
+    forked_from: r.forkedFrom,
     network: {
       enabled: r.networkEnabled,
       ...(r.networkEnabled && { name: "default" }),
