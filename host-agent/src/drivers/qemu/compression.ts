@@ -14,7 +14,7 @@ import path from "node:path";
 import { InvalidStateError, type SnapshotInfo } from "@offshoot/shared";
 import { COMPRESSED_EXT, compressFile, decompressFile } from "../../compressors.ts";
 import type { OpData } from "../driver.ts";
-import { exists } from "../record-store.ts";
+import { exists, isMissing } from "../record-store.ts";
 import { load, type QemuHost } from "./host.ts";
 import type { QemuRecord } from "./store.ts";
 
@@ -85,8 +85,11 @@ export async function snapshotBytes(snaps: QemuHost, snap: QemuRecord): Promise<
   let bytes = 0;
   for (const f of files) {
     if (f === null) continue;
-    const st = await stat(f).catch(() => null);
-    if (st) bytes += st.blocks * 512;
+    try {
+      bytes += (await stat(f)).blocks * 512;
+    } catch (e) {
+      if (!isMissing(e)) throw e;
+    }
   }
   return bytes;
 }
@@ -150,17 +153,24 @@ export async function releaseThawed(
   stores: readonly QemuHost["store"][],
 ): Promise<void> {
   const snaps = host.views.snapshots;
-  const packed: QemuRecord[] = [];
-  const mapped = new Set<string>();
-  for (const store of stores) {
+  const records = async (store: QemuHost["store"]): Promise<QemuRecord[] | null> => {
+    const found: QemuRecord[] = [];
     for (const id of await store.ids()) {
       const read = await store.read(id);
-      if (read.kind === "corrupt") return;
-      const r = read.kind === "ok" ? read.record : null;
-      if (r === null) continue;
-      if (store === snaps.store && r.compressed !== null) packed.push(r);
-      else if (r.ram_base) mapped.add(r.ram_base);
+      if (read.kind === "corrupt") return null;
+      if (read.kind === "ok") found.push(read.record);
     }
+    return found;
+  };
+  // Most hosts have no compressed snapshot: then the other records are not read at all (base
+  // collection reads them next).
+  const packed = (await records(snaps.store))?.filter((r) => r.compressed !== null);
+  if (!packed?.length) return;
+  const mapped = new Set<string>();
+  for (const store of stores) {
+    const all = await records(store);
+    if (all === null) return;
+    for (const r of all) if (r.compressed === null && r.ram_base) mapped.add(r.ram_base);
   }
   for (const snap of packed) {
     const id = snap.observed.id;
