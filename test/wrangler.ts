@@ -54,6 +54,7 @@ export async function wranglerDev(
         CLOUDFLARE_CF_FETCH_ENABLED: "false",
         CLOUDFLARE_HYPERDRIVE_LOCAL_CONNECTION_STRING_HYPERDRIVE: withPassword.toString(),
         NO_COLOR: "1",
+        NODE_OPTIONS: `--require ${path.join(REPO_ROOT, "scripts", "wrangler-socket-guard.cjs")}`,
       },
       stdio: ["ignore", "pipe", "pipe"],
       detached: true,

@@ -2,11 +2,13 @@ import { createRoute, z } from "@hono/zod-openapi";
 import { TenantEvent } from "@offshoot/shared";
 import { streamSSE } from "hono/streaming";
 import { topics } from "../services/context.ts";
-import { eventsAfter, newestEventId, openEventStream } from "../services/events.ts";
+import {
+  EVENT_KEEPALIVE_MS,
+  eventsAfter,
+  newestEventId,
+  openEventStream,
+} from "../services/events.ts";
 import { errorsFor, type Router, security } from "./common.ts";
-
-/** A comment line this often keeps proxies from closing a quiet stream. */
-const KEEPALIVE_MS = 15_000;
 
 const route = createRoute({
   method: "get",
@@ -47,33 +49,37 @@ export function registerEventRoutes(app: Router) {
     const tenantId = c.var.tenantId;
     const resumed = lastEventId.safeParse(c.req.header("last-event-id"));
     const given = resumed.success ? resumed.data : c.req.valid("query").after;
-    const release = openEventStream(tenantId);
+    const place = openEventStream(tenantId);
     let cursor: number;
     try {
       cursor = given ?? (await newestEventId(s, tenantId));
     } catch (e) {
-      release();
+      place.release();
       throw e;
     }
+    // The client's going away is seen on the request's signal (Node's server; Workers with
+    // enable_request_signal) or as the stream's cancellation.
+    const gone = c.req.raw.signal;
     return streamSSE(c, async (stream) => {
       const aborted = new AbortController();
-      stream.onAbort(() => {
-        release();
-        aborted.abort();
-      });
+      const stop = () => aborted.abort();
+      gone.addEventListener("abort", stop);
+      stream.onAbort(stop);
       try {
-        while (!aborted.signal.aborted) {
+        while (!aborted.signal.aborted && !gone.aborted) {
           const batch = await s.signals.until(
             topics.events(tenantId),
-            KEEPALIVE_MS,
+            EVENT_KEEPALIVE_MS,
             async () => {
+              place.renew();
               const found = await eventsAfter(s, tenantId, cursor);
               return found.length > 0 ? found : undefined;
             },
             { signal: aborted.signal },
           );
+          if (aborted.signal.aborted) break;
           if (!batch) {
-            if (!aborted.signal.aborted) await stream.write(": keepalive\n\n");
+            await stream.write(": keepalive\n\n");
             continue;
           }
           for (const e of batch) {
@@ -89,7 +95,8 @@ export function registerEventRoutes(app: Router) {
           .writeSSE({ event: "error", data: JSON.stringify({ message }) })
           .catch(() => {});
       } finally {
-        release();
+        gone.removeEventListener("abort", stop);
+        place.release();
       }
     }) as never;
   });

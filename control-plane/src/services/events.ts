@@ -12,8 +12,18 @@ import { present } from "./instances/present.ts";
 
 /** Events one read sends at most (a stream behind reads again at once). */
 export const EVENT_BATCH = 100;
-/** Event streams open at once per tenant, per control-plane process. */
+/** Event streams open at once per tenant, per control-plane process (Workers: per isolate). */
 export const EVENT_STREAMS_PER_TENANT = 16;
+/** A stream writes at least this often (a comment line when nothing happened), which keeps
+ * proxies from closing a quiet stream and shows the stream is alive. */
+export const EVENT_KEEPALIVE_MS = 15_000;
+/**
+ * A stream's place is held while the stream renews it, each time it looks for events (every
+ * second, or sooner when woken). A stream can end without being told its client left (on
+ * Workers, a request whose client went away can be torn down with its code suspended, never
+ * reaching its own cleanup): its place is free again this long after it last looked.
+ */
+export const EVENT_STREAM_LEASE_MS = 10_000;
 
 /** The insert of a new instance's `instance.created` event (with its row, in its transaction). */
 export function insertCreatedEvent(row: InstanceRow): SQL {
@@ -66,24 +76,35 @@ export async function newestEventId(s: Services, tenantId: string): Promise<numb
   return row?.id ?? 0;
 }
 
-const open = new Map<string, number>();
+/** Per tenant, when each open stream's place expires unless renewed. */
+const open = new Map<string, Map<object, number>>();
 
-/** Holds one of the tenant's stream places until `release` (429 when all are taken). */
-export function openEventStream(tenantId: string): () => void {
-  const n = open.get(tenantId) ?? 0;
-  if (n >= EVENT_STREAMS_PER_TENANT) {
+export interface EventStreamPlace {
+  /** The stream is alive: its place is held for another lease. */
+  renew(): void;
+  release(): void;
+}
+
+/** Takes one of the tenant's stream places (429 when all are held). */
+export function openEventStream(tenantId: string, now = Date.now): EventStreamPlace {
+  const places = open.get(tenantId) ?? new Map<object, number>();
+  for (const [place, expires] of places) if (expires <= now()) places.delete(place);
+  if (places.size >= EVENT_STREAMS_PER_TENANT) {
     throw new ApiError(
       "too_many_requests",
       `at most ${EVENT_STREAMS_PER_TENANT} event streams may be open at once; close one first`,
     );
   }
-  open.set(tenantId, n + 1);
-  let released = false;
-  return () => {
-    if (released) return;
-    released = true;
-    const left = (open.get(tenantId) ?? 1) - 1;
-    if (left === 0) open.delete(tenantId);
-    else open.set(tenantId, left);
+  const place = {};
+  places.set(place, now() + EVENT_STREAM_LEASE_MS);
+  open.set(tenantId, places);
+  return {
+    renew: () => {
+      if (places.has(place)) places.set(place, now() + EVENT_STREAM_LEASE_MS);
+    },
+    release: () => {
+      places.delete(place);
+      if (places.size === 0 && open.get(tenantId) === places) open.delete(tenantId);
+    },
   };
 }
