@@ -13,11 +13,14 @@ import { jsonLog } from "../control-plane/src/log.ts";
 import { startServer } from "../control-plane/src/server.ts";
 import { createHost } from "../control-plane/src/services/credentials.ts";
 import { ensureNetns } from "../host-agent/src/network/netns.ts";
+import { buildConsole } from "./build-console.ts";
 import { ensureTestImage, TEST_IMAGE } from "./oci-image.ts";
 import { ensureVmAssets } from "./vm-assets.ts";
 
 const log = jsonLog("start");
 const env = loadEnvOrExit();
+// The web console's files (rebuilt only when its sources changed).
+if ((await buildConsole()) === "built") log("info", "built the web console");
 const server = await startServer(env, jsonLog("control-plane"));
 const dataDir = resolve(env.DATA_DIR);
 mkdirSync(dataDir, { recursive: true });
@@ -122,6 +125,7 @@ for (let waited = 0; ; waited += 100) {
 }
 log("info", "ready", {
   api: server.url,
+  console: `${server.url}/console/`,
   docs: `${server.url}/docs`,
   agent_driver: driver,
   note:

@@ -6,6 +6,7 @@
 //    `project.provide("testDatabaseUrl")`, which test/harness.ts reads with `inject` as a fallback.
 // 2. A template database, offshoot_template, with the project's migrations applied: each test
 //    gets its own copy with `CREATE DATABASE … TEMPLATE offshoot_template` (test/harness.ts).
+// 3. The web console's build (scripts/build-console.ts), when its sources changed.
 // At the end: deletes the network namespaces (oft-<run>-*) a failed test file of this run left
 // behind, and stale ones of runs killed before their end.
 
@@ -14,6 +15,7 @@ import postgres from "postgres";
 import type { TestProject } from "vitest/node";
 import { openPostgres } from "../control-plane/src/db/open.ts";
 import { deleteLeftoverTestNetns, TEST_RUN_ENV } from "../host-agent/testing/netns.ts";
+import { buildConsole } from "../scripts/build-console.ts";
 import { ensurePostgres, type PostgresServer } from "../scripts/postgres.ts";
 
 export const TEMPLATE_DB = "offshoot_template";
@@ -56,6 +58,11 @@ export async function setup(project: TestProject): Promise<void> {
   const template = await openPostgres(withDatabase(url, TEMPLATE_DB), { max: 1 });
   await template.close();
   process.stderr.write(`[global-setup] ${TEMPLATE_DB} migrated in ${Date.now() - t0} ms\n`);
+  // The web console's files, for the browser tests and wrangler dev.
+  const t1 = Date.now();
+  if ((await buildConsole()) === "built") {
+    process.stderr.write(`[global-setup] console built in ${Date.now() - t1} ms\n`);
+  }
 }
 
 export async function teardown(): Promise<void> {

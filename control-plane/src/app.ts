@@ -17,6 +17,7 @@ import type { UpgradeWebSocket } from "hono/ws";
 import { isConnectionLost, pgErrorCode } from "./db/client.ts";
 import { type AppEnv, newRouter } from "./routes/common.ts";
 import { registerEventRoutes } from "./routes/events.ts";
+import { registerHostRoutes } from "./routes/hosts.ts";
 import { registerImageRoutes } from "./routes/images.ts";
 import { registerInstanceRoutes } from "./routes/instances/index.ts";
 import { referencePage } from "./routes/reference.ts";
@@ -209,6 +210,9 @@ export function createApp({
     scheme: "bearer",
   });
   app.get("/docs", (c) => c.html(referencePage()));
+  // The web console (its files: console.ts on Node, the assets binding on Workers).
+  app.get("/", (c) => c.redirect("/console/"));
+  app.get("/console", (c) => c.redirect("/console/"));
 
   // What agents ask of the control plane: the WebSocket, and volumes' archives.
   const hostAuthed: HostAuthed = async (c, next) => {
@@ -291,7 +295,15 @@ export function createApp({
     }
   };
 
-  const prefixes = ["/instances", "/images", "/volumes", "/snapshots", "/events", "/auth"];
+  const prefixes = [
+    "/instances",
+    "/images",
+    "/volumes",
+    "/snapshots",
+    "/events",
+    "/auth",
+    "/hosts",
+  ];
   for (const prefix of new Set([...prefixes, ...UNSUPPORTED_PREFIXES])) {
     for (const path of [prefix, `${prefix}/*`]) {
       app.use(path, authed);
@@ -323,6 +335,7 @@ export function createApp({
   registerVolumeRoutes(app);
   registerSnapshotRoutes(app);
   registerEventRoutes(app);
+  registerHostRoutes(app);
   registerScheduleRoutes(app);
   registerUnsupportedRoutes(app);
   return app;

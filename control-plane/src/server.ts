@@ -5,6 +5,7 @@ import { eq } from "drizzle-orm";
 import type { UpgradeWebSocket } from "hono/ws";
 import { WebSocketServer } from "ws";
 import { createApp, type HostAuthed } from "./app.ts";
+import { mountConsole } from "./console.ts";
 import type { Database } from "./db/client.ts";
 import { openDatabase } from "./db/open.ts";
 import { apiKeys } from "./db/schema/index.ts";
@@ -134,6 +135,7 @@ export async function startServer(
     mountAgentEndpoint,
     upgradeWebSocket: upgradeWebSocket as UpgradeWebSocket<unknown>,
   });
+  mountConsole(app);
   const wss = new WebSocketServer({ noServer: true, maxPayload: AGENT_LIMITS.frameBytes });
   const server = await new Promise<Server>((resolve) => {
     const srv = serve(

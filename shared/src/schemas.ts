@@ -223,6 +223,10 @@ export const Instance = z
       description:
         "The id of the instance this one was forked from (for a fork of a snapshot, the snapshot's source), null for one created; an extension of Hypeman's Instance",
     }),
+    host_id: z.string().nullable().optional().openapi({
+      description:
+        "The id of the host the instance lives on (see GET /hosts), null before one is chosen; an extension of Hypeman's Instance",
+    }),
   })
   .openapi("Instance");
 export type Instance = z.infer<typeof Instance>;
@@ -419,6 +423,7 @@ export type InstanceStats = z.infer<typeof InstanceStats>;
 export const StreamToken = z
   .object({ token: z.string(), expires_at: z.string() })
   .openapi("StreamToken");
+export type StreamToken = z.infer<typeof StreamToken>;
 
 // ---- snapshots ----------------------------------------------------------------------------
 
@@ -555,6 +560,47 @@ export const SnapshotSchedule = z
   })
   .openapi("SnapshotSchedule");
 export type SnapshotSchedule = z.infer<typeof SnapshotSchedule>;
+
+// ---- hosts ---------------------------------------------------------------------------------
+
+export const HostView = z
+  .object({
+    id: z.string(),
+    name: z.string(),
+    connected: z.boolean().openapi({
+      description: "Its agent said hello and was heard from within the host grace period",
+    }),
+    last_heartbeat_at: z.string().nullable().openapi({ format: "date-time" }),
+    driver: z.string().nullable(),
+    vcpus: z.object({
+      total: z
+        .number()
+        .int()
+        .openapi({ description: "What the host may promise (overcommit included)" }),
+      allocated: z.number().int().openapi({ description: "Held by instances of every tenant" }),
+      free: z.number().int(),
+    }),
+    memory: z.object({
+      total_bytes: z
+        .number()
+        .int()
+        .openapi({ description: "What the host may promise (overcommit included)" }),
+      allocated_bytes: z.number().int().openapi({
+        description:
+          "Charged to instances of every tenant (a fork sharing its memory base counts what it really costs)",
+      }),
+      free_bytes: z.number().int(),
+      available_bytes: z.number().int().nullable().openapi({
+        description: "MemAvailable as the host last reported it",
+      }),
+    }),
+    instances: z.number().int().openapi({ description: "The tenant's instances on the host" }),
+  })
+  .openapi("Host", {
+    description:
+      "A host as a tenant sees it: whether it is connected, and its capacity (an extension of Hypeman's API)",
+  });
+export type HostView = z.infer<typeof HostView>;
 
 // ---- events ---------------------------------------------------------------------------------
 

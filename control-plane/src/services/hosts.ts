@@ -1,7 +1,9 @@
+import type { HostView } from "@offshoot/shared";
 import { and, eq, inArray, isNull, lt, notInArray, or, sql } from "drizzle-orm";
 import { isConnectionLost, transaction } from "../db/client.ts";
 import { events, hosts, instances } from "../db/schema/index.ts";
 import { hostGrace, type Services, topics } from "./context.ts";
+import { capacity, online, overcommitOf, usage } from "./placement.ts";
 
 /**
  * Runs sweepSilentHosts, except within HOST_GRACE_MS of the database last failing (see
@@ -62,4 +64,49 @@ export async function sweepSilentHosts(s: Services): Promise<number> {
   });
   for (const id of changed) s.signals.notify(topics.instance(id));
   return changed.length;
+}
+
+/**
+ * The hosts as a tenant sees them (GET /hosts): connected or not, last heartbeat, the capacity
+ * every tenant's instances hold and what is left (overcommit included), and how many of this
+ * tenant's instances each holds. Read in one transaction, so each host's figures agree.
+ */
+export async function hostsForTenant(s: Services, tenantId: string): Promise<HostView[]> {
+  const grace = hostGrace(s) ?? s.env.HOST_GRACE_MS;
+  return transaction(s.db, async (tx) => {
+    const rows = await tx
+      .select({
+        host: hosts,
+        connected: sql<boolean>`${online(grace)}`,
+        mine: sql<string>`(select count(*) from ${instances} where ${instances.hostId} = ${hosts.id} and ${instances.tenantId} = ${tenantId})`,
+      })
+      .from(hosts)
+      .orderBy(hosts.name);
+    const over = overcommitOf(s.env);
+    const views: HostView[] = [];
+    for (const { host, connected, mine } of rows) {
+      const used = await usage(tx, host.id);
+      const cap = capacity(host, over);
+      views.push({
+        id: host.id,
+        name: host.name,
+        connected: Boolean(connected),
+        last_heartbeat_at: host.lastSeenAt?.toISOString() ?? null,
+        driver: host.driver,
+        vcpus: {
+          total: cap.vcpus,
+          allocated: used.vcpus,
+          free: Math.max(0, cap.vcpus - used.vcpus),
+        },
+        memory: {
+          total_bytes: cap.memoryBytes,
+          allocated_bytes: used.memoryBytes,
+          free_bytes: Math.max(0, cap.memoryBytes - used.memoryBytes),
+          available_bytes: host.memoryAvailableBytes,
+        },
+        instances: Number(mine),
+      });
+    }
+    return views;
+  });
 }

@@ -85,7 +85,7 @@ export const overcommitOf = (env: Pick<Env, "VCPU_OVERCOMMIT" | "MEMORY_OVERCOMM
 });
 
 /** What a host may hold, overcommit included. */
-const capacity = (host: HostRow, over: Overcommit): Need => ({
+export const capacity = (host: HostRow, over: Overcommit): Need => ({
   vcpus: Math.floor(host.vcpus * over.vcpus),
   memoryBytes: Math.floor(host.memoryBytes * over.memory),
 });

@@ -24,6 +24,7 @@ export function present(r: InstanceRow): Instance {
     env: r.env,
     tags: r.tags,
     forked_from: r.forkedFrom,
+    host_id: r.hostId,
     network: {
       enabled: r.networkEnabled,
       ...(r.networkEnabled && { name: "default" }),

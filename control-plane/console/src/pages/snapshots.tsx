@@ -1,0 +1,146 @@
+import type { ForkTargetState, Instance, Snapshot } from "@offshoot/shared";
+import { useState } from "preact/hooks";
+import { nameProblem } from "../actions.tsx";
+import { api, enc } from "../api.ts";
+import type { LiveInstances } from "../live.ts";
+import { usePoll } from "../poll.ts";
+import { bytes, Dialog, ErrorNote, useAction, when } from "../ui.tsx";
+
+export function SnapshotsPage(props: { live: LiveInstances }) {
+  const snaps = usePoll<Snapshot[]>("/snapshots", 3000);
+  const [forking, setForking] = useState<Snapshot | null>(null);
+  const action = useAction();
+  return (
+    <section aria-labelledby="page-title">
+      <h1 id="page-title" tabIndex={-1}>
+        Snapshots
+      </h1>
+      <p class="hint">Take one from an instance's page; fork or delete them here.</p>
+      <ErrorNote error={snaps.error ?? action.error} />
+      {snaps.value?.length === 0 && <p class="empty">No snapshots yet.</p>}
+      {snaps.value && snaps.value.length > 0 && (
+        <div class="table-wrap">
+          <table>
+            <thead>
+              <tr>
+                <th scope="col">Snapshot</th>
+                <th scope="col">Kind</th>
+                <th scope="col">Source</th>
+                <th scope="col">Size</th>
+                <th scope="col">Compression</th>
+                <th scope="col">Taken</th>
+                <th scope="col">Actions</th>
+              </tr>
+            </thead>
+            <tbody>
+              {snaps.value.map((s) => (
+                <tr key={s.id}>
+                  <th scope="row" data-label="Snapshot" class="mono">
+                    {s.name ?? s.id}
+                  </th>
+                  <td data-label="Kind">{s.kind}</td>
+                  <td data-label="Source">
+                    <a href={`#/instances/${encodeURIComponent(s.source_instance_id)}`}>
+                      {s.source_instance_name}
+                    </a>
+                  </td>
+                  <td data-label="Size">{bytes(s.size_bytes)}</td>
+                  <td data-label="Compression">
+                    {s.compression_state ?? "none"}
+                    {s.compression_state === "compressed" &&
+                      ` (${bytes(s.compressed_size_bytes)} of ${bytes(s.uncompressed_size_bytes)})`}
+                  </td>
+                  <td data-label="Taken">{when(s.created_at)}</td>
+                  <td data-label="Actions">
+                    <div class="actions">
+                      <button type="button" onClick={() => setForking(s)}>
+                        Fork
+                      </button>
+                      <button
+                        type="button"
+                        class="danger"
+                        disabled={action.busy}
+                        onClick={() =>
+                          confirm(`Delete snapshot ${s.name ?? s.id}?`) &&
+                          action.run(async () => {
+                            await api.del(`/snapshots/${enc(s.id)}`);
+                            snaps.reload();
+                          })
+                        }
+                      >
+                        Delete
+                      </button>
+                    </div>
+                  </td>
+                </tr>
+              ))}
+            </tbody>
+          </table>
+        </div>
+      )}
+      {forking && (
+        <ForkSnapshot snapshot={forking} live={props.live} onClose={() => setForking(null)} />
+      )}
+    </section>
+  );
+}
+
+function ForkSnapshot(props: { snapshot: Snapshot; live: LiveInstances; onClose: () => void }) {
+  const s = props.snapshot;
+  const [name, setName] = useState(`${s.source_instance_name}-from-snap`.slice(0, 63));
+  const [target, setTarget] = useState<"" | ForkTargetState>("");
+  const action = useAction();
+  const problem = nameProblem(name);
+  return (
+    <Dialog title={`Fork snapshot ${s.name ?? s.id}`} onClose={props.onClose}>
+      <form
+        onSubmit={async (e) => {
+          e.preventDefault();
+          if (problem) return;
+          const ok = await action.run(async () => {
+            const made = await api.post<Instance>(`/snapshots/${enc(s.id)}/fork`, {
+              name,
+              ...(target && { target_state: target }),
+            });
+            props.live.put(made);
+            location.hash = `#/instances/${encodeURIComponent(made.id)}`;
+          });
+          if (ok) props.onClose();
+        }}
+      >
+        <label for="snap-fork-name">Name of the new instance</label>
+        <input
+          id="snap-fork-name"
+          value={name}
+          required
+          aria-invalid={problem ? true : undefined}
+          aria-describedby="snap-fork-rule"
+          onInput={(e) => setName(e.currentTarget.value)}
+        />
+        <p id="snap-fork-rule" class={problem ? "hint invalid" : "hint"}>
+          {problem ?? "Lowercase letters, digits and dashes; at most 63."}
+        </p>
+        <label for="snap-fork-target">State of the new instance</label>
+        <select
+          id="snap-fork-target"
+          value={target}
+          onChange={(e) => setTarget(e.currentTarget.value as "" | ForkTargetState)}
+        >
+          <option value="">As the snapshot ({s.kind})</option>
+          <option value="Running">Running</option>
+          <option value="Standby">Standby</option>
+          <option value="Stopped">Stopped</option>
+        </select>
+        <ErrorNote error={action.error} />
+        <div class="buttons">
+          <button type="button" onClick={props.onClose}>
+            Cancel
+          </button>
+          <button type="submit" class="primary" disabled={action.busy}>
+            Fork
+          </button>
+        </div>
+      </form>
+    </Dialog>
+  );
+}
