@@ -75,16 +75,18 @@ export async function hostsForTenant(s: Services, tenantId: string): Promise<Hos
   const grace = hostGrace(s) ?? s.env.HOST_GRACE_MS;
   return transaction(s.db, async (tx) => {
     const rows = await tx
-      .select({
-        host: hosts,
-        connected: sql<boolean>`${online(grace)}`,
-        mine: sql<string>`(select count(*) from ${instances} where ${instances.hostId} = ${hosts.id} and ${instances.tenantId} = ${tenantId})`,
-      })
+      .select({ host: hosts, connected: sql<boolean>`${online(grace)}` })
       .from(hosts)
       .orderBy(hosts.name);
+    const counts = await tx
+      .select({ hostId: instances.hostId, n: sql<string>`count(*)` })
+      .from(instances)
+      .where(eq(instances.tenantId, tenantId))
+      .groupBy(instances.hostId);
+    const mine = new Map(counts.map((c) => [c.hostId, Number(c.n)]));
     const over = overcommitOf(s.env);
     const views: HostView[] = [];
-    for (const { host, connected, mine } of rows) {
+    for (const { host, connected } of rows) {
       const used = await usage(tx, host.id);
       const cap = capacity(host, over);
       views.push({
@@ -104,7 +106,7 @@ export async function hostsForTenant(s: Services, tenantId: string): Promise<Hos
           free_bytes: Math.max(0, cap.memoryBytes - used.memoryBytes),
           available_bytes: host.memoryAvailableBytes,
         },
-        instances: Number(mine),
+        instances: mine.get(host.id) ?? 0,
       });
     }
     return views;
