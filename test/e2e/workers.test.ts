@@ -9,6 +9,7 @@ import { agentPaths } from "../../host-agent/src/paths.ts";
 import { push, startRegistry } from "../../host-agent/testing/registry.ts";
 import { readRootfs } from "../../host-agent/testing/rootfs.ts";
 import { file, tar, writeLayout } from "../../scripts/oci-layout.ts";
+import { consolePage, launchBrowser, signIn } from "../browser.ts";
 import { execOnce } from "../exec-client.ts";
 import {
   type AgentProcess,
@@ -82,6 +83,28 @@ describe("Cloudflare Workers deployment (wrangler dev)", { timeout: 120_000 }, (
       }
     }
     expect((await client.instances.list()).some((i) => i.name.startsWith("evented-"))).toBe(false);
+  });
+
+  it("serves the console from the assets binding: a browser signs in and sees the list live", async () => {
+    const browser = await launchBrowser();
+    try {
+      const { page, errors } = await consolePage(browser);
+      const redirect = await fetch(`${worker.url}/console`, { redirect: "manual" });
+      expect(redirect.headers.get("location")).toMatch(/\/console\/$/);
+      const index = await fetch(`${worker.url}/console/`);
+      expect(index.headers.get("content-security-policy")).toContain("default-src 'self'");
+      await signIn(page, worker.url, apiKey);
+      await page.getByText(/^Live/).waitFor();
+      const client = hypeman(worker.url, apiKey);
+      const made = await client.instances.create({ name: "in-browser", image: "alpine" });
+      const row = page.locator('tr[data-instance="in-browser"]');
+      await expect.poll(() => row.locator(".state").textContent()).toBe("Running");
+      await client.instances.delete(made.id);
+      await expect.poll(() => row.count()).toBe(0);
+      expect(errors).toEqual([]);
+    } finally {
+      await browser.close();
+    }
   });
 
   it("captures, forks, restores and deletes a snapshot through the Worker", () =>
