@@ -21,7 +21,7 @@ export function InstancesPage(props: { live: LiveInstances; hosts: HostNames }) 
   const rows = [...live.instances.values()]
     .filter((i) => !state || i.state === state)
     .filter((i) => Object.entries(tagFilter).every(([k, v]) => i.tags?.[k] === v))
-    .sort((a, b) => b.created_at.localeCompare(a.created_at) || a.name.localeCompare(b.name));
+    .sort((a, b) => a.name.localeCompare(b.name));
   return (
     <section aria-labelledby="page-title">
       <div class="page-head">
@@ -74,7 +74,7 @@ export function InstancesPage(props: { live: LiveInstances; hosts: HostNames }) 
       ) : (
         <div class="table-wrap">
           <table class="instances">
-            <caption class="sr-only">Instances, newest first</caption>
+            <caption class="sr-only">Instances, by name</caption>
             <thead>
               <tr>
                 <th scope="col">Name</th>
