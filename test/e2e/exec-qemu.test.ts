@@ -7,6 +7,7 @@ import { agentPaths } from "../../host-agent/src/paths.ts";
 import { TEST_IMAGE } from "../../scripts/oci-image.ts";
 import { file, symlink, type TarEntry, tar } from "../../scripts/oci-layout.ts";
 import { ensureVmAssets } from "../../scripts/vm-assets.ts";
+import { consolePage, launchBrowser, signIn } from "../browser.ts";
 import { cpSocket, execOnce, execSocket } from "../exec-client.ts";
 import { hypeman, tempDir, waitFor } from "../harness.ts";
 import { killStackGuests, qemuAgentEnv, type Stack, startStack } from "./env.ts";
@@ -321,6 +322,50 @@ describe("exec, stat and stats in real guests", { timeout: 300_000 }, () => {
     ).toBe("4\n");
     // Nothing but what the archives held before their bad entries, if anything.
     expect(await sh("gx", "ls -A /root/target 2>/dev/null || true")).toMatch(/^(ok\.txt\n)?$/);
+  });
+
+  it("from the web console: a terminal into the guest, a file uploaded and downloaded", async () => {
+    const browser = await launchBrowser();
+    try {
+      const { page, errors } = await consolePage(browser);
+      await signIn(page, stack.cp.url, stack.apiKey);
+      const gx = await client.instances.get("gx");
+      await page.goto(`${stack.cp.url}/console/#/instances/${gx.id}`);
+      await page.getByRole("heading", { name: "gx", level: 1 }).waitFor();
+
+      await page.getByLabel("Command").fill("/bin/sh");
+      await page.getByRole("button", { name: "Open terminal" }).click();
+      await page.getByRole("status").filter({ hasText: "Connected" }).waitFor();
+      await page.getByTestId("terminal").click();
+      // The shell computes it: only its output, not the echoed keys, holds "42-ok".
+      await page.keyboard.type("echo $((6*7))-ok; hostname\r");
+      const screen = page.locator(".xterm-rows");
+      await expect.poll(() => screen.textContent(), { timeout: 30_000 }).toContain("42-ok");
+      await expect.poll(() => screen.textContent()).toContain("gx");
+
+      const content = `from the browser ${randomBytes(8).toString("hex")}\n`;
+      await page.getByLabel("File", { exact: true }).setInputFiles({
+        name: "note.txt",
+        mimeType: "text/plain",
+        buffer: Buffer.from(content),
+      });
+      await page.getByLabel("Into directory").fill("/tmp");
+      await page.getByRole("button", { name: "Upload" }).click();
+      await page.getByText(`Uploaded note.txt (${content.length} bytes) to /tmp`).waitFor();
+      expect(await sh("gx", "cat /tmp/note.txt")).toBe(content);
+
+      await sh("gx", "printf 'guest bytes %s' $(hostname) > /tmp/out.txt");
+      await page.getByLabel("Guest file").fill("/tmp/out.txt");
+      const [download] = await Promise.all([
+        page.waitForEvent("download"),
+        page.getByRole("button", { name: "Download" }).click(),
+      ]);
+      expect(download.suggestedFilename()).toBe("out.txt");
+      expect(readFileSync(await download.path()).toString()).toBe("guest bytes gx");
+      expect(errors).toEqual([]);
+    } finally {
+      await browser.close();
+    }
   });
 
   it("execs in a fork made from Running: the source's files, its own hostname and address", async () => {
