@@ -1,9 +1,7 @@
 // A terminal into the guest: Hypeman's exec protocol over a WebSocket (opened with a stream
 // token) with a TTY, drawn by xterm.js. Keys go as binary stdin frames, a resize as
-// {"resize":{rows,cols}}, and the command's exit code arrives as {"exitCode":N}.
-import "@xterm/xterm/css/xterm.css";
-import { FitAddon } from "@xterm/addon-fit";
-import { Terminal as Xterm } from "@xterm/xterm";
+// {"resize":{rows,cols}}, and the command's exit code arrives as {"exitCode":N}. xterm.js is
+// loaded when a terminal is first opened (a chunk of its own), not with every page.
 import { useEffect, useRef, useState } from "preact/hooks";
 import { guestSocket } from "./api.ts";
 import { messageOf } from "./ui.tsx";
@@ -46,6 +44,23 @@ function Session(props: { instance: string; command: string[]; onStatus: (s: str
   useEffect(() => {
     const host = el.current;
     if (!host) return;
+    let closed = false;
+    let teardown = () => {};
+    props.onStatus("Connecting…");
+    loadXterm().then(
+      ({ Xterm, FitAddon }) => {
+        if (!closed) teardown = run(host, Xterm, FitAddon);
+      },
+      (e) => props.onStatus(`Cannot load the terminal: ${messageOf(e)}`),
+    );
+    return () => {
+      closed = true;
+      teardown();
+    };
+  }, []);
+  return <div class="xterm-host" ref={el} data-testid="terminal" />;
+
+  function run(host: HTMLElement, Xterm: XtermModule["Xterm"], FitAddon: XtermModule["FitAddon"]) {
     const term = new Xterm({ convertEol: false, cursorBlink: true, fontSize: 14 });
     const fit = new FitAddon();
     term.loadAddon(fit);
@@ -54,7 +69,6 @@ function Session(props: { instance: string; command: string[]; onStatus: (s: str
     let ws: WebSocket | undefined;
     let closed = false;
     const encoder = new TextEncoder();
-    props.onStatus("Connecting…");
     guestSocket(props.instance, "exec").then(
       (socket) => {
         if (closed) return socket.close();
@@ -96,6 +110,16 @@ function Session(props: { instance: string; command: string[]; onStatus: (s: str
       ws?.close(1000);
       term.dispose();
     };
-  }, []);
-  return <div class="xterm-host" ref={el} data-testid="terminal" />;
+  }
+}
+
+type XtermModule = Awaited<ReturnType<typeof loadXterm>>;
+
+async function loadXterm() {
+  const [{ Terminal: Xterm }, { FitAddon }] = await Promise.all([
+    import("@xterm/xterm"),
+    import("@xterm/addon-fit"),
+    import("@xterm/xterm/css/xterm.css"),
+  ]);
+  return { Xterm, FitAddon };
 }
