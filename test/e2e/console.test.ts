@@ -206,11 +206,17 @@ describe("web console (Chromium)", { timeout: 120_000 }, () => {
     expect(errors).toEqual([]);
   });
 
-  it("takes a snapshot, forks it, and shows hosts' capacity", async () => {
+  it("takes a snapshot, forks it, deletes it, and shows hosts' capacity", async () => {
+    const made = await api(stack.cp.url, stack.apiKey)("POST", "/instances", {
+      name: "snap-src",
+      image: "alpine",
+      vcpus: 1,
+    });
+    expect(made.status).toBe(201);
     const { page } = await consolePage(browser);
     await signIn(page, stack.cp.url, stack.apiKey);
-    await row(page, "web-1").getByRole("link", { name: "web-1" }).click();
-    await page.getByRole("heading", { name: "web-1", level: 1 }).waitFor();
+    await row(page, "snap-src").getByRole("link", { name: "snap-src" }).click();
+    await page.getByRole("heading", { name: "snap-src", level: 1 }).waitFor();
     await page.getByLabel("Kind").selectOption("Standby");
     await page.getByRole("button", { name: "Take snapshot" }).click();
     await page.getByText(/^Snapshot .* taken/).waitFor();
@@ -221,6 +227,13 @@ describe("web console (Chromium)", { timeout: 120_000 }, () => {
     await dialog.getByRole("button", { name: "Fork" }).click();
     await page.getByRole("heading", { name: "from-snap", level: 1 }).waitFor();
     await expect.poll(() => page.locator("h1 + .state").textContent()).toMatch(/Standby|Running/);
+
+    // Deleting the snapshot asks first; the fork made from it stays.
+    await page.getByRole("link", { name: "Snapshots", exact: true }).first().click();
+    await page.getByRole("button", { name: /^Delete snapshot/ }).click();
+    await page.getByRole("dialog").getByRole("button", { name: "Delete" }).click();
+    await page.getByText("No snapshots yet.").waitFor();
+    expect((await api(stack.cp.url, stack.apiKey)("GET", "/instances/from-snap")).status).toBe(200);
 
     await page.getByRole("link", { name: "Hosts" }).click();
     const host = page.locator("tbody tr").first();
@@ -237,18 +250,29 @@ describe("web console (Chromium)", { timeout: 120_000 }, () => {
   });
 
   it("has no serious accessibility violations on any page, at desktop and phone width", async () => {
+    // Its own instances: a source, a fork of it, a snapshot (so every page has rows).
+    const call = api(stack.cp.url, stack.apiKey);
+    expect(
+      (await call("POST", "/instances", { name: "a11y-1", image: "alpine", vcpus: 1 })).status,
+    ).toBe(201);
+    expect(
+      (await call("POST", "/instances/a11y-1/fork", { name: "a11y-2", from_running: true })).status,
+    ).toBe(201);
+    expect((await call("POST", "/instances/a11y-1/snapshots", { kind: "Standby" })).status).toBe(
+      201,
+    );
     for (const viewport of [DESKTOP, PHONE]) {
       const { page, context } = await consolePage(browser, viewport);
       await page.goto(`${stack.cp.url}/console/`);
       await page.getByLabel("API key").waitFor();
       await expectAccessible(page, `sign-in ${viewport.width}px`);
       await signIn(page, stack.cp.url, stack.apiKey);
-      await row(page, "web-1").waitFor();
+      await row(page, "a11y-2").waitFor();
       await expectAccessible(page, `instances ${viewport.width}px`);
       await page.getByRole("button", { name: "Create instance" }).click();
       await expectAccessible(page, `create dialog ${viewport.width}px`);
       await page.keyboard.press("Escape");
-      await row(page, "web-1").getByRole("link", { name: "web-1" }).click();
+      await row(page, "a11y-2").getByRole("link", { name: "a11y-2" }).click();
       await page.getByRole("heading", { name: "Lineage" }).waitFor();
       await expectAccessible(page, `instance page ${viewport.width}px`);
       for (const section of ["Snapshots", "Images", "Hosts"]) {
@@ -260,7 +284,7 @@ describe("web console (Chromium)", { timeout: 120_000 }, () => {
       // Nothing wider than the screen at phone width: the tables become cards.
       if (viewport === PHONE) {
         await page.getByRole("link", { name: "Instances", exact: true }).click();
-        await row(page, "web-1").waitFor();
+        await row(page, "a11y-2").waitFor();
         const overflow = await page.evaluate(() => {
           const root = (globalThis as unknown as Browserish).document.documentElement;
           return root.scrollWidth - root.clientWidth;

@@ -110,7 +110,7 @@ export function InstanceActions(props: {
   );
 }
 
-function Confirm(props: {
+export function Confirm(props: {
   title: string;
   text: string;
   verb: string;

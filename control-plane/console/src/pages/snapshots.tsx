@@ -1,6 +1,6 @@
 import type { ForkTargetState, Instance, Snapshot } from "@offshoot/shared";
 import { useState } from "preact/hooks";
-import { nameProblem } from "../actions.tsx";
+import { Confirm, nameProblem } from "../actions.tsx";
 import { api, enc } from "../api.ts";
 import type { LiveInstances } from "../live.ts";
 import { usePoll } from "../poll.ts";
@@ -9,6 +9,7 @@ import { bytes, Dialog, ErrorNote, useAction, when } from "../ui.tsx";
 export function SnapshotsPage(props: { live: LiveInstances }) {
   const snaps = usePoll<Snapshot[]>("/snapshots", 3000);
   const [forking, setForking] = useState<Snapshot | null>(null);
+  const [deleting, setDeleting] = useState<Snapshot | null>(null);
   const action = useAction();
   return (
     <section aria-labelledby="page-title">
@@ -53,20 +54,19 @@ export function SnapshotsPage(props: { live: LiveInstances }) {
                   <td data-label="Taken">{when(s.created_at)}</td>
                   <td data-label="Actions">
                     <div class="actions">
-                      <button type="button" onClick={() => setForking(s)}>
+                      <button
+                        type="button"
+                        aria-label={`Fork snapshot ${s.name ?? s.id}`}
+                        onClick={() => setForking(s)}
+                      >
                         Fork
                       </button>
                       <button
                         type="button"
                         class="danger"
                         disabled={action.busy}
-                        onClick={() =>
-                          confirm(`Delete snapshot ${s.name ?? s.id}?`) &&
-                          action.run(async () => {
-                            await api.del(`/snapshots/${enc(s.id)}`);
-                            snaps.reload();
-                          })
-                        }
+                        aria-label={`Delete snapshot ${s.name ?? s.id}`}
+                        onClick={() => setDeleting(s)}
                       >
                         Delete
                       </button>
@@ -77,6 +77,20 @@ export function SnapshotsPage(props: { live: LiveInstances }) {
             </tbody>
           </table>
         </div>
+      )}
+      {deleting && (
+        <Confirm
+          title={`Delete snapshot ${deleting.name ?? deleting.id}`}
+          text={`Delete snapshot ${deleting.name ?? deleting.id}? Instances forked from it keep running.`}
+          verb="Delete"
+          onClose={() => setDeleting(null)}
+          onConfirm={() =>
+            action.run(async () => {
+              await api.del(`/snapshots/${enc(deleting.id)}`);
+              snaps.reload();
+            })
+          }
+        />
       )}
       {forking && (
         <ForkSnapshot snapshot={forking} live={props.live} onClose={() => setForking(null)} />
