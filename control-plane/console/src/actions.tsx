@@ -11,7 +11,7 @@ import {
 import { useState } from "preact/hooks";
 import { api, enc } from "./api.ts";
 import type { LiveInstances } from "./live.ts";
-import { Dialog, ErrorNote, useAction } from "./ui.tsx";
+import { Dialog, DialogButtons, ErrorNote, useAction } from "./ui.tsx";
 
 type Verb = keyof typeof VERB_FROM;
 const VERBS: Verb[] = ["start", "stop", "standby", "restore"];
@@ -30,6 +30,62 @@ const CONFIRM: Partial<Record<Verb, string>> = {
 export function nameProblem(name: string): string | undefined {
   const r = InstanceName.safeParse(name);
   return r.success ? undefined : r.error.issues[0]?.message;
+}
+
+const NAME_RULE =
+  "Lowercase letters, digits and dashes; not starting or ending with a dash; at most 63.";
+
+/** A new instance's name, with the API's rule beneath it — or, once `checked`, what is wrong. */
+export function NameField(props: {
+  id: string;
+  label: string;
+  value: string;
+  checked: boolean;
+  onInput: (value: string) => void;
+}) {
+  const problem = props.checked ? nameProblem(props.value) : undefined;
+  return (
+    <>
+      <label for={props.id}>{props.label}</label>
+      <input
+        id={props.id}
+        value={props.value}
+        required
+        maxLength={63}
+        aria-invalid={problem ? true : undefined}
+        aria-describedby={`${props.id}-rule`}
+        onInput={(e) => props.onInput(e.currentTarget.value)}
+      />
+      <p id={`${props.id}-rule`} class={problem ? "hint invalid" : "hint"}>
+        {problem ?? NAME_RULE}
+      </p>
+    </>
+  );
+}
+
+/** A fork's target_state: empty for "as its source". */
+export function TargetStateField(props: {
+  id: string;
+  label: string;
+  source: string;
+  value: "" | ForkTargetState;
+  onChange: (value: "" | ForkTargetState) => void;
+}) {
+  return (
+    <>
+      <label for={props.id}>{props.label}</label>
+      <select
+        id={props.id}
+        value={props.value}
+        onChange={(e) => props.onChange(e.currentTarget.value as "" | ForkTargetState)}
+      >
+        <option value="">As {props.source}</option>
+        <option value="Running">Running</option>
+        <option value="Standby">Standby</option>
+        <option value="Stopped">Stopped</option>
+      </select>
+    </>
+  );
 }
 
 export function InstanceActions(props: {
@@ -166,24 +222,16 @@ export function ForkDialog(props: { source: Instance; live: LiveInstances; onClo
           if (ok) props.onClose();
         }}
       >
-        <label for="fork-name">Name of the fork</label>
-        <input
+        <NameField
           id="fork-name"
+          label="Name of the fork"
           value={name}
-          required
-          maxLength={63}
-          aria-invalid={touched && problem ? true : undefined}
-          aria-describedby="fork-name-rule"
-          onInput={(e) => {
-            setName(e.currentTarget.value);
+          checked={touched}
+          onInput={(v) => {
+            setName(v);
             setTouched(true);
           }}
         />
-        <p id="fork-name-rule" class={touched && problem ? "hint invalid" : "hint"}>
-          {touched && problem
-            ? problem
-            : "Lowercase letters, digits and dashes; not starting or ending with a dash; at most 63."}
-        </p>
         <label class="check">
           <input
             type="checkbox"
@@ -196,26 +244,20 @@ export function ForkDialog(props: { source: Instance; live: LiveInstances; onClo
         {s.state === "Running" && !fromRunning && (
           <p class="hint">A Running source can only be forked with this set.</p>
         )}
-        <label for="fork-target">State of the fork</label>
-        <select
+        <TargetStateField
           id="fork-target"
+          label="State of the fork"
+          source={`the source (${s.state})`}
           value={target}
-          onChange={(e) => setTarget(e.currentTarget.value as "" | ForkTargetState)}
-        >
-          <option value="">As the source ({s.state})</option>
-          <option value="Running">Running</option>
-          <option value="Standby">Standby</option>
-          <option value="Stopped">Stopped</option>
-        </select>
+          onChange={setTarget}
+        />
         <ErrorNote error={action.error} />
-        <div class="buttons">
-          <button type="button" onClick={props.onClose}>
-            Cancel
-          </button>
-          <button type="submit" class="primary" disabled={action.busy}>
-            {action.busy ? "Forking…" : "Fork"}
-          </button>
-        </div>
+        <DialogButtons
+          onCancel={props.onClose}
+          busy={action.busy}
+          label="Fork"
+          busyLabel="Forking…"
+        />
       </form>
     </Dialog>
   );

@@ -27,6 +27,25 @@ export function Dialog(props: { title: string; onClose: () => void; children: Co
   );
 }
 
+/** A dialog's Cancel and submit buttons. */
+export function DialogButtons(props: {
+  onCancel: () => void;
+  busy: boolean;
+  label: string;
+  busyLabel?: string;
+}) {
+  return (
+    <div class="buttons">
+      <button type="button" onClick={props.onCancel}>
+        Cancel
+      </button>
+      <button type="submit" class="primary" disabled={props.busy}>
+        {props.busy && props.busyLabel ? props.busyLabel : props.label}
+      </button>
+    </div>
+  );
+}
+
 export const messageOf = (e: unknown) =>
   e instanceof ApiError ? e.message : e instanceof Error ? e.message : String(e);
 

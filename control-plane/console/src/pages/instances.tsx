@@ -1,10 +1,19 @@
 import { CreateInstanceRequest, type Image, type Instance, InstanceState } from "@offshoot/shared";
 import { useEffect, useState } from "preact/hooks";
-import { InstanceActions, nameProblem } from "../actions.tsx";
+import { InstanceActions, NameField, nameProblem } from "../actions.tsx";
 import { api } from "../api.ts";
 import { type LiveInstances, useLive } from "../live.ts";
 import type { HostNames } from "../main.tsx";
-import { Dialog, ErrorNote, pairs, StatePill, tagText, useAction, when } from "../ui.tsx";
+import {
+  Dialog,
+  DialogButtons,
+  ErrorNote,
+  pairs,
+  StatePill,
+  tagText,
+  useAction,
+  when,
+} from "../ui.tsx";
 
 export function InstancesPage(props: { live: LiveInstances; hosts: HostNames }) {
   const live = useLive(props.live);
@@ -184,24 +193,16 @@ function CreateDialog(props: { live: LiveInstances; onClose: () => void }) {
           if (ok) props.onClose();
         }}
       >
-        <label for="create-name">Name</label>
-        <input
+        <NameField
           id="create-name"
-          required
-          maxLength={63}
+          label="Name"
           value={form.name}
-          aria-invalid={touched && problem ? true : undefined}
-          aria-describedby="create-name-rule"
-          onInput={(e) => {
-            set("name")(e);
+          checked={touched}
+          onInput={(name) => {
+            setForm({ ...form, name });
             setTouched(true);
           }}
         />
-        <p id="create-name-rule" class={touched && problem ? "hint invalid" : "hint"}>
-          {touched && problem
-            ? problem
-            : "Lowercase letters, digits and dashes; not starting or ending with a dash; at most 63."}
-        </p>
         <label for="create-image">Image</label>
         {images && images.length > 0 ? (
           <select id="create-image" value={form.image} onChange={set("image")}>
@@ -243,14 +244,12 @@ function CreateDialog(props: { live: LiveInstances; onClose: () => void }) {
         <label for="create-tags">Tags (key=value, one per line)</label>
         <textarea id="create-tags" rows={2} value={form.tags} onInput={set("tags")} />
         <ErrorNote error={action.error} />
-        <div class="buttons">
-          <button type="button" onClick={props.onClose}>
-            Cancel
-          </button>
-          <button type="submit" class="primary" disabled={action.busy}>
-            {action.busy ? "Creating…" : "Create"}
-          </button>
-        </div>
+        <DialogButtons
+          onCancel={props.onClose}
+          busy={action.busy}
+          label="Create"
+          busyLabel="Creating…"
+        />
       </form>
     </Dialog>
   );

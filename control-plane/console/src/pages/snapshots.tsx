@@ -1,10 +1,10 @@
 import type { ForkTargetState, Instance, Snapshot } from "@offshoot/shared";
 import { useState } from "preact/hooks";
-import { Confirm, nameProblem } from "../actions.tsx";
+import { Confirm, NameField, nameProblem, TargetStateField } from "../actions.tsx";
 import { api, enc } from "../api.ts";
 import type { LiveInstances } from "../live.ts";
 import { usePoll } from "../poll.ts";
-import { bytes, Dialog, ErrorNote, useAction, when } from "../ui.tsx";
+import { bytes, Dialog, DialogButtons, ErrorNote, useAction, when } from "../ui.tsx";
 
 export function SnapshotsPage(props: { live: LiveInstances }) {
   const snaps = usePoll<Snapshot[]>("/snapshots", 3000);
@@ -122,38 +122,22 @@ function ForkSnapshot(props: { snapshot: Snapshot; live: LiveInstances; onClose:
           if (ok) props.onClose();
         }}
       >
-        <label for="snap-fork-name">Name of the new instance</label>
-        <input
+        <NameField
           id="snap-fork-name"
+          label="Name of the new instance"
           value={name}
-          required
-          aria-invalid={problem ? true : undefined}
-          aria-describedby="snap-fork-rule"
-          onInput={(e) => setName(e.currentTarget.value)}
+          checked
+          onInput={setName}
         />
-        <p id="snap-fork-rule" class={problem ? "hint invalid" : "hint"}>
-          {problem ?? "Lowercase letters, digits and dashes; at most 63."}
-        </p>
-        <label for="snap-fork-target">State of the new instance</label>
-        <select
+        <TargetStateField
           id="snap-fork-target"
+          label="State of the new instance"
+          source={`the snapshot (${s.kind})`}
           value={target}
-          onChange={(e) => setTarget(e.currentTarget.value as "" | ForkTargetState)}
-        >
-          <option value="">As the snapshot ({s.kind})</option>
-          <option value="Running">Running</option>
-          <option value="Standby">Standby</option>
-          <option value="Stopped">Stopped</option>
-        </select>
+          onChange={setTarget}
+        />
         <ErrorNote error={action.error} />
-        <div class="buttons">
-          <button type="button" onClick={props.onClose}>
-            Cancel
-          </button>
-          <button type="submit" class="primary" disabled={action.busy}>
-            Fork
-          </button>
-        </div>
+        <DialogButtons onCancel={props.onClose} busy={action.busy} label="Fork" />
       </form>
     </Dialog>
   );
