@@ -30,11 +30,13 @@ describe("official @onkernel/hypeman client", () => {
       ]),
     );
     expect(Object.keys(doc.paths["/instances/{id}/fork"] ?? {})).toEqual(["post"]);
-    // The contract's 22 fields, expires_at, which the official client requires, and one
-    // extension: forked_from.
+    // The contract's 22 fields, expires_at, which the official client requires, and two
+    // extensions: forked_from and host_id.
     const fields = Object.keys(doc.components.schemas.Instance?.properties ?? {});
-    expect(fields.length).toBe(24);
+    expect(fields.length).toBe(25);
     expect(fields).toContain("forked_from");
+    expect(fields).toContain("host_id");
+    expect(Object.keys(doc.paths)).toContain("/hosts");
     const page = await fetch(`${stack.cp.url}/docs`);
     expect(page.headers.get("content-type")).toMatch(/text\/html/);
     expect(await page.text()).toContain("/openapi.json");

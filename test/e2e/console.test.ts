@@ -3,6 +3,7 @@
 // day — sign in, create, fork a running instance, watch the states change without reloading,
 // stop, follow logs, open a terminal, delete — and what they must never see: a blank page for a
 // wrong key, another tenant's instances, an inaccessible page.
+import type { HostView } from "@offshoot/shared";
 import type { Browser, Page } from "playwright-core";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import {
@@ -238,15 +239,22 @@ describe("web console (Chromium)", { timeout: 120_000 }, () => {
     await page.getByRole("link", { name: "Hosts" }).click();
     const host = page.locator("tbody tr").first();
     await expect.poll(() => host.textContent()).toContain("connected");
-    const hosts = (await api(stack.cp.url, stack.apiKey)("GET", "/hosts")).body as Array<{
-      instances: number;
-      vcpus: { allocated: number };
-    }>;
+    const hosts = (await api(stack.cp.url, stack.apiKey)("GET", "/hosts")).body as HostView[];
     expect(hosts).toHaveLength(1);
-    expect(hosts[0]?.instances).toBeGreaterThan(0);
+    const [h] = hosts;
+    expect(h).toMatchObject({ id: stack.hostIds[0], connected: true });
+    expect(h?.instances).toBeGreaterThan(0);
+    expect(h?.vcpus.allocated).toBeGreaterThan(0);
+    expect(h?.vcpus.free).toBe(Math.max(0, (h?.vcpus.total ?? 0) - (h?.vcpus.allocated ?? 0)));
     expect(await host.locator('td[data-label="Your instances"]').textContent()).toBe(
-      String(hosts[0]?.instances),
+      String(h?.instances),
     );
+    // Another tenant sees the same host and its capacity, but none of these instances as its own.
+    const other = await seedTenant(stack.db);
+    const theirs = (await api(stack.cp.url, other.apiKey)("GET", "/hosts")).body as HostView[];
+    expect(theirs.map((t) => [t.id, t.instances, t.vcpus.total])).toEqual([
+      [h?.id, 0, h?.vcpus.total],
+    ]);
   });
 
   it("has no serious accessibility violations on any page, at desktop and phone width", async () => {
