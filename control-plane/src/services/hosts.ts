@@ -72,7 +72,8 @@ export async function sweepSilentHosts(s: Services): Promise<number> {
  * tenant's instances each holds. Read in one transaction, so each host's figures agree.
  */
 export async function hostsForTenant(s: Services, tenantId: string): Promise<HostView[]> {
-  const grace = hostGrace(s) ?? s.env.HOST_GRACE_MS;
+  // As placement judges it: within the grace after a database outage, by status alone.
+  const grace = hostGrace(s);
   return transaction(s.db, async (tx) => {
     const rows = await tx
       .select({ host: hosts, connected: sql<boolean>`${online(grace)}` })
