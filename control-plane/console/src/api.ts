@@ -34,6 +34,20 @@ async function failure(res: Response): Promise<ApiError> {
   return new ApiError(res.status, "error", `${res.status} ${res.statusText || "error"}`.trim());
 }
 
+/** A fetch whose failures are ApiErrors: the API's `{code, message}`, or "cannot be reached"
+ * (an abort stays an abort). */
+async function send(path: string, init: RequestInit): Promise<Response> {
+  let res: Response;
+  try {
+    res = await fetch(path, init);
+  } catch (e) {
+    if (init.signal?.aborted) throw e;
+    throw new ApiError(0, "network", "the control plane cannot be reached");
+  }
+  if (!res.ok) throw await failure(res);
+  return res;
+}
+
 export async function request<T>(
   method: string,
   path: string,
@@ -41,23 +55,16 @@ export async function request<T>(
   opts: { key?: string; signal?: AbortSignal; headers?: Record<string, string> } = {},
 ): Promise<T> {
   const key = opts.key ?? session.key();
-  let res: Response;
-  try {
-    res = await fetch(path, {
-      method,
-      signal: opts.signal,
-      headers: {
-        ...(key && { authorization: `Bearer ${key}` }),
-        ...(body !== undefined && { "content-type": "application/json" }),
-        ...opts.headers,
-      },
-      body: body === undefined ? undefined : JSON.stringify(body),
-    });
-  } catch (e) {
-    if (opts.signal?.aborted) throw e;
-    throw new ApiError(0, "network", "the control plane cannot be reached");
-  }
-  if (!res.ok) throw await failure(res);
+  const res = await send(path, {
+    method,
+    signal: opts.signal,
+    headers: {
+      ...(key && { authorization: `Bearer ${key}` }),
+      ...(body !== undefined && { "content-type": "application/json" }),
+      ...opts.headers,
+    },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
   if (res.status === 204) return undefined as T;
   return (await res.json()) as T;
 }
@@ -86,18 +93,15 @@ export async function readSse(
   onFrame: (f: SseFrame) => void,
   opts: { signal: AbortSignal; headers?: Record<string, string>; onOpen?: () => Promise<void> },
 ): Promise<void> {
-  const key = session.key();
-  let res: Response;
-  try {
-    res = await fetch(path, {
-      signal: opts.signal,
-      headers: { accept: "text/event-stream", authorization: `Bearer ${key}`, ...opts.headers },
-    });
-  } catch (e) {
-    if (opts.signal.aborted) throw e;
-    throw new ApiError(0, "network", "the control plane cannot be reached");
-  }
-  if (!res.ok || !res.body) throw await failure(res);
+  const res = await send(path, {
+    signal: opts.signal,
+    headers: {
+      accept: "text/event-stream",
+      authorization: `Bearer ${session.key()}`,
+      ...opts.headers,
+    },
+  });
+  if (!res.body) throw new ApiError(res.status, "error", "the response has no body to stream");
   await opts.onOpen?.();
   const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffered = "";

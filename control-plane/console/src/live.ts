@@ -69,12 +69,12 @@ export class LiveInstances {
             signal,
             headers: this.lastEventId ? { "last-event-id": this.lastEventId } : {},
             onOpen: async () => {
-              // First connection: the stream starts with the next event; list what is now.
+              // No event seen yet (first connection, or none since): the stream starts with the
+              // next event, so list what is now.
               if (this.lastEventId === undefined) {
                 const all = await api.get<Instance[]>("/instances", signal);
                 this.instances.clear();
                 for (const i of all) this.instances.set(i.id, i);
-                this.lastEventId ??= "";
               }
               this.status = "live";
               this.error = null;
@@ -92,7 +92,6 @@ export class LiveInstances {
         }
         this.error = e instanceof Error ? e.message : String(e);
       }
-      if (this.lastEventId === "") this.lastEventId = undefined;
       this.status = "retrying";
       this.changed();
       await new Promise((r) => setTimeout(r, retryMs));
